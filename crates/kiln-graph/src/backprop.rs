@@ -1,0 +1,248 @@
+//! The tape and every backward rule, in one place.
+//!
+//! An op that needs a gradient records an [`Op`] naming its inputs. `loss.backward()` sorts the graph
+//! topologically, walks it in reverse and applies [`input_grads`]: one `match` over the op kinds, each rule
+//! written with ordinary tensor ops so the backward pass is recorded and submitted like the forward one.
+//! Gradients accumulate: a tensor used twice gets both contributions.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{KilnError, Result};
+use crate::kernels::{self, BinaryKind, UnaryKind};
+use crate::shape::{split_at_axis, strides};
+use crate::tensor::{no_grad, DType, Tensor, TensorId};
+
+/// How a tensor was made. Inputs are held, so the graph lives as long as its output.
+pub enum Op {
+    Unary(UnaryKind, Tensor, f32, f32),
+    /// Broadcasting binary op.
+    Binary(BinaryKind, Tensor, Tensor),
+    /// Sum over one axis (kept as size 1), times a scale (mean = sum * 1/n).
+    Sum(Tensor, usize, f32),
+    /// Max over one axis (kept as size 1).
+    Max(Tensor, usize),
+    /// a, b, trans_a, trans_b
+    Matmul(Tensor, Tensor, bool, bool),
+    Reshape(Tensor),
+    Expand(Tensor),
+    Permute(Tensor, Vec<usize>),
+    /// x, axis, start
+    Slice(Tensor, usize, usize),
+    Concat(Vec<Tensor>, usize),
+    /// x, indices, axis
+    IndexSelect(Tensor, Tensor, usize),
+    Softmax(Tensor, usize),
+    LogSoftmax(Tensor, usize),
+}
+
+impl Op {
+    pub fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) => vec![x],
+            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) => vec![a, b],
+            Op::IndexSelect(x, idx, _) => vec![x, idx],
+            Op::Concat(xs, _) => xs.iter().collect(),
+        }
+    }
+}
+
+/// The gradients of one backward pass, by tensor.
+#[derive(Default)]
+pub struct Grads {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Grads {
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.map.get(&t.id())
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
+    let g = if g.shape() != t.shape() { g.reshape(t.shape())? } else { g };
+    let sum = match map.remove(&t.id()) {
+        Some(prev) => prev.add(&g)?,
+        None => g,
+    };
+    map.insert(t.id(), sum);
+    Ok(())
+}
+
+/// Tensors reachable from `root` through recorded ops, inputs before outputs.
+fn topo_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(op) = t.op() {
+            for i in op.inputs() {
+                if i.requires_grad() && !seen.contains(&i.id()) {
+                    stack.push((i.clone(), false));
+                }
+            }
+        }
+    }
+    order
+}
+
+impl Tensor {
+    /// Reverse-mode autograd from this tensor (seeded with ones). Returns the gradient of every leaf that
+    /// requires one (the `var`s).
+    pub fn backward(&self) -> Result<Grads> {
+        if !self.requires_grad() {
+            return Err(KilnError::Backward(format!("{self:?} does not depend on any tensor that requires a gradient")));
+        }
+        no_grad(|| {
+            let order = topo_order(self);
+            let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
+            pending.insert(self.id(), Tensor::ones(self.shape())?);
+            let mut leaves = HashMap::new();
+            for node in order.iter().rev() {
+                let Some(g) = pending.remove(&node.id()) else { continue };
+                match node.op() {
+                    None => {
+                        leaves.insert(node.id(), g);
+                    }
+                    Some(op) => {
+                        for (input, gi) in input_grads(op, node, &g)? {
+                            if input.requires_grad() {
+                                accumulate(&mut pending, input, gi)?;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Grads { map: leaves })
+        })
+    }
+}
+
+/// `out` = zeros of `shape` with `g` written at `start` along `axis` (the backward of slice).
+fn scatter_slice(g: &Tensor, shape: &[usize], axis: usize, start: usize) -> Result<Tensor> {
+    let z = Tensor::zeros(shape)?;
+    let st = strides(shape);
+    kernels::strided_copy(g.storage(), 0, &strides(g.shape()), z.storage(), start * st[axis], &st, g.shape())?;
+    Ok(z)
+}
+
+/// Gradient with respect to each input of `op`, given `out` (the op's result) and `g` (dLoss/dOut).
+fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    use UnaryKind as U;
+    Ok(match op {
+        Op::Unary(kind, x, alpha, beta) => {
+            let gx = match kind {
+                U::Neg => g.neg()?,
+                U::Exp => g.mul(out)?,
+                U::Log => g.div(x)?,
+                U::Sqrt => g.div(out)?.scale(0.5)?,
+                U::Abs => g.mul(&x.unary_raw(U::Sign, 0.0, 0.0)?)?,
+                U::Sigmoid => g.mul(&out.mul(&out.affine(-1.0, 1.0)?)?)?,
+                U::Tanh => g.mul(&out.mul(out)?.affine(-1.0, 1.0)?)?,
+                U::Relu => g.mul(&x.unary_raw(U::Step, 0.0, 0.0)?)?,
+                U::LeakyRelu => g.mul(&x.unary_raw(U::LeakyStep, *alpha, 0.0)?)?,
+                U::Softplus => g.mul(&x.sigmoid()?)?,
+                U::Clamp => g.mul(&x.unary_raw(U::InRange, *alpha, *beta)?)?,
+                U::Powf => g.mul(&x.powf(alpha - 1.0)?.scale(*alpha)?)?,
+                U::Affine => g.scale(*alpha)?,
+                U::Step | U::Sign | U::LeakyStep | U::InRange | U::Fill => return Ok(vec![]),
+            };
+            vec![(x, gx)]
+        }
+        Op::Binary(kind, a, b) => match kind {
+            BinaryKind::Add => vec![(a, g.sum_to(a.shape())?), (b, g.sum_to(b.shape())?)],
+            BinaryKind::Sub => vec![(a, g.sum_to(a.shape())?), (b, g.neg()?.sum_to(b.shape())?)],
+            BinaryKind::Mul => vec![(a, g.broadcast_mul(b)?.sum_to(a.shape())?), (b, g.broadcast_mul(a)?.sum_to(b.shape())?)],
+            BinaryKind::Div => {
+                let ga = g.broadcast_div(b)?;
+                let gb = ga.broadcast_mul(out)?.neg()?; // -g a / b^2 = -(g / b) * (a / b)
+                vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
+            }
+            BinaryKind::Maximum | BinaryKind::Minimum => {
+                // The larger (smaller) input takes the gradient; ties go to `a`.
+                let a_wins = if *kind == BinaryKind::Maximum { b.gt_mask(a)? } else { a.gt_mask(b)? }.affine(-1.0, 1.0)?;
+                let ga = g.broadcast_mul(&a_wins)?;
+                let gb = g.sub(&ga)?;
+                vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
+            }
+            BinaryKind::Eq | BinaryKind::Gt => vec![],
+        },
+        Op::Sum(x, _, scale) => vec![(x, g.broadcast_to(x.shape())?.scale(*scale)?)],
+        Op::Max(x, _) => {
+            let mask = x.eq_mask(out)?;
+            vec![(x, mask.broadcast_mul(g)?)]
+        }
+        Op::Matmul(a, b, ta, tb) => {
+            let (ta, tb) = (*ta, *tb);
+            // With a shared 2-D right operand and a batched left one, lift b to a batch and sum its gradient.
+            let b3;
+            let b_eff = if a.rank() == 3 && b.rank() == 2 && ta {
+                b3 = b.broadcast_to(&[a.shape()[0], b.shape()[0], b.shape()[1]])?;
+                &b3
+            } else {
+                b
+            };
+            let ga = if ta { b_eff.matmul_t(g, tb, true)? } else { g.matmul_t(b_eff, false, !tb)? };
+            let gb = if tb { g.matmul_t(a, true, ta)? } else { a.matmul_t(g, !ta, false)? };
+            let gb = if gb.rank() == 3 && b.rank() == 2 { gb.sum(&[0], false)? } else { gb };
+            vec![(a, ga), (b, gb)]
+        }
+        Op::Reshape(x) => vec![(x, g.reshape(x.shape())?)],
+        Op::Expand(x) => vec![(x, g.sum_to(x.shape())?)],
+        Op::Permute(x, perm) => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p] = i;
+            }
+            vec![(x, g.permute(&inverse)?)]
+        }
+        Op::Slice(x, axis, start) => vec![(x, scatter_slice(g, x.shape(), *axis, *start)?)],
+        Op::Concat(xs, axis) => {
+            let mut at = 0;
+            let mut v = Vec::with_capacity(xs.len());
+            for x in xs {
+                let len = x.shape()[*axis];
+                v.push((x, g.slice(*axis, at, len)?));
+                at += len;
+            }
+            v
+        }
+        Op::IndexSelect(x, idx, axis) => {
+            let (outer, len, inner) = split_at_axis(x.shape(), *axis);
+            let gx = kernels::index_select_backward(g.storage(), idx.storage(), outer, len, inner, idx.numel())?;
+            vec![(x, Tensor::make(gx, x.shape().to_vec(), DType::F32, None))]
+        }
+        Op::Softmax(x, axis) => {
+            // dx = y * (g - sum(g * y))
+            let gy = g.mul(out)?;
+            let s = gy.sum(&[*axis], true)?;
+            vec![(x, gy.sub(&out.broadcast_mul(&s)?)?)]
+        }
+        Op::LogSoftmax(x, axis) => {
+            // dx = g - softmax(x) * sum(g)
+            let s = g.sum(&[*axis], true)?;
+            vec![(x, g.sub(&out.exp()?.broadcast_mul(&s)?)?)]
+        }
+    })
+}
+
+impl Tensor {
+    /// A unary kernel without recording (masks and derivative helpers).
+    pub(crate) fn unary_raw(&self, kind: UnaryKind, alpha: f32, beta: f32) -> Result<Tensor> {
+        let y = kernels::unary(kind, &self.view(), self.numel(), alpha, beta)?;
+        Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, None))
+    }
+}

@@ -1,0 +1,255 @@
+//! The CPU reference: every op in plain Rust on f64, the yardstick the GPU kernels are tested against (and the
+//! function finite differences are taken of).
+
+use crate::kernels::{BinaryKind, UnaryKind};
+use crate::shape::{broadcast_shapes, broadcast_strides, numel, split_at_axis, strides};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+fn sigmoid(v: f64) -> f64 {
+    if v >= 0.0 {
+        1.0 / (1.0 + (-v).exp())
+    } else {
+        let e = v.exp();
+        e / (1.0 + e)
+    }
+}
+
+pub fn unary_scalar(kind: UnaryKind, v: f64, a: f64, b: f64) -> f64 {
+    use UnaryKind as U;
+    match kind {
+        U::Neg => -v,
+        U::Exp => v.exp(),
+        U::Log => v.ln(),
+        U::Sqrt => v.sqrt(),
+        U::Abs => v.abs(),
+        U::Sigmoid => sigmoid(v),
+        U::Tanh => v.tanh(),
+        U::Relu => v.max(0.0),
+        U::LeakyRelu => if v > 0.0 { v } else { a * v },
+        U::Softplus => v.max(0.0) + (1.0 + (-v.abs()).exp()).ln(),
+        U::Clamp => v.clamp(a, b),
+        U::Powf => {
+            let odd_int = a.fract() == 0.0 && (a * 0.5).fract() != 0.0;
+            v.abs().powf(a) * if odd_int { v.signum() } else { 1.0 }
+        }
+        U::Affine => a * v + b,
+        U::Step => (v > 0.0) as u8 as f64,
+        U::Sign => if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 },
+        U::LeakyStep => if v > 0.0 { 1.0 } else { a },
+        U::InRange => (v >= a && v <= b) as u8 as f64,
+        U::Fill => a,
+    }
+}
+
+pub fn binary_scalar(kind: BinaryKind, x: f64, y: f64) -> f64 {
+    match kind {
+        BinaryKind::Add => x + y,
+        BinaryKind::Sub => x - y,
+        BinaryKind::Mul => x * y,
+        BinaryKind::Div => x / y,
+        BinaryKind::Maximum => x.max(y),
+        BinaryKind::Minimum => x.min(y),
+        BinaryKind::Eq => (x == y) as u8 as f64,
+        BinaryKind::Gt => (x > y) as u8 as f64,
+    }
+}
+
+/// Visits every index of `shape` in row-major order with the flat offsets given by two stride sets.
+fn for_each_index(shape: &[usize], sa: &[usize], sb: &[usize], mut f: impl FnMut(usize, usize)) {
+    let n = numel(shape);
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..n {
+        let oa: usize = idx.iter().zip(sa).map(|(i, s)| i * s).sum();
+        let ob: usize = idx.iter().zip(sb).map(|(i, s)| i * s).sum();
+        f(oa, ob);
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f64>, shape: &[usize]) -> CpuTensor {
+        assert_eq!(data.len(), numel(shape), "CpuTensor data does not fill shape {shape:?}");
+        CpuTensor { shape: shape.to_vec(), data }
+    }
+    pub fn from_f32(data: &[f32], shape: &[usize]) -> CpuTensor {
+        CpuTensor::new(data.iter().map(|&v| v as f64).collect(), shape)
+    }
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| v as f32).collect()
+    }
+
+    pub fn unary(&self, kind: UnaryKind, a: f64, b: f64) -> CpuTensor {
+        CpuTensor::new(self.data.iter().map(|&v| unary_scalar(kind, v, a, b)).collect(), &self.shape)
+    }
+
+    pub fn binary(&self, kind: BinaryKind, other: &CpuTensor) -> CpuTensor {
+        let shape = broadcast_shapes(&self.shape, &other.shape).expect("CPU reference: shapes not broadcastable");
+        let (sa, sb) = (broadcast_strides(&self.shape, &shape), broadcast_strides(&other.shape, &shape));
+        let mut out = Vec::with_capacity(numel(&shape));
+        for_each_index(&shape, &sa, &sb, |ia, ib| out.push(binary_scalar(kind, self.data[ia], other.data[ib])));
+        CpuTensor::new(out, &shape)
+    }
+
+    /// Sum (times scale) or max over one axis, kept as size 1.
+    pub fn reduce(&self, axis: usize, max: bool, scale: f64) -> CpuTensor {
+        let (outer, len, inner) = split_at_axis(&self.shape, axis);
+        let mut out = vec![0.0; outer * inner];
+        for o in 0..outer {
+            for i in 0..inner {
+                let vals = (0..len).map(|a| self.data[(o * len + a) * inner + i]);
+                out[o * inner + i] = if max { vals.fold(f64::NEG_INFINITY, f64::max) } else { vals.sum::<f64>() * scale };
+            }
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = 1;
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn reshape(&self, shape: &[usize]) -> CpuTensor {
+        CpuTensor::new(self.data.clone(), shape)
+    }
+
+    pub fn permute(&self, perm: &[usize]) -> CpuTensor {
+        let shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
+        let st = strides(&self.shape);
+        let src: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+        let mut out = Vec::with_capacity(self.data.len());
+        for_each_index(&shape, &src, &src, |i, _| out.push(self.data[i]));
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn broadcast_to(&self, shape: &[usize]) -> CpuTensor {
+        let s = broadcast_strides(&self.shape, shape);
+        let mut out = Vec::with_capacity(numel(shape));
+        for_each_index(shape, &s, &s, |i, _| out.push(self.data[i]));
+        CpuTensor::new(out, shape)
+    }
+
+    pub fn slice(&self, axis: usize, start: usize, len: usize) -> CpuTensor {
+        let (outer, full, inner) = split_at_axis(&self.shape, axis);
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&self.data[(o * full + start) * inner..(o * full + start + len) * inner]);
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = len;
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn concat(xs: &[&CpuTensor], axis: usize) -> CpuTensor {
+        let mut shape = xs[0].shape.clone();
+        shape[axis] = xs.iter().map(|x| x.shape[axis]).sum();
+        let (outer, _, inner) = split_at_axis(&shape, axis);
+        let mut out = Vec::with_capacity(numel(&shape));
+        for o in 0..outer {
+            for x in xs {
+                let chunk = x.shape[axis] * inner;
+                out.extend_from_slice(&x.data[o * chunk..(o + 1) * chunk]);
+            }
+        }
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn index_select(&self, axis: usize, idx: &[u32]) -> CpuTensor {
+        let (outer, len, inner) = split_at_axis(&self.shape, axis);
+        let mut out = Vec::with_capacity(outer * idx.len() * inner);
+        for o in 0..outer {
+            for &r in idx {
+                let r = r as usize;
+                if r < len {
+                    out.extend_from_slice(&self.data[(o * len + r) * inner..(o * len + r + 1) * inner]);
+                } else {
+                    out.extend(std::iter::repeat_n(0.0, inner));
+                }
+            }
+        }
+        let mut shape = self.shape.clone();
+        shape[axis] = idx.len();
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn one_hot(labels: &[u32], classes: usize) -> CpuTensor {
+        let mut out = vec![0.0; labels.len() * classes];
+        for (i, &l) in labels.iter().enumerate() {
+            if (l as usize) < classes {
+                out[i * classes + l as usize] = 1.0;
+            }
+        }
+        CpuTensor::new(out, &[labels.len(), classes])
+    }
+
+    pub fn softmax(&self, axis: usize, log: bool) -> CpuTensor {
+        let (outer, len, inner) = split_at_axis(&self.shape, axis);
+        let mut out = self.data.clone();
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |a: usize| (o * len + a) * inner + i;
+                let m = (0..len).map(|a| self.data[at(a)]).fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = (0..len).map(|a| (self.data[at(a)] - m).exp()).sum();
+                for a in 0..len {
+                    out[at(a)] = if log { self.data[at(a)] - m - s.ln() } else { (self.data[at(a)] - m).exp() / s };
+                }
+            }
+        }
+        CpuTensor::new(out, &self.shape)
+    }
+
+    /// Last two axes read transposed when asked; [b,m,k]@[k,n] shares b.
+    pub fn matmul_t(&self, other: &CpuTensor, ta: bool, tb: bool) -> CpuTensor {
+        let (a, b) = (&self.shape, &other.shape);
+        let dims = |s: &[usize], t: bool| {
+            let (r, c) = (s[s.len() - 2], s[s.len() - 1]);
+            if t { (c, r) } else { (r, c) }
+        };
+        let ((m, k), (_, n)) = (dims(a, ta), dims(b, tb));
+        let batch = if a.len() == 3 { a[0] } else { 1 };
+        let b_stride = if b.len() == 3 { k * n } else { 0 };
+        let mut out = vec![0.0; batch * m * n];
+        for z in 0..batch {
+            let (ab, bb) = (z * m * k, z * b_stride);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0;
+                    for p in 0..k {
+                        let av = if ta { self.data[ab + p * m + i] } else { self.data[ab + i * k + p] };
+                        let bv = if tb { other.data[bb + j * k + p] } else { other.data[bb + p * n + j] };
+                        acc += av * bv;
+                    }
+                    out[z * m * n + i * n + j] = acc;
+                }
+            }
+        }
+        let shape = if a.len() == 3 { vec![batch, m, n] } else { vec![m, n] };
+        CpuTensor::new(out, &shape)
+    }
+
+    pub fn sum_all(&self) -> f64 {
+        self.data.iter().sum()
+    }
+
+    pub fn mse(&self, target: &CpuTensor) -> f64 {
+        self.data.iter().zip(&target.data).map(|(p, t)| (p - t) * (p - t)).sum::<f64>() / self.data.len() as f64
+    }
+
+    pub fn bce_with_logits(&self, target: &CpuTensor) -> f64 {
+        let per = self.data.iter().zip(&target.data).map(|(&x, &y)| x.max(0.0) - x * y + (1.0 + (-x.abs()).exp()).ln());
+        per.sum::<f64>() / self.data.len() as f64
+    }
+
+    pub fn cross_entropy(&self, labels: &[u32]) -> f64 {
+        let classes = self.shape[1];
+        let logp = self.softmax(1, true);
+        -labels.iter().enumerate().map(|(i, &l)| logp.data[i * classes + l as usize]).sum::<f64>() / labels.len() as f64
+    }
+}

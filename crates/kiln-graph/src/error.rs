@@ -1,0 +1,29 @@
+use thiserror::Error;
+
+/// Errors from tensor ops. Shape errors name the op and both shapes.
+#[derive(Debug, Error)]
+pub enum KilnError {
+    #[error(transparent)]
+    Gpu(#[from] kiln_wgpu::GpuError),
+    #[error("{op}: shape mismatch between {lhs:?} and {rhs:?}{detail}")]
+    Shape { op: &'static str, lhs: Vec<usize>, rhs: Vec<usize>, detail: String },
+    #[error("{op}: {message} (shape {shape:?})")]
+    Invalid { op: &'static str, shape: Vec<usize>, message: String },
+    #[error("{op}: expected dtype {expected:?}, got {got:?}")]
+    DType { op: &'static str, expected: crate::DType, got: crate::DType },
+    #[error("{op}: {len} values do not fill shape {shape:?} ({numel} elements)")]
+    DataLen { op: &'static str, len: usize, shape: Vec<usize>, numel: usize },
+    #[error("backward: {0}")]
+    Backward(String),
+}
+
+pub type Result<T, E = KilnError> = std::result::Result<T, E>;
+
+pub(crate) fn shape_err<T>(op: &'static str, lhs: &[usize], rhs: &[usize], detail: impl Into<String>) -> Result<T> {
+    let d = detail.into();
+    Err(KilnError::Shape { op, lhs: lhs.to_vec(), rhs: rhs.to_vec(), detail: if d.is_empty() { d } else { format!(": {d}") } })
+}
+
+pub(crate) fn invalid<T>(op: &'static str, shape: &[usize], message: impl Into<String>) -> Result<T> {
+    Err(KilnError::Invalid { op, shape: shape.to_vec(), message: message.into() })
+}

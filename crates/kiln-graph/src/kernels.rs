@@ -1,0 +1,242 @@
+//! Raw kernel launchers: one function per WGSL entry point, on pooled buffers, no autograd. Ops (ops.rs) and
+//! the optimizers (kiln-nn) call these; nothing above kiln-graph touches wgpu.
+
+use kiln_wgpu::{gpu, grid_1d, BufView, Dispatch, Shader};
+
+use crate::error::{invalid, Result};
+
+macro_rules! shader {
+    ($name:ident, $file:literal) => {
+        pub static $name: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file)) };
+    };
+}
+shader!(ELEMENTWISE, "elementwise.wgsl");
+shader!(LAYOUT, "layout.wgsl");
+shader!(REDUCE, "reduce.wgsl");
+shader!(SOFTMAX, "softmax.wgsl");
+shader!(MATMUL, "matmul.wgsl");
+shader!(INDEX, "index.wgsl");
+shader!(OPTIM, "optim.wgsl");
+
+/// Every shader file, for tests that compile them all.
+pub static ALL_SHADERS: [&Shader; 7] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM];
+
+const WG: u32 = 256;
+
+/// Little-endian bytes of a WGSL params struct, field by field.
+#[derive(Default)]
+pub struct Params(Vec<u8>);
+
+impl Params {
+    pub fn new() -> Params {
+        Params(Vec::with_capacity(112))
+    }
+    pub fn u32(mut self, v: usize) -> Params {
+        self.0.extend_from_slice(&(v as u32).to_le_bytes());
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Params {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// An `array<vec4<u32>, 2>`: up to 8 dims, zero-padded.
+    pub fn dims8(mut self, v: &[usize]) -> Params {
+        for i in 0..8 {
+            self = self.u32(v.get(i).copied().unwrap_or(0));
+        }
+        self
+    }
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+pub const MAX_RANK: usize = 8;
+
+fn check_u32(op: &'static str, shape: &[usize]) -> Result<()> {
+    if crate::shape::numel(shape) > u32::MAX as usize {
+        return invalid(op, shape, "more than 2^32 elements cannot be indexed by the kernels");
+    }
+    if shape.len() > MAX_RANK {
+        return invalid(op, shape, format!("rank above {MAX_RANK} is not supported"));
+    }
+    Ok(())
+}
+
+fn out(n: usize, what: &str) -> Result<BufView> {
+    Ok(gpu()?.alloc(4 * n.max(1) as u64, what)?)
+}
+
+fn launch(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], workgroups: [u32; 3]) -> Result<()> {
+    gpu()?.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, workgroups })?;
+    Ok(())
+}
+
+/// Unary op codes of elementwise.wgsl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryKind {
+    Neg = 0,
+    Exp = 1,
+    Log = 2,
+    Sqrt = 3,
+    Abs = 4,
+    Sigmoid = 5,
+    Tanh = 6,
+    Relu = 7,
+    LeakyRelu = 8,
+    Softplus = 9,
+    Clamp = 10,
+    Powf = 11,
+    Affine = 12,
+    Step = 13,
+    Sign = 14,
+    LeakyStep = 15,
+    InRange = 16,
+    Fill = 17,
+}
+
+/// Binary op codes of elementwise.wgsl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryKind {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+    Maximum = 4,
+    Minimum = 5,
+    Eq = 6,
+    Gt = 7,
+}
+
+/// y = f(x; alpha, beta), x: [n]
+pub fn unary(kind: UnaryKind, x: &BufView, n: usize, alpha: f32, beta: f32) -> Result<BufView> {
+    let y = out(n, "unary output")?;
+    let p = Params::new().u32(n).u32(0).f32(alpha).f32(beta);
+    launch(&ELEMENTWISE, "unary", &[("OP", kind as u32 as f64)], p, &[x], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// out[shape] = f(a, b) with a, b broadcast to `shape` (a_shape/b_shape right-aligned).
+pub fn binary(kind: BinaryKind, a: &BufView, a_shape: &[usize], b: &BufView, b_shape: &[usize], shape: &[usize]) -> Result<BufView> {
+    check_u32("binary", shape)?;
+    let n = crate::shape::numel(shape);
+    let y = out(n, "binary output")?;
+    let broadcast = a_shape != shape || b_shape != shape;
+    let p = Params::new()
+        .u32(n)
+        .u32(shape.len())
+        .u32(0)
+        .u32(0)
+        .dims8(shape)
+        .dims8(&crate::shape::broadcast_strides(a_shape, shape))
+        .dims8(&crate::shape::broadcast_strides(b_shape, shape));
+    let consts = [("OP", kind as u32 as f64), ("BROADCAST", broadcast as u32 as f64)];
+    launch(&ELEMENTWISE, "binary", &consts, p, &[a, b], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// dst[dst_offset + idx·dst_strides] = src[src_offset + idx·src_strides] for every idx in `shape`.
+pub fn strided_copy(src: &BufView, src_offset: usize, src_strides: &[usize], dst: &BufView, dst_offset: usize, dst_strides: &[usize], shape: &[usize]) -> Result<()> {
+    check_u32("strided_copy", shape)?;
+    let n = crate::shape::numel(shape);
+    if n == 0 {
+        return Ok(());
+    }
+    let p = Params::new().u32(n).u32(shape.len()).u32(src_offset).u32(dst_offset).dims8(shape).dims8(src_strides).dims8(dst_strides);
+    launch(&LAYOUT, "strided_copy", &[], p, &[src], &[dst], grid_1d(n as u64, WG))
+}
+
+/// Reduction over the middle axis of [outer, axis, inner] -> [outer, inner]. `max`: max, else sum * scale.
+pub fn reduce(x: &BufView, outer: usize, axis: usize, inner: usize, max: bool, scale: f32) -> Result<BufView> {
+    let n = outer * inner;
+    let y = out(n, "reduction output")?;
+    let p = Params::new().u32(outer).u32(axis).u32(inner).f32(scale);
+    launch(&REDUCE, "reduce_axis", &[("OP", max as u32 as f64)], p, &[x], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// (log-)softmax over the middle axis of [outer, axis, inner].
+pub fn softmax(x: &BufView, outer: usize, axis: usize, inner: usize, log: bool) -> Result<BufView> {
+    let y = out(outer * axis * inner, "softmax output")?;
+    let p = Params::new().u32(outer).u32(axis).u32(inner).u32(0);
+    launch(&SOFTMAX, "softmax_forward", &[("LOG", log as u32 as f64)], p, &[x], &[&y], grid_1d((outer * inner) as u64, 64))?;
+    Ok(y)
+}
+
+/// C[batch, m, n] = op(A) @ op(B). Batch strides of 0 broadcast an operand.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
+    let c = out(batch * m * n, "matmul output")?;
+    if k == 0 {
+        gpu()?.zero(&c)?;
+        return Ok(c);
+    }
+    let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(0).u32(0).u32(0);
+    let consts = [("TRANS_A", trans_a as u32 as f64), ("TRANS_B", trans_b as u32 as f64)];
+    let groups = [n.div_ceil(4).div_ceil(8) as u32, m.div_ceil(4).div_ceil(8) as u32, batch as u32];
+    launch(&MATMUL, "matmul", &consts, p, &[a, b], &[&c], groups)?;
+    Ok(c)
+}
+
+/// out[outer, n_idx, inner] = x[outer, idx[j], inner]
+pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
+    let n = outer * n_idx * inner;
+    let y = out(n, "index_select output")?;
+    let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx);
+    launch(&INDEX, "index_select_forward", &[], p, &[x, idx], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// grad_x[outer, src_axis, inner] = sum over j with idx[j] == r of grad_out[outer, j, inner]
+pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
+    let n = outer * src_axis * inner;
+    let y = out(n, "index_select gradient")?;
+    let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx);
+    launch(&INDEX, "index_select_backward", &[], p, &[grad_out, idx], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// labels: [n] u32 -> [n, classes] f32
+pub fn one_hot(labels: &BufView, n: usize, classes: usize) -> Result<BufView> {
+    let y = out(n * classes, "one_hot output")?;
+    let p = Params::new().u32(n).u32(classes).u32(0).u32(0);
+    launch(&INDEX, "one_hot", &[], p, &[labels], &[&y], grid_1d((n * classes) as u64, WG))?;
+    Ok(y)
+}
+
+/// Which update `optimizer_step` runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UpdateRule {
+    /// SGD with momentum (0 = plain gradient descent), optionally Nesterov.
+    Sgd { momentum: f32, nesterov: bool },
+    RmsProp { alpha: f32, eps: f32 },
+    /// Adam; `decoupled` makes it AdamW.
+    Adam { beta1: f32, beta2: f32, eps: f32, step: u64, decoupled: bool },
+}
+
+/// One dispatch updating a flat parameter buffer in place. `state2` is only read by Adam.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step(rule: UpdateRule, params: &BufView, grads: &BufView, state1: &BufView, state2: &BufView, n: usize, decay_end: usize, lr: f32, weight_decay: f32) -> Result<()> {
+    let (entry, beta1, beta2, eps, bias1, bias2, nesterov, decoupled) = match rule {
+        UpdateRule::Sgd { momentum, nesterov } => ("sgd_step", momentum, 0.0, 0.0, 1.0, 1.0, nesterov, false),
+        UpdateRule::RmsProp { alpha, eps } => ("rmsprop_step", alpha, 0.0, eps, 1.0, 1.0, false, false),
+        UpdateRule::Adam { beta1, beta2, eps, step, decoupled } => {
+            let t = step.max(1) as i32;
+            ("adam_step", beta1, beta2, eps, 1.0 - beta1.powi(t), 1.0 - beta2.powi(t), false, decoupled)
+        }
+    };
+    let p = Params::new()
+        .u32(n)
+        .u32(decay_end)
+        .f32(lr)
+        .f32(weight_decay)
+        .f32(beta1)
+        .f32(beta2)
+        .f32(eps)
+        .f32(bias1)
+        .f32(bias2)
+        .u32(nesterov as usize)
+        .u32(decoupled as usize)
+        .u32(0);
+    launch(&OPTIM, entry, &[], p, &[grads], &[params, state1, state2], grid_1d(n as u64, WG))
+}

@@ -1,0 +1,26 @@
+//! kiln-graph: GPU tensors, ops with forward and backward rules, the autograd tape, and a CPU reference.
+//!
+//! ```text
+//! tensor.rs    Tensor (GPU storage + shape + dtype + the op that made it), no_grad, detach
+//! ops.rs       the ops: validate shapes -> launch kernel -> record op
+//! backprop.rs  Op, backward() and every backward rule in one match
+//! kernels.rs   one launcher per WGSL entry point in shaders/
+//! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
+//! cpu.rs       the f64 CPU reference of every op
+//! ```
+
+pub mod backprop;
+pub mod cpu;
+pub mod error;
+pub mod kernels;
+pub mod loss;
+mod ops;
+pub mod rng;
+pub mod shape;
+mod tensor;
+
+pub use backprop::{Grads, Op};
+pub use error::{KilnError, Result};
+pub use rng::Rng;
+pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, Tensor, TensorId};
+pub use kiln_wgpu as backend;

@@ -1,0 +1,42 @@
+//! Losses, composed from primitive ops (so their gradients come from the rules in backprop.rs).
+
+use crate::error::{shape_err, Result};
+use crate::tensor::{DType, Tensor};
+
+/// Mean squared error: mean((pred - target)^2).
+pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    if pred.shape() != target.shape() {
+        return shape_err("mse_loss", pred.shape(), target.shape(), "prediction and target must match");
+    }
+    let d = pred.sub(target)?;
+    d.mul(&d)?.mean_all()
+}
+
+/// Binary cross-entropy from logits, stable for any logit size:
+/// mean(max(x, 0) - x*y + log(1 + e^-|x|)).
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.shape() != targets.shape() {
+        return shape_err("bce_with_logits", logits.shape(), targets.shape(), "logits and targets must match");
+    }
+    let per = logits.relu()?.sub(&logits.mul(targets)?)?.add(&logits.abs()?.neg()?.softplus()?)?;
+    per.mean_all()
+}
+
+/// Softmax cross-entropy from logits [n, classes] and class indices [n] (u32), averaged over n.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    labels.expect_dtype("cross_entropy", DType::U32)?;
+    if logits.rank() != 2 || labels.rank() != 1 || labels.shape()[0] != logits.shape()[0] {
+        return shape_err("cross_entropy", logits.shape(), labels.shape(), "expects logits [n, classes] and labels [n]");
+    }
+    let one_hot = Tensor::one_hot(labels, logits.shape()[1])?;
+    cross_entropy_one_hot(logits, &one_hot)
+}
+
+/// Softmax cross-entropy from logits [n, classes] and target distributions of the same shape (one-hot or soft).
+pub fn cross_entropy_one_hot(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.rank() != 2 || logits.shape() != targets.shape() {
+        return shape_err("cross_entropy_one_hot", logits.shape(), targets.shape(), "expects two [n, classes] tensors");
+    }
+    let n = logits.shape()[0].max(1) as f32;
+    logits.log_softmax(1)?.mul(targets)?.sum_all()?.scale(-1.0 / n)
+}

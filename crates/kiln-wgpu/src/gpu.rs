@@ -1,0 +1,680 @@
+//! The one device context of the process: device, queue, pipeline cache, buffer pool and the open recording.
+//!
+//! Nothing is submitted when an op runs: every dispatch is appended to one open compute pass. The recording is
+//! flushed (finish + submit) only when the host must see a value, when the params ring is full, or on request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use crate::adapter;
+use crate::error::{GpuError, Result};
+
+/// A WGSL source file from `shaders/`, compiled once per process.
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// One compute dispatch. Bindings: 0 = `params` (uniform), 1..=inputs.len() read-only storage, then the outputs
+/// as read-write storage, in order. Shaders declare exactly this layout.
+pub struct Dispatch<'a> {
+    pub shader: &'static Shader,
+    pub entry: &'static str,
+    /// WGSL `override` constants; each distinct set is its own cached pipeline.
+    pub constants: &'a [(&'static str, f64)],
+    /// Little-endian bytes of the shader's `Params` struct (padded to 16 bytes here).
+    pub params: &'a [u8],
+    pub inputs: &'a [&'a BufView],
+    pub outputs: &'a [&'a BufView],
+    pub workgroups: [u32; 3],
+}
+
+/// Counters for `submits_per_step`, allocation checks and peak memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuStats {
+    pub submits: u64,
+    pub dispatches: u64,
+    pub buffers_created: u64,
+    pub bytes_created: u64,
+    pub pipelines_created: u64,
+    /// Bytes in buffers handed out right now (pooled buffers not counted).
+    pub live_bytes: u64,
+    pub peak_live_bytes: u64,
+}
+
+/// A pooled GPU buffer. It returns to the pool when dropped.
+pub struct PooledBuffer {
+    raw: Option<wgpu::Buffer>,
+    class: u64,
+}
+
+impl PooledBuffer {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.raw.as_ref().expect("buffer present until drop")
+    }
+    pub fn capacity(&self) -> u64 {
+        self.class
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let (Some(raw), Some(gpu)) = (self.raw.take(), GPU.get()) {
+            gpu.release(raw, self.class);
+        }
+    }
+}
+
+/// A byte range of a pooled buffer: what a tensor's storage is. Cheap to clone.
+#[derive(Clone)]
+pub struct BufView {
+    pub buffer: Arc<PooledBuffer>,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+impl BufView {
+    /// A sub-range of this view (offset relative to this view). Offsets that bind to kernels must respect the
+    /// adapter's `min_storage_buffer_offset_alignment`; copies only need 4-byte alignment.
+    pub fn sub(&self, offset: u64, bytes: u64) -> BufView {
+        assert!(offset + bytes <= self.bytes, "sub-view out of range");
+        BufView { buffer: self.buffer.clone(), offset: self.offset + offset, bytes }
+    }
+    pub fn same_buffer(&self, other: &BufView) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+    }
+}
+
+const RING_BYTES: u64 = 4 << 20;
+const MIN_CLASS: u64 = 256;
+
+#[derive(Hash, PartialEq, Eq, Clone)]
+struct PipelineKey {
+    shader: &'static str,
+    entry: &'static str,
+    constants: Vec<(&'static str, u64)>,
+    inputs: usize,
+    outputs: usize,
+}
+
+struct State {
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    /// Free buffers by size class.
+    pool: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Buffers freed while the open recording may still read them: they rejoin the pool after the next submit, so
+    /// a `queue.write_buffer` into a reused buffer can never land before the dispatches recorded earlier.
+    quarantine: Vec<(wgpu::Buffer, u64)>,
+    readback_pool: HashMap<u64, Vec<wgpu::Buffer>>,
+    ring: wgpu::Buffer,
+    ring_host: Vec<u8>,
+    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    layouts: HashMap<(usize, usize), (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+    stats: GpuStats,
+    recorded_ops: u64,
+}
+
+/// The device context. Get it with [`gpu()`].
+pub struct Gpu {
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    state: Mutex<State>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+    dump_dir: Option<std::path::PathBuf>,
+    log: bool,
+}
+
+static GPU: OnceLock<Gpu> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+static CHOICE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Names the adapter to use (substring of its name or backend, or an index from `kiln info`) before first use.
+/// `None` keeps the default: `KILN_ADAPTER` if set, else the best adapter.
+pub fn select_adapter(name: Option<&str>) -> Result<()> {
+    if let Some(g) = GPU.get() {
+        if let Some(wanted) = name {
+            let hay = format!("{} {:?}", g.info.name, g.info.backend).to_lowercase();
+            if !hay.contains(&wanted.to_lowercase()) && wanted.parse::<usize>().is_err() {
+                return Err(GpuError::AlreadyInitialised { current: g.info.name.clone(), wanted: wanted.into() });
+            }
+        }
+        return Ok(());
+    }
+    *CHOICE.lock().unwrap_or_else(|e| e.into_inner()) = name.map(str::to_string);
+    Ok(())
+}
+
+/// The process's GPU, created on first use. Errors (no adapter, bad `KILN_ADAPTER`) are returned, not cached, so a
+/// caller can fix the environment and retry.
+pub fn gpu() -> Result<&'static Gpu> {
+    if let Some(g) = GPU.get() {
+        return Ok(g);
+    }
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(g) = GPU.get() {
+        return Ok(g);
+    }
+    let wanted = CHOICE.lock().unwrap_or_else(|e| e.into_inner()).clone().or_else(|| std::env::var("KILN_ADAPTER").ok());
+    let g = Gpu::new(wanted.as_deref())?;
+    Ok(GPU.get_or_init(|| g))
+}
+
+fn size_class(bytes: u64) -> u64 {
+    bytes.max(MIN_CLASS).next_power_of_two()
+}
+
+fn pad16(params: &[u8]) -> Vec<u8> {
+    let mut p = params.to_vec();
+    let len = p.len().max(16).div_ceil(16) * 16;
+    p.resize(len, 0);
+    p
+}
+
+impl Gpu {
+    fn new(wanted: Option<&str>) -> Result<Gpu> {
+        let instance = adapter::instance();
+        let adapter = adapter::choose(adapter::enumerate(&instance), wanted)?;
+        let info = adapter.get_info();
+        let features = adapter.features() & adapter::wanted_features();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::RequestDevice { adapter: adapter::describe(&info), message: e.to_string() })?;
+        // wgpu's default handler panics; keep the message and report it as an error at the next flush instead.
+        let uncaptured = Arc::new(Mutex::new(None::<String>));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let ring = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln params ring"),
+            size: RING_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let state = State {
+            encoder: None,
+            pass: None,
+            pool: HashMap::new(),
+            quarantine: Vec::new(),
+            readback_pool: HashMap::new(),
+            ring,
+            ring_host: Vec::with_capacity(RING_BYTES as usize),
+            modules: HashMap::new(),
+            layouts: HashMap::new(),
+            pipelines: HashMap::new(),
+            stats: GpuStats::default(),
+            recorded_ops: 0,
+        };
+        Ok(Gpu {
+            info,
+            features,
+            limits,
+            device,
+            queue,
+            state: Mutex::new(state),
+            uncaptured,
+            dump_dir: std::env::var_os("KILN_DUMP_WGSL").map(Into::into),
+            log: std::env::var("KILN_LOG").map(|v| v != "0").unwrap_or(false),
+        })
+    }
+
+    /// "name (Backend, DeviceType)", as reports print it.
+    pub fn adapter_name(&self) -> String {
+        adapter::describe(&self.info)
+    }
+    pub fn backend(&self) -> String {
+        format!("{:?}", self.info.backend)
+    }
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> GpuStats {
+        self.lock().stats
+    }
+
+    /// Largest tensor a kernel can bind.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size as u64
+    }
+
+    /// A buffer of at least `bytes` from the pool (contents undefined). `what` names the tensor for errors.
+    pub fn alloc(&self, bytes: u64, what: &str) -> Result<BufView> {
+        let bytes = bytes.max(4).div_ceil(4) * 4;
+        if bytes > self.limits.max_buffer_size {
+            return Err(GpuError::OutOfMemory {
+                requested: bytes,
+                what: what.to_string(),
+                detail: format!("this adapter's max_buffer_size is {} bytes", self.limits.max_buffer_size),
+            });
+        }
+        let class = size_class(bytes).min(self.limits.max_buffer_size.max(bytes));
+        let mut st = self.lock();
+        let raw = match st.pool.get_mut(&class).and_then(Vec::pop) {
+            Some(b) => b,
+            None => {
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: class,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    return Err(GpuError::OutOfMemory {
+                        requested: class,
+                        what: what.to_string(),
+                        detail: format!("{e}; {} bytes already in use", st.stats.live_bytes),
+                    });
+                }
+                st.stats.buffers_created += 1;
+                st.stats.bytes_created += class;
+                b
+            }
+        };
+        st.stats.live_bytes += class;
+        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
+        Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class }), offset: 0, bytes })
+    }
+
+    fn release(&self, raw: wgpu::Buffer, class: u64) {
+        let mut st = self.lock();
+        st.stats.live_bytes = st.stats.live_bytes.saturating_sub(class);
+        if st.encoder.is_some() {
+            st.quarantine.push((raw, class));
+        } else {
+            st.pool.entry(class).or_default().push(raw);
+        }
+    }
+
+    /// Uploads bytes into a fresh pooled buffer. Pool buffers are never read by pending work (see `quarantine`),
+    /// so the write can be staged on the queue directly.
+    pub fn upload(&self, data: &[u8], what: &str) -> Result<BufView> {
+        let view = self.alloc(data.len() as u64, what)?;
+        self.write_staged(&view, data);
+        Ok(view)
+    }
+
+    /// Overwrites an existing view with host bytes. Pending dispatches may read it, and a queue write would land
+    /// before them, so the open recording is submitted first.
+    pub fn write(&self, view: &BufView, data: &[u8]) -> Result<()> {
+        if data.len() as u64 > view.bytes {
+            return Err(GpuError::Readback(format!("write of {} bytes into a view of {} bytes", data.len(), view.bytes)));
+        }
+        self.flush()?;
+        self.write_staged(view, data);
+        Ok(())
+    }
+
+    fn write_staged(&self, view: &BufView, data: &[u8]) {
+        if data.len() % 4 == 0 {
+            self.queue.write_buffer(view.buffer.raw(), view.offset, data);
+        } else {
+            let mut padded = data.to_vec();
+            padded.resize(data.len().div_ceil(4) * 4, 0);
+            self.queue.write_buffer(view.buffer.raw(), view.offset, &padded);
+        }
+    }
+
+    fn module(&self, st: &mut State, shader: &'static Shader) -> Result<()> {
+        if st.modules.contains_key(shader.name) {
+            return Ok(());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let m = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Shader { shader: shader.name.into(), entry: "(module)".into(), message: e.to_string() });
+        }
+        st.modules.insert(shader.name, m);
+        Ok(())
+    }
+
+    fn layout(&self, st: &mut State, inputs: usize, outputs: usize) {
+        st.layouts.entry((inputs, outputs)).or_insert_with(|| {
+            let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
+                count: None,
+            }];
+            for i in 0..inputs + outputs {
+                entries.push(wgpu::BindGroupLayoutEntry {
+                    binding: 1 + i as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: i < inputs },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                });
+            }
+            let bgl = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
+            let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            (bgl, pl)
+        });
+    }
+
+    /// Creates (once) the pipeline for a dispatch's shader, entry and constants.
+    fn pipeline(&self, st: &mut State, d: &Dispatch) -> Result<PipelineKey> {
+        let key = PipelineKey {
+            shader: d.shader.name,
+            entry: d.entry,
+            constants: d.constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
+            inputs: d.inputs.len(),
+            outputs: d.outputs.len(),
+        };
+        if st.pipelines.contains_key(&key) {
+            return Ok(key);
+        }
+        self.module(st, d.shader)?;
+        self.layout(st, key.inputs, key.outputs);
+        if let Some(dir) = &self.dump_dir {
+            self.dump(dir, d)?;
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(d.entry),
+            layout: Some(&st.layouts[&(key.inputs, key.outputs)].1),
+            module: &st.modules[d.shader.name],
+            entry_point: Some(d.entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: d.constants, zero_initialize_workgroup_memory: false },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Shader { shader: d.shader.name.into(), entry: d.entry.into(), message: e.to_string() });
+        }
+        if self.log {
+            eprintln!("[kiln] pipeline {}::{} {:?}", d.shader.name, d.entry, d.constants);
+        }
+        st.stats.pipelines_created += 1;
+        st.pipelines.insert(key.clone(), p);
+        Ok(key)
+    }
+
+    fn dump(&self, dir: &std::path::Path, d: &Dispatch) -> Result<()> {
+        let consts: String = d.constants.iter().map(|(n, v)| format!(".{n}={v}")).collect();
+        let path = dir.join(format!("{}.{}{}.wgsl", d.shader.name.trim_end_matches(".wgsl"), d.entry, consts));
+        let header: String = d.constants.iter().map(|(n, v)| format!("// override {n} = {v}\n")).collect();
+        let err = |e: std::io::Error| GpuError::Dump { path: path.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::write(&path, format!("// entry point: {}\n{header}{}", d.entry, d.shader.source)).map_err(err)
+    }
+
+    fn encoder<'s>(&self, st: &'s mut State) -> &'s mut wgpu::CommandEncoder {
+        st.encoder.get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") }))
+    }
+
+    fn end_pass(st: &mut State) {
+        st.pass = None;
+    }
+
+    /// Records one dispatch into the open compute pass.
+    pub fn dispatch(&self, d: &Dispatch) -> Result<()> {
+        let limit = self.max_binding_bytes();
+        for v in d.inputs.iter().chain(d.outputs) {
+            if v.bytes > limit {
+                return Err(GpuError::BindingTooLarge { bytes: v.bytes, limit, what: format!("{}::{}", d.shader.name, d.entry) });
+            }
+        }
+        let params = pad16(d.params);
+        let align = (self.limits.min_uniform_buffer_offset_alignment as usize).max(16);
+        let mut st = self.lock();
+        if st.ring_host.len().div_ceil(align) * align + params.len() > RING_BYTES as usize {
+            drop(st);
+            self.flush()?;
+            st = self.lock();
+        }
+        let key = self.pipeline(&mut st, d)?;
+        let offset = st.ring_host.len().div_ceil(align) * align;
+        st.ring_host.resize(offset, 0);
+        st.ring_host.extend_from_slice(&params);
+
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &st.ring,
+                offset: offset as u64,
+                size: wgpu::BufferSize::new(params.len() as u64),
+            }),
+        }];
+        for (i, v) in d.inputs.iter().chain(d.outputs).enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 1 + i as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: v.buffer.raw(),
+                    offset: v.offset,
+                    size: wgpu::BufferSize::new(v.bytes.max(4)),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &st.layouts[&(key.inputs, key.outputs)].0,
+            entries: &entries,
+        });
+        if st.pass.is_none() {
+            let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            st.pass = Some(pass.forget_lifetime());
+        }
+        let pipeline = st.pipelines[&key].clone();
+        let pass = st.pass.as_mut().expect("pass opened above");
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        let [x, y, z] = d.workgroups;
+        if x > 0 && y > 0 && z > 0 {
+            pass.dispatch_workgroups(x, y, z);
+        }
+        st.stats.dispatches += 1;
+        st.recorded_ops += 1;
+        Ok(())
+    }
+
+    /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
+    pub fn copy(&self, src: &BufView, dst: &BufView, bytes: u64) -> Result<()> {
+        let mut st = self.lock();
+        Self::end_pass(&mut st);
+        self.encoder(&mut st).copy_buffer_to_buffer(src.buffer.raw(), src.offset, dst.buffer.raw(), dst.offset, bytes);
+        st.recorded_ops += 1;
+        Ok(())
+    }
+
+    /// Records a fill with zeros.
+    pub fn zero(&self, view: &BufView) -> Result<()> {
+        let mut st = self.lock();
+        Self::end_pass(&mut st);
+        self.encoder(&mut st).clear_buffer(view.buffer.raw(), view.offset, Some(view.bytes.div_ceil(4) * 4));
+        st.recorded_ops += 1;
+        Ok(())
+    }
+
+    /// Finishes and submits the open recording (if any). Returns the submission index.
+    pub fn flush(&self) -> Result<Option<wgpu::SubmissionIndex>> {
+        let mut st = self.lock();
+        Self::end_pass(&mut st);
+        let Some(encoder) = st.encoder.take() else {
+            return Ok(None);
+        };
+        if !st.ring_host.is_empty() {
+            self.queue.write_buffer(&st.ring, 0, &st.ring_host);
+            st.ring_host.clear();
+        }
+        let ops = std::mem::take(&mut st.recorded_ops);
+        let index = self.queue.submit([encoder.finish()]);
+        st.stats.submits += 1;
+        for (raw, class) in std::mem::take(&mut st.quarantine) {
+            st.pool.entry(class).or_default().push(raw);
+        }
+        drop(st);
+        if self.log {
+            eprintln!("[kiln] submit: {ops} recorded commands");
+        }
+        self.check_errors(&format!("a submit of {ops} commands"))?;
+        Ok(Some(index))
+    }
+
+    fn check_errors(&self, context: &str) -> Result<()> {
+        if let Some(message) = self.uncaptured.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(GpuError::Validation { context: context.into(), message });
+        }
+        Ok(())
+    }
+
+    /// Blocks until all submitted work is done.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Starts reading `view` back: records the copy into a mappable buffer and submits. The returned handle is
+    /// completed by [`Readback::wait`] (blocking) or by awaiting [`Readback::into_future`] (async).
+    pub fn read_start(&'static self, view: &BufView) -> Result<Readback> {
+        let bytes = view.bytes.div_ceil(4) * 4;
+        let class = size_class(bytes);
+        let staging = {
+            let mut st = self.lock();
+            let b = match st.readback_pool.get_mut(&class).and_then(Vec::pop) {
+                Some(b) => b,
+                None => {
+                    st.stats.buffers_created += 1;
+                    st.stats.bytes_created += class;
+                    self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("kiln readback"),
+                        size: class,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                }
+            };
+            Self::end_pass(&mut st);
+            self.encoder(&mut st).copy_buffer_to_buffer(view.buffer.raw(), view.offset, &b, 0, bytes);
+            st.recorded_ops += 1;
+            b
+        };
+        self.flush()?;
+        let done = Arc::new(Mutex::new(ReadState::default()));
+        let sink = done.clone();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+            s.result = Some(r.map_err(|e| e.to_string()));
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        });
+        Ok(Readback { gpu: self, staging: Some(staging), class, bytes: view.bytes, done })
+    }
+
+    /// Blocking read of a view's bytes.
+    pub fn read(&'static self, view: &BufView) -> Result<Vec<u8>> {
+        self.read_start(view)?.wait()
+    }
+
+    fn finish_read(&self, staging: wgpu::Buffer, class: u64, bytes: u64) -> Result<Vec<u8>> {
+        let out = {
+            let range = staging.get_mapped_range(0..bytes.div_ceil(4) * 4).map_err(|e| GpuError::Readback(e.to_string()))?;
+            range[..bytes as usize].to_vec()
+        };
+        staging.unmap();
+        self.lock().readback_pool.entry(class).or_default().push(staging);
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+struct ReadState {
+    result: Option<std::result::Result<(), String>>,
+    waker: Option<std::task::Waker>,
+}
+
+/// A readback in flight.
+pub struct Readback {
+    gpu: &'static Gpu,
+    staging: Option<wgpu::Buffer>,
+    class: u64,
+    bytes: u64,
+    done: Arc<Mutex<ReadState>>,
+}
+
+impl Readback {
+    fn take_result(&self) -> Option<std::result::Result<(), String>> {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).result.take()
+    }
+
+    fn complete(&mut self, r: std::result::Result<(), String>) -> Result<Vec<u8>> {
+        r.map_err(GpuError::Readback)?;
+        let staging = self.staging.take().expect("readback completed once");
+        self.gpu.finish_read(staging, self.class, self.bytes)
+    }
+
+    /// Blocks until the bytes are on the host.
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        loop {
+            if let Some(r) = self.take_result() {
+                return self.complete(r);
+            }
+            self.gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
+        }
+    }
+
+    /// Non-blocking check: `Some(bytes)` once the copy has landed. Drives the device with a non-blocking poll.
+    pub fn try_get(&mut self) -> Option<Result<Vec<u8>>> {
+        if let Err(e) = self.gpu.device.poll(wgpu::PollType::Poll) {
+            return Some(Err(GpuError::Poll(e.to_string())));
+        }
+        self.take_result().map(|r| self.complete(r))
+    }
+}
+
+impl std::future::Future for Readback {
+    type Output = Result<Vec<u8>>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        if let Some(r) = self.try_get() {
+            return std::task::Poll::Ready(r);
+        }
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).waker = Some(cx.waker().clone());
+        // Native wgpu completes maps only when polled; ask to be polled again (on the web the browser drives it).
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// Workgroup counts covering `threads` invocations of `wg`-sized groups, spread over x and y when x would
+/// exceed the 65535 limit. Kernels compute the linear index as `gid.x + gid.y * num_workgroups.x * WG`.
+pub fn grid_1d(threads: u64, wg: u32) -> [u32; 3] {
+    let groups = threads.div_ceil(wg as u64).max(1);
+    if groups <= 65535 {
+        [groups as u32, 1, 1]
+    } else {
+        let y = groups.div_ceil(65535);
+        [groups.div_ceil(y) as u32, y as u32, 1]
+    }
+}

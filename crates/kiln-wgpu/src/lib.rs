@@ -1,0 +1,11 @@
+//! kiln-wgpu: the GPU backend. Adapter choice, a buffer pool keyed by size class, a pipeline cache keyed by
+//! (shader, entry, override constants), deferred command recording with few submits, blocking and async readback.
+
+mod adapter;
+mod error;
+mod gpu;
+
+pub use adapter::{list_adapters, wanted_features, AdapterSummary};
+pub use error::{GpuError, Result};
+pub use gpu::{gpu, grid_1d, select_adapter, BufView, Dispatch, Gpu, GpuStats, PooledBuffer, Readback, Shader};
+pub use wgpu;

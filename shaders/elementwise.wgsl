@@ -1,0 +1,110 @@
+// Elementwise kernels: unary ops (with two scalar parameters) and binary ops with broadcasting.
+// The op is an `override` constant, so each op is its own specialised pipeline and the switch folds away.
+
+// ---- unary: y[i] = f(x[i]; alpha, beta) ----------------------------------------------------------------
+// x: [n], y: [n]
+struct UnaryParams { n: u32, _pad: u32, alpha: f32, beta: f32 }
+
+override OP: u32 = 0u;
+override WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> up: UnaryParams;
+@group(0) @binding(1) var<storage, read> ux: array<f32>;
+@group(0) @binding(2) var<storage, read_write> uy: array<f32>;
+
+fn sigmoid(v: f32) -> f32 {
+    // Stable on both sides: exp never overflows.
+    if (v >= 0.0) { return 1.0 / (1.0 + exp(-v)); }
+    let e = exp(v);
+    return e / (1.0 + e);
+}
+
+fn softplus(v: f32) -> f32 {
+    // log(1 + e^v) = max(v, 0) + log(1 + e^-|v|)
+    return max(v, 0.0) + log(1.0 + exp(-abs(v)));
+}
+
+fn unary_op(v: f32, a: f32, b: f32) -> f32 {
+    switch OP {
+        case 0u: { return -v; }                                  // NEG
+        case 1u: { return exp(v); }                              // EXP
+        case 2u: { return log(v); }                              // LOG
+        case 3u: { return sqrt(v); }                             // SQRT
+        case 4u: { return abs(v); }                              // ABS
+        case 5u: { return sigmoid(v); }                          // SIGMOID
+        case 6u: { return tanh(v); }                             // TANH
+        case 7u: { return max(v, 0.0); }                         // RELU
+        case 8u: { return select(a * v, v, v > 0.0); }           // LEAKY_RELU(alpha)
+        case 9u: { return softplus(v); }                         // SOFTPLUS
+        case 10u: { return clamp(v, a, b); }                     // CLAMP(lo, hi)
+        case 11u: { return pow(abs(v), a) * select(1.0, sign(v), fract(a * 0.5) != 0.0 && fract(a) == 0.0); } // POWF(p)
+        case 12u: { return a * v + b; }                          // AFFINE(scale, shift)
+        case 13u: { return select(0.0, 1.0, v > 0.0); }          // STEP: relu'
+        case 14u: { return sign(v); }                            // SIGN: abs'
+        case 15u: { return select(a, 1.0, v > 0.0); }            // LEAKY_STEP(alpha): leaky_relu'
+        case 16u: { return select(0.0, 1.0, v >= a && v <= b); } // IN_RANGE(lo, hi): clamp'
+        case 17u: { return a; }                                  // FILL(value)
+        default: { return v; }                                   // IDENTITY
+    }
+}
+
+@compute @workgroup_size(WG)
+fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= up.n) { return; }
+    uy[i] = unary_op(ux[i], up.alpha, up.beta);
+}
+
+// ---- binary: out[i] = f(a[ia], b[ib]) with numpy broadcasting through strides (0 on broadcast axes) -------
+// a: any shape broadcastable to out, b: likewise, out: [shape] contiguous, rank <= 8
+struct BinaryParams {
+    n: u32,
+    ndim: u32,
+    _pad0: u32,
+    _pad1: u32,
+    shape: array<vec4<u32>, 2>,
+    stride_a: array<vec4<u32>, 2>,
+    stride_b: array<vec4<u32>, 2>,
+}
+
+override BROADCAST: bool = true;
+
+@group(0) @binding(0) var<uniform> bp: BinaryParams;
+@group(0) @binding(1) var<storage, read> ba: array<f32>;
+@group(0) @binding(2) var<storage, read> bb: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bout: array<f32>;
+
+fn binary_op(x: f32, y: f32) -> f32 {
+    switch OP {
+        case 0u: { return x + y; }                     // ADD
+        case 1u: { return x - y; }                     // SUB
+        case 2u: { return x * y; }                     // MUL
+        case 3u: { return x / y; }                     // DIV
+        case 4u: { return max(x, y); }                 // MAXIMUM
+        case 5u: { return min(x, y); }                 // MINIMUM
+        case 6u: { return select(0.0, 1.0, x == y); }  // EQ (mask)
+        case 7u: { return select(0.0, 1.0, x > y); }   // GT (mask)
+        default: { return x; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= bp.n) { return; }
+    if (!BROADCAST) {
+        bout[i] = binary_op(ba[i], bb[i]);
+        return;
+    }
+    var rem = i;
+    var ia = 0u;
+    var ib = 0u;
+    for (var d = i32(bp.ndim) - 1; d >= 0; d = d - 1) {
+        let size = bp.shape[d / 4][d % 4];
+        let idx = rem % size;
+        rem = rem / size;
+        ia = ia + idx * bp.stride_a[d / 4][d % 4];
+        ib = ib + idx * bp.stride_b[d / 4][d % 4];
+    }
+    bout[i] = binary_op(ba[ia], bb[ib]);
+}
