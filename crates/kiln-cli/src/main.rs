@@ -1,1 +1,231 @@
-fn main(){}
+//! `kiln`: train, info (and, as the engine grows, eval and bench).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_models::{Progress, TrainConfig, TrainReport};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a deep-learning training engine on any GPU (wgpu: Vulkan, Metal, DX12)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("{v} must be a positive number"));
+    }
+    Ok(v)
+}
+
+fn non_negative_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("{v} must be zero or positive"));
+    }
+    Ok(v)
+}
+
+fn hidden_sizes(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',')
+        .map(|p| match p.trim().parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("{s:?}: hidden sizes are positive integers, comma-separated (e.g. 128,64)")),
+            Ok(v) => Ok(v),
+        })
+        .collect()
+}
+
+fn model_list() -> String {
+    let models: String = kiln_models::MODELS.iter().map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
+    let data: String = kiln_data::DATASETS.iter().map(|(n, d)| format!("  {n:<14} {d}\n")).collect();
+    format!("Models:\n{models}\nData sets (bundled, real):\n{data}")
+}
+
+#[derive(clap::Args)]
+#[command(after_help = model_list())]
+struct TrainArgs {
+    /// Model to train (see the list below).
+    #[arg(value_parser = kiln_models::MODELS.map(|m| m.0))]
+    model: String,
+    /// Data set (see the list below).
+    #[arg(long, short, default_value = "digits", value_parser = kiln_data::DATASETS.map(|d| d.0))]
+    dataset: String,
+    /// Passes over the training split [default: per model].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    epochs: Option<u64>,
+    /// Samples per step [default: per model; full batch for linreg/logreg].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: Option<u64>,
+    /// Learning rate [default: per model].
+    #[arg(long, value_parser = positive_f32, allow_negative_numbers = true)]
+    lr: Option<f32>,
+    /// gd, sgd (momentum 0.9), nesterov, rmsprop, adam, adamw [default: per model].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// L2 penalty (decoupled weight decay for adamw); biases are not decayed.
+    #[arg(long, value_parser = non_negative_f32, allow_negative_numbers = true)]
+    weight_decay: Option<f32>,
+    /// constant, step:EVERY:GAMMA, exp:GAMMA, cosine[:MIN_FACTOR], each with optional +warmup:STEPS.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Hidden layer sizes for mlp, e.g. 128 or 256,128.
+    #[arg(long, value_parser = hidden_sizes)]
+    hidden: Option<Vec<usize>>,
+    /// Polynomial degree for polyreg.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=30))]
+    degree: Option<u64>,
+    /// Feature column for polyreg.
+    #[arg(long)]
+    feature: Option<usize>,
+    /// Use at most this many training samples.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    train_limit: Option<u64>,
+    /// Seed for initialisation, split and batch order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Adapter: part of its name or backend, or its index from `kiln info` (also KILN_ADAPTER).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Directory for metrics.csv [default: runs/<model>-<dataset>/].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Read the data files from this directory instead of the bundled copies (same as KILN_DATA).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on a real data set and report test metrics.
+    Train(TrainArgs),
+    /// List adapters with their features and limits, and the one Kiln picks.
+    Info {
+        #[arg(long)]
+        adapter: Option<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Train(args) => train(args),
+        Command::Info { adapter } => info(adapter),
+    }
+}
+
+fn info(adapter: Option<String>) -> Result<()> {
+    let adapters = kiln_wgpu::list_adapters();
+    if adapters.is_empty() {
+        println!("no adapters visible (WGPU_BACKEND={})", std::env::var("WGPU_BACKEND").unwrap_or_default());
+    }
+    for a in &adapters {
+        println!("[{}] {} ({}, {}) driver: {}", a.index, a.name, a.backend, a.device_type, a.driver);
+        println!("    features: {}", if a.features.is_empty() { "none of those Kiln uses".to_string() } else { a.features.join(", ") });
+        for (k, v) in &a.limits {
+            println!("    {k}: {v}");
+        }
+    }
+    kiln_wgpu::select_adapter(adapter.as_deref())?;
+    let g = kiln_wgpu::gpu()?;
+    println!("Kiln uses: {}", g.adapter_name());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    kiln_wgpu::select_adapter(a.adapter.as_deref())?;
+    if let Some(dir) = &a.data_dir {
+        if !dir.is_dir() {
+            bail!("--data-dir {} is not a directory", dir.display());
+        }
+    }
+    let optimizer = a.optimizer.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let schedule = a.schedule.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, a.dataset)));
+    let cfg = TrainConfig {
+        epochs: a.epochs.map(|v| v as usize),
+        batch_size: a.batch_size.map(|v| v as usize),
+        lr: a.lr,
+        optimizer,
+        weight_decay: a.weight_decay,
+        schedule,
+        seed: a.seed,
+        hidden: a.hidden.clone(),
+        degree: a.degree.map(|v| v as usize),
+        feature: a.feature,
+        train_limit: a.train_limit.map(|v| v as usize),
+        out_dir: Some(out.clone()),
+        data_dir: a.data_dir.clone(),
+        ..TrainConfig::new(&a.model, &a.dataset)
+    };
+    let gpu = kiln_wgpu::gpu()?;
+    eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, gpu.adapter_name());
+    let bar = ProgressBar::new(1);
+    bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));
+    let report = kiln_models::run(&cfg, |p: &Progress| {
+        bar.set_length(p.total_steps);
+        bar.set_position(p.step);
+        bar.set_prefix(format!("epoch {}/{}", p.epoch, p.epochs));
+        match &p.epoch_end {
+            None => bar.set_message(format!("loss {:.4}  {:.0} samples/s", p.loss, p.samples_per_s)),
+            Some(r) => bar.set_message(format!("train loss {:.4}  dev loss {:.4}  dev {:.4}  {:.0} samples/s", r.train_loss, r.dev_loss, r.dev_metric, r.samples_per_s)),
+        }
+    })
+    .with_context(|| format!("training {} on {}", a.model, a.dataset))?;
+    bar.finish();
+    print_summary(&report, &out);
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn print_summary(r: &TrainReport, out: &std::path::Path) {
+    println!();
+    println!("model {} on {} — {} epochs, {} steps, {:.1} s on {} ({})", r.model, r.dataset, r.epochs, r.steps, r.seconds, r.adapter, r.backend);
+    println!("train loss {:.4}  dev loss {:.4}  test loss {:.4}", r.train_loss, r.dev_loss, r.test_loss);
+    if let Some(acc) = r.test_accuracy {
+        println!("test accuracy {:.4} ({} samples), macro F1 {:.4}", acc, r.test_samples, r.test_macro_f1.unwrap_or(0.0));
+        println!();
+        println!("confusion matrix (rows: true class, columns: predicted)");
+        let names: Vec<String> = r.per_class.iter().map(|c| c.class.chars().take(6).collect()).collect();
+        print!("{:>8}", "");
+        for n in &names {
+            print!("{n:>7}");
+        }
+        println!();
+        for (n, row) in names.iter().zip(&r.confusion) {
+            print!("{n:>8}");
+            for v in row {
+                print!("{v:>7}");
+            }
+            println!();
+        }
+        println!();
+        println!("{:>12} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+        for c in &r.per_class {
+            println!("{:>12} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.class, c.precision, c.recall, c.f1, c.support);
+        }
+    }
+    if let (Some(mse), Some(r2)) = (r.test_mse, r.test_r2) {
+        println!("test MSE {mse:.2}  test R^2 {r2:.4}");
+    }
+    if let (Some(ne), Some(gd)) = (r.normal_equation_cost, r.train_cost) {
+        println!("training cost J: gradient descent {gd:.3}, normal equation {ne:.3} (ratio {:.4})", gd / ne);
+    }
+    println!();
+    println!("{:.2} ms/step, {:.0} samples/s, {:.2} submits/step, {} parameters, peak GPU memory {:.1} KiB", r.ms_per_step, r.samples_per_s, r.submits_per_step, r.parameters, r.peak_gpu_bytes as f64 / 1024.0);
+    println!("metrics: {}", out.join("metrics.csv").display());
+}

@@ -1,1 +1,8 @@
+//! kiln-models: the models of the course, built from kiln-nn, and the training loop every front end uses
+//! (`kiln train`, the examples, the tests).
 
+pub mod linear_models;
+pub mod train;
+
+pub use linear_models::{normal_equation, Task, MODELS};
+pub use train::{run, Progress, TrainConfig, TrainReport};

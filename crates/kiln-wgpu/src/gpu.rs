@@ -128,6 +128,32 @@ pub struct Gpu {
     log: bool,
 }
 
+/// Submits and buffer creations made by the calling thread (the process-wide numbers mix in other threads'
+/// work, as in a parallel test run).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadStats {
+    pub submits: u64,
+    pub buffers_created: u64,
+}
+
+thread_local! {
+    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, buffers_created: 0 }) };
+}
+
+fn count_thread(submits: u64, buffers: u64) {
+    THREAD_STATS.with(|c| {
+        let mut s = c.get();
+        s.submits += submits;
+        s.buffers_created += buffers;
+        c.set(s);
+    });
+}
+
+/// This thread's counters.
+pub fn thread_stats() -> ThreadStats {
+    THREAD_STATS.with(|c| c.get())
+}
+
 static GPU: OnceLock<Gpu> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 static CHOICE: Mutex<Option<String>> = Mutex::new(None);
@@ -290,6 +316,7 @@ impl Gpu {
                 }
                 st.stats.buffers_created += 1;
                 st.stats.bytes_created += class;
+                count_thread(0, 1);
                 b
             }
         };
@@ -530,6 +557,7 @@ impl Gpu {
         let ops = std::mem::take(&mut st.recorded_ops);
         let index = self.queue.submit([encoder.finish()]);
         st.stats.submits += 1;
+        count_thread(1, 0);
         for (raw, class) in std::mem::take(&mut st.quarantine) {
             st.pool.entry(class).or_default().push(raw);
         }
@@ -567,6 +595,7 @@ impl Gpu {
                 None => {
                     st.stats.buffers_created += 1;
                     st.stats.bytes_created += class;
+                    count_thread(0, 1);
                     self.device.create_buffer(&wgpu::BufferDescriptor {
                         label: Some("kiln readback"),
                         size: class,

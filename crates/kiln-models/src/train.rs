@@ -1,0 +1,444 @@
+//! The training loop shared by `kiln train`, the examples and the tests: load and prepare the data, build the
+//! model, run mini-batch epochs (one submit per step: the loss readback), evaluate, report.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_data::{Batches, Dataset, Split, Standardizer, Targets};
+use kiln_graph::backend::gpu;
+use kiln_graph::{no_grad, KilnError, Tensor};
+use kiln_nn::metrics;
+use kiln_nn::schedule::Schedule;
+use kiln_nn::{Optimizer, OptimizerKind, VarStore};
+use serde::Serialize;
+
+use crate::linear_models::{self, normal_equation, Model, Task};
+
+/// Everything `kiln train` can set; `None` takes the model's default.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub model: String,
+    pub dataset: String,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f32>,
+    pub optimizer: Option<OptimizerKind>,
+    pub weight_decay: Option<f32>,
+    pub schedule: Option<Schedule>,
+    pub seed: u64,
+    pub hidden: Option<Vec<usize>>,
+    /// polyreg: polynomial degree.
+    pub degree: Option<usize>,
+    /// polyreg: which feature column (default: the data set's most informative one, BMI for diabetes).
+    pub feature: Option<usize>,
+    /// Train on at most this many samples (reduced budgets, over-fitting demonstrations).
+    pub train_limit: Option<usize>,
+    /// Where metrics.csv goes; None writes nothing.
+    pub out_dir: Option<PathBuf>,
+    /// Read data files from here instead of the bundled copies.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    pub fn new(model: &str, dataset: &str) -> TrainConfig {
+        TrainConfig {
+            model: model.into(),
+            dataset: dataset.into(),
+            epochs: None,
+            batch_size: None,
+            lr: None,
+            optimizer: None,
+            weight_decay: None,
+            schedule: None,
+            seed: 42,
+            hidden: None,
+            degree: None,
+            feature: None,
+            train_limit: None,
+            out_dir: None,
+            data_dir: None,
+        }
+    }
+}
+
+/// The settings a run actually used (defaults filled in).
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub optimizer: String,
+    pub weight_decay: f32,
+    pub schedule: String,
+    pub hidden: Vec<usize>,
+    pub degree: usize,
+    pub seed: u64,
+}
+
+/// Defaults per model: what trains well on its usual data set.
+fn settings(cfg: &TrainConfig, train_len: usize) -> Result<(Settings, OptimizerKind, Schedule), KilnError> {
+    let (epochs, batch, lr, opt): (usize, usize, f32, OptimizerKind) = match cfg.model.as_str() {
+        // Full-batch gradient descent, as the course derives it.
+        "linreg" => (500, train_len, 0.1, OptimizerKind::Gd),
+        "polyreg" => (600, train_len, 0.05, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
+        "logreg" => (500, train_len, 0.5, OptimizerKind::Gd),
+        "softmax" => (100, 64, 0.05, OptimizerKind::Sgd { momentum: 0.9, nesterov: false }),
+        "mlp" => (30, 32, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
+        other => {
+            let names: Vec<&str> = linear_models::MODELS.iter().map(|m| m.0).collect();
+            return Err(KilnError::Backward(format!("unknown model {other:?}; available: {}", names.join(", "))));
+        }
+    };
+    let s = Settings {
+        epochs: cfg.epochs.unwrap_or(epochs),
+        batch_size: cfg.batch_size.unwrap_or(batch).min(train_len.max(1)),
+        lr: cfg.lr.unwrap_or(lr),
+        optimizer: String::new(),
+        weight_decay: cfg.weight_decay.unwrap_or(0.0),
+        schedule: String::new(),
+        hidden: cfg.hidden.clone().unwrap_or_else(|| vec![128]),
+        degree: cfg.degree.unwrap_or(1),
+        seed: cfg.seed,
+    };
+    if s.epochs == 0 || s.batch_size == 0 || !(s.lr > 0.0 && s.lr.is_finite()) || s.weight_decay < 0.0 || s.hidden.contains(&0) || s.degree == 0 {
+        return Err(KilnError::Backward(format!(
+            "invalid settings: epochs {} and batch size {} must be >= 1, lr {} must be > 0, weight decay {} >= 0, hidden sizes {:?} >= 1, degree {} >= 1",
+            s.epochs, s.batch_size, s.lr, s.weight_decay, s.hidden, s.degree
+        )));
+    }
+    let opt = cfg.optimizer.unwrap_or(opt);
+    let sched = cfg.schedule.unwrap_or_else(Schedule::constant);
+    Ok((Settings { optimizer: format!("{opt:?}"), schedule: format!("{sched:?}"), ..s }, opt, sched))
+}
+
+/// One progress update (per step, and with `dev` filled at each epoch end).
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f32,
+    pub samples_per_s: f64,
+    pub epoch_end: Option<EpochRecord>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub dev_loss: f64,
+    /// Accuracy for classifiers, R^2 for regression.
+    pub dev_metric: f64,
+    pub lr: f32,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassReport {
+    pub class: String,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: u64,
+}
+
+/// What a run produced. Serialised as the `--json` line.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub model: String,
+    pub dataset: String,
+    pub adapter: String,
+    pub backend: String,
+    pub epochs: usize,
+    pub steps: u64,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    pub train_loss: f64,
+    pub dev_loss: f64,
+    pub test_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_mse: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_r2: Option<f64>,
+    /// linreg: the normal equation's training cost J and GD's, on the same split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal_equation_cost: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_cost: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_class: Vec<ClassReport>,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub ms_per_step: f64,
+    pub submits_per_step: f64,
+    /// GPU buffers created by training steps after the first step of each batch size (0: the pool serves all).
+    pub buffers_created_after_first_step: u64,
+    pub peak_gpu_bytes: u64,
+    pub parameters: usize,
+    pub settings: Settings,
+    pub history: Vec<EpochRecord>,
+}
+
+fn data_err(e: kiln_data::DataError) -> KilnError {
+    KilnError::Backward(e.to_string())
+}
+
+/// Regression targets are trained standardised (so any optimizer and learning rate sees unit-scale values)
+/// and reported in their own units: predictions are mapped back, losses multiplied by std^2.
+#[derive(Clone, Copy, Debug)]
+struct TargetScale {
+    mean: f64,
+    std: f64,
+}
+
+impl TargetScale {
+    fn fit(train: &Dataset) -> Option<TargetScale> {
+        let v = train.values()?;
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().map(|&t| t as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&t| (t as f64 - mean).powi(2)).sum::<f64>() / n;
+        Some(TargetScale { mean, std: if var > 1e-24 { var.sqrt() } else { 1.0 } })
+    }
+    fn apply(&self, ds: &Dataset) -> Dataset {
+        let mut d = ds.clone();
+        if let Targets::Values(v) = &mut d.targets {
+            v.iter_mut().for_each(|t| *t = ((*t as f64 - self.mean) / self.std) as f32);
+        }
+        d
+    }
+    fn loss(scale: Option<TargetScale>, loss: f64) -> f64 {
+        scale.map(|s| loss * s.std * s.std).unwrap_or(loss)
+    }
+    fn outputs(scale: Option<TargetScale>, out: &mut [f32]) {
+        if let Some(s) = scale {
+            out.iter_mut().for_each(|o| *o = (*o as f64 * s.std + s.mean) as f32);
+        }
+    }
+}
+
+/// Loads, splits (60/20/20, seeded) and scales the data; polyreg expands one feature first.
+fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
+    let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
+    let ds = if cfg.model == "polyreg" {
+        let col = cfg.feature.unwrap_or(if ds.name == "diabetes" { 2 } else { 0 });
+        if col >= ds.features {
+            return Err(KilnError::Backward(format!("feature {col} out of range: {} has {} features", ds.name, ds.features)));
+        }
+        // Scale the raw feature before taking powers, so x^d stays in a sane range.
+        let one = ds.select_features(&[col]);
+        let one = Standardizer::fit(&one).apply(&one);
+        kiln_data::polynomial_features(&one, degree)
+    } else {
+        ds
+    };
+    let mut split = Split::new(&ds, 0.2, 0.2, cfg.seed).map_err(data_err)?;
+    if let Some(limit) = cfg.train_limit {
+        let keep: Vec<usize> = (0..limit.min(split.train.len())).collect();
+        split.train = split.train.subset(&keep);
+    }
+    let scaler = Standardizer::fit(&split.train);
+    Ok(split.map(|d| scaler.apply(d)))
+}
+
+/// Uploads the targets of `idx`: class labels as u32 [n], values as f32 [n, 1].
+fn targets_tensor(ds: &Dataset, idx: &[usize]) -> Result<Tensor, KilnError> {
+    match &ds.targets {
+        Targets::Classes { labels, .. } => Tensor::from_u32(&idx.iter().map(|&i| labels[i]).collect::<Vec<_>>(), &[idx.len()]),
+        Targets::Values(v) => Tensor::from_slice(&idx.iter().map(|&i| v[i]).collect::<Vec<_>>(), &[idx.len(), 1]),
+    }
+}
+
+fn rows(ds: &Dataset, idx: &[usize]) -> Result<Tensor, KilnError> {
+    let mut x = Vec::with_capacity(idx.len() * ds.features);
+    for &i in idx {
+        x.extend_from_slice(ds.row(i));
+    }
+    Tensor::from_slice(&x, &[idx.len(), ds.features])
+}
+
+/// Forward pass over a whole split without gradients: (mean loss, outputs row-major), both in the targets'
+/// own units.
+fn evaluate(model: &Model, ds: &Dataset, scale: Option<TargetScale>) -> Result<(f64, Vec<f32>), KilnError> {
+    no_grad(|| {
+        let mut outputs = Vec::with_capacity(ds.len() * model.outputs);
+        let mut loss_sum = 0.0;
+        let all: Vec<usize> = (0..ds.len()).collect();
+        for chunk in all.chunks(4096) {
+            let out = model.forward(&rows(ds, chunk)?)?;
+            let loss = model.task.loss(&out, &targets_tensor(ds, chunk)?)?;
+            loss_sum += loss.to_scalar()? as f64 * chunk.len() as f64;
+            outputs.extend(out.to_vec()?);
+        }
+        TargetScale::outputs(scale, &mut outputs);
+        Ok((TargetScale::loss(scale, loss_sum / ds.len().max(1) as f64), outputs))
+    })
+}
+
+/// Accuracy (classification) or R^2 (regression) of outputs on a split.
+fn quality(task: Task, outputs: &[f32], width: usize, ds: &Dataset) -> f64 {
+    match &ds.targets {
+        Targets::Classes { labels, .. } => metrics::accuracy(&task.predict(outputs, width), labels),
+        Targets::Values(v) => metrics::r2(outputs, v),
+    }
+}
+
+/// Trains one model end to end and evaluates it on the test split.
+pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
+    let started = Instant::now();
+    let g = gpu()?;
+    let degree = cfg.degree.unwrap_or(1);
+    let raw_split = prepare(cfg, degree)?;
+    let target_scale = TargetScale::fit(&raw_split.train);
+    let split = match target_scale {
+        Some(ts) => raw_split.map(|d| ts.apply(d)),
+        None => raw_split.clone(),
+    };
+    let (s, opt_kind, schedule) = settings(cfg, split.train.len())?;
+    if cfg.degree.is_some() && cfg.model != "polyreg" {
+        return Err(KilnError::Backward("--degree applies to polyreg only".into()));
+    }
+    let mut vs = VarStore::new(cfg.seed);
+    let model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.num_classes(), &s.hidden)?;
+    vs.finish()?;
+    let steps_per_epoch = split.train.len().div_ceil(s.batch_size) as u64;
+    let total_steps = steps_per_epoch * s.epochs as u64;
+    let mut opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
+
+    let mut csv = match &cfg.out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
+            let path = dir.join("metrics.csv");
+            let mut f = std::fs::File::create(&path).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", path.display())))?;
+            let metric = if split.train.num_classes().is_some() { "dev_accuracy" } else { "dev_r2" };
+            writeln!(f, "epoch,train_loss,dev_loss,{metric},lr,seconds,samples_per_s").map_err(|e| KilnError::Backward(e.to_string()))?;
+            Some(f)
+        }
+        None => None,
+    };
+
+    let mut history = Vec::new();
+    let mut step = 0u64;
+    // Steady state = every step after the first one of its batch size (a short last batch is a new shape).
+    let (mut steady_submits, mut steady_steps, mut steady_buffers) = (0u64, 0u64, 0u64);
+    let mut seen_batch_sizes = std::collections::HashSet::new();
+    let train_started = Instant::now();
+    let mut samples_seen = 0usize;
+    for epoch in 1..=s.epochs {
+        let epoch_started = Instant::now();
+        let mut loss_sum = 0.0;
+        let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
+        for idx in Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)? {
+            let before = kiln_graph::backend::thread_stats();
+            let x = rows(&split.train, &idx)?;
+            let y = targets_tensor(&split.train, &idx)?;
+            let out = model.forward(&x)?;
+            let loss = model.task.loss(&out, &y)?;
+            let grads = loss.backward()?;
+            opt.step(&vs, &grads)?;
+            drop(grads);
+            let loss_value = loss.to_scalar()?;
+            if !loss_value.is_finite() {
+                return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
+            }
+            let after = kiln_graph::backend::thread_stats();
+            if !seen_batch_sizes.insert(idx.len()) {
+                steady_submits += after.submits - before.submits;
+                steady_buffers += after.buffers_created - before.buffers_created;
+                steady_steps += 1;
+            }
+            step += 1;
+            samples_seen += idx.len();
+            loss_sum += loss_value as f64 * idx.len() as f64;
+            progress(&Progress {
+                epoch,
+                epochs: s.epochs,
+                step,
+                total_steps,
+                loss: loss_value,
+                samples_per_s: samples_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9),
+                epoch_end: None,
+            });
+        }
+        let (dev_loss, dev_out) = evaluate(&model, &split.dev, target_scale)?;
+        let record = EpochRecord {
+            epoch,
+            train_loss: TargetScale::loss(target_scale, loss_sum / split.train.len() as f64),
+            dev_loss,
+            dev_metric: quality(model.task, &dev_out, model.outputs, &raw_split.dev),
+            lr: opt.current_lr(),
+            seconds: started.elapsed().as_secs_f64(),
+            samples_per_s: split.train.len() as f64 / epoch_started.elapsed().as_secs_f64().max(1e-9),
+        };
+        if let Some(f) = csv.as_mut() {
+            let r = &record;
+            writeln!(f, "{},{:.6},{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s).map_err(|e| KilnError::Backward(e.to_string()))?;
+        }
+        progress(&Progress { epoch, epochs: s.epochs, step, total_steps, loss: record.train_loss as f32, samples_per_s: record.samples_per_s, epoch_end: Some(record.clone()) });
+        history.push(record);
+    }
+    let train_seconds = train_started.elapsed().as_secs_f64();
+    let end_stats = g.stats();
+
+    let (test_loss, test_out) = evaluate(&model, &split.test, target_scale)?;
+    let (train_eval_loss, _) = evaluate(&model, &split.train, target_scale)?;
+    let mut report = TrainReport {
+        model: cfg.model.clone(),
+        dataset: split.train.name.clone(),
+        adapter: g.adapter_name(),
+        backend: g.backend(),
+        epochs: s.epochs,
+        steps: step,
+        train_samples: split.train.len(),
+        test_samples: split.test.len(),
+        train_loss: train_eval_loss,
+        dev_loss: history.last().map(|h| h.dev_loss).unwrap_or(f64::NAN),
+        test_loss,
+        test_accuracy: None,
+        test_macro_f1: None,
+        test_mse: None,
+        test_r2: None,
+        normal_equation_cost: None,
+        train_cost: None,
+        confusion: Vec::new(),
+        per_class: Vec::new(),
+        seconds: started.elapsed().as_secs_f64(),
+        samples_per_s: samples_seen as f64 / train_seconds.max(1e-9),
+        ms_per_step: 1000.0 * train_seconds / step.max(1) as f64,
+        submits_per_step: if steady_steps > 0 { steady_submits as f64 / steady_steps as f64 } else { 1.0 },
+        buffers_created_after_first_step: steady_buffers,
+        peak_gpu_bytes: end_stats.peak_live_bytes,
+        parameters: vs.num_values(),
+        settings: s,
+        history,
+    };
+    match &raw_split.test.targets {
+        Targets::Classes { labels, names } => {
+            let pred = model.task.predict(&test_out, model.outputs);
+            let cm = metrics::confusion_matrix(&pred, labels, names.len());
+            let scores = metrics::per_class_scores(&cm);
+            report.test_accuracy = Some(metrics::accuracy(&pred, labels));
+            report.test_macro_f1 = Some(metrics::macro_average(&scores).f1);
+            report.per_class = scores.iter().zip(names).map(|(s, n)| ClassReport { class: n.clone(), precision: s.precision, recall: s.recall, f1: s.f1, support: s.support }).collect();
+            report.confusion = cm;
+        }
+        Targets::Values(v) => {
+            report.test_mse = Some(metrics::mse(&test_out, v));
+            report.test_r2 = Some(metrics::r2(&test_out, v));
+            if cfg.model == "linreg" {
+                let train_y = raw_split.train.values().unwrap_or(&[]);
+                report.normal_equation_cost = normal_equation(&raw_split.train.x, raw_split.train.features, train_y).map(|(_, c)| c);
+                report.train_cost = Some(train_eval_loss / 2.0);
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,116 @@
+//! Modules: a forward function over parameters held in a [`VarStore`].
+
+use kiln_graph::{Result, Tensor};
+
+use crate::init::Init;
+use crate::varstore::{Param, VarStore};
+
+pub trait Module {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Training or evaluation behaviour (dropout, batch norm); stateless modules ignore it.
+    fn set_training(&mut self, _training: bool) {}
+}
+
+/// y = x W^T + b, with W stored as [out, in] (PyTorch's layout, for checkpoints).
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Parameters `{name}.weight` and `{name}.bias`; the bias starts at zero.
+    pub fn new(vs: &mut VarStore, name: &str, in_features: usize, out_features: usize, init: Init) -> Result<Linear> {
+        let weight = vs.param(&format!("{name}.weight"), &[out_features, in_features], init, true)?;
+        let bias = Some(vs.param(&format!("{name}.bias"), &[out_features], Init::Zeros, false)?);
+        Ok(Linear { weight, bias, in_features, out_features })
+    }
+}
+
+impl Module for Linear {
+    /// x: [n, in] -> [n, out]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul_t(self.weight.tensor()?, false, true)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b.tensor()?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Elementwise activations as modules.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+    Softplus,
+    Identity,
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match *self {
+            Activation::Relu => x.relu(),
+            Activation::LeakyRelu(s) => x.leaky_relu(s),
+            Activation::Sigmoid => x.sigmoid(),
+            Activation::Tanh => x.tanh(),
+            Activation::Softplus => x.softplus(),
+            Activation::Identity => Ok(x.clone()),
+        }
+    }
+}
+
+impl std::str::FromStr for Activation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Activation, String> {
+        Ok(match s {
+            "relu" => Activation::Relu,
+            "leaky_relu" | "leaky-relu" => Activation::LeakyRelu(0.01),
+            "sigmoid" => Activation::Sigmoid,
+            "tanh" => Activation::Tanh,
+            "softplus" => Activation::Softplus,
+            "identity" | "none" => Activation::Identity,
+            _ => return Err(format!("unknown activation {s:?} (relu, leaky_relu, sigmoid, tanh, softplus, identity)")),
+        })
+    }
+}
+
+/// Modules applied in order.
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<Box<dyn Module + Send + Sync>>,
+}
+
+impl Sequential {
+    pub fn new() -> Sequential {
+        Sequential::default()
+    }
+    pub fn push(mut self, m: impl Module + Send + Sync + 'static) -> Sequential {
+        self.layers.push(Box::new(m));
+        self
+    }
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+impl Module for Sequential {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for l in &self.layers {
+            h = l.forward(&h)?;
+        }
+        Ok(h)
+    }
+    fn set_training(&mut self, training: bool) {
+        for l in &mut self.layers {
+            l.set_training(training);
+        }
+    }
+}

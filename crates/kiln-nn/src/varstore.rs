@@ -1,0 +1,134 @@
+//! Named parameters in one flat GPU buffer (llm.c style): each parameter is a view at an aligned offset, the
+//! gradients and optimizer state use the same layout, so one dispatch updates every parameter. Parameters that
+//! take weight decay are laid out first; the update kernel decays elements below `decay_end` only.
+
+use std::sync::{Arc, OnceLock};
+
+use kiln_graph::backend::{gpu, BufView};
+use kiln_graph::{DType, KilnError, Result, Rng, Tensor};
+
+use crate::init::Init;
+
+struct Slot {
+    name: String,
+    shape: Vec<usize>,
+    tensor: OnceLock<Tensor>,
+}
+
+/// A handle to one named parameter. Its tensor exists once the store is finished.
+#[derive(Clone)]
+pub struct Param(Arc<Slot>);
+
+impl Param {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    pub fn tensor(&self) -> Result<&Tensor> {
+        self.0.tensor.get().ok_or_else(|| KilnError::Backward(format!("parameter {} used before VarStore::finish()", self.0.name)))
+    }
+}
+
+struct Entry {
+    param: Param,
+    init: Vec<f32>,
+    decay: bool,
+    /// Offset in elements within the flat buffer, set by `finish`.
+    offset: usize,
+}
+
+/// Builds and owns a model's parameters.
+pub struct VarStore {
+    entries: Vec<Entry>,
+    rng: Rng,
+    flat: Option<BufView>,
+    len: usize,
+    decay_end: usize,
+}
+
+impl VarStore {
+    pub fn new(seed: u64) -> VarStore {
+        VarStore { entries: Vec::new(), rng: Rng::new(seed), flat: None, len: 0, decay_end: 0 }
+    }
+
+    /// Declares a parameter. `decay`: whether weight decay / L2 applies (weights yes, biases no).
+    pub fn param(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Param> {
+        if self.flat.is_some() {
+            return Err(KilnError::Backward(format!("parameter {name} declared after VarStore::finish()")));
+        }
+        if self.entries.iter().any(|e| e.param.name() == name) {
+            return Err(KilnError::Backward(format!("parameter {name} declared twice")));
+        }
+        let values = init.values(shape, &mut self.rng);
+        let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new() }));
+        self.entries.push(Entry { param: param.clone(), init: values, decay, offset: 0 });
+        Ok(param)
+    }
+
+    /// Lays out every parameter in one buffer (decayed ones first, offsets aligned for binding) and uploads it.
+    pub fn finish(&mut self) -> Result<()> {
+        if self.flat.is_some() {
+            return Ok(());
+        }
+        let g = gpu()?;
+        let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        order.sort_by_key(|&i| !self.entries[i].decay); // stable: declaration order within each group
+        let mut at = 0;
+        for &i in &order {
+            if !self.entries[i].decay && self.decay_end == 0 {
+                self.decay_end = at;
+            }
+            self.entries[i].offset = at;
+            at = (at + self.entries[i].init.len()).div_ceil(align) * align;
+        }
+        if self.entries.iter().all(|e| e.decay) {
+            self.decay_end = at;
+        }
+        self.len = at.max(1);
+        let mut host = vec![0f32; self.len];
+        for e in &self.entries {
+            host[e.offset..e.offset + e.init.len()].copy_from_slice(&e.init);
+        }
+        let flat = g.upload(bytemuck::cast_slice(&host), "parameters")?;
+        for e in &mut self.entries {
+            let view = flat.sub(4 * e.offset as u64, 4 * e.init.len().max(1) as u64);
+            let t = Tensor::from_storage(view, e.param.shape(), DType::F32)?.var();
+            let _ = e.param.0.tensor.set(t);
+            e.init = Vec::new();
+        }
+        self.flat = Some(flat);
+        Ok(())
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        self.entries.iter().map(|e| &e.param)
+    }
+
+    /// (param, element offset) pairs for the optimizer.
+    pub(crate) fn layout(&self) -> impl Iterator<Item = (&Param, usize)> {
+        self.entries.iter().map(|e| (&e.param, e.offset))
+    }
+
+    pub fn flat(&self) -> Result<&BufView> {
+        self.flat.as_ref().ok_or_else(|| KilnError::Backward("VarStore::finish() not called".into()))
+    }
+    /// Elements in the flat buffer, alignment padding included.
+    pub fn flat_len(&self) -> usize {
+        self.len
+    }
+    pub fn decay_end(&self) -> usize {
+        self.decay_end
+    }
+    /// Number of trainable values (padding excluded).
+    pub fn num_values(&self) -> usize {
+        self.entries.iter().map(|e| e.param.shape().iter().product::<usize>()).sum()
+    }
+
+    /// Every parameter's values by name (for checks and checkpoints).
+    pub fn to_host(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        self.params().map(|p| Ok((p.name().to_string(), p.shape().to_vec(), p.tensor()?.to_vec()?))).collect()
+    }
+}

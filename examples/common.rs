@@ -1,0 +1,17 @@
+//! What every example shares: run a training configuration and print one line per epoch (every `every`
+//! epochs) — the examples read like lessons, not like a CLI.
+
+use kiln_models::{Progress, TrainConfig, TrainReport};
+
+/// Trains `cfg`, printing the epoch records every `every` epochs.
+pub fn train_verbose(cfg: &TrainConfig, every: usize) -> anyhow::Result<TrainReport> {
+    let report = kiln_models::run(cfg, |p: &Progress| {
+        if let Some(r) = &p.epoch_end {
+            if r.epoch == 1 || r.epoch % every.max(1) == 0 || r.epoch == p.epochs {
+                println!("epoch {:>4}/{}  train loss {:>10.4}  dev loss {:>10.4}  dev metric {:.4}", r.epoch, p.epochs, r.train_loss, r.dev_loss, r.dev_metric);
+            }
+        }
+    })?;
+    println!("adapter: {} — {:.2} s, {:.2} ms/step, {:.2} submits/step", report.adapter, report.seconds, report.ms_per_step, report.submits_per_step);
+    Ok(report)
+}

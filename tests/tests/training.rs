@@ -1,0 +1,96 @@
+//! Each example trains to its threshold on a reduced budget with a fixed seed; the same seed gives the same
+//! losses; steps submit at most twice and allocate nothing once warm.
+
+use kiln_models::{run, TrainConfig, TrainReport};
+use kiln_tests::require_gpu;
+
+fn train(cfg: TrainConfig) -> TrainReport {
+    require_gpu();
+    let name = format!("{} on {}", cfg.model, cfg.dataset);
+    let r = run(&cfg, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{name}: acc {:?} r2 {:?} in {:.1} s, {:.2} ms/step", r.test_accuracy, r.test_r2, r.seconds, r.ms_per_step);
+    r
+}
+
+#[test]
+fn linreg_gradient_descent_reaches_the_normal_equation_cost() {
+    let r = train(TrainConfig { epochs: Some(300), ..TrainConfig::new("linreg", "diabetes") });
+    let (gd, ne) = (r.train_cost.unwrap(), r.normal_equation_cost.unwrap());
+    assert!(gd <= ne * 1.01, "GD cost {gd} not within 1% of the normal equation's {ne}");
+    assert!(gd >= ne * (1.0 - 1e-4), "GD cost {gd} below the least-squares optimum {ne}: one of them is wrong");
+    assert!(r.test_r2.unwrap() > 0.4);
+}
+
+#[test]
+fn polyreg_shows_over_fitting() {
+    let fit = |degree| train(TrainConfig { degree: Some(degree), train_limit: Some(20), epochs: Some(1500), lr: Some(0.02), ..TrainConfig::new("polyreg", "diabetes") });
+    let (low, high) = (fit(1), fit(12));
+    assert!(high.train_loss < low.train_loss * 0.8, "degree 12 should fit the 20 training points better: {} vs {}", high.train_loss, low.train_loss);
+    assert!(high.dev_loss > low.dev_loss, "degree 12 should generalise worse: dev {} vs {}", high.dev_loss, low.dev_loss);
+}
+
+#[test]
+fn logreg_breast_cancer_reaches_94_percent() {
+    let r = train(TrainConfig { epochs: Some(200), ..TrainConfig::new("logreg", "breast-cancer") });
+    assert!(r.test_accuracy.unwrap() >= 0.94, "{:?}", r.test_accuracy);
+}
+
+#[test]
+fn one_vs_all_on_iris_and_digits() {
+    let iris = train(TrainConfig { epochs: Some(300), ..TrainConfig::new("logreg", "iris") });
+    assert!(iris.test_accuracy.unwrap() >= 0.8, "iris {:?}", iris.test_accuracy);
+    let digits = train(TrainConfig { epochs: Some(150), ..TrainConfig::new("logreg", "digits") });
+    assert!(digits.test_accuracy.unwrap() >= 0.9, "digits {:?}", digits.test_accuracy);
+    assert_eq!(digits.per_class.len(), 10);
+}
+
+#[test]
+fn mlp_on_digits_reaches_95_percent_in_budget() {
+    let r = train(TrainConfig { epochs: Some(12), ..TrainConfig::new("mlp", "digits") });
+    assert!(r.test_accuracy.unwrap() >= 0.95, "{:?}", r.test_accuracy);
+    assert!(r.submits_per_step <= 2.0, "submits per step {}", r.submits_per_step);
+    let cm_total: u64 = r.confusion.iter().flatten().sum();
+    assert_eq!(cm_total as usize, r.test_samples);
+}
+
+#[test]
+fn same_seed_same_losses() {
+    let cfg = TrainConfig { epochs: Some(2), seed: 1234, ..TrainConfig::new("mlp", "digits") };
+    let (a, b) = (train(cfg.clone()), train(cfg));
+    let losses = |r: &TrainReport| r.history.iter().map(|h| (h.train_loss, h.dev_loss)).collect::<Vec<_>>();
+    assert_eq!(losses(&a), losses(&b));
+    let c = train(TrainConfig { epochs: Some(2), seed: 99, ..TrainConfig::new("mlp", "digits") });
+    assert_ne!(losses(&a), losses(&c), "a different seed should change the run");
+}
+
+#[test]
+fn optimizers_and_schedules_all_train() {
+    for opt in ["gd", "sgd", "nesterov", "rmsprop", "adam", "adamw"] {
+        let lr = if opt == "gd" { 0.5 } else if opt.starts_with("adam") || opt == "rmsprop" { 0.01 } else { 0.1 };
+        let r = train(TrainConfig {
+            epochs: Some(8),
+            batch_size: Some(64),
+            lr: Some(lr),
+            weight_decay: Some(1e-4),
+            optimizer: Some(opt.parse().unwrap()),
+            schedule: Some("cosine+warmup:5".parse().unwrap()),
+            ..TrainConfig::new("softmax", "digits")
+        });
+        assert!(r.test_accuracy.unwrap() > 0.85, "{opt}: {:?}", r.test_accuracy);
+    }
+}
+
+#[test]
+fn bad_settings_are_errors() {
+    require_gpu();
+    for cfg in [
+        TrainConfig { epochs: Some(0), ..TrainConfig::new("mlp", "digits") },
+        TrainConfig { batch_size: Some(0), ..TrainConfig::new("mlp", "digits") },
+        TrainConfig { lr: Some(-1.0), ..TrainConfig::new("mlp", "digits") },
+        TrainConfig::new("resnet9000", "digits"),
+        TrainConfig::new("mlp", "imagenet"),
+    ] {
+        let e = run(&cfg, |_| {}).err().unwrap_or_else(|| panic!("{cfg:?} should fail"));
+        assert!(!e.to_string().is_empty());
+    }
+}
