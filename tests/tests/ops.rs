@@ -92,7 +92,8 @@ fn sum_mean_max_over_axes() {
 
 #[test]
 fn matmul_plain_and_transposed() {
-    for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (33, 7, 129), (129, 65, 3)] {
+    // Odd sizes take the scalar kernel; multiples of 4 along the contiguous axes take matmul_vec4.
+    for &(m, k, n) in &[(1, 1, 1), (7, 33, 5), (33, 7, 129), (129, 65, 3), (12, 64, 20), (33, 36, 12), (8, 12, 7), (4, 4, 4)] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let a: Vec<usize> = if ta { vec![k, m] } else { vec![m, k] };
             let b: Vec<usize> = if tb { vec![n, k] } else { vec![k, n] };
@@ -104,6 +105,8 @@ fn matmul_plain_and_transposed() {
 #[test]
 fn batched_matmul() {
     check_op("bmm [3,7,33]@[3,33,5]", &[(&[3, 7, 33], Domain::Any), (&[3, 33, 5], Domain::Any)], |x| x[0].matmul(&x[1]), |x| x[0].matmul_t(&x[1], false, false));
+    check_op("bmm vec4 [3,8,12]@[3,12,16]", &[(&[3, 8, 12], Domain::Any), (&[3, 12, 16], Domain::Any)], |x| x[0].matmul(&x[1]), |x| x[0].matmul_t(&x[1], false, false));
+    check_op("bmm vec4 shared transposed [2,8,12]^T@[4,8]^T", &[(&[2, 8, 12], Domain::Any), (&[4, 8], Domain::Any)], |x| x[0].matmul_t(&x[1], true, true), |x| x[0].matmul_t(&x[1], true, true));
     check_op("bmm shared [4,5,7]@[7,9]", &[(&[4, 5, 7], Domain::Any), (&[7, 9], Domain::Any)], |x| x[0].matmul(&x[1]), |x| x[0].matmul_t(&x[1], false, false));
     check_op("bmm shared transposed [4,7,5]^T@[9,7]^T", &[(&[4, 7, 5], Domain::Any), (&[9, 7], Domain::Any)], |x| x[0].matmul_t(&x[1], true, true), |x| x[0].matmul_t(&x[1], true, true));
 }

@@ -172,9 +172,16 @@ pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usi
         return Ok(c);
     }
     let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(0).u32(0).u32(0);
-    let consts = [("TRANS_A", trans_a as u32 as f64), ("TRANS_B", trans_b as u32 as f64)];
-    let groups = [n.div_ceil(4).div_ceil(8) as u32, m.div_ceil(4).div_ceil(8) as u32, batch as u32];
-    launch(&MATMUL, "matmul", &consts, p, &[a, b], &[&c], groups)?;
+    // Workgroup shape through override constants; the tuner of the kernel-speed work will pick it per adapter.
+    let (wx, wy) = (8usize, 8usize);
+    let consts = [("TRANS_A", trans_a as u32 as f64), ("TRANS_B", trans_b as u32 as f64), ("WG_X", wx as f64), ("WG_Y", wy as f64)];
+    let groups = [n.div_ceil(4).div_ceil(wx) as u32, m.div_ceil(4).div_ceil(wy) as u32, batch as u32];
+    // 16-byte loads need the contiguous axis of each operand to be a multiple of 4.
+    let a_contiguous = if trans_a { m } else { k };
+    let b_contiguous = if trans_b { k } else { n };
+    let vec4 = a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0);
+    let entry = if vec4 { "matmul_vec4" } else { "matmul" };
+    launch(&MATMUL, entry, &consts, p, &[a, b], &[&c], groups)?;
     Ok(c)
 }
 

@@ -369,10 +369,8 @@ impl Gpu {
             return Ok(());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let m = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader.name),
-            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-        });
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(shader.name), source: wgpu::ShaderSource::Wgsl(shader.source.into()) };
+        let m = self.device.create_shader_module(desc);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Shader { shader: shader.name.into(), entry: "(module)".into(), message: e.to_string() });
         }
