@@ -14,6 +14,8 @@ pub struct Dataset {
     pub x: Vec<f32>,
     pub features: usize,
     pub targets: Targets,
+    /// For image data: each row is a [channels, height, width] image, row-major.
+    pub image: Option<[usize; 3]>,
 }
 
 impl Dataset {
@@ -55,7 +57,7 @@ impl Dataset {
             Targets::Classes { labels, names } => Targets::Classes { labels: indices.iter().map(|&i| labels[i]).collect(), names: names.clone() },
             Targets::Values(v) => Targets::Values(indices.iter().map(|&i| v[i]).collect()),
         };
-        Dataset { name: self.name.clone(), x, features: self.features, targets }
+        Dataset { name: self.name.clone(), x, features: self.features, targets, image: self.image }
     }
 
     /// Only the given feature columns.
@@ -65,11 +67,12 @@ impl Dataset {
             let r = self.row(i);
             x.extend(columns.iter().map(|&c| r[c]));
         }
-        Dataset { name: self.name.clone(), x, features: columns.len(), targets: self.targets.clone() }
+        Dataset { name: self.name.clone(), x, features: columns.len(), targets: self.targets.clone(), image: None }
     }
 
     /// Same samples, new features (for feature maps such as polynomial expansion).
     pub fn with_features(&self, x: Vec<f32>, features: usize) -> Dataset {
-        Dataset { name: self.name.clone(), x, features, targets: self.targets.clone() }
+        let image = self.image.filter(|_| features == self.features);
+        Dataset { name: self.name.clone(), x, features, targets: self.targets.clone(), image }
     }
 }

@@ -11,6 +11,8 @@ pub enum DataError {
     Io { file: String, source: std::io::Error },
     #[error("unknown data set {name:?}; available: {available}")]
     Unknown { name: String, available: String },
+    #[error("{what} not found (looked in: {searched}); {how}")]
+    Missing { what: String, searched: String, how: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -3,10 +3,12 @@
 
 mod dataset;
 mod error;
+mod idx;
 mod loaders;
 mod prep;
 
 pub use dataset::{Dataset, Targets};
 pub use error::{DataError, Result};
-pub use loaders::{load, load_breast_cancer, load_diabetes, load_digits, load_iris, load_wine, parse_sklearn_csv, DATASETS};
+pub use idx::{parse_idx, read_idx, IdxArray};
+pub use loaders::{load, load_breast_cancer, load_diabetes, load_digits, load_fashion_mnist, load_iris, load_mnist10k, load_split, load_wine, parse_sklearn_csv, DATASETS, FASHION_MNIST_SYSTEM_DIR};
 pub use prep::{polynomial_features, Batches, MeanNormalizer, Split, Standardizer};

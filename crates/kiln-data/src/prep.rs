@@ -30,7 +30,7 @@ fn shuffle(items: &mut [usize], state: &mut u64) {
 impl Split {
     /// Shuffles with `seed` and cuts `dev` and `test` fractions off (the rest is train).
     pub fn new(ds: &Dataset, dev: f64, test: f64, seed: u64) -> Result<Split> {
-        if !(0.0..1.0).contains(&dev) || !(0.0..1.0).contains(&test) || dev + test >= 1.0 {
+        if !(0.0..1.0).contains(&dev) || !(0.0..1.0).contains(&test) || dev + test >= 1.0 || ds.is_empty() {
             return Err(DataError::Invalid(format!("split fractions dev={dev} test={test} must be in [0,1) and sum below 1")));
         }
         let n = ds.len();
@@ -46,6 +46,12 @@ impl Split {
         let dev_set = ds.subset(&idx[n_test..n_test + n_dev]);
         let train = ds.subset(&idx[n_test + n_dev..]);
         Ok(Split { train, dev: dev_set, test: test_set })
+    }
+
+    /// Keeps a given test set and carves a seeded `dev` fraction out of `train`.
+    pub fn with_test(train: &Dataset, test: Dataset, dev: f64, seed: u64) -> Result<Split> {
+        let s = Split::new(train, 0.0, dev, seed)?;
+        Ok(Split { train: s.train, dev: s.test, test })
     }
 
     /// Applies a feature map (fitted on train only, by the caller) to all three parts.

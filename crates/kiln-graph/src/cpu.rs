@@ -1,6 +1,7 @@
 //! The CPU reference: every op in plain Rust on f64, the yardstick the GPU kernels are tested against (and the
 //! function finite differences are taken of).
 
+use crate::conv::{Conv2dGeom, Pool2dGeom};
 use crate::kernels::{BinaryKind, UnaryKind};
 use crate::shape::{broadcast_shapes, broadcast_strides, numel, split_at_axis, strides};
 
@@ -232,6 +233,66 @@ impl CpuTensor {
         }
         let shape = if a.len() == 3 { vec![batch, m, n] } else { vec![m, n] };
         CpuTensor::new(out, &shape)
+    }
+
+    /// x [n, c_in, h, w] * weight [c_out, c_in/groups, kh, kw] -> [n, c_out, oh, ow]
+    pub fn conv2d(&self, weight: &CpuTensor, g: &Conv2dGeom) -> CpuTensor {
+        let (x, w) = (&self.shape, &weight.shape);
+        let (oh, ow) = g.output_size(x[2], x[3], w[2], w[3]).expect("CPU reference: kernel does not fit");
+        let (cig, cog) = (x[1] / g.groups, w[0] / g.groups);
+        let mut out = vec![0.0; x[0] * w[0] * oh * ow];
+        for b in 0..x[0] {
+            for co in 0..w[0] {
+                let grp = co / cog;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0.0;
+                        for ci in 0..cig {
+                            for ky in 0..w[2] {
+                                for kx in 0..w[3] {
+                                    let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= x[2] as isize || ix >= x[3] as isize {
+                                        continue;
+                                    }
+                                    let xv = self.data[((b * x[1] + grp * cig + ci) * x[2] + iy as usize) * x[3] + ix as usize];
+                                    acc += xv * weight.data[((co * cig + ci) * w[2] + ky) * w[3] + kx];
+                                }
+                            }
+                        }
+                        out[((b * w[0] + co) * oh + oy) * ow + ox] = acc;
+                    }
+                }
+            }
+        }
+        CpuTensor::new(out, &[x[0], w[0], oh, ow])
+    }
+
+    /// Max (or average, divisor kh*kw) pooling of [n, c, h, w].
+    pub fn pool2d(&self, g: &Pool2dGeom, max: bool) -> CpuTensor {
+        let x = &self.shape;
+        let (oh, ow) = g.output_size(x[2], x[3]).expect("CPU reference: window does not fit");
+        let mut out = Vec::with_capacity(x[0] * x[1] * oh * ow);
+        for plane in 0..x[0] * x[1] {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+                    for ky in 0..g.kernel[0] {
+                        for kx in 0..g.kernel[1] {
+                            let iy = (oy * g.stride[0] + ky) as isize - g.padding[0] as isize;
+                            let ix = (ox * g.stride[1] + kx) as isize - g.padding[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= x[2] as isize || ix >= x[3] as isize {
+                                continue;
+                            }
+                            let v = self.data[(plane * x[2] + iy as usize) * x[3] + ix as usize];
+                            acc = if max { acc.max(v) } else { acc + v };
+                        }
+                    }
+                    out.push(if max { acc } else { acc / (g.kernel[0] * g.kernel[1]) as f64 });
+                }
+            }
+        }
+        CpuTensor::new(out, &[x[0], x[1], oh, ow])
     }
 
     pub fn sum_all(&self) -> f64 {

@@ -17,9 +17,11 @@ shader!(SOFTMAX, "softmax.wgsl");
 shader!(MATMUL, "matmul.wgsl");
 shader!(INDEX, "index.wgsl");
 shader!(OPTIM, "optim.wgsl");
+shader!(CONV2D, "conv2d.wgsl");
+shader!(POOL, "pool.wgsl");
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 7] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM];
+pub static ALL_SHADERS: [&Shader; 9] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL];
 
 const WG: u32 = 256;
 
@@ -63,11 +65,15 @@ fn check_u32(op: &'static str, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
+pub(crate) fn out_buffer(n: usize, what: &str) -> Result<BufView> {
+    out(n, what)
+}
+
 fn out(n: usize, what: &str) -> Result<BufView> {
     Ok(gpu()?.alloc(4 * n.max(1) as u64, what)?)
 }
 
-fn launch(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], workgroups: [u32; 3]) -> Result<()> {
+pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], workgroups: [u32; 3]) -> Result<()> {
     gpu()?.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, workgroups })?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! tensor.rs    Tensor (GPU storage + shape + dtype + the op that made it), no_grad, detach
 //! ops.rs       the ops: validate shapes -> launch kernel -> record op
+//! conv.rs      conv2d, max/avg pooling (NCHW) and their gradient kernels' launchers
 //! backprop.rs  Op, backward() and every backward rule in one match
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
@@ -10,6 +11,7 @@
 //! ```
 
 pub mod backprop;
+mod conv;
 pub mod cpu;
 pub mod error;
 pub mod kernels;
@@ -20,6 +22,7 @@ pub mod shape;
 mod tensor;
 
 pub use backprop::{Grads, Op};
+pub use conv::{Conv2dGeom, Pool2dGeom};
 pub use error::{KilnError, Result};
 pub use rng::Rng;
 pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, Tensor, TensorId};

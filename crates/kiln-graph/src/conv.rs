@@ -1,0 +1,197 @@
+//! Convolution and pooling over NCHW tensors: geometry, the ops, and their backward kernels' launchers.
+//! The backward rules themselves are in backprop.rs with every other rule; they call [`conv2d_grads`] and
+//! [`pool2d_grad`] here.
+
+use kiln_wgpu::grid_1d;
+
+use crate::backprop::Op;
+use crate::error::{invalid, shape_err, Result};
+use crate::kernels::{self, launch, out_buffer, Params, CONV2D, POOL};
+use crate::tensor::{DType, Tensor};
+
+/// Stride, padding (each side), dilation and groups of a 2-D convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dGeom {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl Default for Conv2dGeom {
+    fn default() -> Self {
+        Conv2dGeom { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 }
+    }
+}
+
+impl Conv2dGeom {
+    /// Output height and width for an input plane and kernel, or None if the kernel does not fit.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
+        let span_h = self.dilation[0] * (kh.max(1) - 1) + 1;
+        let span_w = self.dilation[1] * (kw.max(1) - 1) + 1;
+        let (ph, pw) = (h + 2 * self.padding[0], w + 2 * self.padding[1]);
+        if ph < span_h || pw < span_w || self.stride[0] == 0 || self.stride[1] == 0 {
+            return None;
+        }
+        Some(((ph - span_h) / self.stride[0] + 1, (pw - span_w) / self.stride[1] + 1))
+    }
+    /// 1x1, stride 1, no padding, one group: a matmul per sample.
+    fn is_pointwise(&self, kh: usize, kw: usize) -> bool {
+        kh == 1 && kw == 1 && self.stride == [1, 1] && self.padding == [0, 0] && self.groups == 1
+    }
+}
+
+/// Window, stride and padding of a 2-D pooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pool2dGeom {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+}
+
+impl Pool2dGeom {
+    /// Square window k with stride k and no padding (the common "pool by k").
+    pub fn square(k: usize) -> Pool2dGeom {
+        Pool2dGeom { kernel: [k, k], stride: [k, k], padding: [0, 0] }
+    }
+    pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let [kh, kw] = self.kernel;
+        if kh == 0 || kw == 0 || self.stride[0] == 0 || self.stride[1] == 0 || 2 * self.padding[0] > kh || 2 * self.padding[1] > kw {
+            return None;
+        }
+        let (ph, pw) = (h + 2 * self.padding[0], w + 2 * self.padding[1]);
+        if ph < kh || pw < kw {
+            return None;
+        }
+        Some(((ph - kh) / self.stride[0] + 1, (pw - kw) / self.stride[1] + 1))
+    }
+}
+
+fn conv_params(x: &[usize], w: &[usize], oh: usize, ow: usize, g: &Conv2dGeom) -> Params {
+    Params::new()
+        .u32(x[0]).u32(x[1]).u32(x[2]).u32(x[3])
+        .u32(w[0]).u32(oh).u32(ow).u32(g.groups)
+        .u32(w[2]).u32(w[3]).u32(g.stride[0]).u32(g.stride[1])
+        .u32(g.padding[0]).u32(g.padding[1]).u32(g.dilation[0]).u32(g.dilation[1])
+}
+
+fn pool_params(x: &[usize], oh: usize, ow: usize, g: &Pool2dGeom) -> Params {
+    Params::new()
+        .u32(x[0] * x[1]).u32(x[2]).u32(x[3]).u32(oh)
+        .u32(ow).u32(g.kernel[0]).u32(g.kernel[1]).u32(g.stride[0])
+        .u32(g.stride[1]).u32(g.padding[0]).u32(g.padding[1]).u32(0)
+}
+
+impl Tensor {
+    /// y = conv2d(x, weight): x [n, c_in, h, w], weight [c_out, c_in / groups, kh, kw] -> [n, c_out, oh, ow].
+    /// (Add a bias with `broadcast_add` of a [1, c_out, 1, 1] tensor.)
+    pub fn conv2d(&self, weight: &Tensor, geom: Conv2dGeom) -> Result<Tensor> {
+        self.expect_dtype("conv2d", DType::F32)?;
+        weight.expect_dtype("conv2d", DType::F32)?;
+        let (x, w) = (self.shape(), weight.shape());
+        if x.len() != 4 || w.len() != 4 {
+            return shape_err("conv2d", x, w, "expects input [n, c, h, w] and weight [c_out, c_in/groups, kh, kw]");
+        }
+        let g = geom.groups;
+        if g == 0 || x[1] % g != 0 || w[0] % g != 0 || w[1] != x[1] / g {
+            return shape_err("conv2d", x, w, format!("with {g} groups the weight must be [c_out, {}, kh, kw] and c_out divisible by groups", x[1] / g.max(1)));
+        }
+        if geom.dilation.contains(&0) {
+            return invalid("conv2d", w, "dilation must be at least 1");
+        }
+        let Some((oh, ow)) = geom.output_size(x[2], x[3], w[2], w[3]) else {
+            return shape_err("conv2d", x, w, format!("the kernel does not fit the padded input (geometry {geom:?})"));
+        };
+        let shape = vec![x[0], w[0], oh, ow];
+        let y = if geom.is_pointwise(w[2], w[3]) {
+            // out[b] = weight[c_out, c_in] @ x[b][c_in, h*w], the weight shared across the batch.
+            let hw = x[2] * x[3];
+            kernels::matmul(&weight.view(), &self.view(), x[0], w[0], hw, x[1], 0, x[1] * hw, false, false)?
+        } else {
+            let n = shape.iter().product::<usize>();
+            let y = out_buffer(n, "conv2d output")?;
+            launch(&CONV2D, "conv2d_forward", &[], conv_params(x, w, oh, ow, &geom), &[&self.view(), &weight.view()], &[&y], grid_1d(n as u64, 256))?;
+            y
+        };
+        Ok(Tensor::make(y, shape, DType::F32, Some(Op::Conv2d(self.clone(), weight.clone(), geom))))
+    }
+
+    /// Max pooling; returns the pooled values and the argmax "switches" (u32 indices into each input plane).
+    pub fn max_pool2d(&self, geom: Pool2dGeom) -> Result<(Tensor, Tensor)> {
+        let (shape, params) = self.pool_setup("max_pool2d", &geom)?;
+        let n = shape.iter().product::<usize>();
+        let y = out_buffer(n, "max_pool2d output")?;
+        let sw = out_buffer(n, "max_pool2d switches")?;
+        launch(&POOL, "max_pool2d_forward", &[], params, &[&self.view()], &[&y, &sw], grid_1d(n as u64, 256))?;
+        let switches = Tensor::make(sw, shape.clone(), DType::U32, None);
+        let values = Tensor::make(y, shape, DType::F32, Some(Op::MaxPool2d(self.clone(), switches.clone(), geom)));
+        Ok((values, switches))
+    }
+
+    /// Average pooling (the divisor is always kh*kw, padding included).
+    pub fn avg_pool2d(&self, geom: Pool2dGeom) -> Result<Tensor> {
+        let (shape, params) = self.pool_setup("avg_pool2d", &geom)?;
+        let n = shape.iter().product::<usize>();
+        let y = out_buffer(n, "avg_pool2d output")?;
+        launch(&POOL, "avg_pool2d_forward", &[], params, &[&self.view()], &[&y], grid_1d(n as u64, 256))?;
+        Ok(Tensor::make(y, shape, DType::F32, Some(Op::AvgPool2d(self.clone(), geom))))
+    }
+
+    /// Mean over each channel plane: [n, c, h, w] -> [n, c].
+    pub fn global_avg_pool2d(&self) -> Result<Tensor> {
+        if self.rank() != 4 {
+            return invalid("global_avg_pool2d", self.shape(), "expects [n, c, h, w]");
+        }
+        self.mean(&[2, 3], false)
+    }
+
+    fn pool_setup(&self, op: &'static str, geom: &Pool2dGeom) -> Result<(Vec<usize>, Params)> {
+        self.expect_dtype(op, DType::F32)?;
+        let x = self.shape();
+        if x.len() != 4 {
+            return invalid(op, x, "expects [n, c, h, w]");
+        }
+        let Some((oh, ow)) = geom.output_size(x[2], x[3]) else {
+            return invalid(op, x, format!("window {geom:?} does not fit (padding must be at most half the window)"));
+        };
+        Ok((vec![x[0], x[1], oh, ow], pool_params(x, oh, ow, geom)))
+    }
+}
+
+/// Gradients of conv2d with respect to its input and weight.
+pub(crate) fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Tensor, Tensor)> {
+    let (xs, ws, ys) = (x.shape(), w.shape(), g.shape());
+    let (oh, ow) = (ys[2], ys[3]);
+    let batch = xs[0];
+    let per_sample = ws.iter().product::<usize>();
+    let (gx, partial) = if geom.is_pointwise(ws[2], ws[3]) {
+        let hw = xs[2] * xs[3];
+        // grad_x[b] = weight^T @ grad_y[b];  partial[b] = grad_y[b] @ x[b]^T
+        let gx = kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?;
+        let partial = kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?;
+        (gx, partial)
+    } else {
+        let n_x = xs.iter().product::<usize>();
+        let gx = out_buffer(n_x, "conv2d input gradient")?;
+        launch(&CONV2D, "conv2d_backward_input", &[], conv_params(xs, ws, oh, ow, geom), &[&g.view(), &w.view()], &[&gx], grid_1d(n_x as u64, 256))?;
+        let partial = out_buffer(batch * per_sample, "conv2d weight gradient (per sample)")?;
+        launch(&CONV2D, "conv2d_backward_weight", &[], conv_params(xs, ws, oh, ow, geom), &[&g.view(), &x.view()], &[&partial], grid_1d((batch * per_sample) as u64, 256))?;
+        (gx, partial)
+    };
+    let gw = kernels::reduce(&partial, 1, batch, per_sample, false, 1.0)?;
+    Ok((Tensor::make(gx, xs.to_vec(), DType::F32, None), Tensor::make(gw, ws.to_vec(), DType::F32, None)))
+}
+
+/// Gradient of max pooling (given its switches) or average pooling (switches None).
+pub(crate) fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Pool2dGeom) -> Result<Tensor> {
+    let xs = x.shape();
+    let (oh, ow) = (g.shape()[2], g.shape()[3]);
+    let n = xs.iter().product::<usize>();
+    let gx = out_buffer(n, "pool gradient")?;
+    let params = pool_params(xs, oh, ow, geom);
+    match switches {
+        Some(s) => launch(&POOL, "max_pool2d_backward", &[], params, &[&g.view(), &s.view()], &[&gx], grid_1d(n as u64, 256))?,
+        None => launch(&POOL, "avg_pool2d_backward", &[], params, &[&g.view()], &[&gx], grid_1d(n as u64, 256))?,
+    }
+    Ok(Tensor::make(gx, xs.to_vec(), DType::F32, None))
+}

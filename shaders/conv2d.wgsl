@@ -1,0 +1,120 @@
+// 2-D convolution, direct (one invocation per output element), NCHW, with stride, padding, dilation and
+// groups. 1x1 convolutions with stride 1 and no padding do not come here: they run as a matmul.
+//   x: [n, c_in, h, w]   weight: [c_out, c_in / groups, kh, kw]   y: [n, c_out, oh, ow]
+// oh = (h + 2*pad_h - dil_h*(kh-1) - 1) / stride_h + 1, likewise ow.
+
+struct ConvParams {
+    n: u32, c_in: u32, h: u32, w: u32,
+    c_out: u32, oh: u32, ow: u32, groups: u32,
+    kh: u32, kw: u32, stride_h: u32, stride_w: u32,
+    pad_h: u32, pad_w: u32, dil_h: u32, dil_w: u32,
+}
+
+override WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> cp: ConvParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * WG; }
+
+// y[b, co, oy, ox] = sum_{ci, ky, kx} x[b, g*cig + ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] * weight[co, ci, ky, kx]
+@compute @workgroup_size(WG)
+fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= cp.n * cp.c_out * cp.oh * cp.ow) { return; }
+    let ox = i % cp.ow;
+    let oy = (i / cp.ow) % cp.oh;
+    let co = (i / (cp.ow * cp.oh)) % cp.c_out;
+    let b = i / (cp.ow * cp.oh * cp.c_out);
+    let cig = cp.c_in / cp.groups;
+    let g = co / (cp.c_out / cp.groups);
+    var acc = 0.0;
+    for (var ci = 0u; ci < cig; ci = ci + 1u) {
+        let x_plane = (b * cp.c_in + g * cig + ci) * cp.h;
+        let w_base = (co * cig + ci) * cp.kh;
+        for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
+            let iy = i32(oy * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
+            if (iy < 0 || iy >= i32(cp.h)) { continue; }
+            for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
+                let ix = i32(ox * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+                if (ix < 0 || ix >= i32(cp.w)) { continue; }
+                acc = fma(x[(x_plane + u32(iy)) * cp.w + u32(ix)], weight[(w_base + ky) * cp.kw + kx], acc);
+            }
+        }
+    }
+    y[i] = acc;
+}
+
+// grad_x[b, c, iy, ix] = sum over (co in c's group, ky, kx) with oy = (iy + ph - ky*dh) / sh integral and in
+// range (likewise ox) of grad_y[b, co, oy, ox] * weight[co, c - g*cig, ky, kx].
+//   grad_y: [n, c_out, oh, ow] (binding 1)   weight (binding 2)   grad_x: [n, c_in, h, w] (binding 3)
+@group(0) @binding(1) var<storage, read> grad_y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> grad_x: array<f32>;
+
+@compute @workgroup_size(WG)
+fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= cp.n * cp.c_in * cp.h * cp.w) { return; }
+    let ix = i % cp.w;
+    let iy = (i / cp.w) % cp.h;
+    let c = (i / (cp.w * cp.h)) % cp.c_in;
+    let b = i / (cp.w * cp.h * cp.c_in);
+    let cig = cp.c_in / cp.groups;
+    let cog = cp.c_out / cp.groups;
+    let g = c / cig;
+    let ci = c % cig;
+    var acc = 0.0;
+    for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
+        let ty = i32(iy + cp.pad_h) - i32(ky * cp.dil_h);
+        if (ty < 0 || ty % i32(cp.stride_h) != 0) { continue; }
+        let oy = u32(ty) / cp.stride_h;
+        if (oy >= cp.oh) { continue; }
+        for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
+            let tx = i32(ix + cp.pad_w) - i32(kx * cp.dil_w);
+            if (tx < 0 || tx % i32(cp.stride_w) != 0) { continue; }
+            let ox = u32(tx) / cp.stride_w;
+            if (ox >= cp.ow) { continue; }
+            for (var k = 0u; k < cog; k = k + 1u) {
+                let co = g * cog + k;
+                acc = fma(grad_y[((b * cp.c_out + co) * cp.oh + oy) * cp.ow + ox], weight[((co * cig + ci) * cp.kh + ky) * cp.kw + kx], acc);
+            }
+        }
+    }
+    grad_x[i] = acc;
+}
+
+// Per-sample weight gradients, summed over the batch by a reduction afterwards (more parallel work than one
+// invocation per weight looping over the whole batch):
+// partial[b, co, ci, ky, kx] = sum_{oy, ox} grad_y[b, co, oy, ox] * x[b, g*cig + ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw]
+//   grad_y (binding 1)   x (binding 2)   partial: [n, c_out, c_in/groups, kh, kw] (binding 3)
+@group(0) @binding(2) var<storage, read> x_saved: array<f32>;
+@group(0) @binding(3) var<storage, read_write> partial: array<f32>;
+
+@compute @workgroup_size(WG)
+fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let cig = cp.c_in / cp.groups;
+    let per_sample = cp.c_out * cig * cp.kh * cp.kw;
+    let i = linear_id(gid, nwg);
+    if (i >= cp.n * per_sample) { return; }
+    let kx = i % cp.kw;
+    let ky = (i / cp.kw) % cp.kh;
+    let ci = (i / (cp.kw * cp.kh)) % cig;
+    let co = (i / (cp.kw * cp.kh * cig)) % cp.c_out;
+    let b = i / per_sample;
+    let g = co / (cp.c_out / cp.groups);
+    let x_plane = (b * cp.c_in + g * cig + ci) * cp.h;
+    let y_plane = (b * cp.c_out + co) * cp.oh;
+    var acc = 0.0;
+    for (var oy = 0u; oy < cp.oh; oy = oy + 1u) {
+        let iy = i32(oy * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
+        if (iy < 0 || iy >= i32(cp.h)) { continue; }
+        for (var ox = 0u; ox < cp.ow; ox = ox + 1u) {
+            let ix = i32(ox * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+            if (ix < 0 || ix >= i32(cp.w)) { continue; }
+            acc = fma(grad_y[(y_plane + oy) * cp.ow + ox], x_saved[(x_plane + u32(iy)) * cp.w + u32(ix)], acc);
+        }
+    }
+    partial[i] = acc;
+}
