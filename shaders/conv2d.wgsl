@@ -118,3 +118,64 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     }
     partial[i] = acc;
 }
+
+// ---- im2col / col2im: convolution as a matmul (groups = 1) ------------------------------------------------
+// cols[b, (ci*kh + ky)*kw + kx, oy*ow + ox] = x[b, ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] (0 outside)
+// so that y[b] = weight[c_out, c_in*kh*kw] @ cols[b], grad_weight = sum_b grad_y[b] @ cols[b]^T and
+// grad_cols[b] = weight^T @ grad_y[b].
+//   x (binding 1) -> cols: [n, c_in*kh*kw, oh*ow] (binding 2)
+@group(0) @binding(2) var<storage, read_write> cols: array<f32>;
+
+@compute @workgroup_size(WG)
+fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    let spatial = cp.oh * cp.ow;
+    let rows = cp.c_in * cp.kh * cp.kw;
+    if (i >= cp.n * rows * spatial) { return; }
+    let s = i % spatial;
+    let r = (i / spatial) % rows;
+    let b = i / (spatial * rows);
+    let kx = r % cp.kw;
+    let ky = (r / cp.kw) % cp.kh;
+    let ci = r / (cp.kw * cp.kh);
+    let iy = i32((s / cp.ow) * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
+    let ix = i32((s % cp.ow) * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+    var v = 0.0;
+    if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
+        v = x[((b * cp.c_in + ci) * cp.h + u32(iy)) * cp.w + u32(ix)];
+    }
+    cols[i] = v;
+}
+
+// grad_x[b, c, iy, ix] = sum over (ky, kx) whose output position is integral and in range of
+// grad_cols[b, (c*kh + ky)*kw + kx, oy*ow + ox].
+//   grad_cols (binding 1) -> grad_x: [n, c_in, h, w] (binding 2)
+@group(0) @binding(1) var<storage, read> grad_cols: array<f32>;
+@group(0) @binding(2) var<storage, read_write> col2im_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= cp.n * cp.c_in * cp.h * cp.w) { return; }
+    let ix = i % cp.w;
+    let iy = (i / cp.w) % cp.h;
+    let c = (i / (cp.w * cp.h)) % cp.c_in;
+    let b = i / (cp.w * cp.h * cp.c_in);
+    let spatial = cp.oh * cp.ow;
+    let rows = cp.c_in * cp.kh * cp.kw;
+    var acc = 0.0;
+    for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
+        let ty = i32(iy + cp.pad_h) - i32(ky * cp.dil_h);
+        if (ty < 0 || ty % i32(cp.stride_h) != 0) { continue; }
+        let oy = u32(ty) / cp.stride_h;
+        if (oy >= cp.oh) { continue; }
+        for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
+            let tx = i32(ix + cp.pad_w) - i32(kx * cp.dil_w);
+            if (tx < 0 || tx % i32(cp.stride_w) != 0) { continue; }
+            let ox = u32(tx) / cp.stride_w;
+            if (ox >= cp.ow) { continue; }
+            acc = acc + grad_cols[(b * rows + (c * cp.kh + ky) * cp.kw + kx) * spatial + oy * cp.ow + ox];
+        }
+    }
+    col2im_out[i] = acc;
+}

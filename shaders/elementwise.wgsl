@@ -108,3 +108,26 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     bout[i] = binary_op(ba[ia], bb[ib]);
 }
+
+// ---- random_uniform: y[i] = U[0, 1) from a counter-based hash of (seed, offset + i) ------------------------
+// Seeded on the GPU and independent of the dispatch shape, so the same seed gives the same numbers anywhere.
+// y: [n]
+struct RandomParams { n: u32, seed_lo: u32, seed_hi: u32, offset: u32 }
+
+@group(0) @binding(0) var<uniform> rp: RandomParams;
+@group(0) @binding(1) var<storage, read_write> random_out: array<f32>;
+
+fn pcg_hash(v: u32) -> u32 {
+    let state = v * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+@compute @workgroup_size(WG)
+fn random_uniform(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= rp.n) { return; }
+    let h = pcg_hash(pcg_hash(rp.offset + i) ^ pcg_hash(rp.seed_lo) ^ (rp.seed_hi * 0x9E3779B9u));
+    // 24 random bits -> [0, 1)
+    random_out[i] = f32(h >> 8u) * (1.0 / 16777216.0);
+}

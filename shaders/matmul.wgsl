@@ -151,3 +151,4 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
 }
+

@@ -69,3 +69,23 @@ fn max_pool_switches_point_at_the_maxima() {
 fn global_average_pool() {
     check_op("global_avg_pool2d", &[(&[2, 3, 5, 7], Domain::Any)], |t| t[0].global_avg_pool2d(), |t| t[0].reduce(2, false, 1.0 / 5.0).reduce(3, false, 1.0 / 7.0).reshape(&[2, 3]));
 }
+
+#[test]
+fn conv2d_weight_gradient_without_input_gradient() {
+    // A first layer's input needs no gradient: the weight gradient must not depend on computing it.
+    require_gpu();
+    let mut rng = kiln_tests::test_rng("conv_weight_only");
+    for geom in [Conv2dGeom::default(), Conv2dGeom { padding: [1, 1], stride: [2, 2], ..Default::default() }, Conv2dGeom { groups: 2, ..Default::default() }] {
+        let xs: Vec<f32> = (0..2 * 4 * 6 * 6).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+        let ws: Vec<f32> = (0..6 * 4 * 3 * 3).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+        let wshape = [6, 4 / geom.groups, 3, 3];
+        let ws = &ws[..wshape.iter().product::<usize>()];
+        let x = Tensor::from_slice(&xs, &[2, 4, 6, 6]).unwrap();
+        let w = Tensor::from_slice(ws, &wshape).unwrap().var();
+        let only_w = x.conv2d(&w, geom).unwrap().sum_all().unwrap().backward().unwrap().get(&w).unwrap().to_vec().unwrap();
+        let xv = x.var();
+        let g = xv.conv2d(&w, geom).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(only_w, g.get(&w).unwrap().to_vec().unwrap(), "{geom:?}");
+        assert!(g.get(&xv).is_some());
+    }
+}

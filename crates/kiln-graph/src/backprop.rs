@@ -246,7 +246,7 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
         Op::Conv2d(x, w, geom) => {
             // Dedicated kernels (conv2d.wgsl), or matmuls for 1x1 convolutions.
             let (gx, gw) = conv2d_grads(x, w, g, geom)?;
-            vec![(x, gx), (w, gw)]
+            gx.map(|t| (x, t)).into_iter().chain(gw.map(|t| (w, t))).collect()
         }
         Op::MaxPool2d(x, switches, geom) => vec![(x, pool2d_grad(x, Some(switches), g, geom)?)],
         Op::AvgPool2d(x, geom) => vec![(x, pool2d_grad(x, None, g, geom)?)],

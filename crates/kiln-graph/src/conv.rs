@@ -107,6 +107,11 @@ impl Tensor {
             // out[b] = weight[c_out, c_in] @ x[b][c_in, h*w], the weight shared across the batch.
             let hw = x[2] * x[3];
             kernels::matmul(&weight.view(), &self.view(), x[0], w[0], hw, x[1], 0, x[1] * hw, false, false)?
+        } else if geom.groups == 1 {
+            // out[b] = weight[c_out, c_in*kh*kw] @ im2col(x)[b]
+            let cols = im2col(self, w, oh, ow, &geom)?;
+            let (k, spatial) = (x[1] * w[2] * w[3], oh * ow);
+            kernels::matmul(&weight.view(), &cols, x[0], w[0], spatial, k, 0, k * spatial, false, false)?
         } else {
             let n = shape.iter().product::<usize>();
             let y = out_buffer(n, "conv2d output")?;
@@ -158,28 +163,62 @@ impl Tensor {
     }
 }
 
-/// Gradients of conv2d with respect to its input and weight.
-pub(crate) fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Tensor, Tensor)> {
+/// cols [n, c_in*kh*kw, oh*ow] of x for a weight of shape `w` (groups = 1).
+fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> Result<kiln_wgpu::BufView> {
+    let xs = x.shape();
+    let n = xs[0] * xs[1] * w[2] * w[3] * oh * ow;
+    let cols = out_buffer(n, "im2col columns")?;
+    launch(&CONV2D, "im2col", &[], conv_params(xs, w, oh, ow, geom), &[&x.view()], &[&cols], grid_1d(n as u64, 256))?;
+    Ok(cols)
+}
+
+/// Gradients of conv2d with respect to its input and weight; each only when that tensor requires one
+/// (a network's first layer needs no gradient for its input images).
+pub(crate) fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (xs, ws, ys) = (x.shape(), w.shape(), g.shape());
     let (oh, ow) = (ys[2], ys[3]);
-    let batch = xs[0];
+    let (batch, n_x) = (xs[0], xs.iter().product::<usize>());
     let per_sample = ws.iter().product::<usize>();
-    let (gx, partial) = if geom.is_pointwise(ws[2], ws[3]) {
+    let params = || conv_params(xs, ws, oh, ow, geom);
+    let wrap = |buf, shape: &[usize]| Tensor::make(buf, shape.to_vec(), DType::F32, None);
+    let mut gx = None;
+    let mut partial = None;
+    if geom.is_pointwise(ws[2], ws[3]) {
         let hw = xs[2] * xs[3];
         // grad_x[b] = weight^T @ grad_y[b];  partial[b] = grad_y[b] @ x[b]^T
-        let gx = kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?;
-        let partial = kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?;
-        (gx, partial)
+        if x.requires_grad() {
+            gx = Some(kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?);
+        }
+        if w.requires_grad() {
+            partial = Some(kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?);
+        }
+    } else if geom.groups == 1 {
+        // Through im2col: partial[b] = grad_y[b] @ cols[b]^T; grad_cols[b] = weight^T @ grad_y[b], then col2im.
+        let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
+        if w.requires_grad() {
+            let cols = im2col(x, ws, oh, ow, geom)?;
+            partial = Some(kernels::matmul(&g.view(), &cols, batch, ws[0], k, spatial, ws[0] * spatial, k * spatial, false, true)?);
+        }
+        if x.requires_grad() {
+            let grad_cols = kernels::matmul(&w.view(), &g.view(), batch, k, spatial, ws[0], 0, ws[0] * spatial, true, false)?;
+            let buf = out_buffer(n_x, "conv2d input gradient")?;
+            launch(&CONV2D, "col2im", &[], params(), &[&grad_cols], &[&buf], grid_1d(n_x as u64, 256))?;
+            gx = Some(buf);
+        }
     } else {
-        let n_x = xs.iter().product::<usize>();
-        let gx = out_buffer(n_x, "conv2d input gradient")?;
-        launch(&CONV2D, "conv2d_backward_input", &[], conv_params(xs, ws, oh, ow, geom), &[&g.view(), &w.view()], &[&gx], grid_1d(n_x as u64, 256))?;
-        let partial = out_buffer(batch * per_sample, "conv2d weight gradient (per sample)")?;
-        launch(&CONV2D, "conv2d_backward_weight", &[], conv_params(xs, ws, oh, ow, geom), &[&g.view(), &x.view()], &[&partial], grid_1d((batch * per_sample) as u64, 256))?;
-        (gx, partial)
-    };
-    let gw = kernels::reduce(&partial, 1, batch, per_sample, false, 1.0)?;
-    Ok((Tensor::make(gx, xs.to_vec(), DType::F32, None), Tensor::make(gw, ws.to_vec(), DType::F32, None)))
+        if x.requires_grad() {
+            let buf = out_buffer(n_x, "conv2d input gradient")?;
+            launch(&CONV2D, "conv2d_backward_input", &[], params(), &[&g.view(), &w.view()], &[&buf], grid_1d(n_x as u64, 256))?;
+            gx = Some(buf);
+        }
+        if w.requires_grad() {
+            let buf = out_buffer(batch * per_sample, "conv2d weight gradient (per sample)")?;
+            launch(&CONV2D, "conv2d_backward_weight", &[], params(), &[&g.view(), &x.view()], &[&buf], grid_1d((batch * per_sample) as u64, 256))?;
+            partial = Some(buf);
+        }
+    }
+    let gw = partial.map(|p| kernels::reduce(&p, 1, batch, per_sample, false, 1.0)).transpose()?;
+    Ok((gx.map(|b| wrap(b, xs)), gw.map(|b| wrap(b, ws))))
 }
 
 /// Gradient of max pooling (given its switches) or average pooling (switches None).

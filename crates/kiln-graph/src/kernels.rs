@@ -122,6 +122,14 @@ pub fn unary(kind: UnaryKind, x: &BufView, n: usize, alpha: f32, beta: f32) -> R
     Ok(y)
 }
 
+/// y[i] ~ U[0, 1), a hash of (seed, offset + i): reproducible for a seed whatever the dispatch shape.
+pub fn random_uniform(n: usize, seed: u64, offset: u32) -> Result<BufView> {
+    let y = out(n, "random numbers")?;
+    let p = Params::new().u32(n).u32((seed & 0xffff_ffff) as usize).u32((seed >> 32) as usize).u32(offset as usize);
+    launch(&ELEMENTWISE, "random_uniform", &[], p, &[], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
 /// out[shape] = f(a, b) with a, b broadcast to `shape` (a_shape/b_shape right-aligned).
 pub fn binary(kind: BinaryKind, a: &BufView, a_shape: &[usize], b: &BufView, b_shape: &[usize], shape: &[usize]) -> Result<BufView> {
     check_u32("binary", shape)?;

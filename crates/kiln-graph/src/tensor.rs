@@ -153,6 +153,12 @@ impl Tensor {
         Tensor::from_slice(&v, shape)
     }
 
+    /// U[0, 1) values generated on the GPU from `seed` (stream position `offset`): no upload, reproducible.
+    pub fn rand_gpu(shape: &[usize], seed: u64, offset: u32) -> Result<Tensor> {
+        let y = crate::kernels::random_uniform(numel(shape), seed, offset)?;
+        Ok(Tensor::make(y, shape.to_vec(), DType::F32, None))
+    }
+
     /// This tensor as a trainable leaf: gradients flow to it. Shares storage.
     pub fn var(&self) -> Tensor {
         Tensor(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), data: self.0.data.clone(), shape: self.0.shape.clone(), dtype: self.0.dtype, op: None, requires_grad: self.0.dtype == DType::F32 }))

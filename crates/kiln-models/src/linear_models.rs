@@ -5,12 +5,13 @@ use kiln_graph::{loss, Result, Tensor};
 use kiln_nn::{Activation, Init, Linear, Module, Sequential, VarStore};
 
 /// Names `kiln train` accepts, with a one-line description.
-pub const MODELS: [(&str, &str); 5] = [
+pub const MODELS: [(&str, &str); 6] = [
     ("linreg", "linear regression by gradient descent (checked against the normal equation)"),
     ("polyreg", "polynomial regression on one feature (--degree)"),
     ("logreg", "logistic regression: binary, or one-vs-all for more classes"),
     ("softmax", "softmax (multinomial logistic) regression"),
     ("mlp", "multi-layer perceptron (--hidden 128,64 ...)"),
+    ("lenet", "LeNet-5 convolutional network (image data sets)"),
 ];
 
 /// How outputs are compared with targets, and turned into predictions.
@@ -57,8 +58,17 @@ pub struct Model {
     pub outputs: usize,
 }
 
-/// Builds `name` for `features` inputs and `classes` classes (None: regression).
-pub fn build(name: &str, vs: &mut VarStore, features: usize, classes: Option<usize>, hidden: &[usize]) -> Result<Model> {
+/// Builds `name` for `features` inputs (an `image` of [c, h, w] for convolutional models) and `classes`
+/// classes (None: regression).
+pub fn build(name: &str, vs: &mut VarStore, features: usize, image: Option<[usize; 3]>, classes: Option<usize>, hidden: &[usize]) -> Result<Model> {
+    if name == "lenet" {
+        let (Some(img), Some(k)) = (image, classes) else {
+            return Err(kiln_graph::KilnError::Invalid { op: "lenet", shape: vec![features], message: "LeNet needs an image classification data set (mnist, fashion-mnist, digits)".into() });
+        };
+        let net = Sequential::new().push(kiln_nn::Unflatten(img));
+        let net = crate::cnn::lenet5(vs, img, k)?.into_iter().fold(net, |n, l| n.push_boxed(l));
+        return Ok(Model { net, task: Task::Softmax, outputs: k });
+    }
     let regression_or = |t: Task| if classes.is_none() { Task::Regression } else { t };
     let (task, outputs) = match (name, classes) {
         ("logreg", Some(2)) => (Task::Binary, 1),
@@ -84,6 +94,9 @@ pub fn build(name: &str, vs: &mut VarStore, features: usize, classes: Option<usi
 impl Model {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.net.forward(x)
+    }
+    pub fn set_training(&mut self, training: bool) {
+        self.net.set_training(training);
     }
 }
 

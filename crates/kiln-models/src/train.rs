@@ -85,6 +85,7 @@ fn settings(cfg: &TrainConfig, train_len: usize) -> Result<(Settings, OptimizerK
         "logreg" => (500, train_len, 0.5, OptimizerKind::Gd),
         "softmax" => (100, 64, 0.05, OptimizerKind::Sgd { momentum: 0.9, nesterov: false }),
         "mlp" => (30, 32, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
+        "lenet" => (10, 64, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
         other => {
             let names: Vec<&str> = linear_models::MODELS.iter().map(|m| m.0).collect();
             return Err(KilnError::Backward(format!("unknown model {other:?}; available: {}", names.join(", "))));
@@ -225,10 +226,11 @@ impl TargetScale {
     }
 }
 
-/// Loads, splits (60/20/20, seeded) and scales the data; polyreg expands one feature first.
+/// Loads and splits the data (see `kiln_data::load_split`), then scales it with training statistics: per
+/// feature for tables, one mean and deviation for images. polyreg expands one feature first.
 fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
-    let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
-    let ds = if cfg.model == "polyreg" {
+    let mut split = if cfg.model == "polyreg" {
+        let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
         let col = cfg.feature.unwrap_or(if ds.name == "diabetes" { 2 } else { 0 });
         if col >= ds.features {
             return Err(KilnError::Backward(format!("feature {col} out of range: {} has {} features", ds.name, ds.features)));
@@ -236,14 +238,19 @@ fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
         // Scale the raw feature before taking powers, so x^d stays in a sane range.
         let one = ds.select_features(&[col]);
         let one = Standardizer::fit(&one).apply(&one);
-        kiln_data::polynomial_features(&one, degree)
+        Split::new(&kiln_data::polynomial_features(&one, degree), 0.2, 0.2, cfg.seed).map_err(data_err)?
     } else {
-        ds
+        kiln_data::load_split(&cfg.dataset, cfg.data_dir.as_deref(), cfg.seed).map_err(data_err)?
     };
-    let mut split = Split::new(&ds, 0.2, 0.2, cfg.seed).map_err(data_err)?;
     if let Some(limit) = cfg.train_limit {
         let keep: Vec<usize> = (0..limit.min(split.train.len())).collect();
         split.train = split.train.subset(&keep);
+    }
+    if split.train.image.is_some() {
+        let n = split.train.x.len().max(1) as f64;
+        let mean = split.train.x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (split.train.x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
+        return Ok(split.map(|d| d.with_features(d.x.iter().map(|&v| ((v as f64 - mean) / std) as f32).collect(), d.features)));
     }
     let scaler = Standardizer::fit(&split.train);
     Ok(split.map(|d| scaler.apply(d)))
@@ -272,7 +279,7 @@ fn evaluate(model: &Model, ds: &Dataset, scale: Option<TargetScale>) -> Result<(
         let mut outputs = Vec::with_capacity(ds.len() * model.outputs);
         let mut loss_sum = 0.0;
         let all: Vec<usize> = (0..ds.len()).collect();
-        for chunk in all.chunks(4096) {
+        for chunk in all.chunks(1000) {
             let out = model.forward(&rows(ds, chunk)?)?;
             let loss = model.task.loss(&out, &targets_tensor(ds, chunk)?)?;
             loss_sum += loss.to_scalar()? as f64 * chunk.len() as f64;
@@ -307,7 +314,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         return Err(KilnError::Backward("--degree applies to polyreg only".into()));
     }
     let mut vs = VarStore::new(cfg.seed);
-    let model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.num_classes(), &s.hidden)?;
+    let mut model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.image, split.train.num_classes(), &s.hidden)?;
     vs.finish()?;
     let steps_per_epoch = split.train.len().div_ceil(s.batch_size) as u64;
     let total_steps = steps_per_epoch * s.epochs as u64;
@@ -335,6 +342,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
     for epoch in 1..=s.epochs {
         let epoch_started = Instant::now();
         let mut loss_sum = 0.0;
+        model.set_training(true);
         let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
         for idx in Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)? {
             let before = kiln_graph::backend::thread_stats();
@@ -368,6 +376,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 epoch_end: None,
             });
         }
+        model.set_training(false);
         let (dev_loss, dev_out) = evaluate(&model, &split.dev, target_scale)?;
         let record = EpochRecord {
             epoch,

@@ -1,6 +1,7 @@
 //! kiln-nn: parameters in one flat GPU buffer, modules, initialisers, optimizers, LR schedules and metrics.
 
 pub mod init;
+pub mod layers;
 pub mod metrics;
 pub mod module;
 pub mod optim;
@@ -8,6 +9,7 @@ pub mod schedule;
 pub mod varstore;
 
 pub use init::Init;
+pub use layers::{AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
 pub use module::{Activation, Linear, Module, Sequential};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::LrSchedule;

@@ -92,11 +92,23 @@ impl Sequential {
         self.layers.push(Box::new(m));
         self
     }
+    pub fn push_boxed(mut self, m: Box<dyn Module + Send + Sync>) -> Sequential {
+        self.layers.push(m);
+        self
+    }
     pub fn len(&self) -> usize {
         self.layers.len()
     }
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
+    }
+}
+
+impl IntoIterator for Sequential {
+    type Item = Box<dyn Module + Send + Sync>;
+    type IntoIter = std::vec::IntoIter<Box<dyn Module + Send + Sync>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.layers.into_iter()
     }
 }
 

@@ -35,6 +35,8 @@ struct Entry {
     param: Param,
     init: Vec<f32>,
     decay: bool,
+    /// A buffer (running statistics): saved and loaded with the parameters, never trained.
+    buffer: bool,
     /// Offset in elements within the flat buffer, set by `finish`.
     offset: usize,
 }
@@ -63,8 +65,18 @@ impl VarStore {
         }
         let values = init.values(shape, &mut self.rng);
         let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new() }));
-        self.entries.push(Entry { param: param.clone(), init: values, decay, offset: 0 });
+        self.entries.push(Entry { param: param.clone(), init: values, decay, buffer: false, offset: 0 });
         Ok(param)
+    }
+
+    /// Declares a non-trainable buffer (batch norm's running statistics): named and checkpointed like a
+    /// parameter, kept out of the flat parameter buffer so no optimizer touches it.
+    pub fn buffer(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Param> {
+        let p = self.param(name, shape, init, false)?;
+        if let Some(e) = self.entries.last_mut() {
+            e.buffer = true;
+        }
+        Ok(p)
     }
 
     /// Lays out every parameter in one buffer (decayed ones first, offsets aligned for binding) and uploads it.
@@ -74,7 +86,7 @@ impl VarStore {
         }
         let g = gpu()?;
         let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
-        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        let mut order: Vec<usize> = (0..self.entries.len()).filter(|&i| !self.entries[i].buffer).collect();
         order.sort_by_key(|&i| !self.entries[i].decay); // stable: declaration order within each group
         let mut at = 0;
         for &i in &order {
@@ -84,7 +96,7 @@ impl VarStore {
             self.entries[i].offset = at;
             at = (at + self.entries[i].init.len()).div_ceil(align) * align;
         }
-        if self.entries.iter().all(|e| e.decay) {
+        if self.entries.iter().filter(|e| !e.buffer).all(|e| e.decay) {
             self.decay_end = at;
         }
         self.len = at.max(1);
@@ -94,8 +106,12 @@ impl VarStore {
         }
         let flat = g.upload(bytemuck::cast_slice(&host), "parameters")?;
         for e in &mut self.entries {
-            let view = flat.sub(4 * e.offset as u64, 4 * e.init.len().max(1) as u64);
-            let t = Tensor::from_storage(view, e.param.shape(), DType::F32)?.var();
+            let t = if e.buffer {
+                Tensor::from_slice(&e.init, e.param.shape())?
+            } else {
+                let view = flat.sub(4 * e.offset as u64, 4 * e.init.len().max(1) as u64);
+                Tensor::from_storage(view, e.param.shape(), DType::F32)?.var()
+            };
             let _ = e.param.0.tensor.set(t);
             e.init = Vec::new();
         }
@@ -107,9 +123,14 @@ impl VarStore {
         self.entries.iter().map(|e| &e.param)
     }
 
-    /// (param, element offset) pairs for the optimizer.
+    /// (param, element offset) pairs of the trainable parameters, for the optimizer.
     pub(crate) fn layout(&self) -> impl Iterator<Item = (&Param, usize)> {
-        self.entries.iter().map(|e| (&e.param, e.offset))
+        self.entries.iter().filter(|e| !e.buffer).map(|e| (&e.param, e.offset))
+    }
+
+    /// Whether `name` is a buffer rather than a trainable parameter.
+    pub fn is_buffer(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| e.buffer && e.param.name() == name)
     }
 
     pub fn flat(&self) -> Result<&BufView> {
@@ -122,9 +143,9 @@ impl VarStore {
     pub fn decay_end(&self) -> usize {
         self.decay_end
     }
-    /// Number of trainable values (padding excluded).
+    /// Number of trainable values (padding and buffers excluded).
     pub fn num_values(&self) -> usize {
-        self.entries.iter().map(|e| e.param.shape().iter().product::<usize>()).sum()
+        self.entries.iter().filter(|e| !e.buffer).map(|e| e.param.shape().iter().product::<usize>()).sum()
     }
 
     /// Every parameter's values by name (for checks and checkpoints).

@@ -1,0 +1,239 @@
+//! Convolutional-network layers: Conv2d, pooling, Flatten, BatchNorm, Dropout.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use kiln_graph::backend::gpu;
+use kiln_graph::{no_grad, Conv2dGeom, KilnError, Pool2dGeom, Result, Tensor};
+
+use crate::init::Init;
+use crate::module::Module;
+use crate::varstore::{Param, VarStore};
+
+/// How a convolution pads its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// No padding.
+    Valid,
+    /// Output size = ceil(input / stride): (k - 1) * dilation / 2 on each side (odd kernels).
+    Same,
+    /// Explicit rows and columns on each side.
+    Explicit(usize, usize),
+}
+
+/// Conv2d settings beyond channels and kernel size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2dConfig {
+    pub stride: usize,
+    pub padding: Padding,
+    pub dilation: usize,
+    pub groups: usize,
+    pub bias: bool,
+    pub init: Init,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig { stride: 1, padding: Padding::Valid, dilation: 1, groups: 1, bias: true, init: Init::HeNormal }
+    }
+}
+
+/// 2-D convolution with PyTorch's parameter layout: `{name}.weight` [out, in/groups, kh, kw], `{name}.bias` [out].
+pub struct Conv2d {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub geom: Conv2dGeom,
+}
+
+impl Conv2d {
+    pub fn new(vs: &mut VarStore, name: &str, in_ch: usize, out_ch: usize, kernel: usize, cfg: Conv2dConfig) -> Result<Conv2d> {
+        if cfg.groups == 0 || in_ch % cfg.groups != 0 || out_ch % cfg.groups != 0 || kernel == 0 || cfg.stride == 0 || cfg.dilation == 0 {
+            return Err(KilnError::Invalid { op: "Conv2d", shape: vec![out_ch, in_ch, kernel, kernel], message: format!("invalid configuration {cfg:?}") });
+        }
+        let pad = match cfg.padding {
+            Padding::Valid => (0, 0),
+            Padding::Same => {
+                if kernel % 2 == 0 {
+                    return Err(KilnError::Invalid { op: "Conv2d", shape: vec![out_ch, in_ch, kernel, kernel], message: "\"same\" padding needs an odd kernel".into() });
+                }
+                let p = (kernel - 1) * cfg.dilation / 2;
+                (p, p)
+            }
+            Padding::Explicit(h, w) => (h, w),
+        };
+        let weight = vs.param(&format!("{name}.weight"), &[out_ch, in_ch / cfg.groups, kernel, kernel], cfg.init, true)?;
+        let bias = if cfg.bias { Some(vs.param(&format!("{name}.bias"), &[out_ch], Init::Zeros, false)?) } else { None };
+        let geom = Conv2dGeom { stride: [cfg.stride; 2], padding: [pad.0, pad.1], dilation: [cfg.dilation; 2], groups: cfg.groups };
+        Ok(Conv2d { weight, bias, geom })
+    }
+}
+
+impl Module for Conv2d {
+    /// x: [n, in, h, w] -> [n, out, oh, ow]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(self.weight.tensor()?, self.geom)?;
+        match &self.bias {
+            Some(b) => {
+                let b = b.tensor()?;
+                y.broadcast_add(&b.reshape(&[1, b.numel(), 1, 1])?)
+            }
+            None => Ok(y),
+        }
+    }
+}
+
+/// Max pooling (the switches are dropped; use `Tensor::max_pool2d` to keep them).
+pub struct MaxPool2d(pub Pool2dGeom);
+/// Average pooling.
+pub struct AvgPool2d(pub Pool2dGeom);
+/// [n, c, h, w] -> [n, c]
+pub struct GlobalAvgPool;
+/// [n, ...] -> [n, prod(...)]
+pub struct Flatten;
+/// [n, features] -> [n, c, h, w]
+pub struct Unflatten(pub [usize; 3]);
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.max_pool2d(self.0)?.0)
+    }
+}
+impl Module for AvgPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.avg_pool2d(self.0)
+    }
+}
+impl Module for GlobalAvgPool {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.global_avg_pool2d()
+    }
+}
+impl Module for Flatten {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.shape().first().copied().unwrap_or(1);
+        x.reshape(&[n, x.numel() / n.max(1)])
+    }
+}
+impl Module for Unflatten {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.shape().first().copied().unwrap_or(1);
+        x.reshape(&[n, self.0[0], self.0[1], self.0[2]])
+    }
+}
+
+/// Batch normalization over the channel axis (1) of [n, c] or [n, c, h, w]: batch statistics while training
+/// (running statistics updated with `momentum`, unbiased variance, as PyTorch), running statistics in eval.
+/// Parameters `{name}.weight` (γ), `{name}.bias` (β); buffers `{name}.running_mean`, `{name}.running_var`.
+pub struct BatchNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub running_mean: Param,
+    pub running_var: Param,
+    pub eps: f32,
+    pub momentum: f32,
+    pub training: bool,
+}
+
+impl BatchNorm {
+    pub fn new(vs: &mut VarStore, name: &str, channels: usize) -> Result<BatchNorm> {
+        Ok(BatchNorm {
+            weight: vs.param(&format!("{name}.weight"), &[channels], Init::Constant(1.0), false)?,
+            bias: vs.param(&format!("{name}.bias"), &[channels], Init::Zeros, false)?,
+            running_mean: vs.buffer(&format!("{name}.running_mean"), &[channels], Init::Zeros)?,
+            running_var: vs.buffer(&format!("{name}.running_var"), &[channels], Init::Constant(1.0))?,
+            eps: 1e-5,
+            momentum: 0.1,
+            training: true,
+        })
+    }
+
+    /// Shape that broadcasts a per-channel vector over x.
+    fn channel_shape(x: &Tensor) -> Result<Vec<usize>> {
+        match x.rank() {
+            2 | 4 => {
+                let mut s = vec![1; x.rank()];
+                s[1] = x.shape()[1];
+                Ok(s)
+            }
+            _ => Err(KilnError::Invalid { op: "BatchNorm", shape: x.shape().to_vec(), message: "expects [n, c] or [n, c, h, w]".into() }),
+        }
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let cs = Self::channel_shape(x)?;
+        let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+        let gamma = self.weight.tensor()?.reshape(&cs)?;
+        let beta = self.bias.tensor()?.reshape(&cs)?;
+        let (mean, var) = if self.training {
+            let mean = x.mean(&axes, true)?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.mul(&centered)?.mean(&axes, true)?;
+            // Running statistics: outside the graph, written in place into the buffers.
+            no_grad(|| -> Result<()> {
+                let count = (x.numel() / cs[1]) as f32;
+                let unbiased = var.scale(count / (count - 1.0).max(1.0))?;
+                let m = self.momentum;
+                for (buf, batch) in [(&self.running_mean, &mean), (&self.running_var, &unbiased)] {
+                    let running = buf.tensor()?;
+                    let updated = running.scale(1.0 - m)?.add(&batch.reshape(running.shape())?.scale(m)?)?;
+                    gpu()?.copy(updated.storage(), running.storage(), 4 * running.numel() as u64)?;
+                }
+                Ok(())
+            })?;
+            (mean, var)
+        } else {
+            (self.running_mean.tensor()?.reshape(&cs)?, self.running_var.tensor()?.reshape(&cs)?)
+        };
+        let inv_std = var.add_scalar(self.eps)?.sqrt()?;
+        x.broadcast_sub(&mean)?.broadcast_div(&inv_std)?.broadcast_mul(&gamma)?.broadcast_add(&beta)
+    }
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+}
+
+/// Inverted dropout: in training, zero each value with probability `p` and scale the rest by 1/(1-p); identity
+/// in evaluation. The mask comes from the GPU generator, seeded, so runs repeat.
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+    pub training: bool,
+    calls: AtomicU32,
+    last_mask: Mutex<Option<Tensor>>,
+}
+
+impl Dropout {
+    pub fn new(p: f32, seed: u64) -> Result<Dropout> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(KilnError::Invalid { op: "Dropout", shape: vec![], message: format!("drop probability {p} must be in [0, 1)") });
+        }
+        Ok(Dropout { p, seed, training: true, calls: AtomicU32::new(0), last_mask: Mutex::new(None) })
+    }
+    /// The mask of the last training call (for tests).
+    pub fn last_mask(&self) -> Option<Tensor> {
+        self.last_mask.lock().ok().and_then(|m| m.clone())
+    }
+}
+
+impl Module for Dropout {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.training || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        // Each call draws a fresh stream: the call count picks the seed's sub-stream.
+        let call = self.calls.fetch_add(1, Ordering::Relaxed) as u64;
+        let u = Tensor::rand_gpu(x.shape(), self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 0)?;
+        let threshold = Tensor::full(&[1], keep)?;
+        let mask = threshold.gt_mask(&u)?.scale(1.0 / keep)?;
+        if let Ok(mut m) = self.last_mask.lock() {
+            *m = Some(mask.clone());
+        }
+        x.mul(&mask)
+    }
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+}
