@@ -99,12 +99,39 @@ struct TrainArgs {
     /// Read the data files from this directory instead of the bundled copies (same as KILN_DATA).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Start from a checkpoint's parameters (every name and shape that matches): transfer learning.
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// Freeze parameters by name prefix (repeatable or comma-separated), e.g. --freeze features.
+    #[arg(long, value_delimiter = ',')]
+    freeze: Vec<String>,
+    /// Continue an interrupted run from its last.safetensors (same --out, same settings).
+    #[arg(long)]
+    resume: bool,
+    /// Stop when the dev metric has not improved for this many epochs.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    patience: Option<u64>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Train a model on a real data set and report test metrics.
     Train(TrainArgs),
+    /// Evaluate a checkpoint written by `kiln train` on a data set's test split.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Data set [default: the one it was trained on].
+        #[arg(long, short, value_parser = kiln_data::DATASETS.map(|d| d.0))]
+        dataset: Option<String>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Print the report as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// List adapters with their features and limits, and the one Kiln picks.
     Info {
         #[arg(long)]
@@ -123,6 +150,7 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
+        Command::Eval { checkpoint, dataset, data_dir, adapter, json } => eval(checkpoint, dataset, data_dir, adapter, json),
     }
 }
 
@@ -168,6 +196,10 @@ fn train(a: TrainArgs) -> Result<()> {
         train_limit: a.train_limit.map(|v| v as usize),
         out_dir: Some(out.clone()),
         data_dir: a.data_dir.clone(),
+        from: a.from.clone(),
+        freeze: a.freeze.clone(),
+        resume: a.resume,
+        patience: a.patience.map(|p| p as usize),
         ..TrainConfig::new(&a.model, &a.dataset)
     };
     let gpu = kiln_wgpu::gpu()?;
@@ -192,32 +224,59 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(checkpoint: PathBuf, dataset: Option<String>, data_dir: Option<PathBuf>, adapter: Option<String>, json: bool) -> Result<()> {
+    kiln_wgpu::select_adapter(adapter.as_deref())?;
+    let r = kiln_models::evaluate_checkpoint(&checkpoint, dataset.as_deref(), data_dir).with_context(|| format!("evaluating {}", checkpoint.display()))?;
+    println!("{} ({}) on the {} test split ({} samples) with {}", r.checkpoint, r.model, r.dataset, r.test_samples, r.adapter);
+    println!("test loss {:.4}", r.test_loss);
+    if let Some(acc) = r.test_accuracy {
+        println!("test accuracy {:.4}, macro F1 {:.4}", acc, r.test_macro_f1.unwrap_or(0.0));
+        print_confusion(&r.per_class.iter().map(|c| c.class.clone()).collect::<Vec<_>>(), &r.confusion);
+        print_scores(&r.per_class);
+    }
+    if let (Some(mse), Some(r2)) = (r.test_mse, r.test_r2) {
+        println!("test MSE {mse:.2}  test R^2 {r2:.4}");
+    }
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn print_confusion(classes: &[String], confusion: &[Vec<u64>]) {
+    println!();
+    println!("confusion matrix (rows: true class, columns: predicted)");
+    let names: Vec<String> = classes.iter().map(|c| c.chars().take(6).collect()).collect();
+    print!("{:>8}", "");
+    for n in &names {
+        print!("{n:>7}");
+    }
+    println!();
+    for (n, row) in names.iter().zip(confusion) {
+        print!("{n:>8}");
+        for v in row {
+            print!("{v:>7}");
+        }
+        println!();
+    }
+}
+
+fn print_scores(per_class: &[kiln_models::train::ClassReport]) {
+    println!();
+    println!("{:>12} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
+    for c in per_class {
+        println!("{:>12} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.class, c.precision, c.recall, c.f1, c.support);
+    }
+}
+
 fn print_summary(r: &TrainReport, out: &std::path::Path) {
     println!();
     println!("model {} on {} — {} epochs, {} steps, {:.1} s on {} ({})", r.model, r.dataset, r.epochs, r.steps, r.seconds, r.adapter, r.backend);
     println!("train loss {:.4}  dev loss {:.4}  test loss {:.4}", r.train_loss, r.dev_loss, r.test_loss);
     if let Some(acc) = r.test_accuracy {
         println!("test accuracy {:.4} ({} samples), macro F1 {:.4}", acc, r.test_samples, r.test_macro_f1.unwrap_or(0.0));
-        println!();
-        println!("confusion matrix (rows: true class, columns: predicted)");
-        let names: Vec<String> = r.per_class.iter().map(|c| c.class.chars().take(6).collect()).collect();
-        print!("{:>8}", "");
-        for n in &names {
-            print!("{n:>7}");
-        }
-        println!();
-        for (n, row) in names.iter().zip(&r.confusion) {
-            print!("{n:>8}");
-            for v in row {
-                print!("{v:>7}");
-            }
-            println!();
-        }
-        println!();
-        println!("{:>12} {:>9} {:>9} {:>9} {:>8}", "class", "precision", "recall", "f1", "support");
-        for c in &r.per_class {
-            println!("{:>12} {:>9.4} {:>9.4} {:>9.4} {:>8}", c.class, c.precision, c.recall, c.f1, c.support);
-        }
+        print_confusion(&r.per_class.iter().map(|c| c.class.clone()).collect::<Vec<_>>(), &r.confusion);
+        print_scores(&r.per_class);
     }
     if let (Some(mse), Some(r2)) = (r.test_mse, r.test_r2) {
         println!("test MSE {mse:.2}  test R^2 {r2:.4}");
@@ -227,5 +286,11 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
     }
     println!();
     println!("{:.2} ms/step, {:.0} samples/s, {:.2} submits/step, {} parameters, peak GPU memory {:.1} KiB", r.ms_per_step, r.samples_per_s, r.submits_per_step, r.parameters, r.peak_gpu_bytes as f64 / 1024.0);
-    println!("metrics: {}", out.join("metrics.csv").display());
+    if r.stopped_early {
+        println!("stopped early: no dev improvement since epoch {}", r.best_epoch);
+    }
+    if !r.frozen.is_empty() {
+        println!("frozen: {}", r.frozen.join(", "));
+    }
+    println!("run directory {}: metrics.csv, loss.png, last.safetensors, best.safetensors (epoch {}, dev {:.4})", out.display(), r.best_epoch, r.best_dev_metric);
 }

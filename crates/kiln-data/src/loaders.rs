@@ -145,7 +145,7 @@ pub fn load_digits(dir: Option<&Path>) -> Result<Dataset> {
         return Err(DataError::Corrupt { file, problem: format!("expected 1797 digits, found {} (truncated?)", labels.len()) });
     }
     let names = (0..10).map(|d| d.to_string()).collect();
-    Ok(Dataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names }, image: None })
+    Ok(Dataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names }, image: Some([1, 8, 8]) })
 }
 
 /// 442 patients, 10 raw features (age, sex, bmi, bp, s1..s6), target: disease progression after one year.

@@ -3,7 +3,8 @@
 
 pub mod cnn;
 pub mod linear_models;
+pub mod plot;
 pub mod train;
 
 pub use linear_models::{normal_equation, Task, MODELS};
-pub use train::{run, Progress, TrainConfig, TrainReport};
+pub use train::{evaluate_checkpoint, run, EvalReport, Progress, TrainConfig, TrainReport};

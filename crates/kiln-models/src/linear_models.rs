@@ -14,6 +14,11 @@ pub const MODELS: [(&str, &str); 6] = [
     ("lenet", "LeNet-5 convolutional network (image data sets)"),
 ];
 
+/// Models that take images [c, h, w] rather than feature vectors.
+pub fn is_convolutional(name: &str) -> bool {
+    matches!(name, "lenet")
+}
+
 /// How outputs are compared with targets, and turned into predictions.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Task {

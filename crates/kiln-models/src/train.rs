@@ -10,6 +10,7 @@ use kiln_graph::backend::gpu;
 use kiln_graph::{no_grad, KilnError, Tensor};
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
+use kiln_nn::checkpoint;
 use kiln_nn::{Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 
@@ -38,6 +39,14 @@ pub struct TrainConfig {
     pub out_dir: Option<PathBuf>,
     /// Read data files from here instead of the bundled copies.
     pub data_dir: Option<PathBuf>,
+    /// Start from the parameters of this checkpoint (every name and shape that matches).
+    pub from: Option<PathBuf>,
+    /// Parameter-name prefixes to freeze (e.g. "features").
+    pub freeze: Vec<String>,
+    /// Continue from `out_dir`'s last.safetensors (parameters, optimizer state, epoch).
+    pub resume: bool,
+    /// Stop when the dev metric has not improved for this many epochs.
+    pub patience: Option<usize>,
 }
 
 impl TrainConfig {
@@ -58,6 +67,10 @@ impl TrainConfig {
             train_limit: None,
             out_dir: None,
             data_dir: None,
+            from: None,
+            freeze: Vec::new(),
+            resume: false,
+            patience: None,
         }
     }
 }
@@ -187,6 +200,107 @@ pub struct TrainReport {
     pub parameters: usize,
     pub settings: Settings,
     pub history: Vec<EpochRecord>,
+    /// Best dev metric over the run and the epoch it came from (what best.safetensors holds).
+    pub best_dev_metric: f64,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loaded_from_checkpoint: Vec<String>,
+}
+
+fn ck_err(e: checkpoint::CheckpointError) -> KilnError {
+    KilnError::Backward(e.to_string())
+}
+
+/// What a checkpoint records about its run, so `kiln eval` and `--resume` can rebuild the model.
+fn run_metadata(cfg: &TrainConfig, s: &Settings, split: &Split, epoch: usize, best: f64, best_epoch: usize) -> std::collections::BTreeMap<String, String> {
+    let mut m = std::collections::BTreeMap::new();
+    let hidden: Vec<String> = s.hidden.iter().map(|h| h.to_string()).collect();
+    for (k, v) in [
+        ("kiln.model", cfg.model.clone()),
+        ("kiln.dataset", cfg.dataset.clone()),
+        ("kiln.epoch", epoch.to_string()),
+        ("kiln.hidden", hidden.join(",")),
+        ("kiln.seed", cfg.seed.to_string()),
+        // What `prepare` needs to rebuild the same inputs and scaling for `kiln eval`.
+        ("kiln.train_limit", cfg.train_limit.map(|v| v.to_string()).unwrap_or_default()),
+        ("kiln.degree", cfg.degree.map(|v| v.to_string()).unwrap_or_default()),
+        ("kiln.feature", cfg.feature.map(|v| v.to_string()).unwrap_or_default()),
+        ("kiln.features", split.train.features.to_string()),
+        ("kiln.classes", split.train.num_classes().map(|c| c.to_string()).unwrap_or_default()),
+        ("kiln.best_dev_metric", best.to_string()),
+        ("kiln.best_epoch", best_epoch.to_string()),
+        ("kiln.version", env!("CARGO_PKG_VERSION").to_string()),
+    ] {
+        m.insert(k.to_string(), v);
+    }
+    m
+}
+
+/// The result of `kiln eval`.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub checkpoint: String,
+    pub model: String,
+    pub dataset: String,
+    pub adapter: String,
+    pub test_samples: usize,
+    pub test_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_mse: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_r2: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_class: Vec<ClassReport>,
+}
+
+/// Evaluates a checkpoint written by `run` on a data set's test split (the split of the checkpoint's seed).
+pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_dir: Option<PathBuf>) -> Result<EvalReport, KilnError> {
+    let g = gpu()?;
+    let ck = checkpoint::load(path).map_err(ck_err)?;
+    let meta = |k: &str| ck.metadata.get(k).cloned();
+    let model_name = meta("kiln.model").ok_or_else(|| KilnError::Backward(format!("{}: not a Kiln training checkpoint (no kiln.model in the metadata)", path.display())))?;
+    let dataset = dataset.map(str::to_string).or_else(|| meta("kiln.dataset")).unwrap_or_default();
+    let seed = meta("kiln.seed").and_then(|v| v.parse().ok()).unwrap_or(42);
+    let hidden: Vec<usize> = meta("kiln.hidden").unwrap_or_default().split(',').filter_map(|h| h.parse().ok()).collect();
+    let num = |k: &str| meta(k).and_then(|v| v.parse::<usize>().ok());
+    let cfg = TrainConfig { seed, data_dir, train_limit: num("kiln.train_limit"), degree: num("kiln.degree"), feature: num("kiln.feature"), ..TrainConfig::new(&model_name, &dataset) };
+    let split = prepare(&cfg, cfg.degree.unwrap_or(1))?;
+    let mut vs = VarStore::new(seed);
+    let mut model = linear_models::build(&model_name, &mut vs, split.test.features, split.test.image, split.test.num_classes(), &hidden)?;
+    vs.finish()?;
+    vs.load_checkpoint(&path.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
+    model.set_training(false);
+    // Regression models were trained on standardised targets (see TargetScale): evaluate the same way.
+    let ts = TargetScale::fit(&split.train);
+    let scaled = match ts {
+        Some(t) => split.map(|d| t.apply(d)),
+        None => split.clone(),
+    };
+    let (test_loss, out) = evaluate(&model, &scaled.test, ts)?;
+    let mut r = EvalReport { checkpoint: path.display().to_string(), model: model_name, dataset, adapter: g.adapter_name(), test_samples: split.test.len(), test_loss, test_accuracy: None, test_macro_f1: None, test_mse: None, test_r2: None, confusion: Vec::new(), per_class: Vec::new() };
+    if let Targets::Values(v) = &split.test.targets {
+        r.test_mse = Some(metrics::mse(&out, v));
+        r.test_r2 = Some(metrics::r2(&out, v));
+    }
+    if let Targets::Classes { labels, names } = &split.test.targets {
+        let pred = model.task.predict(&out, model.outputs);
+        let cm = metrics::confusion_matrix(&pred, labels, names.len());
+        let scores = metrics::per_class_scores(&cm);
+        r.test_accuracy = Some(metrics::accuracy(&pred, labels));
+        r.test_macro_f1 = Some(metrics::macro_average(&scores).f1);
+        r.per_class = scores.iter().zip(names).map(|(s, n)| ClassReport { class: n.clone(), precision: s.precision, recall: s.recall, f1: s.f1, support: s.support }).collect();
+        r.confusion = cm;
+    }
+    Ok(r)
 }
 
 fn data_err(e: kiln_data::DataError) -> KilnError {
@@ -227,7 +341,8 @@ impl TargetScale {
 }
 
 /// Loads and splits the data (see `kiln_data::load_split`), then scales it with training statistics: per
-/// feature for tables, one mean and deviation for images. polyreg expands one feature first.
+/// feature, or for convolutional models one mean and deviation over all pixels. polyreg expands one feature
+/// first.
 fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
     let mut split = if cfg.model == "polyreg" {
         let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
@@ -246,7 +361,8 @@ fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
         let keep: Vec<usize> = (0..limit.min(split.train.len())).collect();
         split.train = split.train.subset(&keep);
     }
-    if split.train.image.is_some() {
+    // Convolutional models see whole images: one mean and deviation for every pixel keeps the picture intact.
+    if split.train.image.is_some() && linear_models::is_convolutional(&cfg.model) {
         let n = split.train.x.len().max(1) as f64;
         let mean = split.train.x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let std = (split.train.x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
@@ -320,17 +436,54 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
     let total_steps = steps_per_epoch * s.epochs as u64;
     let mut opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
 
+    let mut loaded_from_checkpoint = Vec::new();
+    if let Some(from) = &cfg.from {
+        let ck = checkpoint::load(from).map_err(ck_err)?;
+        // Transfer: every parameter whose name and shape match; a new head of another size starts fresh.
+        let matching = |name: &str| ck.get(name).is_some_and(|t| vs.params().any(|p| p.name() == name && p.shape() == &t.shape[..]));
+        loaded_from_checkpoint = vs.load_checkpoint(&from.display().to_string(), &ck, false, matching).map_err(ck_err)?;
+        if loaded_from_checkpoint.is_empty() {
+            return Err(KilnError::Backward(format!("{}: no parameter of this {} matches the checkpoint by name and shape", from.display(), cfg.model)));
+        }
+    }
+    let frozen = if cfg.freeze.is_empty() { Vec::new() } else { opt.freeze(&vs, |name| cfg.freeze.iter().any(|p| name == p || name.starts_with(&format!("{p}.")))) };
+    if !cfg.freeze.is_empty() && frozen.is_empty() {
+        let names: Vec<&str> = vs.params().map(|p| p.name()).collect();
+        return Err(KilnError::Backward(format!("--freeze {:?} matches no parameter; names are {}", cfg.freeze, names.join(", "))));
+    }
+    let mut start_epoch = 1;
+    let (mut best_metric, mut best_epoch) = (f64::NEG_INFINITY, 0usize);
+    if cfg.resume {
+        let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Backward("--resume needs the run directory (--out)".into()))?;
+        let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
+        let ck = checkpoint::load(&last).map_err(ck_err)?;
+        vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
+        let ock = checkpoint::load(&last_opt).map_err(ck_err)?;
+        opt.load_state(&last_opt.display().to_string(), &ock).map_err(ck_err)?;
+        let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
+        if meta("kiln.model") != cfg.model {
+            return Err(KilnError::Backward(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
+        }
+        start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Backward(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
+        best_metric = meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY);
+        best_epoch = meta("kiln.best_epoch").parse().unwrap_or(0);
+    }
+
     let mut csv = match &cfg.out_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
             let path = dir.join("metrics.csv");
-            let mut f = std::fs::File::create(&path).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", path.display())))?;
+            let appending = cfg.resume && path.exists();
+            let mut f = std::fs::OpenOptions::new().create(true).append(appending).write(true).truncate(!appending).open(&path).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", path.display())))?;
             let metric = if split.train.num_classes().is_some() { "dev_accuracy" } else { "dev_r2" };
-            writeln!(f, "epoch,train_loss,dev_loss,{metric},lr,seconds,samples_per_s").map_err(|e| KilnError::Backward(e.to_string()))?;
+            if !appending {
+                writeln!(f, "epoch,train_loss,dev_loss,{metric},lr,seconds,samples_per_s").map_err(|e| KilnError::Backward(e.to_string()))?;
+            }
             Some(f)
         }
         None => None,
     };
+    let mut stopped_early = false;
 
     let mut history = Vec::new();
     let mut step = 0u64;
@@ -339,7 +492,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
     let mut seen_batch_sizes = std::collections::HashSet::new();
     let train_started = Instant::now();
     let mut samples_seen = 0usize;
-    for epoch in 1..=s.epochs {
+    for epoch in start_epoch..=s.epochs {
         let epoch_started = Instant::now();
         let mut loss_sum = 0.0;
         model.set_training(true);
@@ -392,7 +545,27 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
             writeln!(f, "{},{:.6},{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s).map_err(|e| KilnError::Backward(e.to_string()))?;
         }
         progress(&Progress { epoch, epochs: s.epochs, step, total_steps, loss: record.train_loss as f32, samples_per_s: record.samples_per_s, epoch_end: Some(record.clone()) });
+        let improved = record.dev_metric > best_metric;
+        if improved {
+            (best_metric, best_epoch) = (record.dev_metric, epoch);
+        }
         history.push(record);
+        if let Some(dir) = &cfg.out_dir {
+            let mut ck = vs.to_checkpoint()?;
+            ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
+            checkpoint::save(&dir.join("last.safetensors"), &ck).map_err(ck_err)?;
+            checkpoint::save(&dir.join("last.optimizer.safetensors"), &opt.state_checkpoint(&vs)?).map_err(ck_err)?;
+            if improved {
+                checkpoint::save(&dir.join("best.safetensors"), &ck).map_err(ck_err)?;
+            }
+            let train: Vec<f64> = history.iter().map(|h| h.train_loss).collect();
+            let dev: Vec<f64> = history.iter().map(|h| h.dev_loss).collect();
+            crate::plot::loss_png(&dir.join("loss.png"), &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", dir.join("loss.png").display())))?;
+        }
+        if cfg.patience.is_some_and(|p| epoch >= best_epoch + p) {
+            stopped_early = true;
+            break;
+        }
     }
     let train_seconds = train_started.elapsed().as_secs_f64();
     let end_stats = g.stats();
@@ -428,6 +601,11 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         parameters: vs.num_values(),
         settings: s,
         history,
+        best_dev_metric: best_metric,
+        best_epoch,
+        stopped_early,
+        frozen,
+        loaded_from_checkpoint,
     };
     match &raw_split.test.targets {
         Targets::Classes { labels, names } => {

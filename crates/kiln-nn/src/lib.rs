@@ -1,5 +1,6 @@
 //! kiln-nn: parameters in one flat GPU buffer, modules, initialisers, optimizers, LR schedules and metrics.
 
+pub mod checkpoint;
 pub mod init;
 pub mod layers;
 pub mod metrics;

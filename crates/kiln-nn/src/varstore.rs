@@ -148,6 +148,36 @@ impl VarStore {
         self.entries.iter().filter(|e| !e.buffer).map(|e| e.param.shape().iter().product::<usize>()).sum()
     }
 
+    /// Parameters and buffers as a checkpoint, under their PyTorch-style names.
+    pub fn to_checkpoint(&self) -> Result<crate::checkpoint::Checkpoint> {
+        let tensors = self.to_host()?.into_iter().map(|(name, shape, data)| crate::checkpoint::NamedTensor { name, shape, data }).collect();
+        Ok(crate::checkpoint::Checkpoint { tensors, metadata: Default::default() })
+    }
+
+    /// Copies values from a checkpoint into the parameters and buffers whose names pass `select`. With `strict`,
+    /// every selected name must be present; otherwise missing ones keep their values. Shapes must match.
+    /// Returns the names loaded.
+    pub fn load_checkpoint(&self, file: &str, ck: &crate::checkpoint::Checkpoint, strict: bool, select: impl Fn(&str) -> bool) -> std::result::Result<Vec<String>, crate::checkpoint::CheckpointError> {
+        use crate::checkpoint::CheckpointError;
+        let g = gpu().map_err(KilnError::from)?;
+        let mut loaded = Vec::new();
+        for p in self.params().filter(|p| select(p.name())) {
+            let Some(t) = ck.get(p.name()) else {
+                if strict {
+                    let available = ck.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+                    return Err(CheckpointError::Missing { file: file.into(), name: p.name().into(), available });
+                }
+                continue;
+            };
+            if t.shape != p.shape() {
+                return Err(CheckpointError::ShapeMismatch { file: file.into(), name: p.name().into(), found: t.shape.clone(), expected: p.shape().to_vec() });
+            }
+            g.write(&p.tensor()?.storage().sub(0, 4 * t.data.len().max(1) as u64), bytemuck::cast_slice(&t.data)).map_err(KilnError::from)?;
+            loaded.push(p.name().to_string());
+        }
+        Ok(loaded)
+    }
+
     /// Every parameter's values by name (for checks and checkpoints).
     pub fn to_host(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         self.params().map(|p| Ok((p.name().to_string(), p.shape().to_vec(), p.tensor()?.to_vec()?))).collect()

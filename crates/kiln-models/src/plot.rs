@@ -1,0 +1,121 @@
+//! loss.png: train and dev loss per epoch, drawn into an RGB buffer and written with the png crate. A tiny
+//! built-in bitmap font labels the axes, so the picture needs no font files.
+
+use std::path::Path;
+
+const W: usize = 640;
+const H: usize = 400;
+const LEFT: usize = 70;
+const RIGHT: usize = 20;
+const TOP: usize = 30;
+const BOTTOM: usize = 40;
+
+/// 3x5 glyphs for the characters the labels use.
+fn glyph(c: char) -> [u8; 5] {
+    match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        'e' => [0, 7, 7, 4, 7],
+        'a' => [0, 7, 1, 7, 7],
+        'i' => [2, 0, 2, 2, 2],
+        'n' => [0, 6, 5, 5, 5],
+        't' => [2, 7, 2, 2, 3],
+        'r' => [0, 7, 4, 4, 4],
+        'd' => [1, 7, 5, 5, 7],
+        'v' => [0, 5, 5, 5, 2],
+        'o' => [0, 7, 5, 5, 7],
+        'p' => [0, 7, 5, 7, 4],
+        'c' => [0, 7, 4, 4, 7],
+        'h' => [4, 7, 5, 5, 5],
+        'l' => [2, 2, 2, 2, 2],
+        's' => [0, 7, 6, 1, 7],
+        _ => [0; 5],
+    }
+}
+
+struct Canvas(Vec<u8>);
+
+impl Canvas {
+    fn set(&mut self, x: usize, y: usize, rgb: [u8; 3]) {
+        if x < W && y < H {
+            self.0[(y * W + x) * 3..(y * W + x) * 3 + 3].copy_from_slice(&rgb);
+        }
+    }
+    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), rgb: [u8; 3]) {
+        let steps = ((x1 - x0).abs().max((y1 - y0).abs()) as usize).max(1);
+        for s in 0..=steps {
+            let t = s as f64 / steps as f64;
+            let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
+            for d in [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0)] {
+                self.set((x + d.0) as usize, (y + d.1) as usize, rgb);
+            }
+        }
+    }
+    fn text(&mut self, x: usize, y: usize, s: &str, rgb: [u8; 3]) {
+        for (i, c) in s.chars().enumerate() {
+            for (row, bits) in glyph(c).iter().enumerate() {
+                for col in 0..3 {
+                    if bits & (4 >> col) != 0 {
+                        for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                            self.set(x + i * 8 + col * 2 + dx, y + row * 2 + dy, rgb);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+const BLUE: [u8; 3] = [31, 119, 180];
+const ORANGE: [u8; 3] = [255, 127, 14];
+const GREY: [u8; 3] = [90, 90, 90];
+
+/// Plots train (blue) and dev (orange) loss against epochs 1..=n.
+pub fn loss_png(path: &Path, train: &[f64], dev: &[f64]) -> std::io::Result<()> {
+    let mut c = Canvas(vec![255; W * H * 3]);
+    let all: Vec<f64> = train.iter().chain(dev).copied().filter(|v| v.is_finite()).collect();
+    let (mut lo, mut hi) = (all.iter().copied().fold(f64::INFINITY, f64::min), all.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        hi = lo + 1.0;
+    }
+    let n = train.len().max(dev.len()).max(2);
+    let px = |i: usize| LEFT as f64 + (W - LEFT - RIGHT) as f64 * i as f64 / (n - 1) as f64;
+    let py = |v: f64| TOP as f64 + (H - TOP - BOTTOM) as f64 * (1.0 - (v - lo) / (hi - lo));
+    c.line((LEFT as f64, TOP as f64), (LEFT as f64, (H - BOTTOM) as f64), GREY);
+    c.line((LEFT as f64, (H - BOTTOM) as f64), ((W - RIGHT) as f64, (H - BOTTOM) as f64), GREY);
+    for (series, rgb) in [(train, BLUE), (dev, ORANGE)] {
+        for i in 1..series.len() {
+            if series[i - 1].is_finite() && series[i].is_finite() {
+                c.line((px(i - 1), py(series[i - 1])), (px(i), py(series[i])), rgb);
+            }
+        }
+    }
+    c.text(4, TOP, &format!("{hi:.3}"), GREY);
+    c.text(4, H - BOTTOM - 10, &format!("{lo:.3}"), GREY);
+    c.text(LEFT, H - BOTTOM + 8, "1", GREY);
+    c.text(W - RIGHT - 8 * format!("{n}").len(), H - BOTTOM + 8, &format!("{n}"), GREY);
+    c.text(W / 2 - 30, H - 16, "epoch", GREY);
+    c.text(W - 200, 8, "train", BLUE);
+    c.text(W - 120, 8, "dev", ORANGE);
+    c.text(LEFT + 10, 8, "loss", GREY);
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&c.0).map_err(std::io::Error::other)?;
+    Ok(())
+}
