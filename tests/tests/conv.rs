@@ -51,9 +51,11 @@ fn pool_case(name: &str, x: [usize; 4], geom: Pool2dGeom) {
 fn pooling_forward_and_backward() {
     pool_case("2x2", [2, 3, 8, 8], Pool2dGeom::square(2));
     pool_case("odd input", [1, 2, 7, 9], Pool2dGeom::square(2));
-    pool_case("overlapping 3/2", [2, 2, 9, 9], Pool2dGeom { kernel: [3, 3], stride: [2, 2], padding: [0, 0] });
-    pool_case("padded 3/2/1", [1, 3, 8, 7], Pool2dGeom { kernel: [3, 3], stride: [2, 2], padding: [1, 1] });
-    pool_case("3x1", [1, 1, 9, 5], Pool2dGeom { kernel: [3, 1], stride: [1, 1], padding: [0, 0] });
+    pool_case("overlapping 3/2", [2, 2, 9, 9], Pool2dGeom { kernel: [3, 3], stride: [2, 2], padding: [0, 0], ceil_mode: false });
+    pool_case("padded 3/2/1", [1, 3, 8, 7], Pool2dGeom { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: false });
+    pool_case("3x1", [1, 1, 9, 5], Pool2dGeom { kernel: [3, 1], stride: [1, 1], padding: [0, 0], ceil_mode: false });
+    pool_case("ceil mode 3/2 on 8", [1, 2, 8, 8], Pool2dGeom { kernel: [3, 3], stride: [2, 2], padding: [0, 0], ceil_mode: true });
+    pool_case("ceil mode 2/2 on 7", [2, 1, 7, 7], Pool2dGeom { kernel: [2, 2], stride: [2, 2], padding: [0, 0], ceil_mode: true });
 }
 
 #[test]

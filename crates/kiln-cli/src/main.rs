@@ -132,6 +132,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a model's layers with output shapes and parameter counts (no GPU needed).
+    Summary {
+        /// lenet, alexnet, vgg16, vgg16_bn, resnet18/34/50, resnet20/32/56 (CIFAR), googlenet
+        model: String,
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        classes: u64,
+        /// Input as CxHxW [default: per model, 3x224x224 for the ImageNet ones].
+        #[arg(long)]
+        input: Option<String>,
+        /// Print the summary as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// List adapters with their features and limits, and the one Kiln picks.
     Info {
         #[arg(long)]
@@ -150,6 +163,7 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
+        Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
         Command::Eval { checkpoint, dataset, data_dir, adapter, json } => eval(checkpoint, dataset, data_dir, adapter, json),
     }
 }
@@ -220,6 +234,37 @@ fn train(a: TrainArgs) -> Result<()> {
     print_summary(&report, &out);
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn summary(model: &str, classes: usize, input: Option<&str>, json: bool) -> Result<()> {
+    let default = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
+    let input: [usize; 3] = match input {
+        Some(text) => {
+            let dims: Vec<usize> = text.split(['x', 'X', ',']).map(|d| d.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| anyhow::anyhow!("--input {text:?}: expected CxHxW, e.g. 3x224x224"))?;
+            match dims[..] {
+                [c, h, w] if c > 0 && h > 0 && w > 0 => [c, h, w],
+                _ => bail!("--input {text:?}: expected three positive sizes CxHxW"),
+            }
+        }
+        None => default.unwrap_or([3, 224, 224]),
+    };
+    let mut vs = kiln_nn::VarStore::shapes_only();
+    let net = kiln_models::zoo::build_named(&mut vs, model, input, classes, 0)?;
+    let shape = [1, input[0], input[1], input[2]];
+    let rows = kiln_models::zoo::summarize(&net, &shape).with_context(|| format!("{model} on a {}x{}x{} input", input[0], input[1], input[2]))?;
+    let total = vs.num_values();
+    println!("{model}: input {}x{}x{}, {classes} classes", input[0], input[1], input[2]);
+    println!("{:<28} {:<44} {:>20} {:>12}", "name", "layer", "output shape", "params");
+    println!("{}", "-".repeat(107));
+    for r in &rows {
+        println!("{:<28} {:<44} {:>20} {:>12}", r.name, r.layer, format!("{:?}", r.output_shape), r.params);
+    }
+    println!("{}", "-".repeat(107));
+    println!("total parameters: {total}");
+    if json {
+        println!("{}", serde_json::json!({ "model": model, "classes": classes, "input": input, "params": total, "layers": rows }));
     }
     Ok(())
 }

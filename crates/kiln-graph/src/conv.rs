@@ -47,12 +47,19 @@ pub struct Pool2dGeom {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub padding: [usize; 2],
+    /// Round the output size up (PyTorch's ceil_mode): a last, partial window is kept if it starts inside the
+    /// input or its left padding.
+    pub ceil_mode: bool,
 }
 
 impl Pool2dGeom {
     /// Square window k with stride k and no padding (the common "pool by k").
     pub fn square(k: usize) -> Pool2dGeom {
-        Pool2dGeom { kernel: [k, k], stride: [k, k], padding: [0, 0] }
+        Pool2dGeom { kernel: [k, k], stride: [k, k], padding: [0, 0], ceil_mode: false }
+    }
+    /// Window k, stride s, padding p.
+    pub fn new(k: usize, s: usize, p: usize) -> Pool2dGeom {
+        Pool2dGeom { kernel: [k, k], stride: [s, s], padding: [p, p], ceil_mode: false }
     }
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
         let [kh, kw] = self.kernel;
@@ -63,7 +70,15 @@ impl Pool2dGeom {
         if ph < kh || pw < kw {
             return None;
         }
-        Some(((ph - kh) / self.stride[0] + 1, (pw - kw) / self.stride[1] + 1))
+        let side = |padded: usize, k: usize, s: usize, input: usize, pad: usize| {
+            let floor = (padded - k) / s + 1;
+            if !self.ceil_mode || (padded - k) % s == 0 {
+                return floor;
+            }
+            // One more window, unless it would start past the input and its left padding.
+            if floor * s >= input + pad { floor } else { floor + 1 }
+        };
+        Some((side(ph, kh, self.stride[0], h, self.padding[0]), side(pw, kw, self.stride[1], w, self.padding[1])))
     }
 }
 

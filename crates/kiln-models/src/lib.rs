@@ -5,6 +5,7 @@ pub mod cnn;
 pub mod linear_models;
 pub mod plot;
 pub mod train;
+pub mod zoo;
 
 pub use linear_models::{normal_equation, Task, MODELS};
 pub use train::{evaluate_checkpoint, run, EvalReport, Progress, TrainConfig, TrainReport};

@@ -7,7 +7,7 @@ use kiln_graph::backend::gpu;
 use kiln_graph::{no_grad, Conv2dGeom, KilnError, Pool2dGeom, Result, Tensor};
 
 use crate::init::Init;
-use crate::module::Module;
+use crate::module::{shape_error, Module};
 use crate::varstore::{Param, VarStore};
 
 /// How a convolution pads its input.
@@ -80,6 +80,74 @@ impl Module for Conv2d {
             None => Ok(y),
         }
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let w = self.weight.shape();
+        if input.len() != 4 || input[1] != w[1] * self.geom.groups {
+            return Err(shape_error(&self.describe(), input, "expects [n, in_channels, h, w]"));
+        }
+        let (oh, ow) = self.geom.output_size(input[2], input[3], w[2], w[3]).ok_or_else(|| shape_error(&self.describe(), input, "kernel larger than the padded input"))?;
+        Ok(vec![input[0], w[0], oh, ow])
+    }
+    fn describe(&self) -> String {
+        let w = self.weight.shape();
+        let g = &self.geom;
+        let mut d = format!("Conv2d({}, {}, k={}x{}", w[1] * g.groups, w[0], w[2], w[3]);
+        if g.stride != [1, 1] {
+            d += &format!(", s={}", g.stride[0]);
+        }
+        if g.padding != [0, 0] {
+            d += &format!(", p={}", g.padding[0]);
+        }
+        if g.groups != 1 {
+            d += &format!(", groups={}", g.groups);
+        }
+        if self.bias.is_none() {
+            d += ", no bias";
+        }
+        d + ")"
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
+}
+
+fn pool_shape(layer: &dyn Module, g: &Pool2dGeom, input: &[usize]) -> Result<Vec<usize>> {
+    if input.len() != 4 {
+        return Err(shape_error(&layer.describe(), input, "expects [n, c, h, w]"));
+    }
+    let (oh, ow) = g.output_size(input[2], input[3]).ok_or_else(|| shape_error(&layer.describe(), input, "window does not fit"))?;
+    Ok(vec![input[0], input[1], oh, ow])
+}
+
+/// Average pooling to a fixed output size (PyTorch's AdaptiveAvgPool2d) when the input divides evenly;
+/// identity when the input already has that size.
+pub struct AdaptiveAvgPool2d(pub [usize; 2]);
+
+impl AdaptiveAvgPool2d {
+    fn geom(&self, input: &[usize]) -> Result<Pool2dGeom> {
+        let [oh, ow] = self.0;
+        if input.len() != 4 || oh == 0 || ow == 0 || input[2] % oh != 0 || input[3] % ow != 0 {
+            return Err(shape_error(&self.describe(), input, "input height and width must be multiples of the output size"));
+        }
+        let (kh, kw) = (input[2] / oh, input[3] / ow);
+        Ok(Pool2dGeom { kernel: [kh, kw], stride: [kh, kw], padding: [0, 0], ceil_mode: false })
+    }
+}
+
+impl Module for AdaptiveAvgPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.shape().len() == 4 && x.shape()[2..] == self.0 {
+            return Ok(x.clone());
+        }
+        x.avg_pool2d(self.geom(x.shape())?)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.geom(input)?;
+        Ok(vec![input[0], input[1], self.0[0], self.0[1]])
+    }
+    fn describe(&self) -> String {
+        format!("AdaptiveAvgPool2d({}x{})", self.0[0], self.0[1])
+    }
 }
 
 /// Max pooling (the switches are dropped; use `Tensor::max_pool2d` to keep them).
@@ -97,15 +165,37 @@ impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.max_pool2d(self.0)?.0)
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        pool_shape(self, &self.0, input)
+    }
+    fn describe(&self) -> String {
+        let g = &self.0;
+        format!("MaxPool2d(k={}, s={}, p={}{})", g.kernel[0], g.stride[0], g.padding[0], if g.ceil_mode { ", ceil" } else { "" })
+    }
 }
 impl Module for AvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.avg_pool2d(self.0)
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        pool_shape(self, &self.0, input)
+    }
+    fn describe(&self) -> String {
+        format!("AvgPool2d(k={}, s={}, p={})", self.0.kernel[0], self.0.stride[0], self.0.padding[0])
+    }
 }
 impl Module for GlobalAvgPool {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.global_avg_pool2d()
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        if input.len() != 4 {
+            return Err(shape_error("GlobalAvgPool", input, "expects [n, c, h, w]"));
+        }
+        Ok(vec![input[0], input[1]])
+    }
+    fn describe(&self) -> String {
+        "GlobalAvgPool".into()
     }
 }
 impl Module for Flatten {
@@ -113,11 +203,26 @@ impl Module for Flatten {
         let n = x.shape().first().copied().unwrap_or(1);
         x.reshape(&[n, x.numel() / n.max(1)])
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(vec![input.first().copied().unwrap_or(1), input.iter().skip(1).product()])
+    }
+    fn describe(&self) -> String {
+        "Flatten".into()
+    }
 }
 impl Module for Unflatten {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.shape().first().copied().unwrap_or(1);
         x.reshape(&[n, self.0[0], self.0[1], self.0[2]])
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        if input.iter().skip(1).product::<usize>() != self.0.iter().product::<usize>() {
+            return Err(shape_error(&self.describe(), input, "element count differs"));
+        }
+        Ok(vec![input[0], self.0[0], self.0[1], self.0[2]])
+    }
+    fn describe(&self) -> String {
+        format!("Unflatten({}x{}x{})", self.0[0], self.0[1], self.0[2])
     }
 }
 
@@ -149,13 +254,16 @@ impl BatchNorm {
 
     /// Shape that broadcasts a per-channel vector over x.
     fn channel_shape(x: &Tensor) -> Result<Vec<usize>> {
-        match x.rank() {
+        Self::channel_shape_of(x.shape())
+    }
+    fn channel_shape_of(shape: &[usize]) -> Result<Vec<usize>> {
+        match shape.len() {
             2 | 4 => {
-                let mut s = vec![1; x.rank()];
-                s[1] = x.shape()[1];
+                let mut s = vec![1; shape.len()];
+                s[1] = shape[1];
                 Ok(s)
             }
-            _ => Err(KilnError::Invalid { op: "BatchNorm", shape: x.shape().to_vec(), message: "expects [n, c] or [n, c, h, w]".into() }),
+            _ => Err(KilnError::Invalid { op: "BatchNorm", shape: shape.to_vec(), message: "expects [n, c] or [n, c, h, w]".into() }),
         }
     }
 }
@@ -191,6 +299,15 @@ impl Module for BatchNorm {
     }
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        BatchNorm::channel_shape_of(input).map(|_| input.to_vec())
+    }
+    fn describe(&self) -> String {
+        format!("BatchNorm({})", self.weight.shape()[0])
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.weight, &self.bias]
     }
 }
 
@@ -235,5 +352,8 @@ impl Module for Dropout {
     }
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+    fn describe(&self) -> String {
+        format!("Dropout(p={})", self.p)
     }
 }

@@ -10,8 +10,8 @@ pub mod schedule;
 pub mod varstore;
 
 pub use init::Init;
-pub use layers::{AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
-pub use module::{Activation, Linear, Module, Sequential};
+pub use layers::{AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
+pub use module::{shape_error, Activation, Linear, Module, Sequential};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::LrSchedule;
 pub use varstore::{Param, VarStore};

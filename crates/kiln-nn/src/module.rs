@@ -9,6 +9,31 @@ pub trait Module {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// Training or evaluation behaviour (dropout, batch norm); stateless modules ignore it.
     fn set_training(&mut self, _training: bool) {}
+    /// The output shape for an input shape, computed without running anything (for summaries).
+    /// Shape-preserving by default.
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(input.to_vec())
+    }
+    /// One line naming the layer and its configuration, e.g. "Conv2d(3, 64, k=11, s=4, p=2)".
+    fn describe(&self) -> String;
+    /// The trainable parameters this layer owns directly (not its children's).
+    fn own_params(&self) -> Vec<&Param> {
+        Vec::new()
+    }
+    /// Named sub-layers, for nested summaries.
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        Vec::new()
+    }
+    /// Trainable values of this layer and everything under it.
+    fn num_params(&self) -> usize {
+        let own: usize = self.own_params().iter().map(|p| p.shape().iter().product::<usize>()).sum();
+        own + self.children().iter().map(|(_, c)| c.num_params()).sum::<usize>()
+    }
+}
+
+/// An error for a layer given an input of the wrong shape.
+pub fn shape_error(layer: &str, input: &[usize], message: &str) -> kiln_graph::KilnError {
+    kiln_graph::KilnError::Invalid { op: "layer", shape: input.to_vec(), message: format!("{layer}: {message}") }
 }
 
 /// y = x W^T + b, with W stored as [out, in] (PyTorch's layout, for checkpoints).
@@ -37,6 +62,18 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        if input.len() != 2 || input[1] != self.in_features {
+            return Err(shape_error(&self.describe(), input, "expects [n, in_features]"));
+        }
+        Ok(vec![input[0], self.out_features])
+    }
+    fn describe(&self) -> String {
+        format!("Linear({}, {})", self.in_features, self.out_features)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
 }
 
 /// Elementwise activations as modules.
@@ -60,6 +97,9 @@ impl Module for Activation {
             Activation::Softplus => x.softplus(),
             Activation::Identity => Ok(x.clone()),
         }
+    }
+    fn describe(&self) -> String {
+        format!("{self:?}")
     }
 }
 
@@ -124,5 +164,14 @@ impl Module for Sequential {
         for l in &mut self.layers {
             l.set_training(training);
         }
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.layers.iter().try_fold(input.to_vec(), |s, l| l.output_shape(&s))
+    }
+    fn describe(&self) -> String {
+        format!("Sequential({} layers)", self.layers.len())
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        self.layers.iter().enumerate().map(|(i, l)| (i.to_string(), l.as_ref() as &dyn Module)).collect()
     }
 }

@@ -44,6 +44,8 @@ struct Entry {
 /// Builds and owns a model's parameters.
 pub struct VarStore {
     entries: Vec<Entry>,
+    /// False for a shapes-only store (summaries of models too big to initialise for nothing).
+    materialize: bool,
     rng: Rng,
     flat: Option<BufView>,
     len: usize,
@@ -52,7 +54,13 @@ pub struct VarStore {
 
 impl VarStore {
     pub fn new(seed: u64) -> VarStore {
-        VarStore { entries: Vec::new(), rng: Rng::new(seed), flat: None, len: 0, decay_end: 0 }
+        VarStore { entries: Vec::new(), materialize: true, rng: Rng::new(seed), flat: None, len: 0, decay_end: 0 }
+    }
+
+    /// A store that records names and shapes only: enough to count parameters and infer shapes; `finish`
+    /// refuses it.
+    pub fn shapes_only() -> VarStore {
+        VarStore { materialize: false, ..VarStore::new(0) }
     }
 
     /// Declares a parameter. `decay`: whether weight decay / L2 applies (weights yes, biases no).
@@ -63,7 +71,7 @@ impl VarStore {
         if self.entries.iter().any(|e| e.param.name() == name) {
             return Err(KilnError::Backward(format!("parameter {name} declared twice")));
         }
-        let values = init.values(shape, &mut self.rng);
+        let values = if self.materialize { init.values(shape, &mut self.rng) } else { Vec::new() };
         let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new() }));
         self.entries.push(Entry { param: param.clone(), init: values, decay, buffer: false, offset: 0 });
         Ok(param)
@@ -83,6 +91,9 @@ impl VarStore {
     pub fn finish(&mut self) -> Result<()> {
         if self.flat.is_some() {
             return Ok(());
+        }
+        if !self.materialize {
+            return Err(KilnError::Backward("a shapes-only VarStore cannot be finished (it holds no values)".into()));
         }
         let g = gpu()?;
         let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
