@@ -102,3 +102,46 @@ fn small_googlenet_and_resnet_bottleneck_run() {
         assert!(out.to_vec().unwrap().iter().all(|v| v.is_finite()), "{name}");
     }
 }
+
+#[test]
+fn overfeat_score_map_equals_the_classifier_on_each_window() {
+    use kiln_graph::Pool2dGeom;
+    use kiln_models::overfeat::FcAsConv;
+    use kiln_nn::{Activation, Conv2d, Conv2dConfig, Flatten, Init, Linear, MaxPool2d, Sequential};
+    require_gpu();
+    let mut vs = VarStore::new(5);
+    // 26x26 windows: conv3 -> 24, pool -> 12, conv3 -> 10, pool -> 5; the map's stride is 4 pixels.
+    let features = Sequential::new()
+        .push(Conv2d::new(&mut vs, "features.0", 1, 4, 3, Conv2dConfig::default()).unwrap())
+        .push(Activation::Relu)
+        .push(MaxPool2d(Pool2dGeom::square(2)))
+        .push(Conv2d::new(&mut vs, "features.3", 4, 6, 3, Conv2dConfig::default()).unwrap())
+        .push(Activation::Relu)
+        .push(MaxPool2d(Pool2dGeom::square(2)));
+    let fc1 = Linear::new(&mut vs, "classifier.0", 6 * 5 * 5, 32, Init::HeNormal).unwrap();
+    let fc2 = Linear::new(&mut vs, "classifier.2", 32, 10, Init::HeNormal).unwrap();
+    let (conv1, conv2) = (FcAsConv::from_linear(&fc1, [6, 5, 5]).unwrap(), FcAsConv::from_linear(&fc2, [32, 1, 1]).unwrap());
+    vs.finish().unwrap();
+    let classifier = Sequential::new().push(Flatten).push(fc1).push(Activation::Relu).push(fc2);
+    let score_map = Sequential::new().push(conv1).push(Activation::Relu).push(conv2);
+
+    let (size, window, stride) = (34usize, 26usize, 4usize);
+    let mut rng = Rng::new(11);
+    let image: Vec<f32> = (0..size * size).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    let big = Tensor::from_slice(&image, &[1, 1, size, size]).unwrap();
+    let map = score_map.forward(&features.forward(&big).unwrap()).unwrap();
+    let side = (size - window) / stride + 1;
+    assert_eq!(map.shape(), &[1, 10, side, side]);
+    let map = map.to_vec().unwrap();
+    for i in 0..side {
+        for j in 0..side {
+            let crop: Vec<f32> = (0..window).flat_map(|r| image[(i * stride + r) * size + j * stride..][..window].to_vec()).collect();
+            let x = Tensor::from_slice(&crop, &[1, 1, window, window]).unwrap();
+            let scores = classifier.forward(&features.forward(&x).unwrap()).unwrap().to_vec().unwrap();
+            for k in 0..10 {
+                let m = map[(k * side + i) * side + j];
+                assert!((m - scores[k]).abs() <= 1e-4 * (1.0 + scores[k].abs()), "window ({i},{j}) class {k}: map {m} vs classifier {}", scores[k]);
+            }
+        }
+    }
+}

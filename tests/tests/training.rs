@@ -94,3 +94,17 @@ fn bad_settings_are_errors() {
         assert!(!e.to_string().is_empty());
     }
 }
+
+#[test]
+fn lenet_learns_mnist_on_a_reduced_budget() {
+    // Full runs (README) reach 97% on the MNIST-10k split; here 1,500 digits and 2 epochs must clear 85%.
+    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1500), ..TrainConfig::new("lenet", "mnist") });
+    assert!(r.test_accuracy.unwrap() >= 0.85, "{:?}", r.test_accuracy);
+    assert_eq!(r.parameters, 61_706);
+}
+
+#[test]
+fn lenet_with_augmentation_trains() {
+    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1000), augment: Some("shift:2,rotate:10".parse().unwrap()), ..TrainConfig::new("lenet", "mnist") });
+    assert!(r.test_accuracy.unwrap() >= 0.7, "{:?}", r.test_accuracy);
+}

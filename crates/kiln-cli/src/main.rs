@@ -111,6 +111,12 @@ struct TrainArgs {
     /// Stop when the dev metric has not improved for this many epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     patience: Option<u64>,
+    /// GPU augmentation of training batches: flip, shift[:PX], rotate[:DEG], scale[:FRAC], jitter[:AMOUNT], noise[:STD].
+    #[arg(long)]
+    augment: Option<String>,
+    /// ResNet depth (6n+2: 20, 32, 56).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
+    depth: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +220,8 @@ fn train(a: TrainArgs) -> Result<()> {
         freeze: a.freeze.clone(),
         resume: a.resume,
         patience: a.patience.map(|p| p as usize),
+        augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
+        depth: a.depth.map(|d| d as usize),
         ..TrainConfig::new(&a.model, &a.dataset)
     };
     let gpu = kiln_wgpu::gpu()?;

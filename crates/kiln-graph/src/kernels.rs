@@ -19,9 +19,10 @@ shader!(INDEX, "index.wgsl");
 shader!(OPTIM, "optim.wgsl");
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
+shader!(AUGMENT, "augment.wgsl");
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 9] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL];
+pub static ALL_SHADERS: [&Shader; 10] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT];
 
 const WG: u32 = 256;
 

@@ -10,6 +10,7 @@
 //! cpu.rs       the f64 CPU reference of every op
 //! ```
 
+pub mod augment;
 pub mod backprop;
 mod conv;
 pub mod cpu;
@@ -21,6 +22,7 @@ pub mod rng;
 pub mod shape;
 mod tensor;
 
+pub use augment::Augment;
 pub use backprop::{Grads, Op};
 pub use conv::{Conv2dGeom, Pool2dGeom};
 pub use error::{KilnError, Result};

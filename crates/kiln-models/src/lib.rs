@@ -3,6 +3,7 @@
 
 pub mod cnn;
 pub mod linear_models;
+pub mod overfeat;
 pub mod plot;
 pub mod train;
 pub mod zoo;

@@ -5,18 +5,26 @@ use kiln_graph::{loss, Result, Tensor};
 use kiln_nn::{Activation, Init, Linear, Module, Sequential, VarStore};
 
 /// Names `kiln train` accepts, with a one-line description.
-pub const MODELS: [(&str, &str); 6] = [
+pub const MODELS: [(&str, &str); 7] = [
     ("linreg", "linear regression by gradient descent (checked against the normal equation)"),
     ("polyreg", "polynomial regression on one feature (--degree)"),
     ("logreg", "logistic regression: binary, or one-vs-all for more classes"),
     ("softmax", "softmax (multinomial logistic) regression"),
     ("mlp", "multi-layer perceptron (--hidden 128,64 ...)"),
     ("lenet", "LeNet-5 convolutional network (image data sets)"),
+    ("resnet", "CIFAR-style ResNet (--depth 20, 32, 56) for 28x28 / 32x32 images"),
 ];
+
+/// Architecture settings beyond the data: MLP widths, ResNet depth, the seed for dropout.
+pub struct Arch<'a> {
+    pub hidden: &'a [usize],
+    pub depth: usize,
+    pub seed: u64,
+}
 
 /// Models that take images [c, h, w] rather than feature vectors.
 pub fn is_convolutional(name: &str) -> bool {
-    matches!(name, "lenet")
+    matches!(name, "lenet" | "resnet")
 }
 
 /// How outputs are compared with targets, and turned into predictions.
@@ -65,13 +73,14 @@ pub struct Model {
 
 /// Builds `name` for `features` inputs (an `image` of [c, h, w] for convolutional models) and `classes`
 /// classes (None: regression).
-pub fn build(name: &str, vs: &mut VarStore, features: usize, image: Option<[usize; 3]>, classes: Option<usize>, hidden: &[usize]) -> Result<Model> {
-    if name == "lenet" {
+pub fn build(name: &str, vs: &mut VarStore, features: usize, image: Option<[usize; 3]>, classes: Option<usize>, arch: &Arch) -> Result<Model> {
+    let hidden = arch.hidden;
+    if is_convolutional(name) {
         let (Some(img), Some(k)) = (image, classes) else {
-            return Err(kiln_graph::KilnError::Invalid { op: "lenet", shape: vec![features], message: "LeNet needs an image classification data set (mnist, fashion-mnist, digits)".into() });
+            return Err(kiln_graph::KilnError::Invalid { op: "build", shape: vec![features], message: format!("{name} needs an image classification data set (mnist, fashion-mnist, digits)") });
         };
-        let net = Sequential::new().push(kiln_nn::Unflatten(img));
-        let net = crate::cnn::lenet5(vs, img, k)?.into_iter().fold(net, |n, l| n.push_boxed(l));
+        let body = if name == "lenet" { crate::cnn::lenet5(vs, img, k)? } else { crate::zoo::cifar_resnet(vs, arch.depth, img[0], k)? };
+        let net = body.into_iter().fold(Sequential::new().push(kiln_nn::Unflatten(img)), |n, l| n.push_boxed(l));
         return Ok(Model { net, task: Task::Softmax, outputs: k });
     }
     let regression_or = |t: Task| if classes.is_none() { Task::Regression } else { t };

@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Stop when the dev metric has not improved for this many epochs.
     pub patience: Option<usize>,
+    /// Seeded GPU augmentation of each training batch (convolutional models).
+    pub augment: Option<kiln_graph::Augment>,
+    /// Depth of `resnet` (CIFAR-style 6n+2: 20, 32, 56).
+    pub depth: Option<usize>,
 }
 
 impl TrainConfig {
@@ -71,6 +75,8 @@ impl TrainConfig {
             freeze: Vec::new(),
             resume: false,
             patience: None,
+            augment: None,
+            depth: None,
         }
     }
 }
@@ -99,6 +105,7 @@ fn settings(cfg: &TrainConfig, train_len: usize) -> Result<(Settings, OptimizerK
         "softmax" => (100, 64, 0.05, OptimizerKind::Sgd { momentum: 0.9, nesterov: false }),
         "mlp" => (30, 32, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
         "lenet" => (10, 64, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
+        "resnet" => (15, 64, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
         other => {
             let names: Vec<&str> = linear_models::MODELS.iter().map(|m| m.0).collect();
             return Err(KilnError::Backward(format!("unknown model {other:?}; available: {}", names.join(", "))));
@@ -223,6 +230,7 @@ fn run_metadata(cfg: &TrainConfig, s: &Settings, split: &Split, epoch: usize, be
         ("kiln.dataset", cfg.dataset.clone()),
         ("kiln.epoch", epoch.to_string()),
         ("kiln.hidden", hidden.join(",")),
+        ("kiln.depth", cfg.depth.map(|v| v.to_string()).unwrap_or_default()),
         ("kiln.seed", cfg.seed.to_string()),
         // What `prepare` needs to rebuild the same inputs and scaling for `kiln eval`.
         ("kiln.train_limit", cfg.train_limit.map(|v| v.to_string()).unwrap_or_default()),
@@ -275,7 +283,8 @@ pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_d
     let cfg = TrainConfig { seed, data_dir, train_limit: num("kiln.train_limit"), degree: num("kiln.degree"), feature: num("kiln.feature"), ..TrainConfig::new(&model_name, &dataset) };
     let split = prepare(&cfg, cfg.degree.unwrap_or(1))?;
     let mut vs = VarStore::new(seed);
-    let mut model = linear_models::build(&model_name, &mut vs, split.test.features, split.test.image, split.test.num_classes(), &hidden)?;
+    let arch = linear_models::Arch { hidden: &hidden, depth: num("kiln.depth").unwrap_or(20), seed };
+    let mut model = linear_models::build(&model_name, &mut vs, split.test.features, split.test.image, split.test.num_classes(), &arch)?;
     vs.finish()?;
     vs.load_checkpoint(&path.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
     model.set_training(false);
@@ -430,8 +439,12 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         return Err(KilnError::Backward("--degree applies to polyreg only".into()));
     }
     let mut vs = VarStore::new(cfg.seed);
-    let mut model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.image, split.train.num_classes(), &s.hidden)?;
+    let arch = linear_models::Arch { hidden: &s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
+    let mut model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.image, split.train.num_classes(), &arch)?;
     vs.finish()?;
+    if cfg.augment.is_some() && !(linear_models::is_convolutional(&cfg.model) && split.train.image.is_some()) {
+        return Err(KilnError::Backward("--augment needs a convolutional model on an image data set".into()));
+    }
     let steps_per_epoch = split.train.len().div_ceil(s.batch_size) as u64;
     let total_steps = steps_per_epoch * s.epochs as u64;
     let mut opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
@@ -499,7 +512,10 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
         for idx in Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)? {
             let before = kiln_graph::backend::thread_stats();
-            let x = rows(&split.train, &idx)?;
+            let mut x = rows(&split.train, &idx)?;
+            if let (Some(a), Some([c, h, w])) = (&cfg.augment, split.train.image) {
+                x = x.reshape(&[idx.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
+            }
             let y = targets_tensor(&split.train, &idx)?;
             let out = model.forward(&x)?;
             let loss = model.task.loss(&out, &y)?;
