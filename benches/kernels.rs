@@ -16,7 +16,9 @@ fn main() {
     println!("adapter: {}", gpu.adapter_name());
     println!("{:>6} {:>12} {:>12} {:>12}", "n", "gpu ms", "gpu GFLOP/s", "cpu GFLOP/s");
     let mut rng = Rng::new(1);
-    for n in [256usize, 512, 1024] {
+    // KILN_BENCH_MATMUL="1024,2048,4096" picks the sizes (the default suits lavapipe).
+    let sizes: Vec<usize> = std::env::var("KILN_BENCH_MATMUL").ok().map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect()).unwrap_or_else(|| vec![256, 512, 1024]);
+    for n in sizes {
         let a = Tensor::randn(&[n, n], 1.0, &mut rng).unwrap();
         let b = Tensor::randn(&[n, n], 1.0, &mut rng).unwrap();
         let gpu_ms = median_ms(2, 10, || {

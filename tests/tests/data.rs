@@ -113,3 +113,37 @@ fn batches_cover_every_sample_once_per_epoch() {
     assert_eq!(seen, (0..103).collect::<Vec<_>>());
     assert!(Batches::new(10, 0, None).is_err());
 }
+
+#[test]
+fn mnist10k_and_its_seeded_split() {
+    let all = kiln_data::load_mnist10k(None).unwrap();
+    assert_eq!((all.len(), all.features, all.image, all.num_classes()), (10_000, 784, Some([1, 28, 28]), Some(10)));
+    assert!(all.x.iter().all(|&v| (0.0..=1.0).contains(&v)));
+    let s = kiln_data::load_split("mnist", None, 42).unwrap();
+    assert_eq!((s.train.len(), s.dev.len(), s.test.len()), (7200, 800, 2000));
+    assert_eq!(kiln_data::load_split("mnist", None, 42).unwrap().test, s.test, "same seed, same split");
+}
+
+#[test]
+fn fashion_mnist_from_the_debian_package() {
+    // scripts/setup (run by the README test command and CI) installs dataset-fashion-mnist.
+    let (train, test) = kiln_data::load_fashion_mnist(None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((train.len(), test.len(), train.image), (60_000, 10_000, Some([1, 28, 28])));
+    assert_eq!(train.num_classes(), Some(10));
+}
+
+#[test]
+fn corrupt_idx_in_data_dir_names_the_file() {
+    let dir = temp_dir("idx");
+    for stem in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        std::fs::write(dir.join(stem), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
+    }
+    let e = kiln_data::load_fashion_mnist(Some(&dir)).unwrap_err().to_string();
+    assert!(e.contains("train-images-idx3-ubyte") && e.contains("header"), "{e}");
+    let e = kiln_data::parse_idx("x.idx", &[0, 0, 9, 1, 0, 0, 0, 1, 5]).unwrap_err().to_string();
+    assert!(e.contains("x.idx") && e.contains("unsigned byte"), "{e}");
+    let e = kiln_data::parse_idx("y.idx", &[0, 0, 8, 1, 0, 0, 0, 5, 1, 2]).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    let e = kiln_data::parse_idx("z.idx", &[7, 7, 8, 1]).unwrap_err().to_string();
+    assert!(e.contains("magic"), "{e}");
+}
