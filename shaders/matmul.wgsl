@@ -27,6 +27,17 @@ fn b_at(base: u32, kk: u32, col: u32) -> f32 {
     return b[base + kk * p.n + col];
 }
 
+// Writes a 4x4 block of C at (row0, col0), skipping what lies past the edges.
+fn store_block(c_base: u32, row0: u32, col0: u32, rows: array<vec4<f32>, 4>) {
+    for (var i = 0u; i < 4u; i = i + 1u) {
+        let row = row0 + i;
+        if (row >= p.m) { break; }
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            if (col0 + j < p.n) { c[c_base + row * p.n + col0 + j] = rows[i][j]; }
+        }
+    }
+}
+
 @compute @workgroup_size(WG_X, WG_Y, 1)
 fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let row0 = gid.y * 4u;
@@ -48,15 +59,7 @@ fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc2 = fma(vec4<f32>(a_at(a_base, r.z, kk)), bv, acc2);
         acc3 = fma(vec4<f32>(a_at(a_base, r.w, kk)), bv, acc3);
     }
-    let c_base = gid.z * p.m * p.n;
-    let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let row = row0 + i;
-        if (row >= p.m) { break; }
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            if (col0 + j < p.n) { c[c_base + row * p.n + col0 + j] = rows[i][j]; }
-        }
-    }
+    store_block(gid.z * p.m * p.n, row0, col0, array<vec4<f32>, 4>(acc0, acc1, acc2, acc3));
 }
 
 // ---- matmul_vec4: the same product with 16-byte loads along the contiguous axis of each operand ----------
@@ -141,14 +144,6 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
             acc3 = fma(vec4<f32>(a3.w), t3, fma(vec4<f32>(a2.w), t2, fma(vec4<f32>(a1.w), t1, fma(vec4<f32>(a0.w), t0, acc3))));
         }
     }
-    let c_base = gid.z * p.m * p.n;
-    let rows = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let row = row0 + i;
-        if (row >= p.m) { break; }
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            if (col0 + j < p.n) { c[c_base + row * p.n + col0 + j] = rows[i][j]; }
-        }
-    }
+    store_block(gid.z * p.m * p.n, row0, col0, array<vec4<f32>, 4>(acc0, acc1, acc2, acc3));
 }
 

@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     let r = kiln_examples::train_verbose(&cfg, 50)?;
     let (gd, ne) = (r.train_cost.unwrap_or(f64::NAN), r.normal_equation_cost.unwrap_or(f64::NAN));
     println!("training cost J(θ): gradient descent {gd:.3}, normal equation {ne:.3} — GD is {:.3}% above", 100.0 * (gd / ne - 1.0));
-    println!("test MSE {:.1}, test R² {:.3}", r.test_mse.unwrap_or(f64::NAN), r.test_r2.unwrap_or(f64::NAN));
+    println!("test MSE {:.1}, test R² {:.3}", r.test.test_mse.unwrap_or(f64::NAN), r.test.test_r2.unwrap_or(f64::NAN));
     if gd > ne * 1.01 {
         anyhow::bail!("gradient descent did not reach the normal-equation cost within 1%");
     }

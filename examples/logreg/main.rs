@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     for dataset in ["breast-cancer", "iris", "digits"] {
         println!("== logistic regression on {dataset}");
         let r = kiln_examples::train_verbose(&TrainConfig::new("logreg", dataset), 100)?;
-        println!("test accuracy {:.4}, macro F1 {:.4}\n", r.test_accuracy.unwrap_or(0.0), r.test_macro_f1.unwrap_or(0.0));
+        println!("test accuracy {:.4}, macro F1 {:.4}\n", r.test.test_accuracy.unwrap_or(0.0), r.test.test_macro_f1.unwrap_or(0.0));
     }
     Ok(())
 }

@@ -120,5 +120,5 @@ fn frozen_parameters_stay_bit_identical_and_eval_matches() {
         }
     }
     let e = evaluate_checkpoint(&dst.join("last.safetensors"), None, None).unwrap();
-    assert_eq!(e.test_accuracy, r.test_accuracy, "eval of the saved model must reproduce the run's test accuracy");
+    assert_eq!(e.test.test_accuracy, r.test.test_accuracy, "eval of the saved model must reproduce the run's test accuracy");
 }

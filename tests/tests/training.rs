@@ -8,7 +8,7 @@ fn train(cfg: TrainConfig) -> TrainReport {
     require_gpu();
     let name = format!("{} on {}", cfg.model, cfg.dataset);
     let r = run(&cfg, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
-    eprintln!("{name}: acc {:?} r2 {:?} in {:.1} s, {:.2} ms/step", r.test_accuracy, r.test_r2, r.seconds, r.ms_per_step);
+    eprintln!("{name}: acc {:?} r2 {:?} in {:.1} s, {:.2} ms/step", r.test.test_accuracy, r.test.test_r2, r.seconds, r.ms_per_step);
     r
 }
 
@@ -18,7 +18,7 @@ fn linreg_gradient_descent_reaches_the_normal_equation_cost() {
     let (gd, ne) = (r.train_cost.unwrap(), r.normal_equation_cost.unwrap());
     assert!(gd <= ne * 1.01, "GD cost {gd} not within 1% of the normal equation's {ne}");
     assert!(gd >= ne * (1.0 - 1e-4), "GD cost {gd} below the least-squares optimum {ne}: one of them is wrong");
-    assert!(r.test_r2.unwrap() > 0.4);
+    assert!(r.test.test_r2.unwrap() > 0.4);
 }
 
 #[test]
@@ -32,24 +32,24 @@ fn polyreg_shows_over_fitting() {
 #[test]
 fn logreg_breast_cancer_reaches_94_percent() {
     let r = train(TrainConfig { epochs: Some(200), ..TrainConfig::new("logreg", "breast-cancer") });
-    assert!(r.test_accuracy.unwrap() >= 0.94, "{:?}", r.test_accuracy);
+    assert!(r.test.test_accuracy.unwrap() >= 0.94, "{:?}", r.test.test_accuracy);
 }
 
 #[test]
 fn one_vs_all_on_iris_and_digits() {
     let iris = train(TrainConfig { epochs: Some(300), ..TrainConfig::new("logreg", "iris") });
-    assert!(iris.test_accuracy.unwrap() >= 0.8, "iris {:?}", iris.test_accuracy);
+    assert!(iris.test.test_accuracy.unwrap() >= 0.8, "iris {:?}", iris.test.test_accuracy);
     let digits = train(TrainConfig { epochs: Some(150), ..TrainConfig::new("logreg", "digits") });
-    assert!(digits.test_accuracy.unwrap() >= 0.9, "digits {:?}", digits.test_accuracy);
-    assert_eq!(digits.per_class.len(), 10);
+    assert!(digits.test.test_accuracy.unwrap() >= 0.9, "digits {:?}", digits.test.test_accuracy);
+    assert_eq!(digits.test.per_class.len(), 10);
 }
 
 #[test]
 fn mlp_on_digits_reaches_95_percent_in_budget() {
     let r = train(TrainConfig { epochs: Some(12), ..TrainConfig::new("mlp", "digits") });
-    assert!(r.test_accuracy.unwrap() >= 0.95, "{:?}", r.test_accuracy);
+    assert!(r.test.test_accuracy.unwrap() >= 0.95, "{:?}", r.test.test_accuracy);
     assert!(r.submits_per_step <= 2.0, "submits per step {}", r.submits_per_step);
-    let cm_total: u64 = r.confusion.iter().flatten().sum();
+    let cm_total: u64 = r.test.confusion.iter().flatten().sum();
     assert_eq!(cm_total as usize, r.test_samples);
 }
 
@@ -76,7 +76,7 @@ fn optimizers_and_schedules_all_train() {
             schedule: Some("cosine+warmup:5".parse().unwrap()),
             ..TrainConfig::new("softmax", "digits")
         });
-        assert!(r.test_accuracy.unwrap() > 0.85, "{opt}: {:?}", r.test_accuracy);
+        assert!(r.test.test_accuracy.unwrap() > 0.85, "{opt}: {:?}", r.test.test_accuracy);
     }
 }
 
@@ -99,12 +99,12 @@ fn bad_settings_are_errors() {
 fn lenet_learns_mnist_on_a_reduced_budget() {
     // Full runs (README) reach 97% on the MNIST-10k split; here 1,500 digits and 2 epochs must clear 85%.
     let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1500), ..TrainConfig::new("lenet", "mnist") });
-    assert!(r.test_accuracy.unwrap() >= 0.85, "{:?}", r.test_accuracy);
+    assert!(r.test.test_accuracy.unwrap() >= 0.85, "{:?}", r.test.test_accuracy);
     assert_eq!(r.parameters, 61_706);
 }
 
 #[test]
 fn lenet_with_augmentation_trains() {
     let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1000), augment: Some("shift:2,rotate:10".parse().unwrap()), ..TrainConfig::new("lenet", "mnist") });
-    assert!(r.test_accuracy.unwrap() >= 0.7, "{:?}", r.test_accuracy);
+    assert!(r.test.test_accuracy.unwrap() >= 0.7, "{:?}", r.test.test_accuracy);
 }

@@ -282,18 +282,23 @@ fn eval(checkpoint: PathBuf, dataset: Option<String>, data_dir: Option<PathBuf>,
     let r = kiln_models::evaluate_checkpoint(&checkpoint, dataset.as_deref(), data_dir).with_context(|| format!("evaluating {}", checkpoint.display()))?;
     println!("{} ({}) on the {} test split ({} samples) with {}", r.checkpoint, r.model, r.dataset, r.test_samples, r.adapter);
     println!("test loss {:.4}", r.test_loss);
-    if let Some(acc) = r.test_accuracy {
-        println!("test accuracy {:.4}, macro F1 {:.4}", acc, r.test_macro_f1.unwrap_or(0.0));
-        print_confusion(&r.per_class.iter().map(|c| c.class.clone()).collect::<Vec<_>>(), &r.confusion);
-        print_scores(&r.per_class);
-    }
-    if let (Some(mse), Some(r2)) = (r.test_mse, r.test_r2) {
-        println!("test MSE {mse:.2}  test R^2 {r2:.4}");
-    }
+    print_test_metrics(&r.test, r.test_samples);
     if json {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
+}
+
+/// Accuracy, confusion matrix and per-class scores, or MSE and R^2.
+fn print_test_metrics(t: &kiln_models::train::TestMetrics, samples: usize) {
+    if let Some(acc) = t.test_accuracy {
+        println!("test accuracy {:.4} ({samples} samples), macro F1 {:.4}", acc, t.test_macro_f1.unwrap_or(0.0));
+        print_confusion(&t.per_class.iter().map(|c| c.class.clone()).collect::<Vec<_>>(), &t.confusion);
+        print_scores(&t.per_class);
+    }
+    if let (Some(mse), Some(r2)) = (t.test_mse, t.test_r2) {
+        println!("test MSE {mse:.2}  test R^2 {r2:.4}");
+    }
 }
 
 fn print_confusion(classes: &[String], confusion: &[Vec<u64>]) {
@@ -326,14 +331,7 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
     println!();
     println!("model {} on {} — {} epochs, {} steps, {:.1} s on {} ({})", r.model, r.dataset, r.epochs, r.steps, r.seconds, r.adapter, r.backend);
     println!("train loss {:.4}  dev loss {:.4}  test loss {:.4}", r.train_loss, r.dev_loss, r.test_loss);
-    if let Some(acc) = r.test_accuracy {
-        println!("test accuracy {:.4} ({} samples), macro F1 {:.4}", acc, r.test_samples, r.test_macro_f1.unwrap_or(0.0));
-        print_confusion(&r.per_class.iter().map(|c| c.class.clone()).collect::<Vec<_>>(), &r.confusion);
-        print_scores(&r.per_class);
-    }
-    if let (Some(mse), Some(r2)) = (r.test_mse, r.test_r2) {
-        println!("test MSE {mse:.2}  test R^2 {r2:.4}");
-    }
+    print_test_metrics(&r.test, r.test_samples);
     if let (Some(ne), Some(gd)) = (r.normal_equation_cost, r.train_cost) {
         println!("training cost J: gradient descent {gd:.3}, normal equation {ne:.3} (ratio {:.4})", gd / ne);
     }

@@ -3,7 +3,7 @@
 //! map of class scores, one per window, instead of one vector.
 
 use kiln_graph::{Conv2dGeom, Result, Tensor};
-use kiln_nn::{shape_error, Linear, Module, Param};
+use kiln_nn::{add_channel_bias, shape_error, Linear, Module, Param};
 
 /// A `Linear` layer applied as a convolution: its weight [out, c*h*w] read as [out, c, h, w]. Over a map of
 /// exactly [c, h, w] it computes the linear layer; over a larger map it computes it at every position.
@@ -30,14 +30,7 @@ impl Module for FcAsConv {
         let w = self.weight.tensor()?;
         let [c, h, wd] = self.input;
         let kernel = w.reshape(&[w.shape()[0], c, h, wd])?;
-        let y = x.conv2d(&kernel, Conv2dGeom::default())?;
-        match &self.bias {
-            Some(b) => {
-                let b = b.tensor()?;
-                y.broadcast_add(&b.reshape(&[1, b.numel(), 1, 1])?)
-            }
-            None => Ok(y),
-        }
+        add_channel_bias(x.conv2d(&kernel, Conv2dGeom::default())?, self.bias.as_ref())
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         let [c, h, w] = self.input;

@@ -180,23 +180,13 @@ pub struct TrainReport {
     pub train_loss: f64,
     pub dev_loss: f64,
     pub test_loss: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_accuracy: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_macro_f1: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_mse: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub test_r2: Option<f64>,
+    #[serde(flatten)]
+    pub test: TestMetrics,
     /// linreg: the normal equation's training cost J and GD's, on the same split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub normal_equation_cost: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_cost: Option<f64>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub confusion: Vec<Vec<u64>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub per_class: Vec<ClassReport>,
     pub seconds: f64,
     pub samples_per_s: f64,
     pub ms_per_step: f64,
@@ -256,6 +246,14 @@ pub struct EvalReport {
     pub adapter: String,
     pub test_samples: usize,
     pub test_loss: f64,
+    #[serde(flatten)]
+    pub test: TestMetrics,
+}
+
+/// Test-split metrics: accuracy, macro F1, confusion matrix and per-class scores for classifiers; MSE and R^2
+/// for regression.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TestMetrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,6 +266,28 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<u64>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_class: Vec<ClassReport>,
+}
+
+impl TestMetrics {
+    fn of(model: &Model, outputs: &[f32], targets: &Targets) -> TestMetrics {
+        let mut m = TestMetrics::default();
+        match targets {
+            Targets::Classes { labels, names } => {
+                let pred = model.task.predict(outputs, model.outputs);
+                let cm = metrics::confusion_matrix(&pred, labels, names.len());
+                let scores = metrics::per_class_scores(&cm);
+                m.test_accuracy = Some(metrics::accuracy(&pred, labels));
+                m.test_macro_f1 = Some(metrics::macro_average(&scores).f1);
+                m.per_class = scores.iter().zip(names).map(|(s, n)| ClassReport { class: n.clone(), precision: s.precision, recall: s.recall, f1: s.f1, support: s.support }).collect();
+                m.confusion = cm;
+            }
+            Targets::Values(v) => {
+                m.test_mse = Some(metrics::mse(outputs, v));
+                m.test_r2 = Some(metrics::r2(outputs, v));
+            }
+        }
+        m
+    }
 }
 
 /// Evaluates a checkpoint written by `run` on a data set's test split (the split of the checkpoint's seed).
@@ -295,21 +315,8 @@ pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_d
         None => split.clone(),
     };
     let (test_loss, out) = evaluate(&model, &scaled.test, ts)?;
-    let mut r = EvalReport { checkpoint: path.display().to_string(), model: model_name, dataset, adapter: g.adapter_name(), test_samples: split.test.len(), test_loss, test_accuracy: None, test_macro_f1: None, test_mse: None, test_r2: None, confusion: Vec::new(), per_class: Vec::new() };
-    if let Targets::Values(v) = &split.test.targets {
-        r.test_mse = Some(metrics::mse(&out, v));
-        r.test_r2 = Some(metrics::r2(&out, v));
-    }
-    if let Targets::Classes { labels, names } = &split.test.targets {
-        let pred = model.task.predict(&out, model.outputs);
-        let cm = metrics::confusion_matrix(&pred, labels, names.len());
-        let scores = metrics::per_class_scores(&cm);
-        r.test_accuracy = Some(metrics::accuracy(&pred, labels));
-        r.test_macro_f1 = Some(metrics::macro_average(&scores).f1);
-        r.per_class = scores.iter().zip(names).map(|(s, n)| ClassReport { class: n.clone(), precision: s.precision, recall: s.recall, f1: s.f1, support: s.support }).collect();
-        r.confusion = cm;
-    }
-    Ok(r)
+    let test = TestMetrics::of(&model, &out, &split.test.targets);
+    Ok(EvalReport { checkpoint: path.display().to_string(), model: model_name, dataset, adapter: g.adapter_name(), test_samples: split.test.len(), test_loss, test })
 }
 
 fn data_err(e: kiln_data::DataError) -> KilnError {
@@ -600,14 +607,9 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         train_loss: train_eval_loss,
         dev_loss: history.last().map(|h| h.dev_loss).unwrap_or(f64::NAN),
         test_loss,
-        test_accuracy: None,
-        test_macro_f1: None,
-        test_mse: None,
-        test_r2: None,
+        test: TestMetrics::of(&model, &test_out, &raw_split.test.targets),
         normal_equation_cost: None,
         train_cost: None,
-        confusion: Vec::new(),
-        per_class: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
         samples_per_s: samples_seen as f64 / train_seconds.max(1e-9),
         ms_per_step: 1000.0 * train_seconds / step.max(1) as f64,
@@ -623,25 +625,10 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         frozen,
         loaded_from_checkpoint,
     };
-    match &raw_split.test.targets {
-        Targets::Classes { labels, names } => {
-            let pred = model.task.predict(&test_out, model.outputs);
-            let cm = metrics::confusion_matrix(&pred, labels, names.len());
-            let scores = metrics::per_class_scores(&cm);
-            report.test_accuracy = Some(metrics::accuracy(&pred, labels));
-            report.test_macro_f1 = Some(metrics::macro_average(&scores).f1);
-            report.per_class = scores.iter().zip(names).map(|(s, n)| ClassReport { class: n.clone(), precision: s.precision, recall: s.recall, f1: s.f1, support: s.support }).collect();
-            report.confusion = cm;
-        }
-        Targets::Values(v) => {
-            report.test_mse = Some(metrics::mse(&test_out, v));
-            report.test_r2 = Some(metrics::r2(&test_out, v));
-            if cfg.model == "linreg" {
-                let train_y = raw_split.train.values().unwrap_or(&[]);
-                report.normal_equation_cost = normal_equation(&raw_split.train.x, raw_split.train.features, train_y).map(|(_, c)| c);
-                report.train_cost = Some(train_eval_loss / 2.0);
-            }
-        }
+    if cfg.model == "linreg" {
+        let train_y = raw_split.train.values().unwrap_or(&[]);
+        report.normal_equation_cost = normal_equation(&raw_split.train.x, raw_split.train.features, train_y).map(|(_, c)| c);
+        report.train_cost = Some(train_eval_loss / 2.0);
     }
     Ok(report)
 }

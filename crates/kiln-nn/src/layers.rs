@@ -68,17 +68,21 @@ impl Conv2d {
     }
 }
 
+/// y + bias per channel: y [n, c, h, w], bias [c].
+pub fn add_channel_bias(y: Tensor, bias: Option<&Param>) -> Result<Tensor> {
+    match bias {
+        Some(b) => {
+            let b = b.tensor()?;
+            y.broadcast_add(&b.reshape(&[1, b.numel(), 1, 1])?)
+        }
+        None => Ok(y),
+    }
+}
+
 impl Module for Conv2d {
     /// x: [n, in, h, w] -> [n, out, oh, ow]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(self.weight.tensor()?, self.geom)?;
-        match &self.bias {
-            Some(b) => {
-                let b = b.tensor()?;
-                y.broadcast_add(&b.reshape(&[1, b.numel(), 1, 1])?)
-            }
-            None => Ok(y),
-        }
+        add_channel_bias(x.conv2d(self.weight.tensor()?, self.geom)?, self.bias.as_ref())
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         let w = self.weight.shape();

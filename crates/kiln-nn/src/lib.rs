@@ -10,7 +10,7 @@ pub mod schedule;
 pub mod varstore;
 
 pub use init::Init;
-pub use layers::{AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
+pub use layers::{add_channel_bias, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
 pub use module::{shape_error, Activation, Linear, Module, Sequential};
 pub use optim::{Optimizer, OptimizerKind};
 pub use schedule::LrSchedule;
