@@ -19,6 +19,15 @@ override WG: u32 = 256u;
 
 fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * WG; }
 
+// The output position (along one axis) whose kernel tap `tap` reads input position `pos`, or -1 if none.
+fn tap_output(pos: u32, pad: u32, tap: u32, dil: u32, stride: u32, count: u32) -> i32 {
+    let t = i32(pos + pad) - i32(tap * dil);
+    if (t < 0 || t % i32(stride) != 0) { return -1; }
+    let o = t / i32(stride);
+    if (o >= i32(count)) { return -1; }
+    return o;
+}
+
 // y[b, co, oy, ox] = sum_{ci, ky, kx} x[b, g*cig + ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw] * weight[co, ci, ky, kx]
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -67,15 +76,13 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let ci = c % cig;
     var acc = 0.0;
     for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
-        let ty = i32(iy + cp.pad_h) - i32(ky * cp.dil_h);
-        if (ty < 0 || ty % i32(cp.stride_h) != 0) { continue; }
-        let oy = u32(ty) / cp.stride_h;
-        if (oy >= cp.oh) { continue; }
+        let oy_signed = tap_output(iy, cp.pad_h, ky, cp.dil_h, cp.stride_h, cp.oh);
+        if (oy_signed < 0) { continue; }
+        let oy = u32(oy_signed);
         for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
-            let tx = i32(ix + cp.pad_w) - i32(kx * cp.dil_w);
-            if (tx < 0 || tx % i32(cp.stride_w) != 0) { continue; }
-            let ox = u32(tx) / cp.stride_w;
-            if (ox >= cp.ow) { continue; }
+            let ox_signed = tap_output(ix, cp.pad_w, kx, cp.dil_w, cp.stride_w, cp.ow);
+            if (ox_signed < 0) { continue; }
+            let ox = u32(ox_signed);
             for (var k = 0u; k < cog; k = k + 1u) {
                 let co = g * cog + k;
                 acc = fma(grad_y[((b * cp.c_out + co) * cp.oh + oy) * cp.ow + ox], weight[((co * cig + ci) * cp.kh + ky) * cp.kw + kx], acc);
@@ -165,15 +172,13 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let rows = cp.c_in * cp.kh * cp.kw;
     var acc = 0.0;
     for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
-        let ty = i32(iy + cp.pad_h) - i32(ky * cp.dil_h);
-        if (ty < 0 || ty % i32(cp.stride_h) != 0) { continue; }
-        let oy = u32(ty) / cp.stride_h;
-        if (oy >= cp.oh) { continue; }
+        let oy_signed = tap_output(iy, cp.pad_h, ky, cp.dil_h, cp.stride_h, cp.oh);
+        if (oy_signed < 0) { continue; }
+        let oy = u32(oy_signed);
         for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
-            let tx = i32(ix + cp.pad_w) - i32(kx * cp.dil_w);
-            if (tx < 0 || tx % i32(cp.stride_w) != 0) { continue; }
-            let ox = u32(tx) / cp.stride_w;
-            if (ox >= cp.ow) { continue; }
+            let ox_signed = tap_output(ix, cp.pad_w, kx, cp.dil_w, cp.stride_w, cp.ow);
+            if (ox_signed < 0) { continue; }
+            let ox = u32(ox_signed);
             acc = acc + grad_cols[(b * rows + (c * cp.kh + ky) * cp.kw + kx) * spatial + oy * cp.ow + ox];
         }
     }
