@@ -181,6 +181,10 @@ pub fn softmax(x: &BufView, outer: usize, axis: usize, inner: usize, log: bool) 
 /// C[batch, m, n] = op(A) @ op(B). Batch strides of 0 broadcast an operand.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
+    let limit = gpu()?.max_binding_bytes() as usize;
+    if batch == 1 && 4 * (m * k).max(k * n).max(m * n) > limit {
+        return matmul_split(a, b, m, n, k, trans_a, trans_b, limit);
+    }
     let c = out(batch * m * n, "matmul output")?;
     if k == 0 {
         gpu()?.zero(&c)?;
@@ -198,6 +202,87 @@ pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usi
     let entry = if vec4 { "matmul_vec4" } else { "matmul" };
     launch(&MATMUL, entry, &consts, p, &[a, b], &[&c], groups)?;
     Ok(c)
+}
+
+/// A 2-D product with an operand larger than one storage binding: split along the axis that keeps the big
+/// operand's pieces contiguous (so they bind as sub-ranges), slicing the small operands with strided copies:
+/// a big op(B) [k, n] splits by n (stored [n, k]) or k (stored [k, n]); a big op(A) or C splits by m, or by k
+/// when A is stored [k, m]. Two operands over the limit at once is an error that names it.
+#[allow(clippy::too_many_arguments)]
+fn matmul_split(a: &BufView, b: &BufView, m: usize, n: usize, k: usize, ta: bool, tb: bool, limit: usize) -> Result<BufView> {
+    let g = gpu()?;
+    let big = |elems: usize| 4 * elems > limit;
+    let (a_big, b_big, c_big) = (big(m * k), big(k * n), big(m * n));
+    if [a_big, b_big, c_big].iter().filter(|&&x| x).count() > 1 {
+        return Err(kiln_wgpu::GpuError::BindingTooLarge { bytes: 4 * (m * k).max(k * n).max(m * n) as u64, limit: limit as u64, what: format!("matmul [{m}x{k}] @ [{k}x{n}]: two operands over the limit") }.into());
+    }
+    let align = g.limits.min_storage_buffer_offset_alignment.max(4) as usize;
+    // Rows per piece: as many as fit in half the limit, a multiple that keeps piece offsets aligned.
+    let rows_per_piece = |row_elems: usize| {
+        let step = align / gcd(align, 4 * row_elems.max(1));
+        ((limit / 2) / (4 * row_elems.max(1)) / step * step).max(step)
+    };
+    // A column block [r0, r0 + rows) of a row-major [outer, cols] matrix, copied out contiguous.
+    let columns = |src: &BufView, outer: usize, cols: usize, r0: usize, rows: usize| -> Result<BufView> {
+        let dst = out(outer * rows, "matmul piece")?;
+        strided_copy(src, r0, &[cols, 1], &dst, 0, &[rows, 1], &[outer, rows])?;
+        Ok(dst)
+    };
+    // Rows [r0, r0 + rows) of a row-major matrix: bound in place when the offset is aligned, else copied out
+    // (copies need only 4-byte alignment; only the small operands' pieces can be unaligned).
+    let rows_of = |src: &BufView, row_elems: usize, r0: usize, rows: usize| -> Result<BufView> {
+        let (offset, bytes) = ((4 * r0 * row_elems) as u64, (4 * rows * row_elems) as u64);
+        if offset % align as u64 == 0 {
+            return Ok(src.sub(offset, bytes));
+        }
+        let dst = out(rows * row_elems, "matmul piece")?;
+        g.copy(&src.sub(offset, bytes), &dst, bytes)?;
+        Ok(dst)
+    };
+    let c = out(m * n, "matmul output")?;
+    if b_big && tb {
+        // C[:, n0..n1] = op(A) @ B_stored[n0..n1]^T, scattered into C's columns.
+        let step = rows_per_piece(k);
+        for n0 in (0..n).step_by(step) {
+            let rows = step.min(n - n0);
+            let piece = matmul(a, &rows_of(b, k, n0, rows)?, 1, m, rows, k, 0, 0, ta, true)?;
+            strided_copy(&piece, 0, &[rows, 1], &c, n0, &[n, 1], &[m, rows])?;
+        }
+        return Ok(c);
+    }
+    if (b_big && !tb) || (a_big && ta) {
+        // C = sum over k-pieces of op(A)[:, k0..k1] @ op(B)[k0..k1, :].
+        let step = if b_big { rows_per_piece(n) } else { rows_per_piece(m) };
+        let mut acc: Option<BufView> = None;
+        for k0 in (0..k).step_by(step) {
+            let rows = step.min(k - k0);
+            let ap = if ta { rows_of(a, m, k0, rows)? } else { columns(a, m, k, k0, rows)? };
+            let bp = if tb { columns(b, n, k, k0, rows)? } else { rows_of(b, n, k0, rows)? };
+            let part = matmul(&ap, &bp, 1, m, n, rows, 0, 0, ta, tb)?;
+            acc = Some(match acc {
+                None => part,
+                Some(sum) => binary(BinaryKind::Add, &sum, &[m, n], &part, &[m, n], &[m, n])?,
+            });
+        }
+        return Ok(acc.unwrap_or(c));
+    }
+    // A big op(A) stored [m, k], or a big C: C[m0..m1] = op(A)[m0..m1, :] @ op(B), copied into C's rows.
+    let step = if a_big { rows_per_piece(k) } else { rows_per_piece(n).min(rows_per_piece(k)) };
+    for m0 in (0..m).step_by(step) {
+        let rows = step.min(m - m0);
+        let ap = if ta { columns(a, k, m, m0, rows)? } else { rows_of(a, k, m0, rows)? };
+        let piece = matmul(&ap, b, 1, rows, n, k, 0, 0, ta, tb)?;
+        g.copy(&piece, &c.sub((4 * m0 * n) as u64, (4 * rows * n) as u64), (4 * rows * n) as u64)?;
+    }
+    Ok(c)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// out[outer, n_idx, inner] = x[outer, idx[j], inner]

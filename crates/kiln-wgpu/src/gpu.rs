@@ -126,6 +126,7 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     dump_dir: Option<std::path::PathBuf>,
     log: bool,
+    binding_limit: u64,
 }
 
 /// Submits and buffer creations made by the calling thread (the process-wide numbers mix in other threads'
@@ -248,12 +249,13 @@ impl Gpu {
         Ok(Gpu {
             info,
             features,
-            limits,
+            limits: limits.clone(),
             device,
             queue,
             state: Mutex::new(state),
             uncaptured,
             dump_dir: std::env::var_os("KILN_DUMP_WGSL").map(Into::into),
+            binding_limit: std::env::var("KILN_MAX_BINDING_BYTES").ok().and_then(|v| v.parse::<u64>().ok()).map(|v| v.max(1024)).unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size as u64),
             log: std::env::var("KILN_LOG").map(|v| v != "0").unwrap_or(false),
         })
     }
@@ -280,9 +282,10 @@ impl Gpu {
         self.lock().stats
     }
 
-    /// Largest tensor a kernel can bind.
+    /// Largest tensor a kernel can bind: the adapter's max_storage_buffer_binding_size, or less when
+    /// KILN_MAX_BINDING_BYTES asks (to exercise the split paths of big operands on any adapter).
     pub fn max_binding_bytes(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size as u64
+        self.binding_limit
     }
 
     /// A buffer of at least `bytes` from the pool (contents undefined). `what` names the tensor for errors.
@@ -465,9 +468,13 @@ impl Gpu {
     /// Records one dispatch into the open compute pass.
     pub fn dispatch(&self, d: &Dispatch) -> Result<()> {
         let limit = self.max_binding_bytes();
+        let align = self.limits.min_storage_buffer_offset_alignment as u64;
         for v in d.inputs.iter().chain(d.outputs) {
             if v.bytes > limit {
                 return Err(GpuError::BindingTooLarge { bytes: v.bytes, limit, what: format!("{}::{}", d.shader.name, d.entry) });
+            }
+            if v.offset % align != 0 {
+                return Err(GpuError::Validation { context: format!("{}::{}", d.shader.name, d.entry), message: format!("a binding at byte offset {} breaks this adapter's min_storage_buffer_offset_alignment of {align}", v.offset) });
             }
         }
         let params = pad16(d.params);
