@@ -115,3 +115,15 @@ fn shape_mismatch_names_both_shapes() {
     assert!(a.reshape(&[7]).is_err());
     assert!(Tensor::from_slice(&[1.0, 2.0], &[3]).is_err());
 }
+
+#[test]
+fn batch_parts_share_one_upload() {
+    require_gpu();
+    let x = [1.5f32, -2.0, 3.25, 4.0, 5.0, 6.0];
+    let labels = [7u32, 1];
+    let t = Tensor::upload_together(&[(bytemuck::cast_slice(&x), &[2, 3], kiln_graph::DType::F32), (bytemuck::cast_slice(&labels), &[2], kiln_graph::DType::U32)]).unwrap();
+    assert!(t[0].storage().same_buffer(t[1].storage()), "one buffer, one write");
+    assert_eq!(t[0].to_vec().unwrap(), x.to_vec());
+    assert_eq!(t[1].to_vec_u32().unwrap(), labels.to_vec());
+    assert!(Tensor::upload_together(&[(bytemuck::cast_slice(&x), &[4], kiln_graph::DType::F32)]).is_err());
+}

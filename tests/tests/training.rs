@@ -108,3 +108,11 @@ fn lenet_with_augmentation_trains() {
     let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1000), augment: Some("shift:2,rotate:10".parse().unwrap()), ..TrainConfig::new("lenet", "mnist") });
     assert!(r.test.test_accuracy.unwrap() >= 0.7, "{:?}", r.test.test_accuracy);
 }
+
+#[test]
+fn lenet_on_a_fashion_mnist_subset() {
+    // The README's full run reaches 89%; 3,000 images and one epoch must clear 65%.
+    let r = train(TrainConfig { epochs: Some(1), train_limit: Some(3000), ..TrainConfig::new("lenet", "fashion-mnist") });
+    assert!(r.test.test_accuracy.unwrap() >= 0.65, "{:?}", r.test.test_accuracy);
+    assert_eq!(r.test_samples, 10_000);
+}

@@ -138,6 +138,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time training steps (LeNet-5 and ResNet-20 at batch 64 by default) on the adapter.
+    Bench {
+        /// Models to time (lenet, resnet20, resnet32, ... from the zoo).
+        #[arg(long, value_delimiter = ',', default_values_t = ["lenet".to_string(), "resnet20".to_string()])]
+        models: Vec<String>,
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        batch: u64,
+        /// Timed steps per model (median reported).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        steps: u64,
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Also write the records as a JSON array to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print a model's layers with output shapes and parameter counts (no GPU needed).
     Summary {
         /// lenet, alexnet, vgg16, vgg16_bn, resnet18/34/50, resnet20/32/56 (CIFAR), googlenet
@@ -169,6 +185,7 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
+        Command::Bench { models, batch, steps, adapter, json } => bench(&models, batch as usize, steps as usize, adapter, json),
         Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
         Command::Eval { checkpoint, dataset, data_dir, adapter, json } => eval(checkpoint, dataset, data_dir, adapter, json),
     }
@@ -242,6 +259,23 @@ fn train(a: TrainArgs) -> Result<()> {
     print_summary(&report, &out);
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn bench(models: &[String], batch: usize, steps: usize, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
+    kiln_wgpu::select_adapter(adapter.as_deref())?;
+    println!("adapter: {}", kiln_wgpu::gpu()?.adapter_name());
+    println!("{:<10} {:>6} {:>12} {:>12} {:>14} {:>18} {:>12}", "model", "batch", "ms/step", "samples/s", "submits/step", "buffers after 1st", "parameters");
+    let mut records = Vec::new();
+    for m in models {
+        let input = kiln_models::zoo::ZOO.iter().find(|z| z.0 == m.as_str()).map(|z| if z.0.starts_with("resnet") && z.1[1] == 32 { [1, 28, 28] } else { z.1 }).unwrap_or([1, 28, 28]);
+        let r = kiln_models::bench::bench_step(m, input, 10, batch, steps).with_context(|| format!("benchmarking {m}"))?;
+        println!("{:<10} {:>6} {:>12.3} {:>12.1} {:>14.2} {:>18} {:>12}", r.model, r.batch, r.ms_per_step, r.samples_per_s, r.submits_per_step, r.buffers_created_after_first_step, r.parameters);
+        records.push(r);
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&records)?).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -106,3 +106,20 @@ fn info_names_the_chosen_adapter() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("Kiln uses:") && out.contains("max_storage_buffer_binding_size"), "{out}");
 }
+
+#[test]
+fn bench_and_summary_report_json() {
+    let dir = temp_dir("bench");
+    let path = dir.join("bench.json");
+    let o = kiln(&["bench", "--models", "lenet", "--batch", "8", "--steps", "2", "--json", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v[0]["model"], "lenet");
+    assert!(v[0]["ms_per_step"].as_f64().unwrap() > 0.0 && v[0]["submits_per_step"].as_f64().unwrap() <= 2.0);
+    assert_eq!(v[0]["buffers_created_after_first_step"], 0);
+    let (out, _) = text(&kiln(&["summary", "resnet18", "--json"], &[]));
+    let s: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(s["params"], 11_689_512);
+    assert_clean_failure(&kiln(&["summary", "resnet18", "--input", "3x7"], &[]), "CxHxW");
+    assert_clean_failure(&kiln(&["summary", "transformer"], &[]), "unknown architecture");
+}

@@ -121,6 +121,28 @@ impl Tensor {
         Ok(Tensor::make(data, shape.to_vec(), DType::U32, None))
     }
 
+    /// Several host arrays (4-byte elements: f32 or u32) uploaded with one allocation and one write, each
+    /// becoming a tensor over its aligned part of the buffer (a training batch's images and labels).
+    pub fn upload_together(parts: &[(&[u8], &[usize], DType)]) -> Result<Vec<Tensor>> {
+        let g = gpu()?;
+        let align = g.limits.min_storage_buffer_offset_alignment.max(4) as usize;
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut at = 0usize;
+        for (bytes, shape, _) in parts {
+            if bytes.len() != 4 * numel(shape) {
+                return Err(KilnError::DataLen { op: "upload_together", len: bytes.len() / 4, shape: shape.to_vec(), numel: numel(shape) });
+            }
+            offsets.push(at);
+            at = (at + bytes.len().max(4)).div_ceil(align) * align;
+        }
+        let mut host = vec![0u8; at.max(4)];
+        for ((bytes, _, _), &o) in parts.iter().zip(&offsets) {
+            host[o..o + bytes.len()].copy_from_slice(bytes);
+        }
+        let buf = g.upload(&host, "batch upload")?;
+        parts.iter().zip(&offsets).map(|((bytes, shape, dtype), &o)| Tensor::from_storage(buf.sub(o as u64, bytes.len().max(4) as u64), shape, *dtype)).collect()
+    }
+
     pub fn scalar(v: f32) -> Result<Tensor> {
         Tensor::from_slice(&[v], &[])
     }

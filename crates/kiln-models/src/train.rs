@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kiln_data::{Batches, Dataset, Split, Standardizer, Targets};
 use kiln_graph::backend::gpu;
-use kiln_graph::{no_grad, KilnError, Tensor};
+use kiln_graph::{no_grad, DType, KilnError, Tensor};
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
 use kiln_nn::checkpoint;
@@ -388,20 +388,37 @@ fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
     Ok(split.map(|d| scaler.apply(d)))
 }
 
-/// Uploads the targets of `idx`: class labels as u32 [n], values as f32 [n, 1].
-fn targets_tensor(ds: &Dataset, idx: &[usize]) -> Result<Tensor, KilnError> {
-    match &ds.targets {
-        Targets::Classes { labels, .. } => Tensor::from_u32(&idx.iter().map(|&i| labels[i]).collect::<Vec<_>>(), &[idx.len()]),
-        Targets::Values(v) => Tensor::from_slice(&idx.iter().map(|&i| v[i]).collect::<Vec<_>>(), &[idx.len(), 1]),
-    }
+/// One batch gathered on the host: rows of features and their targets.
+struct HostBatch {
+    n: usize,
+    x: Vec<f32>,
+    labels: Vec<u32>,
+    values: Vec<f32>,
 }
 
-fn rows(ds: &Dataset, idx: &[usize]) -> Result<Tensor, KilnError> {
+fn host_batch(ds: &Dataset, idx: &[usize]) -> HostBatch {
     let mut x = Vec::with_capacity(idx.len() * ds.features);
     for &i in idx {
         x.extend_from_slice(ds.row(i));
     }
-    Tensor::from_slice(&x, &[idx.len(), ds.features])
+    let (labels, values) = match &ds.targets {
+        Targets::Classes { labels, .. } => (idx.iter().map(|&i| labels[i]).collect(), Vec::new()),
+        Targets::Values(v) => (Vec::new(), idx.iter().map(|&i| v[i]).collect()),
+    };
+    HostBatch { n: idx.len(), x, labels, values }
+}
+
+/// Uploads a batch in one write: features f32 [n, features], targets u32 [n] (classes) or f32 [n, 1].
+fn upload(ds: &Dataset, b: &HostBatch) -> Result<(Tensor, Tensor), KilnError> {
+    let x_shape = [b.n, ds.features];
+    let (targets, t_shape, t_dtype): (&[u8], Vec<usize>, DType) = match &ds.targets {
+        Targets::Classes { .. } => (bytemuck::cast_slice(&b.labels), vec![b.n], DType::U32),
+        Targets::Values(_) => (bytemuck::cast_slice(&b.values), vec![b.n, 1], DType::F32),
+    };
+    let mut t = Tensor::upload_together(&[(bytemuck::cast_slice(&b.x), &x_shape, DType::F32), (targets, &t_shape, t_dtype)])?;
+    let y = t.pop().ok_or_else(|| KilnError::Backward("upload lost a part".into()))?;
+    let x = t.pop().ok_or_else(|| KilnError::Backward("upload lost a part".into()))?;
+    Ok((x, y))
 }
 
 /// Forward pass over a whole split without gradients: (mean loss, outputs row-major), both in the targets'
@@ -412,8 +429,9 @@ fn evaluate(model: &Model, ds: &Dataset, scale: Option<TargetScale>) -> Result<(
         let mut loss_sum = 0.0;
         let all: Vec<usize> = (0..ds.len()).collect();
         for chunk in all.chunks(1000) {
-            let out = model.forward(&rows(ds, chunk)?)?;
-            let loss = model.task.loss(&out, &targets_tensor(ds, chunk)?)?;
+            let (x, y) = upload(ds, &host_batch(ds, chunk))?;
+            let out = model.forward(&x)?;
+            let loss = model.task.loss(&out, &y)?;
             loss_sum += loss.to_scalar()? as f64 * chunk.len() as f64;
             outputs.extend(out.to_vec()?);
         }
@@ -517,41 +535,55 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         let mut loss_sum = 0.0;
         model.set_training(true);
         let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
-        for idx in Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)? {
-            let before = kiln_graph::backend::thread_stats();
-            let mut x = rows(&split.train, &idx)?;
-            if let (Some(a), Some([c, h, w])) = (&cfg.augment, split.train.image) {
-                x = x.reshape(&[idx.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
-            }
-            let y = targets_tensor(&split.train, &idx)?;
-            let out = model.forward(&x)?;
-            let loss = model.task.loss(&out, &y)?;
-            let grads = loss.backward()?;
-            opt.step(&vs, &grads)?;
-            drop(grads);
-            let loss_value = loss.to_scalar()?;
-            if !loss_value.is_finite() {
-                return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
-            }
-            let after = kiln_graph::backend::thread_stats();
-            if !seen_batch_sizes.insert(idx.len()) {
-                steady_submits += after.submits - before.submits;
-                steady_buffers += after.buffers_created - before.buffers_created;
-                steady_steps += 1;
-            }
-            step += 1;
-            samples_seen += idx.len();
-            loss_sum += loss_value as f64 * idx.len() as f64;
-            progress(&Progress {
-                epoch,
-                epochs: s.epochs,
-                step,
-                total_steps,
-                loss: loss_value,
-                samples_per_s: samples_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9),
-                epoch_end: None,
+        // A host thread gathers the next batches while the GPU works on this one.
+        let batches = Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)?;
+        let train_set = &split.train;
+        std::thread::scope(|scope| -> Result<(), KilnError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<usize>, HostBatch)>(2);
+            scope.spawn(move || {
+                for idx in batches {
+                    let b = host_batch(train_set, &idx);
+                    if tx.send((idx, b)).is_err() {
+                        break;
+                    }
+                }
             });
-        }
+            for (idx, batch) in rx {
+                let before = kiln_graph::backend::thread_stats();
+                let (mut x, y) = upload(&split.train, &batch)?;
+                if let (Some(a), Some([c, h, w])) = (&cfg.augment, split.train.image) {
+                    x = x.reshape(&[idx.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
+                }
+                let out = model.forward(&x)?;
+                let loss = model.task.loss(&out, &y)?;
+                let grads = loss.backward()?;
+                opt.step(&vs, &grads)?;
+                drop(grads);
+                let loss_value = loss.to_scalar()?;
+                if !loss_value.is_finite() {
+                    return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
+                }
+                let after = kiln_graph::backend::thread_stats();
+                if !seen_batch_sizes.insert(idx.len()) {
+                    steady_submits += after.submits - before.submits;
+                    steady_buffers += after.buffers_created - before.buffers_created;
+                    steady_steps += 1;
+                }
+                step += 1;
+                samples_seen += idx.len();
+                loss_sum += loss_value as f64 * idx.len() as f64;
+                progress(&Progress {
+                    epoch,
+                    epochs: s.epochs,
+                    step,
+                    total_steps,
+                    loss: loss_value,
+                    samples_per_s: samples_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9),
+                    epoch_end: None,
+                });
+            }
+            Ok(())
+        })?;
         model.set_training(false);
         let (dev_loss, dev_out) = evaluate(&model, &split.dev, target_scale)?;
         let record = EpochRecord {

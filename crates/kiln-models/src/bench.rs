@@ -1,0 +1,67 @@
+//! Training-step benchmarks on synthetic batches: ms per step (median), samples/s, submits per step, GPU
+//! buffers created after the first step, peak GPU memory — for `kiln bench`.
+
+use std::time::Instant;
+
+use kiln_graph::backend::{gpu, thread_stats};
+use kiln_graph::{loss, KilnError, Rng, Tensor};
+use kiln_nn::schedule::Schedule;
+use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepBench {
+    pub model: String,
+    pub batch: usize,
+    pub adapter: String,
+    pub ms_per_step: f64,
+    pub samples_per_s: f64,
+    pub submits_per_step: f64,
+    pub buffers_created_after_first_step: u64,
+    pub peak_gpu_bytes: u64,
+    pub parameters: usize,
+}
+
+/// Times `steps` training steps (forward, backward, Adam, loss readback) of an architecture from the zoo on
+/// random [batch, c, h, w] images after two warm-up steps.
+pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, steps: usize) -> Result<StepBench, KilnError> {
+    let g = gpu()?;
+    let mut vs = VarStore::new(1);
+    let mut net = crate::zoo::build_named(&mut vs, name, input, classes, 1)?;
+    vs.finish()?;
+    net.set_training(true);
+    let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 1e-3, 0.0, Schedule::constant(), steps as u64 + 2)?;
+    let mut rng = Rng::new(7);
+    let x = Tensor::randn(&[batch, input[0], input[1], input[2]], 1.0, &mut rng)?;
+    let labels: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
+    let y = Tensor::from_u32(&labels, &[batch])?;
+    let mut step = || -> Result<f64, KilnError> {
+        let t = Instant::now();
+        let l = loss::cross_entropy(&net.forward(&x)?, &y)?;
+        let grads = l.backward()?;
+        opt.step(&vs, &grads)?;
+        l.to_scalar()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    step()?;
+    let after_first = thread_stats();
+    step()?;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps.max(1) {
+        times.push(step()?);
+    }
+    let end = thread_stats();
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    Ok(StepBench {
+        model: name.into(),
+        batch,
+        adapter: g.adapter_name(),
+        ms_per_step: ms,
+        samples_per_s: batch as f64 * 1e3 / ms,
+        submits_per_step: (end.submits - after_first.submits) as f64 / (steps.max(1) + 1) as f64,
+        buffers_created_after_first_step: end.buffers_created - after_first.buffers_created,
+        peak_gpu_bytes: g.stats().peak_live_bytes,
+        parameters: vs.num_values(),
+    })
+}
