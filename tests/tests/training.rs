@@ -116,3 +116,4 @@ fn lenet_on_a_fashion_mnist_subset() {
     assert!(r.test.test_accuracy.unwrap() >= 0.65, "{:?}", r.test.test_accuracy);
     assert_eq!(r.test_samples, 10_000);
 }
+
