@@ -76,7 +76,12 @@ fn dropout_is_inverted_seeded_and_identity_in_eval() {
     // Same seed, same masks; a fresh call draws a fresh mask.
     let d2 = Dropout::new(0.3, 42).unwrap();
     assert_eq!(d2.forward(&x).unwrap().to_vec().unwrap(), y);
-    assert_ne!(d2.forward(&x).unwrap().to_vec().unwrap(), y);
+    let second = d2.forward(&x).unwrap().to_vec().unwrap();
+    assert_ne!(second, y);
+    // A resumed run moves the stream to its step and draws the same masks.
+    let mut resumed = Dropout::new(0.3, 42).unwrap();
+    resumed.set_rng_position(1);
+    assert_eq!(resumed.forward(&x).unwrap().to_vec().unwrap(), second);
     d.set_training(false);
     assert_eq!(d.forward(&x).unwrap().to_vec().unwrap(), vec![1.0; 6400]);
     assert!(Dropout::new(1.0, 0).is_err());

@@ -11,7 +11,7 @@ use kiln_graph::{no_grad, DType, KilnError, Tensor};
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
 use kiln_nn::checkpoint;
-use kiln_nn::{Optimizer, OptimizerKind, VarStore};
+use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 
 use crate::linear_models::{self, normal_equation, Model, Task};
@@ -498,6 +498,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
         let ock = checkpoint::load(&last_opt).map_err(ck_err)?;
         opt.load_state(&last_opt.display().to_string(), &ock).map_err(ck_err)?;
+        model.net.set_rng_position(opt.steps_taken());
         let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
         if meta("kiln.model") != cfg.model {
             return Err(KilnError::Backward(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));

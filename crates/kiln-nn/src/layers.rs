@@ -360,4 +360,8 @@ impl Module for Dropout {
     fn describe(&self) -> String {
         format!("Dropout(p={})", self.p)
     }
+    /// One mask per training forward pass: after `steps` steps the stream stands at `steps`.
+    fn set_rng_position(&mut self, steps: u64) {
+        self.calls.store(steps as u32, Ordering::Relaxed);
+    }
 }

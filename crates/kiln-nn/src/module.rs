@@ -9,6 +9,9 @@ pub trait Module {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// Training or evaluation behaviour (dropout, batch norm); stateless modules ignore it.
     fn set_training(&mut self, _training: bool) {}
+    /// Moves random streams (dropout masks) to where they stand after `steps` training steps, so a resumed
+    /// run draws the masks the uninterrupted run would have.
+    fn set_rng_position(&mut self, _steps: u64) {}
     /// The output shape for an input shape, computed without running anything (for summaries).
     /// Shape-preserving by default.
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
@@ -163,6 +166,11 @@ impl Module for Sequential {
     fn set_training(&mut self, training: bool) {
         for l in &mut self.layers {
             l.set_training(training);
+        }
+    }
+    fn set_rng_position(&mut self, steps: u64) {
+        for l in &mut self.layers {
+            l.set_rng_position(steps);
         }
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
