@@ -73,7 +73,7 @@ fn json_line_and_metrics_csv() {
     assert_eq!(v["epochs"], 20);
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 21, "{csv}");
-    assert!(csv.starts_with("epoch,train_loss,dev_loss,dev_accuracy,lr,seconds,samples_per_s"));
+    assert!(csv.starts_with("epoch,train_loss,train_accuracy,dev_loss,dev_accuracy,lr,seconds,samples_per_s"), "{csv}");
     // Regression reports MSE and R^2 instead of accuracy.
     let o = kiln(&["train", "linreg", "--dataset", "diabetes", "--epochs", "5", "--json", "--out", dir.to_str().unwrap()], &[]);
     let (out, _) = text(&o);

@@ -55,6 +55,25 @@ impl Task {
         }
     }
 
+    /// How many rows of `out` predict their label, as a GPU scalar (classification tasks; None for regression),
+    /// so a training step can read it together with its loss.
+    pub fn correct(self, out: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
+        let _guard = kiln_graph::NoGradGuard::new();
+        Ok(match self {
+            Task::Regression => None,
+            Task::Binary => {
+                let y = Tensor::one_hot(targets, 2)?.slice(1, 1, 1)?;
+                let pred = out.gt_mask(&Tensor::zeros(&[1])?)?;
+                // agree = pred*y + (1 - pred)(1 - y) = 1 - pred - y + 2 pred y
+                Some(pred.mul(&y)?.scale(2.0)?.sub(&pred)?.sub(&y)?.add_scalar(1.0)?.sum_all()?)
+            }
+            Task::OneVsAll | Task::Softmax => {
+                let predicted = out.eq_mask(&out.max(1, true)?)?;
+                Some(predicted.mul(&Tensor::one_hot(targets, out.shape()[1])?)?.sum_all()?)
+            }
+        })
+    }
+
     /// Class predictions from output rows (classification tasks).
     pub fn predict(self, out: &[f32], width: usize) -> Vec<u32> {
         match self {

@@ -149,6 +149,8 @@ pub struct Progress {
 pub struct EpochRecord {
     pub epoch: usize,
     pub train_loss: f64,
+    /// Accuracy on the training batches as they were trained (classifiers; NaN for regression).
+    pub train_accuracy: f64,
     pub dev_loss: f64,
     /// Accuracy for classifiers, R^2 for regression.
     pub dev_metric: f64,
@@ -206,6 +208,9 @@ pub struct TrainReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub loaded_from_checkpoint: Vec<String>,
 }
+
+/// Seconds between checkpoint writes within a run (the last epoch is always written).
+const CHECKPOINT_EVERY_S: f64 = 5.0;
 
 fn ck_err(e: checkpoint::CheckpointError) -> KilnError {
     KilnError::Backward(e.to_string())
@@ -508,32 +513,37 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         best_epoch = meta("kiln.best_epoch").parse().unwrap_or(0);
     }
 
+    let classifier = split.train.num_classes().is_some();
     let mut csv = match &cfg.out_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
             let path = dir.join("metrics.csv");
             let appending = cfg.resume && path.exists();
             let mut f = std::fs::OpenOptions::new().create(true).append(appending).write(true).truncate(!appending).open(&path).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", path.display())))?;
-            let metric = if split.train.num_classes().is_some() { "dev_accuracy" } else { "dev_r2" };
             if !appending {
-                writeln!(f, "epoch,train_loss,dev_loss,{metric},lr,seconds,samples_per_s").map_err(|e| KilnError::Backward(e.to_string()))?;
+                let header = if classifier { "epoch,train_loss,train_accuracy,dev_loss,dev_accuracy,lr,seconds,samples_per_s" } else { "epoch,train_loss,dev_loss,dev_r2,lr,seconds,samples_per_s" };
+                writeln!(f, "{header}").map_err(|e| KilnError::Backward(e.to_string()))?;
             }
             Some(f)
         }
         None => None,
     };
     let mut stopped_early = false;
+    let mut best_checkpoint = None;
+    let mut last_save = Instant::now();
 
     let mut history = Vec::new();
     let mut step = 0u64;
     // Steady state = every step after the first one of its batch size (a short last batch is a new shape).
     let (mut steady_submits, mut steady_steps, mut steady_buffers) = (0u64, 0u64, 0u64);
     let mut seen_batch_sizes = std::collections::HashSet::new();
-    let train_started = Instant::now();
+    // Time inside training steps only (upload to loss readback): evaluation and checkpoints are not steps.
+    let mut step_seconds = 0.0f64;
     let mut samples_seen = 0usize;
     for epoch in start_epoch..=s.epochs {
         let epoch_started = Instant::now();
         let mut loss_sum = 0.0;
+        let mut correct_sum = 0.0;
         model.set_training(true);
         let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
         // A host thread gathers the next batches while the GPU works on this one.
@@ -551,6 +561,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
             });
             for (idx, batch) in rx {
                 let before = kiln_graph::backend::thread_stats();
+                let step_started = Instant::now();
                 let (mut x, y) = upload(&split.train, &batch)?;
                 if let (Some(a), Some([c, h, w])) = (&cfg.augment, split.train.image) {
                     x = x.reshape(&[idx.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
@@ -560,7 +571,17 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 let grads = loss.backward()?;
                 opt.step(&vs, &grads)?;
                 drop(grads);
-                let loss_value = loss.to_scalar()?;
+                // Loss and the count of right answers come back in one readback (one submit per step).
+                let correct = model.task.correct(&out, &y)?;
+                let (loss_value, right) = match correct {
+                    Some(c) => {
+                        let both = no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?.to_vec()?;
+                        (both[0], both[1] as f64)
+                    }
+                    None => (loss.to_scalar()?, 0.0),
+                };
+                correct_sum += right;
+                step_seconds += step_started.elapsed().as_secs_f64();
                 if !loss_value.is_finite() {
                     return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
                 }
@@ -579,7 +600,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                     step,
                     total_steps,
                     loss: loss_value,
-                    samples_per_s: samples_seen as f64 / train_started.elapsed().as_secs_f64().max(1e-9),
+                    samples_per_s: samples_seen as f64 / step_seconds.max(1e-9),
                     epoch_end: None,
                 });
             }
@@ -590,6 +611,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         let record = EpochRecord {
             epoch,
             train_loss: TargetScale::loss(target_scale, loss_sum / split.train.len() as f64),
+            train_accuracy: if classifier { correct_sum / split.train.len() as f64 } else { f64::NAN },
             dev_loss,
             dev_metric: quality(model.task, &dev_out, model.outputs, &raw_split.dev),
             lr: opt.current_lr(),
@@ -598,7 +620,8 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         };
         if let Some(f) = csv.as_mut() {
             let r = &record;
-            writeln!(f, "{},{:.6},{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s).map_err(|e| KilnError::Backward(e.to_string()))?;
+            let train_acc = if classifier { format!("{:.6},", r.train_accuracy) } else { String::new() };
+            writeln!(f, "{},{:.6},{train_acc}{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s).map_err(|e| KilnError::Backward(e.to_string()))?;
         }
         progress(&Progress { epoch, epochs: s.epochs, step, total_steps, loss: record.train_loss as f32, samples_per_s: record.samples_per_s, epoch_end: Some(record.clone()) });
         let improved = record.dev_metric > best_metric;
@@ -606,24 +629,34 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
             (best_metric, best_epoch) = (record.dev_metric, epoch);
         }
         history.push(record);
+        let stop = cfg.patience.is_some_and(|p| epoch >= best_epoch + p);
         if let Some(dir) = &cfg.out_dir {
-            let mut ck = vs.to_checkpoint()?;
-            ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
-            checkpoint::save(&dir.join("last.safetensors"), &ck).map_err(ck_err)?;
-            checkpoint::save(&dir.join("last.optimizer.safetensors"), &opt.state_checkpoint(&vs)?).map_err(ck_err)?;
+            // The best weights are kept on the host when they improve; files are written at most every few
+            // seconds and at the end, so runs of many short epochs do not spend their time in fsync.
             if improved {
-                checkpoint::save(&dir.join("best.safetensors"), &ck).map_err(ck_err)?;
+                let mut ck = vs.to_checkpoint()?;
+                ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
+                best_checkpoint = Some(ck);
             }
-            let train: Vec<f64> = history.iter().map(|h| h.train_loss).collect();
-            let dev: Vec<f64> = history.iter().map(|h| h.dev_loss).collect();
-            crate::plot::loss_png(&dir.join("loss.png"), &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", dir.join("loss.png").display())))?;
+            if stop || epoch == s.epochs || last_save.elapsed().as_secs_f64() >= CHECKPOINT_EVERY_S {
+                let mut ck = vs.to_checkpoint()?;
+                ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
+                checkpoint::save(&dir.join("last.safetensors"), &ck).map_err(ck_err)?;
+                checkpoint::save(&dir.join("last.optimizer.safetensors"), &opt.state_checkpoint(&vs)?).map_err(ck_err)?;
+                if let Some(best) = best_checkpoint.take() {
+                    checkpoint::save(&dir.join("best.safetensors"), &best).map_err(ck_err)?;
+                }
+                let train: Vec<f64> = history.iter().map(|h| h.train_loss).collect();
+                let dev: Vec<f64> = history.iter().map(|h| h.dev_loss).collect();
+                crate::plot::loss_png(&dir.join("loss.png"), &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", dir.join("loss.png").display())))?;
+                last_save = Instant::now();
+            }
         }
-        if cfg.patience.is_some_and(|p| epoch >= best_epoch + p) {
+        if stop {
             stopped_early = true;
             break;
         }
     }
-    let train_seconds = train_started.elapsed().as_secs_f64();
     let end_stats = g.stats();
 
     let (test_loss, test_out) = evaluate(&model, &split.test, target_scale)?;
@@ -644,8 +677,8 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         normal_equation_cost: None,
         train_cost: None,
         seconds: started.elapsed().as_secs_f64(),
-        samples_per_s: samples_seen as f64 / train_seconds.max(1e-9),
-        ms_per_step: 1000.0 * train_seconds / step.max(1) as f64,
+        samples_per_s: samples_seen as f64 / step_seconds.max(1e-9),
+        ms_per_step: 1000.0 * step_seconds / step.max(1) as f64,
         submits_per_step: if steady_steps > 0 { steady_submits as f64 / steady_steps as f64 } else { 1.0 },
         buffers_created_after_first_step: steady_buffers,
         peak_gpu_bytes: end_stats.peak_live_bytes,
