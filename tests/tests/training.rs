@@ -117,3 +117,14 @@ fn lenet_on_a_fashion_mnist_subset() {
     assert_eq!(r.test_samples, 10_000);
 }
 
+
+#[test]
+fn early_stopping_on_a_flat_dev_metric() {
+    // A learning rate too small to move the dev accuracy: the best epoch stays the first, so patience 2 stops
+    // the run after epoch 3 of 50.
+    let r = train(TrainConfig { epochs: Some(50), lr: Some(1e-12), patience: Some(2), ..TrainConfig::new("logreg", "iris") });
+    assert!(r.stopped_early);
+    assert_eq!((r.best_epoch, r.history.len()), (1, 3));
+    // Train accuracy is reported per epoch for classifiers.
+    assert!(r.history.iter().all(|h| (0.0..=1.0).contains(&h.train_accuracy)));
+}
