@@ -95,17 +95,30 @@ fn bad_settings_are_errors() {
     }
 }
 
+/// LeNet on MNIST-10k with constant-rate Adam and no augmentation: the long, regularised defaults are for
+/// full runs; short budgets learn faster without them.
+fn plain_lenet_on_mnist() -> TrainConfig {
+    TrainConfig {
+        optimizer: Some("adam".parse().unwrap()),
+        schedule: Some("constant".parse().unwrap()),
+        weight_decay: Some(0.0),
+        augment: Some("none".parse().unwrap()),
+        ..TrainConfig::new("lenet", "mnist")
+    }
+}
+
 #[test]
 fn lenet_learns_mnist_on_a_reduced_budget() {
-    // Full runs (README) reach 97% on the MNIST-10k split; here 1,500 digits and 2 epochs must clear 85%.
-    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1500), ..TrainConfig::new("lenet", "mnist") });
+    // The full default run (README) reaches 98% on the MNIST-10k split; here 1,500 digits and 2 epochs without
+    // the default augmentation must clear 85%.
+    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1500), ..plain_lenet_on_mnist() });
     assert!(r.test.test_accuracy.unwrap() >= 0.85, "{:?}", r.test.test_accuracy);
     assert_eq!(r.parameters, 61_706);
 }
 
 #[test]
 fn lenet_with_augmentation_trains() {
-    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1000), augment: Some("shift:2,rotate:10".parse().unwrap()), ..TrainConfig::new("lenet", "mnist") });
+    let r = train(TrainConfig { epochs: Some(2), train_limit: Some(1000), augment: Some("shift:2,rotate:10".parse().unwrap()), ..plain_lenet_on_mnist() });
     assert!(r.test.test_accuracy.unwrap() >= 0.7, "{:?}", r.test.test_accuracy);
 }
 

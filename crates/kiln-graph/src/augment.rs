@@ -33,7 +33,8 @@ impl Augment {
 
 impl std::str::FromStr for Augment {
     type Err = String;
-    /// Comma-separated: flip, shift[:PIXELS], rotate[:DEGREES], scale[:FRACTION], jitter[:AMOUNT], noise[:STD].
+    /// Comma-separated: flip, shift[:PIXELS], rotate[:DEGREES], scale[:FRACTION], jitter[:AMOUNT], noise[:STD];
+    /// "none" alone is no augmentation.
     fn from_str(s: &str) -> std::result::Result<Augment, String> {
         let mut a = Augment::default();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -45,6 +46,7 @@ impl std::str::FromStr for Augment {
                 }
             };
             match name {
+                "none" => {}
                 "flip" => a.flip = true,
                 "shift" | "crop" => a.shift = num(2.0)? as u32,
                 "rotate" | "affine" => a.rotation = num(10.0)?.to_radians(),
