@@ -141,3 +141,4 @@ fn early_stopping_on_a_flat_dev_metric() {
     // Train accuracy is reported per epoch for classifiers.
     assert!(r.history.iter().all(|h| (0.0..=1.0).contains(&h.train_accuracy)));
 }
+
