@@ -19,6 +19,16 @@ override WG: u32 = 256u;
 
 fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * WG; }
 
+// (x, y, channel, sample) of element i of an input [n, c_in, h, w].
+fn input_coords(i: u32) -> vec4<u32> {
+    return vec4<u32>(i % cp.w, (i / cp.w) % cp.h, (i / (cp.w * cp.h)) % cp.c_in, i / (cp.w * cp.h * cp.c_in));
+}
+
+// The input position (along one axis) that output position `o` reads through kernel tap `tap` (may be outside).
+fn tap_input(o: u32, tap: u32, stride: u32, dil: u32, pad: u32) -> i32 {
+    return i32(o * stride + tap * dil) - i32(pad);
+}
+
 // The output position (along one axis) whose kernel tap `tap` reads input position `pos`, or -1 if none.
 fn tap_output(pos: u32, pad: u32, tap: u32, dil: u32, stride: u32, count: u32) -> i32 {
     let t = i32(pos + pad) - i32(tap * dil);
@@ -44,10 +54,10 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         let x_plane = (b * cp.c_in + g * cig + ci) * cp.h;
         let w_base = (co * cig + ci) * cp.kh;
         for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
-            let iy = i32(oy * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
+            let iy = tap_input(oy, ky, cp.stride_h, cp.dil_h, cp.pad_h);
             if (iy < 0 || iy >= i32(cp.h)) { continue; }
             for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
-                let ix = i32(ox * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+                let ix = tap_input(ox, kx, cp.stride_w, cp.dil_w, cp.pad_w);
                 if (ix < 0 || ix >= i32(cp.w)) { continue; }
                 acc = fma(x[(x_plane + u32(iy)) * cp.w + u32(ix)], weight[(w_base + ky) * cp.kw + kx], acc);
             }
@@ -66,10 +76,11 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
     if (i >= cp.n * cp.c_in * cp.h * cp.w) { return; }
-    let ix = i % cp.w;
-    let iy = (i / cp.w) % cp.h;
-    let c = (i / (cp.w * cp.h)) % cp.c_in;
-    let b = i / (cp.w * cp.h * cp.c_in);
+    let at = input_coords(i);
+    let ix = at.x;
+    let iy = at.y;
+    let c = at.z;
+    let b = at.w;
     let cig = cp.c_in / cp.groups;
     let cog = cp.c_out / cp.groups;
     let g = c / cig;
@@ -115,10 +126,10 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let y_plane = (b * cp.c_out + co) * cp.oh;
     var acc = 0.0;
     for (var oy = 0u; oy < cp.oh; oy = oy + 1u) {
-        let iy = i32(oy * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
+        let iy = tap_input(oy, ky, cp.stride_h, cp.dil_h, cp.pad_h);
         if (iy < 0 || iy >= i32(cp.h)) { continue; }
         for (var ox = 0u; ox < cp.ow; ox = ox + 1u) {
-            let ix = i32(ox * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+            let ix = tap_input(ox, kx, cp.stride_w, cp.dil_w, cp.pad_w);
             if (ix < 0 || ix >= i32(cp.w)) { continue; }
             acc = fma(grad_y[(y_plane + oy) * cp.ow + ox], x_saved[(x_plane + u32(iy)) * cp.w + u32(ix)], acc);
         }
@@ -145,8 +156,8 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let kx = r % cp.kw;
     let ky = (r / cp.kw) % cp.kh;
     let ci = r / (cp.kw * cp.kh);
-    let iy = i32((s / cp.ow) * cp.stride_h + ky * cp.dil_h) - i32(cp.pad_h);
-    let ix = i32((s % cp.ow) * cp.stride_w + kx * cp.dil_w) - i32(cp.pad_w);
+    let iy = tap_input(s / cp.ow, ky, cp.stride_h, cp.dil_h, cp.pad_h);
+    let ix = tap_input(s % cp.ow, kx, cp.stride_w, cp.dil_w, cp.pad_w);
     var v = 0.0;
     if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
         v = x[((b * cp.c_in + ci) * cp.h + u32(iy)) * cp.w + u32(ix)];
@@ -164,10 +175,11 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = linear_id(gid, nwg);
     if (i >= cp.n * cp.c_in * cp.h * cp.w) { return; }
-    let ix = i % cp.w;
-    let iy = (i / cp.w) % cp.h;
-    let c = (i / (cp.w * cp.h)) % cp.c_in;
-    let b = i / (cp.w * cp.h * cp.c_in);
+    let at = input_coords(i);
+    let ix = at.x;
+    let iy = at.y;
+    let c = at.z;
+    let b = at.w;
     let spatial = cp.oh * cp.ow;
     let rows = cp.c_in * cp.kh * cp.kw;
     var acc = 0.0;
