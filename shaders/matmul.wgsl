@@ -1,31 +1,18 @@
-// Batched matrix product C = op(A) @ op(B), register-blocked: each invocation computes a 4x4 block of C in
-// registers and reads A and B straight from storage (no workgroup memory: 3-4x faster on lavapipe, see
-// ../shared/notes). TRANS_A / TRANS_B read the operands transposed in place, so the backward products
-// dA = dC @ B^T and dB = A^T @ dC need no transpose kernel.
-//   A: [batch, M, K] ([batch, K, M] if TRANS_A)   B: [batch, K, N] ([batch, N, K] if TRANS_B)   C: [batch, M, N]
-// A batch stride of 0 broadcasts that operand over the batch (a weight shared by every sample).
+// Batched matrix product C = op(A) @ op(B) in five variants; the autotuner (kiln-graph/src/tune.rs) picks one
+// per adapter and shape class, after checking it against the CPU reference:
+//   matmul_naive      one output per invocation (the baseline the others are measured against)
+//   matmul            register-blocked: a 4x4 block of C per invocation, scalar loads
+//   matmul_vec4       the same block with 16-byte loads (contiguous axes a multiple of 4)
+//   matmul_tiled      64x64 tiles staged in workgroup memory, 4x4 per invocation (what real GPUs reward)
+//   matmul_subgroup   (matmul_subgroup.wgsl) 8-lane groups share A through subgroup shuffles, RB x 4 outputs
+//                     per lane (what lavapipe rewards: there every storage load costs a per-lane loop, so
+//                     loads per FMA decide speed)
+// TRANS_A / TRANS_B read the operands transposed in place, so the backward products dA = dC @ B^T and
+// dB = A^T @ dC need no transpose kernel.
+// Params, bindings and a_at / b_at: matmul_common.wgsl, compiled in front of this file.
 
-struct MatmulParams { m: u32, n: u32, k: u32, a_batch_stride: u32, b_batch_stride: u32, _pad0: u32, _pad1: u32, _pad2: u32 }
-
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
 override WG_X: u32 = 8u;
 override WG_Y: u32 = 8u;
-
-@group(0) @binding(0) var<uniform> p: MatmulParams;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
-
-fn a_at(base: u32, row: u32, kk: u32) -> f32 {
-    if (TRANS_A) { return a[base + kk * p.m + row]; }
-    return a[base + row * p.k + kk];
-}
-
-fn b_at(base: u32, kk: u32, col: u32) -> f32 {
-    if (TRANS_B) { return b[base + col * p.k + kk]; }
-    return b[base + kk * p.n + col];
-}
 
 // Writes a 4x4 block of C at (row0, col0), skipping what lies past the edges.
 fn store_block(c_base: u32, row0: u32, col0: u32, rows: array<vec4<f32>, 4>) {
@@ -33,7 +20,8 @@ fn store_block(c_base: u32, row0: u32, col0: u32, rows: array<vec4<f32>, 4>) {
         let row = row0 + i;
         if (row >= p.m) { break; }
         for (var j = 0u; j < 4u; j = j + 1u) {
-            if (col0 + j < p.n) { c[c_base + row * p.n + col0 + j] = rows[i][j]; }
+            let at = c_base + row * p.n + col0 + j;
+            if (col0 + j < p.n) { c[at] = rows[i][j] + select(0.0, c[at], p.accumulate != 0u); }
         }
     }
 }
@@ -52,7 +40,7 @@ fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    for (var kk = 0u; kk < p.k; kk = kk + 1u) {
+    for (var kk = p.k_begin; kk < p.k_end; kk = kk + 1u) {
         let bv = vec4<f32>(b_at(b_base, kk, cc.x), b_at(b_base, kk, cc.y), b_at(b_base, kk, cc.z), b_at(b_base, kk, cc.w));
         acc0 = fma(vec4<f32>(a_at(a_base, r.x, kk)), bv, acc0);
         acc1 = fma(vec4<f32>(a_at(a_base, r.y, kk)), bv, acc1);
@@ -83,7 +71,7 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc3 = vec4<f32>(0.0);
     if (!TRANS_A && !TRANS_B) {
         // A rows along k, B rows along n: acc_i += sum_j a_i[j] * b_j
-        for (var kk = 0u; kk < p.k; kk = kk + 4u) {
+        for (var kk = p.k_begin; kk < p.k_end; kk = kk + 4u) {
             let b0 = b4[(bb + kk * p.n + col0) / 4u];
             let b1 = b4[(bb + (kk + 1u) * p.n + col0) / 4u];
             let b2 = b4[(bb + (kk + 2u) * p.n + col0) / 4u];
@@ -99,7 +87,7 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     } else if (!TRANS_A && TRANS_B) {
         // A rows along k, B stored [n, k]: acc_i[c] += dot(a_i, b_c)
-        for (var kk = 0u; kk < p.k; kk = kk + 4u) {
+        for (var kk = p.k_begin; kk < p.k_end; kk = kk + 4u) {
             let b0 = b4[(bb + cc.x * p.k + kk) / 4u];
             let b1 = b4[(bb + cc.y * p.k + kk) / 4u];
             let b2 = b4[(bb + cc.z * p.k + kk) / 4u];
@@ -115,7 +103,7 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     } else if (TRANS_A && !TRANS_B) {
         // A stored [k, m], B rows along n: an outer product per k
-        for (var kk = 0u; kk < p.k; kk = kk + 1u) {
+        for (var kk = p.k_begin; kk < p.k_end; kk = kk + 1u) {
             let av = a4[(ab + kk * p.m + row0) / 4u];
             let bv = b4[(bb + kk * p.n + col0) / 4u];
             acc0 = fma(vec4<f32>(av.x), bv, acc0);
@@ -125,7 +113,7 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     } else {
         // A stored [k, m], B stored [n, k]
-        for (var kk = 0u; kk < p.k; kk = kk + 4u) {
+        for (var kk = p.k_begin; kk < p.k_end; kk = kk + 4u) {
             let b0 = b4[(bb + cc.x * p.k + kk) / 4u];
             let b1 = b4[(bb + cc.y * p.k + kk) / 4u];
             let b2 = b4[(bb + cc.z * p.k + kk) / 4u];
@@ -147,3 +135,66 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     store_block(gid.z * p.m * p.n, row0, col0, array<vec4<f32>, 4>(acc0, acc1, acc2, acc3));
 }
 
+
+// ---- matmul_naive: C[row, col] = sum_k A[row, k] B[k, col], one output per invocation ------------------------
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn matmul_naive(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row = gid.y;
+    let col = gid.x;
+    if (row >= p.m || col >= p.n) { return; }
+    let a_base = gid.z * p.a_batch_stride;
+    let b_base = gid.z * p.b_batch_stride;
+    var acc = 0.0;
+    for (var kk = p.k_begin; kk < p.k_end; kk = kk + 1u) {
+        acc = fma(a_at(a_base, row, kk), b_at(b_base, kk, col), acc);
+    }
+    let at = gid.z * p.m * p.n + row * p.n + col;
+    c[at] = acc + select(0.0, c[at], p.accumulate != 0u);
+}
+
+// ---- matmul_tiled: a 16x16 workgroup computes a 64x64 tile of C, 4x4 per invocation; each step stages a
+// 64x16 slice of op(A) and a 16x64 slice of op(B) in workgroup memory (zero past the edges) --------------
+const TILE: u32 = 64u;
+const TILE_K: u32 = 16u;
+var<workgroup> a_tile: array<f32, 1024>; // [TILE_K][TILE]: a_tile[kk * TILE + row]
+var<workgroup> b_tile: array<f32, 1024>; // [TILE_K][TILE]: b_tile[kk * TILE + col]
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tile_row = wid.y * TILE;
+    let tile_col = wid.x * TILE;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let t = lid.y * 16u + lid.x; // 0..255: each invocation stages 4 elements of each slice
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + TILE_K) {
+        for (var e = 0u; e < 4u; e = e + 1u) {
+            let slot = t + e * 256u;        // 0..1023
+            let kk = slot / TILE;           // 0..15
+            let rc = slot % TILE;           // row (of A) or col (of B) inside the tile
+            let k = k0 + kk;
+            let row = tile_row + rc;
+            let col = tile_col + rc;
+            var av = 0.0;
+            var bv = 0.0;
+            if (k < p.k_end && row < p.m) { av = a_at(a_base, row, k); }
+            if (k < p.k_end && col < p.n) { bv = b_at(b_base, k, col); }
+            a_tile[slot] = av;
+            b_tile[slot] = bv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk = kk + 1u) {
+            let bv = vec4<f32>(b_tile[kk * TILE + lid.x * 4u], b_tile[kk * TILE + lid.x * 4u + 1u],
+                               b_tile[kk * TILE + lid.x * 4u + 2u], b_tile[kk * TILE + lid.x * 4u + 3u]);
+            for (var i = 0u; i < 4u; i = i + 1u) {
+                acc[i] = fma(vec4<f32>(a_tile[kk * TILE + lid.y * 4u + i]), bv, acc[i]);
+            }
+        }
+        workgroupBarrier();
+    }
+    let row0 = tile_row + lid.y * 4u;
+    let col0 = tile_col + lid.x * 4u;
+    if (row0 < p.m && col0 < p.n) {
+        store_block(wid.z * p.m * p.n, row0, col0, acc);
+    }
+}

@@ -7,6 +7,10 @@ use kiln_graph::{Result, Rng, Tensor};
 /// The GPU the tests run on. Never skips: with no adapter the test fails and says how to get one; with
 /// `CI=true` the adapter must be Vulkan (lavapipe on CI), never the slow GL fallback.
 pub fn require_gpu() -> &'static kiln_graph::backend::Gpu {
+    // Tests run the fixed per-adapter kernels (fast and deterministic); tuning is tested on its own.
+    if std::env::var_os("KILN_AUTOTUNE").is_none() {
+        std::env::set_var("KILN_AUTOTUNE", "off");
+    }
     let gpu = match kiln_graph::backend::gpu() {
         Ok(g) => g,
         Err(e) => panic!("GPU tests need an adapter and none was found: {e}"),

@@ -138,19 +138,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time training steps (LeNet-5 and ResNet-20 at batch 64 by default) on the adapter.
+    /// The kernel benchmark: the adapter's compute and memory roofs, then matmul, conv, pool, softmax,
+    /// elementwise and reduction kernels (every variant validated against a CPU reference, then timed) and whole
+    /// training steps, each beside a multi-threaded CPU reference on the same machine.
     Bench {
-        /// Models to time (lenet, resnet20, resnet32, ... from the zoo).
-        #[arg(long, value_delimiter = ',', default_values_t = ["lenet".to_string(), "resnet20".to_string()])]
+        /// Kernel families to run: matmul, conv, pool, softmax, elementwise, reduce, step [default: all].
+        #[arg(long, value_delimiter = ',', value_parser = kiln_models::suite::FAMILIES)]
+        filter: Vec<String>,
+        /// Models whose training-step matmul shapes and whole steps are timed.
+        #[arg(long, value_delimiter = ',', default_values_t = ["mlp".to_string(), "lenet".to_string(), "resnet20".to_string()])]
         models: Vec<String>,
+        /// Square matmul sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 512, 1024, 2048])]
+        sizes: Vec<u64>,
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
         batch: u64,
-        /// Timed steps per model (median reported).
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-        steps: u64,
+        /// Timed runs per record, after one warm-up (median reported; at least 10).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(10..))]
+        runs: u64,
+        /// Seconds one record may take: a kernel whose single run is slower is reported as not timed.
+        #[arg(long, default_value_t = 20.0)]
+        budget_s: f64,
         #[arg(long)]
         adapter: Option<String>,
-        /// Also write the records as a JSON array to this file.
+        /// Also write the records as one JSON array to this file.
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -185,7 +196,10 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
-        Command::Bench { models, batch, steps, adapter, json } => bench(&models, batch as usize, steps as usize, adapter, json),
+        Command::Bench { filter, models, sizes, batch, runs, budget_s, adapter, json } => {
+            let opts = kiln_models::suite::SuiteOptions { filter, runs: runs as usize, budget_s, square: sizes.iter().map(|&s| s as usize).collect(), models, batch: batch as usize };
+            bench(&opts, adapter, json)
+        }
         Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
         Command::Eval { checkpoint, dataset, data_dir, adapter, json } => eval(checkpoint, dataset, data_dir, adapter, json),
     }
@@ -263,19 +277,32 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(models: &[String], batch: usize, steps: usize, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
+fn bench(opts: &kiln_models::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
     kiln_wgpu::select_adapter(adapter.as_deref())?;
-    println!("adapter: {}", kiln_wgpu::gpu()?.adapter_name());
-    println!("{:<10} {:>6} {:>12} {:>12} {:>14} {:>18} {:>12}", "model", "batch", "ms/step", "samples/s", "submits/step", "buffers after 1st", "parameters");
-    let mut records = Vec::new();
-    for m in models {
-        let input = kiln_models::zoo::ZOO.iter().find(|z| z.0 == m.as_str()).map(|z| if z.0.starts_with("resnet") && z.1[1] == 32 { [1, 28, 28] } else { z.1 }).unwrap_or([1, 28, 28]);
-        let r = kiln_models::bench::bench_step(m, input, 10, batch, steps).with_context(|| format!("benchmarking {m}"))?;
-        println!("{:<10} {:>6} {:>12.3} {:>12.1} {:>14.2} {:>18} {:>12}", r.model, r.batch, r.ms_per_step, r.samples_per_s, r.submits_per_step, r.buffers_created_after_first_step, r.parameters);
-        records.push(r);
-    }
+    let g = kiln_wgpu::gpu()?;
+    println!("adapter: {} ({})", g.adapter_name(), g.backend());
+    let roofs = kiln_models::suite::measure_roofs()?;
+    println!("compute roof (FMA chains): {:.1} GFLOP/s   memory roof (64 MiB copy): {:.2} GB/s", roofs.fma_gflops, roofs.copy_gbps);
+    let mut table = kiln_models::suite::Table::default();
+    let mut print = |r: &kiln_models::suite::Record| table.print(r);
+    let mut records = kiln_models::suite::run_suite(opts, roofs, &mut print)?;
     if let Some(path) = json {
+        // Ceilings first, as records of their own, then every measurement.
+        let roof = |kernel: &str, gflops: Option<f64>, gbps: Option<f64>| kiln_models::suite::Record {
+            family: "roof".into(),
+            kernel: kernel.into(),
+            variant: "ceiling".into(),
+            valid: true,
+            gflops,
+            gbps,
+            roof_fraction: Some(1.0),
+            adapter: g.adapter_name(),
+            ..Default::default()
+        };
+        records.insert(0, roof("copy", None, Some(roofs.copy_gbps)));
+        records.insert(0, roof("fma", Some(roofs.fma_gflops), None));
         std::fs::write(&path, serde_json::to_string_pretty(&records)?).with_context(|| format!("writing {}", path.display()))?;
+        println!("\nwrote {} records to {}", records.len(), path.display());
     }
     Ok(())
 }

@@ -96,7 +96,7 @@ fn kernels_are_dumped_on_request() {
     let o = kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", out.to_str().unwrap()], &[("KILN_DUMP_WGSL", dir.to_str().unwrap())]);
     assert!(o.status.success(), "{}", text(&o).1);
     let dumped: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert!(dumped.iter().any(|f| f.starts_with("matmul.matmul") && f.ends_with(".wgsl")), "{dumped:?}");
+    assert!(dumped.iter().any(|f| f.starts_with("matmul") && f.contains(".matmul") && f.ends_with(".wgsl")), "{dumped:?}");
 }
 
 #[test]
@@ -111,12 +111,26 @@ fn info_names_the_chosen_adapter() {
 fn bench_and_summary_report_json() {
     let dir = temp_dir("bench");
     let path = dir.join("bench.json");
-    let o = kiln(&["bench", "--models", "lenet", "--batch", "8", "--steps", "2", "--json", path.to_str().unwrap()], &[]);
-    assert!(o.status.success(), "{}", text(&o).1);
+    let o = kiln(&["bench", "--filter", "matmul,step", "--sizes", "40", "--models", "lenet", "--batch", "8", "--json", path.to_str().unwrap()], &[("KILN_AUTOTUNE", "off")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("compute roof") && out.contains("== matmul") && out.contains("== step"), "{out}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(v[0]["model"], "lenet");
-    assert!(v[0]["ms_per_step"].as_f64().unwrap() > 0.0 && v[0]["submits_per_step"].as_f64().unwrap() <= 2.0);
-    assert_eq!(v[0]["buffers_created_after_first_step"], 0);
+    let records = v.as_array().unwrap();
+    // The two ceilings first, then every matmul variant on the square and on LeNet's step products.
+    assert_eq!((records[0]["family"].as_str(), records[0]["kernel"].as_str()), (Some("roof"), Some("fma")));
+    assert_eq!((records[1]["family"].as_str(), records[1]["kernel"].as_str()), (Some("roof"), Some("copy")));
+    let square: Vec<_> = records.iter().filter(|r| r["kernel"].as_str().unwrap_or("").starts_with("square 40")).collect();
+    assert!(square.len() >= 4, "{square:?}");
+    for r in &square {
+        assert_eq!(r["valid"], true, "{r}");
+        assert!(r["gflops"].as_f64().unwrap() > 0.0 && r["cpu_gflops"].as_f64().unwrap() > 0.0 && r["roof_fraction"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let step = records.iter().find(|r| r["family"] == "step").expect("a step record");
+    assert_eq!(step["model"], "lenet");
+    assert_eq!(step["bytes_allocated_after_first_step"], 0);
+    assert_eq!(step["submits_per_step"], 1.0);
+    assert_clean_failure(&kiln(&["bench", "--filter", "nonsense"], &[]), "nonsense");
     let (out, _) = text(&kiln(&["summary", "resnet18", "--json"], &[]));
     let s: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(s["params"], 11_689_512);

@@ -202,10 +202,18 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
             } else {
                 b
             };
-            let ga = if ta { b_eff.matmul_t(g, tb, true)? } else { g.matmul_t(b_eff, false, !tb)? };
-            let gb = if tb { g.matmul_t(a, true, ta)? } else { a.matmul_t(g, !ta, false)? };
-            let gb = if gb.rank() == 3 && b.rank() == 2 { gb.sum(&[0], false)? } else { gb };
-            vec![(a, ga), (b, gb)]
+            // Only the products that are needed: a network's input images want no gradient.
+            let mut grads = Vec::with_capacity(2);
+            if a.requires_grad() {
+                let ga = if ta { b_eff.matmul_t(g, tb, true)? } else { g.matmul_t(b_eff, false, !tb)? };
+                grads.push((a, ga));
+            }
+            if b.requires_grad() {
+                let gb = if tb { g.matmul_t(a, true, ta)? } else { a.matmul_t(g, !ta, false)? };
+                let gb = if gb.rank() == 3 && b.rank() == 2 { gb.sum(&[0], false)? } else { gb };
+                grads.push((b, gb));
+            }
+            grads
         }
         Op::Reshape(x) => vec![(x, g.reshape(x.shape())?)],
         Op::Expand(x) => vec![(x, g.sum_to(x.shape())?)],

@@ -189,7 +189,7 @@ fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> R
 
 /// Gradients of conv2d with respect to its input and weight; each only when that tensor requires one
 /// (a network's first layer needs no gradient for its input images).
-pub(crate) fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Option<Tensor>, Option<Tensor>)> {
+pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (xs, ws, ys) = (x.shape(), w.shape(), g.shape());
     let (oh, ow) = (ys[2], ys[3]);
     let (batch, n_x) = (xs[0], xs.iter().product::<usize>());
@@ -237,7 +237,7 @@ pub(crate) fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom
 }
 
 /// Gradient of max pooling (given its switches) or average pooling (switches None).
-pub(crate) fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Pool2dGeom) -> Result<Tensor> {
+pub fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Pool2dGeom) -> Result<Tensor> {
     let xs = x.shape();
     let (oh, ow) = (g.shape()[2], g.shape()[3]);
     let n = xs.iter().product::<usize>();

@@ -14,7 +14,11 @@ shader!(ELEMENTWISE, "elementwise.wgsl");
 shader!(LAYOUT, "layout.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(SOFTMAX, "softmax.wgsl");
-shader!(MATMUL, "matmul.wgsl");
+// The two matmul files share their params, bindings and accessors (matmul_common.wgsl).
+pub static MATMUL: Shader = Shader { name: "matmul.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul.wgsl")) };
+pub static MATMUL_SUBGROUP: Shader =
+    Shader { name: "matmul_subgroup.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl")) };
+shader!(ROOF, "roof.wgsl");
 shader!(INDEX, "index.wgsl");
 shader!(OPTIM, "optim.wgsl");
 shader!(CONV2D, "conv2d.wgsl");
@@ -22,7 +26,9 @@ shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 10] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT];
+pub static ALL_SHADERS: [&Shader; 11] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF];
+/// Shaders that need Features::SUBGROUP.
+pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
 const WG: u32 = 256;
 
@@ -163,56 +169,211 @@ pub fn strided_copy(src: &BufView, src_offset: usize, src_strides: &[usize], dst
 
 /// Reduction over the middle axis of [outer, axis, inner] -> [outer, inner]. `max`: max, else sum * scale.
 pub fn reduce(x: &BufView, outer: usize, axis: usize, inner: usize, max: bool, scale: f32) -> Result<BufView> {
-    let n = outer * inner;
+    // Long axes go in pieces of LOOP_CHUNK, then the pieces are reduced (see reduce.wgsl).
+    let pieces = axis.div_ceil(LOOP_CHUNK).max(1);
+    let chunk = if pieces == 1 { axis } else { LOOP_CHUNK };
+    let n = outer * pieces * inner;
     let y = out(n, "reduction output")?;
-    let p = Params::new().u32(outer).u32(axis).u32(inner).f32(scale);
+    let p = Params::new().u32(outer).u32(axis).u32(inner).f32(if pieces == 1 { scale } else { 1.0 }).u32(chunk).u32(pieces).u32(0).u32(0);
     launch(&REDUCE, "reduce_axis", &[("OP", max as u32 as f64)], p, &[x], &[&y], grid_1d(n as u64, WG))?;
-    Ok(y)
+    if pieces == 1 {
+        return Ok(y);
+    }
+    reduce(&y, outer, pieces, inner, max, scale)
 }
+
+/// The longest loop one invocation runs over data of unbounded size. Lavapipe (Mesa's gallivm) silently ends
+/// an invocation's loops after 65535 iterations in all, so kernels whose loop length grows with the data
+/// (reductions, softmax rows, the k loop of matmul) are launched in pieces of at most this many steps.
+pub const LOOP_CHUNK: usize = 8192;
 
 /// (log-)softmax over the middle axis of [outer, axis, inner].
 pub fn softmax(x: &BufView, outer: usize, axis: usize, inner: usize, log: bool) -> Result<BufView> {
+    if axis > LOOP_CHUNK {
+        // Rows too long for one invocation's loops: max, shift, exp, sum and normalise as separate kernels.
+        let (full, stat) = ([outer, axis, inner], [outer, 1, inner]);
+        let m = reduce(x, outer, axis, inner, true, 1.0)?;
+        let shifted = binary(BinaryKind::Sub, x, &full, &m, &stat, &full)?;
+        let e = unary(UnaryKind::Exp, &shifted, outer * axis * inner, 0.0, 0.0)?;
+        let s = reduce(&e, outer, axis, inner, false, 1.0)?;
+        return if log {
+            let log_s = unary(UnaryKind::Log, &s, outer * inner, 0.0, 0.0)?;
+            binary(BinaryKind::Sub, &shifted, &full, &log_s, &stat, &full)
+        } else {
+            binary(BinaryKind::Div, &e, &full, &s, &stat, &full)
+        };
+    }
     let y = out(outer * axis * inner, "softmax output")?;
     let p = Params::new().u32(outer).u32(axis).u32(inner).u32(0);
     launch(&SOFTMAX, "softmax_forward", &[("LOG", log as u32 as f64)], p, &[x], &[&y], grid_1d((outer * inner) as u64, 64))?;
     Ok(y)
 }
 
-/// C[batch, m, n] = op(A) @ op(B). Batch strides of 0 broadcast an operand.
+/// The matmul kernels of matmul.wgsl. `Subgroup(rows)` gives each lane `rows` rows (8, 16 or 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MatmulVariant {
+    Naive,
+    Blocked,
+    Vec4,
+    Tiled,
+    Subgroup(u32),
+}
+
+impl MatmulVariant {
+    /// Every variant, in the order benchmarks list them.
+    pub const ALL: [MatmulVariant; 7] = [
+        MatmulVariant::Naive,
+        MatmulVariant::Blocked,
+        MatmulVariant::Vec4,
+        MatmulVariant::Tiled,
+        MatmulVariant::Subgroup(8),
+        MatmulVariant::Subgroup(16),
+        MatmulVariant::Subgroup(32),
+    ];
+
+    pub fn name(self) -> String {
+        match self {
+            MatmulVariant::Naive => "naive".into(),
+            MatmulVariant::Blocked => "blocked-4x4".into(),
+            MatmulVariant::Vec4 => "vec4-4x4".into(),
+            MatmulVariant::Tiled => "tiled-64x64".into(),
+            MatmulVariant::Subgroup(r) => format!("subgroup-{r}x4"),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<MatmulVariant> {
+        MatmulVariant::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// Whether this variant can run this product on this adapter. Vec4 needs 16-byte aligned rows along each
+    /// operand's contiguous axis; Subgroup needs subgroups of at least 8 lanes.
+    pub fn supports(self, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
+        Ok(match self {
+            MatmulVariant::Vec4 => {
+                let a_contiguous = if trans_a { m } else { k };
+                let b_contiguous = if trans_b { k } else { n };
+                a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0)
+            }
+            MatmulVariant::Subgroup(_) => {
+                let g = gpu()?;
+                g.features.contains(kiln_wgpu::wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
+            }
+            _ => true,
+        })
+    }
+}
+
+/// One matmul as launched: what benchmarks replay to time a training step's real products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatmulShape {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl MatmulShape {
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.m * self.n * self.k) as f64
+    }
+}
+
+thread_local! {
+    static MATMUL_LOG: std::cell::RefCell<Option<Vec<MatmulShape>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts (true) or stops (false) logging this thread's matmuls; stopping returns what was logged.
+pub fn log_matmuls(on: bool) -> Vec<MatmulShape> {
+    MATMUL_LOG.with(|log| {
+        let mut log = log.borrow_mut();
+        let done = log.take().unwrap_or_default();
+        if on {
+            *log = Some(Vec::new());
+        }
+        done
+    })
+}
+
+/// C[batch, m, n] = op(A) @ op(B). Batch strides of 0 broadcast an operand. The kernel is the autotuner's
+/// choice for this adapter and shape class (crate::tune).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
     let limit = gpu()?.max_binding_bytes() as usize;
     if batch == 1 && 4 * (m * k).max(k * n).max(m * n) > limit {
         return matmul_split(a, b, m, n, k, trans_a, trans_b, limit);
     }
+    MATMUL_LOG.with(|log| {
+        if let Some(v) = log.borrow_mut().as_mut() {
+            v.push(MatmulShape { batch, m, n, k, trans_a, trans_b });
+        }
+    });
+    let variant = crate::tune::matmul_variant(batch, m, n, k, trans_a, trans_b)?;
+    matmul_with(variant, a, b, batch, m, n, k, a_batch_stride, b_batch_stride, trans_a, trans_b)
+}
+
+/// `matmul` with a given kernel (benchmarks and the tuner). An error if the variant cannot run this shape.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
     let c = out(batch * m * n, "matmul output")?;
+    if batch * m * n == 0 {
+        return Ok(c);
+    }
     if k == 0 {
         gpu()?.zero(&c)?;
         return Ok(c);
     }
-    let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(0).u32(0).u32(0);
-    // Workgroup shape through override constants; the tuner of the kernel-speed work will pick it per adapter.
-    let (wx, wy) = (8usize, 8usize);
-    let consts = [("TRANS_A", trans_a as u32 as f64), ("TRANS_B", trans_b as u32 as f64), ("WG_X", wx as f64), ("WG_Y", wy as f64)];
-    let groups = [n.div_ceil(4).div_ceil(wx) as u32, m.div_ceil(4).div_ceil(wy) as u32, batch as u32];
-    // 16-byte loads need the contiguous axis of each operand to be a multiple of 4.
-    let a_contiguous = if trans_a { m } else { k };
-    let b_contiguous = if trans_b { k } else { n };
-    let vec4 = a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0);
-    let entry = if vec4 && prefer_vec4()? { "matmul_vec4" } else { "matmul" };
-    launch(&MATMUL, entry, &consts, p, &[a, b], &[&c], groups)?;
+    if !variant.supports(m, n, k, trans_a, trans_b)? {
+        return invalid("matmul", &[batch, m, n, k], format!("kernel {} cannot run this product on this adapter", variant.name()));
+    }
+    let (ta, tb) = (trans_a as u32 as f64, trans_b as u32 as f64);
+    let b32 = batch as u32;
+    let (entry, consts, groups): (&'static str, Vec<(&'static str, f64)>, [u32; 3]) = match variant {
+        MatmulVariant::Naive => ("matmul_naive", vec![("WG_X", 16.0), ("WG_Y", 16.0)], [n.div_ceil(16) as u32, m.div_ceil(16) as u32, b32]),
+        MatmulVariant::Blocked | MatmulVariant::Vec4 => {
+            let entry = if variant == MatmulVariant::Vec4 { "matmul_vec4" } else { "matmul" };
+            (entry, vec![("WG_X", 8.0), ("WG_Y", 8.0)], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, b32])
+        }
+        MatmulVariant::Tiled => ("matmul_tiled", vec![], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
+        MatmulVariant::Subgroup(rows) => {
+            // 16-byte loads where an operand's contiguous axis (and batch stride) is a multiple of 4.
+            let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride % 4 == 0;
+            let b_vec4 = (if trans_b { k } else { n }) % 4 == 0 && b_batch_stride % 4 == 0;
+            let groups = [n.div_ceil(32) as u32, m.div_ceil(rows as usize) as u32, b32];
+            if a_vec4 && b_vec4 {
+                ("matmul_subgroup_vec4", vec![("RB", rows as f64), ("KC", if trans_a { 8.0 } else { 32.0 })], groups)
+            } else {
+                ("matmul_subgroup", vec![("RB", rows as f64)], groups)
+            }
+        }
+    };
+    let mut consts = consts;
+    consts.push(("TRANS_A", ta));
+    consts.push(("TRANS_B", tb));
+    let shader = if matches!(variant, MatmulVariant::Subgroup(_)) { &MATMUL_SUBGROUP } else { &MATMUL };
+    // Long k runs as several dispatches over k ranges, each adding to C (see k_per_dispatch).
+    let step = k_per_dispatch(entry)?;
+    for (i, k0) in (0..k).step_by(step).enumerate() {
+        let k1 = (k0 + step).min(k);
+        let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32((i > 0) as usize);
+        launch(shader, entry, &consts, p, &[a, b], &[&c], groups)?;
+    }
     Ok(c)
 }
 
-/// Whether the 16-byte-load matmul is used where shapes allow. Measured: on lavapipe (a CPU adapter) the
-/// scalar kernel is faster (MLP step 6.5 vs 8.6 ms, LeNet-5 step 350 vs 387 ms); on an H200 the vec4 kernel
-/// reaches 21 TFLOP/s at 4096³. Until the autotuner decides per adapter, CPU adapters get the scalar kernel;
-/// KILN_MATMUL=scalar|vec4 overrides.
-fn prefer_vec4() -> Result<bool> {
-    Ok(match std::env::var("KILN_MATMUL").as_deref() {
-        Ok("scalar") => false,
-        Ok("vec4") => true,
-        _ => gpu()?.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu,
+/// How much of k one matmul dispatch may cover. Lavapipe (Mesa's gallivm: CPU adapters) ends an invocation's
+/// loops after 65535 iterations in all, silently; each kernel's loop count per k step was measured there
+/// (every kernel is tested right at three times its limit). Real GPUs take k whole.
+fn k_per_dispatch(entry: &str) -> Result<usize> {
+    if gpu()?.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
+        return Ok(usize::MAX);
+    }
+    Ok(match entry {
+        "matmul_subgroup" => 1024,
+        "matmul_subgroup_vec4" => 2048,
+        "matmul_tiled" => 8192,
+        _ => 4 * LOOP_CHUNK,
     })
 }
 

@@ -8,6 +8,7 @@
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
 //! cpu.rs       the f64 CPU reference of every op
+//! tune.rs      the autotuner: which matmul kernel runs per adapter and shape class, cached on disk
 //! ```
 
 pub mod augment;
@@ -20,11 +21,12 @@ pub mod loss;
 mod ops;
 pub mod rng;
 pub mod shape;
+pub mod tune;
 mod tensor;
 
 pub use augment::Augment;
 pub use backprop::{Grads, Op};
-pub use conv::{Conv2dGeom, Pool2dGeom};
+pub use conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
 pub use error::{KilnError, Result};
 pub use rng::Rng;
 pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, Tensor, TensorId};

@@ -18,6 +18,9 @@ pub struct StepBench {
     pub samples_per_s: f64,
     pub submits_per_step: f64,
     pub buffers_created_after_first_step: u64,
+    pub bytes_created_after_first_step: u64,
+    /// Host time to record a step (forward, backward, optimizer) before waiting on the GPU.
+    pub host_ms_per_step: f64,
     pub peak_gpu_bytes: u64,
     pub parameters: usize,
 }
@@ -26,6 +29,8 @@ pub struct StepBench {
 /// random [batch, c, h, w] images after two warm-up steps.
 pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, steps: usize) -> Result<StepBench, KilnError> {
     let g = gpu()?;
+    g.sync()?;
+    g.reset_peak();
     let mut vs = VarStore::new(1);
     let mut net = crate::zoo::build_named(&mut vs, name, input, classes, 1)?;
     vs.finish()?;
@@ -35,21 +40,25 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
     let x = Tensor::randn(&[batch, input[0], input[1], input[2]], 1.0, &mut rng)?;
     let labels: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
     let y = Tensor::from_u32(&labels, &[batch])?;
-    let mut step = || -> Result<f64, KilnError> {
+    let mut host = Vec::with_capacity(steps);
+    let mut step = |host: &mut Vec<f64>| -> Result<f64, KilnError> {
         let t = Instant::now();
         let l = loss::cross_entropy(&net.forward(&x)?, &y)?;
         let grads = l.backward()?;
         opt.step(&vs, &grads)?;
+        host.push(t.elapsed().as_secs_f64() * 1e3);
         l.to_scalar()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
-    step()?;
+    step(&mut host)?;
     let after_first = thread_stats();
-    step()?;
+    step(&mut host)?;
+    host.clear();
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps.max(1) {
-        times.push(step()?);
+        times.push(step(&mut host)?);
     }
+    host.sort_by(f64::total_cmp);
     let end = thread_stats();
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
@@ -61,6 +70,8 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
         samples_per_s: batch as f64 * 1e3 / ms,
         submits_per_step: (end.submits - after_first.submits) as f64 / (steps.max(1) + 1) as f64,
         buffers_created_after_first_step: end.buffers_created - after_first.buffers_created,
+        bytes_created_after_first_step: end.bytes_created - after_first.bytes_created,
+        host_ms_per_step: host[host.len() / 2],
         peak_gpu_bytes: g.stats().peak_live_bytes,
         parameters: vs.num_values(),
     })

@@ -2,6 +2,7 @@
 //! (`kiln train`, the examples, the tests).
 
 pub mod bench;
+pub mod suite;
 pub mod cnn;
 pub mod linear_models;
 pub mod overfeat;

@@ -335,6 +335,12 @@ pub fn build_named(vs: &mut VarStore, name: &str, input: [usize; 3], classes: us
     let c = input[0];
     match name {
         "lenet" => crate::cnn::lenet5(vs, input, classes),
+        // The benchmark MLP: flatten -> 128 ReLU -> classes (784-128-10 on MNIST-sized input).
+        "mlp" => Ok(Sequential::new()
+            .push(kiln_nn::Flatten)
+            .push(kiln_nn::Linear::new(vs, "fc1", input.iter().product(), 128, kiln_nn::Init::HeNormal)?)
+            .push(kiln_nn::Activation::Relu)
+            .push(kiln_nn::Linear::new(vs, "fc2", 128, classes, kiln_nn::Init::XavierUniform)?)),
         "alexnet" => alexnet(vs, c, classes, seed),
         "vgg16" | "vgg16_bn" => vgg16(vs, c, classes, name == "vgg16_bn", 1, 7, seed),
         "resnet18" => resnet(vs, 18, c, classes),

@@ -135,17 +135,19 @@ pub struct Gpu {
 pub struct ThreadStats {
     pub submits: u64,
     pub buffers_created: u64,
+    pub bytes_created: u64,
 }
 
 thread_local! {
-    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, buffers_created: 0 }) };
+    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, buffers_created: 0, bytes_created: 0 }) };
 }
 
-fn count_thread(submits: u64, buffers: u64) {
+fn count_thread(submits: u64, buffers: u64, bytes: u64) {
     THREAD_STATS.with(|c| {
         let mut s = c.get();
         s.submits += submits;
         s.buffers_created += buffers;
+        s.bytes_created += bytes;
         c.set(s);
     });
 }
@@ -282,6 +284,12 @@ impl Gpu {
         self.lock().stats
     }
 
+    /// Restarts the peak-memory count from what is live now (so a benchmark reports its own peak).
+    pub fn reset_peak(&self) {
+        let mut st = self.lock();
+        st.stats.peak_live_bytes = st.stats.live_bytes;
+    }
+
     /// Largest tensor a kernel can bind: the adapter's max_storage_buffer_binding_size, or less when
     /// KILN_MAX_BINDING_BYTES asks (to exercise the split paths of big operands on any adapter).
     pub fn max_binding_bytes(&self) -> u64 {
@@ -319,7 +327,7 @@ impl Gpu {
                 }
                 st.stats.buffers_created += 1;
                 st.stats.bytes_created += class;
-                count_thread(0, 1);
+                count_thread(0, 1, class);
                 b
             }
         };
@@ -562,7 +570,7 @@ impl Gpu {
         let ops = std::mem::take(&mut st.recorded_ops);
         let index = self.queue.submit([encoder.finish()]);
         st.stats.submits += 1;
-        count_thread(1, 0);
+        count_thread(1, 0, 0);
         for (raw, class) in std::mem::take(&mut st.quarantine) {
             st.pool.entry(class).or_default().push(raw);
         }
@@ -600,7 +608,7 @@ impl Gpu {
                 None => {
                     st.stats.buffers_created += 1;
                     st.stats.bytes_created += class;
-                    count_thread(0, 1);
+                    count_thread(0, 1, class);
                     self.device.create_buffer(&wgpu::BufferDescriptor {
                         label: Some("kiln readback"),
                         size: class,

@@ -1,0 +1,341 @@
+//! The autotuner: which matmul kernel runs, per adapter and shape class.
+//!
+//! On first use of a shape class it checks every candidate kernel against the CPU reference (once per process),
+//! times the valid ones on the shape (scaled down to a bounded amount of work), keeps the fastest and writes the
+//! choice to `~/.cache/kiln/` (or `$KILN_CACHE_DIR`), in a file keyed by adapter name, driver and Kiln version,
+//! so a second run pays nothing. `KILN_AUTOTUNE=off` uses the fixed per-adapter default (what tests run with),
+//! `on` (the default) tunes what the cache lacks, `force` re-tunes every class once per process.
+//! `KILN_MATMUL=<variant name>` pins one kernel wherever it can run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use kiln_wgpu::gpu;
+
+use crate::kernels::{self, MatmulVariant};
+use crate::error::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Off,
+    On,
+    Force,
+}
+
+impl Mode {
+    pub fn from_env() -> Mode {
+        match std::env::var("KILN_AUTOTUNE").as_deref() {
+            Ok("off") | Ok("0") => Mode::Off,
+            Ok("force") => Mode::Force,
+            _ => Mode::On,
+        }
+    }
+}
+
+/// Shapes whose best kernel is expected to match: the transposes, whether the product is batched, whether
+/// 16-byte loads apply, and each dimension's power-of-two bucket (capped at 4096).
+pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> String {
+    let bucket = |x: usize| x.max(1).next_power_of_two().min(4096);
+    let vec4 = MatmulVariant::Vec4.supports(m, n, k, trans_a, trans_b).unwrap_or(false);
+    format!(
+        "{}{} b{} m{} n{} k{}{}",
+        if trans_a { 't' } else { 'n' },
+        if trans_b { 't' } else { 'n' },
+        if batch > 1 { "n" } else { "1" },
+        bucket(m),
+        bucket(n),
+        bucket(k),
+        if vec4 { " v4" } else { "" }
+    )
+}
+
+/// The kernel used when tuning is off: measured defaults per adapter type. On lavapipe (a CPU adapter) the
+/// subgroup kernel is 4-5x the blocked one, with as many rows per lane as the product has (8, 16 or 32); on
+/// the H200 the vec4 kernel reached 21 TFLOP/s at 4096³.
+pub fn default_variant(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+    let preferred = if is_cpu_adapter()? {
+        MatmulVariant::Subgroup(if m <= 8 { 8 } else if m <= 16 { 16 } else { 32 })
+    } else {
+        MatmulVariant::Vec4
+    };
+    Ok(if preferred.supports(m, n, k, trans_a, trans_b)? { preferred } else { MatmulVariant::Blocked })
+}
+
+fn is_cpu_adapter() -> Result<bool> {
+    Ok(gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu)
+}
+
+/// The kernels the tuner times on this adapter. Every shape class pays a pipeline build per candidate on first
+/// use (seconds each for the unrolled subgroup kernels on lavapipe), so each adapter type gets the plausible
+/// ones: register-blocked and subgroup kernels on CPU adapters (workgroup memory is slow there), blocked,
+/// vec4, tiled and subgroup kernels on GPUs. The naive kernel is a benchmark baseline only.
+pub fn candidates() -> Result<Vec<MatmulVariant>> {
+    use MatmulVariant::*;
+    Ok(if is_cpu_adapter()? {
+        vec![Blocked, Vec4, Subgroup(8), Subgroup(16), Subgroup(32)]
+    } else {
+        vec![Blocked, Vec4, Tiled, Subgroup(16)]
+    })
+}
+
+/// A tuning result for one shape class: every candidate's time, and the winner.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    pub class: String,
+    pub timings: Vec<(MatmulVariant, Option<f64>)>,
+    pub chosen: MatmulVariant,
+}
+
+/// The tuner state: choices by shape class, backed by one cache file.
+pub struct Tuner {
+    mode: Mode,
+    path: Option<PathBuf>,
+    choices: HashMap<String, MatmulVariant>,
+    /// Classes re-tuned in this process under `force`.
+    forced: std::collections::HashSet<String>,
+    /// (variant, trans_a, trans_b) checked against the CPU reference in this process.
+    validated: HashMap<(MatmulVariant, bool, bool), bool>,
+    /// How many classes this tuner timed (0 on a second run with a warm cache).
+    pub tuned: usize,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheFile {
+    kiln_version: String,
+    adapter: String,
+    driver: String,
+    choices: std::collections::BTreeMap<String, String>,
+}
+
+/// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(Path::new(&d).join("kiln"));
+    }
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache").join("kiln"))
+}
+
+/// The cache file for the current adapter: one per (adapter, driver, Kiln version).
+pub fn cache_file(dir: &Path) -> Result<PathBuf> {
+    let g = gpu()?;
+    let raw = format!("{}-{}-{}-{}", g.info.name, g.info.driver, g.info.driver_info, env!("CARGO_PKG_VERSION"));
+    let name: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+    Ok(dir.join(format!("autotune-{}.json", &name[..name.len().min(150)])))
+}
+
+impl Tuner {
+    /// A tuner backed by `dir` (no file when None). Reads the cache unless the mode is `force`; a file that
+    /// cannot be read is reported on stderr, named, and replaced on the next save.
+    pub fn open(mode: Mode, dir: Option<&Path>) -> Result<Tuner> {
+        let path = match dir {
+            Some(d) => Some(cache_file(d)?),
+            None => None,
+        };
+        let mut t = Tuner { mode, path, choices: HashMap::new(), forced: Default::default(), validated: HashMap::new(), tuned: 0 };
+        if let Some(p) = t.path.clone() {
+            if mode != Mode::Off && p.exists() {
+                match t.load(&p) {
+                    Ok(()) => {}
+                    Err(e) => eprintln!("kiln: ignoring the autotune cache {}: {e}", p.display()),
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn load(&mut self, p: &Path) -> std::result::Result<(), String> {
+        let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
+        let file: CacheFile = serde_json::from_str(&text).map_err(|e| format!("not a Kiln autotune file ({e})"))?;
+        for (class, name) in file.choices {
+            let v = MatmulVariant::parse(&name).ok_or_else(|| format!("unknown kernel {name:?} for {class:?}"))?;
+            self.choices.insert(class, v);
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let Some(p) = &self.path else { return Ok(()) };
+        let g = gpu()?;
+        let file = CacheFile {
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            adapter: g.info.name.clone(),
+            driver: format!("{} {}", g.info.driver, g.info.driver_info),
+            choices: self.choices.iter().map(|(c, v)| (c.clone(), v.name())).collect(),
+        };
+        let text = serde_json::to_string_pretty(&file).expect("plain data serialises");
+        // Written beside and renamed, so a crash never leaves half a file; failure to cache is not fatal.
+        let write = || -> std::io::Result<()> {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, p)
+        };
+        if let Err(e) = write() {
+            eprintln!("kiln: could not write the autotune cache {}: {e}", p.display());
+        }
+        Ok(())
+    }
+
+    /// The kernel for this product.
+    pub fn choose(&mut self, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+        if let Ok(name) = std::env::var("KILN_MATMUL") {
+            if let Some(v) = MatmulVariant::parse(&name).or(match name.as_str() {
+                "scalar" => Some(MatmulVariant::Blocked),
+                "vec4" => Some(MatmulVariant::Vec4),
+                "subgroup" => Some(MatmulVariant::Subgroup(16)),
+                _ => None,
+            }) {
+                if v.supports(m, n, k, trans_a, trans_b)? {
+                    return Ok(v);
+                }
+            }
+        }
+        if self.mode == Mode::Off {
+            return default_variant(m, n, k, trans_a, trans_b);
+        }
+        let class = shape_class(batch, m, n, k, trans_a, trans_b);
+        let stale = self.mode == Mode::Force && !self.forced.contains(&class);
+        if let (Some(v), false) = (self.choices.get(&class), stale) {
+            return Ok(*v);
+        }
+        let t = self.tune(m, n, k, trans_a, trans_b)?;
+        self.forced.insert(class.clone());
+        self.choices.insert(class, t.chosen);
+        self.tuned += 1;
+        self.save()?;
+        Ok(t.chosen)
+    }
+
+    /// Whether `v` computes the right product (checked once per process per variant and transposes, on odd
+    /// sizes, against the f64 CPU reference).
+    pub fn validate(&mut self, v: MatmulVariant, trans_a: bool, trans_b: bool) -> Result<bool> {
+        if let Some(ok) = self.validated.get(&(v, trans_a, trans_b)) {
+            return Ok(*ok);
+        }
+        // Multiples of 4 where 16-byte loads need them, odd otherwise; a batch of 2 with a broadcast operand.
+        let (m, n, k) = if v == MatmulVariant::Vec4 { (36, 44, 28) } else { (37, 45, 29) };
+        let ok = check_against_cpu(v, 2, m, n, k, trans_a, trans_b)?;
+        self.validated.insert((v, trans_a, trans_b), ok);
+        Ok(ok)
+    }
+
+    /// Times every valid candidate on this shape (scaled so one run is at most ~2^27 FLOPs) and returns them
+    /// with the fastest. The naive kernel is a benchmark baseline, never a candidate.
+    pub fn tune(&mut self, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<Tuning> {
+        let (mut tm, mut tn) = (m, n);
+        while 2 * tm * tn * k > 1 << 27 && (tm > 64 || tn > 64) {
+            if tm >= tn { tm = (tm / 2).next_multiple_of(4) } else { tn = (tn / 2).next_multiple_of(4) }
+        }
+        let tk = k;
+        let a = kernels::random_uniform(tm * tk, 11, 0)?;
+        let b = kernels::random_uniform(tk * tn, 12, 0)?;
+        let mut timings = Vec::new();
+        for v in candidates()? {
+            if !v.supports(m, n, k, trans_a, trans_b)? || !v.supports(tm, tn, tk, trans_a, trans_b)? || !self.validate(v, trans_a, trans_b)? {
+                timings.push((v, None));
+                continue;
+            }
+            let ms = time_ms(1, 3, || kernels::matmul_with(v, &a, &b, 1, tm, tn, tk, 0, 0, trans_a, trans_b).map(drop))?;
+            timings.push((v, Some(ms)));
+        }
+        let chosen = timings
+            .iter()
+            .filter_map(|(v, t)| t.map(|t| (*v, t)))
+            .min_by(|x, y| x.1.total_cmp(&y.1))
+            .map(|(v, _)| v)
+            .unwrap_or(MatmulVariant::Blocked);
+        Ok(Tuning { class: shape_class(1, m, n, k, trans_a, trans_b), timings, chosen })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+}
+
+/// Median wall time of `runs` calls of `f`, each followed by a full GPU sync, after `warmup` untimed calls.
+pub fn time_ms(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let g = gpu()?;
+    g.sync()?;
+    for _ in 0..warmup {
+        f()?;
+        g.sync()?;
+    }
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let s = Instant::now();
+        f()?;
+        g.sync()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Runs `v` on random [batch, m, k] x [k, n] operands (B broadcast over the batch) and compares with the f64
+/// reference: every element within 1e-4 of the largest |C|.
+pub fn check_against_cpu(v: MatmulVariant, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
+    if !v.supports(m, n, k, trans_a, trans_b)? {
+        return Ok(false);
+    }
+    let mut rng = crate::Rng::new(0x5eed ^ (m * 31 + n * 7 + k) as u64);
+    let ha: Vec<f32> = (0..batch * m * k).map(|_| rng.normal() as f32).collect();
+    let hb: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+    let g = gpu()?;
+    let a = g.upload(bytemuck::cast_slice(&ha), "matmul check A")?;
+    let b = g.upload(bytemuck::cast_slice(&hb), "matmul check B")?;
+    let c = kernels::matmul_with(v, &a, &b, batch, m, n, k, m * k, 0, trans_a, trans_b)?;
+    let got: Vec<f32> = bytemuck::cast_slice(&g.read(&c)?).to_vec();
+    let want = reference_matmul(&ha, &hb, batch, m, n, k, trans_a, trans_b);
+    let scale = want.iter().fold(1e-6f64, |s, x| s.max(x.abs()));
+    Ok(got.len() >= want.len() && want.iter().zip(&got).all(|(w, g)| ((*g as f64) - w).abs() <= 1e-4 * scale))
+}
+
+/// C[batch, m, n] = op(A[batch]) @ op(B) in f64; A is [m, k] per batch ([k, m] if trans_a), B is [k, n]
+/// ([n, k] if trans_b), shared by the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Vec<f64> {
+    let mut c = vec![0f64; batch * m * n];
+    for z in 0..batch {
+        let ab = &a[z * m * k..(z + 1) * m * k];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let av = if trans_a { ab[p * m + i] } else { ab[i * k + p] };
+                    let bv = if trans_b { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[z * m * n + i * n + j] = s;
+            }
+        }
+    }
+    c
+}
+
+static GLOBAL: OnceLock<Mutex<Tuner>> = OnceLock::new();
+
+/// The process-wide tuner (mode from KILN_AUTOTUNE, cache in `cache_dir()`).
+pub fn global() -> Result<&'static Mutex<Tuner>> {
+    if let Some(t) = GLOBAL.get() {
+        return Ok(t);
+    }
+    let mode = Mode::from_env();
+    let t = Tuner::open(mode, cache_dir().as_deref())?;
+    Ok(GLOBAL.get_or_init(|| Mutex::new(t)))
+}
+
+/// The kernel `kernels::matmul` runs for this product.
+pub fn matmul_variant(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+    if Mode::from_env() == Mode::Off && std::env::var_os("KILN_MATMUL").is_none() {
+        return default_variant(m, n, k, trans_a, trans_b);
+    }
+    let mut t = global()?.lock().unwrap_or_else(|e| e.into_inner());
+    t.choose(batch, m, n, k, trans_a, trans_b)
+}

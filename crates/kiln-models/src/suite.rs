@@ -1,0 +1,719 @@
+//! The kernel benchmark suite behind `kiln bench` and `cargo bench -p kiln-benches`.
+//!
+//! First the adapter's ceilings, measured on the spot: an FMA chain (compute roof) and a large copy (memory
+//! roof). Then one table per kernel family: each (kernel, shape, variant) is run once, its output checked
+//! against a CPU reference computed on the same inputs (plain Rust, multi-threaded, blocked), and only if it is
+//! right timed: the median of `runs` calls after a warm-up, wall time around a GPU fence. A wrong variant is
+//! reported as wrong and never timed; one whose single run exceeds the time budget is reported as skipped.
+
+use std::time::Instant;
+
+use kiln_graph::backend::gpu;
+use kiln_graph::kernels::{self, BinaryKind, MatmulShape, MatmulVariant, UnaryKind};
+use kiln_graph::tune::time_ms;
+use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
+use serde::Serialize;
+
+pub const FAMILIES: [&str; 7] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "step"];
+
+/// One row of the benchmark, as `--json` writes it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Record {
+    pub family: String,
+    pub kernel: String,
+    pub shape: Vec<usize>,
+    pub variant: String,
+    pub valid: bool,
+    pub median_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// Achieved GFLOP/s over the compute roof, or GB/s over the memory roof.
+    pub roof_fraction: Option<f64>,
+    pub cpu_gflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_gbps: Option<f64>,
+    pub adapter: String,
+    /// Why a valid record has no time (over the budget), or what was wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ms_per_step: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ms_per_step: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submits_per_step: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_allocated_after_first_step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<u64>,
+}
+
+/// Prints records as one table per family (what `kiln bench` and `cargo bench` show).
+#[derive(Default)]
+pub struct Table {
+    family: String,
+}
+
+impl Table {
+    pub fn print(&mut self, r: &Record) {
+        if r.family != self.family {
+            self.family = r.family.clone();
+            println!("\n== {}", self.family);
+            if self.family == "step" {
+                println!("{:<46} {:>10} {:>10} {:>11} {:>9} {:>8} {:>12} {:>12} {:>9}", "kernel", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof");
+            } else {
+                println!("{:<44} {:<22} {:<16} {:>10} {:>10} {:>7} {:>10}", "kernel", "shape", "variant", "ms", "rate", "roof", "cpu rate");
+            }
+        }
+        let fmt = |v: Option<f64>, unit: &str| v.map(|x| format!("{x:.2} {unit}")).unwrap_or_else(|| "-".into());
+        if r.family == "step" {
+            println!(
+                "{:<46} {:>10.3} {:>10.3} {:>11.0} {:>9.2} {:>8.2} {:>12} {:>12} {:>8.1}%",
+                r.kernel,
+                r.ms_per_step.unwrap_or(0.0),
+                r.host_ms_per_step.unwrap_or(0.0),
+                r.samples_per_s.unwrap_or(0.0),
+                r.submits_per_step.unwrap_or(0.0),
+                r.gflops.unwrap_or(0.0),
+                r.bytes_allocated_after_first_step.unwrap_or(0),
+                r.peak_gpu_bytes.unwrap_or(0),
+                100.0 * r.roof_fraction.unwrap_or(0.0)
+            );
+            return;
+        }
+        let (rate, cpu) = if r.gbps.is_some() || r.cpu_gbps.is_some() { (fmt(r.gbps, "GB/s"), fmt(r.cpu_gbps, "GB/s")) } else { (fmt(r.gflops, "GF/s"), fmt(r.cpu_gflops, "GF/s")) };
+        let shape = format!("{:?}", r.shape);
+        let ms = match (r.valid, r.median_ms) {
+            (false, _) => "WRONG".to_string(),
+            (true, Some(ms)) => format!("{ms:.3}"),
+            (true, None) => "not timed".to_string(),
+        };
+        let roof = r.roof_fraction.map(|f| format!("{:.1}%", 100.0 * f)).unwrap_or_else(|| "-".into());
+        println!("{:<44} {:<22} {:<16} {:>10} {:>10} {:>7} {:>10}", r.kernel, shape, r.variant, ms, rate, roof, cpu);
+        if let Some(note) = &r.note {
+            println!("    {note}");
+        }
+    
+    }
+}
+
+pub struct SuiteOptions {
+    /// Families to run (empty: all).
+    pub filter: Vec<String>,
+    /// Timed runs per record (at least 10).
+    pub runs: usize,
+    /// A record whose single run takes longer than budget_s / runs is skipped (reported, not timed).
+    pub budget_s: f64,
+    /// Square matmul sizes.
+    pub square: Vec<usize>,
+    /// Models whose step shapes (and, under `step`, whole steps) are timed.
+    pub models: Vec<String>,
+    pub batch: usize,
+}
+
+impl Default for SuiteOptions {
+    fn default() -> Self {
+        SuiteOptions {
+            filter: Vec::new(),
+            runs: 10,
+            budget_s: 20.0,
+            square: vec![256, 512, 1024, 2048],
+            models: vec!["mlp".into(), "lenet".into(), "resnet20".into()],
+            batch: 64,
+        }
+    }
+}
+
+/// The adapter's ceilings.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Roofs {
+    pub fma_gflops: f64,
+    pub copy_gbps: f64,
+}
+
+struct Ctx<'a> {
+    opts: &'a SuiteOptions,
+    roofs: Roofs,
+    adapter: String,
+    emit: &'a mut dyn FnMut(&Record),
+    out: Vec<Record>,
+}
+
+type R<T> = Result<T, KilnError>;
+
+impl Ctx<'_> {
+    fn push(&mut self, r: Record) {
+        (self.emit)(&r);
+        self.out.push(r);
+    }
+
+    fn base(&self, family: &str, kernel: &str, shape: &[usize], variant: &str) -> Record {
+        Record { family: family.into(), kernel: kernel.into(), shape: shape.to_vec(), variant: variant.into(), adapter: self.adapter.clone(), ..Default::default() }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn measure(&mut self, rec: Record, work: f64, bytes: bool, want: &[f32], tol: f32, cpu_ms: Option<f64>, run: impl FnMut() -> R<Tensor>) -> R<()> {
+        let rec = validate_and_time(rec, Work { amount: work, bytes }, want, tol, cpu_ms, self.roofs, self.opts.runs, self.opts.budget_s, run)?;
+        self.push(rec);
+        Ok(())
+    }
+}
+
+/// What a kernel does per call: FLOPs (compute-bound), or bytes moved when `bytes`.
+#[derive(Clone, Copy, Debug)]
+pub struct Work {
+    pub amount: f64,
+    pub bytes: bool,
+}
+
+/// Runs `run` once and checks its output against `want` (every element within `tol` of the largest |want|).
+/// A wrong result is reported as wrong and never timed; a right one is timed (median of `runs` after a
+/// warm-up) unless one call would take the runs past `budget_s`. Rates go beside the roof and the CPU's.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cpu_ms: Option<f64>, roofs: Roofs, runs: usize, budget_s: f64, mut run: impl FnMut() -> R<Tensor>) -> R<Record> {
+    let g = gpu()?;
+    g.sync()?;
+    let got = run()?.to_vec()?;
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let bad = got.len() != want.len() || got.iter().zip(want).any(|(a, b)| !((a - b).abs() <= tol * scale));
+    let cpu_rate = cpu_ms.map(|ms| work.amount / ms / 1e6);
+    if work.bytes {
+        rec.cpu_gbps = cpu_rate
+    } else {
+        rec.cpu_gflops = cpu_rate
+    }
+    if bad {
+        let worst = if got.len() == want.len() { got.iter().zip(want).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max) } else { f32::INFINITY };
+        rec.valid = false;
+        rec.note = Some(format!("wrong: max error {worst:.2e} of the largest value (tolerance {tol:.0e}); not timed"));
+        return Ok(rec);
+    }
+    rec.valid = true;
+    // A second call, past pipeline creation and shader compilation, decides whether timing fits the budget.
+    let t0 = Instant::now();
+    run()?;
+    g.sync()?;
+    let one_s = t0.elapsed().as_secs_f64();
+    let runs = runs.max(10);
+    if one_s * runs as f64 > budget_s {
+        rec.note = Some(format!("not timed: one run takes {one_s:.2} s, {runs} runs exceed the budget (raise --budget-s)"));
+        return Ok(rec);
+    }
+    let ms = time_ms(1, runs, || run().map(drop))?;
+    rec.median_ms = Some(ms);
+    let rate = work.amount / ms / 1e6;
+    if work.bytes {
+        rec.gbps = Some(rate);
+        rec.roof_fraction = Some(rate / roofs.copy_gbps);
+    } else {
+        rec.gflops = Some(rate);
+        rec.roof_fraction = Some(rate / roofs.fma_gflops);
+    }
+    Ok(rec)
+}
+
+/// Runs the suite against ceilings from [`measure_roofs`]; `emit` sees each record as it is measured.
+pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
+    let g = gpu()?;
+    let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
+    let on = |f: &str| opts.filter.is_empty() || opts.filter.iter().any(|x| x == f);
+    if on("matmul") {
+        matmul_family(&mut ctx)?;
+    }
+    if on("conv") {
+        conv_family(&mut ctx)?;
+    }
+    if on("pool") {
+        pool_family(&mut ctx)?;
+    }
+    if on("softmax") {
+        softmax_family(&mut ctx)?;
+    }
+    if on("elementwise") {
+        elementwise_family(&mut ctx)?;
+    }
+    if on("reduce") {
+        reduce_family(&mut ctx)?;
+    }
+    if on("step") {
+        step_family(&mut ctx)?;
+    }
+    Ok(ctx.out)
+}
+
+/// The compute roof (8 independent vec4 FMA chains per invocation, no memory traffic) and the memory roof
+/// (a 64 MiB vec4 copy), best of several sizes.
+pub fn measure_roofs() -> R<Roofs> {
+    let g = gpu()?;
+    let launch_roof = |entry: &'static str, n: u32, iters: u32, src: &kiln_graph::backend::BufView, dst: &kiln_graph::backend::BufView| -> R<()> {
+        let p = kernels::Params::new().u32(n as usize).u32(iters as usize).f32(0.999).f32(0.001);
+        let groups = n.div_ceil(256);
+        let d = kiln_graph::backend::Dispatch {
+            shader: &kernels::ROOF,
+            entry,
+            constants: &[("WG", 256.0)],
+            params: p.bytes(),
+            inputs: &[src],
+            outputs: &[dst],
+            workgroups: [groups.min(65535), groups.div_ceil(65535), 1],
+        };
+        g.dispatch(&d)?;
+        Ok(())
+    };
+    let vec4s: u32 = 1 << 22; // 64 MiB per buffer
+    let src = kernels::random_uniform(4 * vec4s as usize, 3, 0)?;
+    let dst = g.alloc(16 * vec4s as u64, "roof output")?;
+    let mut fma: f64 = 0.0;
+    for threads in [1u32 << 14, 1 << 16, 1 << 18] {
+        let iters = 256;
+        let ms = time_ms(1, 5, || launch_roof("fma_roof", threads, iters, &src, &dst))?;
+        fma = fma.max(threads as f64 * iters as f64 * 64.0 / ms / 1e6);
+        if ms > 200.0 {
+            break;
+        }
+    }
+    let ms = time_ms(1, 5, || launch_roof("copy_roof", vec4s, 0, &src, &dst))?;
+    let copy = 2.0 * 16.0 * vec4s as f64 / ms / 1e6;
+    Ok(Roofs { fma_gflops: fma, copy_gbps: copy })
+}
+
+fn randn(shape: &[usize], rng: &mut Rng) -> R<(Tensor, Vec<f32>)> {
+    let t = Tensor::randn(shape, 1.0, rng)?;
+    let h = t.to_vec()?;
+    Ok((t, h))
+}
+
+/// Median wall time of `runs` calls of a CPU closure.
+fn cpu_time(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+// ---- matmul -------------------------------------------------------------------------------------------
+
+fn matmul_family(ctx: &mut Ctx) -> R<()> {
+    let mut shapes: Vec<(String, MatmulShape)> = ctx.opts.square.iter().map(|&n| (format!("square {n}"), MatmulShape { batch: 1, m: n, n, k: n, trans_a: false, trans_b: false })).collect();
+    for model in ctx.opts.models.clone() {
+        let mut seen = std::collections::HashSet::new();
+        for s in step_matmul_shapes(&model, ctx.opts.batch)? {
+            if seen.insert(s) {
+                shapes.push((format!("{model} step"), s));
+            }
+        }
+    }
+    let mut rng = Rng::new(5);
+    for (kernel, s) in shapes {
+        let a_shape = if s.trans_a { [s.batch, s.k, s.m] } else { [s.batch, s.m, s.k] };
+        let b_shape = if s.trans_b { [s.n, s.k] } else { [s.k, s.n] };
+        // The step's products broadcast B over the batch (a weight) or are plain 2-D.
+        let (a, ha) = randn(&a_shape, &mut rng)?;
+        let (b, hb) = randn(&b_shape, &mut rng)?;
+        let mut want = vec![0f32; s.batch * s.m * s.n];
+        let cpu_ms = cpu_time(3, || cpu_matmul_batched(&ha, &hb, &mut want, s));
+        let shape = vec![s.batch, s.m, s.n, s.k];
+        let kname = format!("{kernel} {}{}", if s.trans_a { "t" } else { "n" }, if s.trans_b { "t" } else { "n" });
+        for v in MatmulVariant::ALL {
+            if !v.supports(s.m, s.n, s.k, s.trans_a, s.trans_b)? {
+                continue;
+            }
+            let rec = ctx.base("matmul", &kname, &shape, &v.name());
+            let (av, bv) = (a.storage().clone(), b.storage().clone());
+            let out_shape = vec![s.batch, s.m, s.n];
+            ctx.measure(rec, s.flops(), false, &want, 1e-4, Some(cpu_ms), || {
+                let c = kernels::matmul_with(v, &av, &bv, s.batch, s.m, s.n, s.k, s.m * s.k, 0, s.trans_a, s.trans_b)?;
+                Ok(Tensor::from_storage(c, &out_shape, kiln_graph::DType::F32)?)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The matmuls one training step of `model` launches (forward, backward, on a random batch).
+pub fn step_matmul_shapes(model: &str, batch: usize) -> R<Vec<MatmulShape>> {
+    let (input, classes) = model_input(model);
+    let mut vs = kiln_nn::VarStore::new(1);
+    let mut net = crate::zoo::build_named(&mut vs, model, input, classes, 1)?;
+    vs.finish()?;
+    use kiln_nn::Module;
+    net.set_training(true);
+    let mut rng = Rng::new(3);
+    let x = Tensor::randn(&[batch, input[0], input[1], input[2]], 1.0, &mut rng)?;
+    let labels: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
+    let y = Tensor::from_u32(&labels, &[batch])?;
+    kernels::log_matmuls(true);
+    let run = || -> R<()> {
+        let l = kiln_graph::loss::cross_entropy(&net.forward(&x)?, &y)?;
+        l.backward()?;
+        Ok(())
+    };
+    let r = run();
+    let shapes = kernels::log_matmuls(false);
+    r?;
+    gpu()?.sync()?;
+    Ok(shapes)
+}
+
+/// Input size and classes the benchmarks use per model: MNIST-sized for LeNet, the MLP and CIFAR ResNets.
+pub fn model_input(model: &str) -> ([usize; 3], usize) {
+    let zoo = crate::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
+    let input = match zoo {
+        Some(i) if !(model.starts_with("resnet") && i[1] == 32) => i,
+        _ => [1, 28, 28],
+    };
+    (input, 10)
+}
+
+/// Row-major C = op(A) @ op(B) per batch (B shared), f32, rows split across the cores, blocked over k.
+pub fn cpu_matmul_batched(a: &[f32], b: &[f32], c: &mut [f32], s: MatmulShape) {
+    let (m, n, k) = (s.m, s.n, s.k);
+    // Bring both operands to [m, k] / [k, n] first (the copies are O(n^2) beside O(n^3)).
+    let bt: Vec<f32> = if s.trans_b { transpose(b, n, k) } else { b.to_vec() };
+    for z in 0..s.batch {
+        let az = &a[z * m * k..(z + 1) * m * k];
+        let at: Vec<f32> = if s.trans_a { transpose(az, k, m) } else { az.to_vec() };
+        cpu_matmul(&at, &bt, &mut c[z * m * n..(z + 1) * m * n], m, k, n);
+    }
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// C[m, n] = A[m, k] B[k, n]: blocked i-k-j, rows split across the machine's cores.
+pub fn cpu_matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    let threads = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1).min(m.max(1));
+    let rows_per = m.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (t, chunk) in c.chunks_mut(rows_per * n.max(1)).enumerate() {
+            s.spawn(move || {
+                chunk.fill(0.0);
+                let r0 = t * rows_per;
+                const KB: usize = 256;
+                for kb in (0..k).step_by(KB) {
+                    for (ri, row) in chunk.chunks_mut(n.max(1)).enumerate() {
+                        let arow = &a[(r0 + ri) * k..(r0 + ri + 1) * k];
+                        for p in kb..(kb + KB).min(k) {
+                            let av = arow[p];
+                            for (cv, bv) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                                *cv += av * bv;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Splits `out` into per-core chunks of whole `unit`s and runs `f(first_unit, chunk)` on each.
+fn par_units(out: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let units = out.len() / unit.max(1);
+    let threads = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1).min(units.max(1));
+    let per = units.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (t, chunk) in out.chunks_mut(per * unit.max(1)).enumerate() {
+            let f = &f;
+            s.spawn(move || f(t * per, chunk));
+        }
+    });
+}
+
+// ---- conv2d -------------------------------------------------------------------------------------------
+
+/// (name, input [n, c, h, w], c_out, kernel, stride, padding): LeNet-5's two convolutions (28x28 input) and
+/// ResNet-20's three 3x3 stages plus a strided one.
+fn conv_layers(batch: usize) -> Vec<(&'static str, [usize; 4], usize, usize, usize, usize)> {
+    vec![
+        ("lenet conv1", [batch, 1, 28, 28], 6, 5, 1, 2),
+        ("lenet conv2", [batch, 6, 14, 14], 16, 5, 1, 0),
+        ("resnet20 16@32x32", [batch, 16, 32, 32], 16, 3, 1, 1),
+        ("resnet20 32@16x16 s2", [batch, 16, 32, 32], 32, 3, 2, 1),
+        ("resnet20 32@16x16", [batch, 32, 16, 16], 32, 3, 1, 1),
+        ("resnet20 64@8x8", [batch, 64, 8, 8], 64, 3, 1, 1),
+    ]
+}
+
+fn conv_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(9);
+    for (name, xs, cout, kk, stride, pad) in conv_layers(ctx.opts.batch) {
+        let geom = Conv2dGeom { stride: [stride, stride], padding: [pad, pad], ..Default::default() };
+        let (x, hx) = randn(&xs, &mut rng)?;
+        let (w, hw) = randn(&[cout, xs[1], kk, kk], &mut rng)?;
+        let (oh, ow) = geom.output_size(xs[2], xs[3], kk, kk).expect("layer fits");
+        let (gy, hg) = randn(&[xs[0], cout, oh, ow], &mut rng)?;
+        let c = CpuConv { n: xs[0], c: xs[1], h: xs[2], w: xs[3], co: cout, k: kk, stride, pad, oh, ow };
+        let flops = 2.0 * (xs[0] * cout * oh * ow * xs[1] * kk * kk) as f64;
+        let shape = vec![xs[0], xs[1], xs[2], xs[3], cout, kk, stride];
+        let variant = "im2col+matmul";
+        // forward
+        let mut want = Vec::new();
+        let ms = cpu_time(3, || want = c.forward(&hx, &hw));
+        let rec = ctx.base("conv", &format!("{name} forward"), &shape, variant);
+        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || kiln_graph::no_grad(|| x.conv2d(&w, geom)))?;
+        // backward to the input
+        let ms = cpu_time(3, || want = c.backward_input(&hg, &hw));
+        let rec = ctx.base("conv", &format!("{name} backward-input"), &shape, variant);
+        let xv = x.detach().var();
+        let wd = w.detach();
+        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xv, &wd, &gy, &geom)?.0.expect("input gradient")))?;
+        // backward to the weight
+        let ms = cpu_time(3, || want = c.backward_weight(&hx, &hg));
+        let rec = ctx.base("conv", &format!("{name} backward-weight"), &shape, variant);
+        let xd = x.detach();
+        let wv = w.detach().var();
+        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xd, &wv, &gy, &geom)?.1.expect("weight gradient")))?;
+    }
+    Ok(())
+}
+
+/// CPU conv2d by im2col + the blocked multi-threaded matmul (square kernel, no dilation, no groups).
+struct CpuConv {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl CpuConv {
+    /// Calls f(input index, column index) for every tap of sample b that lands inside the input, where the
+    /// column matrix is cols[(ci, ky, kx), (oy, ox)].
+    fn for_each_tap(&self, b: usize, mut f: impl FnMut(usize, usize)) {
+        let sp = self.oh * self.ow;
+        for ci in 0..self.c {
+            for ky in 0..self.k {
+                for kx in 0..self.k {
+                    let row = (ci * self.k + ky) * self.k + kx;
+                    for oy in 0..self.oh {
+                        let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        for ox in 0..self.ow {
+                            let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                            if ix >= 0 && ix < self.w as isize {
+                                f(((b * self.c + ci) * self.h + iy as usize) * self.w + ix as usize, row * sp + oy * self.ow + ox);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn im2col(&self, x: &[f32], b: usize) -> Vec<f32> {
+        let mut cols = vec![0f32; self.c * self.k * self.k * self.oh * self.ow];
+        self.for_each_tap(b, |xi, ci| cols[ci] = x[xi]);
+        cols
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (kk, sp) = (self.c * self.k * self.k, self.oh * self.ow);
+        let mut y = vec![0f32; self.n * self.co * sp];
+        for b in 0..self.n {
+            let cols = self.im2col(x, b);
+            cpu_matmul(w, &cols, &mut y[b * self.co * sp..(b + 1) * self.co * sp], self.co, kk, sp);
+        }
+        y
+    }
+
+    fn backward_input(&self, g: &[f32], w: &[f32]) -> Vec<f32> {
+        let (kk, sp) = (self.c * self.k * self.k, self.oh * self.ow);
+        let wt = transpose(w, self.co, kk);
+        let mut dx = vec![0f32; self.n * self.c * self.h * self.w];
+        let mut dcols = vec![0f32; kk * sp];
+        for b in 0..self.n {
+            cpu_matmul(&wt, &g[b * self.co * sp..(b + 1) * self.co * sp], &mut dcols, kk, self.co, sp);
+            // col2im: scatter-add each column entry back to its input pixel.
+            self.for_each_tap(b, |xi, ci| dx[xi] += dcols[ci]);
+        }
+        dx
+    }
+
+    fn backward_weight(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        let (kk, sp) = (self.c * self.k * self.k, self.oh * self.ow);
+        let mut dw = vec![0f32; self.co * kk];
+        let mut part = vec![0f32; self.co * kk];
+        for b in 0..self.n {
+            let cols_t = transpose(&self.im2col(x, b), kk, sp);
+            cpu_matmul(&g[b * self.co * sp..(b + 1) * self.co * sp], &cols_t, &mut part, self.co, sp, kk);
+            for (d, p) in dw.iter_mut().zip(&part) {
+                *d += p;
+            }
+        }
+        dw
+    }
+}
+
+// ---- pooling, softmax, elementwise, reductions (memory-bound: GB/s) ---------------------------------------
+
+fn pool_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(13);
+    let b = ctx.opts.batch;
+    for (name, xs) in [("lenet pool1", [b, 6, 28, 28]), ("lenet pool2", [b, 16, 10, 10]), ("large", [b, 64, 32, 32])] {
+        let geom = Pool2dGeom::square(2);
+        let (x, hx) = randn(&xs, &mut rng)?;
+        let (oh, ow) = (xs[2] / 2, xs[3] / 2);
+        let planes = xs[0] * xs[1];
+        let out_n = planes * oh * ow;
+        let in_n = planes * xs[2] * xs[3];
+        for max in [true, false] {
+            let mut want = vec![0f32; out_n];
+            let ms = cpu_time(3, || {
+                par_units(&mut want, oh * ow, |p0, chunk| {
+                    for (pi, plane) in chunk.chunks_mut(oh * ow).enumerate() {
+                        let src = &hx[(p0 + pi) * xs[2] * xs[3]..];
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let v = [src[2 * oy * xs[3] + 2 * ox], src[2 * oy * xs[3] + 2 * ox + 1], src[(2 * oy + 1) * xs[3] + 2 * ox], src[(2 * oy + 1) * xs[3] + 2 * ox + 1]];
+                                plane[oy * ow + ox] = if max { v.iter().copied().fold(f32::MIN, f32::max) } else { v.iter().sum::<f32>() / 4.0 };
+                            }
+                        }
+                    }
+                })
+            });
+            let kernel = format!("{name} {}-pool 2x2 forward", if max { "max" } else { "avg" });
+            let rec = ctx.base("pool", &kernel, &xs, "direct");
+            let bytes = 4.0 * (in_n + out_n * if max { 2 } else { 1 }) as f64;
+            ctx.measure(rec, bytes, true, &want, 1e-6, Some(ms), || kiln_graph::no_grad(|| if max { Ok(x.max_pool2d(geom)?.0) } else { x.avg_pool2d(geom) }))?;
+        }
+        // Max-pool backward: the gradient goes to each window's argmax (the switches).
+        let (_, switches) = kiln_graph::no_grad(|| x.max_pool2d(geom))?;
+        let sw: Vec<u32> = bytemuck::cast_slice(&gpu()?.read(switches.storage())?).to_vec();
+        let (gy, hg) = randn(&[xs[0], xs[1], oh, ow], &mut rng)?;
+        let mut want = vec![0f32; in_n];
+        let ms = cpu_time(3, || {
+            par_units(&mut want, xs[2] * xs[3], |p0, chunk| {
+                chunk.fill(0.0);
+                for (pi, plane) in chunk.chunks_mut(xs[2] * xs[3]).enumerate() {
+                    for o in 0..oh * ow {
+                        let idx = (p0 + pi) * oh * ow + o;
+                        plane[sw[idx] as usize] += hg[idx];
+                    }
+                }
+            })
+        });
+        let rec = ctx.base("pool", &format!("{name} max-pool 2x2 backward"), &xs, "direct");
+        ctx.measure(rec, 4.0 * (in_n + 2 * out_n) as f64, true, &want, 1e-6, Some(ms), || kiln_graph::pool2d_grad(&x, Some(&switches), &gy, &geom))?;
+    }
+    Ok(())
+}
+
+fn softmax_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(17);
+    for (rows, cols) in [(ctx.opts.batch, 10), (8192, 10), (4096, 1000), (256, 32768)] {
+        let (x, hx) = randn(&[rows, cols], &mut rng)?;
+        let mut want = vec![0f32; rows * cols];
+        let ms = cpu_time(3, || {
+            par_units(&mut want, cols, |r0, chunk| {
+                for (ri, row) in chunk.chunks_mut(cols).enumerate() {
+                    let src = &hx[(r0 + ri) * cols..(r0 + ri + 1) * cols];
+                    let mx = src.iter().copied().fold(f32::MIN, f32::max);
+                    let mut sum = 0.0;
+                    for (o, v) in row.iter_mut().zip(src) {
+                        *o = (v - mx).exp();
+                        sum += *o;
+                    }
+                    row.iter_mut().for_each(|o| *o /= sum);
+                }
+            })
+        });
+        let rec = ctx.base("softmax", "softmax rows", &[rows, cols], "one row per invocation");
+        ctx.measure(rec, 8.0 * (rows * cols) as f64, true, &want, 1e-5, Some(ms), || kiln_graph::no_grad(|| x.softmax(1)))?;
+    }
+    Ok(())
+}
+
+fn elementwise_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(19);
+    let n = 1 << 22; // 16 MiB per operand
+    let (a, ha) = randn(&[n], &mut rng)?;
+    let (b, hb) = randn(&[n], &mut rng)?;
+    let mut want = vec![0f32; n];
+    let ms = cpu_time(3, || par_units(&mut want, 1, |i0, c| c.iter_mut().enumerate().for_each(|(i, o)| *o = ha[i0 + i].max(0.0))));
+    let rec = ctx.base("elementwise", "relu", &[n], "unary");
+    ctx.measure(rec, 8.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::unary(UnaryKind::Relu, a.storage(), n, 0.0, 0.0)?, &[n], kiln_graph::DType::F32))?;
+    let ms = cpu_time(3, || par_units(&mut want, 1, |i0, c| c.iter_mut().enumerate().for_each(|(i, o)| *o = ha[i0 + i] + hb[i0 + i])));
+    let rec = ctx.base("elementwise", "add", &[n], "binary");
+    ctx.measure(rec, 12.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[n], b.storage(), &[n], &[n])?, &[n], kiln_graph::DType::F32))?;
+    // A bias add: [rows, cols] + [cols], the broadcasting path.
+    let (rows, cols) = (n / 1024, 1024);
+    let ms = cpu_time(3, || par_units(&mut want, cols, |r0, c| c.iter_mut().enumerate().for_each(|(i, o)| *o = ha[r0 * cols + i] + hb[i % cols])));
+    let rec = ctx.base("elementwise", "add broadcast [rows, 1024] + [1024]", &[rows, cols], "binary");
+    ctx.measure(rec, 8.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[rows, cols], b.storage(), &[cols], &[rows, cols])?, &[n], kiln_graph::DType::F32))?;
+    Ok(())
+}
+
+fn reduce_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(23);
+    let (rows, cols) = (2048, 2048);
+    let (x, hx) = randn(&[rows, cols], &mut rng)?;
+    // Sum along rows (contiguous) and along columns (strided).
+    for (axis_name, outer, axis, inner) in [("last axis", rows, cols, 1), ("first axis", 1, rows, cols)] {
+        let mut want = vec![0f32; outer * inner];
+        let ms = cpu_time(3, || {
+            par_units(&mut want, 1, |o0, c| {
+                for (i, o) in c.iter_mut().enumerate() {
+                    let idx = o0 + i;
+                    let (ou, inn) = (idx / inner, idx % inner);
+                    *o = (0..axis).map(|a| hx[(ou * axis + a) * inner + inn]).sum();
+                }
+            })
+        });
+        let rec = ctx.base("reduce", &format!("sum over the {axis_name}"), &[rows, cols], "one output per invocation");
+        let bytes = 4.0 * (rows * cols + outer * inner) as f64;
+        ctx.measure(rec, bytes, true, &want, 1e-5, Some(ms), || Tensor::from_storage(kernels::reduce(x.storage(), outer, axis, inner, false, 1.0)?, &[outer * inner], kiln_graph::DType::F32))?;
+    }
+    Ok(())
+}
+
+// ---- whole training steps ------------------------------------------------------------------------------
+
+fn step_family(ctx: &mut Ctx) -> R<()> {
+    for model in ctx.opts.models.clone() {
+        let (input, classes) = model_input(&model);
+        let flops: f64 = step_matmul_shapes(&model, ctx.opts.batch)?.iter().map(|s| s.flops()).sum();
+        let b = crate::bench::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10))?;
+        let mut rec = ctx.base("step", &format!("{model} training step (forward, backward, Adam)"), &[ctx.opts.batch, input[0], input[1], input[2]], "default kernels");
+        rec.valid = true;
+        rec.median_ms = Some(b.ms_per_step);
+        rec.gflops = Some(flops / b.ms_per_step / 1e6);
+        rec.roof_fraction = Some(flops / b.ms_per_step / 1e6 / ctx.roofs.fma_gflops);
+        rec.model = Some(model.clone());
+        rec.batch = Some(b.batch);
+        rec.ms_per_step = Some(b.ms_per_step);
+        rec.host_ms_per_step = Some(b.host_ms_per_step);
+        rec.samples_per_s = Some(b.samples_per_s);
+        rec.submits_per_step = Some(b.submits_per_step);
+        rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);
+        rec.peak_gpu_bytes = Some(b.peak_gpu_bytes);
+        ctx.push(rec);
+    }
+    Ok(())
+}

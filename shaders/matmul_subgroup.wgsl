@@ -1,0 +1,131 @@
+// matmul_subgroup: C = op(A) @ op(B) with A shared across lanes by subgroup shuffles; the variant lavapipe
+// rewards. Its own file because it needs Features::SUBGROUP, which the other matmul kernels do not.
+// Params, bindings and a_at / b_at: matmul_common.wgsl, compiled in front of this file.
+
+// Groups of 8 lanes (along x) cover 32 columns; each lane owns 4 columns and RB rows. Per slice of k, each
+// lane loads a 1/8 share of the A values the group needs and the others read it by shuffle, so A costs RB/8
+// loads per k instead of RB. Needs subgroups of at least 8 lanes (checked by the launcher). Lanes past the
+// edges compute on clamped indices and skip their stores, keeping the shuffles in uniform control flow; A
+// reads as zero past k, so clamped B values there add nothing.
+override RB: u32 = 16u;
+
+// Writes this lane's RB x 4 block of C, skipping what lies past the edges.
+fn store_lane_block(c_base: u32, row0: u32, col0: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
+    for (var i = 0u; i < RB; i = i + 1u) {
+        let row = row0 + i;
+        if (row >= p.m) { break; }
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let at = c_base + row * p.n + col0 + j;
+            if (col0 + j < p.n) { c[at] = (*acc)[i][j] + select(0.0, c[at], p.accumulate != 0u); }
+        }
+    }
+}
+
+// Scalar loads: any shape.
+@compute @workgroup_size(8, 1, 1)
+fn matmul_subgroup(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = wid.y * RB;
+    let first = lane - lid.x; // the subgroup lane of this group's lid.x == 0
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let cc = vec4<u32>(min(col0, p.n - 1u), min(col0 + 1u, p.n - 1u), min(col0 + 2u, p.n - 1u), min(col0 + 3u, p.n - 1u));
+    var acc: array<vec4<f32>, 32>;
+    var a_own: array<f32, 32>;
+    for (var i = 0u; i < RB; i = i + 1u) { acc[i] = vec4<f32>(0.0); }
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 8u) {
+        let k_own = k0 + lid.x;
+        for (var i = 0u; i < RB; i = i + 1u) {
+            a_own[i] = select(0.0, a_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
+        }
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            let kk = min(k0 + j, p.k_end - 1u);
+            let bv = vec4<f32>(b_at(b_base, kk, cc.x), b_at(b_base, kk, cc.y), b_at(b_base, kk, cc.z), b_at(b_base, kk, cc.w));
+            for (var i = 0u; i < RB; i = i + 1u) {
+                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
+            }
+        }
+    }
+    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+}
+
+// ---- matmul_subgroup_vec4: the same with 16-byte loads of both operands -------------------------------------
+// For when each operand's contiguous axis and batch stride are multiples of 4. On lavapipe a load costs a loop
+// over the lanes, so fewer, wider loads are where the speed comes from. Without TRANS_A each lane loads 4
+// consecutive k of every row (slices of 32 k); with TRANS_A, 4 consecutive rows at one k (slices of 8 k).
+// The vec4 views alias a and b (an entry point may use only one view of a binding).
+override KC: u32 = 8u; // 32 without TRANS_A, 8 with it (set by the launcher)
+
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+
+@compute @workgroup_size(8, 1, 1)
+fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(subgroup_invocation_id) lane: u32) {
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = wid.y * RB;
+    let first = lane - lid.x;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let cc = vec4<u32>(min(col0, p.n - 1u), min(col0 + 1u, p.n - 1u), min(col0 + 2u, p.n - 1u), min(col0 + 3u, p.n - 1u));
+    var acc: array<vec4<f32>, 32>;
+    var a_own4: array<vec4<f32>, 32>;
+    for (var i = 0u; i < RB; i = i + 1u) { acc[i] = vec4<f32>(0.0); }
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + KC) {
+        if (!TRANS_A) {
+            // a_own4[i] = A[row0 + i, k0 + 4 lid.x .. + 4]
+            let k_own = k0 + 4u * lid.x;
+            for (var i = 0u; i < RB; i = i + 1u) {
+                let v = a4[(a_base + min(row0 + i, p.m - 1u) * p.k + min(k_own, p.k_end - 4u)) / 4u];
+                a_own4[i] = select(vec4<f32>(0.0), v, k_own < p.k_end);
+            }
+        } else {
+            // a_own4[q] = A[row0 + 4q .. + 4, k0 + lid.x] (A stored [k, m])
+            let k_own = k0 + lid.x;
+            for (var q = 0u; q < RB / 4u; q = q + 1u) {
+                let v = a4[(a_base + min(k_own, p.k_end - 1u) * p.m + min(row0 + 4u * q, p.m - 4u)) / 4u];
+                a_own4[q] = select(vec4<f32>(0.0), v, k_own < p.k_end);
+            }
+        }
+        for (var j4 = 0u; j4 < KC; j4 = j4 + 4u) {
+            // bq[t] = B[k0 + j4 + t, col0 .. + 4]
+            var bq: array<vec4<f32>, 4>;
+            if (TRANS_B) {
+                let kq = min(k0 + j4, p.k_end - 4u);
+                let c0 = b4[(b_base + cc.x * p.k + kq) / 4u];
+                let c1 = b4[(b_base + cc.y * p.k + kq) / 4u];
+                let c2 = b4[(b_base + cc.z * p.k + kq) / 4u];
+                let c3 = b4[(b_base + cc.w * p.k + kq) / 4u];
+                bq[0] = vec4<f32>(c0.x, c1.x, c2.x, c3.x);
+                bq[1] = vec4<f32>(c0.y, c1.y, c2.y, c3.y);
+                bq[2] = vec4<f32>(c0.z, c1.z, c2.z, c3.z);
+                bq[3] = vec4<f32>(c0.w, c1.w, c2.w, c3.w);
+            } else {
+                for (var t = 0u; t < 4u; t = t + 1u) {
+                    bq[t] = b4[(b_base + min(k0 + j4 + t, p.k_end - 1u) * p.n + min(col0, p.n - 4u)) / 4u];
+                }
+            }
+            if (!TRANS_A) {
+                // Lane j4 / 4 holds k0 + j4 .. + 4 of every row.
+                for (var i = 0u; i < RB; i = i + 1u) {
+                    let av = subgroupShuffle(a_own4[i], first + j4 / 4u);
+                    acc[i] = fma(vec4<f32>(av.w), bq[3], fma(vec4<f32>(av.z), bq[2], fma(vec4<f32>(av.y), bq[1], fma(vec4<f32>(av.x), bq[0], acc[i]))));
+                }
+            } else {
+                // Lane j4 + t holds rows row0 + 4q .. + 4 at k0 + j4 + t.
+                for (var q = 0u; q < RB / 4u; q = q + 1u) {
+                    let a0 = subgroupShuffle(a_own4[q], first + j4);
+                    let a1 = subgroupShuffle(a_own4[q], first + j4 + 1u);
+                    let a2 = subgroupShuffle(a_own4[q], first + j4 + 2u);
+                    let a3 = subgroupShuffle(a_own4[q], first + j4 + 3u);
+                    acc[4u * q] = fma(vec4<f32>(a3.x), bq[3], fma(vec4<f32>(a2.x), bq[2], fma(vec4<f32>(a1.x), bq[1], fma(vec4<f32>(a0.x), bq[0], acc[4u * q]))));
+                    acc[4u * q + 1u] = fma(vec4<f32>(a3.y), bq[3], fma(vec4<f32>(a2.y), bq[2], fma(vec4<f32>(a1.y), bq[1], fma(vec4<f32>(a0.y), bq[0], acc[4u * q + 1u]))));
+                    acc[4u * q + 2u] = fma(vec4<f32>(a3.z), bq[3], fma(vec4<f32>(a2.z), bq[2], fma(vec4<f32>(a1.z), bq[1], fma(vec4<f32>(a0.z), bq[0], acc[4u * q + 2u]))));
+                    acc[4u * q + 3u] = fma(vec4<f32>(a3.w), bq[3], fma(vec4<f32>(a2.w), bq[2], fma(vec4<f32>(a1.w), bq[1], fma(vec4<f32>(a0.w), bq[0], acc[4u * q + 3u]))));
+                }
+            }
+        }
+    }
+    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+}

@@ -1,0 +1,67 @@
+//! The benchmark suite: every record validated before it is timed, a wrong kernel reported and never timed,
+//! the JSON fields scripts read, and step records with no allocation after the first step.
+
+use kiln_graph::Tensor;
+use kiln_models::suite::{self, Record, Roofs, SuiteOptions, Work};
+use kiln_tests::require_gpu;
+
+#[test]
+fn matmul_and_step_records_are_validated_timed_and_complete() {
+    require_gpu();
+    let roofs = suite::measure_roofs().unwrap();
+    assert!(roofs.fma_gflops > 0.0 && roofs.copy_gbps > 0.0, "{roofs:?}");
+    let opts = SuiteOptions { filter: vec!["matmul".into(), "step".into()], square: vec![33, 64], models: vec!["mlp".into()], batch: 8, ..Default::default() };
+    let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
+    let matmuls: Vec<&Record> = records.iter().filter(|r| r.family == "matmul").collect();
+    // Both squares with every variant that can run them, and the MLP step's forward and backward products.
+    assert!(matmuls.iter().any(|r| r.kernel.starts_with("square 33") && r.variant == "naive"));
+    assert!(matmuls.iter().any(|r| r.kernel.starts_with("mlp step") && r.kernel.ends_with("nt")), "forward product of the MLP step");
+    assert!(matmuls.iter().any(|r| r.kernel.starts_with("mlp step") && r.kernel.ends_with("tn")), "weight gradient of the MLP step");
+    for r in &matmuls {
+        assert!(r.valid, "{} {} {:?}: {:?}", r.kernel, r.variant, r.shape, r.note);
+        let ms = r.median_ms.unwrap_or_else(|| panic!("{} {} not timed: {:?}", r.kernel, r.variant, r.note));
+        assert!(ms > 0.0 && r.gflops.unwrap() > 0.0 && r.roof_fraction.unwrap() > 0.0 && r.cpu_gflops.unwrap() > 0.0);
+        assert_eq!(r.shape.len(), 4);
+    }
+    let step = records.iter().find(|r| r.family == "step").expect("a step record");
+    assert_eq!(step.model.as_deref(), Some("mlp"));
+    assert_eq!(step.bytes_allocated_after_first_step, Some(0), "buffers created after the first step");
+    assert_eq!(step.submits_per_step, Some(1.0));
+    assert!(step.ms_per_step.unwrap() > 0.0 && step.samples_per_s.unwrap() > 0.0 && step.peak_gpu_bytes.unwrap() > 0);
+    // The JSON keys scripts read.
+    let json = serde_json::to_value(&records).unwrap();
+    for key in ["family", "kernel", "shape", "variant", "valid", "median_ms", "gflops", "roof_fraction", "cpu_gflops", "adapter"] {
+        assert!(json[0].get(key).is_some(), "record lacks {key}: {}", json[0]);
+    }
+    let s = json.as_array().unwrap().iter().find(|r| r["family"] == "step").unwrap();
+    for key in ["model", "batch", "ms_per_step", "samples_per_s", "submits_per_step", "bytes_allocated_after_first_step", "peak_gpu_bytes"] {
+        assert!(s.get(key).is_some(), "step record lacks {key}: {s}");
+    }
+}
+
+#[test]
+fn a_wrong_kernel_is_reported_and_never_timed() {
+    require_gpu();
+    let roofs = Roofs { fma_gflops: 1.0, copy_gbps: 1.0 };
+    let want = vec![1.0f32, 2.0, 3.0, 4.0];
+    let mut calls = 0;
+    let rec = Record { family: "test".into(), kernel: "off by one".into(), ..Default::default() };
+    let r = suite::validate_and_time(rec, Work { amount: 4.0, bytes: false }, &want, 1e-5, None, roofs, 10, 60.0, || {
+        calls += 1;
+        Tensor::from_slice(&[1.0, 2.0, 3.0, 5.0], &[4])
+    })
+    .unwrap();
+    assert!(!r.valid && r.median_ms.is_none() && r.gflops.is_none(), "{r:?}");
+    assert!(r.note.as_deref().unwrap_or("").contains("wrong"), "{r:?}");
+    assert_eq!(calls, 1, "a wrong kernel must not be run again for timing");
+    // The same closure with the right answer is timed: at least 10 runs after a warm-up.
+    let mut calls = 0;
+    let rec = Record { family: "test".into(), kernel: "right".into(), ..Default::default() };
+    let r = suite::validate_and_time(rec, Work { amount: 4.0, bytes: false }, &want, 1e-5, None, roofs, 10, 60.0, || {
+        calls += 1;
+        Tensor::from_slice(&want, &[4])
+    })
+    .unwrap();
+    assert!(r.valid && r.median_ms.is_some(), "{r:?}");
+    assert!(calls >= 12, "{calls} calls");
+}

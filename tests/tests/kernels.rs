@@ -1,0 +1,134 @@
+//! Every matmul kernel against the f64 CPU reference on fresh random shapes (odd sizes, transposes, batches,
+//! broadcast operands), and the autotuner: it picks a valid kernel, writes its cache, and a second tuner on
+//! the same cache times nothing.
+
+use kiln_graph::kernels::{self, MatmulVariant};
+use kiln_graph::tune::{self, Mode, Tuner};
+use kiln_tests::{require_gpu, test_rng};
+
+fn variants() -> Vec<MatmulVariant> {
+    MatmulVariant::ALL.to_vec()
+}
+
+#[test]
+fn every_matmul_variant_matches_the_cpu_reference() {
+    let g = require_gpu();
+    let mut rng = test_rng("matmul variants");
+    let mut checked = 0;
+    for v in variants() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for round in 0..3 {
+                // Odd sizes around the tile edges (1, 7, 33, 65...), multiples of 4 for vec4.
+                let pick = |rng: &mut kiln_graph::Rng| -> usize { [1, 3, 7, 8, 31, 33, 64, 65, 97][rng.below(9)] };
+                let (mut m, mut n, mut k) = (pick(&mut rng), pick(&mut rng), pick(&mut rng));
+                if v == MatmulVariant::Vec4 {
+                    (m, n, k) = (m.next_multiple_of(4), n.next_multiple_of(4), k.next_multiple_of(4));
+                }
+                let batch = 1 + round % 3;
+                if !v.supports(m, n, k, ta, tb).unwrap() {
+                    assert!(matches!(v, MatmulVariant::Subgroup(_)), "{} refused {m}x{n}x{k}", v.name());
+                    continue;
+                }
+                let ok = tune::check_against_cpu(v, batch, m, n, k, ta, tb).unwrap();
+                assert!(ok, "{} wrong on batch {batch} m {m} n {n} k {k} trans_a {ta} trans_b {tb} ({})", v.name(), g.adapter_name());
+                checked += 1;
+            }
+        }
+    }
+    // Lavapipe has subgroups of 8: every variant must have run there.
+    if g.adapter_name().contains("llvmpipe") {
+        assert_eq!(checked, variants().len() * 12);
+    }
+}
+
+#[test]
+fn vec4_refuses_unaligned_shapes_with_an_error() {
+    require_gpu();
+    let a = kernels::random_uniform(7 * 5, 1, 0).unwrap();
+    let b = kernels::random_uniform(5 * 3, 2, 0).unwrap();
+    let e = kernels::matmul_with(MatmulVariant::Vec4, &a, &b, 1, 7, 3, 5, 0, 0, false, false).err().expect("vec4 on 7x3x5 must be refused");
+    assert!(e.to_string().contains("vec4"), "{e}");
+}
+
+#[test]
+fn autotuner_caches_its_choice_on_disk() {
+    require_gpu();
+    let dir = std::env::temp_dir().join(format!("kiln-tune-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (m, n, k) = (64, 48, 40);
+    let mut first = Tuner::open(Mode::On, Some(&dir)).unwrap();
+    let t = first.tune(m, n, k, false, true).unwrap();
+    // Every candidate either was timed or was ruled out; the naive kernel is never a candidate.
+    assert!(t.timings.iter().all(|(v, _)| *v != MatmulVariant::Naive));
+    assert!(t.timings.iter().any(|(_, ms)| ms.is_some()));
+    let chosen = first.choose(1, m, n, k, false, true).unwrap();
+    assert_eq!(first.tuned, 1);
+    assert!(tune::check_against_cpu(chosen, 1, m, n, k, false, true).unwrap(), "tuner chose a wrong kernel {}", chosen.name());
+    let file = tune::cache_file(&dir).unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(&chosen.name()), "{text}");
+    // A second process (a new tuner on the same directory) reads the choice and times nothing.
+    let mut second = Tuner::open(Mode::On, Some(&dir)).unwrap();
+    assert_eq!(second.choose(1, m, n, k, false, true).unwrap(), chosen);
+    assert_eq!(second.tuned, 0);
+    // `force` re-tunes once per class and process; `off` never tunes.
+    let mut forced = Tuner::open(Mode::Force, Some(&dir)).unwrap();
+    forced.choose(1, m, n, k, false, true).unwrap();
+    forced.choose(1, m, n, k, false, true).unwrap();
+    assert_eq!(forced.tuned, 1);
+    let mut off = Tuner::open(Mode::Off, Some(&dir)).unwrap();
+    off.choose(1, m, n, k, false, true).unwrap();
+    assert_eq!(off.tuned, 0);
+    // A corrupt cache is ignored (and named on stderr), then replaced.
+    std::fs::write(&file, "{ not json").unwrap();
+    let mut fresh = Tuner::open(Mode::On, Some(&dir)).unwrap();
+    fresh.choose(1, m, n, k, false, true).unwrap();
+    assert_eq!(fresh.tuned, 1);
+    assert!(std::fs::read_to_string(&file).unwrap().contains("choices"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn softmax_of_long_rows_matches_the_cpu_reference() {
+    require_gpu();
+    let mut rng = test_rng("long softmax");
+    for cols in [1000usize, 8192, 8193, 32768, 70000] {
+        let rows = 5;
+        let host: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
+        let x = kiln_graph::Tensor::from_slice(&host, &[rows, cols]).unwrap();
+        let got = x.softmax(1).unwrap().to_vec().unwrap();
+        let want = kiln_graph::cpu::CpuTensor::from_f32(&host, &[rows, cols]).softmax(1, false);
+        let worst = got.iter().zip(&want.data).map(|(g, w)| ((*g as f64 - w) / w).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-4, "softmax [{rows}, {cols}]: worst relative error {worst:.3e}");
+        let got = x.log_softmax(1).unwrap().to_vec().unwrap();
+        let want = kiln_graph::cpu::CpuTensor::from_f32(&host, &[rows, cols]).softmax(1, true);
+        let worst = got.iter().zip(&want.data).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-4, "log_softmax [{rows}, {cols}]: worst error {worst:.3e}");
+    }
+}
+
+/// Lavapipe silently ends an invocation's loops after 65535 iterations in all; kernels whose loops grow with
+/// the data run in pieces. Each matmul kernel at three times its per-dispatch k, and long reductions.
+#[test]
+fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
+    require_gpu();
+    for v in variants() {
+        for (m, n, k) in [(5, 7, 3 * 1024 + 5), (8, 8, 3 * 2048 + 4), (8, 8, 3 * 8192 + 4), (5, 7, 3 * 32768 + 5)] {
+            if v.supports(m, n, k, false, false).unwrap() {
+                assert!(tune::check_against_cpu(v, 1, m, n, k, false, false).unwrap(), "{} wrong at m {m} n {n} k {k}", v.name());
+            }
+            if v.supports(m, n, k, true, true).unwrap() {
+                assert!(tune::check_against_cpu(v, 1, m, n, k, true, true).unwrap(), "{} wrong transposed at m {m} n {n} k {k}", v.name());
+            }
+        }
+    }
+    let mut rng = test_rng("long reductions");
+    let n = 300_007;
+    let host: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let x = kiln_graph::Tensor::from_slice(&host, &[n]).unwrap();
+    let sum = x.sum_all().unwrap().to_vec().unwrap()[0] as f64;
+    let want: f64 = host.iter().map(|v| *v as f64).sum();
+    assert!((sum - want).abs() < 1e-3 * (n as f64).sqrt(), "sum of {n}: {sum} vs {want}");
+    let max = x.max(0, false).unwrap().to_vec().unwrap()[0];
+    assert_eq!(max, host.iter().copied().fold(f32::MIN, f32::max), "max of {n}");
+}
