@@ -55,7 +55,7 @@ fn autotuner_caches_its_choice_on_disk() {
     require_gpu();
     let dir = std::env::temp_dir().join(format!("kiln-tune-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (m, n, k) = (64, 48, 40);
+    let (m, n, k) = (128, 96, 200); // above TUNE_MIN_FLOPS, so it is tuned
     let mut first = Tuner::open(Mode::On, Some(&dir)).unwrap();
     let t = first.tune(m, n, k, false, true).unwrap();
     // Every candidate either was timed or was ruled out; the naive kernel is never a candidate.
@@ -131,4 +131,25 @@ fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
     assert!((sum - want).abs() < 1e-3 * (n as f64).sqrt(), "sum of {n}: {sum} vs {want}");
     let max = x.max(0, false).unwrap().to_vec().unwrap()[0];
     assert_eq!(max, host.iter().copied().fold(f32::MIN, f32::max), "max of {n}");
+}
+
+#[test]
+#[ignore]
+fn probe_compile_times() {
+    require_gpu();
+    for v in variants() {
+        for (m, n, k) in [(33, 33, 33), (32, 32, 32)] {
+            if !v.supports(m, n, k, false, false).unwrap() { continue; }
+            let a = kernels::random_uniform(m * k, 1, 0).unwrap();
+            let b = kernels::random_uniform(k * n, 2, 0).unwrap();
+            let t = std::time::Instant::now();
+            let _ = kernels::matmul_with(v, &a, &b, 1, m, n, k, 0, 0, false, false).unwrap();
+            kiln_graph::backend::gpu().unwrap().sync().unwrap();
+            let first = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            let _ = kernels::matmul_with(v, &a, &b, 1, m, n, k, 0, 0, false, false).unwrap();
+            kiln_graph::backend::gpu().unwrap().sync().unwrap();
+            eprintln!("{} {m}: first {first:.2} s, second {:.4} s", v.name(), t.elapsed().as_secs_f64());
+        }
+    }
 }

@@ -397,7 +397,15 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
         println!("training cost J: gradient descent {gd:.3}, normal equation {ne:.3} (ratio {:.4})", gd / ne);
     }
     println!();
-    println!("{:.2} ms/step, {:.0} samples/s, {:.2} submits/step, {} parameters, peak GPU memory {:.1} KiB", r.ms_per_step, r.samples_per_s, r.submits_per_step, r.parameters, r.peak_gpu_bytes as f64 / 1024.0);
+    println!(
+        "{:.2} ms/step, {:.0} samples/s, {:.2} submits/step, first step done after {:.1} s, {} parameters, peak GPU memory {:.1} KiB",
+        r.ms_per_step,
+        r.samples_per_s,
+        r.submits_per_step,
+        r.seconds_to_first_step,
+        r.parameters,
+        r.peak_gpu_bytes as f64 / 1024.0
+    );
     if r.stopped_early {
         println!("stopped early: no dev improvement since epoch {}", r.best_epoch);
     }

@@ -51,12 +51,13 @@ pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, tr
     )
 }
 
-/// The kernel used when tuning is off: measured defaults per adapter type. On lavapipe (a CPU adapter) the
-/// subgroup kernel is 4-5x the blocked one, with as many rows per lane as the product has (8, 16 or 32); on
-/// the H200 the vec4 kernel reached 21 TFLOP/s at 4096³.
+/// The kernel used when tuning is off (or for products too small to tune): measured defaults per adapter
+/// type. On lavapipe (a CPU adapter) the subgroup kernel is 4-5x the blocked one, with 8 rows per lane for
+/// products of at most 8 rows, else 16 (32 rows run ~20% faster on big products but take 2-3 s more to
+/// compile cold, so only the tuner picks them); on the H200 the vec4 kernel reached 21 TFLOP/s at 4096³.
 pub fn default_variant(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
     let preferred = if is_cpu_adapter()? {
-        MatmulVariant::Subgroup(if m <= 8 { 8 } else if m <= 16 { 16 } else { 32 })
+        MatmulVariant::Subgroup(if m <= 8 { 8 } else { 16 })
     } else {
         MatmulVariant::Vec4
     };
@@ -69,16 +70,22 @@ fn is_cpu_adapter() -> Result<bool> {
 
 /// The kernels the tuner times on this adapter. Every shape class pays a pipeline build per candidate on first
 /// use (seconds each for the unrolled subgroup kernels on lavapipe), so each adapter type gets the plausible
-/// ones: register-blocked and subgroup kernels on CPU adapters (workgroup memory is slow there), blocked,
-/// vec4, tiled and subgroup kernels on GPUs. The naive kernel is a benchmark baseline only.
-pub fn candidates() -> Result<Vec<MatmulVariant>> {
+/// ones: register-blocked and subgroup kernels on CPU adapters (workgroup memory is slow there; a subgroup
+/// kernel only with at most twice the rows per lane the product has), blocked, vec4, tiled and subgroup kernels
+/// on GPUs. The naive kernel is a benchmark baseline only.
+pub fn candidates(m: usize) -> Result<Vec<MatmulVariant>> {
     use MatmulVariant::*;
     Ok(if is_cpu_adapter()? {
-        vec![Blocked, Vec4, Subgroup(8), Subgroup(16), Subgroup(32)]
+        let mut c = vec![Blocked];
+        c.extend([8u32, 16, 32].into_iter().filter(|&r| r == 8 || m > r as usize / 2).map(Subgroup));
+        c
     } else {
         vec![Blocked, Vec4, Tiled, Subgroup(16)]
     })
 }
+
+/// Products under this many FLOPs run the default kernel untuned.
+pub const TUNE_MIN_FLOPS: f64 = (1u64 << 22) as f64;
 
 /// A tuning result for one shape class: every candidate's time, and the winner.
 #[derive(Clone, Debug)]
@@ -99,6 +106,11 @@ pub struct Tuner {
     validated: HashMap<(MatmulVariant, bool, bool), bool>,
     /// How many classes this tuner timed (0 on a second run with a warm cache).
     pub tuned: usize,
+    /// Seconds spent tuning in this process, and the most it may spend (`KILN_AUTOTUNE_BUDGET_S`, default 3):
+    /// past it, untuned classes run the default kernel and are tuned by a later run, so a cold start stays
+    /// short while the cache fills over a few runs.
+    pub spent_s: f64,
+    pub budget_s: f64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -136,7 +148,8 @@ impl Tuner {
             Some(d) => Some(cache_file(d)?),
             None => None,
         };
-        let mut t = Tuner { mode, path, choices: HashMap::new(), forced: Default::default(), validated: HashMap::new(), tuned: 0 };
+        let budget_s = std::env::var("KILN_AUTOTUNE_BUDGET_S").ok().and_then(|v| v.parse().ok()).unwrap_or(3.0);
+        let mut t = Tuner { mode, path, choices: HashMap::new(), forced: Default::default(), validated: HashMap::new(), tuned: 0, spent_s: 0.0, budget_s };
         if let Some(p) = t.path.clone() {
             if mode != Mode::Off && p.exists() {
                 match t.load(&p) {
@@ -200,12 +213,22 @@ impl Tuner {
         if self.mode == Mode::Off {
             return default_variant(m, n, k, trans_a, trans_b);
         }
+        // Products this small take well under a millisecond whichever kernel runs; tuning them would cost
+        // more in pipeline builds (seconds on lavapipe) than it could ever save.
+        if 2.0 * (batch * m * n * k) as f64 <= TUNE_MIN_FLOPS {
+            return default_variant(m, n, k, trans_a, trans_b);
+        }
         let class = shape_class(batch, m, n, k, trans_a, trans_b);
         let stale = self.mode == Mode::Force && !self.forced.contains(&class);
         if let (Some(v), false) = (self.choices.get(&class), stale) {
             return Ok(*v);
         }
+        if self.spent_s >= self.budget_s {
+            return default_variant(m, n, k, trans_a, trans_b);
+        }
+        let started = Instant::now();
         let t = self.tune(m, n, k, trans_a, trans_b)?;
+        self.spent_s += started.elapsed().as_secs_f64();
         self.forced.insert(class.clone());
         self.choices.insert(class, t.chosen);
         self.tuned += 1;
@@ -237,7 +260,7 @@ impl Tuner {
         let a = kernels::random_uniform(tm * tk, 11, 0)?;
         let b = kernels::random_uniform(tk * tn, 12, 0)?;
         let mut timings = Vec::new();
-        for v in candidates()? {
+        for v in candidates(m)? {
             if !v.supports(m, n, k, trans_a, trans_b)? || !v.supports(tm, tn, tk, trans_a, trans_b)? || !self.validate(v, trans_a, trans_b)? {
                 timings.push((v, None));
                 continue;

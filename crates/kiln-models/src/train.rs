@@ -198,6 +198,9 @@ pub struct TrainReport {
     pub seconds: f64,
     pub samples_per_s: f64,
     pub ms_per_step: f64,
+    /// From the start of the run (adapter, data, pipeline builds and any autotuning included) to the end of
+    /// the first training step.
+    pub seconds_to_first_step: f64,
     pub submits_per_step: f64,
     /// GPU buffers created by training steps after the first step of each batch size (0: the pool serves all).
     pub buffers_created_after_first_step: u64,
@@ -548,6 +551,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
     let mut seen_batch_sizes = std::collections::HashSet::new();
     // Time inside training steps only (upload to loss readback): evaluation and checkpoints are not steps.
     let mut step_seconds = 0.0f64;
+    let mut first_step_seconds: Option<f64> = None;
     let mut samples_seen = 0usize;
     for epoch in start_epoch..=s.epochs {
         let epoch_started = Instant::now();
@@ -591,6 +595,9 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 };
                 correct_sum += right;
                 step_seconds += step_started.elapsed().as_secs_f64();
+                if first_step_seconds.is_none() {
+                    first_step_seconds = Some(started.elapsed().as_secs_f64());
+                }
                 if !loss_value.is_finite() {
                     return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
                 }
@@ -688,6 +695,7 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         seconds: started.elapsed().as_secs_f64(),
         samples_per_s: samples_seen as f64 / step_seconds.max(1e-9),
         ms_per_step: 1000.0 * step_seconds / step.max(1) as f64,
+        seconds_to_first_step: first_step_seconds.unwrap_or(0.0),
         submits_per_step: if steady_steps > 0 { steady_submits as f64 / steady_steps as f64 } else { 1.0 },
         buffers_created_after_first_step: steady_buffers,
         peak_gpu_bytes: end_stats.peak_live_bytes,
