@@ -17,7 +17,7 @@ fn main() {
     if !sizes.is_empty() {
         opts.square = sizes;
     }
-    println!("adapter: {} ({})", g.adapter_name(), g.backend());
+    println!("adapter: {}", g.adapter_name());
     let roofs = kiln_models::suite::measure_roofs().expect("roofs");
     println!("compute roof (FMA chains): {:.1} GFLOP/s   memory roof (64 MiB copy): {:.2} GB/s", roofs.fma_gflops, roofs.copy_gbps);
     let mut table = kiln_models::suite::Table::default();

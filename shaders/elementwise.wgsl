@@ -109,6 +109,52 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     bout[i] = binary_op(ba[ia], bb[ib]);
 }
 
+// ---- bias_act: a layer's bias and activation in one pass (what Linear/Conv2d + activation fuse into) ------
+// bias_act_forward: y[i] = act(x[i] + bias[(i / inner) % channels])    x, y: [outer, channels, inner], bias: [channels]
+// act_backward:     g_pre[i] = g[i] * act'(pre[i]), written with y = act(pre)    g, y, g_pre: [n]
+// ACT: 0 identity, 1 relu, 2 sigmoid, 3 tanh
+struct BiasActParams { n: u32, channels: u32, inner: u32, _pad: u32 }
+
+override ACT: u32 = 0u;
+
+@group(0) @binding(0) var<uniform> bap: BiasActParams;
+@group(0) @binding(1) var<storage, read> ba_x: array<f32>;
+@group(0) @binding(2) var<storage, read> ba_b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ba_y: array<f32>;
+
+fn activate(v: f32) -> f32 {
+    switch ACT {
+        case 1u: { return max(v, 0.0); }
+        case 2u: { return sigmoid(v); }
+        case 3u: { return tanh(v); }
+        default: { return v; }
+    }
+}
+
+// act'(pre) from y = act(pre): relu y > 0, sigmoid y (1 - y), tanh 1 - y^2.
+fn activation_slope(y: f32) -> f32 {
+    switch ACT {
+        case 1u: { return select(0.0, 1.0, y > 0.0); }
+        case 2u: { return y * (1.0 - y); }
+        case 3u: { return 1.0 - y * y; }
+        default: { return 1.0; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn bias_act_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= bap.n) { return; }
+    ba_y[i] = activate(ba_x[i] + ba_b[(i / bap.inner) % bap.channels]);
+}
+
+@compute @workgroup_size(WG)
+fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= bap.n) { return; }
+    ba_y[i] = ba_x[i] * activation_slope(ba_b[i]);
+}
+
 // ---- random_uniform: y[i] = U[0, 1) from a counter-based hash of (seed, offset + i) ------------------------
 // Seeded on the GPU and independent of the dispatch shape, so the same seed gives the same numbers anywhere.
 // y: [n]

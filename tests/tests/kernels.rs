@@ -133,23 +133,3 @@ fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
     assert_eq!(max, host.iter().copied().fold(f32::MIN, f32::max), "max of {n}");
 }
 
-#[test]
-#[ignore]
-fn probe_compile_times() {
-    require_gpu();
-    for v in variants() {
-        for (m, n, k) in [(33, 33, 33), (32, 32, 32)] {
-            if !v.supports(m, n, k, false, false).unwrap() { continue; }
-            let a = kernels::random_uniform(m * k, 1, 0).unwrap();
-            let b = kernels::random_uniform(k * n, 2, 0).unwrap();
-            let t = std::time::Instant::now();
-            let _ = kernels::matmul_with(v, &a, &b, 1, m, n, k, 0, 0, false, false).unwrap();
-            kiln_graph::backend::gpu().unwrap().sync().unwrap();
-            let first = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            let _ = kernels::matmul_with(v, &a, &b, 1, m, n, k, 0, 0, false, false).unwrap();
-            kiln_graph::backend::gpu().unwrap().sync().unwrap();
-            eprintln!("{} {m}: first {first:.2} s, second {:.4} s", v.name(), t.elapsed().as_secs_f64());
-        }
-    }
-}

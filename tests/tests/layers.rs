@@ -86,3 +86,62 @@ fn dropout_is_inverted_seeded_and_identity_in_eval() {
     assert_eq!(d.forward(&x).unwrap().to_vec().unwrap(), vec![1.0; 6400]);
     assert!(Dropout::new(1.0, 0).is_err());
 }
+
+#[test]
+fn fused_bias_and_activation_forward_and_backward() {
+    use kiln_graph::kernels::BiasAct;
+    // act(x + bias) along the channel axis, every activation, against the CPU reference composed of the unfused
+    // ops; the backward rule against finite differences (relu away from its kink).
+    for (act, kind, domain) in [
+        (BiasAct::Identity, None, Domain::Any),
+        (BiasAct::Relu, Some(UnaryKind::Relu), Domain::AwayFromZero),
+        (BiasAct::Sigmoid, Some(UnaryKind::Sigmoid), Domain::Any),
+        (BiasAct::Tanh, Some(UnaryKind::Tanh), Domain::Any),
+    ] {
+        let cpu = move |t: &[CpuTensor], bias_shape: &[usize]| {
+            let pre = t[0].binary(BinaryKind::Add, &t[1].reshape(bias_shape));
+            match kind {
+                Some(k) => pre.unary(k, 0.0, 0.0),
+                None => pre,
+            }
+        };
+        // Conv-shaped [n, c, h, w] with a per-channel bias, and Linear-shaped [n, out].
+        check_op(&format!("bias_act {act:?} [3,5,4,7]"), &[(&[3, 5, 4, 7], Domain::Any), (&[5], domain)], |t| t[0].bias_act(&t[1], 1, act), |t| cpu(t, &[1, 5, 1, 1]));
+        check_op(&format!("bias_act {act:?} [9,33]"), &[(&[9, 33], Domain::Any), (&[33], domain)], |t| t[0].bias_act(&t[1], 1, act), |t| cpu(t, &[1, 33]));
+    }
+    require_gpu();
+    let x = Tensor::zeros(&[2, 3]).unwrap();
+    let e = x.bias_act(&Tensor::zeros(&[4]).unwrap(), 1, BiasAct::Relu).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+}
+
+#[test]
+fn fusion_in_sequential_matches_the_unfused_layers() {
+    // LeNet-5 has four conv/linear + ReLU pairs and a final bias: the fused network must give the same output
+    // and the same gradients as the layers run one by one.
+    require_gpu();
+    let mut vs = VarStore::new(3);
+    let net = kiln_models::cnn::lenet5(&mut vs, [1, 28, 28], 10).unwrap();
+    vs.finish().unwrap();
+    let mut rng = test_rng("fusion");
+    let x = Tensor::randn(&[4, 1, 28, 28], 1.0, &mut rng).unwrap();
+    let run = |fused: bool| {
+        kiln_nn::set_fusion(fused);
+        let before = kiln_graph::backend::thread_stats().dispatches;
+        let y = net.forward(&x).unwrap();
+        let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
+        let g = y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Vec<f32>> = vs.params().map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
+        (y.to_vec().unwrap(), grads, dispatches)
+    };
+    let (y_fused, g_fused, d_fused) = run(true);
+    let (y_plain, g_plain, d_plain) = run(false);
+    kiln_nn::set_fusion(true);
+    // Four activations folded into their layers' bias kernels.
+    assert_eq!(d_plain - d_fused, 4, "forward dispatches fused {d_fused}, unfused {d_plain}");
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+    assert!(close(&y_fused, &y_plain), "outputs differ");
+    for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
+        assert!(close(a, b), "gradient of parameter {i} differs");
+    }
+}

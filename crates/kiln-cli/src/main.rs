@@ -280,7 +280,7 @@ fn train(a: TrainArgs) -> Result<()> {
 fn bench(opts: &kiln_models::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
     kiln_wgpu::select_adapter(adapter.as_deref())?;
     let g = kiln_wgpu::gpu()?;
-    println!("adapter: {} ({})", g.adapter_name(), g.backend());
+    println!("adapter: {}", g.adapter_name());
     let roofs = kiln_models::suite::measure_roofs()?;
     println!("compute roof (FMA chains): {:.1} GFLOP/s   memory roof (64 MiB copy): {:.2} GB/s", roofs.fma_gflops, roofs.copy_gbps);
     let mut table = kiln_models::suite::Table::default();

@@ -39,13 +39,15 @@ pub enum Op {
     /// x, switches
     MaxPool2d(Tensor, Tensor, Pool2dGeom),
     AvgPool2d(Tensor, Pool2dGeom),
+    /// x, bias, channel axis: act(x + bias) fused (kernels::bias_act).
+    BiasAct(Tensor, Tensor, usize, kernels::BiasAct),
 }
 
 impl Op {
     pub fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) | Op::AvgPool2d(x, _) => vec![x],
-            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, _) => vec![a, b],
+            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, _) | Op::BiasAct(a, b, ..) => vec![a, b],
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
@@ -214,6 +216,18 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
                 grads.push((b, gb));
             }
             grads
+        }
+        Op::BiasAct(x, bias, axis, act) => {
+            // g_pre = g * act'(pre) in one kernel (from the saved output); the bias gets g_pre summed over
+            // every axis but its channel axis.
+            let g_pre = if *act == kernels::BiasAct::Identity {
+                g.clone()
+            } else {
+                Tensor::from_storage(kernels::act_backward(&g.view(), &out.view(), g.numel(), *act)?, g.shape(), DType::F32)?
+            };
+            let others: Vec<usize> = (0..x.rank()).filter(|a| a != axis).collect();
+            let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
+            vec![(x, g_pre), (bias, g_bias)]
         }
         Op::Reshape(x) => vec![(x, g.reshape(x.shape())?)],
         Op::Expand(x) => vec![(x, g.sum_to(x.shape())?)],

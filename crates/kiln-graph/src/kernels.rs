@@ -129,6 +129,31 @@ pub fn unary(kind: UnaryKind, x: &BufView, n: usize, alpha: f32, beta: f32) -> R
     Ok(y)
 }
 
+/// The activation fused with a bias by `bias_act` (elementwise.wgsl's ACT codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BiasAct {
+    Identity = 0,
+    Relu = 1,
+    Sigmoid = 2,
+    Tanh = 3,
+}
+
+/// y = act(x + bias[channel]) for x viewed as [outer, channels, inner].
+pub fn bias_act(x: &BufView, bias: &BufView, n: usize, channels: usize, inner: usize, act: BiasAct) -> Result<BufView> {
+    let y = out(n, "bias_act output")?;
+    let p = Params::new().u32(n).u32(channels).u32(inner.max(1)).u32(0);
+    launch(&ELEMENTWISE, "bias_act_forward", &[("ACT", act as u32 as f64)], p, &[x, bias], &[&y], grid_1d(n as u64, WG))?;
+    Ok(y)
+}
+
+/// g_pre = g * act'(pre), from y = act(pre).
+pub fn act_backward(g: &BufView, y: &BufView, n: usize, act: BiasAct) -> Result<BufView> {
+    let gp = out(n, "activation gradient")?;
+    let p = Params::new().u32(n).u32(1).u32(1).u32(0);
+    launch(&ELEMENTWISE, "act_backward", &[("ACT", act as u32 as f64)], p, &[g, y], &[&gp], grid_1d(n as u64, WG))?;
+    Ok(gp)
+}
+
 /// y[i] ~ U[0, 1), a hash of (seed, offset + i): reproducible for a seed whatever the dispatch shape.
 pub fn random_uniform(n: usize, seed: u64, offset: u32) -> Result<BufView> {
     let y = out(n, "random numbers")?;

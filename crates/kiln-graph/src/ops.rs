@@ -35,6 +35,21 @@ impl Tensor {
     pub fn tanh(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Tanh, 0.0, 0.0)
     }
+    /// act(x + bias) with `bias` [x.shape[axis]] added along `axis`, in one kernel (a layer's bias and
+    /// activation fused; the backward rule is one kernel plus the bias reduction).
+    pub fn bias_act(&self, bias: &Tensor, axis: usize, act: kernels::BiasAct) -> Result<Tensor> {
+        self.expect_dtype("bias_act", DType::F32)?;
+        bias.expect_dtype("bias_act", DType::F32)?;
+        self.check_axis("bias_act", axis)?;
+        let channels = self.shape()[axis];
+        if bias.numel() != channels || bias.rank() != 1 {
+            return shape_err("bias_act", self.shape(), bias.shape(), format!("the bias must be [{channels}], the size of axis {axis}"));
+        }
+        let inner: usize = self.shape()[axis + 1..].iter().product();
+        let y = kernels::bias_act(&self.view(), &bias.view(), self.numel(), channels, inner, act)?;
+        Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(Op::BiasAct(self.clone(), bias.clone(), axis, act))))
+    }
+
     pub fn relu(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Relu, 0.0, 0.0)
     }

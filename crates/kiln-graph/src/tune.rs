@@ -282,8 +282,24 @@ impl Tuner {
     }
 }
 
-/// Median wall time of `runs` calls of `f`, each followed by a full GPU sync, after `warmup` untimed calls.
-pub fn time_ms(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// How a time was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Timing {
+    /// Timestamp queries at the start and end of the kernel's compute pass (GPU time only).
+    GpuTimestamps,
+    /// Wall time around the submit and a fence (includes the submit and wait overhead).
+    WallFence,
+}
+
+/// Median time of `runs` calls of `f`, each in a pass and submit of its own, after `warmup` untimed calls:
+/// GPU timestamps where the adapter has them, else wall time around a full GPU sync.
+pub fn time_ms(warmup: usize, runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(time_ms_with(warmup, runs, f)?.0)
+}
+
+/// [`time_ms`] and how the times were taken.
+pub fn time_ms_with(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Timing)> {
     let g = gpu()?;
     g.sync()?;
     for _ in 0..warmup {
@@ -291,14 +307,32 @@ pub fn time_ms(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) ->
         g.sync()?;
     }
     let mut t = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        let s = Instant::now();
-        f()?;
-        g.sync()?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
+    let mut timing = Timing::GpuTimestamps;
+    while t.len() < runs.max(1) {
+        if timing == Timing::GpuTimestamps {
+            let mut result = Ok(());
+            let gpu_ms = g.gpu_time_ms(|| {
+                result = f();
+                Ok(())
+            })?;
+            result?;
+            match gpu_ms {
+                Some(ms) => t.push(ms),
+                // No timestamps here (or the work submitted on its own): wall time for every run instead.
+                None => {
+                    timing = Timing::WallFence;
+                    t.clear();
+                }
+            }
+        } else {
+            let s = Instant::now();
+            f()?;
+            g.sync()?;
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
     }
     t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    Ok((t[t.len() / 2], timing))
 }
 
 /// Runs `v` on random [batch, m, k] x [k, n] operands (B broadcast over the batch) and compares with the f64

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use kiln_graph::backend::gpu;
 use kiln_graph::kernels::{self, BinaryKind, MatmulShape, MatmulVariant, UnaryKind};
-use kiln_graph::tune::time_ms;
+use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
@@ -35,6 +35,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_gbps: Option<f64>,
     pub adapter: String,
+    /// How median_ms was taken: "gpu-timestamps" (the kernel's pass, GPU time only) or "wall-fence".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timing: Option<Timing>,
     /// Why a valid record has no time (over the budget), or what was wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -68,7 +71,7 @@ impl Table {
             self.family = r.family.clone();
             println!("\n== {}", self.family);
             if self.family == "step" {
-                println!("{:<46} {:>10} {:>10} {:>11} {:>9} {:>8} {:>12} {:>12} {:>9}", "kernel", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof");
+                println!("{:<30} {:<22} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>12} {:>7}", "kernel", "variant", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof");
             } else {
                 println!("{:<44} {:<22} {:<16} {:>10} {:>10} {:>7} {:>10}", "kernel", "shape", "variant", "ms", "rate", "roof", "cpu rate");
             }
@@ -76,8 +79,9 @@ impl Table {
         let fmt = |v: Option<f64>, unit: &str| v.map(|x| format!("{x:.2} {unit}")).unwrap_or_else(|| "-".into());
         if r.family == "step" {
             println!(
-                "{:<46} {:>10.3} {:>10.3} {:>11.0} {:>9.2} {:>8.2} {:>12} {:>12} {:>8.1}%",
+                "{:<30} {:<22} {:>10.3} {:>9.3} {:>10.0} {:>8.2} {:>8.2} {:>12} {:>12} {:>6.1}%",
                 r.kernel,
+                r.variant,
                 r.ms_per_step.unwrap_or(0.0),
                 r.host_ms_per_step.unwrap_or(0.0),
                 r.samples_per_s.unwrap_or(0.0),
@@ -207,8 +211,9 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
         rec.note = Some(format!("not timed: one run takes {one_s:.2} s, {runs} runs exceed the budget (raise --budget-s)"));
         return Ok(rec);
     }
-    let ms = time_ms(1, runs, || run().map(drop))?;
+    let (ms, timing) = time_ms_with(1, runs, || run().map(drop))?;
     rec.median_ms = Some(ms);
+    rec.timing = Some(timing);
     let rate = work.amount / ms / 1e6;
     if work.bytes {
         rec.gbps = Some(rate);
@@ -644,7 +649,8 @@ fn softmax_family(ctx: &mut Ctx) -> R<()> {
                 }
             })
         });
-        let rec = ctx.base("softmax", "softmax rows", &[rows, cols], "one row per invocation");
+        let variant = if cols > kernels::LOOP_CHUNK { "max/exp/sum/divide kernels" } else { "one row per invocation" };
+        let rec = ctx.base("softmax", "softmax rows", &[rows, cols], variant);
         ctx.measure(rec, 8.0 * (rows * cols) as f64, true, &want, 1e-5, Some(ms), || kiln_graph::no_grad(|| x.softmax(1)))?;
     }
     Ok(())
@@ -699,21 +705,29 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
     for model in ctx.opts.models.clone() {
         let (input, classes) = model_input(&model);
         let flops: f64 = step_matmul_shapes(&model, ctx.opts.batch)?.iter().map(|s| s.flops()).sum();
-        let b = crate::bench::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10))?;
-        let mut rec = ctx.base("step", &format!("{model} training step (forward, backward, Adam)"), &[ctx.opts.batch, input[0], input[1], input[2]], "default kernels");
-        rec.valid = true;
-        rec.median_ms = Some(b.ms_per_step);
-        rec.gflops = Some(flops / b.ms_per_step / 1e6);
-        rec.roof_fraction = Some(flops / b.ms_per_step / 1e6 / ctx.roofs.fma_gflops);
-        rec.model = Some(model.clone());
-        rec.batch = Some(b.batch);
-        rec.ms_per_step = Some(b.ms_per_step);
-        rec.host_ms_per_step = Some(b.host_ms_per_step);
-        rec.samples_per_s = Some(b.samples_per_s);
-        rec.submits_per_step = Some(b.submits_per_step);
-        rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);
-        rec.peak_gpu_bytes = Some(b.peak_gpu_bytes);
-        ctx.push(rec);
+        // Each step with and without the bias + activation fusion, to show what it pays.
+        for fused in [true, false] {
+            kiln_nn::set_fusion(fused);
+            let b = crate::bench::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10));
+            kiln_nn::set_fusion(true);
+            let b = b?;
+            let variant = if fused { "fused bias+activation" } else { "unfused" };
+            let mut rec = ctx.base("step", &format!("{model} step (fwd, bwd, Adam)"), &[ctx.opts.batch, input[0], input[1], input[2]], variant);
+            rec.valid = true;
+            rec.median_ms = Some(b.ms_per_step);
+            rec.timing = Some(Timing::WallFence);
+            rec.gflops = Some(flops / b.ms_per_step / 1e6);
+            rec.roof_fraction = Some(flops / b.ms_per_step / 1e6 / ctx.roofs.fma_gflops);
+            rec.model = Some(model.clone());
+            rec.batch = Some(b.batch);
+            rec.ms_per_step = Some(b.ms_per_step);
+            rec.host_ms_per_step = Some(b.host_ms_per_step);
+            rec.samples_per_s = Some(b.samples_per_s);
+            rec.submits_per_step = Some(b.submits_per_step);
+            rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);
+            rec.peak_gpu_bytes = Some(b.peak_gpu_bytes);
+            ctx.push(rec);
+        }
     }
     Ok(())
 }

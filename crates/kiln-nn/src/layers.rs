@@ -71,10 +71,7 @@ impl Conv2d {
 /// y + bias per channel: y [n, c, h, w], bias [c].
 pub fn add_channel_bias(y: Tensor, bias: Option<&Param>) -> Result<Tensor> {
     match bias {
-        Some(b) => {
-            let b = b.tensor()?;
-            y.broadcast_add(&b.reshape(&[1, b.numel(), 1, 1])?)
-        }
+        Some(b) => y.bias_act(b.tensor()?, 1, kiln_graph::kernels::BiasAct::Identity),
         None => Ok(y),
     }
 }
@@ -83,6 +80,10 @@ impl Module for Conv2d {
     /// x: [n, in, h, w] -> [n, out, oh, ow]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         add_channel_bias(x.conv2d(self.weight.tensor()?, self.geom)?, self.bias.as_ref())
+    }
+    fn forward_before_bias(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
+        let Some(b) = &self.bias else { return Ok(None) };
+        Ok(Some((x.conv2d(self.weight.tensor()?, self.geom)?, b.tensor()?.clone(), 1)))
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         let w = self.weight.shape();

@@ -1,5 +1,6 @@
 //! Modules: a forward function over parameters held in a [`VarStore`].
 
+use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Result, Tensor};
 
 use crate::init::Init;
@@ -26,6 +27,15 @@ pub trait Module {
     /// Named sub-layers, for nested summaries.
     fn children(&self) -> Vec<(String, &dyn Module)> {
         Vec::new()
+    }
+    /// For a layer ending in a bias add (Linear, Conv2d): its output before the bias, the bias, and the axis it
+    /// is added along. Sequential then fuses the bias with a following activation into one kernel.
+    fn forward_before_bias(&self, _x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
+        Ok(None)
+    }
+    /// The activation this layer is, if it is one (for that fusion).
+    fn as_activation(&self) -> Option<Activation> {
+        None
     }
     /// Trainable values of this layer and everything under it.
     fn num_params(&self) -> usize {
@@ -61,9 +71,13 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul_t(self.weight.tensor()?, false, true)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b.tensor()?),
+            Some(b) => y.bias_act(b.tensor()?, 1, BiasAct::Identity),
             None => Ok(y),
         }
+    }
+    fn forward_before_bias(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
+        let Some(b) = &self.bias else { return Ok(None) };
+        Ok(Some((x.matmul_t(self.weight.tensor()?, false, true)?, b.tensor()?.clone(), 1)))
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         if input.len() != 2 || input[1] != self.in_features {
@@ -104,6 +118,43 @@ impl Module for Activation {
     fn describe(&self) -> String {
         format!("{self:?}")
     }
+    fn as_activation(&self) -> Option<Activation> {
+        Some(*self)
+    }
+}
+
+impl Activation {
+    /// The fused kernel's form of this activation, where it has one.
+    pub fn fused(self) -> Option<BiasAct> {
+        match self {
+            Activation::Relu => Some(BiasAct::Relu),
+            Activation::Sigmoid => Some(BiasAct::Sigmoid),
+            Activation::Tanh => Some(BiasAct::Tanh),
+            Activation::Identity => Some(BiasAct::Identity),
+            Activation::LeakyRelu(_) | Activation::Softplus => None,
+        }
+    }
+}
+
+static FUSION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Whether Sequential fuses a layer's bias with the activation after it (default on; `KILN_FUSE=off` or
+/// `set_fusion(false)` turns it off, for measuring what it pays).
+pub fn fusion_enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match FUSION.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("KILN_FUSE").map(|v| v != "off" && v != "0").unwrap_or(true);
+            FUSION.store(on as u8, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+pub fn set_fusion(on: bool) {
+    FUSION.store(on as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl std::str::FromStr for Activation {
@@ -158,8 +209,19 @@ impl IntoIterator for Sequential {
 impl Module for Sequential {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
-        for l in &self.layers {
-            h = l.forward(&h)?;
+        let mut i = 0;
+        while i < self.layers.len() {
+            // A layer ending in a bias followed by an activation: one fused kernel instead of two.
+            let next_act = self.layers.get(i + 1).and_then(|l| l.as_activation()).and_then(Activation::fused);
+            if let (Some(act), true) = (next_act, fusion_enabled()) {
+                if let Some((pre, bias, axis)) = self.layers[i].forward_before_bias(&h)? {
+                    h = pre.bias_act(&bias, axis, act)?;
+                    i += 2;
+                    continue;
+                }
+            }
+            h = self.layers[i].forward(&h)?;
+            i += 1;
         }
         Ok(h)
     }

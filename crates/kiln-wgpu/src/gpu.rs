@@ -113,6 +113,10 @@ struct State {
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     stats: GpuStats,
     recorded_ops: u64,
+    /// Timestamp queries for `gpu_time_ms`: the query set, and whether the next pass should write them.
+    query_set: Option<wgpu::QuerySet>,
+    timestamps_armed: bool,
+    timestamps_written: bool,
 }
 
 /// The device context. Get it with [`gpu()`].
@@ -134,12 +138,13 @@ pub struct Gpu {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadStats {
     pub submits: u64,
+    pub dispatches: u64,
     pub buffers_created: u64,
     pub bytes_created: u64,
 }
 
 thread_local! {
-    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, buffers_created: 0, bytes_created: 0 }) };
+    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0 }) };
 }
 
 fn count_thread(submits: u64, buffers: u64, bytes: u64) {
@@ -247,6 +252,9 @@ impl Gpu {
             pipelines: HashMap::new(),
             stats: GpuStats::default(),
             recorded_ops: 0,
+            query_set: None,
+            timestamps_armed: false,
+            timestamps_written: false,
         };
         Ok(Gpu {
             info,
@@ -522,7 +530,12 @@ impl Gpu {
             entries: &entries,
         });
         if st.pass.is_none() {
-            let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            // Under `gpu_time_ms` the pass writes a timestamp when it starts and when it ends.
+            let query_set = if st.timestamps_armed { st.query_set.clone() } else { None };
+            let timestamp_writes = query_set.as_ref().map(|qs| wgpu::ComputePassTimestampWrites { query_set: qs, beginning_of_pass_write_index: Some(0), end_of_pass_write_index: Some(1) });
+            st.timestamps_written |= timestamp_writes.is_some();
+            st.timestamps_armed = false;
+            let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
             st.pass = Some(pass.forget_lifetime());
         }
         let pipeline = st.pipelines[&key].clone();
@@ -535,6 +548,11 @@ impl Gpu {
         }
         st.stats.dispatches += 1;
         st.recorded_ops += 1;
+        THREAD_STATS.with(|c| {
+            let mut t = c.get();
+            t.dispatches += 1;
+            c.set(t);
+        });
         Ok(())
     }
 
@@ -594,6 +612,62 @@ impl Gpu {
         self.flush()?;
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
         Ok(())
+    }
+
+    /// Runs `f` (which records dispatches) in a compute pass of its own and returns the GPU time between the
+    /// pass's start and end timestamps, in ms; waits for it. None where the adapter has no TIMESTAMP_QUERY or
+    /// `f` submitted on its own (then only wall time around a fence can tell).
+    pub fn gpu_time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            f()?;
+            self.sync()?;
+            return Ok(None);
+        }
+        self.flush()?;
+        let submits = {
+            let mut st = self.lock();
+            if st.query_set.is_none() {
+                st.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln timestamps"), ty: wgpu::QueryType::Timestamp, count: 2 }));
+            }
+            st.timestamps_armed = true;
+            st.timestamps_written = false;
+            st.stats.submits
+        };
+        let ran = f();
+        let usage = |u| wgpu::BufferDescriptor { label: Some("kiln timestamps"), size: 16, usage: u, mapped_at_creation: false };
+        let resolved = self.device.create_buffer(&usage(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC));
+        let readback = self.device.create_buffer(&usage(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST));
+        let timed = {
+            let mut st = self.lock();
+            st.timestamps_armed = false;
+            Self::end_pass(&mut st);
+            let timed = st.timestamps_written && st.stats.submits == submits;
+            if timed {
+                let qs = st.query_set.clone().expect("created above");
+                let enc = self.encoder(&mut st);
+                enc.resolve_query_set(&qs, 0..2, &resolved, 0);
+                enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16);
+            }
+            timed
+        };
+        self.sync()?;
+        ran?;
+        if !timed {
+            return Ok(None);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
+        rx.recv().map_err(|e| GpuError::Poll(e.to_string()))?.map_err(|e| GpuError::Poll(e.to_string()))?;
+        let ticks: Vec<u64> = {
+            let view = readback.get_mapped_range(..).map_err(|e| GpuError::Poll(e.to_string()))?;
+            view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        };
+        readback.unmap();
+        let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
+        Ok(Some(ns / 1e6))
     }
 
     /// Starts reading `view` back: records the copy into a mappable buffer and submits. The returned handle is
