@@ -144,25 +144,32 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builti
 //   x (binding 1) -> cols: [n, c_in*kh*kw, oh*ow] (binding 2)
 @group(0) @binding(2) var<storage, read_write> cols: array<f32>;
 
+// One invocation per output row (b, ci, ky, kx, oy), looping over ox: the index arithmetic (runtime integer
+// division, which lavapipe runs lane by lane) is paid once per row instead of once per element.
 @compute @workgroup_size(WG)
 fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_id(gid, nwg);
-    let spatial = cp.oh * cp.ow;
+    let row = linear_id(gid, nwg);
     let rows = cp.c_in * cp.kh * cp.kw;
-    if (i >= cp.n * rows * spatial) { return; }
-    let s = i % spatial;
-    let r = (i / spatial) % rows;
-    let b = i / (spatial * rows);
+    if (row >= cp.n * rows * cp.oh) { return; }
+    let oy = row % cp.oh;
+    let r = (row / cp.oh) % rows;
+    let b = row / (cp.oh * rows);
     let kx = r % cp.kw;
     let ky = (r / cp.kw) % cp.kh;
     let ci = r / (cp.kw * cp.kh);
-    let iy = tap_input(s / cp.ow, ky, cp.stride_h, cp.dil_h, cp.pad_h);
-    let ix = tap_input(s % cp.ow, kx, cp.stride_w, cp.dil_w, cp.pad_w);
-    var v = 0.0;
-    if (iy >= 0 && iy < i32(cp.h) && ix >= 0 && ix < i32(cp.w)) {
-        v = x[((b * cp.c_in + ci) * cp.h + u32(iy)) * cp.w + u32(ix)];
+    let out_base = ((b * rows + r) * cp.oh + oy) * cp.ow;
+    let iy = tap_input(oy, ky, cp.stride_h, cp.dil_h, cp.pad_h);
+    if (iy < 0 || iy >= i32(cp.h)) {
+        for (var ox = 0u; ox < cp.ow; ox = ox + 1u) { cols[out_base + ox] = 0.0; }
+        return;
     }
-    cols[i] = v;
+    let in_base = ((b * cp.c_in + ci) * cp.h + u32(iy)) * cp.w;
+    for (var ox = 0u; ox < cp.ow; ox = ox + 1u) {
+        let ix = tap_input(ox, kx, cp.stride_w, cp.dil_w, cp.pad_w);
+        var v = 0.0;
+        if (ix >= 0 && ix < i32(cp.w)) { v = x[in_base + u32(ix)]; }
+        cols[out_base + ox] = v;
+    }
 }
 
 // grad_x[b, c, iy, ix] = sum over (ky, kx) whose output position is integral and in range of
@@ -171,28 +178,42 @@ fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(1) var<storage, read> grad_cols: array<f32>;
 @group(0) @binding(2) var<storage, read_write> col2im_out: array<f32>;
 
+// One invocation per 64-wide segment of an input row (b, c, iy), looping over its ix and the taps with the
+// sum in a register; the output row each ky reads is found once per (ky, ix), and with stride 1 (the usual
+// case) without any division. Segments keep each invocation's loops far under lavapipe's 65535-iteration cap.
+const COL2IM_SEGMENT: u32 = 64u;
+
+fn source_position(pos: u32, pad: u32, tap: u32, dil: u32, stride: u32, count: u32) -> i32 {
+    if (stride == 1u) {
+        let o = i32(pos + pad) - i32(tap * dil);
+        return select(-1, o, o < i32(count));
+    }
+    return tap_output(pos, pad, tap, dil, stride, count);
+}
+
 @compute @workgroup_size(WG)
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_id(gid, nwg);
-    if (i >= cp.n * cp.c_in * cp.h * cp.w) { return; }
-    let at = input_coords(i);
-    let ix = at.x;
-    let iy = at.y;
-    let c = at.z;
-    let b = at.w;
+    let id = linear_id(gid, nwg);
+    let segments = (cp.w + COL2IM_SEGMENT - 1u) / COL2IM_SEGMENT;
+    if (id >= cp.n * cp.c_in * cp.h * segments) { return; }
+    let row = id / segments;
+    let ix0 = (id % segments) * COL2IM_SEGMENT;
+    let iy = row % cp.h;
+    let c = (row / cp.h) % cp.c_in;
+    let b = row / (cp.h * cp.c_in);
     let spatial = cp.oh * cp.ow;
     let rows = cp.c_in * cp.kh * cp.kw;
-    var acc = 0.0;
-    for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
-        let oy_signed = tap_output(iy, cp.pad_h, ky, cp.dil_h, cp.stride_h, cp.oh);
-        if (oy_signed < 0) { continue; }
-        let oy = u32(oy_signed);
-        for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
-            let ox_signed = tap_output(ix, cp.pad_w, kx, cp.dil_w, cp.stride_w, cp.ow);
-            if (ox_signed < 0) { continue; }
-            let ox = u32(ox_signed);
-            acc = acc + grad_cols[(b * rows + (c * cp.kh + ky) * cp.kw + kx) * spatial + oy * cp.ow + ox];
+    let plane = (b * rows + c * cp.kh * cp.kw) * spatial;
+    for (var ix = ix0; ix < min(ix0 + COL2IM_SEGMENT, cp.w); ix = ix + 1u) {
+        var acc = 0.0;
+        for (var ky = 0u; ky < cp.kh; ky = ky + 1u) {
+            let oy = source_position(iy, cp.pad_h, ky, cp.dil_h, cp.stride_h, cp.oh);
+            if (oy < 0) { continue; }
+            for (var kx = 0u; kx < cp.kw; kx = kx + 1u) {
+                let ox = source_position(ix, cp.pad_w, kx, cp.dil_w, cp.stride_w, cp.ow);
+                if (ox >= 0) { acc = acc + grad_cols[plane + (ky * cp.kw + kx) * spatial + u32(oy) * cp.ow + u32(ox)]; }
+            }
         }
+        col2im_out[row * cp.w + ix] = acc;
     }
-    col2im_out[i] = acc;
 }

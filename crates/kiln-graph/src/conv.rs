@@ -183,7 +183,9 @@ fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> R
     let xs = x.shape();
     let n = xs[0] * xs[1] * w[2] * w[3] * oh * ow;
     let cols = out_buffer(n, "im2col columns")?;
-    launch(&CONV2D, "im2col", &[], conv_params(xs, w, oh, ow, geom), &[&x.view()], &[&cols], grid_1d(n as u64, 256))?;
+    // One invocation per output row (see conv2d.wgsl).
+    let rows = xs[0] * xs[1] * w[2] * w[3] * oh;
+    launch(&CONV2D, "im2col", &[], conv_params(xs, w, oh, ow, geom), &[&x.view()], &[&cols], grid_1d(rows as u64, 256))?;
     Ok(cols)
 }
 
@@ -217,7 +219,9 @@ pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Re
         if x.requires_grad() {
             let grad_cols = kernels::matmul(&w.view(), &g.view(), batch, k, spatial, ws[0], 0, ws[0] * spatial, true, false)?;
             let buf = out_buffer(n_x, "conv2d input gradient")?;
-            launch(&CONV2D, "col2im", &[], params(), &[&grad_cols], &[&buf], grid_1d(n_x as u64, 256))?;
+            // One invocation per 64-wide segment of an input row (see conv2d.wgsl).
+            let segments = xs[3].div_ceil(64);
+            launch(&CONV2D, "col2im", &[], params(), &[&grad_cols], &[&buf], grid_1d((xs[0] * xs[1] * xs[2] * segments) as u64, 256))?;
             gx = Some(buf);
         }
     } else {
