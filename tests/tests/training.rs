@@ -123,29 +123,13 @@ fn lenet_with_augmentation_trains() {
 }
 
 #[test]
-fn lenet_on_fashion_mnist_and_transfer_to_mnist() {
-    // The README's full runs: 89% on Fashion-MNIST, and on MNIST-10k a head on frozen Fashion features beats
-    // the same head on random frozen features (0.953 vs 0.937). Reduced: 6,000 Fashion images for 2 epochs
-    // must clear 75%; then with the features frozen, a head trained on 300 MNIST digits must do better on
-    // the transferred features than on random ones.
-    let dir = std::env::temp_dir().join(format!("kiln-transfer-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let fashion = train(TrainConfig { epochs: Some(2), train_limit: Some(6000), out_dir: Some(dir.join("fashion")), ..TrainConfig::new("lenet", "fashion-mnist") });
-    assert!(fashion.test.test_accuracy.unwrap() >= 0.75, "{:?}", fashion.test.test_accuracy);
-    assert_eq!(fashion.test_samples, 10_000);
-    let head = |from: Option<std::path::PathBuf>, tag: &str| {
-        let cfg = TrainConfig { epochs: Some(6), train_limit: Some(300), from, freeze: vec!["features".into()], out_dir: Some(dir.join(tag)), ..plain_lenet_on_mnist() };
-        train(cfg)
-    };
-    let transferred = head(Some(dir.join("fashion").join("best.safetensors")), "transfer");
-    let random = head(None, "random");
-    assert_eq!(transferred.frozen.len(), 4);
-    assert_eq!(random.frozen.len(), 4);
-    let (t, r) = (transferred.test.test_accuracy.unwrap(), random.test.test_accuracy.unwrap());
-    eprintln!("head on 300 MNIST digits: transferred features {t:.4}, random features {r:.4}");
-    assert!(t > r + 0.01, "transferred features {t:.4} should beat random ones {r:.4}");
-    let _ = std::fs::remove_dir_all(&dir);
+fn lenet_on_a_fashion_mnist_subset() {
+    // The README's full run reaches 89%; 3,000 images and one epoch must clear 65%.
+    let r = train(TrainConfig { epochs: Some(1), train_limit: Some(3000), ..TrainConfig::new("lenet", "fashion-mnist") });
+    assert!(r.test.test_accuracy.unwrap() >= 0.65, "{:?}", r.test.test_accuracy);
+    assert_eq!(r.test_samples, 10_000);
 }
+
 
 #[test]
 fn early_stopping_on_a_flat_dev_metric() {
