@@ -123,13 +123,28 @@ fn lenet_with_augmentation_trains() {
 }
 
 #[test]
-fn lenet_on_a_fashion_mnist_subset() {
-    // The README's full run reaches 89%; 3,000 images and one epoch must clear 65%.
-    let r = train(TrainConfig { epochs: Some(1), train_limit: Some(3000), ..TrainConfig::new("lenet", "fashion-mnist") });
-    assert!(r.test.test_accuracy.unwrap() >= 0.65, "{:?}", r.test.test_accuracy);
-    assert_eq!(r.test_samples, 10_000);
+fn lenet_on_fashion_mnist_and_transfer_to_mnist() {
+    // The README's full runs: 89% on Fashion-MNIST after 10 epochs, and on MNIST-10k a head on frozen Fashion
+    // features beats the same head on random frozen features (0.953 vs 0.937). Reduced: one epoch of the 60k
+    // Fashion images must clear 80%; then, features frozen, a head trained for 2 epochs on 8,000 MNIST digits
+    // must do better on the transferred features than on random ones. (Smaller budgets were tried: with
+    // features from 20k Fashion images, or heads on a few hundred digits, random features do as well or better.)
+    let dir = std::env::temp_dir().join(format!("kiln-transfer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let fashion = train(TrainConfig { epochs: Some(1), out_dir: Some(dir.join("fashion")), ..TrainConfig::new("lenet", "fashion-mnist") });
+    assert!(fashion.test.test_accuracy.unwrap() >= 0.80, "{:?}", fashion.test.test_accuracy);
+    assert_eq!(fashion.test_samples, 10_000);
+    let head = |from: Option<std::path::PathBuf>, tag: &str| {
+        train(TrainConfig { epochs: Some(2), train_limit: Some(8000), from, freeze: vec!["features".into()], out_dir: Some(dir.join(tag)), ..plain_lenet_on_mnist() })
+    };
+    let transferred = head(Some(dir.join("fashion").join("best.safetensors")), "transfer");
+    let random = head(None, "random");
+    assert_eq!((transferred.frozen.len(), random.frozen.len()), (4, 4));
+    let (t, r) = (transferred.test.test_accuracy.unwrap(), random.test.test_accuracy.unwrap());
+    eprintln!("head on frozen features, 8,000 MNIST digits: transferred {t:.4}, random {r:.4}");
+    assert!(t > r + 0.005, "transferred features {t:.4} should beat random ones {r:.4}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
-
 
 #[test]
 fn early_stopping_on_a_flat_dev_metric() {
