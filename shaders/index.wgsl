@@ -1,6 +1,8 @@
 // Indexing: index_select along an axis (forward and backward) and one_hot.
 
-struct IndexParams { outer: u32, src_axis: u32, inner: u32, n_idx: u32 }
+// index_select_backward sums j in [j_begin, j_end) and adds to grad_x when `accumulate` is set: the launcher
+// splits many indices over several dispatches (lavapipe ends an invocation's loops after 65535 iterations).
+struct IndexParams { outer: u32, src_axis: u32, inner: u32, n_idx: u32, j_begin: u32, j_end: u32, accumulate: u32, _pad: u32 }
 
 override WG: u32 = 256u;
 
@@ -33,8 +35,8 @@ fn index_select_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let inner = i % ip.inner;
     let r = (i / ip.inner) % ip.src_axis;
     let o = i / (ip.inner * ip.src_axis);
-    var acc = 0.0;
-    for (var j = 0u; j < ip.n_idx; j = j + 1u) {
+    var acc = select(0.0, grad_x[i], ip.accumulate != 0u);
+    for (var j = ip.j_begin; j < ip.j_end; j = j + 1u) {
         if (idx[j] == r) { acc = acc + grad_out[(o * ip.n_idx + j) * ip.inner + inner]; }
     }
     grad_x[i] = acc;

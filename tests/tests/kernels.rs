@@ -133,3 +133,27 @@ fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
     assert_eq!(max, host.iter().copied().fold(f32::MIN, f32::max), "max of {n}");
 }
 
+
+#[test]
+fn index_select_gradient_over_many_indices() {
+    // More indices than one invocation may loop over on lavapipe: the gradient is summed in pieces.
+    require_gpu();
+    let mut rng = test_rng("index_select long");
+    let (rows, n_idx) = (7usize, 9 * kiln_graph::kernels::LOOP_CHUNK + 11); // past 65535
+    let idx: Vec<u32> = (0..n_idx).map(|_| rng.below(rows) as u32).collect();
+    let g: Vec<f32> = (0..n_idx * 2).map(|_| rng.normal() as f32).collect();
+    let table = kiln_graph::Tensor::zeros(&[rows, 2]).unwrap().var();
+    let picked = table.index_select(0, &kiln_graph::Tensor::from_u32(&idx, &[n_idx]).unwrap()).unwrap();
+    let weights = kiln_graph::Tensor::from_slice(&g, &[n_idx, 2]).unwrap();
+    let grads = picked.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let got = grads.get(&table).unwrap().to_vec().unwrap();
+    let mut want = vec![0f64; rows * 2];
+    for (j, &r) in idx.iter().enumerate() {
+        for c in 0..2 {
+            want[r as usize * 2 + c] += g[j * 2 + c] as f64;
+        }
+    }
+    for (a, b) in got.iter().zip(&want) {
+        assert!((*a as f64 - b).abs() < 1e-3 * (1.0 + b.abs()), "got {got:?} want {want:?}");
+    }
+}

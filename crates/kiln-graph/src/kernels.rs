@@ -487,7 +487,7 @@ fn gcd(a: usize, b: usize) -> usize {
 pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
     let n = outer * n_idx * inner;
     let y = out(n, "index_select output")?;
-    let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx);
+    let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx).u32(0).u32(n_idx).u32(0).u32(0);
     launch(&INDEX, "index_select_forward", &[], p, &[x, idx], &[&y], grid_1d(n as u64, WG))?;
     Ok(y)
 }
@@ -496,8 +496,16 @@ pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, i
 pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
     let n = outer * src_axis * inner;
     let y = out(n, "index_select gradient")?;
-    let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx);
-    launch(&INDEX, "index_select_backward", &[], p, &[grad_out, idx], &[&y], grid_1d(n as u64, WG))?;
+    // Many indices run as several dispatches over index ranges, each adding to the gradient (LOOP_CHUNK).
+    if n_idx == 0 {
+        gpu()?.zero(&y)?;
+        return Ok(y);
+    }
+    for (i, j0) in (0..n_idx).step_by(LOOP_CHUNK).enumerate() {
+        let j1 = (j0 + LOOP_CHUNK).min(n_idx);
+        let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx).u32(j0).u32(j1).u32((i > 0) as usize).u32(0);
+        launch(&INDEX, "index_select_backward", &[], p, &[grad_out, idx], &[&y], grid_1d(n as u64, WG))?;
+    }
     Ok(y)
 }
 
