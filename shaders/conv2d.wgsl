@@ -8,6 +8,9 @@ struct ConvParams {
     c_out: u32, oh: u32, ow: u32, groups: u32,
     kh: u32, kw: u32, stride_h: u32, stride_w: u32,
     pad_h: u32, pad_w: u32, dil_h: u32, dil_w: u32,
+    // conv2d_backward_weight sums output rows [oy_begin, oy_end) and adds to its output when `accumulate` is
+    // set: the launcher splits tall maps over several dispatches (lavapipe's 65535-iteration loop cap).
+    oy_begin: u32, oy_end: u32, accumulate: u32, _pad: u32,
 }
 
 override WG: u32 = 256u;
@@ -124,8 +127,8 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let g = co / (cp.c_out / cp.groups);
     let x_plane = (b * cp.c_in + g * cig + ci) * cp.h;
     let y_plane = (b * cp.c_out + co) * cp.oh;
-    var acc = 0.0;
-    for (var oy = 0u; oy < cp.oh; oy = oy + 1u) {
+    var acc = select(0.0, partial[i], cp.accumulate != 0u);
+    for (var oy = cp.oy_begin; oy < cp.oy_end; oy = oy + 1u) {
         let iy = tap_input(oy, ky, cp.stride_h, cp.dil_h, cp.pad_h);
         if (iy < 0 || iy >= i32(cp.h)) { continue; }
         for (var ox = 0u; ox < cp.ow; ox = ox + 1u) {

@@ -2,7 +2,7 @@
 //! differences, over strides, padding, dilation, groups, the 1x1 matmul path and odd sizes.
 
 use kiln_graph::{Conv2dGeom, Pool2dGeom, Tensor};
-use kiln_tests::{check_op, require_gpu, Domain};
+use kiln_tests::{check_op, require_gpu, test_rng, Domain};
 
 fn conv_case(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {
     check_op(&format!("conv2d {name} x{x:?} w{w:?}"), &[(&x, Domain::Any), (&w, Domain::Any)], |t| t[0].conv2d(&t[1], geom), |t| t[0].conv2d(&t[1], &geom));
@@ -89,5 +89,30 @@ fn conv2d_weight_gradient_without_input_gradient() {
         let g = xv.conv2d(&w, geom).unwrap().sum_all().unwrap().backward().unwrap();
         assert_eq!(only_w, g.get(&w).unwrap().to_vec().unwrap(), "{geom:?}");
         assert!(g.get(&xv).is_some());
+    }
+}
+
+#[test]
+fn grouped_weight_gradient_on_a_map_past_the_loop_cap() {
+    // The grouped (direct) weight-gradient kernel loops over the output map; a 260x260 map is past lavapipe's
+    // 65535-iteration cap unless the rows are split. Each group's gradient must equal the one of the same
+    // convolution run alone (groups = 1, the im2col path).
+    require_gpu();
+    let mut rng = test_rng("grouped weight gradient");
+    let x = Tensor::randn(&[1, 2, 260, 260], 1.0, &mut rng).unwrap();
+    let w = Tensor::randn(&[2, 1, 3, 3], 1.0, &mut rng).unwrap().var();
+    let geom = Conv2dGeom { padding: [1, 1], groups: 2, ..Default::default() };
+    let probe = Tensor::randn(&[1, 2, 260, 260], 1.0, &mut rng).unwrap();
+    let grads = x.conv2d(&w, geom).unwrap().mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let got = grads.get(&w).unwrap().to_vec().unwrap();
+    for c in 0..2 {
+        let wc = w.slice(0, c, 1).unwrap().detach().var();
+        let alone = Conv2dGeom { padding: [1, 1], ..Default::default() };
+        let y = x.slice(1, c, 1).unwrap().conv2d(&wc, alone).unwrap();
+        let g = y.mul(&probe.slice(1, c, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = g.get(&wc).unwrap().to_vec().unwrap();
+        for (a, b) in got[9 * c..9 * c + 9].iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "group {c}: {:?} vs {want:?}", &got[9 * c..9 * c + 9]);
+        }
     }
 }

@@ -88,6 +88,7 @@ fn conv_params(x: &[usize], w: &[usize], oh: usize, ow: usize, g: &Conv2dGeom) -
         .u32(w[0]).u32(oh).u32(ow).u32(g.groups)
         .u32(w[2]).u32(w[3]).u32(g.stride[0]).u32(g.stride[1])
         .u32(g.padding[0]).u32(g.padding[1]).u32(g.dilation[0]).u32(g.dilation[1])
+        .u32(0).u32(oh).u32(0).u32(0)
 }
 
 fn pool_params(x: &[usize], oh: usize, ow: usize, g: &Pool2dGeom) -> Params {
@@ -232,7 +233,15 @@ pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Re
         }
         if w.requires_grad() {
             let buf = out_buffer(batch * per_sample, "conv2d weight gradient (per sample)")?;
-            launch(&CONV2D, "conv2d_backward_weight", &[], params(), &[&g.view(), &x.view()], &[&buf], grid_1d((batch * per_sample) as u64, 256))?;
+            // Rows of the output map per dispatch, so each invocation loops under kernels::LOOP_CHUNK * 4 times.
+            let rows = (4 * kernels::LOOP_CHUNK / (ow + 1)).max(1);
+            for (i, oy0) in (0..oh).step_by(rows).enumerate() {
+                let mut p = params();
+                p.set_u32(16, oy0);
+                p.set_u32(17, (oy0 + rows).min(oh));
+                p.set_u32(18, (i > 0) as usize);
+                launch(&CONV2D, "conv2d_backward_weight", &[], p, &[&g.view(), &x.view()], &[&buf], grid_1d((batch * per_sample) as u64, 256))?;
+            }
             partial = Some(buf);
         }
     }

@@ -58,6 +58,10 @@ impl Params {
     pub fn bytes(&self) -> &[u8] {
         &self.0
     }
+    /// Overwrites field `index` (counting 4-byte fields from 0) with a u32.
+    pub fn set_u32(&mut self, index: usize, v: usize) {
+        self.0[4 * index..4 * index + 4].copy_from_slice(&(v as u32).to_le_bytes());
+    }
 }
 
 pub const MAX_RANK: usize = 8;
