@@ -198,16 +198,9 @@ impl Tuner {
 
     /// The kernel for this product.
     pub fn choose(&mut self, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
-        if let Ok(name) = std::env::var("KILN_MATMUL") {
-            if let Some(v) = MatmulVariant::parse(&name).or(match name.as_str() {
-                "scalar" => Some(MatmulVariant::Blocked),
-                "vec4" => Some(MatmulVariant::Vec4),
-                "subgroup" => Some(MatmulVariant::Subgroup(16)),
-                _ => None,
-            }) {
-                if v.supports(m, n, k, trans_a, trans_b)? {
-                    return Ok(v);
-                }
+        if let Some(v) = pinned() {
+            if v.supports(m, n, k, trans_a, trans_b)? {
+                return Ok(v);
             }
         }
         if self.mode == Mode::Off {
@@ -378,19 +371,40 @@ pub fn reference_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, n: usize, 
 
 static GLOBAL: OnceLock<Mutex<Tuner>> = OnceLock::new();
 
+/// KILN_MATMUL (read once per process): the kernel pinned wherever it can run ("scalar", "vec4" and
+/// "subgroup" name the blocked, vec4 and subgroup-16x4 kernels).
+fn pinned() -> Option<MatmulVariant> {
+    static PIN: OnceLock<Option<MatmulVariant>> = OnceLock::new();
+    *PIN.get_or_init(|| {
+        let name = std::env::var("KILN_MATMUL").ok()?;
+        MatmulVariant::parse(&name).or(match name.as_str() {
+            "scalar" => Some(MatmulVariant::Blocked),
+            "vec4" => Some(MatmulVariant::Vec4),
+            "subgroup" => Some(MatmulVariant::Subgroup(16)),
+            _ => None,
+        })
+    })
+}
+
+/// KILN_AUTOTUNE, read once per process.
+fn process_mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(Mode::from_env)
+}
+
 /// The process-wide tuner (mode from KILN_AUTOTUNE, cache in `cache_dir()`).
 pub fn global() -> Result<&'static Mutex<Tuner>> {
     if let Some(t) = GLOBAL.get() {
         return Ok(t);
     }
-    let mode = Mode::from_env();
-    let t = Tuner::open(mode, cache_dir().as_deref())?;
+    let t = Tuner::open(process_mode(), cache_dir().as_deref())?;
     Ok(GLOBAL.get_or_init(|| Mutex::new(t)))
 }
 
 /// The kernel `kernels::matmul` runs for this product.
 pub fn matmul_variant(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
-    if Mode::from_env() == Mode::Off && std::env::var_os("KILN_MATMUL").is_none() {
+    // Checked before the tuner's lock: with tuning off, products run without touching it.
+    if process_mode() == Mode::Off && pinned().is_none() {
         return default_variant(m, n, k, trans_a, trans_b);
     }
     let mut t = global()?.lock().unwrap_or_else(|e| e.into_inner());

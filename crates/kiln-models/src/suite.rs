@@ -229,27 +229,19 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let on = |f: &str| opts.filter.is_empty() || opts.filter.iter().any(|x| x == f);
-    if on("matmul") {
-        matmul_family(&mut ctx)?;
-    }
-    if on("conv") {
-        conv_family(&mut ctx)?;
-    }
-    if on("pool") {
-        pool_family(&mut ctx)?;
-    }
-    if on("softmax") {
-        softmax_family(&mut ctx)?;
-    }
-    if on("elementwise") {
-        elementwise_family(&mut ctx)?;
-    }
-    if on("reduce") {
-        reduce_family(&mut ctx)?;
-    }
-    if on("step") {
-        step_family(&mut ctx)?;
+    let families: [(&str, fn(&mut Ctx) -> R<()>); 7] = [
+        ("matmul", matmul_family),
+        ("conv", conv_family),
+        ("pool", pool_family),
+        ("softmax", softmax_family),
+        ("elementwise", elementwise_family),
+        ("reduce", reduce_family),
+        ("step", step_family),
+    ];
+    for (name, run) in families {
+        if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
+            run(&mut ctx)?;
+        }
     }
     Ok(ctx.out)
 }
