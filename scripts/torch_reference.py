@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch reference figures on the same machine as a Kiln benchmark: f32 matmul GFLOP/s (TF32 off) and the
-LeNet-5 / MLP training steps (forward + backward + Adam, batch 64), median of 20 steps after warm-up."""
+LeNet-5 / MLP / ResNet-20 training steps (forward + backward + Adam, batch 64), median of 20 steps after warm-up."""
 import statistics, sys, time
 
 import torch
@@ -42,3 +42,22 @@ x = torch.randn(64, 1, 28, 28, device=dev); y = torch.randint(0, 10, (64,), devi
 print(f"torch lenet5 step batch 64: {step_time(lenet, x, y):.3f} ms")
 mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)).to(dev)
 print(f"torch mlp 784-128-10 step batch 64: {step_time(mlp, torch.randn(64, 784, device=dev), y):.3f} ms")
+
+class Block(nn.Module):
+    """CIFAR ResNet basic block with the 1x1 projection shortcut (option B), as Kiln's zoo builds it."""
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else nn.Identity()
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+layers = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+cin = 16
+for cout, stride in [(16, 1), (32, 2), (64, 2)]:
+    for i in range(3):
+        layers.append(Block(cin, cout, stride if i == 0 else 1)); cin = cout
+resnet20 = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).to(dev)
+x = torch.randn(64, 1, 28, 28, device=dev)
+print(f"torch resnet20 step batch 64 (1x28x28): {step_time(resnet20, x, y):.3f} ms")

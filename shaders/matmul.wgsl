@@ -1,9 +1,12 @@
-// Batched matrix product C = op(A) @ op(B) in five variants; the autotuner (kiln-graph/src/tune.rs) picks one
+// Batched matrix product C = op(A) @ op(B) in seven variants; the autotuner (kiln-graph/src/tune.rs) picks one
 // per adapter and shape class, after checking it against the CPU reference:
 //   matmul_naive      one output per invocation (the baseline the others are measured against)
 //   matmul            register-blocked: a 4x4 block of C per invocation, scalar loads
 //   matmul_vec4       the same block with 16-byte loads (contiguous axes a multiple of 4)
-//   matmul_tiled      64x64 tiles staged in workgroup memory, 4x4 per invocation (what real GPUs reward)
+//   matmul_vec4x8     an 8x8 block per invocation from 16-byte loads (four times the FMAs per load of vec4)
+//   matmul_tiled      64x64 tiles staged in workgroup memory, 4x4 per invocation
+//   matmul_tiled128   128x128 tiles, 8x8 per invocation, the next slices prefetched into registers (what real
+//                     GPUs reward: many FMAs per workgroup-memory load)
 //   matmul_subgroup   (matmul_subgroup.wgsl) 8-lane groups share A through subgroup shuffles, RB x 4 outputs
 //                     per lane (what lavapipe rewards: there every storage load costs a per-lane loop, so
 //                     loads per FMA decide speed)
@@ -197,4 +200,181 @@ fn matmul_tiled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
     if (row0 < p.m && col0 < p.n) {
         store_block(wid.z * p.m * p.n, row0, col0, acc);
     }
+}
+
+// ---- The 8x8 block of C that matmul_vec4x8 and matmul_tiled128 give each invocation, in private registers:
+// c<i><l|h> is row i of the block (0-7), columns 0-3 (l) and 4-7 (h) of it. ----------------------------------
+var<private> c0l: vec4<f32>; var<private> c0h: vec4<f32>; var<private> c1l: vec4<f32>; var<private> c1h: vec4<f32>;
+var<private> c2l: vec4<f32>; var<private> c2h: vec4<f32>; var<private> c3l: vec4<f32>; var<private> c3h: vec4<f32>;
+var<private> c4l: vec4<f32>; var<private> c4h: vec4<f32>; var<private> c5l: vec4<f32>; var<private> c5h: vec4<f32>;
+var<private> c6l: vec4<f32>; var<private> c6h: vec4<f32>; var<private> c7l: vec4<f32>; var<private> c7h: vec4<f32>;
+
+// One k step of the 8x8 block: column (a_lo: rows 0-3, a_hi: rows 4-7) times row (b_lo: cols 0-3, b_hi: 4-7).
+fn outer8(a_lo: vec4<f32>, a_hi: vec4<f32>, b_lo: vec4<f32>, b_hi: vec4<f32>) {
+    c0l = fma(vec4<f32>(a_lo.x), b_lo, c0l); c0h = fma(vec4<f32>(a_lo.x), b_hi, c0h);
+    c1l = fma(vec4<f32>(a_lo.y), b_lo, c1l); c1h = fma(vec4<f32>(a_lo.y), b_hi, c1h);
+    c2l = fma(vec4<f32>(a_lo.z), b_lo, c2l); c2h = fma(vec4<f32>(a_lo.z), b_hi, c2h);
+    c3l = fma(vec4<f32>(a_lo.w), b_lo, c3l); c3h = fma(vec4<f32>(a_lo.w), b_hi, c3h);
+    c4l = fma(vec4<f32>(a_hi.x), b_lo, c4l); c4h = fma(vec4<f32>(a_hi.x), b_hi, c4h);
+    c5l = fma(vec4<f32>(a_hi.y), b_lo, c5l); c5h = fma(vec4<f32>(a_hi.y), b_hi, c5h);
+    c6l = fma(vec4<f32>(a_hi.z), b_lo, c6l); c6h = fma(vec4<f32>(a_hi.z), b_hi, c6h);
+    c7l = fma(vec4<f32>(a_hi.w), b_lo, c7l); c7h = fma(vec4<f32>(a_hi.w), b_hi, c7h);
+}
+
+// Writes the block as four 4x4 blocks: rows row0 and row0 + row_gap, columns col0 and col0 + col_gap.
+fn store_block8(c_base: u32, row0: u32, col0: u32, row_gap: u32, col_gap: u32) {
+    store_block(c_base, row0, col0, array<vec4<f32>, 4>(c0l, c1l, c2l, c3l));
+    store_block(c_base, row0, col0 + col_gap, array<vec4<f32>, 4>(c0h, c1h, c2h, c3h));
+    store_block(c_base, row0 + row_gap, col0, array<vec4<f32>, 4>(c4l, c5l, c6l, c7l));
+    store_block(c_base, row0 + row_gap, col0 + col_gap, array<vec4<f32>, 4>(c4h, c5h, c6h, c7h));
+}
+
+// The 4 columns of a 4x4 block given as its 4 rows.
+fn transpose4(r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>) -> array<vec4<f32>, 4> {
+    return array<vec4<f32>, 4>(vec4<f32>(r0.x, r1.x, r2.x, r3.x), vec4<f32>(r0.y, r1.y, r2.y, r3.y),
+                               vec4<f32>(r0.z, r1.z, r2.z, r3.z), vec4<f32>(r0.w, r1.w, r2.w, r3.w));
+}
+
+// ---- matmul_vec4x8: an 8x8 block of C per invocation from 16-byte loads, no workgroup memory: 256 FMAs per
+// 16 loads (the 4x4 kernel does 64 per 8). Contiguous axes and k multiples of 4. ---------------------------
+@compute @workgroup_size(WG_X, WG_Y, 1)
+fn matmul_vec4x8(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let row0 = gid.y * 8u;
+    let col0 = gid.x * 8u;
+    if (row0 >= p.m || col0 >= p.n) { return; }
+    let ab = gid.z * p.a_batch_stride;
+    let bb = gid.z * p.b_batch_stride;
+    // Rows and columns past the edge read the last valid ones (vec4 groups stay aligned: m, n multiples of 4
+    // along the contiguous axes); the stores are masked.
+    let rh = min(row0 + 4u, p.m - select(1u, 4u, TRANS_A));
+    let ch = min(col0 + 4u, p.n - select(4u, 1u, TRANS_B));
+    for (var kk = p.k_begin; kk < p.k_end; kk = kk + 4u) {
+        var a_lo: array<vec4<f32>, 4>; // a_lo[q]: rows 0-3 at k = kk + q
+        var a_hi: array<vec4<f32>, 4>; // rows 4-7
+        if (TRANS_A) {
+            a_lo = array<vec4<f32>, 4>(a4[(ab + kk * p.m + row0) / 4u], a4[(ab + (kk + 1u) * p.m + row0) / 4u],
+                                       a4[(ab + (kk + 2u) * p.m + row0) / 4u], a4[(ab + (kk + 3u) * p.m + row0) / 4u]);
+            a_hi = array<vec4<f32>, 4>(a4[(ab + kk * p.m + rh) / 4u], a4[(ab + (kk + 1u) * p.m + rh) / 4u],
+                                       a4[(ab + (kk + 2u) * p.m + rh) / 4u], a4[(ab + (kk + 3u) * p.m + rh) / 4u]);
+        } else {
+            let last = p.m - 1u;
+            a_lo = transpose4(a4[(ab + row0 * p.k + kk) / 4u], a4[(ab + min(row0 + 1u, last) * p.k + kk) / 4u],
+                              a4[(ab + min(row0 + 2u, last) * p.k + kk) / 4u], a4[(ab + min(row0 + 3u, last) * p.k + kk) / 4u]);
+            a_hi = transpose4(a4[(ab + rh * p.k + kk) / 4u], a4[(ab + min(rh + 1u, last) * p.k + kk) / 4u],
+                              a4[(ab + min(rh + 2u, last) * p.k + kk) / 4u], a4[(ab + min(rh + 3u, last) * p.k + kk) / 4u]);
+        }
+        var b_lo: array<vec4<f32>, 4>; // b_lo[q]: cols 0-3 at k = kk + q
+        var b_hi: array<vec4<f32>, 4>; // cols 4-7
+        if (TRANS_B) {
+            let last = p.n - 1u;
+            b_lo = transpose4(b4[(bb + col0 * p.k + kk) / 4u], b4[(bb + min(col0 + 1u, last) * p.k + kk) / 4u],
+                              b4[(bb + min(col0 + 2u, last) * p.k + kk) / 4u], b4[(bb + min(col0 + 3u, last) * p.k + kk) / 4u]);
+            b_hi = transpose4(b4[(bb + ch * p.k + kk) / 4u], b4[(bb + min(ch + 1u, last) * p.k + kk) / 4u],
+                              b4[(bb + min(ch + 2u, last) * p.k + kk) / 4u], b4[(bb + min(ch + 3u, last) * p.k + kk) / 4u]);
+        } else {
+            b_lo = array<vec4<f32>, 4>(b4[(bb + kk * p.n + col0) / 4u], b4[(bb + (kk + 1u) * p.n + col0) / 4u],
+                                       b4[(bb + (kk + 2u) * p.n + col0) / 4u], b4[(bb + (kk + 3u) * p.n + col0) / 4u]);
+            b_hi = array<vec4<f32>, 4>(b4[(bb + kk * p.n + ch) / 4u], b4[(bb + (kk + 1u) * p.n + ch) / 4u],
+                                       b4[(bb + (kk + 2u) * p.n + ch) / 4u], b4[(bb + (kk + 3u) * p.n + ch) / 4u]);
+        }
+        outer8(a_lo[0], a_hi[0], b_lo[0], b_hi[0]);
+        outer8(a_lo[1], a_hi[1], b_lo[1], b_hi[1]);
+        outer8(a_lo[2], a_hi[2], b_lo[2], b_hi[2]);
+        outer8(a_lo[3], a_hi[3], b_lo[3], b_hi[3]);
+    }
+    store_block8(gid.z * p.m * p.n, row0, col0, 4u, 4u);
+}
+
+// ---- matmul_tiled128: a 16x16 workgroup computes a 128x128 tile of C, 8x8 per invocation: two 4x4 blocks 64
+// apart in each direction, so neighbouring lanes read neighbouring vec4s of workgroup memory. Each step stages
+// a 128x8 slice of op(A) and an 8x128 slice of op(B) (zero past the edges), and the next slices are loaded into
+// registers while the current ones are multiplied: 64 FMAs per 4 workgroup-memory loads, the shape real GPUs
+// reward. ---------------------------------------------------------------------------------------------------
+const SLAB_K: u32 = 8u;
+var<workgroup> a_slab: array<vec4<f32>, 256>; // [SLAB_K][128 / 4]: row r of op(A) at a_slab[kk * 32 + r / 4][r % 4]
+var<workgroup> b_slab: array<vec4<f32>, 256>; // [SLAB_K][128 / 4]: col c of op(B) at b_slab[kk * 32 + c / 4][c % 4]
+
+// Invocation t stages 4 consecutive elements of each slice, walked in memory order so a subgroup's loads are
+// contiguous: op(A)'s slice along k (A is [m, k]: row t / 2, k 4 (t % 2)..+3) or along m (A is [k, m]:
+// k t / 32, rows 4 (t % 32)..+3); op(B)'s likewise.
+fn a_slab_elem(a_base: u32, row: u32, k: u32) -> f32 {
+    if (row < p.m && k < p.k_end) { return a_at(a_base, row, k); }
+    return 0.0;
+}
+
+fn b_slab_elem(b_base: u32, k: u32, col: u32) -> f32 {
+    if (col < p.n && k < p.k_end) { return b_at(b_base, k, col); }
+    return 0.0;
+}
+
+fn load_a_slice(a_base: u32, tile_row: u32, k0: u32, t: u32) -> vec4<f32> {
+    if (TRANS_A) {
+        let row = tile_row + (t % 32u) * 4u;
+        let k = k0 + t / 32u;
+        return vec4<f32>(a_slab_elem(a_base, row, k), a_slab_elem(a_base, row + 1u, k), a_slab_elem(a_base, row + 2u, k), a_slab_elem(a_base, row + 3u, k));
+    }
+    let row = tile_row + t / 2u;
+    let k = k0 + (t % 2u) * 4u;
+    return vec4<f32>(a_slab_elem(a_base, row, k), a_slab_elem(a_base, row, k + 1u), a_slab_elem(a_base, row, k + 2u), a_slab_elem(a_base, row, k + 3u));
+}
+
+fn load_b_slice(b_base: u32, tile_col: u32, k0: u32, t: u32) -> vec4<f32> {
+    if (TRANS_B) {
+        let col = tile_col + t / 2u;
+        let k = k0 + (t % 2u) * 4u;
+        return vec4<f32>(b_slab_elem(b_base, k, col), b_slab_elem(b_base, k + 1u, col), b_slab_elem(b_base, k + 2u, col), b_slab_elem(b_base, k + 3u, col));
+    }
+    let col = tile_col + (t % 32u) * 4u;
+    let k = k0 + t / 32u;
+    return vec4<f32>(b_slab_elem(b_base, k, col), b_slab_elem(b_base, k, col + 1u), b_slab_elem(b_base, k, col + 2u), b_slab_elem(b_base, k, col + 3u));
+}
+
+// Puts what load_a_slice / load_b_slice gave invocation t into the slabs: one vec4 store when the 4 elements
+// are 4 rows (columns) at one k, four scalar stores when they are 4 k of one row (column).
+fn stage_slices(t: u32, av: vec4<f32>, bv: vec4<f32>) {
+    if (TRANS_A) {
+        a_slab[(t / 32u) * 32u + t % 32u] = av;
+    } else {
+        let row = t / 2u;
+        let k = (t % 2u) * 4u;
+        a_slab[k * 32u + row / 4u][row % 4u] = av.x;
+        a_slab[(k + 1u) * 32u + row / 4u][row % 4u] = av.y;
+        a_slab[(k + 2u) * 32u + row / 4u][row % 4u] = av.z;
+        a_slab[(k + 3u) * 32u + row / 4u][row % 4u] = av.w;
+    }
+    if (TRANS_B) {
+        let col = t / 2u;
+        let k = (t % 2u) * 4u;
+        b_slab[k * 32u + col / 4u][col % 4u] = bv.x;
+        b_slab[(k + 1u) * 32u + col / 4u][col % 4u] = bv.y;
+        b_slab[(k + 2u) * 32u + col / 4u][col % 4u] = bv.z;
+        b_slab[(k + 3u) * 32u + col / 4u][col % 4u] = bv.w;
+    } else {
+        b_slab[(t / 32u) * 32u + t % 32u] = bv;
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tile_row = wid.y * 128u;
+    let tile_col = wid.x * 128u;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let t = lid.y * 16u + lid.x;
+    var next_a = load_a_slice(a_base, tile_row, p.k_begin, t);
+    var next_b = load_b_slice(b_base, tile_col, p.k_begin, t);
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
+        stage_slices(t, next_a, next_b);
+        workgroupBarrier();
+        if (k0 + SLAB_K < p.k_end) {
+            next_a = load_a_slice(a_base, tile_row, k0 + SLAB_K, t);
+            next_b = load_b_slice(b_base, tile_col, k0 + SLAB_K, t);
+        }
+        for (var kk = 0u; kk < SLAB_K; kk = kk + 1u) {
+            outer8(a_slab[kk * 32u + lid.y], a_slab[kk * 32u + 16u + lid.y], b_slab[kk * 32u + lid.x], b_slab[kk * 32u + 16u + lid.x]);
+        }
+        workgroupBarrier();
+    }
+    // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
+    store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
 }

@@ -31,6 +31,87 @@ fn batch_norm_training_forward_and_backward() {
     }, |t| bn_reference(&t[0].reshape(&[9, 4, 1, 1]), 1e-5).reshape(&[9, 4]));
 }
 
+/// Batch norm's fused op (Tensor::batch_norm): the forward pass against the CPU formula with random gamma and
+/// beta and each fused activation, every input's gradient (x, gamma, beta) against finite differences, on
+/// conv-shaped inputs with planes under, over and at a lane count, and dense ones with more samples than lanes.
+#[test]
+fn fused_batch_norm_forward_and_backward() {
+    use kiln_graph::kernels::BiasAct;
+    for (act, kind) in [(BiasAct::Identity, None), (BiasAct::Relu, Some(UnaryKind::Relu)), (BiasAct::Sigmoid, Some(UnaryKind::Sigmoid)), (BiasAct::Tanh, Some(UnaryKind::Tanh))] {
+        for shape in [&[4usize, 3, 5, 7][..], &[2, 5, 17, 19], &[9, 4], &[300, 3], &[3, 2, 16, 16]] {
+            let c = shape[1];
+            let mut plane = shape.to_vec();
+            plane.resize(4, 1);
+            let cpu = move |t: &[CpuTensor]| {
+                let x = t[0].unary(UnaryKind::Affine, 1.0, 5.0).reshape(&plane);
+                let y = bn_reference(&x, 1e-5).binary(BinaryKind::Mul, &t[1].reshape(&[1, c, 1, 1])).binary(BinaryKind::Add, &t[2].reshape(&[1, c, 1, 1]));
+                let y = match kind {
+                    Some(k) => y.unary(k, 0.0, 0.0),
+                    None => y,
+                };
+                y.reshape(&t[0].shape)
+            };
+            // Values around 5 with spread 1: the normalisation has real work to do.
+            let gpu = |t: &[Tensor]| t[0].affine(1.0, 5.0)?.batch_norm(&t[1], &t[2], 1e-5, act, None);
+            check_op(&format!("fused batch norm {act:?} {shape:?}"), &[(shape, Domain::Any), (&[c], Domain::Any), (&[c], Domain::Any)], gpu, cpu);
+        }
+    }
+    require_gpu();
+    let x = Tensor::zeros(&[2, 3, 4]).unwrap();
+    let e = x.batch_norm(&Tensor::ones(&[4]).unwrap(), &Tensor::zeros(&[3]).unwrap(), 1e-5, BiasAct::Identity, None).unwrap_err().to_string();
+    assert!(e.contains("[2, 3, 4]") && e.contains("[4]"), "{e}");
+    let big = Tensor::zeros(&[kiln_graph::kernels::BN_FUSED_MAX_COUNT + 1, 1]).unwrap();
+    assert!(big.batch_norm(&Tensor::ones(&[1]).unwrap(), &Tensor::zeros(&[1]).unwrap(), 1e-5, BiasAct::Identity, None).is_err());
+}
+
+/// The BatchNorm layer with fusion on (the fused kernels, with the following ReLU folded in by Sequential)
+/// and off (the composite formula): same outputs, gradients and running statistics, and fewer dispatches.
+#[test]
+fn fused_batch_norm_layer_matches_the_composite_formula() {
+    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
+    require_gpu();
+    let mut rng = test_rng("bn fusion");
+    let x = Tensor::randn(&[6, 4, 9, 11], 2.0, &mut rng).unwrap().affine(1.0, 3.0).unwrap();
+    let w = Tensor::randn(x.shape(), 1.0, &mut rng).unwrap();
+    let run = |fused: bool| {
+        kiln_nn::set_fusion(fused);
+        let mut vs = VarStore::new(5);
+        let net = kiln_nn::Sequential::new().push(BatchNorm::new(&mut vs, "bn", 4).unwrap()).push(kiln_nn::Activation::Relu).push(BatchNorm::new(&mut vs, "bn2", 4).unwrap());
+        vs.finish().unwrap();
+        // Non-trivial scale and shift, the same in both runs.
+        for (i, p) in vs.params().filter(|p| !vs.is_buffer(p.name())).enumerate() {
+            let v: Vec<f32> = (0..4).map(|j| 0.5 + 0.3 * (i * 4 + j) as f32 / 7.0 - if i % 2 == 1 { 1.0 } else { 0.0 }).collect();
+            kiln_graph::backend::gpu().unwrap().write(p.tensor().unwrap().storage(), bytemuck::cast_slice(&v)).unwrap();
+        }
+        let x = x.detach().var();
+        let before = kiln_graph::backend::thread_stats().dispatches;
+        let y = net.forward(&x).unwrap();
+        let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
+        let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let trainable = |p: &&kiln_nn::Param| !vs.is_buffer(p.name());
+        let mut grads: Vec<Vec<f32>> = vs.params().filter(trainable).map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
+        grads.push(g.get(&x).unwrap().to_vec().unwrap());
+        let running: Vec<Vec<f32>> = vs.params().filter(|p| vs.is_buffer(p.name())).map(|b| b.tensor().unwrap().to_vec().unwrap()).collect();
+        (y.to_vec().unwrap(), grads, running, dispatches)
+    };
+    let (y_fused, g_fused, r_fused, d_fused) = run(true);
+    let (y_plain, g_plain, r_plain, d_plain) = run(false);
+    kiln_nn::set_fusion(true);
+    assert!(d_fused * 4 <= d_plain, "forward dispatches fused {d_fused}, composite {d_plain}");
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * (1.0 + y.abs()));
+    assert!(close(&y_fused, &y_plain), "outputs differ");
+    for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
+        assert!(close(a, b), "gradient {i} differs: {:?} vs {:?}", &a[..4.min(a.len())], &b[..4.min(b.len())]);
+    }
+    assert_eq!(r_fused.len(), 4);
+    for (i, (a, b)) in r_fused.iter().zip(&r_plain).enumerate() {
+        assert!(close(a, b), "running statistic {i} differs: {a:?} vs {b:?}");
+    }
+}
+
+/// Tests that flip the process-wide fusion switch take turns.
+static FUSION_FLAG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn batch_norm_running_statistics_and_eval() {
     require_gpu();
@@ -119,6 +200,7 @@ fn fused_bias_and_activation_forward_and_backward() {
 fn fusion_in_sequential_matches_the_unfused_layers() {
     // LeNet-5 has four conv/linear + ReLU pairs and a final bias: the fused network must give the same output
     // and the same gradients as the layers run one by one.
+    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
     require_gpu();
     let mut vs = VarStore::new(3);
     let net = kiln_models::cnn::lenet5(&mut vs, [1, 28, 28], 10).unwrap();

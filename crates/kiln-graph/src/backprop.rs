@@ -41,6 +41,8 @@ pub enum Op {
     AvgPool2d(Tensor, Pool2dGeom),
     /// x, bias, channel axis: act(x + bias) fused (kernels::bias_act).
     BiasAct(Tensor, Tensor, usize, kernels::BiasAct),
+    /// x, gamma, beta, the batch statistics [3, c] (Tensor::batch_norm), the fused activation.
+    BatchNorm(Tensor, Tensor, Tensor, Tensor, kernels::BiasAct),
 }
 
 impl Op {
@@ -51,6 +53,7 @@ impl Op {
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
+            Op::BatchNorm(x, gamma, beta, ..) => vec![x, gamma, beta],
         }
     }
 }
@@ -228,6 +231,21 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
             let others: Vec<usize> = (0..x.rank()).filter(|a| a != axis).collect();
             let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
             vec![(x, g_pre), (bias, g_bias)]
+        }
+        Op::BatchNorm(x, gamma, beta, stats, act) => {
+            // One per-channel reduction (sums of g_pre and g_pre * xhat, which are beta's and gamma's
+            // gradients), then dx elementwise; g_pre = g * act'(y) inside both kernels.
+            let s = crate::ops::norm_shape("batch_norm backward", x.shape())?;
+            let (gv, yv, xv, sv) = (g.view(), out.view(), x.view(), stats.view());
+            let (g_beta, g_gamma) = kernels::bn_backward_reduce(&gv, &yv, &xv, &sv, s, *act)?;
+            let mut grads = Vec::with_capacity(3);
+            if x.requires_grad() {
+                let dx = kernels::bn_backward_apply(&gv, &yv, &xv, &sv, &gamma.view(), &g_beta, &g_gamma, s, *act)?;
+                grads.push((x, Tensor::make(dx, x.shape().to_vec(), DType::F32, None)));
+            }
+            grads.push((gamma, Tensor::make(g_gamma, vec![s.c], DType::F32, None)));
+            grads.push((beta, Tensor::make(g_beta, vec![s.c], DType::F32, None)));
+            grads
         }
         Op::Reshape(x) => vec![(x, g.reshape(x.shape())?)],
         Op::Expand(x) => vec![(x, g.sum_to(x.shape())?)],

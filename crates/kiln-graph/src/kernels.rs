@@ -24,9 +24,10 @@ shader!(OPTIM, "optim.wgsl");
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
+shader!(NORM, "norm.wgsl");
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 11] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF];
+pub static ALL_SHADERS: [&Shader; 12] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
@@ -158,6 +159,65 @@ pub fn act_backward(g: &BufView, y: &BufView, n: usize, act: BiasAct) -> Result<
     Ok(gp)
 }
 
+/// Per-channel counts above this run batch norm as the composite formula: the fused kernels' per-channel
+/// loops must stay under lavapipe's 65535-iteration cap (two passes of count / 256 iterations per lane).
+pub const BN_FUSED_MAX_COUNT: usize = 1 << 21;
+
+/// The geometry of a fused batch norm: x viewed as [n, c, inner].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NormShape {
+    pub n: usize,
+    pub c: usize,
+    pub inner: usize,
+}
+
+impl NormShape {
+    fn params(&self, eps: f32, momentum: f32) -> Params {
+        // A power of two lanes along `inner` (at most a workgroup), the rest along n (see norm.wgsl).
+        let lanes_inner = self.inner.next_power_of_two().min(WG as usize);
+        Params::new().u32(self.n).u32(self.c).u32(self.inner).u32(lanes_inner).f32(eps).f32(momentum).u32(self.n * self.c * self.inner).u32(0)
+    }
+    fn total(&self) -> usize {
+        self.n * self.c * self.inner
+    }
+}
+
+/// stats [3, c]: per-channel mean, 1 / sqrt(var + eps) and the biased variance of x.
+pub fn bn_stats(x: &BufView, s: NormShape, eps: f32) -> Result<BufView> {
+    let stats = out(3 * s.c, "batch norm statistics")?;
+    launch(&NORM, "bn_stats", &[], s.params(eps, 0.0), &[x], &[&stats], [s.c as u32, 1, 1])?;
+    Ok(stats)
+}
+
+/// y = act((x - mean) * inv_std * gamma + beta), per channel.
+pub fn bn_apply(x: &BufView, stats: &BufView, gamma: &BufView, beta: &BufView, s: NormShape, act: BiasAct) -> Result<BufView> {
+    let y = out(s.total(), "batch norm output")?;
+    launch(&NORM, "bn_apply", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[x, stats, gamma, beta], &[&y], grid_1d(s.total() as u64, WG))?;
+    Ok(y)
+}
+
+/// (g_beta, g_gamma) [c] each: sums of g_pre and g_pre * xhat per channel, with g_pre = g * act'(y).
+pub fn bn_backward_reduce(g: &BufView, y: &BufView, x: &BufView, stats: &BufView, s: NormShape, act: BiasAct) -> Result<(BufView, BufView)> {
+    let g_beta = out(s.c, "batch norm beta gradient")?;
+    let g_gamma = out(s.c, "batch norm gamma gradient")?;
+    launch(&NORM, "bn_backward_reduce", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[g, y, x, stats], &[&g_beta, &g_gamma], [s.c as u32, 1, 1])?;
+    Ok((g_beta, g_gamma))
+}
+
+/// dx of a training-mode batch norm, from the sums of `bn_backward_reduce`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_apply(g: &BufView, y: &BufView, x: &BufView, stats: &BufView, gamma: &BufView, g_beta: &BufView, g_gamma: &BufView, s: NormShape, act: BiasAct) -> Result<BufView> {
+    let dx = out(s.total(), "batch norm input gradient")?;
+    launch(&NORM, "bn_backward_apply", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[g, y, x, stats, gamma, g_beta, g_gamma], &[&dx], grid_1d(s.total() as u64, WG))?;
+    Ok(dx)
+}
+
+/// running_mean, running_var (in place) = (1 - momentum) * running + momentum * the batch's mean and unbiased
+/// variance.
+pub fn bn_running_update(stats: &BufView, running_mean: &BufView, running_var: &BufView, s: NormShape, momentum: f32) -> Result<()> {
+    launch(&NORM, "bn_running_update", &[], s.params(0.0, momentum), &[stats], &[running_mean, running_var], grid_1d(s.c as u64, WG))
+}
+
 /// y[i] ~ U[0, 1), a hash of (seed, offset + i): reproducible for a seed whatever the dispatch shape.
 pub fn random_uniform(n: usize, seed: u64, offset: u32) -> Result<BufView> {
     let y = out(n, "random numbers")?;
@@ -244,17 +304,21 @@ pub enum MatmulVariant {
     Naive,
     Blocked,
     Vec4,
+    Vec4x8,
     Tiled,
+    Tiled128,
     Subgroup(u32),
 }
 
 impl MatmulVariant {
     /// Every variant, in the order benchmarks list them.
-    pub const ALL: [MatmulVariant; 7] = [
+    pub const ALL: [MatmulVariant; 9] = [
         MatmulVariant::Naive,
         MatmulVariant::Blocked,
         MatmulVariant::Vec4,
+        MatmulVariant::Vec4x8,
         MatmulVariant::Tiled,
+        MatmulVariant::Tiled128,
         MatmulVariant::Subgroup(8),
         MatmulVariant::Subgroup(16),
         MatmulVariant::Subgroup(32),
@@ -265,7 +329,9 @@ impl MatmulVariant {
             MatmulVariant::Naive => "naive".into(),
             MatmulVariant::Blocked => "blocked-4x4".into(),
             MatmulVariant::Vec4 => "vec4-4x4".into(),
+            MatmulVariant::Vec4x8 => "vec4-8x8".into(),
             MatmulVariant::Tiled => "tiled-64x64".into(),
+            MatmulVariant::Tiled128 => "tiled-128x128".into(),
             MatmulVariant::Subgroup(r) => format!("subgroup-{r}x4"),
         }
     }
@@ -283,6 +349,7 @@ impl MatmulVariant {
                 let b_contiguous = if trans_b { k } else { n };
                 a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0)
             }
+            MatmulVariant::Vec4x8 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k % 4 == 0,
             MatmulVariant::Subgroup(_) => {
                 let g = gpu()?;
                 g.features.contains(kiln_wgpu::wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
@@ -364,7 +431,9 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
             let entry = if variant == MatmulVariant::Vec4 { "matmul_vec4" } else { "matmul" };
             (entry, vec![("WG_X", 8.0), ("WG_Y", 8.0)], [n.div_ceil(32) as u32, m.div_ceil(32) as u32, b32])
         }
+        MatmulVariant::Vec4x8 => ("matmul_vec4x8", vec![("WG_X", 8.0), ("WG_Y", 8.0)], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
         MatmulVariant::Tiled => ("matmul_tiled", vec![], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
+        MatmulVariant::Tiled128 => ("matmul_tiled128", vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32]),
         MatmulVariant::Subgroup(rows) => {
             // 16-byte loads where an operand's contiguous axis (and batch stride) is a multiple of 4.
             let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride % 4 == 0;
@@ -401,7 +470,7 @@ fn k_per_dispatch(entry: &str) -> Result<usize> {
     Ok(match entry {
         "matmul_subgroup" => 1024,
         "matmul_subgroup_vec4" => 2048,
-        "matmul_tiled" => 8192,
+        "matmul_tiled" | "matmul_tiled128" => 8192,
         _ => 4 * LOOP_CHUNK,
     })
 }

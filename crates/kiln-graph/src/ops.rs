@@ -50,6 +50,36 @@ impl Tensor {
         Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(Op::BiasAct(self.clone(), bias.clone(), axis, act))))
     }
 
+    /// Training-mode batch normalisation over every axis but axis 1 of x [n, c, ...], fused (norm.wgsl):
+    /// act((x - mean) / sqrt(var + eps) * gamma + beta) with this batch's per-channel statistics, in two
+    /// kernels (its backward rule in two more). With `running` = (mean, var, momentum), those [c] buffers are
+    /// moved towards this batch's mean and unbiased variance in place (one more kernel, outside the graph).
+    /// Channels of more than `kernels::BN_FUSED_MAX_COUNT` values are refused: compose the formula instead.
+    pub fn batch_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32, act: kernels::BiasAct, running: Option<(&Tensor, &Tensor, f32)>) -> Result<Tensor> {
+        for t in [self, gamma, beta] {
+            t.expect_dtype("batch_norm", DType::F32)?;
+        }
+        let s = norm_shape("batch_norm", self.shape())?;
+        for p in [gamma, beta] {
+            if p.shape() != [s.c] {
+                return shape_err("batch_norm", self.shape(), p.shape(), format!("gamma and beta must be [{}], one value per channel (axis 1)", s.c));
+            }
+        }
+        if let Some((mean, var, _)) = running {
+            if mean.shape() != [s.c] || var.shape() != [s.c] {
+                return shape_err("batch_norm", mean.shape(), var.shape(), format!("running mean and variance must be [{}]", s.c));
+            }
+        }
+        let stats = kernels::bn_stats(&self.view(), s, eps)?;
+        let y = kernels::bn_apply(&self.view(), &stats, &gamma.view(), &beta.view(), s, act)?;
+        if let Some((mean, var, momentum)) = running {
+            kernels::bn_running_update(&stats, mean.storage(), var.storage(), s, momentum)?;
+        }
+        let stats = Tensor::make(stats, vec![3, s.c], DType::F32, None);
+        let op = Op::BatchNorm(self.clone(), gamma.clone(), beta.clone(), stats, act);
+        Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(op)))
+    }
+
     pub fn relu(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Relu, 0.0, 0.0)
     }
@@ -391,4 +421,23 @@ impl Tensor {
         let shape = if a.len() == 3 { vec![batch, m, n] } else { vec![m, n] };
         Ok(Tensor::make(y, shape, DType::F32, Some(Op::Matmul(self.clone(), other.clone(), trans_a, trans_b))))
     }
+}
+
+/// x [n, c, ...] as the [n, c, inner] a fused batch norm works on.
+pub(crate) fn norm_shape(op: &'static str, shape: &[usize]) -> Result<kernels::NormShape> {
+    if shape.len() < 2 {
+        return invalid(op, shape, "expects [n, c, ...] with the channels on axis 1");
+    }
+    let s = kernels::NormShape { n: shape[0], c: shape[1], inner: shape[2..].iter().product() };
+    let count = s.n * s.inner;
+    if count == 0 || s.c == 0 {
+        return invalid(op, shape, "needs at least one value per channel");
+    }
+    if count > kernels::BN_FUSED_MAX_COUNT {
+        return invalid(op, shape, format!("{count} values per channel exceed the fused kernels' {} (use the composite formula)", kernels::BN_FUSED_MAX_COUNT));
+    }
+    if s.c > 65535 {
+        return invalid(op, shape, "more than 65535 channels");
+    }
+    Ok(s)
 }

@@ -34,8 +34,8 @@ impl Mode {
     }
 }
 
-/// Shapes whose best kernel is expected to match: the transposes, whether the product is batched, whether
-/// 16-byte loads apply, and each dimension's power-of-two bucket (capped at 4096).
+/// Shapes whose best kernel is expected to match: the transposes, whether 16-byte loads apply, and the
+/// power-of-two bucket of the batch and of each dimension (capped at 4096).
 pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> String {
     let bucket = |x: usize| x.max(1).next_power_of_two().min(4096);
     let vec4 = MatmulVariant::Vec4.supports(m, n, k, trans_a, trans_b).unwrap_or(false);
@@ -43,7 +43,7 @@ pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, tr
         "{}{} b{} m{} n{} k{}{}",
         if trans_a { 't' } else { 'n' },
         if trans_b { 't' } else { 'n' },
-        if batch > 1 { "n" } else { "1" },
+        bucket(batch),
         bucket(m),
         bucket(n),
         bucket(k),
@@ -71,8 +71,9 @@ fn is_cpu_adapter() -> Result<bool> {
 /// The kernels the tuner times on this adapter. Every shape class pays a pipeline build per candidate on first
 /// use (seconds each for the unrolled subgroup kernels on lavapipe), so each adapter type gets the plausible
 /// ones: register-blocked and subgroup kernels on CPU adapters (workgroup memory is slow there; a subgroup
-/// kernel only with at most twice the rows per lane the product has), blocked, vec4, tiled and subgroup kernels
-/// on GPUs. The naive kernel is a benchmark baseline only.
+/// kernel only with at most twice the rows per lane the product has), and on GPUs every kernel but the wider
+/// subgroup ones: the tiled and 8x8 kernels win on large products, while on a training step's small ones
+/// (64x128x784) the naive kernel, with the most invocations in flight, was fastest on an H200.
 pub fn candidates(m: usize) -> Result<Vec<MatmulVariant>> {
     use MatmulVariant::*;
     Ok(if is_cpu_adapter()? {
@@ -80,7 +81,7 @@ pub fn candidates(m: usize) -> Result<Vec<MatmulVariant>> {
         c.extend([8u32, 16, 32].into_iter().filter(|&r| r == 8 || m > r as usize / 2).map(Subgroup));
         c
     } else {
-        vec![Blocked, Vec4, Tiled, Subgroup(16)]
+        vec![Naive, Blocked, Vec4, Vec4x8, Tiled, Tiled128, Subgroup(16)]
     })
 }
 
@@ -213,14 +214,15 @@ impl Tuner {
         }
         let class = shape_class(batch, m, n, k, trans_a, trans_b);
         let stale = self.mode == Mode::Force && !self.forced.contains(&class);
-        if let (Some(v), false) = (self.choices.get(&class), stale) {
-            return Ok(*v);
+        if let (Some(&v), false) = (self.choices.get(&class), stale) {
+            // A class's kernel may need alignment one of its shapes lacks (vec4-8x8 wants k % 4 == 0).
+            return if v.supports(m, n, k, trans_a, trans_b)? { Ok(v) } else { default_variant(m, n, k, trans_a, trans_b) };
         }
         if self.spent_s >= self.budget_s {
             return default_variant(m, n, k, trans_a, trans_b);
         }
         let started = Instant::now();
-        let t = self.tune(m, n, k, trans_a, trans_b)?;
+        let t = self.tune(batch, m, n, k, trans_a, trans_b)?;
         self.spent_s += started.elapsed().as_secs_f64();
         self.forced.insert(class.clone());
         self.choices.insert(class, t.chosen);
@@ -236,29 +238,34 @@ impl Tuner {
             return Ok(*ok);
         }
         // Multiples of 4 where 16-byte loads need them, odd otherwise; a batch of 2 with a broadcast operand.
-        let (m, n, k) = if v == MatmulVariant::Vec4 { (36, 44, 28) } else { (37, 45, 29) };
+        let (m, n, k) = if matches!(v, MatmulVariant::Vec4 | MatmulVariant::Vec4x8) { (36, 44, 28) } else { (37, 45, 29) };
         let ok = check_against_cpu(v, 2, m, n, k, trans_a, trans_b)?;
         self.validated.insert((v, trans_a, trans_b), ok);
         Ok(ok)
     }
 
-    /// Times every valid candidate on this shape (scaled so one run is at most ~2^27 FLOPs) and returns them
-    /// with the fastest. The naive kernel is a benchmark baseline, never a candidate.
-    pub fn tune(&mut self, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<Tuning> {
-        let (mut tm, mut tn) = (m, n);
-        while 2 * tm * tn * k > 1 << 27 && (tm > 64 || tn > 64) {
+    /// Times every valid candidate on this shape, batch included (a GPU's best kernel for one 16x1024x144
+    /// product is not its best for 64 of them), and returns them with the fastest. Scaled down, the batch
+    /// first, so one run is at most 2^27 FLOPs on a CPU adapter and 2^31 on a GPU.
+    pub fn tune(&mut self, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<Tuning> {
+        let cap = if is_cpu_adapter()? { 1usize << 27 } else { 1 << 31 };
+        let (mut tbatch, mut tm, mut tn) = (batch.max(1), m, n);
+        while 2 * tbatch * tm * tn * k > cap && tbatch > 1 {
+            tbatch = tbatch.div_ceil(2);
+        }
+        while 2 * tbatch * tm * tn * k > cap && (tm > 64 || tn > 64) {
             if tm >= tn { tm = (tm / 2).next_multiple_of(4) } else { tn = (tn / 2).next_multiple_of(4) }
         }
         let tk = k;
-        let a = kernels::random_uniform(tm * tk, 11, 0)?;
-        let b = kernels::random_uniform(tk * tn, 12, 0)?;
+        let a = kernels::random_uniform(tbatch * tm * tk, 11, 0)?;
+        let b = kernels::random_uniform(tbatch * tk * tn, 12, 0)?;
         let mut timings = Vec::new();
         for v in candidates(m)? {
             if !v.supports(m, n, k, trans_a, trans_b)? || !v.supports(tm, tn, tk, trans_a, trans_b)? || !self.validate(v, trans_a, trans_b)? {
                 timings.push((v, None));
                 continue;
             }
-            let ms = time_ms(1, 3, || kernels::matmul_with(v, &a, &b, 1, tm, tn, tk, 0, 0, trans_a, trans_b).map(drop))?;
+            let ms = time_ms(1, 3, || kernels::matmul_with(v, &a, &b, tbatch, tm, tn, tk, tm * tk, tk * tn, trans_a, trans_b).map(drop))?;
             timings.push((v, Some(ms)));
         }
         let chosen = timings
@@ -267,7 +274,7 @@ impl Tuner {
             .min_by(|x, y| x.1.total_cmp(&y.1))
             .map(|(v, _)| v)
             .unwrap_or(MatmulVariant::Blocked);
-        Ok(Tuning { class: shape_class(1, m, n, k, trans_a, trans_b), timings, chosen })
+        Ok(Tuning { class: shape_class(batch, m, n, k, trans_a, trans_b), timings, chosen })
     }
 
     pub fn mode(&self) -> Mode {

@@ -8,6 +8,7 @@
 //! | ResNet-18 / 34 / 50 | 11,689,512 / 21,797,672 / 25,557,032 |
 //! | GoogLeNet (Inception v1, no auxiliary heads) | 6,624,904 |
 
+use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Pool2dGeom, Result, Tensor};
 use kiln_nn::{
     shape_error, Activation, AdaptiveAvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, Linear, MaxPool2d, Module, Padding, Sequential,
@@ -127,10 +128,16 @@ impl Bottleneck {
 fn residual_forward(convs: &[(Conv2d, BatchNorm)], shortcut: &Option<Sequential>, x: &Tensor) -> Result<Tensor> {
     let mut h = x.clone();
     for (i, (c, bn)) in convs.iter().enumerate() {
-        h = bn.forward(&c.forward(&h)?)?;
-        if i + 1 < convs.len() {
-            h = h.relu()?;
-        }
+        let pre = c.forward(&h)?;
+        h = if i + 1 < convs.len() {
+            // Batch norm and ReLU in one kernel where the fused kernels apply.
+            match bn.forward_fused(&pre, BiasAct::Relu)? {
+                Some(y) => y,
+                None => bn.forward(&pre)?.relu()?,
+            }
+        } else {
+            bn.forward(&pre)?
+        };
     }
     let skip = match shortcut {
         Some(s) => s.forward(x)?,

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use kiln_graph::backend::gpu;
+use kiln_graph::kernels::BiasAct;
 use kiln_graph::{no_grad, Conv2dGeom, KilnError, Pool2dGeom, Result, Tensor};
 
 use crate::init::Init;
@@ -273,8 +274,21 @@ impl BatchNorm {
     }
 }
 
-impl Module for BatchNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl BatchNorm {
+    /// The fused kernels (Tensor::batch_norm) with `act` applied in the same kernel: in training, with fusion
+    /// on, for channels the kernels take; None otherwise.
+    pub fn forward_fused(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
+        Self::channel_shape(x)?;
+        let per_channel = x.numel() / x.shape()[1].max(1);
+        if !self.training || !crate::module::fusion_enabled() || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
+            return Ok(None);
+        }
+        let running = Some((self.running_mean.tensor()?, self.running_var.tensor()?, self.momentum));
+        x.batch_norm(self.weight.tensor()?, self.bias.tensor()?, self.eps, act, running).map(Some)
+    }
+
+    /// The formula as composite ops: evaluation mode, fusion off, or channels too large for the fused kernels.
+    fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let cs = Self::channel_shape(x)?;
         let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
         let gamma = self.weight.tensor()?.reshape(&cs)?;
@@ -301,6 +315,18 @@ impl Module for BatchNorm {
         };
         let inv_std = var.add_scalar(self.eps)?.sqrt()?;
         x.broadcast_sub(&mean)?.broadcast_div(&inv_std)?.broadcast_mul(&gamma)?.broadcast_add(&beta)
+    }
+}
+
+impl Module for BatchNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_fused(x, BiasAct::Identity)? {
+            Some(y) => Ok(y),
+            None => self.forward_composite(x),
+        }
+    }
+    fn forward_with_activation(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
+        self.forward_fused(x, act)
     }
     fn set_training(&mut self, training: bool) {
         self.training = training;

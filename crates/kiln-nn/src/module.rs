@@ -33,6 +33,11 @@ pub trait Module {
     fn forward_before_bias(&self, _x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
         Ok(None)
     }
+    /// For a layer whose last kernel can apply a following activation itself (BatchNorm in training): that
+    /// fused output, or None where it cannot (Sequential then runs the two layers apart).
+    fn forward_with_activation(&self, _x: &Tensor, _act: BiasAct) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// The activation this layer is, if it is one (for that fusion).
     fn as_activation(&self) -> Option<Activation> {
         None
@@ -216,6 +221,11 @@ impl Module for Sequential {
             if let (Some(act), true) = (next_act, fusion_enabled()) {
                 if let Some((pre, bias, axis)) = self.layers[i].forward_before_bias(&h)? {
                     h = pre.bias_act(&bias, axis, act)?;
+                    i += 2;
+                    continue;
+                }
+                if let Some(y) = self.layers[i].forward_with_activation(&h, act)? {
+                    h = y;
                     i += 2;
                     continue;
                 }
