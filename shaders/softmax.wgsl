@@ -28,3 +28,51 @@ fn softmax_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
         for (var a = 0u; a < sp.axis; a = a + 1u) { y[base + a * sp.inner] = exp(x[base + a * sp.inner] - m) * inv; }
     }
 }
+
+// ---- Softmax cross-entropy from logits and class labels, fused: the loss's forward is one kernel plus the
+// mean, its backward one kernel, instead of one-hot, log-softmax, multiply, sum and scale each way.
+//   cross_entropy_forward   loss_rows[r] = lse[r] - x[r, label[r]],  lse[r] = log sum_j exp(x[r, j])     x: [rows, classes]
+//   cross_entropy_backward  dx[r, j] = g * (exp(x[r, j] - lse[r]) - (j == label[r])) / rows
+// A label outside [0, classes) has no target: its row's loss and gradient are 0 (as with one_hot).
+struct CrossEntropyParams { rows: u32, classes: u32, _pad0: u32, _pad1: u32 }
+
+@group(0) @binding(0) var<uniform> cp: CrossEntropyParams;
+@group(0) @binding(1) var<storage, read> ce_x: array<f32>;
+@group(0) @binding(2) var<storage, read> ce_labels: array<u32>;
+@group(0) @binding(3) var<storage, read_write> ce_loss_rows: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ce_lse: array<f32>;
+
+@compute @workgroup_size(WG)
+fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * WG;
+    if (r >= cp.rows) { return; }
+    let base = r * cp.classes;
+    var m = ce_x[base];
+    for (var j = 1u; j < cp.classes; j = j + 1u) { m = max(m, ce_x[base + j]); }
+    var s = 0.0;
+    for (var j = 0u; j < cp.classes; j = j + 1u) { s = s + exp(ce_x[base + j] - m); }
+    let lse = m + log(s);
+    ce_lse[r] = lse;
+    let label = ce_labels[r];
+    ce_loss_rows[r] = select(0.0, lse - ce_x[base + min(label, cp.classes - 1u)], label < cp.classes);
+}
+
+@group(0) @binding(1) var<storage, read> cb_g: array<f32>;
+@group(0) @binding(2) var<storage, read> cb_x: array<f32>;
+@group(0) @binding(3) var<storage, read> cb_labels: array<u32>;
+@group(0) @binding(4) var<storage, read> cb_lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> cb_dx: array<f32>;
+
+@compute @workgroup_size(WG)
+fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= cp.rows * cp.classes) { return; }
+    let r = i / cp.classes;
+    let label = cb_labels[r];
+    if (label >= cp.classes) {
+        cb_dx[i] = 0.0;
+        return;
+    }
+    let is_label = select(0.0, 1.0, i - r * cp.classes == label);
+    cb_dx[i] = cb_g[0] * (exp(cb_x[i] - cb_lse[r]) - is_label) / f32(cp.rows);
+}

@@ -182,6 +182,37 @@ fn losses_against_reference() {
     }
 }
 
+/// loss::cross_entropy runs fused (one kernel each way, Op::CrossEntropy): against the CPU reference on long
+/// rows, and against the one-hot formula it replaces, gradients included, with a label out of range (that row
+/// has no target: no loss, no gradient, as with one_hot).
+#[test]
+fn fused_cross_entropy_matches_the_reference_and_the_one_hot_formula() {
+    let mut rng = kiln_tests::test_rng("fused cross entropy");
+    for classes in [1usize, 7, 130] {
+        let n = 1 + rng.below(40);
+        let labels: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
+        let gl = Tensor::from_u32(&labels, &[n]).unwrap();
+        check_op(&format!("cross_entropy [{n},{classes}]"), &[(&[n, classes], Domain::Any)], |x| loss::cross_entropy(&x[0].scale(3.0)?, &gl), |x| CpuTensor::new(vec![x[0].unary(UnaryKind::Affine, 3.0, 0.0).cross_entropy(&labels)], &[]));
+
+        let mut labels = labels.clone();
+        labels[rng.below(n)] = classes as u32 + 3;
+        let gl = Tensor::from_u32(&labels, &[n]).unwrap();
+        let x = Tensor::randn(&[n, classes], 2.0, &mut rng).unwrap().var();
+        let before = kiln_graph::backend::thread_stats().dispatches;
+        let fused = loss::cross_entropy(&x, &gl).unwrap();
+        let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
+        assert_eq!(dispatches, 2, "the fused loss is one kernel and a mean");
+        let formula = loss::cross_entropy_one_hot(&x, &Tensor::one_hot(&gl, classes).unwrap()).unwrap();
+        let (a, b) = (fused.to_scalar().unwrap(), formula.to_scalar().unwrap());
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "[{n},{classes}] loss {a} vs {b}");
+        let ga = fused.backward().unwrap().get(&x).unwrap().to_vec().unwrap();
+        let gb = formula.backward().unwrap().get(&x).unwrap().to_vec().unwrap();
+        for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "[{n},{classes}] gradient {i}: {p} vs {q}");
+        }
+    }
+}
+
 #[test]
 fn bce_is_stable_for_huge_logits() {
     kiln_tests::require_gpu();

@@ -43,6 +43,8 @@ pub enum Op {
     BiasAct(Tensor, Tensor, usize, kernels::BiasAct),
     /// x, gamma, beta, the batch statistics [3, c] (Tensor::batch_norm), the fused activation.
     BatchNorm(Tensor, Tensor, Tensor, Tensor, kernels::BiasAct),
+    /// logits [rows, classes], labels [rows] (u32), log-sum-exp per row: loss::cross_entropy fused.
+    CrossEntropy(Tensor, Tensor, Tensor),
 }
 
 impl Op {
@@ -54,6 +56,7 @@ impl Op {
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
             Op::BatchNorm(x, gamma, beta, ..) => vec![x, gamma, beta],
+            Op::CrossEntropy(logits, ..) => vec![logits],
         }
     }
 }
@@ -246,6 +249,12 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
             grads.push((gamma, Tensor::make(g_gamma, vec![s.c], DType::F32, None)));
             grads.push((beta, Tensor::make(g_beta, vec![s.c], DType::F32, None)));
             grads
+        }
+        Op::CrossEntropy(logits, labels, lse) => {
+            // dx = g * (softmax(x) - one_hot(label)) / rows, in one kernel.
+            let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+            let dx = kernels::cross_entropy_backward(&g.view(), &logits.view(), &labels.view(), &lse.view(), rows, classes)?;
+            vec![(logits, Tensor::make(dx, logits.shape().to_vec(), DType::F32, None))]
         }
         Op::Reshape(x) => vec![(x, g.reshape(x.shape())?)],
         Op::Expand(x) => vec![(x, g.sum_to(x.shape())?)],

@@ -298,6 +298,26 @@ pub fn softmax(x: &BufView, outer: usize, axis: usize, inner: usize, log: bool) 
     Ok(y)
 }
 
+/// Rows longer than this take the composite cross-entropy (the fused forward loops over a row twice).
+pub const CROSS_ENTROPY_MAX_CLASSES: usize = LOOP_CHUNK;
+
+/// (loss per row [rows], log-sum-exp per row [rows]) of softmax cross-entropy with class labels.
+pub fn cross_entropy_forward(x: &BufView, labels: &BufView, rows: usize, classes: usize) -> Result<(BufView, BufView)> {
+    let loss_rows = out(rows, "cross-entropy per row")?;
+    let lse = out(rows, "cross-entropy log-sum-exp")?;
+    let p = Params::new().u32(rows).u32(classes).u32(0).u32(0);
+    launch(&SOFTMAX, "cross_entropy_forward", &[], p, &[x, labels], &[&loss_rows, &lse], grid_1d(rows as u64, 64))?;
+    Ok((loss_rows, lse))
+}
+
+/// dx [rows, classes] of the mean cross-entropy, given its upstream gradient g [1].
+pub fn cross_entropy_backward(g: &BufView, x: &BufView, labels: &BufView, lse: &BufView, rows: usize, classes: usize) -> Result<BufView> {
+    let dx = out(rows * classes, "cross-entropy gradient")?;
+    let p = Params::new().u32(rows).u32(classes).u32(0).u32(0);
+    launch(&SOFTMAX, "cross_entropy_backward", &[], p, &[g, x, labels, lse], &[&dx], grid_1d((rows * classes) as u64, 64))?;
+    Ok(dx)
+}
+
 /// The matmul kernels of matmul.wgsl. `Subgroup(rows)` gives each lane `rows` rows (8, 16 or 32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MatmulVariant {

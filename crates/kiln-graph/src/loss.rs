@@ -1,6 +1,8 @@
 //! Losses, composed from primitive ops (so their gradients come from the rules in backprop.rs).
 
+use crate::backprop::Op;
 use crate::error::{shape_err, Result};
+use crate::kernels;
 use crate::tensor::{DType, Tensor};
 
 /// Mean squared error: mean((pred - target)^2).
@@ -28,8 +30,18 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if logits.rank() != 2 || labels.rank() != 1 || labels.shape()[0] != logits.shape()[0] {
         return shape_err("cross_entropy", logits.shape(), labels.shape(), "expects logits [n, classes] and labels [n]");
     }
-    let one_hot = Tensor::one_hot(labels, logits.shape()[1])?;
-    cross_entropy_one_hot(logits, &one_hot)
+    let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+    if rows == 0 || classes == 0 || classes > kernels::CROSS_ENTROPY_MAX_CLASSES || !crate::fusion_enabled() {
+        let one_hot = Tensor::one_hot(labels, classes)?;
+        return cross_entropy_one_hot(logits, &one_hot);
+    }
+    logits.expect_dtype("cross_entropy", DType::F32)?;
+    // Fused: per-row losses and log-sum-exps in one kernel, their mean in a reduction; the backward rule
+    // (Op::CrossEntropy) is one kernel.
+    let (loss_rows, lse) = kernels::cross_entropy_forward(&logits.view(), &labels.view(), rows, classes)?;
+    let lse = Tensor::make(lse, vec![rows], DType::F32, None);
+    let mean = kernels::reduce(&loss_rows, 1, rows, 1, false, 1.0 / rows as f32)?;
+    Ok(Tensor::make(mean, vec![], DType::F32, Some(Op::CrossEntropy(logits.clone(), labels.clone(), lse))))
 }
 
 /// Softmax cross-entropy from logits [n, classes] and target distributions of the same shape (one-hot or soft).

@@ -21,6 +21,8 @@ pub struct StepBench {
     pub bytes_created_after_first_step: u64,
     /// Host time to record a step (forward, backward, optimizer) before waiting on the GPU.
     pub host_ms_per_step: f64,
+    /// Bind groups made per timed step (0 once a step's buffers repeat: every dispatch reuses a cached one).
+    pub bind_groups_per_step: f64,
     pub peak_gpu_bytes: u64,
     pub parameters: usize,
 }
@@ -54,6 +56,7 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
     let after_first = thread_stats();
     step(&mut host)?;
     host.clear();
+    let warm = thread_stats();
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps.max(1) {
         times.push(step(&mut host)?);
@@ -72,6 +75,7 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
         buffers_created_after_first_step: end.buffers_created - after_first.buffers_created,
         bytes_created_after_first_step: end.bytes_created - after_first.bytes_created,
         host_ms_per_step: host[host.len() / 2],
+        bind_groups_per_step: (end.bind_groups_created - warm.bind_groups_created) as f64 / steps.max(1) as f64,
         peak_gpu_bytes: g.stats().peak_live_bytes,
         parameters: vs.num_values(),
     })

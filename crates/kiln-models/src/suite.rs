@@ -49,6 +49,9 @@ pub struct Record {
     pub ms_per_step: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_ms_per_step: Option<f64>,
+    /// Bind groups made per step after warm-up (0: the step's recording reuses cached ones throughout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind_groups_per_step: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -71,7 +74,7 @@ impl Table {
             self.family = r.family.clone();
             println!("\n== {}", self.family);
             if self.family == "step" {
-                println!("{:<30} {:<22} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>12} {:>7}", "kernel", "variant", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof");
+                println!("{:<30} {:<22} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>12} {:>7} {:>8}", "kernel", "variant", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof", "new bgs");
             } else {
                 println!("{:<44} {:<22} {:<16} {:>10} {:>10} {:>7} {:>10}", "kernel", "shape", "variant", "ms", "rate", "roof", "cpu rate");
             }
@@ -79,7 +82,7 @@ impl Table {
         let fmt = |v: Option<f64>, unit: &str| v.map(|x| format!("{x:.2} {unit}")).unwrap_or_else(|| "-".into());
         if r.family == "step" {
             println!(
-                "{:<30} {:<22} {:>10.3} {:>9.3} {:>10.0} {:>8.2} {:>8.2} {:>12} {:>12} {:>6.1}%",
+                "{:<30} {:<22} {:>10.3} {:>9.3} {:>10.0} {:>8.2} {:>8.2} {:>12} {:>12} {:>6.1}% {:>8.1}",
                 r.kernel,
                 r.variant,
                 r.ms_per_step.unwrap_or(0.0),
@@ -89,7 +92,8 @@ impl Table {
                 r.gflops.unwrap_or(0.0),
                 r.bytes_allocated_after_first_step.unwrap_or(0),
                 r.peak_gpu_bytes.unwrap_or(0),
-                100.0 * r.roof_fraction.unwrap_or(0.0)
+                100.0 * r.roof_fraction.unwrap_or(0.0),
+                r.bind_groups_per_step.unwrap_or(0.0)
             );
             return;
         }
@@ -719,6 +723,7 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
             rec.batch = Some(b.batch);
             rec.ms_per_step = Some(b.ms_per_step);
             rec.host_ms_per_step = Some(b.host_ms_per_step);
+            rec.bind_groups_per_step = Some(b.bind_groups_per_step);
             rec.samples_per_s = Some(b.samples_per_s);
             rec.submits_per_step = Some(b.submits_per_step);
             rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);

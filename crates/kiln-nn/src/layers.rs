@@ -280,7 +280,7 @@ impl BatchNorm {
     pub fn forward_fused(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
         Self::channel_shape(x)?;
         let per_channel = x.numel() / x.shape()[1].max(1);
-        if !self.training || !crate::module::fusion_enabled() || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
+        if !self.training || !kiln_graph::fusion_enabled() || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
             return Ok(None);
         }
         let running = Some((self.running_mean.tensor()?, self.running_var.tensor()?, self.momentum));

@@ -141,27 +141,6 @@ impl Activation {
     }
 }
 
-static FUSION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
-
-/// Whether Sequential fuses a layer's bias with the activation after it (default on; `KILN_FUSE=off` or
-/// `set_fusion(false)` turns it off, for measuring what it pays).
-pub fn fusion_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match FUSION.load(Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => {
-            let on = std::env::var("KILN_FUSE").map(|v| v != "off" && v != "0").unwrap_or(true);
-            FUSION.store(on as u8, Ordering::Relaxed);
-            on
-        }
-    }
-}
-
-pub fn set_fusion(on: bool) {
-    FUSION.store(on as u8, std::sync::atomic::Ordering::Relaxed);
-}
-
 impl std::str::FromStr for Activation {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Activation, String> {
@@ -218,7 +197,7 @@ impl Module for Sequential {
         while i < self.layers.len() {
             // A layer ending in a bias followed by an activation: one fused kernel instead of two.
             let next_act = self.layers.get(i + 1).and_then(|l| l.as_activation()).and_then(Activation::fused);
-            if let (Some(act), true) = (next_act, fusion_enabled()) {
+            if let (Some(act), true) = (next_act, kiln_graph::fusion_enabled()) {
                 if let Some((pre, bias, axis)) = self.layers[i].forward_before_bias(&h)? {
                     h = pre.bias_act(&bias, axis, act)?;
                     i += 2;

@@ -37,6 +37,7 @@ pub struct GpuStats {
     pub buffers_created: u64,
     pub bytes_created: u64,
     pub pipelines_created: u64,
+    pub bind_groups_created: u64,
     /// Bytes in buffers handed out right now (pooled buffers not counted).
     pub live_bytes: u64,
     pub peak_live_bytes: u64,
@@ -46,6 +47,8 @@ pub struct GpuStats {
 pub struct PooledBuffer {
     raw: Option<wgpu::Buffer>,
     class: u64,
+    /// Creation order: the pool hands out the oldest free buffer of a class first.
+    serial: u64,
 }
 
 impl PooledBuffer {
@@ -60,7 +63,7 @@ impl PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let (Some(raw), Some(gpu)) = (self.raw.take(), GPU.get()) {
-            gpu.release(raw, self.class);
+            gpu.release(raw, self.class, self.serial);
         }
     }
 }
@@ -86,6 +89,12 @@ impl BufView {
 }
 
 const RING_BYTES: u64 = 4 << 20;
+/// The uniform window each dispatch's bind group sees of the params ring, at a dynamic offset: every params
+/// struct fits in it, and it lets one bind group serve every dispatch on the same buffers.
+const PARAMS_WINDOW: u64 = 256;
+/// Bind groups kept for reuse; past this many the cache starts over (they hold pooled buffers, never freed
+/// ones, so the bound only limits host memory).
+const BIND_GROUP_CACHE: usize = 16384;
 const MIN_CLASS: u64 = 256;
 
 #[derive(Hash, PartialEq, Eq, Clone)]
@@ -97,20 +106,35 @@ struct PipelineKey {
     outputs: usize,
 }
 
+#[derive(Hash, PartialEq, Eq)]
+struct BindKey {
+    inputs: usize,
+    outputs: usize,
+    /// (buffer, offset, size) per storage binding, in binding order.
+    ranges: Vec<(wgpu::Buffer, u64, u64)>,
+}
+
 struct State {
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
-    /// Free buffers by size class.
-    pool: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Free buffers by size class, by serial. Handing out the lowest serial makes which buffer an allocation gets
+    /// depend only on which are free, not on the order they were freed in (a HashMap of gradients drops in a
+    /// different order each step): a step that repeats gets the same buffers, so its bind groups repeat too.
+    pool: HashMap<u64, std::collections::BTreeMap<u64, wgpu::Buffer>>,
+    next_serial: u64,
     /// Buffers freed while the open recording may still read them: they rejoin the pool after the next submit, so
     /// a `queue.write_buffer` into a reused buffer can never land before the dispatches recorded earlier.
-    quarantine: Vec<(wgpu::Buffer, u64)>,
+    quarantine: Vec<(wgpu::Buffer, u64, u64)>,
     readback_pool: HashMap<u64, Vec<wgpu::Buffer>>,
     ring: wgpu::Buffer,
     ring_host: Vec<u8>,
     modules: HashMap<&'static str, wgpu::ShaderModule>,
     layouts: HashMap<(usize, usize), (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+    /// Bind groups by layout and bound buffer ranges. A training step whose shapes repeat draws the same
+    /// pooled buffers in the same order each time, so from its second step on every dispatch finds its bind
+    /// group here: the step is recorded with reused pipelines, bind groups and buffers.
+    bind_groups: HashMap<BindKey, wgpu::BindGroup>,
     stats: GpuStats,
     recorded_ops: u64,
     /// Timestamp queries for `gpu_time_ms`: the query set, and whether the next pass should write them.
@@ -141,10 +165,12 @@ pub struct ThreadStats {
     pub dispatches: u64,
     pub buffers_created: u64,
     pub bytes_created: u64,
+    /// Bind groups made (not found in the cache) by this thread's dispatches.
+    pub bind_groups_created: u64,
 }
 
 thread_local! {
-    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0 }) };
+    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0, bind_groups_created: 0 }) };
 }
 
 fn count_thread(submits: u64, buffers: u64, bytes: u64) {
@@ -244,12 +270,14 @@ impl Gpu {
             pass: None,
             pool: HashMap::new(),
             quarantine: Vec::new(),
+            next_serial: 0,
             readback_pool: HashMap::new(),
             ring,
             ring_host: Vec::with_capacity(RING_BYTES as usize),
             modules: HashMap::new(),
             layouts: HashMap::new(),
             pipelines: HashMap::new(),
+            bind_groups: HashMap::new(),
             stats: GpuStats::default(),
             recorded_ops: 0,
             query_set: None,
@@ -316,7 +344,7 @@ impl Gpu {
         }
         let class = size_class(bytes).min(self.limits.max_buffer_size.max(bytes));
         let mut st = self.lock();
-        let raw = match st.pool.get_mut(&class).and_then(Vec::pop) {
+        let (serial, raw) = match st.pool.get_mut(&class).and_then(|free| free.pop_first()) {
             Some(b) => b,
             None => {
                 let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -336,21 +364,22 @@ impl Gpu {
                 st.stats.buffers_created += 1;
                 st.stats.bytes_created += class;
                 count_thread(0, 1, class);
-                b
+                st.next_serial += 1;
+                (st.next_serial, b)
             }
         };
         st.stats.live_bytes += class;
         st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
-        Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class }), offset: 0, bytes })
+        Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class, serial }), offset: 0, bytes })
     }
 
-    fn release(&self, raw: wgpu::Buffer, class: u64) {
+    fn release(&self, raw: wgpu::Buffer, class: u64, serial: u64) {
         let mut st = self.lock();
         st.stats.live_bytes = st.stats.live_bytes.saturating_sub(class);
         if st.encoder.is_some() {
-            st.quarantine.push((raw, class));
+            st.quarantine.push((raw, class, serial));
         } else {
-            st.pool.entry(class).or_default().push(raw);
+            st.pool.entry(class).or_default().insert(serial, raw);
         }
     }
 
@@ -402,7 +431,7 @@ impl Gpu {
             let mut entries = vec![wgpu::BindGroupLayoutEntry {
                 binding: 0,
                 visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
+                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: true, min_binding_size: None },
                 count: None,
             }];
             for i in 0..inputs + outputs {
@@ -494,9 +523,12 @@ impl Gpu {
             }
         }
         let params = pad16(d.params);
+        if params.len() as u64 > PARAMS_WINDOW {
+            return Err(GpuError::Validation { context: format!("{}::{}", d.shader.name, d.entry), message: format!("params of {} bytes exceed the {PARAMS_WINDOW}-byte window", params.len()) });
+        }
         let align = (self.limits.min_uniform_buffer_offset_alignment as usize).max(16);
         let mut st = self.lock();
-        if st.ring_host.len().div_ceil(align) * align + params.len() > RING_BYTES as usize {
+        if (st.ring_host.len().div_ceil(align) * align) as u64 + PARAMS_WINDOW > RING_BYTES {
             drop(st);
             self.flush()?;
             st = self.lock();
@@ -506,29 +538,38 @@ impl Gpu {
         st.ring_host.resize(offset, 0);
         st.ring_host.extend_from_slice(&params);
 
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &st.ring,
-                offset: offset as u64,
-                size: wgpu::BufferSize::new(params.len() as u64),
-            }),
-        }];
-        for (i, v) in d.inputs.iter().chain(d.outputs).enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 1 + i as u32,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: v.buffer.raw(),
-                    offset: v.offset,
-                    size: wgpu::BufferSize::new(v.bytes.max(4)),
-                }),
-            });
-        }
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &st.layouts[&(key.inputs, key.outputs)].0,
-            entries: &entries,
-        });
+        let bind_key = BindKey {
+            inputs: key.inputs,
+            outputs: key.outputs,
+            ranges: d.inputs.iter().chain(d.outputs).map(|v| (v.buffer.raw().clone(), v.offset, v.bytes.max(4))).collect(),
+        };
+        let bind_group = match st.bind_groups.get(&bind_key) {
+            Some(bg) => bg.clone(),
+            None => {
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &st.ring, offset: 0, size: wgpu::BufferSize::new(PARAMS_WINDOW) }),
+                }];
+                for (i, (buffer, offset, bytes)) in bind_key.ranges.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 1 + i as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: wgpu::BufferSize::new(*bytes) }),
+                    });
+                }
+                let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &st.layouts[&(key.inputs, key.outputs)].0, entries: &entries });
+                if st.bind_groups.len() >= BIND_GROUP_CACHE {
+                    st.bind_groups.clear();
+                }
+                st.bind_groups.insert(bind_key, bg.clone());
+                st.stats.bind_groups_created += 1;
+                THREAD_STATS.with(|c| {
+                    let mut t = c.get();
+                    t.bind_groups_created += 1;
+                    c.set(t);
+                });
+                bg
+            }
+        };
         if st.pass.is_none() {
             // Under `gpu_time_ms` the pass writes a timestamp when it starts and when it ends.
             let query_set = if st.timestamps_armed { st.query_set.clone() } else { None };
@@ -541,7 +582,7 @@ impl Gpu {
         let pipeline = st.pipelines[&key].clone();
         let pass = st.pass.as_mut().expect("pass opened above");
         pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_bind_group(0, &bind_group, &[offset as u32]);
         let [x, y, z] = d.workgroups;
         if x > 0 && y > 0 && z > 0 {
             pass.dispatch_workgroups(x, y, z);
@@ -589,8 +630,8 @@ impl Gpu {
         let index = self.queue.submit([encoder.finish()]);
         st.stats.submits += 1;
         count_thread(1, 0, 0);
-        for (raw, class) in std::mem::take(&mut st.quarantine) {
-            st.pool.entry(class).or_default().push(raw);
+        for (raw, class, serial) in std::mem::take(&mut st.quarantine) {
+            st.pool.entry(class).or_default().insert(serial, raw);
         }
         drop(st);
         if self.log {
