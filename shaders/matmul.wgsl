@@ -307,6 +307,27 @@ fn b_slab_elem(b_base: u32, k: u32, col: u32) -> f32 {
     return 0.0;
 }
 
+// The 16-byte forms, for matmul_tiled128_vec4 (the launcher picks it when the contiguous axes, k and the
+// batch strides are multiples of 4): each invocation's 4 elements are one aligned load, wholly inside the
+// matrix or wholly outside.
+fn load_a_slice4(a_base: u32, tile_row: u32, k0: u32, t: u32) -> vec4<f32> {
+    let rk = select(vec2<u32>(t / 2u, (t % 2u) * 4u), vec2<u32>((t % 32u) * 4u, t / 32u), TRANS_A);
+    let row = tile_row + rk.x;
+    let k = k0 + rk.y;
+    if (row >= p.m || k >= p.k_end) { return vec4<f32>(0.0); }
+    if (TRANS_A) { return a4[(a_base + k * p.m + row) / 4u]; }
+    return a4[(a_base + row * p.k + k) / 4u];
+}
+
+fn load_b_slice4(b_base: u32, tile_col: u32, k0: u32, t: u32) -> vec4<f32> {
+    let ck = select(vec2<u32>((t % 32u) * 4u, t / 32u), vec2<u32>(t / 2u, (t % 2u) * 4u), TRANS_B);
+    let col = tile_col + ck.x;
+    let k = k0 + ck.y;
+    if (col >= p.n || k >= p.k_end) { return vec4<f32>(0.0); }
+    if (TRANS_B) { return b4[(b_base + col * p.k + k) / 4u]; }
+    return b4[(b_base + k * p.n + col) / 4u];
+}
+
 fn load_a_slice(a_base: u32, tile_row: u32, k0: u32, t: u32) -> vec4<f32> {
     if (TRANS_A) {
         let row = tile_row + (t % 32u) * 4u;
@@ -376,5 +397,111 @@ fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
         workgroupBarrier();
     }
     // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
+    store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
+}
+
+// The same with 16-byte slab loads.
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled128_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tile_row = wid.y * 128u;
+    let tile_col = wid.x * 128u;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let t = lid.y * 16u + lid.x;
+    var next_a = load_a_slice4(a_base, tile_row, p.k_begin, t);
+    var next_b = load_b_slice4(b_base, tile_col, p.k_begin, t);
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
+        stage_slices(t, next_a, next_b);
+        workgroupBarrier();
+        if (k0 + SLAB_K < p.k_end) {
+            next_a = load_a_slice4(a_base, tile_row, k0 + SLAB_K, t);
+            next_b = load_b_slice4(b_base, tile_col, k0 + SLAB_K, t);
+        }
+        for (var kk = 0u; kk < SLAB_K; kk = kk + 1u) {
+            outer8(a_slab[kk * 32u + lid.y], a_slab[kk * 32u + 16u + lid.y], b_slab[kk * 32u + lid.x], b_slab[kk * 32u + 16u + lid.x]);
+        }
+        workgroupBarrier();
+    }
+    // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
+    store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
+}
+
+// ---- matmul_tiled128_k16: matmul_tiled128_vec4 with 16-deep slices (16 KiB of workgroup memory): half the
+// barriers per k, and each invocation has two 16-byte loads of each operand in flight per slice. Aligned
+// shapes only (as matmul_tiled128_vec4). -----------------------------------------------------------------------
+var<workgroup> a_slab16: array<vec4<f32>, 512>; // [16][128 / 4]
+var<workgroup> b_slab16: array<vec4<f32>, 512>;
+
+// Slot s (0..511) of a 16-deep slice as (row or col, k) within the tile: 4 slots per row along k when the
+// operand's rows run along k, else 32 slots per k along the rows.
+fn slot16(s: u32, along_k: bool) -> vec2<u32> {
+    return select(vec2<u32>((s % 32u) * 4u, s / 32u), vec2<u32>(s / 4u, (s % 4u) * 4u), along_k);
+}
+
+fn load_a16(a_base: u32, tile_row: u32, k0: u32, s: u32) -> vec4<f32> {
+    let rk = slot16(s, !TRANS_A);
+    let row = tile_row + rk.x;
+    let k = k0 + rk.y;
+    if (row >= p.m || k >= p.k_end) { return vec4<f32>(0.0); }
+    if (TRANS_A) { return a4[(a_base + k * p.m + row) / 4u]; }
+    return a4[(a_base + row * p.k + k) / 4u];
+}
+
+fn load_b16(b_base: u32, tile_col: u32, k0: u32, s: u32) -> vec4<f32> {
+    let ck = slot16(s, TRANS_B);
+    let col = tile_col + ck.x;
+    let k = k0 + ck.y;
+    if (col >= p.n || k >= p.k_end) { return vec4<f32>(0.0); }
+    if (TRANS_B) { return b4[(b_base + col * p.k + k) / 4u]; }
+    return b4[(b_base + k * p.n + col) / 4u];
+}
+
+fn stage16(s: u32, av: vec4<f32>, bv: vec4<f32>) {
+    let rk = slot16(s, !TRANS_A);
+    if (TRANS_A) {
+        a_slab16[rk.y * 32u + rk.x / 4u] = av;
+    } else {
+        a_slab16[rk.y * 32u + rk.x / 4u][rk.x % 4u] = av.x;
+        a_slab16[(rk.y + 1u) * 32u + rk.x / 4u][rk.x % 4u] = av.y;
+        a_slab16[(rk.y + 2u) * 32u + rk.x / 4u][rk.x % 4u] = av.z;
+        a_slab16[(rk.y + 3u) * 32u + rk.x / 4u][rk.x % 4u] = av.w;
+    }
+    let ck = slot16(s, TRANS_B);
+    if (TRANS_B) {
+        b_slab16[ck.y * 32u + ck.x / 4u][ck.x % 4u] = bv.x;
+        b_slab16[(ck.y + 1u) * 32u + ck.x / 4u][ck.x % 4u] = bv.y;
+        b_slab16[(ck.y + 2u) * 32u + ck.x / 4u][ck.x % 4u] = bv.z;
+        b_slab16[(ck.y + 3u) * 32u + ck.x / 4u][ck.x % 4u] = bv.w;
+    } else {
+        b_slab16[ck.y * 32u + ck.x / 4u] = bv;
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tiled128_k16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let tile_row = wid.y * 128u;
+    let tile_col = wid.x * 128u;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let t = lid.y * 16u + lid.x;
+    var a0 = load_a16(a_base, tile_row, p.k_begin, t);
+    var a1 = load_a16(a_base, tile_row, p.k_begin, t + 256u);
+    var b0 = load_b16(b_base, tile_col, p.k_begin, t);
+    var b1 = load_b16(b_base, tile_col, p.k_begin, t + 256u);
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 16u) {
+        stage16(t, a0, b0);
+        stage16(t + 256u, a1, b1);
+        workgroupBarrier();
+        if (k0 + 16u < p.k_end) {
+            a0 = load_a16(a_base, tile_row, k0 + 16u, t);
+            a1 = load_a16(a_base, tile_row, k0 + 16u, t + 256u);
+            b0 = load_b16(b_base, tile_col, k0 + 16u, t);
+            b1 = load_b16(b_base, tile_col, k0 + 16u, t + 256u);
+        }
+        for (var kk = 0u; kk < 16u; kk = kk + 1u) {
+            outer8(a_slab16[kk * 32u + lid.y], a_slab16[kk * 32u + 16u + lid.y], b_slab16[kk * 32u + lid.x], b_slab16[kk * 32u + 16u + lid.x]);
+        }
+        workgroupBarrier();
+    }
     store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
 }

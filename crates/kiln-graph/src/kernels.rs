@@ -327,18 +327,20 @@ pub enum MatmulVariant {
     Vec4x8,
     Tiled,
     Tiled128,
+    Tiled128K16,
     Subgroup(u32),
 }
 
 impl MatmulVariant {
     /// Every variant, in the order benchmarks list them.
-    pub const ALL: [MatmulVariant; 9] = [
+    pub const ALL: [MatmulVariant; 10] = [
         MatmulVariant::Naive,
         MatmulVariant::Blocked,
         MatmulVariant::Vec4,
         MatmulVariant::Vec4x8,
         MatmulVariant::Tiled,
         MatmulVariant::Tiled128,
+        MatmulVariant::Tiled128K16,
         MatmulVariant::Subgroup(8),
         MatmulVariant::Subgroup(16),
         MatmulVariant::Subgroup(32),
@@ -352,6 +354,7 @@ impl MatmulVariant {
             MatmulVariant::Vec4x8 => "vec4-8x8".into(),
             MatmulVariant::Tiled => "tiled-64x64".into(),
             MatmulVariant::Tiled128 => "tiled-128x128".into(),
+            MatmulVariant::Tiled128K16 => "tiled-128x128-k16".into(),
             MatmulVariant::Subgroup(r) => format!("subgroup-{r}x4"),
         }
     }
@@ -369,7 +372,7 @@ impl MatmulVariant {
                 let b_contiguous = if trans_b { k } else { n };
                 a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0)
             }
-            MatmulVariant::Vec4x8 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k % 4 == 0,
+            MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k % 4 == 0,
             MatmulVariant::Subgroup(_) => {
                 let g = gpu()?;
                 g.features.contains(kiln_wgpu::wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
@@ -453,7 +456,18 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
         }
         MatmulVariant::Vec4x8 => ("matmul_vec4x8", vec![("WG_X", 8.0), ("WG_Y", 8.0)], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
         MatmulVariant::Tiled => ("matmul_tiled", vec![], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
-        MatmulVariant::Tiled128 => ("matmul_tiled128", vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32]),
+        MatmulVariant::Tiled128 => {
+            // 16-byte slab loads where every row of both operands starts 16-byte aligned.
+            let aligned = MatmulVariant::Vec4x8.supports(m, n, k, trans_a, trans_b)? && a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
+            let entry = if aligned { "matmul_tiled128_vec4" } else { "matmul_tiled128" };
+            (entry, vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32])
+        }
+        MatmulVariant::Tiled128K16 => {
+            // Batch strides that break 16-byte alignment take the 8-deep scalar-load kernel instead.
+            let aligned = a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
+            let entry = if aligned { "matmul_tiled128_k16" } else { "matmul_tiled128" };
+            (entry, vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32])
+        }
         MatmulVariant::Subgroup(rows) => {
             // 16-byte loads where an operand's contiguous axis (and batch stride) is a multiple of 4.
             let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride % 4 == 0;
@@ -490,7 +504,7 @@ fn k_per_dispatch(entry: &str) -> Result<usize> {
     Ok(match entry {
         "matmul_subgroup" => 1024,
         "matmul_subgroup_vec4" => 2048,
-        "matmul_tiled" | "matmul_tiled128" => 8192,
+        "matmul_tiled" | "matmul_tiled128" | "matmul_tiled128_vec4" | "matmul_tiled128_k16" => 8192,
         _ => 4 * LOOP_CHUNK,
     })
 }

@@ -81,7 +81,7 @@ pub fn candidates(m: usize) -> Result<Vec<MatmulVariant>> {
         c.extend([8u32, 16, 32].into_iter().filter(|&r| r == 8 || m > r as usize / 2).map(Subgroup));
         c
     } else {
-        vec![Naive, Blocked, Vec4, Vec4x8, Tiled, Tiled128, Subgroup(16)]
+        vec![Naive, Blocked, Vec4, Vec4x8, Tiled, Tiled128, Tiled128K16, Subgroup(16)]
     })
 }
 
@@ -238,7 +238,7 @@ impl Tuner {
             return Ok(*ok);
         }
         // Multiples of 4 where 16-byte loads need them, odd otherwise; a batch of 2 with a broadcast operand.
-        let (m, n, k) = if matches!(v, MatmulVariant::Vec4 | MatmulVariant::Vec4x8) { (36, 44, 28) } else { (37, 45, 29) };
+        let (m, n, k) = if matches!(v, MatmulVariant::Vec4 | MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16) { (36, 44, 28) } else { (37, 45, 29) };
         let ok = check_against_cpu(v, 2, m, n, k, trans_a, trans_b)?;
         self.validated.insert((v, trans_a, trans_b), ok);
         Ok(ok)
