@@ -1,4 +1,4 @@
-// Batched matrix product C = op(A) @ op(B) in seven variants; the autotuner (kiln-graph/src/tune.rs) picks one
+// Batched matrix product C = op(A) @ op(B) in eight variants; the autotuner (kiln-graph/src/tune.rs) picks one
 // per adapter and shape class, after checking it against the CPU reference:
 //   matmul_naive      one output per invocation (the baseline the others are measured against)
 //   matmul            register-blocked: a 4x4 block of C per invocation, scalar loads
@@ -6,7 +6,8 @@
 //   matmul_vec4x8     an 8x8 block per invocation from 16-byte loads (four times the FMAs per load of vec4)
 //   matmul_tiled      64x64 tiles staged in workgroup memory, 4x4 per invocation
 //   matmul_tiled128   128x128 tiles, 8x8 per invocation, the next slices prefetched into registers (what real
-//                     GPUs reward: many FMAs per workgroup-memory load)
+//                     GPUs reward: many FMAs per workgroup-memory load); _vec4 with 16-byte slice loads
+//   matmul_tiled128_k16  the same with 16-deep slices (the fastest at 4096^3 on an H200)
 //   matmul_subgroup   (matmul_subgroup.wgsl) 8-lane groups share A through subgroup shuffles, RB x 4 outputs
 //                     per lane (what lavapipe rewards: there every storage load costs a per-lane loop, so
 //                     loads per FMA decide speed)
