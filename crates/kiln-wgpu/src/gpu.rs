@@ -418,7 +418,14 @@ impl Gpu {
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor { label: Some(shader.name), source: wgpu::ShaderSource::Wgsl(shader.source.into()) };
-        let m = self.device.create_shader_module(desc);
+        // Bounds checks stay on; the loop counters wgpu adds against infinite loops in untrusted shaders are
+        // dropped: they cost issue slots in every iteration of the hot loops (matmul's k loop) and can keep a
+        // driver from unrolling them.
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = false;
+        // SAFETY: these are Kiln's own shaders (`shaders/`), and every loop in them ends: each steps by a positive
+        // constant (or halves a positive stride) towards a bound taken from its params, never a `loop {}`.
+        let m = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Shader { shader: shader.name.into(), entry: "(module)".into(), message: e.to_string() });
         }
