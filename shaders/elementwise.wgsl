@@ -1,5 +1,6 @@
 // Elementwise kernels: unary ops (with two scalar parameters) and binary ops with broadcasting.
 // The op is an `override` constant, so each op is its own specialised pipeline and the switch folds away.
+// sigmoid, activate and activation_slope: activation.wgsl, compiled in front of this file.
 
 // ---- unary: y[i] = f(x[i]; alpha, beta) ----------------------------------------------------------------
 // x: [n], y: [n]
@@ -11,13 +12,6 @@ override WG: u32 = 256u;
 @group(0) @binding(0) var<uniform> up: UnaryParams;
 @group(0) @binding(1) var<storage, read> ux: array<f32>;
 @group(0) @binding(2) var<storage, read_write> uy: array<f32>;
-
-fn sigmoid(v: f32) -> f32 {
-    // Stable on both sides: exp never overflows.
-    if (v >= 0.0) { return 1.0 / (1.0 + exp(-v)); }
-    let e = exp(v);
-    return e / (1.0 + e);
-}
 
 fn softplus(v: f32) -> f32 {
     // log(1 + e^v) = max(v, 0) + log(1 + e^-|v|)
@@ -112,34 +106,13 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // ---- bias_act: a layer's bias and activation in one pass (what Linear/Conv2d + activation fuse into) ------
 // bias_act_forward: y[i] = act(x[i] + bias[(i / inner) % channels])    x, y: [outer, channels, inner], bias: [channels]
 // act_backward:     g_pre[i] = g[i] * act'(pre[i]), written with y = act(pre)    g, y, g_pre: [n]
-// ACT: 0 identity, 1 relu, 2 sigmoid, 3 tanh
+// ACT (activation.wgsl): 0 identity, 1 relu, 2 sigmoid, 3 tanh
 struct BiasActParams { n: u32, channels: u32, inner: u32, _pad: u32 }
-
-override ACT: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> bap: BiasActParams;
 @group(0) @binding(1) var<storage, read> ba_x: array<f32>;
 @group(0) @binding(2) var<storage, read> ba_b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> ba_y: array<f32>;
-
-fn activate(v: f32) -> f32 {
-    switch ACT {
-        case 1u: { return max(v, 0.0); }
-        case 2u: { return sigmoid(v); }
-        case 3u: { return tanh(v); }
-        default: { return v; }
-    }
-}
-
-// act'(pre) from y = act(pre): relu y > 0, sigmoid y (1 - y), tanh 1 - y^2.
-fn activation_slope(y: f32) -> f32 {
-    switch ACT {
-        case 1u: { return select(0.0, 1.0, y > 0.0); }
-        case 2u: { return y * (1.0 - y); }
-        case 3u: { return 1.0 - y * y; }
-        default: { return 1.0; }
-    }
-}
 
 @compute @workgroup_size(WG)
 fn bias_act_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

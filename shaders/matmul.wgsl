@@ -401,7 +401,8 @@ fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
 }
 
-// The same with 16-byte slab loads.
+// The same with 16-byte slab loads: a separate entry point, since one entry may not bind a buffer both as
+// array<f32> (a, b) and as array<vec4<f32>> (a4, b4), and WGSL has no way to pass the loaders in.
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled128_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tile_row = wid.y * 128u;

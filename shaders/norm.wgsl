@@ -10,12 +10,11 @@
 // The variance is taken around the mean in a second pass over the channel (no cancellation of sum x^2 - mean^2).
 // A lane walks its share of a channel as (sample, position) pairs, so no division runs per element; the
 // launcher keeps n * inner per channel small enough for lavapipe's 65535-iteration loop cap.
-// ACT: 0 identity, 1 relu, 2 sigmoid, 3 tanh (as in elementwise.wgsl's bias_act).
+// ACT: 0 identity, 1 relu, 2 sigmoid, 3 tanh (activation.wgsl, compiled in front of this file).
 
 struct NormParams { n: u32, c: u32, inner: u32, lanes_inner: u32, eps: f32, momentum: f32, total: u32, _pad: u32 }
 
 override WG: u32 = 256u;
-override ACT: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> np: NormParams;
 
@@ -84,29 +83,6 @@ fn bn_stats(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id
 @group(0) @binding(3) var<storage, read> ap_gamma: array<f32>;
 @group(0) @binding(4) var<storage, read> ap_beta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> ap_y: array<f32>;
-
-fn activate(v: f32) -> f32 {
-    switch ACT {
-        case 1u: { return max(v, 0.0); }
-        case 2u: { return sigmoid(v); }
-        case 3u: { return tanh(v); }
-        default: { return v; }
-    }
-}
-
-// act'(pre) from y = act(pre)
-fn activation_slope(y: f32) -> f32 {
-    switch ACT {
-        case 1u: { return select(0.0, 1.0, y > 0.0); }
-        case 2u: { return y * (1.0 - y); }
-        case 3u: { return 1.0 - y * y; }
-        default: { return 1.0; }
-    }
-}
-
-fn sigmoid(v: f32) -> f32 {
-    return 1.0 / (1.0 + exp(-v));
-}
 
 @compute @workgroup_size(WG)
 fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

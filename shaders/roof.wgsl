@@ -9,26 +9,11 @@ override WG: u32 = 64u;
 @group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
 
-// out: [n] vec4. 8 independent vec4 FMA chains per invocation: iters * 8 * 4 * 2 FLOPs each.
+// out: [n] vec4. 16 independent vec4 FMA chains per invocation, the body twice per iteration: 16 * 4 * 2 * 2
+// FLOPs per iteration, so loop upkeep is a sliver of the issue slots (a big GPU reaches its FMA rate only with
+// next to nothing else issued; lavapipe fills its vectors only with this many independent chains).
 @compute @workgroup_size(WG)
 fn fma_roof(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x >= p.n) { return; }
-    let m = vec4<f32>(p.mul);
-    let c = vec4<f32>(p.add);
-    let s = f32(gid.x) * 1e-7;
-    var x0 = vec4<f32>(s); var x1 = vec4<f32>(s + 0.1); var x2 = vec4<f32>(s + 0.2); var x3 = vec4<f32>(s + 0.3);
-    var x4 = vec4<f32>(s + 0.4); var x5 = vec4<f32>(s + 0.5); var x6 = vec4<f32>(s + 0.6); var x7 = vec4<f32>(s + 0.7);
-    for (var i = 0u; i < p.iters; i = i + 1u) {
-        x0 = fma(x0, m, c); x1 = fma(x1, m, c); x2 = fma(x2, m, c); x3 = fma(x3, m, c);
-        x4 = fma(x4, m, c); x5 = fma(x5, m, c); x6 = fma(x6, m, c); x7 = fma(x7, m, c);
-    }
-    dst[gid.x] = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7;
-}
-
-// The same with 16 chains and the body twice per iteration: 16 * 4 * 2 * 2 FLOPs per iteration, so loop
-// upkeep is 1/256 of the issue slots (a big GPU's FMA rate is only reached with next to nothing else issued).
-@compute @workgroup_size(WG)
-fn fma_roof_wide(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x >= p.n) { return; }
     let m = vec4<f32>(p.mul);
     let c = vec4<f32>(p.add);

@@ -10,7 +10,9 @@ macro_rules! shader {
         pub static $name: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file)) };
     };
 }
-shader!(ELEMENTWISE, "elementwise.wgsl");
+// elementwise.wgsl and norm.wgsl share the fused activations (activation.wgsl).
+pub static ELEMENTWISE: Shader =
+    Shader { name: "elementwise.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")) };
 shader!(LAYOUT, "layout.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(SOFTMAX, "softmax.wgsl");
@@ -24,7 +26,7 @@ shader!(OPTIM, "optim.wgsl");
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
-shader!(NORM, "norm.wgsl");
+pub static NORM: Shader = Shader { name: "norm.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl")) };
 
 /// Every shader file, for tests that compile them all.
 pub static ALL_SHADERS: [&Shader; 12] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM];
