@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
+use crate::conv::{conv2d_grads_with, pool2d_grad, Conv2dGeom, Pool2dGeom};
 use crate::error::{KilnError, Result};
 use crate::kernels::{self, BinaryKind, UnaryKind};
 use crate::shape::{split_at_axis, strides};
@@ -34,8 +34,8 @@ pub enum Op {
     IndexSelect(Tensor, Tensor, usize),
     Softmax(Tensor, usize),
     LogSoftmax(Tensor, usize),
-    /// x, weight
-    Conv2d(Tensor, Tensor, Conv2dGeom),
+    /// x, weight, and the im2col columns of x when the forward pass kept them for the weight's gradient
+    Conv2d(Tensor, Tensor, Conv2dGeom, Option<kiln_wgpu::BufView>),
     /// x, switches
     MaxPool2d(Tensor, Tensor, Pool2dGeom),
     AvgPool2d(Tensor, Pool2dGeom),
@@ -51,7 +51,7 @@ impl Op {
     pub fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) | Op::AvgPool2d(x, _) => vec![x],
-            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, _) | Op::BiasAct(a, b, ..) => vec![a, b],
+            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, ..) | Op::BiasAct(a, b, ..) => vec![a, b],
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
@@ -292,9 +292,9 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
             let s = g.sum(&[*axis], true)?;
             vec![(x, g.sub(&out.exp()?.broadcast_mul(&s)?)?)]
         }
-        Op::Conv2d(x, w, geom) => {
+        Op::Conv2d(x, w, geom, cols) => {
             // Dedicated kernels (conv2d.wgsl), or matmuls for 1x1 convolutions.
-            let (gx, gw) = conv2d_grads(x, w, g, geom)?;
+            let (gx, gw) = conv2d_grads_with(x, w, g, geom, cols.as_ref())?;
             gx.map(|t| (x, t)).into_iter().chain(gw.map(|t| (w, t))).collect()
         }
         Op::MaxPool2d(x, switches, geom) => vec![(x, pool2d_grad(x, Some(switches), g, geom)?)],

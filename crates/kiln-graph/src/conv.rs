@@ -119,6 +119,7 @@ impl Tensor {
             return shape_err("conv2d", x, w, format!("the kernel does not fit the padded input (geometry {geom:?})"));
         };
         let shape = vec![x[0], w[0], oh, ow];
+        let mut saved_cols = None;
         let y = if geom.is_pointwise(w[2], w[3]) {
             // out[b] = weight[c_out, c_in] @ x[b][c_in, h*w], the weight shared across the batch.
             let hw = x[2] * x[3];
@@ -127,14 +128,21 @@ impl Tensor {
             // out[b] = weight[c_out, c_in*kh*kw] @ im2col(x)[b]
             let cols = im2col(self, w, oh, ow, &geom)?;
             let (k, spatial) = (x[1] * w[2] * w[3], oh * ow);
-            kernels::matmul(&weight.view(), &cols, x[0], w[0], spatial, k, 0, k * spatial, false, false)?
+            let y = kernels::matmul(&weight.view(), &cols, x[0], w[0], spatial, k, 0, k * spatial, false, false)?;
+            // The weight's gradient needs these columns again: small ones are kept with the op rather than
+            // redone in the backward pass (LeNet-5's step on lavapipe: 136 -> 119 ms); large ones are cheaper to
+            // redo than to hold (ResNet-20's 29 MB columns: no faster, peak memory 205 -> 548 MB).
+            if weight.requires_grad() && 4 * x[0] * k * spatial <= SAVED_COLS_MAX_BYTES {
+                saved_cols = Some(cols);
+            }
+            y
         } else {
             let n = shape.iter().product::<usize>();
             let y = out_buffer(n, "conv2d output")?;
             launch(&CONV2D, "conv2d_forward", &[], conv_params(x, w, oh, ow, &geom), &[&self.view(), &weight.view()], &[&y], grid_1d(n as u64, 256))?;
             y
         };
-        Ok(Tensor::make(y, shape, DType::F32, Some(Op::Conv2d(self.clone(), weight.clone(), geom))))
+        Ok(Tensor::make(y, shape, DType::F32, Some(Op::Conv2d(self.clone(), weight.clone(), geom, saved_cols))))
     }
 
     /// Max pooling; returns the pooled values and the argmax "switches" (u32 indices into each input plane).
@@ -179,6 +187,9 @@ impl Tensor {
     }
 }
 
+/// The largest im2col buffer a convolution keeps from its forward pass for its weight's gradient.
+pub const SAVED_COLS_MAX_BYTES: usize = 6 << 20;
+
 /// cols [n, c_in*kh*kw, oh*ow] of x for a weight of shape `w` (groups = 1).
 fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> Result<kiln_wgpu::BufView> {
     let xs = x.shape();
@@ -193,6 +204,11 @@ fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> R
 /// Gradients of conv2d with respect to its input and weight; each only when that tensor requires one
 /// (a network's first layer needs no gradient for its input images).
 pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    conv2d_grads_with(x, w, g, geom, None)
+}
+
+/// [`conv2d_grads`] with the forward pass's im2col columns of x, when it kept them.
+pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom, cols: Option<&kiln_wgpu::BufView>) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (xs, ws, ys) = (x.shape(), w.shape(), g.shape());
     let (oh, ow) = (ys[2], ys[3]);
     let (batch, n_x) = (xs[0], xs.iter().product::<usize>());
@@ -214,7 +230,10 @@ pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Re
         // Through im2col: partial[b] = grad_y[b] @ cols[b]^T; grad_cols[b] = weight^T @ grad_y[b], then col2im.
         let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
         if w.requires_grad() {
-            let cols = im2col(x, ws, oh, ow, geom)?;
+            let cols = match cols {
+                Some(c) => c.clone(),
+                None => im2col(x, ws, oh, ow, geom)?,
+            };
             partial = Some(kernels::matmul(&g.view(), &cols, batch, ws[0], k, spatial, ws[0] * spatial, k * spatial, false, true)?);
         }
         if x.requires_grad() {
