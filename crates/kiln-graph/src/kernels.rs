@@ -136,7 +136,7 @@ pub fn unary(kind: UnaryKind, x: &BufView, n: usize, alpha: f32, beta: f32) -> R
     Ok(y)
 }
 
-/// The activation fused with a bias by `bias_act` (elementwise.wgsl's ACT codes).
+/// The activation a fused kernel applies (`bias_act`, `batch_norm`; activation.wgsl's ACT codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BiasAct {
     Identity = 0,
