@@ -173,13 +173,20 @@ thread_local! {
     static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0, bind_groups_created: 0 }) };
 }
 
-fn count_thread(submits: u64, buffers: u64, bytes: u64) {
+/// Updates this thread's counters.
+fn bump_thread(f: impl FnOnce(&mut ThreadStats)) {
     THREAD_STATS.with(|c| {
         let mut s = c.get();
+        f(&mut s);
+        c.set(s);
+    });
+}
+
+fn count_thread(submits: u64, buffers: u64, bytes: u64) {
+    bump_thread(|s| {
         s.submits += submits;
         s.buffers_created += buffers;
         s.bytes_created += bytes;
-        c.set(s);
     });
 }
 
@@ -569,11 +576,7 @@ impl Gpu {
                 }
                 st.bind_groups.insert(bind_key, bg.clone());
                 st.stats.bind_groups_created += 1;
-                THREAD_STATS.with(|c| {
-                    let mut t = c.get();
-                    t.bind_groups_created += 1;
-                    c.set(t);
-                });
+                bump_thread(|t| t.bind_groups_created += 1);
                 bg
             }
         };
@@ -596,11 +599,7 @@ impl Gpu {
         }
         st.stats.dispatches += 1;
         st.recorded_ops += 1;
-        THREAD_STATS.with(|c| {
-            let mut t = c.get();
-            t.dispatches += 1;
-            c.set(t);
-        });
+        bump_thread(|t| t.dispatches += 1);
         Ok(())
     }
 
