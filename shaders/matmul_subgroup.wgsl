@@ -1,6 +1,33 @@
 // matmul_subgroup: C = op(A) @ op(B) with A shared across lanes by subgroup shuffles; the variant lavapipe
 // rewards. Its own file because it needs Features::SUBGROUP, which the other matmul kernels do not.
-// Params, bindings and a_at / b_at: matmul_common.wgsl, compiled in front of this file.
+// Params and bindings: matmul_common.wgsl, compiled in front of this file. Both kernels read the operands from
+// rgba32float texture copies (kiln-wgpu's TexView: float i in texel (i/4 % 1024, i/4 / 1024), bound after C):
+// lavapipe reads a storage buffer one lane at a time in a branchy loop, 215 ns per vec4 load of a subgroup on
+// this VM, but fetches a texel for all 8 lanes with one vector gather, 27 ns. Loads are what these kernels' speed
+// is made of there; on real GPUs the copies cost a little and the tuner weighs them.
+
+@group(0) @binding(4) var a_tex: texture_2d<f32>;
+@group(0) @binding(5) var b_tex: texture_2d<f32>;
+
+// Texel v (floats 4v .. 4v + 4) of an operand.
+fn a4(v: u32) -> vec4<f32> {
+    return textureLoad(a_tex, vec2<u32>(v % 1024u, v / 1024u), 0);
+}
+
+fn b4(v: u32) -> vec4<f32> {
+    return textureLoad(b_tex, vec2<u32>(v % 1024u, v / 1024u), 0);
+}
+
+// A[row, kk] and B[kk, col] of the stored layouts, as a_at / b_at in matmul_common.wgsl.
+fn a_tex_at(base: u32, row: u32, kk: u32) -> f32 {
+    let i = select(base + row * p.k + kk, base + kk * p.m + row, TRANS_A);
+    return a4(i / 4u)[i % 4u];
+}
+
+fn b_tex_at(base: u32, kk: u32, col: u32) -> f32 {
+    let i = select(base + kk * p.n + col, base + col * p.k + kk, TRANS_B);
+    return b4(i / 4u)[i % 4u];
+}
 
 // Groups of 8 lanes (along x) cover 32 columns; each lane owns 4 columns and RB rows. Per slice of k, each
 // lane loads a 1/8 share of the A values the group needs and the others read it by shuffle, so A costs RB/8
@@ -21,7 +48,7 @@ fn store_lane_block(c_base: u32, row0: u32, col0: u32, acc: ptr<function, array<
     }
 }
 
-// Scalar loads: any shape.
+// Scalar loads (one texel fetch each): any shape.
 @compute @workgroup_size(8, 1, 1)
 fn matmul_subgroup(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(subgroup_invocation_id) lane: u32) {
@@ -37,11 +64,11 @@ fn matmul_subgroup(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 8u) {
         let k_own = k0 + lid.x;
         for (var i = 0u; i < RB; i = i + 1u) {
-            a_own[i] = select(0.0, a_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
+            a_own[i] = select(0.0, a_tex_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
         }
         for (var j = 0u; j < 8u; j = j + 1u) {
             let kk = min(k0 + j, p.k_end - 1u);
-            let bv = vec4<f32>(b_at(b_base, kk, cc.x), b_at(b_base, kk, cc.y), b_at(b_base, kk, cc.z), b_at(b_base, kk, cc.w));
+            let bv = vec4<f32>(b_tex_at(b_base, kk, cc.x), b_tex_at(b_base, kk, cc.y), b_tex_at(b_base, kk, cc.z), b_tex_at(b_base, kk, cc.w));
             for (var i = 0u; i < RB; i = i + 1u) {
                 acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
             }
@@ -50,15 +77,10 @@ fn matmul_subgroup(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
 }
 
-// ---- matmul_subgroup_vec4: the same with 16-byte loads of both operands -------------------------------------
-// For when each operand's contiguous axis and batch stride are multiples of 4. On lavapipe a load costs a loop
-// over the lanes, so fewer, wider loads are where the speed comes from. Without TRANS_A each lane loads 4
+// ---- matmul_subgroup_vec4: the same with 16-byte loads of both operands --------------------------------------
+// For when each operand's contiguous axis and batch stride are multiples of 4. Without TRANS_A each lane loads 4
 // consecutive k of every row (slices of 32 k); with TRANS_A, 4 consecutive rows at one k (slices of 8 k).
-// The vec4 views alias a and b (an entry point may use only one view of a binding).
 override KC: u32 = 8u; // 32 without TRANS_A, 8 with it (set by the launcher)
-
-@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
 
 @compute @workgroup_size(8, 1, 1)
 fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
@@ -77,14 +99,14 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             // a_own4[i] = A[row0 + i, k0 + 4 lid.x .. + 4]
             let k_own = k0 + 4u * lid.x;
             for (var i = 0u; i < RB; i = i + 1u) {
-                let v = a4[(a_base + min(row0 + i, p.m - 1u) * p.k + min(k_own, p.k_end - 4u)) / 4u];
+                let v = a4((a_base + min(row0 + i, p.m - 1u) * p.k + min(k_own, p.k_end - 4u)) / 4u);
                 a_own4[i] = select(vec4<f32>(0.0), v, k_own < p.k_end);
             }
         } else {
             // a_own4[q] = A[row0 + 4q .. + 4, k0 + lid.x] (A stored [k, m])
             let k_own = k0 + lid.x;
             for (var q = 0u; q < RB / 4u; q = q + 1u) {
-                let v = a4[(a_base + min(k_own, p.k_end - 1u) * p.m + min(row0 + 4u * q, p.m - 4u)) / 4u];
+                let v = a4((a_base + min(k_own, p.k_end - 1u) * p.m + min(row0 + 4u * q, p.m - 4u)) / 4u);
                 a_own4[q] = select(vec4<f32>(0.0), v, k_own < p.k_end);
             }
         }
@@ -93,17 +115,17 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             var bq: array<vec4<f32>, 4>;
             if (TRANS_B) {
                 let kq = min(k0 + j4, p.k_end - 4u);
-                let c0 = b4[(b_base + cc.x * p.k + kq) / 4u];
-                let c1 = b4[(b_base + cc.y * p.k + kq) / 4u];
-                let c2 = b4[(b_base + cc.z * p.k + kq) / 4u];
-                let c3 = b4[(b_base + cc.w * p.k + kq) / 4u];
+                let c0 = b4((b_base + cc.x * p.k + kq) / 4u);
+                let c1 = b4((b_base + cc.y * p.k + kq) / 4u);
+                let c2 = b4((b_base + cc.z * p.k + kq) / 4u);
+                let c3 = b4((b_base + cc.w * p.k + kq) / 4u);
                 bq[0] = vec4<f32>(c0.x, c1.x, c2.x, c3.x);
                 bq[1] = vec4<f32>(c0.y, c1.y, c2.y, c3.y);
                 bq[2] = vec4<f32>(c0.z, c1.z, c2.z, c3.z);
                 bq[3] = vec4<f32>(c0.w, c1.w, c2.w, c3.w);
             } else {
                 for (var t = 0u; t < 4u; t = t + 1u) {
-                    bq[t] = b4[(b_base + min(k0 + j4 + t, p.k_end - 1u) * p.n + min(col0, p.n - 4u)) / 4u];
+                    bq[t] = b4((b_base + min(k0 + j4 + t, p.k_end - 1u) * p.n + min(col0, p.n - 4u)) / 4u);
                 }
             }
             if (!TRANS_A) {

@@ -159,3 +159,44 @@ fn index_select_gradient_over_many_indices() {
         assert!((*a as f64 - b).abs() < 1e-3 * (1.0 + b.abs()), "got {got:?} want {want:?}");
     }
 }
+
+/// The subgroup kernels read texture copies of their operands; operands that are sub-ranges of a buffer at any
+/// 4-byte offset (which a texture copy cannot start from) are copied out first, and a last partial texel is
+/// copied whole. Both kernels (scalar and 16-byte loads), each transpose.
+#[test]
+fn subgroup_kernels_read_operands_at_any_offset() {
+    let g = require_gpu();
+    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() {
+        return; // no subgroups here: the variant never runs (the first test checks lavapipe runs it)
+    }
+    let mut rng = test_rng("texture operands");
+    for (m, n, k) in [(13, 9, 11), (16, 32, 64)] {
+        for (ta, tb) in [(false, false), (true, true), (false, true), (true, false)] {
+            let a_host: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let b_host: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+            // Each operand sits 1 + rng.below(7) floats into a bigger buffer.
+            let (a_skip, b_skip) = (1 + rng.below(7), 1 + rng.below(7));
+            let place = |host: &[f32], skip: usize| {
+                let mut data = vec![0f32; skip];
+                data.extend_from_slice(host);
+                data.extend(std::iter::repeat_n(f32::NAN, 5)); // past the operand: must never be read
+                let view = g.upload(bytemuck::cast_slice(&data), "offset operand").unwrap();
+                view.sub(4 * skip as u64, 4 * host.len() as u64)
+            };
+            let (a, b) = (place(&a_host, a_skip), place(&b_host, b_skip));
+            let at = |r: usize, kk: usize| if ta { a_host[kk * m + r] } else { a_host[r * k + kk] } as f64;
+            let bt = |kk: usize, c: usize| if tb { b_host[c * k + kk] } else { b_host[kk * n + c] } as f64;
+            for v in [MatmulVariant::Subgroup(8), MatmulVariant::Subgroup(16)] {
+                let c = kernels::matmul_with(v, &a, &b, 1, m, n, k, 0, 0, ta, tb).unwrap();
+                let got: Vec<f32> = bytemuck::cast_slice(&g.read(&c).unwrap()[..4 * m * n]).to_vec();
+                for r in 0..m {
+                    for col in 0..n {
+                        let want: f64 = (0..k).map(|kk| at(r, kk) * bt(kk, col)).sum();
+                        let err = (got[r * n + col] as f64 - want).abs();
+                        assert!(err < 1e-4 * (1.0 + want.abs()), "{} {m}x{n}x{k} ta {ta} tb {tb} offsets {a_skip}/{b_skip}: C[{r},{col}] = {} want {want}", v.name(), got[r * n + col]);
+                    }
+                }
+            }
+        }
+    }
+}

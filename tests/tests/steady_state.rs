@@ -27,3 +27,27 @@ fn repeated_steps_reuse_every_bind_group() {
     assert_eq!(b.bind_groups_per_step, 0.0, "bind groups created per step after warm-up");
     assert_eq!(b.buffers_created_after_first_step, 0);
 }
+
+#[test]
+fn profiling_times_every_dispatch_by_kernel() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let g = kiln_tests::require_gpu();
+    if !g.features.contains(kiln_graph::backend::wgpu::Features::TIMESTAMP_QUERY) {
+        return; // no timestamps on this adapter: profiling records nothing (and says so in `kiln bench`)
+    }
+    g.set_profiling(true);
+    g.profile_take().unwrap();
+    let before = kiln_graph::backend::thread_stats().dispatches;
+    let b = kiln_models::bench::bench_step("mlp", [1, 28, 28], 10, 16, 10);
+    let after = kiln_graph::backend::thread_stats().dispatches;
+    g.set_profiling(false);
+    let b = b.unwrap();
+    // The timed steps' kernels: matmuls and the optimizer among them, each dispatch counted once.
+    let names: Vec<&str> = b.kernels.iter().map(|k| k.kernel.as_str()).collect();
+    assert!(names.iter().any(|k| k.starts_with("matmul")), "{names:?}");
+    assert!(names.contains(&"optim::adam_step"), "{names:?}");
+    let per_step: f64 = b.kernels.iter().map(|k| k.dispatches_per_step).sum();
+    let all_steps = (after - before) as f64; // 2 warm-up + 10 timed steps
+    assert!((per_step * 12.0 - all_steps).abs() < 1e-6, "{per_step} dispatches per timed step, {all_steps} in 12 steps");
+    assert!(b.kernels.iter().all(|k| k.ms_per_step > 0.0), "{:?}", b.kernels);
+}

@@ -1,7 +1,7 @@
 //! Raw kernel launchers: one function per WGSL entry point, on pooled buffers, no autograd. Ops (ops.rs) and
 //! the optimizers (kiln-nn) call these; nothing above kiln-graph touches wgpu.
 
-use kiln_wgpu::{gpu, grid_1d, BufView, Dispatch, Shader};
+use kiln_wgpu::{gpu, grid_1d, BufView, Dispatch, Shader, TexView};
 
 use crate::error::{invalid, Result};
 
@@ -88,7 +88,13 @@ fn out(n: usize, what: &str) -> Result<BufView> {
 }
 
 pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], workgroups: [u32; 3]) -> Result<()> {
-    gpu()?.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, workgroups })?;
+    launch_textured(shader, entry, constants, params, inputs, outputs, &[], workgroups)
+}
+
+/// `launch` with texture copies of some operands bound after the outputs.
+#[allow(clippy::too_many_arguments)]
+fn launch_textured(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], textures: &[&TexView], workgroups: [u32; 3]) -> Result<()> {
+    gpu()?.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, textures, workgroups })?;
     Ok(())
 }
 
@@ -450,6 +456,9 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     }
     let (ta, tb) = (trans_a as u32 as f64, trans_b as u32 as f64);
     let b32 = batch as u32;
+    // Texture copies of both operands, for the kernels that read them from textures.
+    let mut textures: Vec<TexView> = Vec::new();
+    let (mut a, mut b) = (a.clone(), b.clone());
     let (entry, consts, groups): (&'static str, Vec<(&'static str, f64)>, [u32; 3]) = match variant {
         MatmulVariant::Naive => ("matmul_naive", vec![("WG_X", 16.0), ("WG_Y", 16.0)], [n.div_ceil(16) as u32, m.div_ceil(16) as u32, b32]),
         MatmulVariant::Blocked | MatmulVariant::Vec4 => {
@@ -475,6 +484,11 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
             let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride % 4 == 0;
             let b_vec4 = (if trans_b { k } else { n }) % 4 == 0 && b_batch_stride % 4 == 0;
             let groups = [n.div_ceil(32) as u32, m.div_ceil(rows as usize) as u32, b32];
+            // Both kernels read texture copies of the operands (matmul_subgroup.wgsl says why).
+            let (a_tex, a_src) = texture_copy(&a, "matmul operand A")?;
+            let (b_tex, b_src) = texture_copy(&b, "matmul operand B")?;
+            textures = vec![a_tex, b_tex];
+            (a, b) = (a_src, b_src);
             if a_vec4 && b_vec4 {
                 ("matmul_subgroup_vec4", vec![("RB", rows as f64), ("KC", if trans_a { 8.0 } else { 32.0 })], groups)
             } else {
@@ -491,9 +505,22 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     for (i, k0) in (0..k).step_by(step).enumerate() {
         let k1 = (k0 + step).min(k);
         let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32((i > 0) as usize);
-        launch(shader, entry, &consts, p, &[a, b], &[&c], groups)?;
+        launch_textured(shader, entry, &consts, p, &[&a, &b], &[&c], &textures.iter().collect::<Vec<_>>(), groups)?;
     }
     Ok(c)
+}
+
+/// A texture copy of `view`, and the view it was copied from: a view at an offset a texture copy cannot start
+/// from is first copied to a buffer of its own (which also binds where `view` could not).
+fn texture_copy(view: &BufView, what: &str) -> Result<(TexView, BufView)> {
+    let g = gpu()?;
+    let align = (g.limits.min_storage_buffer_offset_alignment as u64).max(16);
+    if view.offset % align == 0 && view.offset + view.bytes.div_ceil(16) * 16 <= view.buffer.capacity() {
+        return Ok((g.texture_of(view, what)?, view.clone()));
+    }
+    let own = out(view.bytes.div_ceil(4) as usize, what)?;
+    g.copy(view, &own, view.bytes.div_ceil(4) * 4)?;
+    Ok((g.texture_of(&own, what)?, own))
 }
 
 /// How much of k one matmul dispatch may cover. Lavapipe (Mesa's gallivm: CPU adapters) ends an invocation's

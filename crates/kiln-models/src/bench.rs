@@ -25,6 +25,16 @@ pub struct StepBench {
     pub bind_groups_per_step: f64,
     pub peak_gpu_bytes: u64,
     pub parameters: usize,
+    /// Under profiling (`KILN_PROFILE=1`): each kernel's dispatches and GPU ms per step, slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<KernelShare>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelShare {
+    pub kernel: String,
+    pub dispatches_per_step: f64,
+    pub ms_per_step: f64,
 }
 
 /// Times `steps` training steps (forward, backward, Adam, loss readback) of an architecture from the zoo on
@@ -57,10 +67,13 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
     step(&mut host)?;
     host.clear();
     let warm = thread_stats();
+    g.profile_take()?;
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps.max(1) {
         times.push(step(&mut host)?);
     }
+    let per_step = steps.max(1) as f64;
+    let kernels = g.profile_take()?.into_iter().map(|k| KernelShare { kernel: k.kernel, dispatches_per_step: k.dispatches as f64 / per_step, ms_per_step: k.ms / per_step }).collect();
     host.sort_by(f64::total_cmp);
     let end = thread_stats();
     times.sort_by(f64::total_cmp);
@@ -78,5 +91,6 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
         bind_groups_per_step: (end.bind_groups_created - warm.bind_groups_created) as f64 / steps.max(1) as f64,
         peak_gpu_bytes: g.stats().peak_live_bytes,
         parameters: vs.num_values(),
+        kernels,
     })
 }

@@ -264,6 +264,7 @@ pub fn measure_roofs() -> R<Roofs> {
             params: p.bytes(),
             inputs: &[src],
             outputs: &[dst],
+            textures: &[],
             workgroups: [groups.min(65535), groups.div_ceil(65535), 1],
         };
         g.dispatch(&d)?;
@@ -727,6 +728,12 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
             rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);
             rec.peak_gpu_bytes = Some(b.peak_gpu_bytes);
             ctx.push(rec);
+            if !b.kernels.is_empty() {
+                println!("    where its GPU time goes (KILN_PROFILE; each dispatch timed alone): {:.3} ms/step in all", b.kernels.iter().map(|k| k.ms_per_step).sum::<f64>());
+                for k in b.kernels.iter().take(12) {
+                    println!("    {:<44} {:>6.1} dispatches {:>9.3} ms", k.kernel, k.dispatches_per_step, k.ms_per_step);
+                }
+            }
         }
     }
     Ok(())

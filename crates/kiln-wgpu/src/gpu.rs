@@ -26,6 +26,8 @@ pub struct Dispatch<'a> {
     pub params: &'a [u8],
     pub inputs: &'a [&'a BufView],
     pub outputs: &'a [&'a BufView],
+    /// Read-only texture copies of buffers (`Gpu::texture_of`), bound as `texture_2d<f32>` after the outputs.
+    pub textures: &'a [&'a TexView],
     pub workgroups: [u32; 3],
 }
 
@@ -57,6 +59,40 @@ impl PooledBuffer {
     }
     pub fn capacity(&self) -> u64 {
         self.class
+    }
+}
+
+/// Texels per row of a `TexView` (4096 floats, 16 KiB: a multiple of the 256-byte copy row alignment).
+pub const TEX_ROW_TEXELS: u32 = 1024;
+
+/// A read-only rgba32float copy of a buffer range: float i lies in texel (i / 4 % 1024, i / 4 / 1024), component
+/// i % 4. Lavapipe (Mesa's CPU driver) fetches texels with vector gathers but reads storage buffers one lane at a
+/// time in a branchy loop: 8x slower per float, measured (README "How it runs"). Kernels that read an operand
+/// many times read it from one of these. Pooled by row count like buffers; cheap to clone.
+#[derive(Clone)]
+pub struct TexView {
+    texture: Arc<PooledTexture>,
+    /// Floats copied in.
+    pub floats: u64,
+}
+
+pub struct PooledTexture {
+    raw: Option<(wgpu::Texture, wgpu::TextureView)>,
+    rows: u32,
+    serial: u64,
+}
+
+impl PooledTexture {
+    fn raw(&self) -> &(wgpu::Texture, wgpu::TextureView) {
+        self.raw.as_ref().expect("a live texture")
+    }
+}
+
+impl Drop for PooledTexture {
+    fn drop(&mut self) {
+        if let (Some(raw), Some(gpu)) = (self.raw.take(), GPU.get()) {
+            gpu.release_texture(raw, self.rows, self.serial);
+        }
     }
 }
 
@@ -104,14 +140,24 @@ struct PipelineKey {
     constants: Vec<(&'static str, u64)>,
     inputs: usize,
     outputs: usize,
+    textures: usize,
+}
+
+/// Bindings after the params: read-only storage buffers, read-write ones, textures.
+type LayoutKey = (usize, usize, usize);
+
+impl PipelineKey {
+    fn layout(&self) -> LayoutKey {
+        (self.inputs, self.outputs, self.textures)
+    }
 }
 
 #[derive(Hash, PartialEq, Eq)]
 struct BindKey {
-    inputs: usize,
-    outputs: usize,
+    layout: LayoutKey,
     /// (buffer, offset, size) per storage binding, in binding order.
     ranges: Vec<(wgpu::Buffer, u64, u64)>,
+    textures: Vec<wgpu::Texture>,
 }
 
 struct State {
@@ -125,11 +171,14 @@ struct State {
     /// Buffers freed while the open recording may still read them: they rejoin the pool after the next submit, so
     /// a `queue.write_buffer` into a reused buffer can never land before the dispatches recorded earlier.
     quarantine: Vec<(wgpu::Buffer, u64, u64)>,
+    /// Free textures by row count (a power of two), by serial. A texture is only written by copies recorded in
+    /// the command stream, after every earlier read of it, so it returns here at once when dropped.
+    texture_pool: HashMap<u32, std::collections::BTreeMap<u64, (wgpu::Texture, wgpu::TextureView)>>,
     readback_pool: HashMap<u64, Vec<wgpu::Buffer>>,
     ring: wgpu::Buffer,
     ring_host: Vec<u8>,
     modules: HashMap<&'static str, wgpu::ShaderModule>,
-    layouts: HashMap<(usize, usize), (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    layouts: HashMap<LayoutKey, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     /// Bind groups by layout and bound buffer ranges. A training step whose shapes repeat draws the same
     /// pooled buffers in the same order each time, so from its second step on every dispatch finds its bind
@@ -141,6 +190,28 @@ struct State {
     query_set: Option<wgpu::QuerySet>,
     timestamps_armed: bool,
     timestamps_written: bool,
+    profile: Profile,
+}
+
+/// Dispatches per profiled submit (two timestamps each).
+const PROFILE_SLOTS: u32 = 1024;
+
+/// Per-kernel GPU time under profiling: timestamps around each dispatch, read back at each submit.
+#[derive(Default)]
+struct Profile {
+    query_set: Option<wgpu::QuerySet>,
+    /// The kernel of each timestamp pair recorded since the last submit.
+    pending: Vec<String>,
+    totals: HashMap<String, (u64, f64)>,
+}
+
+/// One kernel's share of the GPU time since profiling began (`Gpu::profile_take`).
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    /// `shader::entry`.
+    pub kernel: String,
+    pub dispatches: u64,
+    pub ms: f64,
 }
 
 /// The device context. Get it with [`gpu()`].
@@ -154,6 +225,8 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Option<String>>>,
     dump_dir: Option<std::path::PathBuf>,
     log: bool,
+    /// `KILN_PROFILE=1` (or `set_profiling`): every dispatch in a pass of its own between two timestamps.
+    profiling: std::sync::atomic::AtomicBool,
     binding_limit: u64,
 }
 
@@ -277,6 +350,7 @@ impl Gpu {
             pass: None,
             pool: HashMap::new(),
             quarantine: Vec::new(),
+            texture_pool: HashMap::new(),
             next_serial: 0,
             readback_pool: HashMap::new(),
             ring,
@@ -290,6 +364,7 @@ impl Gpu {
             query_set: None,
             timestamps_armed: false,
             timestamps_written: false,
+            profile: Profile::default(),
         };
         Ok(Gpu {
             info,
@@ -302,6 +377,7 @@ impl Gpu {
             dump_dir: std::env::var_os("KILN_DUMP_WGSL").map(Into::into),
             binding_limit: std::env::var("KILN_MAX_BINDING_BYTES").ok().and_then(|v| v.parse::<u64>().ok()).map(|v| v.max(1024)).unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size as u64),
             log: std::env::var("KILN_LOG").map(|v| v != "0").unwrap_or(false),
+            profiling: std::sync::atomic::AtomicBool::new(std::env::var("KILN_PROFILE").map(|v| v != "0").unwrap_or(false)),
         })
     }
 
@@ -380,6 +456,75 @@ impl Gpu {
         Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class, serial }), offset: 0, bytes })
     }
 
+    /// Copies `view` (at a 16-byte aligned offset) into a pooled texture for kernels that read it many times
+    /// (see `TexView`). A last partial texel is copied whole from the buffer's spare bytes (its tail is garbage
+    /// the kernels never read); a view without them is an error. The copy is recorded in the open command stream.
+    pub fn texture_of(&self, view: &BufView, what: &str) -> Result<TexView> {
+        let texels = view.bytes.div_ceil(16);
+        let rows = texels.div_ceil(TEX_ROW_TEXELS as u64).max(1);
+        if view.offset % 16 != 0 || view.offset + 16 * texels > view.buffer.capacity() {
+            return Err(GpuError::Validation { context: format!("texture copy of {what}"), message: format!("{} bytes at byte offset {} of a {}-byte buffer: the offset must be a multiple of 16 and the last texel within the buffer", view.bytes, view.offset, view.buffer.capacity()) });
+        }
+        if rows > self.limits.max_texture_dimension_2d as u64 {
+            return Err(GpuError::BindingTooLarge { bytes: view.bytes, limit: self.limits.max_texture_dimension_2d as u64 * TEX_ROW_TEXELS as u64 * 16, what: format!("texture copy of {what}") });
+        }
+        let class = (rows as u32).next_power_of_two().min(self.limits.max_texture_dimension_2d);
+        let bytes = class as u64 * TEX_ROW_TEXELS as u64 * 16;
+        let mut st = self.lock();
+        let (serial, raw) = match st.texture_pool.get_mut(&class).and_then(|free| free.pop_first()) {
+            Some(t) => t,
+            None => {
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+                    label: Some("kiln operand texture"),
+                    size: wgpu::Extent3d { width: TEX_ROW_TEXELS, height: class, depth_or_array_layers: 1 },
+                    mip_level_count: 1,
+                    sample_count: 1,
+                    dimension: wgpu::TextureDimension::D2,
+                    format: wgpu::TextureFormat::Rgba32Float,
+                    usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                    view_formats: &[],
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    return Err(GpuError::OutOfMemory { requested: bytes, what: format!("texture copy of {what}"), detail: format!("{e}; {} bytes already in use", st.stats.live_bytes) });
+                }
+                let tv = texture.create_view(&wgpu::TextureViewDescriptor::default());
+                st.stats.buffers_created += 1;
+                st.stats.bytes_created += bytes;
+                count_thread(0, 1, bytes);
+                st.next_serial += 1;
+                (st.next_serial, (texture, tv))
+            }
+        };
+        st.stats.live_bytes += bytes;
+        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
+        Self::end_pass(&mut st);
+        let row_bytes = TEX_ROW_TEXELS as u64 * 16;
+        let (full_rows, tail) = (texels / TEX_ROW_TEXELS as u64, texels % TEX_ROW_TEXELS as u64);
+        let enc = self.encoder(&mut st);
+        let mut copy = |offset: u64, y: u64, width: u64, height: u64| {
+            enc.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo { buffer: view.buffer.raw(), layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes as u32), rows_per_image: None } },
+                wgpu::TexelCopyTextureInfo { texture: &raw.0, mip_level: 0, origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 }, aspect: wgpu::TextureAspect::All },
+                wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
+            );
+        };
+        if full_rows > 0 {
+            copy(view.offset, 0, TEX_ROW_TEXELS as u64, full_rows);
+        }
+        if tail > 0 {
+            copy(view.offset + full_rows * row_bytes, full_rows, tail, 1);
+        }
+        st.recorded_ops += 1;
+        Ok(TexView { texture: Arc::new(PooledTexture { raw: Some(raw), rows: class, serial }), floats: view.bytes / 4 })
+    }
+
+    fn release_texture(&self, raw: (wgpu::Texture, wgpu::TextureView), rows: u32, serial: u64) {
+        let mut st = self.lock();
+        st.stats.live_bytes = st.stats.live_bytes.saturating_sub(rows as u64 * TEX_ROW_TEXELS as u64 * 16);
+        st.texture_pool.entry(rows).or_default().insert(serial, raw);
+    }
+
     fn release(&self, raw: wgpu::Buffer, class: u64, serial: u64) {
         let mut st = self.lock();
         st.stats.live_bytes = st.stats.live_bytes.saturating_sub(class);
@@ -440,8 +585,8 @@ impl Gpu {
         Ok(())
     }
 
-    fn layout(&self, st: &mut State, inputs: usize, outputs: usize) {
-        st.layouts.entry((inputs, outputs)).or_insert_with(|| {
+    fn layout(&self, st: &mut State, (inputs, outputs, textures): LayoutKey) {
+        st.layouts.entry((inputs, outputs, textures)).or_insert_with(|| {
             let mut entries = vec![wgpu::BindGroupLayoutEntry {
                 binding: 0,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -456,6 +601,18 @@ impl Gpu {
                         ty: wgpu::BufferBindingType::Storage { read_only: i < inputs },
                         has_dynamic_offset: false,
                         min_binding_size: None,
+                    },
+                    count: None,
+                });
+            }
+            for i in 0..textures {
+                entries.push(wgpu::BindGroupLayoutEntry {
+                    binding: (1 + inputs + outputs + i) as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
                     },
                     count: None,
                 });
@@ -478,19 +635,20 @@ impl Gpu {
             constants: d.constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
             inputs: d.inputs.len(),
             outputs: d.outputs.len(),
+            textures: d.textures.len(),
         };
         if st.pipelines.contains_key(&key) {
             return Ok(key);
         }
         self.module(st, d.shader)?;
-        self.layout(st, key.inputs, key.outputs);
+        self.layout(st, key.layout());
         if let Some(dir) = &self.dump_dir {
             self.dump(dir, d)?;
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(d.entry),
-            layout: Some(&st.layouts[&(key.inputs, key.outputs)].1),
+            layout: Some(&st.layouts[&key.layout()].1),
             module: &st.modules[d.shader.name],
             entry_point: Some(d.entry),
             compilation_options: wgpu::PipelineCompilationOptions { constants: d.constants, zero_initialize_workgroup_memory: false },
@@ -553,9 +711,9 @@ impl Gpu {
         st.ring_host.extend_from_slice(&params);
 
         let bind_key = BindKey {
-            inputs: key.inputs,
-            outputs: key.outputs,
+            layout: key.layout(),
             ranges: d.inputs.iter().chain(d.outputs).map(|v| (v.buffer.raw().clone(), v.offset, v.bytes.max(4))).collect(),
+            textures: d.textures.iter().map(|t| t.texture.raw().0.clone()).collect(),
         };
         let bind_group = match st.bind_groups.get(&bind_key) {
             Some(bg) => bg.clone(),
@@ -570,7 +728,11 @@ impl Gpu {
                         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: wgpu::BufferSize::new(*bytes) }),
                     });
                 }
-                let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &st.layouts[&(key.inputs, key.outputs)].0, entries: &entries });
+                let first_texture = 1 + bind_key.ranges.len() as u32;
+                for (i, t) in d.textures.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry { binding: first_texture + i as u32, resource: wgpu::BindingResource::TextureView(&t.texture.raw().1) });
+                }
+                let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &st.layouts[&key.layout()].0, entries: &entries });
                 if st.bind_groups.len() >= BIND_GROUP_CACHE {
                     st.bind_groups.clear();
                 }
@@ -580,6 +742,24 @@ impl Gpu {
                 bg
             }
         };
+        let profiled = self.profiling.load(std::sync::atomic::Ordering::Relaxed) && self.features.contains(wgpu::Features::TIMESTAMP_QUERY);
+        if profiled {
+            if st.profile.pending.len() as u32 >= PROFILE_SLOTS {
+                drop(st);
+                self.flush()?;
+                st = self.lock();
+            }
+            Self::end_pass(&mut st);
+            if st.profile.query_set.is_none() {
+                st.profile.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln profile"), ty: wgpu::QueryType::Timestamp, count: 2 * PROFILE_SLOTS }));
+            }
+            let slot = 2 * st.profile.pending.len() as u32;
+            st.profile.pending.push(format!("{}::{}", d.shader.name.trim_end_matches(".wgsl"), d.entry));
+            let qs = st.profile.query_set.clone().expect("created above");
+            let writes = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(slot), end_of_pass_write_index: Some(slot + 1) };
+            let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(writes) });
+            st.pass = Some(pass.forget_lifetime());
+        }
         if st.pass.is_none() {
             // Under `gpu_time_ms` the pass writes a timestamp when it starts and when it ends.
             let query_set = if st.timestamps_armed { st.query_set.clone() } else { None };
@@ -596,6 +776,9 @@ impl Gpu {
         let [x, y, z] = d.workgroups;
         if x > 0 && y > 0 && z > 0 {
             pass.dispatch_workgroups(x, y, z);
+        }
+        if profiled {
+            Self::end_pass(&mut st);
         }
         st.stats.dispatches += 1;
         st.recorded_ops += 1;
@@ -625,6 +808,19 @@ impl Gpu {
     pub fn flush(&self) -> Result<Option<wgpu::SubmissionIndex>> {
         let mut st = self.lock();
         Self::end_pass(&mut st);
+        let profiled = std::mem::take(&mut st.profile.pending);
+        let mut profile_readback = None;
+        if !profiled.is_empty() {
+            let n = 2 * profiled.len() as u64;
+            let usage = |u| wgpu::BufferDescriptor { label: Some("kiln profile"), size: 8 * n, usage: u, mapped_at_creation: false };
+            let resolved = self.device.create_buffer(&usage(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC));
+            let readback = self.device.create_buffer(&usage(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST));
+            let qs = st.profile.query_set.clone().expect("set up by dispatch");
+            let enc = self.encoder(&mut st);
+            enc.resolve_query_set(&qs, 0..n as u32, &resolved, 0);
+            enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 8 * n);
+            profile_readback = Some(readback);
+        }
         let Some(encoder) = st.encoder.take() else {
             return Ok(None);
         };
@@ -644,7 +840,52 @@ impl Gpu {
             eprintln!("[kiln] submit: {ops} recorded commands");
         }
         self.check_errors(&format!("a submit of {ops} commands"))?;
+        if let Some(readback) = profile_readback {
+            self.collect_profile(&readback, profiled)?;
+        }
         Ok(Some(index))
+    }
+
+    /// Waits for a profiled submit and adds each dispatch's time to its kernel's total.
+    fn collect_profile(&self, readback: &wgpu::Buffer, kernels: Vec<String>) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
+        rx.recv().map_err(|e| GpuError::Poll(e.to_string()))?.map_err(|e| GpuError::Poll(e.to_string()))?;
+        let ticks: Vec<u64> = {
+            let view = readback.get_mapped_range(..).map_err(|e| GpuError::Poll(e.to_string()))?;
+            view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        };
+        let period = self.queue.get_timestamp_period() as f64;
+        let mut st = self.lock();
+        for (kernel, t) in kernels.into_iter().zip(ticks.chunks_exact(2)) {
+            let entry = st.profile.totals.entry(kernel).or_insert((0, 0.0));
+            entry.0 += 1;
+            entry.1 += t[1].saturating_sub(t[0]) as f64 * period / 1e6;
+        }
+        Ok(())
+    }
+
+    /// Turns per-dispatch profiling on or off (also `KILN_PROFILE=1`). While on, each dispatch runs in a compute
+    /// pass of its own between two timestamps and each submit waits for its timings: slower, for finding where
+    /// a step's time goes, not for timing it. `gpu_time_ms` reads nothing while it is on.
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profiling.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The per-kernel GPU time gathered since the last call, slowest first; clears it.
+    pub fn profile_take(&self) -> Result<Vec<KernelTime>> {
+        self.flush()?;
+        let totals = std::mem::take(&mut self.lock().profile.totals);
+        let mut out: Vec<KernelTime> = totals.into_iter().map(|(kernel, (dispatches, ms))| KernelTime { kernel, dispatches, ms }).collect();
+        out.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(out)
     }
 
     fn check_errors(&self, context: &str) -> Result<()> {
