@@ -84,7 +84,7 @@ fn broken_shader_is_an_error_naming_it() {
     let out = gpu().unwrap().alloc(16, "out").unwrap();
     let err = gpu()
         .unwrap()
-        .dispatch(&Dispatch { shader: &BROKEN, entry: "main", constants: &[], params: &[], inputs: &[], outputs: &[&out], workgroups: [1, 1, 1] })
+        .dispatch(&Dispatch { shader: &BROKEN, entry: "main", constants: &[], params: &[], inputs: &[], outputs: &[&out], textures: &[], workgroups: [1, 1, 1] })
         .expect_err("a shader that does not compile must be an error");
     assert!(err.to_string().contains("broken_test.wgsl"), "{err}");
 }
