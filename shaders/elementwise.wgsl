@@ -128,6 +128,36 @@ fn act_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     ba_y[i] = ba_x[i] * activation_slope(ba_b[i]);
 }
 
+// The same two with texture reads and 16-byte stores, 4 elements per invocation (CPU adapters; texel.wgsl).
+// y4 is bound rounded up to whole texels: the last one's spare lanes are written and never read.
+@group(0) @binding(1) var<storage, read_write> ba_y4: array<vec4<f32>>;
+@group(0) @binding(2) var ba_x_tex: texture_2d<f32>;
+@group(0) @binding(3) var ba_b_tex: texture_2d<f32>;
+
+@compute @workgroup_size(WG)
+fn bias_act_forward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let v = gid.x + gid.y * nwg.x * WG;
+    let i = 4u * v;
+    if (i >= bap.n) { return; }
+    var b: vec4<f32>;
+    if (bap.inner % 4u == 0u) {
+        b = vec4<f32>(texel_elem(ba_b_tex, (i / bap.inner) % bap.channels)); // one channel per texel
+    } else {
+        let c = (vec4<u32>(i) + vec4<u32>(0u, 1u, 2u, 3u)) / bap.inner % bap.channels;
+        b = vec4<f32>(texel_elem(ba_b_tex, c.x), texel_elem(ba_b_tex, c.y), texel_elem(ba_b_tex, c.z), texel_elem(ba_b_tex, c.w));
+    }
+    let x = texel(ba_x_tex, v) + b;
+    ba_y4[v] = vec4<f32>(activate(x.x), activate(x.y), activate(x.z), activate(x.w));
+}
+
+@compute @workgroup_size(WG)
+fn act_backward4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let v = gid.x + gid.y * nwg.x * WG;
+    if (4u * v >= bap.n) { return; }
+    let y = texel(ba_b_tex, v);
+    ba_y4[v] = texel(ba_x_tex, v) * vec4<f32>(activation_slope(y.x), activation_slope(y.y), activation_slope(y.z), activation_slope(y.w));
+}
+
 // ---- random_uniform: y[i] = U[0, 1) from a counter-based hash of (seed, offset + i) ------------------------
 // Seeded on the GPU and independent of the dispatch shape, so the same seed gives the same numbers anywhere.
 // y: [n]

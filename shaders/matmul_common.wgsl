@@ -5,7 +5,12 @@
 
 // Each dispatch sums k in [k_begin, k_end) and adds to C when `accumulate` is set: the launcher splits long k
 // ranges into several dispatches (lavapipe ends an invocation's loops after 65535 iterations in all).
-struct MatmulParams { m: u32, n: u32, k: u32, a_batch_stride: u32, b_batch_stride: u32, k_begin: u32, k_end: u32, accumulate: u32 }
+struct MatmulParams {
+    m: u32, n: u32, k: u32, a_batch_stride: u32, b_batch_stride: u32, k_begin: u32, k_end: u32, accumulate: u32,
+    // The convolution conv_gemm (matmul_subgroup.wgsl) gathers B from; plain products leave these 0.
+    c_in: u32, h: u32, w: u32, kh: u32, kw: u32, oh: u32, ow: u32,
+    stride_h: u32, stride_w: u32, pad_h: u32, pad_w: u32, dil_h: u32, dil_w: u32, _pad: u32,
+}
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;

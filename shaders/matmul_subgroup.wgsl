@@ -151,3 +151,105 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
     }
     store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
 }
+
+// ---- conv_gemm: a convolution as a product whose B operand is gathered from an image on the fly ---------------
+// No im2col buffer is written or read back: each B element is fetched from a texture copy of the image (x, or
+// the output gradient) at the position its (k, column) pair names. The k index's split into (channel, tap) is
+// stepped along, never divided: lavapipe turns a vector division into one division per lane.
+//   B_SOURCE 1 (forward):          B[(ci, ky, kx), (oy, ox)] = x[b, ci, oy*sh - ph + ky*dh, ox*sw - pw + kx*dw]
+//   B_SOURCE 2 (weight gradient):  B[(oy, ox), (ci, ky, kx)], the same element (B is im2col(x) transposed)
+//   B_SOURCE 3 (input gradient, stride 1):  B[(co, ky, kx), (iy, ix)] = dy[b, co, iy + ph - ky*dh, ix + pw - kx*dw]
+// and 0 where the position falls outside the image. A is an ordinary operand (a_tex): the weight [c_out, k],
+// the output gradient [c_out, oh*ow] per sample, or the weight permuted to [c_in, c_out*kh*kw].
+override B_SOURCE: u32 = 1u;
+
+// Where k index kk sits: (channel, ky, kx) for sources 1 and 3, (oy, ox, 0) for source 2.
+fn conv_k_split(kk: u32) -> vec3<u32> {
+    if (B_SOURCE == 2u) { return vec3<u32>(kk / p.ow, kk % p.ow, 0u); }
+    let taps = p.kh * p.kw;
+    return vec3<u32>(kk / taps, (kk % taps) / p.kw, kk % p.kw);
+}
+
+// The split of the k index after s's.
+fn conv_k_next(s: vec3<u32>) -> vec3<u32> {
+    if (B_SOURCE == 2u) {
+        let wrap = s.y + 1u == p.ow;
+        return vec3<u32>(s.x + select(0u, 1u, wrap), select(s.y + 1u, 0u, wrap), 0u);
+    }
+    let wrap_x = s.z + 1u == p.kw;
+    let wrap_y = wrap_x && s.y + 1u == p.kh;
+    return vec3<u32>(s.x + select(0u, 1u, wrap_y), select(select(s.y, s.y + 1u, wrap_x), 0u, wrap_y), select(s.z + 1u, 0u, wrap_x));
+}
+
+fn b_elem(i: u32) -> f32 {
+    return b4(i / 4u)[i % 4u];
+}
+
+// B at k split s for this lane's 4 columns, whose fixed parts of the position are (col_c, col_a, col_b):
+// (-, oy*sh - ph, ox*sw - pw) for source 1, (ci, ky*dh - ph, kx*dw - pw) for 2, (-, iy + ph, ix + pw) for 3.
+fn conv_b(base: u32, s: vec3<u32>, col_c: vec4<u32>, col_a: vec4<i32>, col_b: vec4<i32>, live: bool) -> vec4<f32> {
+    var plane = vec4<u32>(s.x);
+    var yy: vec4<i32>;
+    var xx: vec4<i32>;
+    var dims = vec2<u32>(p.h, p.w);
+    if (B_SOURCE == 1u) {
+        yy = col_a + i32(s.y * p.dil_h);
+        xx = col_b + i32(s.z * p.dil_w);
+    } else if (B_SOURCE == 2u) {
+        plane = col_c;
+        yy = col_a + i32(s.x * p.stride_h);
+        xx = col_b + i32(s.y * p.stride_w);
+    } else {
+        yy = col_a - i32(s.y * p.dil_h);
+        xx = col_b - i32(s.z * p.dil_w);
+        dims = vec2<u32>(p.oh, p.ow);
+    }
+    let inside = (yy >= vec4<i32>(0)) & (yy < vec4<i32>(i32(dims.x))) & (xx >= vec4<i32>(0)) & (xx < vec4<i32>(i32(dims.y))) & vec4<bool>(live);
+    let at = select(vec4<u32>(0u), vec4<u32>(base) + (plane * dims.x + vec4<u32>(yy)) * dims.y + vec4<u32>(xx), inside);
+    return select(vec4<f32>(0.0), vec4<f32>(b_elem(at.x), b_elem(at.y), b_elem(at.z), b_elem(at.w)), inside);
+}
+
+// matmul_subgroup with B from conv_b: the same lanes, shuffles and edges.
+@compute @workgroup_size(8, 1, 1)
+fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
+             @builtin(subgroup_invocation_id) lane: u32) {
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let row0 = wid.y * RB;
+    let first = lane - lid.x;
+    let a_base = wid.z * p.a_batch_stride;
+    let b_base = wid.z * p.b_batch_stride;
+    let cc = min(vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u));
+    var col_c = vec4<u32>(0u);
+    var col_a: vec4<i32>;
+    var col_b: vec4<i32>;
+    if (B_SOURCE == 1u) {
+        col_a = vec4<i32>((cc / p.ow) * p.stride_h) - vec4<i32>(i32(p.pad_h));
+        col_b = vec4<i32>((cc % p.ow) * p.stride_w) - vec4<i32>(i32(p.pad_w));
+    } else if (B_SOURCE == 2u) {
+        let taps = p.kh * p.kw;
+        col_c = cc / taps;
+        col_a = vec4<i32>(((cc % taps) / p.kw) * p.dil_h) - vec4<i32>(i32(p.pad_h));
+        col_b = vec4<i32>((cc % p.kw) * p.dil_w) - vec4<i32>(i32(p.pad_w));
+    } else {
+        col_a = vec4<i32>(cc / p.w + p.pad_h);
+        col_b = vec4<i32>(cc % p.w + p.pad_w);
+    }
+    var acc: array<vec4<f32>, 32>;
+    var a_own: array<f32, 32>;
+    for (var i = 0u; i < RB; i = i + 1u) { acc[i] = vec4<f32>(0.0); }
+    var s = conv_k_split(p.k_begin);
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 8u) {
+        let k_own = k0 + lid.x;
+        for (var i = 0u; i < RB; i = i + 1u) {
+            a_own[i] = select(0.0, a_tex_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
+        }
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            let bv = conv_b(b_base, s, col_c, col_a, col_b, k0 + j < p.k_end);
+            s = conv_k_next(s);
+            for (var i = 0u; i < RB; i = i + 1u) {
+                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
+            }
+        }
+    }
+    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+}

@@ -70,3 +70,33 @@ fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     state2[i] = v;
     param[i] = w - o.lr * (m / o.bias1) / (sqrt(v / o.bias2) + o.eps);
 }
+
+// adam_step with texture reads of all four inputs and 16-byte stores, 4 parameters per invocation (CPU
+// adapters; texel.wgsl). The textures are copies taken before this dispatch; the buffers are bound rounded up
+// to whole texels (the last one's spare lanes are written and never read).
+@group(0) @binding(1) var<storage, read_write> param4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> state14: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> state24: array<vec4<f32>>;
+@group(0) @binding(4) var grad_tex: texture_2d<f32>;
+@group(0) @binding(5) var param_tex: texture_2d<f32>;
+@group(0) @binding(6) var state1_tex: texture_2d<f32>;
+@group(0) @binding(7) var state2_tex: texture_2d<f32>;
+
+@compute @workgroup_size(WG)
+fn adam_step4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = index(gid, nwg);
+    if (4u * t >= o.n) { return; }
+    let decays = select(vec4<f32>(0.0), vec4<f32>(o.weight_decay), vec4<u32>(4u * t) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(o.decay_end));
+    var g = texel(grad_tex, t);
+    var w = texel(param_tex, t);
+    if (o.decoupled != 0u) {
+        w = w * (1.0 - o.lr * decays);
+    } else {
+        g = g + decays * w;
+    }
+    let m = o.beta1 * texel(state1_tex, t) + (1.0 - o.beta1) * g;
+    let v = o.beta2 * texel(state2_tex, t) + (1.0 - o.beta2) * g * g;
+    state14[t] = m;
+    state24[t] = v;
+    param4[t] = w - o.lr * (m / o.bias1) / (sqrt(v / o.bias2) + o.eps);
+}

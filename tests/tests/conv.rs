@@ -1,10 +1,30 @@
 //! Convolution and pooling: GPU forward against the CPU reference and every gradient against finite
 //! differences, over strides, padding, dilation, groups, the 1x1 matmul path and odd sizes.
 
+use kiln_graph::kernels;
 use kiln_graph::{Conv2dGeom, Pool2dGeom, Tensor};
 use kiln_tests::{check_op, require_gpu, test_rng, Domain};
 
+/// Convolutions run through conv_gemm on CPU adapters and im2col + matmul elsewhere: each case runs both ways.
+/// Tests here take turns with the switch.
+static LOWERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn conv_case(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {
+    let _turn = LOWERING.lock().unwrap_or_else(|e| e.into_inner());
+    require_gpu();
+    let implicit = kernels::ConvLowering::Implicit;
+    let lowerings = if kernels::MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() { vec![kernels::ConvLowering::Im2col, implicit] } else { vec![kernels::ConvLowering::Im2col] };
+    for lowering in lowerings {
+        kernels::set_conv_lowering(lowering);
+        let checked = std::panic::catch_unwind(|| conv_case_once(&format!("{name} ({lowering:?})"), x, w, geom));
+        kernels::set_conv_lowering(kernels::ConvLowering::Auto);
+        if let Err(e) = checked {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+fn conv_case_once(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {
     check_op(&format!("conv2d {name} x{x:?} w{w:?}"), &[(&x, Domain::Any), (&w, Domain::Any)], |t| t[0].conv2d(&t[1], geom), |t| t[0].conv2d(&t[1], &geom));
 }
 
@@ -22,6 +42,14 @@ fn conv2d_stride_dilation_groups() {
     conv_case("dilation 2", [1, 2, 9, 9], [3, 2, 3, 3], Conv2dGeom { dilation: [2, 2], padding: [2, 2], ..Default::default() });
     conv_case("groups 2", [2, 4, 6, 6], [6, 2, 3, 3], Conv2dGeom { groups: 2, padding: [1, 1], ..Default::default() });
     conv_case("depthwise", [1, 3, 5, 5], [3, 1, 3, 3], Conv2dGeom { groups: 3, ..Default::default() });
+}
+
+#[test]
+fn conv2d_long_products_split_along_k() {
+    // Products longer than one dispatch's k (1024 in the gathering kernel on lavapipe) resume mid-image: the
+    // weight gradient sums 1600 output positions, the input gradient 120 channels x 9 taps.
+    conv_case("k of the weight gradient 1600", [1, 1, 40, 40], [2, 1, 3, 3], Conv2dGeom { padding: [1, 1], ..Default::default() });
+    conv_case("k of the input gradient 1080", [1, 2, 5, 6], [120, 2, 3, 3], Conv2dGeom { padding: [1, 1], ..Default::default() });
 }
 
 #[test]

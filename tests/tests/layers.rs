@@ -172,7 +172,25 @@ fn dropout_is_inverted_seeded_and_identity_in_eval() {
 fn fused_bias_and_activation_forward_and_backward() {
     use kiln_graph::kernels::BiasAct;
     // act(x + bias) along the channel axis, every activation, against the CPU reference composed of the unfused
-    // ops; the backward rule against finite differences (relu away from its kink).
+    // ops; the backward rule against finite differences (relu away from its kink). Both kernel pairs: storage
+    // reads (GPUs) and texture reads with 4 elements per invocation (CPU adapters).
+    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
+    for textures in [false, true] {
+        kiln_graph::kernels::set_texture_reads(Some(textures));
+        let checked = std::panic::catch_unwind(bias_act_cases);
+        kiln_graph::kernels::set_texture_reads(None);
+        if let Err(e) = checked {
+            std::panic::resume_unwind(e);
+        }
+    }
+    require_gpu();
+    let x = Tensor::zeros(&[2, 3]).unwrap();
+    let e = x.bias_act(&Tensor::zeros(&[4]).unwrap(), 1, BiasAct::Relu).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+}
+
+fn bias_act_cases() {
+    use kiln_graph::kernels::BiasAct;
     for (act, kind, domain) in [
         (BiasAct::Identity, None, Domain::Any),
         (BiasAct::Relu, Some(UnaryKind::Relu), Domain::AwayFromZero),
@@ -190,10 +208,6 @@ fn fused_bias_and_activation_forward_and_backward() {
         check_op(&format!("bias_act {act:?} [3,5,4,7]"), &[(&[3, 5, 4, 7], Domain::Any), (&[5], domain)], |t| t[0].bias_act(&t[1], 1, act), |t| cpu(t, &[1, 5, 1, 1]));
         check_op(&format!("bias_act {act:?} [9,33]"), &[(&[9, 33], Domain::Any), (&[33], domain)], |t| t[0].bias_act(&t[1], 1, act), |t| cpu(t, &[1, 33]));
     }
-    require_gpu();
-    let x = Tensor::zeros(&[2, 3]).unwrap();
-    let e = x.bias_act(&Tensor::zeros(&[4]).unwrap(), 1, BiasAct::Relu).unwrap_err().to_string();
-    assert!(e.contains("[2, 3]") && e.contains("[4]"), "{e}");
 }
 
 #[test]

@@ -221,3 +221,74 @@ fn bce_is_stable_for_huge_logits() {
     let l = loss::bce_with_logits(&x, &t).unwrap().to_scalar().unwrap();
     assert!((l - (2f32.ln() / 3.0)).abs() < 1e-6, "bce {l}");
 }
+
+/// Every optimizer update against its formula in f64 on random state: odd lengths (Adam's 4-wide kernel on CPU
+/// adapters runs a prefix and leaves the rest to the scalar kernel), weight decay on a prefix only, a run that
+/// starts inside the buffer and ends before other values, which must not change.
+#[test]
+fn optimizer_updates_match_their_formulas() {
+    use kiln_graph::kernels::{optimizer_step, UpdateRule};
+    let g = kiln_tests::require_gpu();
+    let mut rng = kiln_tests::test_rng("optimizer updates");
+    let rules = [
+        UpdateRule::Sgd { momentum: 0.0, nesterov: false },
+        UpdateRule::Sgd { momentum: 0.9, nesterov: true },
+        UpdateRule::RmsProp { alpha: 0.99, eps: 1e-8 },
+        UpdateRule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 3, decoupled: false },
+        UpdateRule::Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6, step: 1, decoupled: true },
+    ];
+    // Both Adam kernels: storage reads (GPUs) and texture reads, 4 per invocation (CPU adapters).
+    for (rule, textures) in rules.iter().flat_map(|r| [(*r, false), (*r, true)]) {
+        kiln_graph::kernels::set_texture_reads(Some(textures));
+        for n in [1usize, 7, 1001, 4096 + 13] {
+            // The run: [skip, skip + n) of buffers of skip + n + 9 values, skip a multiple of 8 floats (32 bytes).
+            let skip = 8 * rng.below(3);
+            let total = skip + n + 9;
+            let mut host: Vec<Vec<f32>> = (0..4).map(|_| (0..total).map(|_| rng.normal() as f32).collect()).collect();
+            host[3].iter_mut().for_each(|v| *v = v.abs()); // second moments are non-negative (RMSprop's is state1)
+            if matches!(rule, UpdateRule::RmsProp { .. }) {
+                host[2].iter_mut().for_each(|v| *v = v.abs());
+            }
+            let bufs: Vec<_> = host.iter().map(|h| g.upload(bytemuck::cast_slice(h), "optimizer test").unwrap()).collect();
+            let run = |i: usize| bufs[i].sub(4 * skip as u64, 4 * n as u64);
+            let (lr, wd, decay_end) = (0.01f32, 0.1f32, n / 2);
+            optimizer_step(rule, &run(1), &run(0), &run(2), &run(3), n, decay_end, lr, wd).unwrap();
+            let got: Vec<Vec<f32>> = bufs[1..].iter().map(|b| bytemuck::cast_slice(&g.read(b).unwrap()[..4 * total]).to_vec()).collect();
+            for i in 0..total {
+                let (gr, w, s1, s2) = (host[0][i] as f64, host[1][i] as f64, host[2][i] as f64, host[3][i] as f64);
+                let want = if i < skip || i >= skip + n {
+                    (w, s1, s2) // outside the run: untouched
+                } else {
+                    let d = if i - skip < decay_end { wd as f64 } else { 0.0 };
+                    let lr = lr as f64;
+                    match rule {
+                        UpdateRule::Sgd { momentum, nesterov } => {
+                            let gg = gr + d * w;
+                            let v = momentum as f64 * s1 + gg;
+                            let step = if nesterov { gg + momentum as f64 * v } else { v };
+                            (w - lr * step, v, s2)
+                        }
+                        UpdateRule::RmsProp { alpha, eps } => {
+                            let gg = gr + d * w;
+                            let s = alpha as f64 * s1 + (1.0 - alpha as f64) * gg * gg;
+                            (w - lr * gg / (s.sqrt() + eps as f64), s, s2)
+                        }
+                        UpdateRule::Adam { beta1, beta2, eps, step, decoupled } => {
+                            let (b1, b2) = (beta1 as f64, beta2 as f64);
+                            let (gg, ww) = if decoupled { (gr, w * (1.0 - lr * d)) } else { (gr + d * w, w) };
+                            let m = b1 * s1 + (1.0 - b1) * gg;
+                            let v = b2 * s2 + (1.0 - b2) * gg * gg;
+                            let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
+                            (ww - lr * (m / c1) / ((v / c2).sqrt() + eps as f64), m, v)
+                        }
+                    }
+                };
+                let want_state2 = if matches!(rule, UpdateRule::Adam { .. }) { want.2 } else { s2 };
+                for (what, got, want) in [("param", got[0][i], want.0), ("state1", got[1][i], want.1), ("state2", got[2][i], want_state2)] {
+                    assert!((got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{rule:?} textures {textures} n {n} skip {skip}: {what}[{i}] = {got}, want {want}");
+                }
+            }
+        }
+    }
+    kiln_graph::kernels::set_texture_reads(None);
+}

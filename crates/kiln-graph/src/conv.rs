@@ -6,7 +6,7 @@ use kiln_wgpu::grid_1d;
 
 use crate::backprop::Op;
 use crate::error::{invalid, shape_err, Result};
-use crate::kernels::{self, launch, out_buffer, Params, CONV2D, POOL};
+use crate::kernels::{self, launch, out_buffer, ConvGemmSource, Params, CONV2D, POOL};
 use crate::tensor::{DType, Tensor};
 
 /// Stride, padding (each side), dilation and groups of a 2-D convolution.
@@ -124,6 +124,10 @@ impl Tensor {
             // out[b] = weight[c_out, c_in] @ x[b][c_in, h*w], the weight shared across the batch.
             let hw = x[2] * x[3];
             kernels::matmul(&weight.view(), &self.view(), x[0], w[0], hw, x[1], 0, x[1] * hw, false, false)?
+        } else if geom.groups == 1 && kernels::conv_gemm_preferred()? {
+            // out[b] = weight[c_out, c_in*kh*kw] @ im2col(x)[b], the columns gathered on the fly.
+            let (k, spatial) = (x[1] * w[2] * w[3], oh * ow);
+            kernels::conv_gemm(ConvGemmSource::Forward, &weight.view(), &self.view(), x[0], w[0], spatial, k, 0, x[1] * x[2] * x[3], gemm_geometry(x, w, oh, ow, &geom))?
         } else if geom.groups == 1 {
             // out[b] = weight[c_out, c_in*kh*kw] @ im2col(x)[b]
             let cols = im2col(self, w, oh, ow, &geom)?;
@@ -226,6 +230,25 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
         if w.requires_grad() {
             partial = Some(kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?);
         }
+    } else if geom.groups == 1 && kernels::conv_gemm_preferred()? {
+        // The same products with the columns gathered on the fly (conv_gemm): partial[b] = grad_y[b] @
+        // im2col(x)[b]^T; grad_x[b] = weight permuted to [c_in, c_out*kh*kw] @ grad_y gathered per input
+        // position (stride 1; other strides through col2im).
+        let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
+        let geometry = gemm_geometry(xs, ws, oh, ow, geom);
+        if w.requires_grad() {
+            partial = Some(kernels::conv_gemm(ConvGemmSource::WeightGrad, &g.view(), &x.view(), batch, ws[0], k, spatial, ws[0] * spatial, xs[1] * xs[2] * xs[3], geometry)?);
+        }
+        if x.requires_grad() {
+            if geom.stride == [1, 1] {
+                let taps = ws[2] * ws[3];
+                let permuted = out_buffer(per_sample, "conv2d weight, permuted")?;
+                kernels::strided_copy(&w.view(), 0, &[taps, xs[1] * taps, 1], &permuted, 0, &[ws[0] * taps, taps, 1], &[xs[1], ws[0], taps])?;
+                gx = Some(kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, geometry)?);
+            } else {
+                gx = Some(col2im_grad(w, g, xs, ws, oh, ow, geom)?);
+            }
+        }
     } else if geom.groups == 1 {
         // Through im2col: partial[b] = grad_y[b] @ cols[b]^T; grad_cols[b] = weight^T @ grad_y[b], then col2im.
         let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
@@ -237,12 +260,7 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
             partial = Some(kernels::matmul(&g.view(), &cols, batch, ws[0], k, spatial, ws[0] * spatial, k * spatial, false, true)?);
         }
         if x.requires_grad() {
-            let grad_cols = kernels::matmul(&w.view(), &g.view(), batch, k, spatial, ws[0], 0, ws[0] * spatial, true, false)?;
-            let buf = out_buffer(n_x, "conv2d input gradient")?;
-            // One invocation per 64-wide segment of an input row (see conv2d.wgsl).
-            let segments = xs[3].div_ceil(64);
-            launch(&CONV2D, "col2im", &[], params(), &[&grad_cols], &[&buf], grid_1d((xs[0] * xs[1] * xs[2] * segments) as u64, 256))?;
-            gx = Some(buf);
+            gx = Some(col2im_grad(w, g, xs, ws, oh, ow, geom)?);
         }
     } else {
         if x.requires_grad() {
@@ -266,6 +284,22 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
     }
     let gw = partial.map(|p| kernels::reduce(&p, 1, batch, per_sample, false, 1.0)).transpose()?;
     Ok((gx.map(|b| wrap(b, xs)), gw.map(|b| wrap(b, ws))))
+}
+
+/// grad_x through im2col's transpose: grad_cols[b] = weight^T @ grad_y[b], then col2im sums the columns back.
+fn col2im_grad(w: &Tensor, g: &Tensor, xs: &[usize], ws: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> Result<kiln_wgpu::BufView> {
+    let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
+    let grad_cols = kernels::matmul(&w.view(), &g.view(), xs[0], k, spatial, ws[0], 0, ws[0] * spatial, true, false)?;
+    let buf = out_buffer(xs.iter().product(), "conv2d input gradient")?;
+    // One invocation per 64-wide segment of an input row (see conv2d.wgsl).
+    let segments = xs[3].div_ceil(64);
+    launch(&CONV2D, "col2im", &[], conv_params(xs, ws, oh, ow, geom), &[&grad_cols], &[&buf], grid_1d((xs[0] * xs[1] * xs[2] * segments) as u64, 256))?;
+    Ok(buf)
+}
+
+/// [c_in, h, w, kh, kw, oh, ow, stride, padding, dilation] of a convolution, as `kernels::conv_gemm` takes it.
+fn gemm_geometry(x: &[usize], w: &[usize], oh: usize, ow: usize, g: &Conv2dGeom) -> [usize; 13] {
+    [x[1], x[2], x[3], w[2], w[3], oh, ow, g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1]]
 }
 
 /// Gradient of max pooling (given its switches) or average pooling (switches None).

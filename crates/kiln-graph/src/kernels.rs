@@ -11,8 +11,10 @@ macro_rules! shader {
     };
 }
 // elementwise.wgsl and norm.wgsl share the fused activations (activation.wgsl).
-pub static ELEMENTWISE: Shader =
-    Shader { name: "elementwise.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")) };
+pub static ELEMENTWISE: Shader = Shader {
+    name: "elementwise.wgsl",
+    source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")),
+};
 shader!(LAYOUT, "layout.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(SOFTMAX, "softmax.wgsl");
@@ -22,7 +24,7 @@ pub static MATMUL_SUBGROUP: Shader =
     Shader { name: "matmul_subgroup.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl")) };
 shader!(ROOF, "roof.wgsl");
 shader!(INDEX, "index.wgsl");
-shader!(OPTIM, "optim.wgsl");
+pub static OPTIM: Shader = Shader { name: "optim.wgsl", source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/optim.wgsl")) };
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
@@ -151,11 +153,52 @@ pub enum BiasAct {
     Tanh = 3,
 }
 
+static TEXTURE_READS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Forces (Some) or restores the default (None) of `texture_reads` for this process (also
+/// `KILN_TEXTURES=on|off`): tests run the kernels both ways.
+pub fn set_texture_reads(on: Option<bool>) {
+    TEXTURE_READS.store(on.map_or(0, |o| if o { 1 } else { 2 }), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused elementwise kernels and Adam read texture copies of their inputs (texel.wgsl): by default
+/// on CPU adapters (lavapipe), where that is several times faster than reading storage buffers, copies
+/// included (README, "How it runs").
+pub fn texture_reads() -> Result<bool> {
+    let mut mode = TEXTURE_READS.load(std::sync::atomic::Ordering::Relaxed);
+    if mode == u8::MAX {
+        mode = match std::env::var("KILN_TEXTURES").as_deref() {
+            Ok("on") => 1,
+            Ok("off") => 2,
+            _ => 0,
+        };
+        TEXTURE_READS.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(match mode {
+        1 => true,
+        2 => false,
+        _ => gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu,
+    })
+}
+
+/// A fresh output bound as whole 16-byte texels for vec4 stores (the last one's spare lanes fall in the
+/// buffer's unused room), if the buffer has the room.
+fn vec4_binding(fresh: &BufView) -> Option<BufView> {
+    let bytes = fresh.bytes.div_ceil(16) * 16;
+    (fresh.offset % 16 == 0 && fresh.offset + bytes <= fresh.buffer.capacity()).then(|| BufView { bytes, ..fresh.clone() })
+}
+
 /// y = act(x + bias[channel]) for x viewed as [outer, channels, inner].
 pub fn bias_act(x: &BufView, bias: &BufView, n: usize, channels: usize, inner: usize, act: BiasAct) -> Result<BufView> {
     let y = out(n, "bias_act output")?;
     let p = Params::new().u32(n).u32(channels).u32(inner.max(1)).u32(0);
-    launch(&ELEMENTWISE, "bias_act_forward", &[("ACT", act as u32 as f64)], p, &[x, bias], &[&y], grid_1d(n as u64, WG))?;
+    let consts = [("ACT", act as u32 as f64)];
+    if let (true, Some(y4)) = (texture_reads()?, vec4_binding(&y)) {
+        let (xt, bt) = (texture_copy(x, "bias_act input")?.0, texture_copy(bias, "bias")?.0);
+        launch_textured(&ELEMENTWISE, "bias_act_forward4", &consts, p, &[], &[&y4], &[&xt, &bt], grid_1d(n.div_ceil(4) as u64, WG))?;
+    } else {
+        launch(&ELEMENTWISE, "bias_act_forward", &consts, p, &[x, bias], &[&y], grid_1d(n as u64, WG))?;
+    }
     Ok(y)
 }
 
@@ -163,7 +206,13 @@ pub fn bias_act(x: &BufView, bias: &BufView, n: usize, channels: usize, inner: u
 pub fn act_backward(g: &BufView, y: &BufView, n: usize, act: BiasAct) -> Result<BufView> {
     let gp = out(n, "activation gradient")?;
     let p = Params::new().u32(n).u32(1).u32(1).u32(0);
-    launch(&ELEMENTWISE, "act_backward", &[("ACT", act as u32 as f64)], p, &[g, y], &[&gp], grid_1d(n as u64, WG))?;
+    let consts = [("ACT", act as u32 as f64)];
+    if let (true, Some(gp4)) = (texture_reads()?, vec4_binding(&gp)) {
+        let (gt, yt) = (texture_copy(g, "activation gradient input")?.0, texture_copy(y, "activation output")?.0);
+        launch_textured(&ELEMENTWISE, "act_backward4", &consts, p, &[], &[&gp4], &[&gt, &yt], grid_1d(n.div_ceil(4) as u64, WG))?;
+    } else {
+        launch(&ELEMENTWISE, "act_backward", &consts, p, &[g, y], &[&gp], grid_1d(n as u64, WG))?;
+    }
     Ok(gp)
 }
 
@@ -510,6 +559,84 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     Ok(c)
 }
 
+/// Where `conv_gemm`'s B operand is gathered from (conv_gemm in matmul_subgroup.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvGemmSource {
+    /// B = im2col(x) [c_in*kh*kw, oh*ow]: the forward pass.
+    Forward = 1,
+    /// B = im2col(x)^T: the weight's gradient, A the output gradient.
+    WeightGrad = 2,
+    /// B [c_out*kh*kw, h*w] gathered from the output gradient (stride 1): the input's gradient, A the weight
+    /// permuted to [c_in, c_out*kh*kw].
+    InputGrad = 3,
+}
+
+/// C[batch, m, n] = A @ B_b with B gathered from `image` (sample b at `b * image_batch_stride`) as `source`
+/// says, without an im2col buffer. `conv` is [c_in, h, w, kh, kw, oh, ow, stride_h, stride_w, pad_h, pad_w,
+/// dil_h, dil_w] of the convolution. Needs subgroups of at least 8 lanes (`conv_gemm_supported`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, image_batch_stride: usize, conv: [usize; 13]) -> Result<BufView> {
+    let c = out(batch * m * n, "convolution product")?;
+    if batch * m * n == 0 {
+        return Ok(c);
+    }
+    let (a_tex, a_src) = texture_copy(a, "convolution operand A")?;
+    let (b_tex, b_src) = texture_copy(image, "convolution image")?;
+    let rows = if m <= 8 { 8 } else { 16 };
+    let consts = [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0)];
+    let groups = [n.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
+    let step = k_per_dispatch("matmul_subgroup")?;
+    for (i, k0) in (0..k).step_by(step).enumerate() {
+        let mut p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32((k0 + step).min(k)).u32((i > 0) as usize);
+        for v in conv {
+            p = p.u32(v);
+        }
+        launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts, p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
+    }
+    Ok(c)
+}
+
+/// How convolutions (groups = 1, not 1x1) become products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvLowering {
+    /// `Implicit` on CPU adapters, `Im2col` elsewhere.
+    Auto = 0,
+    /// `conv_gemm`: the im2col columns gathered inside the product (needs subgroups of 8+ lanes).
+    Implicit = 1,
+    /// im2col columns written to a buffer, then the tuned matmul.
+    Im2col = 2,
+}
+
+static CONV_LOWERING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Sets the lowering for this process (also `KILN_CONV=implicit|im2col|auto`).
+pub fn set_conv_lowering(l: ConvLowering) {
+    CONV_LOWERING.store(l as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether convolutions run through `conv_gemm` here. Auto picks it where the adapter is a CPU (lavapipe), whose
+/// storage-buffer reads are slow and texture fetches fast (README, "How it runs"); GPUs keep im2col and the
+/// tuned matmul. Without subgroups it never runs.
+pub fn conv_gemm_preferred() -> Result<bool> {
+    let mut l = CONV_LOWERING.load(std::sync::atomic::Ordering::Relaxed);
+    if l == u8::MAX {
+        l = match std::env::var("KILN_CONV").as_deref() {
+            Ok("implicit") => ConvLowering::Implicit,
+            Ok("im2col") => ConvLowering::Im2col,
+            _ => ConvLowering::Auto,
+        } as u8;
+        CONV_LOWERING.store(l, std::sync::atomic::Ordering::Relaxed);
+    }
+    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false)? {
+        return Ok(false);
+    }
+    Ok(match l {
+        1 => true,
+        2 => false,
+        _ => gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu,
+    })
+}
+
 /// A texture copy of `view`, and the view it was copied from: a view at an offset a texture copy cannot start
 /// from is first copied to a buffer of its own (which also binds where `view` could not).
 fn texture_copy(view: &BufView, what: &str) -> Result<(TexView, BufView)> {
@@ -674,18 +801,38 @@ pub fn optimizer_step(rule: UpdateRule, params: &BufView, grads: &BufView, state
             ("adam_step", beta1, beta2, eps, 1.0 - beta1.powi(t), 1.0 - beta2.powi(t), false, decoupled)
         }
     };
-    let p = Params::new()
-        .u32(n)
-        .u32(decay_end)
-        .f32(lr)
-        .f32(weight_decay)
-        .f32(beta1)
-        .f32(beta2)
-        .f32(eps)
-        .f32(bias1)
-        .f32(bias2)
-        .u32(nesterov as usize)
-        .u32(decoupled as usize)
-        .u32(0);
-    launch(&OPTIM, entry, &[], p, &[grads], &[params, state1, state2], grid_1d(n as u64, WG))
+    let make_params = |n: usize, decay_end: usize| {
+        Params::new()
+            .u32(n)
+            .u32(decay_end)
+            .f32(lr)
+            .f32(weight_decay)
+            .f32(beta1)
+            .f32(beta2)
+            .f32(eps)
+            .f32(bias1)
+            .f32(bias2)
+            .u32(nesterov as usize)
+            .u32(decoupled as usize)
+            .u32(0)
+    };
+    let views = [grads, params, state1, state2];
+    // On CPU adapters Adam reads texture copies and writes 4 parameters per invocation, over the longest prefix
+    // whose end can start a binding; the few parameters after it (the run may end just before another
+    // parameter's values) take the scalar kernel.
+    let align = (gpu()?.limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+    let body = n / align * align;
+    if entry == "adam_step" && body > 0 && texture_reads()? && views.iter().all(|v| v.offset % 16 == 0) {
+        let part = |v: &BufView, from: usize, count: usize| v.sub(4 * from as u64, 4 * count as u64);
+        let copies = views.iter().map(|v| Ok(texture_copy(&part(v, 0, body), "optimizer operand")?.0)).collect::<Result<Vec<_>>>()?;
+        let outs = [part(params, 0, body), part(state1, 0, body), part(state2, 0, body)];
+        launch_textured(&OPTIM, "adam_step4", &[], make_params(body, decay_end.min(body)), &[], &[&outs[0], &outs[1], &outs[2]], &copies.iter().collect::<Vec<_>>(), grid_1d((body / 4) as u64, WG))?;
+        if body < n {
+            let rest = n - body;
+            let [g, p, s1, s2] = views.map(|v| part(v, body, rest));
+            launch(&OPTIM, entry, &[], make_params(rest, decay_end.saturating_sub(body)), &[&g], &[&p, &s1, &s2], grid_1d(rest as u64, WG))?;
+        }
+        return Ok(());
+    }
+    launch(&OPTIM, entry, &[], make_params(n, decay_end), &[grads], &[params, state1, state2], grid_1d(n as u64, WG))
 }

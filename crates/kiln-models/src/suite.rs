@@ -731,7 +731,7 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
             if !b.kernels.is_empty() {
                 println!("    where its GPU time goes (KILN_PROFILE; each dispatch timed alone): {:.3} ms/step in all", b.kernels.iter().map(|k| k.ms_per_step).sum::<f64>());
                 for k in b.kernels.iter().take(12) {
-                    println!("    {:<44} {:>6.1} dispatches {:>9.3} ms", k.kernel, k.dispatches_per_step, k.ms_per_step);
+                    println!("    {:<64} {:>6.1} dispatches {:>9.3} ms", k.kernel, k.dispatches_per_step, k.ms_per_step);
                 }
             }
         }

@@ -208,7 +208,7 @@ struct Profile {
 /// One kernel's share of the GPU time since profiling began (`Gpu::profile_take`).
 #[derive(Clone, Debug)]
 pub struct KernelTime {
-    /// `shader::entry`.
+    /// `shader::entry` and its override constants.
     pub kernel: String,
     pub dispatches: u64,
     pub ms: f64,
@@ -754,7 +754,8 @@ impl Gpu {
                 st.profile.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln profile"), ty: wgpu::QueryType::Timestamp, count: 2 * PROFILE_SLOTS }));
             }
             let slot = 2 * st.profile.pending.len() as u32;
-            st.profile.pending.push(format!("{}::{}", d.shader.name.trim_end_matches(".wgsl"), d.entry));
+            let consts: String = d.constants.iter().map(|(n, v)| format!(" {n}={v}")).collect();
+            st.profile.pending.push(format!("{}::{}{consts}", d.shader.name.trim_end_matches(".wgsl"), d.entry));
             let qs = st.profile.query_set.clone().expect("created above");
             let writes = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(slot), end_of_pass_write_index: Some(slot + 1) };
             let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(writes) });
