@@ -25,7 +25,7 @@ fn store_block(c_base: u32, row0: u32, col0: u32, rows: array<vec4<f32>, 4>) {
         if (row >= p.m) { break; }
         for (var j = 0u; j < 4u; j = j + 1u) {
             let at = c_base + row * p.n + col0 + j;
-            if (col0 + j < p.n) { c[at] = rows[i][j] + select(0.0, c[at], p.accumulate != 0u); }
+            if (col0 + j < p.n) { c[at] = rows[i][j] + select(0.0, c[at], ACCUMULATE); }
         }
     }
 }
@@ -153,7 +153,7 @@ fn matmul_naive(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc = fma(a_at(a_base, row, kk), b_at(b_base, kk, col), acc);
     }
     let at = gid.z * p.m * p.n + row * p.n + col;
-    c[at] = acc + select(0.0, c[at], p.accumulate != 0u);
+    c[at] = acc + select(0.0, c[at], ACCUMULATE);
 }
 
 // ---- matmul_tiled: a 16x16 workgroup computes a 64x64 tile of C, 4x4 per invocation; each step stages a

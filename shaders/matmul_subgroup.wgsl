@@ -43,7 +43,7 @@ fn store_lane_block(c_base: u32, row0: u32, col0: u32, acc: ptr<function, array<
         if (row >= p.m) { break; }
         for (var j = 0u; j < 4u; j = j + 1u) {
             let at = c_base + row * p.n + col0 + j;
-            if (col0 + j < p.n) { c[at] = (*acc)[i][j] + select(0.0, c[at], p.accumulate != 0u); }
+            if (col0 + j < p.n) { c[at] = (*acc)[i][j] + select(0.0, c[at], ACCUMULATE); }
         }
     }
 }
@@ -209,7 +209,46 @@ fn conv_b(base: u32, s: vec3<u32>, col_c: vec4<u32>, col_a: vec4<i32>, col_b: ve
     return select(vec4<f32>(0.0), vec4<f32>(b_elem(at.x), b_elem(at.y), b_elem(at.z), b_elem(at.w)), inside);
 }
 
-// matmul_subgroup with B from conv_b: the same lanes, shuffles and edges.
+// Row-packed columns (PACKED; sources 1 and 3 with a horizontal step of 1): the columns are the output (1) or
+// input (3) positions with each image row padded to a multiple of 4, so a lane's 4 columns are 4 neighbours in
+// one row and read 4 consecutive image floats: 2 texel fetches instead of 4. The padding columns compute
+// zeros and are never stored.
+override PACKED: bool = false;
+
+// The image's row length in columns (the output width for source 1, the input width for 3), and padded.
+fn packed_width() -> u32 {
+    return select(p.ow, p.w, B_SOURCE == 3u);
+}
+
+// B at k split s for a lane whose 4 columns sit at image row yy0 and columns xx0 .. xx0 + 4 (before the tap's
+// offset), `cols` of them real.
+fn conv_b_row(base: u32, s: vec3<u32>, yy0: i32, xx0: i32, cols: u32, live: bool) -> vec4<f32> {
+    var yy: i32;
+    var xx: i32;
+    var dims = vec2<u32>(p.h, p.w);
+    if (B_SOURCE == 1u) {
+        yy = yy0 + i32(s.y * p.dil_h);
+        xx = xx0 + i32(s.z * p.dil_w);
+    } else {
+        yy = yy0 - i32(s.y * p.dil_h);
+        xx = xx0 - i32(s.z * p.dil_w);
+        dims = vec2<u32>(p.oh, p.ow);
+    }
+    let xs = vec4<i32>(xx) + vec4<i32>(0, 1, 2, 3);
+    let row_ok = live && yy >= 0 && yy < i32(dims.x);
+    let inside = vec4<bool>(row_ok) & (xs >= vec4<i32>(0)) & (xs < vec4<i32>(i32(dims.y))) & (vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(cols));
+    // The first float's index (negative only before the first row's start: those lanes are masked) and the two
+    // texels that hold the 4 floats.
+    let f = i32(base) + (i32(s.x * dims.x) + yy) * i32(dims.y) + xx;
+    let q = f >> 2u;
+    let o = u32(f & 3);
+    let t0 = b4(u32(max(q, 0)));
+    let t1 = b4(u32(max(q + 1, 0)));
+    let v = select(select(select(t0, vec4<f32>(t0.yzw, t1.x), o == 1u), vec4<f32>(t0.zw, t1.xy), o == 2u), vec4<f32>(t0.w, t1.xyz), o == 3u);
+    return select(vec4<f32>(0.0), v, inside);
+}
+
+// matmul_subgroup with B from conv_b (or conv_b_row): the same lanes, shuffles and edges.
 @compute @workgroup_size(8, 1, 1)
 fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
              @builtin(subgroup_invocation_id) lane: u32) {
@@ -222,9 +261,19 @@ fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     var col_c = vec4<u32>(0u);
     var col_a: vec4<i32>;
     var col_b: vec4<i32>;
+    // PACKED: this lane's image row and first column, and how many of its 4 columns are real.
+    let width = packed_width();
+    let width4 = (width + 3u) / 4u * 4u;
+    let img_row = col0 / width4;
+    let x0 = col0 % width4;
+    let cols = select(0u, min(width - x0, 4u), x0 < width && img_row < p.n / width);
+    var yy0: i32;
+    var xx0: i32;
     if (B_SOURCE == 1u) {
         col_a = vec4<i32>((cc / p.ow) * p.stride_h) - vec4<i32>(i32(p.pad_h));
         col_b = vec4<i32>((cc % p.ow) * p.stride_w) - vec4<i32>(i32(p.pad_w));
+        yy0 = i32(img_row * p.stride_h) - i32(p.pad_h);
+        xx0 = i32(x0) - i32(p.pad_w);
     } else if (B_SOURCE == 2u) {
         let taps = p.kh * p.kw;
         col_c = cc / taps;
@@ -233,6 +282,8 @@ fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     } else {
         col_a = vec4<i32>(cc / p.w + p.pad_h);
         col_b = vec4<i32>(cc % p.w + p.pad_w);
+        yy0 = i32(img_row + p.pad_h);
+        xx0 = i32(x0 + p.pad_w);
     }
     var acc: array<vec4<f32>, 32>;
     var a_own: array<f32, 32>;
@@ -244,12 +295,30 @@ fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
             a_own[i] = select(0.0, a_tex_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
         }
         for (var j = 0u; j < 8u; j = j + 1u) {
-            let bv = conv_b(b_base, s, col_c, col_a, col_b, k0 + j < p.k_end);
+            var bv: vec4<f32>;
+            if (PACKED) {
+                bv = conv_b_row(b_base, s, yy0, xx0, cols, k0 + j < p.k_end);
+            } else {
+                bv = conv_b(b_base, s, col_c, col_a, col_b, k0 + j < p.k_end);
+            }
             s = conv_k_next(s);
             for (var i = 0u; i < RB; i = i + 1u) {
                 acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
             }
         }
     }
-    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+    if (!PACKED) {
+        store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+        return;
+    }
+    let c_base = wid.z * p.m * p.n + img_row * width + x0;
+    for (var i = 0u; i < RB; i = i + 1u) {
+        let row = row0 + i;
+        if (row >= p.m) { break; }
+        // A constant trip count (not `cols`): the loop unrolls and acc stays in registers.
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let at = c_base + row * p.n + j;
+            if (j < cols) { c[at] = acc[i][j] + select(0.0, c[at], ACCUMULATE); }
+        }
+    }
 }

@@ -553,8 +553,10 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     let step = k_per_dispatch(entry)?;
     for (i, k0) in (0..k).step_by(step).enumerate() {
         let k1 = (k0 + step).min(k);
-        let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32((i > 0) as usize);
+        let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32(0);
+        consts.push(("ACCUMULATE", (i > 0) as u32 as f64));
         launch_textured(shader, entry, &consts, p, &[&a, &b], &[&c], &textures.iter().collect::<Vec<_>>(), groups)?;
+        consts.pop();
     }
     Ok(c)
 }
@@ -583,15 +585,24 @@ pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, ba
     let (a_tex, a_src) = texture_copy(a, "convolution operand A")?;
     let (b_tex, b_src) = texture_copy(image, "convolution image")?;
     let rows = if m <= 8 { 8 } else { 16 };
-    let consts = [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0)];
-    let groups = [n.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
+    // Row-packed columns where a lane's 4 neighbours in an image row read 4 consecutive floats (see the shader).
+    let [_, _, w, _, _, _, ow, _, stride_w, ..] = conv;
+    let width = if source == ConvGemmSource::InputGrad { w } else { ow };
+    let packed = match source {
+        ConvGemmSource::Forward => stride_w == 1,
+        ConvGemmSource::InputGrad => true,
+        ConvGemmSource::WeightGrad => false,
+    };
+    let columns = if packed { n / width * width.next_multiple_of(4) } else { n };
+    let consts = |accumulate: bool| [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("PACKED", packed as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0), ("ACCUMULATE", accumulate as u32 as f64)];
+    let groups = [columns.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
     let step = k_per_dispatch("matmul_subgroup")?;
     for (i, k0) in (0..k).step_by(step).enumerate() {
-        let mut p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32((k0 + step).min(k)).u32((i > 0) as usize);
+        let mut p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32((k0 + step).min(k)).u32(0);
         for v in conv {
             p = p.u32(v);
         }
-        launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts, p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
+        launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts(i > 0), p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
     }
     Ok(c)
 }
