@@ -582,6 +582,12 @@ pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, ba
     if batch * m * n == 0 {
         return Ok(c);
     }
+    // Logged as the product it computes (the im2col columns are B, or B's transpose for the weight gradient).
+    MATMUL_LOG.with(|log| {
+        if let Some(v) = log.borrow_mut().as_mut() {
+            v.push(MatmulShape { batch, m, n, k, trans_a: false, trans_b: source == ConvGemmSource::WeightGrad });
+        }
+    });
     let (a_tex, a_src) = texture_copy(a, "convolution operand A")?;
     let (b_tex, b_src) = texture_copy(image, "convolution image")?;
     let rows = if m <= 8 { 8 } else { 16 };
