@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use kiln_graph::backend::gpu;
-use kiln_graph::kernels::{self, BinaryKind, MatmulShape, MatmulVariant, UnaryKind};
+use kiln_graph::kernels::{self, BinaryKind, ConvLowering, MatmulShape, MatmulVariant, UnaryKind};
 use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
@@ -470,24 +470,38 @@ fn conv_family(ctx: &mut Ctx) -> R<()> {
         let c = CpuConv { n: xs[0], c: xs[1], h: xs[2], w: xs[3], co: cout, k: kk, stride, pad, oh, ow };
         let flops = 2.0 * (xs[0] * cout * oh * ow * xs[1] * kk * kk) as f64;
         let shape = vec![xs[0], xs[1], xs[2], xs[3], cout, kk, stride];
-        let variant = "im2col+matmul";
-        // forward
-        let mut want = Vec::new();
-        let ms = cpu_time(3, || want = c.forward(&hx, &hw));
-        let rec = ctx.base("conv", &format!("{name} forward"), &shape, variant);
-        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || kiln_graph::no_grad(|| x.conv2d(&w, geom)))?;
-        // backward to the input
-        let ms = cpu_time(3, || want = c.backward_input(&hg, &hw));
-        let rec = ctx.base("conv", &format!("{name} backward-input"), &shape, variant);
-        let xv = x.detach().var();
-        let wd = w.detach();
-        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xv, &wd, &gy, &geom)?.0.expect("input gradient")))?;
-        // backward to the weight
-        let ms = cpu_time(3, || want = c.backward_weight(&hx, &hg));
-        let rec = ctx.base("conv", &format!("{name} backward-weight"), &shape, variant);
-        let xd = x.detach();
-        let wv = w.detach().var();
-        ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xd, &wv, &gy, &geom)?.1.expect("weight gradient")))?;
+        // Both lowerings where the gathering kernel runs (it needs subgroups): im2col columns in a buffer + the
+        // tuned matmul, and the columns gathered inside the product (conv_gemm), the default on CPU adapters.
+        let lowerings: &[(ConvLowering, &str)] = if MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false)? {
+            &[(ConvLowering::Im2col, "im2col+matmul"), (ConvLowering::Implicit, "implicit (conv_gemm)")]
+        } else {
+            &[(ConvLowering::Im2col, "im2col+matmul")]
+        };
+        for &(lowering, variant) in lowerings {
+            kernels::set_conv_lowering(lowering);
+            let measured = (|| -> R<()> {
+                // forward
+                let mut want = Vec::new();
+                let ms = cpu_time(3, || want = c.forward(&hx, &hw));
+                let rec = ctx.base("conv", &format!("{name} forward"), &shape, variant);
+                ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || kiln_graph::no_grad(|| x.conv2d(&w, geom)))?;
+                // backward to the input
+                let ms = cpu_time(3, || want = c.backward_input(&hg, &hw));
+                let rec = ctx.base("conv", &format!("{name} backward-input"), &shape, variant);
+                let xv = x.detach().var();
+                let wd = w.detach();
+                ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xv, &wd, &gy, &geom)?.0.expect("input gradient")))?;
+                // backward to the weight
+                let ms = cpu_time(3, || want = c.backward_weight(&hx, &hg));
+                let rec = ctx.base("conv", &format!("{name} backward-weight"), &shape, variant);
+                let xd = x.detach();
+                let wv = w.detach().var();
+                ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xd, &wv, &gy, &geom)?.1.expect("weight gradient")))?;
+                Ok(())
+            })();
+            kernels::set_conv_lowering(ConvLowering::Auto);
+            measured?;
+        }
     }
     Ok(())
 }

@@ -189,9 +189,13 @@ struct State {
     /// Timestamp queries for `gpu_time_ms`: the query set, and whether the next pass should write them.
     query_set: Option<wgpu::QuerySet>,
     timestamps_armed: bool,
-    timestamps_written: bool,
+    /// Passes opened under `gpu_time_ms` so far: pass i writes timestamps 2i and 2i + 1.
+    timed_passes: u32,
     profile: Profile,
 }
+
+/// Compute passes `gpu_time_ms` can time in one call (two timestamps each).
+const TIMED_PASSES: u32 = 64;
 
 /// Dispatches per profiled submit (two timestamps each).
 const PROFILE_SLOTS: u32 = 1024;
@@ -363,7 +367,7 @@ impl Gpu {
             recorded_ops: 0,
             query_set: None,
             timestamps_armed: false,
-            timestamps_written: false,
+            timed_passes: 0,
             profile: Profile::default(),
         };
         Ok(Gpu {
@@ -678,6 +682,23 @@ impl Gpu {
         st.encoder.get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln step") }))
     }
 
+    /// Opens a compute pass. Under `gpu_time_ms` every pass writes a timestamp when it starts and when it ends
+    /// (copies between passes fall inside the span from the first start to the last end).
+    fn open_pass(&self, st: &mut State) {
+        let query_set = if st.timestamps_armed && st.timed_passes < TIMED_PASSES { st.query_set.clone() } else { None };
+        let slot = 2 * st.timed_passes;
+        let timestamp_writes = query_set.as_ref().map(|qs| wgpu::ComputePassTimestampWrites { query_set: qs, beginning_of_pass_write_index: Some(slot), end_of_pass_write_index: Some(slot + 1) });
+        if timestamp_writes.is_some() {
+            st.timed_passes += 1;
+        } else if st.timestamps_armed {
+            // More passes than slots: the span would end too early, so this call reports no time.
+            st.timestamps_armed = false;
+            st.timed_passes = 0;
+        }
+        let pass = self.encoder(st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
+        st.pass = Some(pass.forget_lifetime());
+    }
+
     fn end_pass(st: &mut State) {
         st.pass = None;
     }
@@ -762,13 +783,7 @@ impl Gpu {
             st.pass = Some(pass.forget_lifetime());
         }
         if st.pass.is_none() {
-            // Under `gpu_time_ms` the pass writes a timestamp when it starts and when it ends.
-            let query_set = if st.timestamps_armed { st.query_set.clone() } else { None };
-            let timestamp_writes = query_set.as_ref().map(|qs| wgpu::ComputePassTimestampWrites { query_set: qs, beginning_of_pass_write_index: Some(0), end_of_pass_write_index: Some(1) });
-            st.timestamps_written |= timestamp_writes.is_some();
-            st.timestamps_armed = false;
-            let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-            st.pass = Some(pass.forget_lifetime());
+            self.open_pass(&mut st);
         }
         let pipeline = st.pipelines[&key].clone();
         let pass = st.pass.as_mut().expect("pass opened above");
@@ -871,7 +886,7 @@ impl Gpu {
 
     /// Turns per-dispatch profiling on or off (also `KILN_PROFILE=1`). While on, each dispatch runs in a compute
     /// pass of its own between two timestamps and each submit waits for its timings: slower, for finding where
-    /// a step's time goes, not for timing it. `gpu_time_ms` reads nothing while it is on.
+    /// a step's time goes, not for timing it. `gpu_time_ms` reports None while it is on.
     pub fn set_profiling(&self, on: bool) {
         self.profiling.store(on, std::sync::atomic::Ordering::Relaxed);
     }
@@ -903,11 +918,12 @@ impl Gpu {
         Ok(())
     }
 
-    /// Runs `f` (which records dispatches) in a compute pass of its own and returns the GPU time between the
-    /// pass's start and end timestamps, in ms; waits for it. None where the adapter has no TIMESTAMP_QUERY or
-    /// `f` submitted on its own (then only wall time around a fence can tell).
+    /// Runs `f` (which records dispatches and copies) and returns the GPU time from the start of the first
+    /// compute pass, opened before `f` records anything, to the end of the last, in ms; waits for it. None where
+    /// the adapter has no TIMESTAMP_QUERY, `f` submitted on its own or opened more than 64 passes (then only wall
+    /// time around a fence can tell), or under profiling.
     pub fn gpu_time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
-        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) || self.profiling() {
             f()?;
             self.sync()?;
             return Ok(None);
@@ -916,28 +932,32 @@ impl Gpu {
         let submits = {
             let mut st = self.lock();
             if st.query_set.is_none() {
-                st.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln timestamps"), ty: wgpu::QueryType::Timestamp, count: 2 }));
+                st.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln timestamps"), ty: wgpu::QueryType::Timestamp, count: 2 * TIMED_PASSES }));
             }
             st.timestamps_armed = true;
-            st.timestamps_written = false;
+            st.timed_passes = 0;
+            // A pass opened now starts the span before anything `f` records (copies included).
+            self.open_pass(&mut st);
             st.stats.submits
         };
         let ran = f();
-        let usage = |u| wgpu::BufferDescriptor { label: Some("kiln timestamps"), size: 16, usage: u, mapped_at_creation: false };
+        let bytes = 16 * TIMED_PASSES as u64;
+        let usage = |u| wgpu::BufferDescriptor { label: Some("kiln timestamps"), size: bytes, usage: u, mapped_at_creation: false };
         let resolved = self.device.create_buffer(&usage(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC));
         let readback = self.device.create_buffer(&usage(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST));
-        let timed = {
+        let (timed, passes) = {
             let mut st = self.lock();
+            let passes = std::mem::take(&mut st.timed_passes);
+            let timed = st.timestamps_armed && passes > 0 && st.stats.submits == submits;
             st.timestamps_armed = false;
             Self::end_pass(&mut st);
-            let timed = st.timestamps_written && st.stats.submits == submits;
             if timed {
                 let qs = st.query_set.clone().expect("created above");
                 let enc = self.encoder(&mut st);
-                enc.resolve_query_set(&qs, 0..2, &resolved, 0);
-                enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16);
+                enc.resolve_query_set(&qs, 0..2 * passes, &resolved, 0);
+                enc.copy_buffer_to_buffer(&resolved, 0, &readback, 0, 16 * passes as u64);
             }
-            timed
+            (timed, passes as usize)
         };
         self.sync()?;
         ran?;
@@ -955,7 +975,7 @@ impl Gpu {
             view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
         };
         readback.unmap();
-        let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
+        let ns = ticks[2 * passes - 1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
         Ok(Some(ns / 1e6))
     }
 
