@@ -292,8 +292,10 @@ fn matmul_vec4x8(@builtin(global_invocation_id) gid: vec3<u32>) {
 // registers while the current ones are multiplied: 64 FMAs per 4 workgroup-memory loads, the shape real GPUs
 // reward. ---------------------------------------------------------------------------------------------------
 const SLAB_K: u32 = 8u;
-var<workgroup> a_slab: array<vec4<f32>, 256>; // [SLAB_K][128 / 4]: row r of op(A) at a_slab[kk * 32 + r / 4][r % 4]
-var<workgroup> b_slab: array<vec4<f32>, 256>; // [SLAB_K][128 / 4]: col c of op(B) at b_slab[kk * 32 + c / 4][c % 4]
+// Two slabs of each operand (double buffering: the next slice is staged into one while the other is read, one
+// barrier per slice): [2][SLAB_K][128 / 4], row r of op(A) in slab h at a_slab[h * 256 + kk * 32 + r / 4][r % 4].
+var<workgroup> a_slab: array<vec4<f32>, 512>;
+var<workgroup> b_slab: array<vec4<f32>, 512>;
 
 // Invocation t stages 4 consecutive elements of each slice, walked in memory order so a subgroup's loads are
 // contiguous: op(A)'s slice along k (A is [m, k]: row t / 2, k 4 (t % 2)..+3) or along m (A is [k, m]:
@@ -351,28 +353,38 @@ fn load_b_slice(b_base: u32, tile_col: u32, k0: u32, t: u32) -> vec4<f32> {
     return vec4<f32>(b_slab_elem(b_base, k, col), b_slab_elem(b_base, k, col + 1u), b_slab_elem(b_base, k, col + 2u), b_slab_elem(b_base, k, col + 3u));
 }
 
-// Puts what load_a_slice / load_b_slice gave invocation t into the slabs: one vec4 store when the 4 elements
-// are 4 rows (columns) at one k, four scalar stores when they are 4 k of one row (column).
-fn stage_slices(t: u32, av: vec4<f32>, bv: vec4<f32>) {
+// Puts what load_a_slice / load_b_slice gave invocation t into slab h: one vec4 store when the 4 elements are 4
+// rows (columns) at one k, four scalar stores when they are 4 k of one row (column).
+fn stage_slices(t: u32, av: vec4<f32>, bv: vec4<f32>, h: u32) {
+    let o = h * 256u;
     if (TRANS_A) {
-        a_slab[(t / 32u) * 32u + t % 32u] = av;
+        a_slab[o + (t / 32u) * 32u + t % 32u] = av;
     } else {
         let row = t / 2u;
         let k = (t % 2u) * 4u;
-        a_slab[k * 32u + row / 4u][row % 4u] = av.x;
-        a_slab[(k + 1u) * 32u + row / 4u][row % 4u] = av.y;
-        a_slab[(k + 2u) * 32u + row / 4u][row % 4u] = av.z;
-        a_slab[(k + 3u) * 32u + row / 4u][row % 4u] = av.w;
+        a_slab[o + k * 32u + row / 4u][row % 4u] = av.x;
+        a_slab[o + (k + 1u) * 32u + row / 4u][row % 4u] = av.y;
+        a_slab[o + (k + 2u) * 32u + row / 4u][row % 4u] = av.z;
+        a_slab[o + (k + 3u) * 32u + row / 4u][row % 4u] = av.w;
     }
     if (TRANS_B) {
         let col = t / 2u;
         let k = (t % 2u) * 4u;
-        b_slab[k * 32u + col / 4u][col % 4u] = bv.x;
-        b_slab[(k + 1u) * 32u + col / 4u][col % 4u] = bv.y;
-        b_slab[(k + 2u) * 32u + col / 4u][col % 4u] = bv.z;
-        b_slab[(k + 3u) * 32u + col / 4u][col % 4u] = bv.w;
+        b_slab[o + k * 32u + col / 4u][col % 4u] = bv.x;
+        b_slab[o + (k + 1u) * 32u + col / 4u][col % 4u] = bv.y;
+        b_slab[o + (k + 2u) * 32u + col / 4u][col % 4u] = bv.z;
+        b_slab[o + (k + 3u) * 32u + col / 4u][col % 4u] = bv.w;
     } else {
-        b_slab[(t / 32u) * 32u + t % 32u] = bv;
+        b_slab[o + (t / 32u) * 32u + t % 32u] = bv;
+    }
+}
+
+// The 8x8 block's share of slab h.
+fn multiply_slab(h: u32, lid: vec3<u32>) {
+    let o = h * 256u;
+    for (var kk = 0u; kk < SLAB_K; kk = kk + 1u) {
+        let at = o + kk * 32u;
+        outer8(a_slab[at + lid.y], a_slab[at + 16u + lid.y], b_slab[at + lid.x], b_slab[at + 16u + lid.x]);
     }
 }
 
@@ -383,19 +395,25 @@ fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     let a_base = wid.z * p.a_batch_stride;
     let b_base = wid.z * p.b_batch_stride;
     let t = lid.y * 16u + lid.x;
-    var next_a = load_a_slice(a_base, tile_row, p.k_begin, t);
-    var next_b = load_b_slice(b_base, tile_col, p.k_begin, t);
+    stage_slices(t, load_a_slice(a_base, tile_row, p.k_begin, t), load_b_slice(b_base, tile_col, p.k_begin, t), 0u);
+    workgroupBarrier();
+    var h = 0u;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
-        stage_slices(t, next_a, next_b);
-        workgroupBarrier();
-        if (k0 + SLAB_K < p.k_end) {
+        // The next slice's loads are in flight during the multiply, then staged into the other slab, which
+        // every invocation finished reading before the previous barrier.
+        let more = k0 + SLAB_K < p.k_end;
+        var next_a = vec4<f32>(0.0);
+        var next_b = vec4<f32>(0.0);
+        if (more) {
             next_a = load_a_slice(a_base, tile_row, k0 + SLAB_K, t);
             next_b = load_b_slice(b_base, tile_col, k0 + SLAB_K, t);
         }
-        for (var kk = 0u; kk < SLAB_K; kk = kk + 1u) {
-            outer8(a_slab[kk * 32u + lid.y], a_slab[kk * 32u + 16u + lid.y], b_slab[kk * 32u + lid.x], b_slab[kk * 32u + 16u + lid.x]);
+        multiply_slab(h, lid);
+        if (more) {
+            stage_slices(t, next_a, next_b, 1u - h);
         }
         workgroupBarrier();
+        h = 1u - h;
     }
     // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
     store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
@@ -410,19 +428,25 @@ fn matmul_tiled128_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
     let a_base = wid.z * p.a_batch_stride;
     let b_base = wid.z * p.b_batch_stride;
     let t = lid.y * 16u + lid.x;
-    var next_a = load_a_slice4(a_base, tile_row, p.k_begin, t);
-    var next_b = load_b_slice4(b_base, tile_col, p.k_begin, t);
+    stage_slices(t, load_a_slice4(a_base, tile_row, p.k_begin, t), load_b_slice4(b_base, tile_col, p.k_begin, t), 0u);
+    workgroupBarrier();
+    var h = 0u;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
-        stage_slices(t, next_a, next_b);
-        workgroupBarrier();
-        if (k0 + SLAB_K < p.k_end) {
+        // The next slice's loads are in flight during the multiply, then staged into the other slab, which
+        // every invocation finished reading before the previous barrier.
+        let more = k0 + SLAB_K < p.k_end;
+        var next_a = vec4<f32>(0.0);
+        var next_b = vec4<f32>(0.0);
+        if (more) {
             next_a = load_a_slice4(a_base, tile_row, k0 + SLAB_K, t);
             next_b = load_b_slice4(b_base, tile_col, k0 + SLAB_K, t);
         }
-        for (var kk = 0u; kk < SLAB_K; kk = kk + 1u) {
-            outer8(a_slab[kk * 32u + lid.y], a_slab[kk * 32u + 16u + lid.y], b_slab[kk * 32u + lid.x], b_slab[kk * 32u + 16u + lid.x]);
+        multiply_slab(h, lid);
+        if (more) {
+            stage_slices(t, next_a, next_b, 1u - h);
         }
         workgroupBarrier();
+        h = 1u - h;
     }
     // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
     store_block8(wid.z * p.m * p.n, tile_row + lid.y * 4u, tile_col + lid.x * 4u, 64u, 64u);
