@@ -575,7 +575,7 @@ pub enum ConvGemmSource {
 
 /// C[batch, m, n] = A @ B_b with B gathered from `image` (sample b at `b * image_batch_stride`) as `source`
 /// says, without an im2col buffer. `conv` is [c_in, h, w, kh, kw, oh, ow, stride_h, stride_w, pad_h, pad_w,
-/// dil_h, dil_w] of the convolution. Needs subgroups of at least 8 lanes (`conv_gemm_supported`).
+/// dil_h, dil_w] of the convolution. Needs subgroups of at least 8 lanes (`conv_gemm_preferred` checks).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, image_batch_stride: usize, conv: [usize; 13]) -> Result<BufView> {
     let c = out(batch * m * n, "convolution product")?;
