@@ -200,3 +200,40 @@ fn subgroup_kernels_read_operands_at_any_offset() {
         }
     }
 }
+
+/// Texture copies are reused while their buffer is unchanged; every way a buffer changes (a host write, a
+/// buffer copy into it, a kernel writing it) must retire them, or the next product would read stale values.
+#[test]
+fn texture_copies_follow_every_write_to_their_buffer() {
+    let g = require_gpu();
+    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() {
+        return;
+    }
+    let mut rng = test_rng("texture cache");
+    let (m, n, k) = (9, 12, 16);
+    let random = |rng: &mut kiln_graph::Rng, len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+    let product = |a: &[f32], b: &[f32]| -> Vec<f32> { (0..m * n).map(|i| (0..k).map(|kk| a[(i / n) * k + kk] * b[kk * n + i % n]).sum()).collect() };
+    let check = |a_view: &kiln_graph::backend::BufView, b_view: &kiln_graph::backend::BufView, a: &[f32], b: &[f32], when: &str| {
+        let c = kernels::matmul_with(MatmulVariant::Subgroup(16), a_view, b_view, 1, m, n, k, 0, 0, false, false).unwrap();
+        let got: Vec<f32> = bytemuck::cast_slice(&g.read(&c).unwrap()[..4 * m * n]).to_vec();
+        for (i, (x, y)) in got.iter().zip(product(a, b)).enumerate() {
+            assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{when}: C[{i}] = {x}, want {y}");
+        }
+    };
+    let (mut a, b) = (random(&mut rng, m * k), random(&mut rng, k * n));
+    let a_view = g.upload(bytemuck::cast_slice(&a), "a").unwrap();
+    let b_view = g.upload(bytemuck::cast_slice(&b), "b").unwrap();
+    check(&a_view, &b_view, &a, &b, "first product");
+    check(&a_view, &b_view, &a, &b, "same operands again");
+    a = random(&mut rng, m * k);
+    g.write(&a_view, bytemuck::cast_slice(&a)).unwrap();
+    check(&a_view, &b_view, &a, &b, "after a host write");
+    a = random(&mut rng, m * k);
+    let other = g.upload(bytemuck::cast_slice(&a), "a'").unwrap();
+    g.copy(&other, &a_view, 4 * (m * k) as u64).unwrap();
+    check(&a_view, &b_view, &a, &b, "after a buffer copy");
+    a = random(&mut rng, m * k);
+    let source = g.upload(bytemuck::cast_slice(&a), "a''").unwrap();
+    kernels::strided_copy(&source, 0, &[k, 1], &a_view, 0, &[k, 1], &[m, k]).unwrap();
+    check(&a_view, &b_view, &a, &b, "after a kernel wrote it");
+}

@@ -172,8 +172,12 @@ struct State {
     /// a `queue.write_buffer` into a reused buffer can never land before the dispatches recorded earlier.
     quarantine: Vec<(wgpu::Buffer, u64, u64)>,
     /// Free textures by row count (a power of two), by serial. A texture is only written by copies recorded in
-    /// the command stream, after every earlier read of it, so it returns here at once when dropped.
+    /// the command stream, after every earlier read of it, so it may be reused as soon as it is dropped.
     texture_pool: HashMap<u32, std::collections::BTreeMap<u64, (wgpu::Texture, wgpu::TextureView)>>,
+    /// Texture copies by (buffer serial, offset, bytes), reused while that buffer is not written: a weight read
+    /// by the forward and the backward pass, or an activation read by three kernels, is copied once. Any write
+    /// to a buffer (a dispatch output, a copy, a clear, a host write) and its release drop its entries.
+    texture_cache: HashMap<(u64, u64, u64), TexView>,
     readback_pool: HashMap<u64, Vec<wgpu::Buffer>>,
     ring: wgpu::Buffer,
     ring_host: Vec<u8>,
@@ -193,6 +197,9 @@ struct State {
     timed_passes: u32,
     profile: Profile,
 }
+
+/// Texture copies kept for reuse at most (`State::texture_cache`).
+const TEXTURE_CACHE: usize = 128;
 
 /// Compute passes `gpu_time_ms` can time in one call (two timestamps each).
 const TIMED_PASSES: u32 = 64;
@@ -231,6 +238,12 @@ pub struct Gpu {
     log: bool,
     /// `KILN_PROFILE=1` (or `set_profiling`): every dispatch in a pass of its own between two timestamps.
     profiling: std::sync::atomic::AtomicBool,
+    /// Textures dropped since the pool last took them back. A texture can drop while `state` is locked (the
+    /// texture cache lets go of copies under the lock), so its drop only pushes here; `texture_of` moves them
+    /// into `State::texture_pool`.
+    returned_textures: Mutex<Vec<(u32, u64, (wgpu::Texture, wgpu::TextureView))>>,
+    /// Bytes in live textures (outside `state` for the same reason); `stats` adds them to the buffers'.
+    texture_live_bytes: std::sync::atomic::AtomicU64,
     binding_limit: u64,
 }
 
@@ -355,6 +368,7 @@ impl Gpu {
             pool: HashMap::new(),
             quarantine: Vec::new(),
             texture_pool: HashMap::new(),
+            texture_cache: HashMap::new(),
             next_serial: 0,
             readback_pool: HashMap::new(),
             ring,
@@ -382,6 +396,8 @@ impl Gpu {
             binding_limit: std::env::var("KILN_MAX_BINDING_BYTES").ok().and_then(|v| v.parse::<u64>().ok()).map(|v| v.max(1024)).unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size as u64),
             log: std::env::var("KILN_LOG").map(|v| v != "0").unwrap_or(false),
             profiling: std::sync::atomic::AtomicBool::new(std::env::var("KILN_PROFILE").map(|v| v != "0").unwrap_or(false)),
+            returned_textures: Mutex::new(Vec::new()),
+            texture_live_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -404,13 +420,19 @@ impl Gpu {
     }
 
     pub fn stats(&self) -> GpuStats {
-        self.lock().stats
+        let mut stats = self.lock().stats;
+        stats.live_bytes += self.texture_bytes();
+        stats
+    }
+
+    fn texture_bytes(&self) -> u64 {
+        self.texture_live_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Restarts the peak-memory count from what is live now (so a benchmark reports its own peak).
     pub fn reset_peak(&self) {
         let mut st = self.lock();
-        st.stats.peak_live_bytes = st.stats.live_bytes;
+        st.stats.peak_live_bytes = st.stats.live_bytes + self.texture_bytes();
     }
 
     /// Largest tensor a kernel can bind: the adapter's max_storage_buffer_binding_size, or less when
@@ -456,7 +478,7 @@ impl Gpu {
             }
         };
         st.stats.live_bytes += class;
-        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
+        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes + self.texture_bytes());
         Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class, serial }), offset: 0, bytes })
     }
 
@@ -475,6 +497,13 @@ impl Gpu {
         let class = (rows as u32).next_power_of_two().min(self.limits.max_texture_dimension_2d);
         let bytes = class as u64 * TEX_ROW_TEXELS as u64 * 16;
         let mut st = self.lock();
+        let key = (view.buffer.serial, view.offset, view.bytes);
+        if let Some(t) = st.texture_cache.get(&key) {
+            return Ok(t.clone());
+        }
+        for (rows, serial, raw) in std::mem::take(&mut *self.returned_textures.lock().unwrap_or_else(|e| e.into_inner())) {
+            st.texture_pool.entry(rows).or_default().insert(serial, raw);
+        }
         let (serial, raw) = match st.texture_pool.get_mut(&class).and_then(|free| free.pop_first()) {
             Some(t) => t,
             None => {
@@ -490,7 +519,7 @@ impl Gpu {
                     view_formats: &[],
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {
-                    return Err(GpuError::OutOfMemory { requested: bytes, what: format!("texture copy of {what}"), detail: format!("{e}; {} bytes already in use", st.stats.live_bytes) });
+                    return Err(GpuError::OutOfMemory { requested: bytes, what: format!("texture copy of {what}"), detail: format!("{e}; {} bytes already in use", st.stats.live_bytes + self.texture_bytes()) });
                 }
                 let tv = texture.create_view(&wgpu::TextureViewDescriptor::default());
                 st.stats.buffers_created += 1;
@@ -500,8 +529,8 @@ impl Gpu {
                 (st.next_serial, (texture, tv))
             }
         };
-        st.stats.live_bytes += bytes;
-        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
+        let textures = self.texture_live_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes + textures);
         Self::end_pass(&mut st);
         let row_bytes = TEX_ROW_TEXELS as u64 * 16;
         let (full_rows, tail) = (texels / TEX_ROW_TEXELS as u64, texels % TEX_ROW_TEXELS as u64);
@@ -513,24 +542,42 @@ impl Gpu {
                 wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
             );
         };
-        if full_rows > 0 {
-            copy(view.offset, 0, TEX_ROW_TEXELS as u64, full_rows);
-        }
-        if tail > 0 {
-            copy(view.offset + full_rows * row_bytes, full_rows, tail, 1);
+        if view.offset + rows * row_bytes <= view.buffer.capacity() {
+            // One copy of whole rows where the buffer has the room (its spare bytes land past the view's floats).
+            copy(view.offset, 0, TEX_ROW_TEXELS as u64, rows);
+        } else {
+            if full_rows > 0 {
+                copy(view.offset, 0, TEX_ROW_TEXELS as u64, full_rows);
+            }
+            if tail > 0 {
+                copy(view.offset + full_rows * row_bytes, full_rows, tail, 1);
+            }
         }
         st.recorded_ops += 1;
-        Ok(TexView { texture: Arc::new(PooledTexture { raw: Some(raw), rows: class, serial }), floats: view.bytes / 4 })
+        let t = TexView { texture: Arc::new(PooledTexture { raw: Some(raw), rows: class, serial }), floats: view.bytes / 4 };
+        if st.texture_cache.len() >= TEXTURE_CACHE {
+            st.texture_cache.clear();
+        }
+        st.texture_cache.insert(key, t.clone());
+        Ok(t)
     }
 
+    /// Drops the texture copies of a buffer that is about to change (or to be freed).
+    fn forget_textures(st: &mut State, buffer_serial: u64) {
+        if !st.texture_cache.is_empty() {
+            st.texture_cache.retain(|k, _| k.0 != buffer_serial);
+        }
+    }
+
+    /// A texture's drop: never locks `state` (see `returned_textures`).
     fn release_texture(&self, raw: (wgpu::Texture, wgpu::TextureView), rows: u32, serial: u64) {
-        let mut st = self.lock();
-        st.stats.live_bytes = st.stats.live_bytes.saturating_sub(rows as u64 * TEX_ROW_TEXELS as u64 * 16);
-        st.texture_pool.entry(rows).or_default().insert(serial, raw);
+        self.texture_live_bytes.fetch_sub(rows as u64 * TEX_ROW_TEXELS as u64 * 16, std::sync::atomic::Ordering::Relaxed);
+        self.returned_textures.lock().unwrap_or_else(|e| e.into_inner()).push((rows, serial, raw));
     }
 
     fn release(&self, raw: wgpu::Buffer, class: u64, serial: u64) {
         let mut st = self.lock();
+        Self::forget_textures(&mut st, serial);
         st.stats.live_bytes = st.stats.live_bytes.saturating_sub(class);
         if st.encoder.is_some() {
             st.quarantine.push((raw, class, serial));
@@ -559,6 +606,7 @@ impl Gpu {
     }
 
     fn write_staged(&self, view: &BufView, data: &[u8]) {
+        Self::forget_textures(&mut self.lock(), view.buffer.serial);
         if data.len() % 4 == 0 {
             self.queue.write_buffer(view.buffer.raw(), view.offset, data);
         } else {
@@ -727,6 +775,9 @@ impl Gpu {
             st = self.lock();
         }
         let key = self.pipeline(&mut st, d)?;
+        for v in d.outputs {
+            Self::forget_textures(&mut st, v.buffer.serial);
+        }
         let offset = st.ring_host.len().div_ceil(align) * align;
         st.ring_host.resize(offset, 0);
         st.ring_host.extend_from_slice(&params);
@@ -805,6 +856,7 @@ impl Gpu {
     /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
     pub fn copy(&self, src: &BufView, dst: &BufView, bytes: u64) -> Result<()> {
         let mut st = self.lock();
+        Self::forget_textures(&mut st, dst.buffer.serial);
         Self::end_pass(&mut st);
         self.encoder(&mut st).copy_buffer_to_buffer(src.buffer.raw(), src.offset, dst.buffer.raw(), dst.offset, bytes);
         st.recorded_ops += 1;
@@ -814,6 +866,7 @@ impl Gpu {
     /// Records a fill with zeros.
     pub fn zero(&self, view: &BufView) -> Result<()> {
         let mut st = self.lock();
+        Self::forget_textures(&mut st, view.buffer.serial);
         Self::end_pass(&mut st);
         self.encoder(&mut st).clear_buffer(view.buffer.raw(), view.offset, Some(view.bytes.div_ceil(4) * 4));
         st.recorded_ops += 1;
