@@ -62,6 +62,9 @@ impl PooledBuffer {
     }
 }
 
+/// A pooled texture and the view kernels bind.
+type TextureAndView = (wgpu::Texture, wgpu::TextureView);
+
 /// Texels per row of a `TexView` (4096 floats, 16 KiB: a multiple of the 256-byte copy row alignment).
 pub const TEX_ROW_TEXELS: u32 = 1024;
 
@@ -77,13 +80,13 @@ pub struct TexView {
 }
 
 pub struct PooledTexture {
-    raw: Option<(wgpu::Texture, wgpu::TextureView)>,
+    raw: Option<TextureAndView>,
     rows: u32,
     serial: u64,
 }
 
 impl PooledTexture {
-    fn raw(&self) -> &(wgpu::Texture, wgpu::TextureView) {
+    fn raw(&self) -> &TextureAndView {
         self.raw.as_ref().expect("a live texture")
     }
 }
@@ -173,7 +176,7 @@ struct State {
     quarantine: Vec<(wgpu::Buffer, u64, u64)>,
     /// Free textures by row count (a power of two), by serial. A texture is only written by copies recorded in
     /// the command stream, after every earlier read of it, so it may be reused as soon as it is dropped.
-    texture_pool: HashMap<u32, std::collections::BTreeMap<u64, (wgpu::Texture, wgpu::TextureView)>>,
+    texture_pool: HashMap<u32, std::collections::BTreeMap<u64, TextureAndView>>,
     /// Texture copies by (buffer serial, offset, bytes), reused while that buffer is not written: a weight read
     /// by the forward and the backward pass, or an activation read by three kernels, is copied once. Any write
     /// to a buffer (a dispatch output, a copy, a clear, a host write) and its release drop its entries.
@@ -241,7 +244,7 @@ pub struct Gpu {
     /// Textures dropped since the pool last took them back. A texture can drop while `state` is locked (the
     /// texture cache lets go of copies under the lock), so its drop only pushes here; `texture_of` moves them
     /// into `State::texture_pool`.
-    returned_textures: Mutex<Vec<(u32, u64, (wgpu::Texture, wgpu::TextureView))>>,
+    returned_textures: Mutex<Vec<(u32, u64, TextureAndView)>>,
     /// Bytes in live textures (outside `state` for the same reason); `stats` adds them to the buffers'.
     texture_live_bytes: std::sync::atomic::AtomicU64,
     binding_limit: u64,
@@ -570,7 +573,7 @@ impl Gpu {
     }
 
     /// A texture's drop: never locks `state` (see `returned_textures`).
-    fn release_texture(&self, raw: (wgpu::Texture, wgpu::TextureView), rows: u32, serial: u64) {
+    fn release_texture(&self, raw: TextureAndView, rows: u32, serial: u64) {
         self.texture_live_bytes.fetch_sub(rows as u64 * TEX_ROW_TEXELS as u64 * 16, std::sync::atomic::Ordering::Relaxed);
         self.returned_textures.lock().unwrap_or_else(|e| e.into_inner()).push((rows, serial, raw));
     }
@@ -915,18 +918,25 @@ impl Gpu {
         Ok(Some(index))
     }
 
-    /// Waits for a profiled submit and adds each dispatch's time to its kernel's total.
-    fn collect_profile(&self, readback: &wgpu::Buffer, kernels: Vec<String>) -> Result<()> {
+    /// Waits for the submitted copy of resolved timestamps into `readback` and returns them.
+    fn read_timestamps(&self, readback: &wgpu::Buffer) -> Result<Vec<u64>> {
         let (tx, rx) = std::sync::mpsc::channel();
         readback.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
         rx.recv().map_err(|e| GpuError::Poll(e.to_string()))?.map_err(|e| GpuError::Poll(e.to_string()))?;
-        let ticks: Vec<u64> = {
+        let ticks = {
             let view = readback.get_mapped_range(..).map_err(|e| GpuError::Poll(e.to_string()))?;
             view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
         };
+        readback.unmap();
+        Ok(ticks)
+    }
+
+    /// Waits for a profiled submit and adds each dispatch's time to its kernel's total.
+    fn collect_profile(&self, readback: &wgpu::Buffer, kernels: Vec<String>) -> Result<()> {
+        let ticks = self.read_timestamps(readback)?;
         let period = self.queue.get_timestamp_period() as f64;
         let mut st = self.lock();
         for (kernel, t) in kernels.into_iter().zip(ticks.chunks_exact(2)) {
@@ -1017,17 +1027,7 @@ impl Gpu {
         if !timed {
             return Ok(None);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Poll(e.to_string()))?;
-        rx.recv().map_err(|e| GpuError::Poll(e.to_string()))?.map_err(|e| GpuError::Poll(e.to_string()))?;
-        let ticks: Vec<u64> = {
-            let view = readback.get_mapped_range(..).map_err(|e| GpuError::Poll(e.to_string()))?;
-            view.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-        };
-        readback.unmap();
+        let ticks = self.read_timestamps(&readback)?;
         let ns = ticks[2 * passes - 1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
         Ok(Some(ns / 1e6))
     }
