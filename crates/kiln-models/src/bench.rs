@@ -24,6 +24,12 @@ pub struct StepBench {
     /// Bind groups made per timed step (0 once a step's buffers repeat: every dispatch reuses a cached one).
     pub bind_groups_per_step: f64,
     pub peak_gpu_bytes: u64,
+    /// The most bytes live at once during the timed steps beyond what was live before them (the step's
+    /// working set: activations, gradients, texture copies).
+    pub step_peak_bytes: u64,
+    /// Bytes of buffers handed out per timed step, from the pool or new: above `step_peak_bytes` when buffers
+    /// freed at a tensor's last use serve later tensors of the same step.
+    pub bytes_handed_out_per_step: f64,
     pub parameters: usize,
     /// Under profiling (`KILN_PROFILE=1`): each kernel's dispatches and GPU ms per step, slowest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -68,6 +74,8 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
     host.clear();
     let warm = thread_stats();
     g.profile_take()?;
+    let (peak_before, live_before) = (g.stats().peak_live_bytes, g.stats().live_bytes);
+    g.reset_peak();
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps.max(1) {
         times.push(step(&mut host)?);
@@ -89,7 +97,9 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
         bytes_created_after_first_step: end.bytes_created - after_first.bytes_created,
         host_ms_per_step: host[host.len() / 2],
         bind_groups_per_step: (end.bind_groups_created - warm.bind_groups_created) as f64 / steps.max(1) as f64,
-        peak_gpu_bytes: g.stats().peak_live_bytes,
+        peak_gpu_bytes: peak_before.max(g.stats().peak_live_bytes),
+        step_peak_bytes: g.stats().peak_live_bytes.saturating_sub(live_before),
+        bytes_handed_out_per_step: (end.bytes_handed_out - warm.bytes_handed_out) as f64 / steps.max(1) as f64,
         parameters: vs.num_values(),
         kernels,
     })

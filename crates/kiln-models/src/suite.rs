@@ -60,6 +60,13 @@ pub struct Record {
     pub bytes_allocated_after_first_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_gpu_bytes: Option<u64>,
+    /// A step's working set: the most bytes live at once during the timed steps beyond what was live before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_peak_bytes: Option<u64>,
+    /// Bytes of buffers and texture copies handed out per step (above `step_peak_bytes` when memory freed at a
+    /// tensor's last use is handed out again within the step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_handed_out_per_step: Option<f64>,
 }
 
 /// Prints records as one table per family (what `kiln bench` and `cargo bench` show).
@@ -741,6 +748,8 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
             rec.submits_per_step = Some(b.submits_per_step);
             rec.bytes_allocated_after_first_step = Some(b.bytes_created_after_first_step);
             rec.peak_gpu_bytes = Some(b.peak_gpu_bytes);
+            rec.step_peak_bytes = Some(b.step_peak_bytes);
+            rec.bytes_handed_out_per_step = Some(b.bytes_handed_out_per_step);
             ctx.push(rec);
             if !b.kernels.is_empty() {
                 println!("    where its GPU time goes (KILN_PROFILE; each dispatch timed alone): {:.3} ms/step in all", b.kernels.iter().map(|k| k.ms_per_step).sum::<f64>());

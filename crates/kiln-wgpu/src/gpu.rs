@@ -260,10 +260,13 @@ pub struct ThreadStats {
     pub bytes_created: u64,
     /// Bind groups made (not found in the cache) by this thread's dispatches.
     pub bind_groups_created: u64,
+    /// Bytes of buffers (`alloc`) and texture copies (`texture_of`, not counting reuse) handed out, new or from
+    /// the pools, by size class.
+    pub bytes_handed_out: u64,
 }
 
 thread_local! {
-    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0, bind_groups_created: 0 }) };
+    static THREAD_STATS: std::cell::Cell<ThreadStats> = const { std::cell::Cell::new(ThreadStats { submits: 0, dispatches: 0, buffers_created: 0, bytes_created: 0, bind_groups_created: 0, bytes_handed_out: 0 }) };
 }
 
 /// Updates this thread's counters.
@@ -481,6 +484,7 @@ impl Gpu {
             }
         };
         st.stats.live_bytes += class;
+        bump_thread(|t| t.bytes_handed_out += class);
         st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes + self.texture_bytes());
         Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class, serial }), offset: 0, bytes })
     }
@@ -533,6 +537,7 @@ impl Gpu {
             }
         };
         let textures = self.texture_live_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        bump_thread(|t| t.bytes_handed_out += bytes);
         st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes + textures);
         Self::end_pass(&mut st);
         let row_bytes = TEX_ROW_TEXELS as u64 * 16;
