@@ -388,6 +388,17 @@ fn multiply_slab(h: u32, lid: vec3<u32>) {
     }
 }
 
+// The end of one slice of the double-buffered loop: multiply slab h while the next slice's loads (issued by the
+// caller) are in flight, then stage them into the other slab, which every invocation finished reading before
+// the previous barrier. Called in uniform control flow (it holds the barrier).
+fn multiply_then_stage(h: u32, lid: vec3<u32>, t: u32, more: bool, next_a: vec4<f32>, next_b: vec4<f32>) {
+    multiply_slab(h, lid);
+    if (more) {
+        stage_slices(t, next_a, next_b, 1u - h);
+    }
+    workgroupBarrier();
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let tile_row = wid.y * 128u;
@@ -399,8 +410,6 @@ fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
     workgroupBarrier();
     var h = 0u;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
-        // The next slice's loads are in flight during the multiply, then staged into the other slab, which
-        // every invocation finished reading before the previous barrier.
         let more = k0 + SLAB_K < p.k_end;
         var next_a = vec4<f32>(0.0);
         var next_b = vec4<f32>(0.0);
@@ -408,11 +417,7 @@ fn matmul_tiled128(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
             next_a = load_a_slice(a_base, tile_row, k0 + SLAB_K, t);
             next_b = load_b_slice(b_base, tile_col, k0 + SLAB_K, t);
         }
-        multiply_slab(h, lid);
-        if (more) {
-            stage_slices(t, next_a, next_b, 1u - h);
-        }
-        workgroupBarrier();
+        multiply_then_stage(h, lid, t, more, next_a, next_b);
         h = 1u - h;
     }
     // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).
@@ -432,8 +437,6 @@ fn matmul_tiled128_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
     workgroupBarrier();
     var h = 0u;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + SLAB_K) {
-        // The next slice's loads are in flight during the multiply, then staged into the other slab, which
-        // every invocation finished reading before the previous barrier.
         let more = k0 + SLAB_K < p.k_end;
         var next_a = vec4<f32>(0.0);
         var next_b = vec4<f32>(0.0);
@@ -441,11 +444,7 @@ fn matmul_tiled128_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             next_a = load_a_slice4(a_base, tile_row, k0 + SLAB_K, t);
             next_b = load_b_slice4(b_base, tile_col, k0 + SLAB_K, t);
         }
-        multiply_slab(h, lid);
-        if (more) {
-            stage_slices(t, next_a, next_b, 1u - h);
-        }
-        workgroupBarrier();
+        multiply_then_stage(h, lid, t, more, next_a, next_b);
         h = 1u - h;
     }
     // The invocation's rows are tile_row + 4 ly + (0-3, 64-67), its columns tile_col + 4 lx + (0-3, 64-67).

@@ -36,6 +36,16 @@ fn b_tex_at(base: u32, kk: u32, col: u32) -> f32 {
 // reads as zero past k, so clamped B values there add nothing.
 override RB: u32 = 16u;
 
+// Where a lane's block lies: its first column and row, the subgroup lane of its group's lid.x == 0, the
+// operands' batch offsets, and its 4 columns clamped into C.
+struct LaneTile { col0: u32, row0: u32, first: u32, a_base: u32, b_base: u32, cc: vec4<u32> }
+
+fn lane_tile(lid: vec3<u32>, wid: vec3<u32>, lane: u32) -> LaneTile {
+    let col0 = (wid.x * 8u + lid.x) * 4u;
+    let cc = min(vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u));
+    return LaneTile(col0, wid.y * RB, lane - lid.x, wid.z * p.a_batch_stride, wid.z * p.b_batch_stride, cc);
+}
+
 // Writes this lane's RB x 4 block of C, skipping what lies past the edges.
 fn store_lane_block(c_base: u32, row0: u32, col0: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
     for (var i = 0u; i < RB; i = i + 1u) {
@@ -52,29 +62,24 @@ fn store_lane_block(c_base: u32, row0: u32, col0: u32, acc: ptr<function, array<
 @compute @workgroup_size(8, 1, 1)
 fn matmul_subgroup(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(subgroup_invocation_id) lane: u32) {
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = wid.y * RB;
-    let first = lane - lid.x; // the subgroup lane of this group's lid.x == 0
-    let a_base = wid.z * p.a_batch_stride;
-    let b_base = wid.z * p.b_batch_stride;
-    let cc = vec4<u32>(min(col0, p.n - 1u), min(col0 + 1u, p.n - 1u), min(col0 + 2u, p.n - 1u), min(col0 + 3u, p.n - 1u));
+    let tile = lane_tile(lid, wid, lane);
     var acc: array<vec4<f32>, 32>;
     var a_own: array<f32, 32>;
     for (var i = 0u; i < RB; i = i + 1u) { acc[i] = vec4<f32>(0.0); }
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 8u) {
         let k_own = k0 + lid.x;
         for (var i = 0u; i < RB; i = i + 1u) {
-            a_own[i] = select(0.0, a_tex_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
+            a_own[i] = select(0.0, a_tex_at(tile.a_base, min(tile.row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
         }
         for (var j = 0u; j < 8u; j = j + 1u) {
             let kk = min(k0 + j, p.k_end - 1u);
-            let bv = vec4<f32>(b_tex_at(b_base, kk, cc.x), b_tex_at(b_base, kk, cc.y), b_tex_at(b_base, kk, cc.z), b_tex_at(b_base, kk, cc.w));
+            let bv = vec4<f32>(b_tex_at(tile.b_base, kk, tile.cc.x), b_tex_at(tile.b_base, kk, tile.cc.y), b_tex_at(tile.b_base, kk, tile.cc.z), b_tex_at(tile.b_base, kk, tile.cc.w));
             for (var i = 0u; i < RB; i = i + 1u) {
-                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
+                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], tile.first + j)), bv, acc[i]);
             }
         }
     }
-    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+    store_lane_block(wid.z * p.m * p.n, tile.row0, tile.col0, &acc);
 }
 
 // ---- matmul_subgroup_vec4: the same with 16-byte loads of both operands --------------------------------------
@@ -85,12 +90,7 @@ override KC: u32 = 8u; // 32 without TRANS_A, 8 with it (set by the launcher)
 @compute @workgroup_size(8, 1, 1)
 fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(subgroup_invocation_id) lane: u32) {
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = wid.y * RB;
-    let first = lane - lid.x;
-    let a_base = wid.z * p.a_batch_stride;
-    let b_base = wid.z * p.b_batch_stride;
-    let cc = vec4<u32>(min(col0, p.n - 1u), min(col0 + 1u, p.n - 1u), min(col0 + 2u, p.n - 1u), min(col0 + 3u, p.n - 1u));
+    let tile = lane_tile(lid, wid, lane);
     var acc: array<vec4<f32>, 32>;
     var a_own4: array<vec4<f32>, 32>;
     for (var i = 0u; i < RB; i = i + 1u) { acc[i] = vec4<f32>(0.0); }
@@ -99,14 +99,14 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             // a_own4[i] = A[row0 + i, k0 + 4 lid.x .. + 4]
             let k_own = k0 + 4u * lid.x;
             for (var i = 0u; i < RB; i = i + 1u) {
-                let v = a4((a_base + min(row0 + i, p.m - 1u) * p.k + min(k_own, p.k_end - 4u)) / 4u);
+                let v = a4((tile.a_base + min(tile.row0 + i, p.m - 1u) * p.k + min(k_own, p.k_end - 4u)) / 4u);
                 a_own4[i] = select(vec4<f32>(0.0), v, k_own < p.k_end);
             }
         } else {
             // a_own4[q] = A[row0 + 4q .. + 4, k0 + lid.x] (A stored [k, m])
             let k_own = k0 + lid.x;
             for (var q = 0u; q < RB / 4u; q = q + 1u) {
-                let v = a4((a_base + min(k_own, p.k_end - 1u) * p.m + min(row0 + 4u * q, p.m - 4u)) / 4u);
+                let v = a4((tile.a_base + min(k_own, p.k_end - 1u) * p.m + min(tile.row0 + 4u * q, p.m - 4u)) / 4u);
                 a_own4[q] = select(vec4<f32>(0.0), v, k_own < p.k_end);
             }
         }
@@ -115,32 +115,32 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             var bq: array<vec4<f32>, 4>;
             if (TRANS_B) {
                 let kq = min(k0 + j4, p.k_end - 4u);
-                let c0 = b4((b_base + cc.x * p.k + kq) / 4u);
-                let c1 = b4((b_base + cc.y * p.k + kq) / 4u);
-                let c2 = b4((b_base + cc.z * p.k + kq) / 4u);
-                let c3 = b4((b_base + cc.w * p.k + kq) / 4u);
+                let c0 = b4((tile.b_base + tile.cc.x * p.k + kq) / 4u);
+                let c1 = b4((tile.b_base + tile.cc.y * p.k + kq) / 4u);
+                let c2 = b4((tile.b_base + tile.cc.z * p.k + kq) / 4u);
+                let c3 = b4((tile.b_base + tile.cc.w * p.k + kq) / 4u);
                 bq[0] = vec4<f32>(c0.x, c1.x, c2.x, c3.x);
                 bq[1] = vec4<f32>(c0.y, c1.y, c2.y, c3.y);
                 bq[2] = vec4<f32>(c0.z, c1.z, c2.z, c3.z);
                 bq[3] = vec4<f32>(c0.w, c1.w, c2.w, c3.w);
             } else {
                 for (var t = 0u; t < 4u; t = t + 1u) {
-                    bq[t] = b4((b_base + min(k0 + j4 + t, p.k_end - 1u) * p.n + min(col0, p.n - 4u)) / 4u);
+                    bq[t] = b4((tile.b_base + min(k0 + j4 + t, p.k_end - 1u) * p.n + min(tile.col0, p.n - 4u)) / 4u);
                 }
             }
             if (!TRANS_A) {
                 // Lane j4 / 4 holds k0 + j4 .. + 4 of every row.
                 for (var i = 0u; i < RB; i = i + 1u) {
-                    let av = subgroupShuffle(a_own4[i], first + j4 / 4u);
+                    let av = subgroupShuffle(a_own4[i], tile.first + j4 / 4u);
                     acc[i] = fma(vec4<f32>(av.w), bq[3], fma(vec4<f32>(av.z), bq[2], fma(vec4<f32>(av.y), bq[1], fma(vec4<f32>(av.x), bq[0], acc[i]))));
                 }
             } else {
                 // Lane j4 + t holds rows row0 + 4q .. + 4 at k0 + j4 + t.
                 for (var q = 0u; q < RB / 4u; q = q + 1u) {
-                    let a0 = subgroupShuffle(a_own4[q], first + j4);
-                    let a1 = subgroupShuffle(a_own4[q], first + j4 + 1u);
-                    let a2 = subgroupShuffle(a_own4[q], first + j4 + 2u);
-                    let a3 = subgroupShuffle(a_own4[q], first + j4 + 3u);
+                    let a0 = subgroupShuffle(a_own4[q], tile.first + j4);
+                    let a1 = subgroupShuffle(a_own4[q], tile.first + j4 + 1u);
+                    let a2 = subgroupShuffle(a_own4[q], tile.first + j4 + 2u);
+                    let a3 = subgroupShuffle(a_own4[q], tile.first + j4 + 3u);
                     acc[4u * q] = fma(vec4<f32>(a3.x), bq[3], fma(vec4<f32>(a2.x), bq[2], fma(vec4<f32>(a1.x), bq[1], fma(vec4<f32>(a0.x), bq[0], acc[4u * q]))));
                     acc[4u * q + 1u] = fma(vec4<f32>(a3.y), bq[3], fma(vec4<f32>(a2.y), bq[2], fma(vec4<f32>(a1.y), bq[1], fma(vec4<f32>(a0.y), bq[0], acc[4u * q + 1u]))));
                     acc[4u * q + 2u] = fma(vec4<f32>(a3.z), bq[3], fma(vec4<f32>(a2.z), bq[2], fma(vec4<f32>(a1.z), bq[1], fma(vec4<f32>(a0.z), bq[0], acc[4u * q + 2u]))));
@@ -149,7 +149,7 @@ fn matmul_subgroup_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(w
             }
         }
     }
-    store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+    store_lane_block(wid.z * p.m * p.n, tile.row0, tile.col0, &acc);
 }
 
 // ---- conv_gemm: a convolution as a product whose B operand is gathered from an image on the fly ---------------
@@ -252,36 +252,31 @@ fn conv_b_row(base: u32, s: vec3<u32>, yy0: i32, xx0: i32, cols: u32, live: bool
 @compute @workgroup_size(8, 1, 1)
 fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>,
              @builtin(subgroup_invocation_id) lane: u32) {
-    let col0 = (wid.x * 8u + lid.x) * 4u;
-    let row0 = wid.y * RB;
-    let first = lane - lid.x;
-    let a_base = wid.z * p.a_batch_stride;
-    let b_base = wid.z * p.b_batch_stride;
-    let cc = min(vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u));
+    let tile = lane_tile(lid, wid, lane);
     var col_c = vec4<u32>(0u);
     var col_a: vec4<i32>;
     var col_b: vec4<i32>;
     // PACKED: this lane's image row and first column, and how many of its 4 columns are real.
     let width = packed_width();
     let width4 = (width + 3u) / 4u * 4u;
-    let img_row = col0 / width4;
-    let x0 = col0 % width4;
+    let img_row = tile.col0 / width4;
+    let x0 = tile.col0 % width4;
     let cols = select(0u, min(width - x0, 4u), x0 < width && img_row < p.n / width);
     var yy0: i32;
     var xx0: i32;
     if (B_SOURCE == 1u) {
-        col_a = vec4<i32>((cc / p.ow) * p.stride_h) - vec4<i32>(i32(p.pad_h));
-        col_b = vec4<i32>((cc % p.ow) * p.stride_w) - vec4<i32>(i32(p.pad_w));
+        col_a = vec4<i32>((tile.cc / p.ow) * p.stride_h) - vec4<i32>(i32(p.pad_h));
+        col_b = vec4<i32>((tile.cc % p.ow) * p.stride_w) - vec4<i32>(i32(p.pad_w));
         yy0 = i32(img_row * p.stride_h) - i32(p.pad_h);
         xx0 = i32(x0) - i32(p.pad_w);
     } else if (B_SOURCE == 2u) {
         let taps = p.kh * p.kw;
-        col_c = cc / taps;
-        col_a = vec4<i32>(((cc % taps) / p.kw) * p.dil_h) - vec4<i32>(i32(p.pad_h));
-        col_b = vec4<i32>((cc % p.kw) * p.dil_w) - vec4<i32>(i32(p.pad_w));
+        col_c = tile.cc / taps;
+        col_a = vec4<i32>(((tile.cc % taps) / p.kw) * p.dil_h) - vec4<i32>(i32(p.pad_h));
+        col_b = vec4<i32>((tile.cc % p.kw) * p.dil_w) - vec4<i32>(i32(p.pad_w));
     } else {
-        col_a = vec4<i32>(cc / p.w + p.pad_h);
-        col_b = vec4<i32>(cc % p.w + p.pad_w);
+        col_a = vec4<i32>(tile.cc / p.w + p.pad_h);
+        col_b = vec4<i32>(tile.cc % p.w + p.pad_w);
         yy0 = i32(img_row + p.pad_h);
         xx0 = i32(x0 + p.pad_w);
     }
@@ -292,28 +287,28 @@ fn conv_gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     for (var k0 = p.k_begin; k0 < p.k_end; k0 = k0 + 8u) {
         let k_own = k0 + lid.x;
         for (var i = 0u; i < RB; i = i + 1u) {
-            a_own[i] = select(0.0, a_tex_at(a_base, min(row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
+            a_own[i] = select(0.0, a_tex_at(tile.a_base, min(tile.row0 + i, p.m - 1u), min(k_own, p.k_end - 1u)), k_own < p.k_end);
         }
         for (var j = 0u; j < 8u; j = j + 1u) {
             var bv: vec4<f32>;
             if (PACKED) {
-                bv = conv_b_row(b_base, s, yy0, xx0, cols, k0 + j < p.k_end);
+                bv = conv_b_row(tile.b_base, s, yy0, xx0, cols, k0 + j < p.k_end);
             } else {
-                bv = conv_b(b_base, s, col_c, col_a, col_b, k0 + j < p.k_end);
+                bv = conv_b(tile.b_base, s, col_c, col_a, col_b, k0 + j < p.k_end);
             }
             s = conv_k_next(s);
             for (var i = 0u; i < RB; i = i + 1u) {
-                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], first + j)), bv, acc[i]);
+                acc[i] = fma(vec4<f32>(subgroupShuffle(a_own[i], tile.first + j)), bv, acc[i]);
             }
         }
     }
     if (!PACKED) {
-        store_lane_block(wid.z * p.m * p.n, row0, col0, &acc);
+        store_lane_block(wid.z * p.m * p.n, tile.row0, tile.col0, &acc);
         return;
     }
     let c_base = wid.z * p.m * p.n + img_row * width + x0;
     for (var i = 0u; i < RB; i = i + 1u) {
-        let row = row0 + i;
+        let row = tile.row0 + i;
         if (row >= p.m) { break; }
         // A constant trip count (not `cols`): the loop unrolls and acc stays in registers.
         for (var j = 0u; j < 4u; j = j + 1u) {

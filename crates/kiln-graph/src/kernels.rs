@@ -550,11 +550,9 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     consts.push(("TRANS_B", tb));
     let shader = if matches!(variant, MatmulVariant::Subgroup(_)) { &MATMUL_SUBGROUP } else { &MATMUL };
     // Long k runs as several dispatches over k ranges, each adding to C (see k_per_dispatch).
-    let step = k_per_dispatch(entry)?;
-    for (i, k0) in (0..k).step_by(step).enumerate() {
-        let k1 = (k0 + step).min(k);
+    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch(entry)?) {
         let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32(0);
-        consts.push(("ACCUMULATE", (i > 0) as u32 as f64));
+        consts.push(("ACCUMULATE", accumulate as u32 as f64));
         launch_textured(shader, entry, &consts, p, &[&a, &b], &[&c], &textures.iter().collect::<Vec<_>>(), groups)?;
         consts.pop();
     }
@@ -602,13 +600,9 @@ pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, ba
     let columns = if packed { n / width * width.next_multiple_of(4) } else { n };
     let consts = |accumulate: bool| [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("PACKED", packed as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0), ("ACCUMULATE", accumulate as u32 as f64)];
     let groups = [columns.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
-    let step = k_per_dispatch("matmul_subgroup")?;
-    for (i, k0) in (0..k).step_by(step).enumerate() {
-        let mut p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32((k0 + step).min(k)).u32(0);
-        for v in conv {
-            p = p.u32(v);
-        }
-        launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts(i > 0), p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
+    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch("matmul_subgroup")?) {
+        let p = conv.iter().fold(Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32(k1).u32(0), |p, &v| p.u32(v));
+        launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts(accumulate), p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
     }
     Ok(c)
 }
@@ -665,6 +659,12 @@ fn texture_copy(view: &BufView, what: &str) -> Result<(TexView, BufView)> {
     let own = out(view.bytes.div_ceil(4) as usize, what)?;
     g.copy(view, &own, view.bytes.div_ceil(4) * 4)?;
     Ok((g.texture_of(&own, what)?, own))
+}
+
+/// The k ranges [k0, k1) of a product split `step` at a time, and whether each adds to what the ones before
+/// it wrote (ACCUMULATE).
+fn k_ranges(k: usize, step: usize) -> impl Iterator<Item = (usize, usize, bool)> {
+    (0..k).step_by(step).map(move |k0| (k0, (k0 + step).min(k), k0 > 0))
 }
 
 /// How much of k one matmul dispatch may cover. Lavapipe (Mesa's gallivm: CPU adapters) ends an invocation's
