@@ -7,18 +7,45 @@ use kiln_graph::{Result, Rng, Tensor};
 /// The GPU the tests run on. Never skips: with no adapter the test fails and says how to get one; with
 /// `CI=true` the adapter must be Vulkan (lavapipe on CI), never the slow GL fallback.
 pub fn require_gpu() -> &'static kiln_graph::backend::Gpu {
-    // Tests run the fixed per-adapter kernels (fast and deterministic); tuning is tested on its own.
-    if std::env::var_os("KILN_AUTOTUNE").is_none() {
-        std::env::set_var("KILN_AUTOTUNE", "off");
-    }
     let gpu = match kiln_graph::backend::gpu() {
         Ok(g) => g,
         Err(e) => panic!("GPU tests need an adapter and none was found: {e}"),
     };
+    // Tests run the fixed per-adapter kernels (fast and deterministic); tuning is tested on its own. A
+    // setting of the default device, not the environment: nothing here changes process-wide state.
+    if std::env::var_os("KILN_AUTOTUNE").is_none() {
+        kiln_graph::tune::set_mode(gpu, Some(kiln_graph::tune::Mode::Off));
+    }
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) && gpu.backend() != "Vulkan" {
         panic!("CI=true but the adapter is {} (backend {}), not Vulkan: install mesa-vulkan-drivers and set WGPU_BACKEND=vulkan", gpu.adapter_name(), gpu.backend());
     }
     gpu
+}
+
+/// A second device of this test binary on the default device's adapter, opened once, for the tests that
+/// change a device's settings (fusion, texture reads, convolution lowering): `with_settings_device` runs them
+/// one at a time on it, so the default device, which the other tests share, never changes under them.
+fn settings_device() -> &'static kiln_graph::backend::Device {
+    static DEVICE: std::sync::OnceLock<kiln_graph::backend::Device> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(|| {
+        let adapter = require_gpu().info.name.clone();
+        let d = kiln_graph::backend::Device::open(&kiln_graph::backend::DeviceOptions { adapter: Some(adapter), ..Default::default() }).expect("a second device on the same adapter");
+        kiln_graph::tune::set_mode(&d, Some(kiln_graph::tune::Mode::Off));
+        d
+    })
+}
+
+/// Runs `f` on the settings device (as the thread's current device, so tensors made inside go there), one
+/// test at a time; every setting `f` changed is cleared afterwards, even when `f` panics.
+pub fn with_settings_device<T>(f: impl FnOnce(&kiln_graph::backend::Device) -> T) -> T {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = settings_device();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.scope(|| f(dev))));
+    for key in ["fusion", "texture_reads", "conv_implicit"] {
+        dev.set_setting(key, None);
+    }
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// A fresh seed each run (printed, so a failure can be replayed with KILN_TEST_SEED).

@@ -3,25 +3,20 @@
 
 use kiln_graph::kernels;
 use kiln_graph::{Conv2dGeom, Pool2dGeom, Tensor};
-use kiln_tests::{check_op, require_gpu, test_rng, Domain};
+use kiln_tests::{check_op, require_gpu, test_rng, with_settings_device, Domain};
 
-/// Convolutions run through conv_gemm on CPU adapters and im2col + matmul elsewhere: each case runs both ways.
-/// Tests here take turns with the switch.
-static LOWERING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+/// Convolutions run through conv_gemm on CPU adapters and im2col + matmul elsewhere: each case runs both ways,
+/// on the tests' settings device (the switch is a device setting).
 fn conv_case(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {
-    let _turn = LOWERING.lock().unwrap_or_else(|e| e.into_inner());
     require_gpu();
-    let implicit = kernels::ConvLowering::Implicit;
-    let lowerings = if kernels::MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() { vec![kernels::ConvLowering::Im2col, implicit] } else { vec![kernels::ConvLowering::Im2col] };
-    for lowering in lowerings {
-        kernels::set_conv_lowering(lowering);
-        let checked = std::panic::catch_unwind(|| conv_case_once(&format!("{name} ({lowering:?})"), x, w, geom));
-        kernels::set_conv_lowering(kernels::ConvLowering::Auto);
-        if let Err(e) = checked {
-            std::panic::resume_unwind(e);
+    with_settings_device(|dev| {
+        let implicit = kernels::ConvLowering::Implicit;
+        let lowerings = if kernels::MatmulVariant::Subgroup(8).supports(dev, 1, 1, 1, false, false).unwrap() { vec![kernels::ConvLowering::Im2col, implicit] } else { vec![kernels::ConvLowering::Im2col] };
+        for lowering in lowerings {
+            kernels::set_conv_lowering(dev, lowering);
+            conv_case_once(&format!("{name} ({lowering:?})"), x, w, geom);
         }
-    }
+    })
 }
 
 fn conv_case_once(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {

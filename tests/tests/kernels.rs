@@ -26,11 +26,11 @@ fn every_matmul_variant_matches_the_cpu_reference() {
                     (m, n, k) = (m.next_multiple_of(4), n.next_multiple_of(4), k.next_multiple_of(4));
                 }
                 let batch = 1 + round % 3;
-                if !v.supports(m, n, k, ta, tb).unwrap() {
+                if !v.supports(g, m, n, k, ta, tb).unwrap() {
                     assert!(matches!(v, MatmulVariant::Subgroup(_)), "{} refused {m}x{n}x{k}", v.name());
                     continue;
                 }
-                let ok = tune::check_against_cpu(v, batch, m, n, k, ta, tb).unwrap();
+                let ok = tune::check_against_cpu(g, v, batch, m, n, k, ta, tb).unwrap();
                 assert!(ok, "{} wrong on batch {batch} m {m} n {n} k {k} trans_a {ta} trans_b {tb} ({})", v.name(), g.adapter_name());
                 checked += 1;
             }
@@ -44,47 +44,47 @@ fn every_matmul_variant_matches_the_cpu_reference() {
 
 #[test]
 fn vec4_refuses_unaligned_shapes_with_an_error() {
-    require_gpu();
-    let a = kernels::random_uniform(7 * 5, 1, 0).unwrap();
-    let b = kernels::random_uniform(5 * 3, 2, 0).unwrap();
+    let g = require_gpu();
+    let a = kernels::random_uniform(g, 7 * 5, 1, 0).unwrap();
+    let b = kernels::random_uniform(g, 5 * 3, 2, 0).unwrap();
     let e = kernels::matmul_with(MatmulVariant::Vec4, &a, &b, 1, 7, 3, 5, 0, 0, false, false).err().expect("vec4 on 7x3x5 must be refused");
     assert!(e.to_string().contains("vec4"), "{e}");
 }
 
 #[test]
 fn autotuner_caches_its_choice_on_disk() {
-    require_gpu();
+    let g = require_gpu();
     let dir = std::env::temp_dir().join(format!("kiln-tune-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (m, n, k) = (128, 96, 200); // above TUNE_MIN_FLOPS, so it is tuned
-    let mut first = Tuner::open(Mode::On, Some(&dir)).unwrap();
-    let t = first.tune(1, m, n, k, false, true).unwrap();
+    let mut first = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    let t = first.tune(g, 1, m, n, k, false, true).unwrap();
     // Every candidate of this adapter either was timed or was ruled out, and nothing else was.
     let timed: Vec<MatmulVariant> = t.timings.iter().map(|(v, _)| *v).collect();
-    assert_eq!(timed, tune::candidates(m).unwrap());
+    assert_eq!(timed, tune::candidates(g, m).unwrap());
     assert!(t.timings.iter().any(|(_, ms)| ms.is_some()));
-    let chosen = first.choose(1, m, n, k, false, true).unwrap();
+    let chosen = first.choose(g, 1, m, n, k, false, true).unwrap();
     assert_eq!(first.tuned, 1);
-    assert!(tune::check_against_cpu(chosen, 1, m, n, k, false, true).unwrap(), "tuner chose a wrong kernel {}", chosen.name());
-    let file = tune::cache_file(&dir).unwrap();
+    assert!(tune::check_against_cpu(g, chosen, 1, m, n, k, false, true).unwrap(), "tuner chose a wrong kernel {}", chosen.name());
+    let file = tune::cache_file(g, &dir).unwrap();
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains(&chosen.name()), "{text}");
     // A second process (a new tuner on the same directory) reads the choice and times nothing.
-    let mut second = Tuner::open(Mode::On, Some(&dir)).unwrap();
-    assert_eq!(second.choose(1, m, n, k, false, true).unwrap(), chosen);
+    let mut second = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    assert_eq!(second.choose(g, 1, m, n, k, false, true).unwrap(), chosen);
     assert_eq!(second.tuned, 0);
     // `force` re-tunes once per class and process; `off` never tunes.
-    let mut forced = Tuner::open(Mode::Force, Some(&dir)).unwrap();
-    forced.choose(1, m, n, k, false, true).unwrap();
-    forced.choose(1, m, n, k, false, true).unwrap();
+    let mut forced = Tuner::open(g, Mode::Force, Some(&dir)).unwrap();
+    forced.choose(g, 1, m, n, k, false, true).unwrap();
+    forced.choose(g, 1, m, n, k, false, true).unwrap();
     assert_eq!(forced.tuned, 1);
-    let mut off = Tuner::open(Mode::Off, Some(&dir)).unwrap();
-    off.choose(1, m, n, k, false, true).unwrap();
+    let mut off = Tuner::open(g, Mode::Off, Some(&dir)).unwrap();
+    off.choose(g, 1, m, n, k, false, true).unwrap();
     assert_eq!(off.tuned, 0);
     // A corrupt cache is ignored (and named on stderr), then replaced.
     std::fs::write(&file, "{ not json").unwrap();
-    let mut fresh = Tuner::open(Mode::On, Some(&dir)).unwrap();
-    fresh.choose(1, m, n, k, false, true).unwrap();
+    let mut fresh = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    fresh.choose(g, 1, m, n, k, false, true).unwrap();
     assert_eq!(fresh.tuned, 1);
     assert!(std::fs::read_to_string(&file).unwrap().contains("choices"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -113,14 +113,14 @@ fn softmax_of_long_rows_matches_the_cpu_reference() {
 /// the data run in pieces. Each matmul kernel at three times its per-dispatch k, and long reductions.
 #[test]
 fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
-    require_gpu();
+    let g = require_gpu();
     for v in variants() {
         for (m, n, k) in [(5, 7, 3 * 1024 + 5), (8, 8, 3 * 2048 + 4), (8, 8, 3 * 8192 + 4), (5, 7, 3 * 32768 + 5)] {
-            if v.supports(m, n, k, false, false).unwrap() {
-                assert!(tune::check_against_cpu(v, 1, m, n, k, false, false).unwrap(), "{} wrong at m {m} n {n} k {k}", v.name());
+            if v.supports(g, m, n, k, false, false).unwrap() {
+                assert!(tune::check_against_cpu(g, v, 1, m, n, k, false, false).unwrap(), "{} wrong at m {m} n {n} k {k}", v.name());
             }
-            if v.supports(m, n, k, true, true).unwrap() {
-                assert!(tune::check_against_cpu(v, 1, m, n, k, true, true).unwrap(), "{} wrong transposed at m {m} n {n} k {k}", v.name());
+            if v.supports(g, m, n, k, true, true).unwrap() {
+                assert!(tune::check_against_cpu(g, v, 1, m, n, k, true, true).unwrap(), "{} wrong transposed at m {m} n {n} k {k}", v.name());
             }
         }
     }
@@ -166,7 +166,7 @@ fn index_select_gradient_over_many_indices() {
 #[test]
 fn subgroup_kernels_read_operands_at_any_offset() {
     let g = require_gpu();
-    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() {
+    if !MatmulVariant::Subgroup(8).supports(g, 1, 1, 1, false, false).unwrap() {
         return; // no subgroups here: the variant never runs (the first test checks lavapipe runs it)
     }
     let mut rng = test_rng("texture operands");
@@ -206,7 +206,7 @@ fn subgroup_kernels_read_operands_at_any_offset() {
 #[test]
 fn texture_copies_follow_every_write_to_their_buffer() {
     let g = require_gpu();
-    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false).unwrap() {
+    if !MatmulVariant::Subgroup(8).supports(g, 1, 1, 1, false, false).unwrap() {
         return;
     }
     let mut rng = test_rng("texture cache");

@@ -4,7 +4,7 @@ use kiln_graph::cpu::CpuTensor;
 use kiln_graph::kernels::{BinaryKind, UnaryKind};
 use kiln_graph::Tensor;
 use kiln_nn::{BatchNorm, Dropout, Module, VarStore};
-use kiln_tests::{assert_close, check_op, require_gpu, test_rng, Domain};
+use kiln_tests::{assert_close, check_op, require_gpu, test_rng, with_settings_device, Domain};
 
 /// The training-mode batch norm of [n, c, h, w] with gamma = 1, beta = 0, on the CPU.
 fn bn_reference(x: &CpuTensor, eps: f64) -> CpuTensor {
@@ -68,49 +68,47 @@ fn fused_batch_norm_forward_and_backward() {
 /// and off (the composite formula): same outputs, gradients and running statistics, and fewer dispatches.
 #[test]
 fn fused_batch_norm_layer_matches_the_composite_formula() {
-    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
-    require_gpu();
-    let mut rng = test_rng("bn fusion");
-    let x = Tensor::randn(&[6, 4, 9, 11], 2.0, &mut rng).unwrap().affine(1.0, 3.0).unwrap();
-    let w = Tensor::randn(x.shape(), 1.0, &mut rng).unwrap();
-    let run = |fused: bool| {
-        kiln_nn::set_fusion(fused);
-        let mut vs = VarStore::new(5);
-        let net = kiln_nn::Sequential::new().push(BatchNorm::new(&mut vs, "bn", 4).unwrap()).push(kiln_nn::Activation::Relu).push(BatchNorm::new(&mut vs, "bn2", 4).unwrap());
-        vs.finish().unwrap();
-        // Non-trivial scale and shift, the same in both runs.
-        for (i, p) in vs.params().filter(|p| !vs.is_buffer(p.name())).enumerate() {
-            let v: Vec<f32> = (0..4).map(|j| 0.5 + 0.3 * (i * 4 + j) as f32 / 7.0 - if i % 2 == 1 { 1.0 } else { 0.0 }).collect();
-            kiln_graph::backend::gpu().unwrap().write(p.tensor().unwrap().storage(), bytemuck::cast_slice(&v)).unwrap();
+    // Fusion is a device setting: flipped on the tests' settings device, never on the shared default one.
+    with_settings_device(|dev| {
+        require_gpu();
+        let mut rng = test_rng("bn fusion");
+        let x = Tensor::randn(&[6, 4, 9, 11], 2.0, &mut rng).unwrap().affine(1.0, 3.0).unwrap();
+        let w = Tensor::randn(x.shape(), 1.0, &mut rng).unwrap();
+        let run = |fused: bool| {
+            kiln_nn::set_fusion(dev, fused);
+            let mut vs = VarStore::new(5);
+            let net = kiln_nn::Sequential::new().push(BatchNorm::new(&mut vs, "bn", 4).unwrap()).push(kiln_nn::Activation::Relu).push(BatchNorm::new(&mut vs, "bn2", 4).unwrap());
+            vs.finish().unwrap();
+            // Non-trivial scale and shift, the same in both runs.
+            for (i, p) in vs.params().filter(|p| !vs.is_buffer(p.name())).enumerate() {
+                let v: Vec<f32> = (0..4).map(|j| 0.5 + 0.3 * (i * 4 + j) as f32 / 7.0 - if i % 2 == 1 { 1.0 } else { 0.0 }).collect();
+                p.tensor().unwrap().device().write(p.tensor().unwrap().storage(), bytemuck::cast_slice(&v)).unwrap();
+            }
+            let x = x.detach().var();
+            let before = kiln_graph::backend::thread_stats().dispatches;
+            let y = net.forward(&x).unwrap();
+            let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
+            let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let trainable = |p: &&kiln_nn::Param| !vs.is_buffer(p.name());
+            let mut grads: Vec<Vec<f32>> = vs.params().filter(trainable).map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
+            grads.push(g.get(&x).unwrap().to_vec().unwrap());
+            let running: Vec<Vec<f32>> = vs.params().filter(|p| vs.is_buffer(p.name())).map(|b| b.tensor().unwrap().to_vec().unwrap()).collect();
+            (y.to_vec().unwrap(), grads, running, dispatches)
+        };
+        let (y_fused, g_fused, r_fused, d_fused) = run(true);
+        let (y_plain, g_plain, r_plain, d_plain) = run(false);
+        assert!(d_fused * 4 <= d_plain, "forward dispatches fused {d_fused}, composite {d_plain}");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * (1.0 + y.abs()));
+        assert!(close(&y_fused, &y_plain), "outputs differ");
+        for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
+            assert!(close(a, b), "gradient {i} differs: {:?} vs {:?}", &a[..4.min(a.len())], &b[..4.min(b.len())]);
         }
-        let x = x.detach().var();
-        let before = kiln_graph::backend::thread_stats().dispatches;
-        let y = net.forward(&x).unwrap();
-        let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
-        let g = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
-        let trainable = |p: &&kiln_nn::Param| !vs.is_buffer(p.name());
-        let mut grads: Vec<Vec<f32>> = vs.params().filter(trainable).map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
-        grads.push(g.get(&x).unwrap().to_vec().unwrap());
-        let running: Vec<Vec<f32>> = vs.params().filter(|p| vs.is_buffer(p.name())).map(|b| b.tensor().unwrap().to_vec().unwrap()).collect();
-        (y.to_vec().unwrap(), grads, running, dispatches)
-    };
-    let (y_fused, g_fused, r_fused, d_fused) = run(true);
-    let (y_plain, g_plain, r_plain, d_plain) = run(false);
-    kiln_nn::set_fusion(true);
-    assert!(d_fused * 4 <= d_plain, "forward dispatches fused {d_fused}, composite {d_plain}");
-    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * (1.0 + y.abs()));
-    assert!(close(&y_fused, &y_plain), "outputs differ");
-    for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
-        assert!(close(a, b), "gradient {i} differs: {:?} vs {:?}", &a[..4.min(a.len())], &b[..4.min(b.len())]);
-    }
-    assert_eq!(r_fused.len(), 4);
-    for (i, (a, b)) in r_fused.iter().zip(&r_plain).enumerate() {
-        assert!(close(a, b), "running statistic {i} differs: {a:?} vs {b:?}");
-    }
+        assert_eq!(r_fused.len(), 4);
+        for (i, (a, b)) in r_fused.iter().zip(&r_plain).enumerate() {
+            assert!(close(a, b), "running statistic {i} differs: {a:?} vs {b:?}");
+        }
+    })
 }
-
-/// Tests that flip the process-wide fusion switch take turns.
-static FUSION_FLAG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn batch_norm_running_statistics_and_eval() {
@@ -174,14 +172,11 @@ fn fused_bias_and_activation_forward_and_backward() {
     // act(x + bias) along the channel axis, every activation, against the CPU reference composed of the unfused
     // ops; the backward rule against finite differences (relu away from its kink). Both kernel pairs: storage
     // reads (GPUs) and texture reads with 4 elements per invocation (CPU adapters).
-    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
     for textures in [false, true] {
-        kiln_graph::kernels::set_texture_reads(Some(textures));
-        let checked = std::panic::catch_unwind(bias_act_cases);
-        kiln_graph::kernels::set_texture_reads(None);
-        if let Err(e) = checked {
-            std::panic::resume_unwind(e);
-        }
+        with_settings_device(|dev| {
+            kiln_graph::kernels::set_texture_reads(dev, Some(textures));
+            bias_act_cases();
+        });
     }
     require_gpu();
     let x = Tensor::zeros(&[2, 3]).unwrap();
@@ -212,32 +207,33 @@ fn bias_act_cases() {
 
 #[test]
 fn fusion_in_sequential_matches_the_unfused_layers() {
-    // LeNet-5 has four conv/linear + ReLU pairs and a final bias: the fused network must give the same output
-    // and the same gradients as the layers run one by one.
-    let _one_at_a_time = FUSION_FLAG.lock().unwrap_or_else(|e| e.into_inner());
-    require_gpu();
-    let mut vs = VarStore::new(3);
-    let net = kiln_models::cnn::lenet5(&mut vs, [1, 28, 28], 10).unwrap();
-    vs.finish().unwrap();
-    let mut rng = test_rng("fusion");
-    let x = Tensor::randn(&[4, 1, 28, 28], 1.0, &mut rng).unwrap();
-    let run = |fused: bool| {
-        kiln_nn::set_fusion(fused);
-        let before = kiln_graph::backend::thread_stats().dispatches;
-        let y = net.forward(&x).unwrap();
-        let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
-        let g = y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
-        let grads: Vec<Vec<f32>> = vs.params().map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
-        (y.to_vec().unwrap(), grads, dispatches)
-    };
-    let (y_fused, g_fused, d_fused) = run(true);
-    let (y_plain, g_plain, d_plain) = run(false);
-    kiln_nn::set_fusion(true);
-    // Four activations folded into their layers' bias kernels.
-    assert_eq!(d_plain - d_fused, 4, "forward dispatches fused {d_fused}, unfused {d_plain}");
-    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
-    assert!(close(&y_fused, &y_plain), "outputs differ");
-    for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
-        assert!(close(a, b), "gradient of parameter {i} differs");
-    }
+    // Fusion is a device setting: flipped on the tests' settings device, never on the shared default one.
+    with_settings_device(|dev| {
+        // LeNet-5 has four conv/linear + ReLU pairs and a final bias: the fused network must give the same output
+        // and the same gradients as the layers run one by one.
+        require_gpu();
+        let mut vs = VarStore::new(3);
+        let net = kiln_models::cnn::lenet5(&mut vs, [1, 28, 28], 10).unwrap();
+        vs.finish().unwrap();
+        let mut rng = test_rng("fusion");
+        let x = Tensor::randn(&[4, 1, 28, 28], 1.0, &mut rng).unwrap();
+        let run = |fused: bool| {
+            kiln_nn::set_fusion(dev, fused);
+            let before = kiln_graph::backend::thread_stats().dispatches;
+            let y = net.forward(&x).unwrap();
+            let dispatches = kiln_graph::backend::thread_stats().dispatches - before;
+            let g = y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Vec<f32>> = vs.params().map(|p| g.get(p.tensor().unwrap()).unwrap().to_vec().unwrap()).collect();
+            (y.to_vec().unwrap(), grads, dispatches)
+        };
+        let (y_fused, g_fused, d_fused) = run(true);
+        let (y_plain, g_plain, d_plain) = run(false);
+        // Four activations folded into their layers' bias kernels.
+        assert_eq!(d_plain - d_fused, 4, "forward dispatches fused {d_fused}, unfused {d_plain}");
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+        assert!(close(&y_fused, &y_plain), "outputs differ");
+        for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
+            assert!(close(a, b), "gradient of parameter {i} differs");
+        }
+    })
 }

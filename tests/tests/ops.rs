@@ -228,7 +228,7 @@ fn bce_is_stable_for_huge_logits() {
 #[test]
 fn optimizer_updates_match_their_formulas() {
     use kiln_graph::kernels::{optimizer_step, UpdateRule};
-    let g = kiln_tests::require_gpu();
+    kiln_tests::require_gpu();
     let mut rng = kiln_tests::test_rng("optimizer updates");
     let rules = [
         UpdateRule::Sgd { momentum: 0.0, nesterov: false },
@@ -239,7 +239,8 @@ fn optimizer_updates_match_their_formulas() {
     ];
     // Both Adam kernels: storage reads (GPUs) and texture reads, 4 per invocation (CPU adapters).
     for (rule, textures) in rules.iter().flat_map(|r| [(*r, false), (*r, true)]) {
-        kiln_graph::kernels::set_texture_reads(Some(textures));
+      kiln_tests::with_settings_device(|g| {
+        kiln_graph::kernels::set_texture_reads(g, Some(textures));
         for n in [1usize, 7, 1001, 4096 + 13] {
             // The run: [skip, skip + n) of buffers of skip + n + 9 values, skip a multiple of 8 floats (32 bytes).
             let skip = 8 * rng.below(3);
@@ -289,6 +290,7 @@ fn optimizer_updates_match_their_formulas() {
                 }
             }
         }
+      });
     }
-    kiln_graph::kernels::set_texture_reads(None);
+
 }

@@ -81,7 +81,7 @@ impl Tensor {
             .f32(a.rotation).f32(a.scale).f32(a.brightness).f32(a.contrast)
             .f32(a.noise).u32(0).u32(0).u32(0);
         let n = self.numel();
-        let y = out_buffer(n, "augmented images")?;
+        let y = out_buffer(&self.view(), n, "augmented images")?;
         launch(&AUGMENT, "augment", &[], p, &[&self.view()], &[&y], grid_1d(n as u64, 256))?;
         Ok(Tensor::make(y, s.to_vec(), DType::F32, None))
     }

@@ -77,6 +77,15 @@ impl Grads {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+    /// Sets `t`'s gradient (a hand-made or averaged gradient: data-parallel training, tests). Its shape must be
+    /// `t`'s.
+    pub fn insert(&mut self, t: &Tensor, g: Tensor) -> Result<()> {
+        if g.shape() != t.shape() {
+            return crate::error::shape_err("Grads::insert", t.shape(), g.shape(), "a gradient has its tensor's shape");
+        }
+        self.map.insert(t.id(), g);
+        Ok(())
+    }
 }
 
 fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
@@ -124,7 +133,7 @@ impl Tensor {
         no_grad(|| {
             let order = topo_order(self);
             let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
-            pending.insert(self.id(), Tensor::ones(self.shape())?);
+            pending.insert(self.id(), self.ones_like()?);
             let mut leaves = HashMap::new();
             for node in order.iter().rev() {
                 let Some(g) = pending.remove(&node.id()) else { continue };
@@ -148,7 +157,7 @@ impl Tensor {
 
 /// `out` = zeros of `shape` with `g` written at `start` along `axis` (the backward of slice).
 fn scatter_slice(g: &Tensor, shape: &[usize], axis: usize, start: usize) -> Result<Tensor> {
-    let z = Tensor::zeros(shape)?;
+    let z = Tensor::full_on(g.device(), shape, 0.0)?;
     let st = strides(shape);
     kernels::strided_copy(g.storage(), 0, &strides(g.shape()), z.storage(), start * st[axis], &st, g.shape())?;
     Ok(z)

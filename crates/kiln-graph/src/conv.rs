@@ -124,7 +124,7 @@ impl Tensor {
             // out[b] = weight[c_out, c_in] @ x[b][c_in, h*w], the weight shared across the batch.
             let hw = x[2] * x[3];
             kernels::matmul(&weight.view(), &self.view(), x[0], w[0], hw, x[1], 0, x[1] * hw, false, false)?
-        } else if geom.groups == 1 && kernels::conv_gemm_preferred()? {
+        } else if geom.groups == 1 && kernels::conv_gemm_preferred(self.view().device())? {
             // out[b] = weight[c_out, c_in*kh*kw] @ im2col(x)[b], the columns gathered on the fly.
             let (k, spatial) = (x[1] * w[2] * w[3], oh * ow);
             kernels::conv_gemm(ConvGemmSource::Forward, &weight.view(), &self.view(), x[0], w[0], spatial, k, 0, x[1] * x[2] * x[3], gemm_geometry(x, w, oh, ow, &geom))?
@@ -142,7 +142,7 @@ impl Tensor {
             y
         } else {
             let n = shape.iter().product::<usize>();
-            let y = out_buffer(n, "conv2d output")?;
+            let y = out_buffer(&self.view(), n, "conv2d output")?;
             launch(&CONV2D, "conv2d_forward", &[], conv_params(x, w, oh, ow, &geom), &[&self.view(), &weight.view()], &[&y], grid_1d(n as u64, 256))?;
             y
         };
@@ -153,8 +153,8 @@ impl Tensor {
     pub fn max_pool2d(&self, geom: Pool2dGeom) -> Result<(Tensor, Tensor)> {
         let (shape, params) = self.pool_setup("max_pool2d", &geom)?;
         let n = shape.iter().product::<usize>();
-        let y = out_buffer(n, "max_pool2d output")?;
-        let sw = out_buffer(n, "max_pool2d switches")?;
+        let y = out_buffer(&self.view(), n, "max_pool2d output")?;
+        let sw = out_buffer(&self.view(), n, "max_pool2d switches")?;
         launch(&POOL, "max_pool2d_forward", &[], params, &[&self.view()], &[&y, &sw], grid_1d(n as u64, 256))?;
         let switches = Tensor::make(sw, shape.clone(), DType::U32, None);
         let values = Tensor::make(y, shape, DType::F32, Some(Op::MaxPool2d(self.clone(), switches.clone(), geom)));
@@ -165,7 +165,7 @@ impl Tensor {
     pub fn avg_pool2d(&self, geom: Pool2dGeom) -> Result<Tensor> {
         let (shape, params) = self.pool_setup("avg_pool2d", &geom)?;
         let n = shape.iter().product::<usize>();
-        let y = out_buffer(n, "avg_pool2d output")?;
+        let y = out_buffer(&self.view(), n, "avg_pool2d output")?;
         launch(&POOL, "avg_pool2d_forward", &[], params, &[&self.view()], &[&y], grid_1d(n as u64, 256))?;
         Ok(Tensor::make(y, shape, DType::F32, Some(Op::AvgPool2d(self.clone(), geom))))
     }
@@ -198,7 +198,7 @@ pub const SAVED_COLS_MAX_BYTES: usize = 6 << 20;
 fn im2col(x: &Tensor, w: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> Result<kiln_wgpu::BufView> {
     let xs = x.shape();
     let n = xs[0] * xs[1] * w[2] * w[3] * oh * ow;
-    let cols = out_buffer(n, "im2col columns")?;
+    let cols = out_buffer(&x.view(), n, "im2col columns")?;
     // One invocation per output row (see conv2d.wgsl).
     let rows = xs[0] * xs[1] * w[2] * w[3] * oh;
     launch(&CONV2D, "im2col", &[], conv_params(xs, w, oh, ow, geom), &[&x.view()], &[&cols], grid_1d(rows as u64, 256))?;
@@ -230,7 +230,7 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
         if w.requires_grad() {
             partial = Some(kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?);
         }
-    } else if geom.groups == 1 && kernels::conv_gemm_preferred()? {
+    } else if geom.groups == 1 && kernels::conv_gemm_preferred(x.view().device())? {
         // The same products with the columns gathered on the fly (conv_gemm): partial[b] = grad_y[b] @
         // im2col(x)[b]^T; grad_x[b] = weight permuted to [c_in, c_out*kh*kw] @ grad_y gathered per input
         // position (stride 1; other strides through col2im).
@@ -242,7 +242,7 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
         if x.requires_grad() {
             if geom.stride == [1, 1] {
                 let taps = ws[2] * ws[3];
-                let permuted = out_buffer(per_sample, "conv2d weight, permuted")?;
+                let permuted = out_buffer(&w.view(), per_sample, "conv2d weight, permuted")?;
                 kernels::strided_copy(&w.view(), 0, &[taps, xs[1] * taps, 1], &permuted, 0, &[ws[0] * taps, taps, 1], &[xs[1], ws[0], taps])?;
                 gx = Some(kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, geometry)?);
             } else {
@@ -264,12 +264,12 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
         }
     } else {
         if x.requires_grad() {
-            let buf = out_buffer(n_x, "conv2d input gradient")?;
+            let buf = out_buffer(&g.view(), n_x, "conv2d input gradient")?;
             launch(&CONV2D, "conv2d_backward_input", &[], params(), &[&g.view(), &w.view()], &[&buf], grid_1d(n_x as u64, 256))?;
             gx = Some(buf);
         }
         if w.requires_grad() {
-            let buf = out_buffer(batch * per_sample, "conv2d weight gradient (per sample)")?;
+            let buf = out_buffer(&g.view(), batch * per_sample, "conv2d weight gradient (per sample)")?;
             // Rows of the output map per dispatch, so each invocation loops under kernels::LOOP_CHUNK * 4 times.
             let rows = (4 * kernels::LOOP_CHUNK / (ow + 1)).max(1);
             for (i, oy0) in (0..oh).step_by(rows).enumerate() {
@@ -290,7 +290,7 @@ pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2
 fn col2im_grad(w: &Tensor, g: &Tensor, xs: &[usize], ws: &[usize], oh: usize, ow: usize, geom: &Conv2dGeom) -> Result<kiln_wgpu::BufView> {
     let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
     let grad_cols = kernels::matmul(&w.view(), &g.view(), xs[0], k, spatial, ws[0], 0, ws[0] * spatial, true, false)?;
-    let buf = out_buffer(xs.iter().product(), "conv2d input gradient")?;
+    let buf = out_buffer(&g.view(), xs.iter().product(), "conv2d input gradient")?;
     // One invocation per 64-wide segment of an input row (see conv2d.wgsl).
     let segments = xs[3].div_ceil(64);
     launch(&CONV2D, "col2im", &[], conv_params(xs, ws, oh, ow, geom), &[&grad_cols], &[&buf], grid_1d((xs[0] * xs[1] * xs[2] * segments) as u64, 256))?;
@@ -307,7 +307,7 @@ pub fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Poo
     let xs = x.shape();
     let (oh, ow) = (g.shape()[2], g.shape()[3]);
     let n = xs.iter().product::<usize>();
-    let gx = out_buffer(n, "pool gradient")?;
+    let gx = out_buffer(&g.view(), n, "pool gradient")?;
     let params = pool_params(xs, oh, ow, geom);
     match switches {
         Some(s) => launch(&POOL, "max_pool2d_backward", &[], params, &[&g.view(), &s.view()], &[&gx], grid_1d(n as u64, 256))?,

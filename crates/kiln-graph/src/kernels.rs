@@ -1,7 +1,7 @@
 //! Raw kernel launchers: one function per WGSL entry point, on pooled buffers, no autograd. Ops (ops.rs) and
 //! the optimizers (kiln-nn) call these; nothing above kiln-graph touches wgpu.
 
-use kiln_wgpu::{gpu, grid_1d, BufView, Dispatch, Shader, TexView};
+use kiln_wgpu::{grid_1d, BufView, Dispatch, Gpu, Shader, TexView};
 
 use crate::error::{invalid, Result};
 
@@ -81,12 +81,26 @@ fn check_u32(op: &'static str, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn out_buffer(n: usize, what: &str) -> Result<BufView> {
-    out(n, what)
+/// A fresh buffer of `n` floats on `like`'s device.
+pub(crate) fn out_buffer(like: &BufView, n: usize, what: &str) -> Result<BufView> {
+    out(like, n, what)
 }
 
-fn out(n: usize, what: &str) -> Result<BufView> {
-    Ok(gpu()?.alloc(4 * n.max(1) as u64, what)?)
+fn out(like: &BufView, n: usize, what: &str) -> Result<BufView> {
+    Ok(like.device().alloc(4 * n.max(1) as u64, what)?)
+}
+
+/// A per-device switch: the device's own setting if set, else the process default from the environment
+/// variable `env` ("on"/"off"), else `None` (auto).
+fn switch(dev: &Gpu, key: &'static str, env: &'static std::sync::OnceLock<Option<bool>>, env_name: &str) -> Option<bool> {
+    match dev.setting(key) {
+        Some(v) => Some(v != 0),
+        None => *env.get_or_init(|| match std::env::var(env_name).as_deref() {
+            Ok("on") | Ok("1") | Ok("implicit") => Some(true),
+            Ok("off") | Ok("0") | Ok("im2col") => Some(false),
+            _ => None,
+        }),
+    }
 }
 
 pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], workgroups: [u32; 3]) -> Result<()> {
@@ -96,7 +110,9 @@ pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[
 /// `launch` with texture copies of some operands bound after the outputs.
 #[allow(clippy::too_many_arguments)]
 fn launch_textured(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], textures: &[&TexView], workgroups: [u32; 3]) -> Result<()> {
-    gpu()?.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, textures, workgroups })?;
+    // Every kernel writes an output; the device checks that every binding is its own.
+    let dev = outputs.first().or(inputs.first()).ok_or_else(|| crate::error::KilnError::Backward(format!("kernel {entry} launched without buffers")))?.device();
+    dev.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, textures, workgroups })?;
     Ok(())
 }
 
@@ -138,7 +154,7 @@ pub enum BinaryKind {
 
 /// y = f(x; alpha, beta), x: [n]
 pub fn unary(kind: UnaryKind, x: &BufView, n: usize, alpha: f32, beta: f32) -> Result<BufView> {
-    let y = out(n, "unary output")?;
+    let y = out(x, n, "unary output")?;
     let p = Params::new().u32(n).u32(0).f32(alpha).f32(beta);
     launch(&ELEMENTWISE, "unary", &[("OP", kind as u32 as f64)], p, &[x], &[&y], grid_1d(n as u64, WG))?;
     Ok(y)
@@ -153,32 +169,19 @@ pub enum BiasAct {
     Tanh = 3,
 }
 
-static TEXTURE_READS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+static TEXTURE_READS_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Forces (Some) or restores the default (None) of `texture_reads` for this process (also
+/// Forces (Some) or restores the default (None) of `texture_reads` on one device (the process default is
 /// `KILN_TEXTURES=on|off`): tests run the kernels both ways.
-pub fn set_texture_reads(on: Option<bool>) {
-    TEXTURE_READS.store(on.map_or(0, |o| if o { 1 } else { 2 }), std::sync::atomic::Ordering::Relaxed);
+pub fn set_texture_reads(dev: &Gpu, on: Option<bool>) {
+    dev.set_setting("texture_reads", on.map(u8::from));
 }
 
 /// Whether the fused elementwise kernels and Adam read texture copies of their inputs (texel.wgsl): by default
 /// on CPU adapters (lavapipe), where that is several times faster than reading storage buffers, copies
 /// included (README, "How it runs").
-pub fn texture_reads() -> Result<bool> {
-    let mut mode = TEXTURE_READS.load(std::sync::atomic::Ordering::Relaxed);
-    if mode == u8::MAX {
-        mode = match std::env::var("KILN_TEXTURES").as_deref() {
-            Ok("on") => 1,
-            Ok("off") => 2,
-            _ => 0,
-        };
-        TEXTURE_READS.store(mode, std::sync::atomic::Ordering::Relaxed);
-    }
-    Ok(match mode {
-        1 => true,
-        2 => false,
-        _ => gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu,
-    })
+pub fn texture_reads(dev: &Gpu) -> Result<bool> {
+    Ok(switch(dev, "texture_reads", &TEXTURE_READS_ENV, "KILN_TEXTURES").unwrap_or(dev.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu))
 }
 
 /// A fresh output bound as whole 16-byte texels for vec4 stores (the last one's spare lanes fall in the
@@ -190,10 +193,10 @@ fn vec4_binding(fresh: &BufView) -> Option<BufView> {
 
 /// y = act(x + bias[channel]) for x viewed as [outer, channels, inner].
 pub fn bias_act(x: &BufView, bias: &BufView, n: usize, channels: usize, inner: usize, act: BiasAct) -> Result<BufView> {
-    let y = out(n, "bias_act output")?;
+    let y = out(x, n, "bias_act output")?;
     let p = Params::new().u32(n).u32(channels).u32(inner.max(1)).u32(0);
     let consts = [("ACT", act as u32 as f64)];
-    if let (true, Some(y4)) = (texture_reads()?, vec4_binding(&y)) {
+    if let (true, Some(y4)) = (texture_reads(x.device())?, vec4_binding(&y)) {
         let (xt, bt) = (texture_copy(x, "bias_act input")?.0, texture_copy(bias, "bias")?.0);
         launch_textured(&ELEMENTWISE, "bias_act_forward4", &consts, p, &[], &[&y4], &[&xt, &bt], grid_1d(n.div_ceil(4) as u64, WG))?;
     } else {
@@ -204,10 +207,10 @@ pub fn bias_act(x: &BufView, bias: &BufView, n: usize, channels: usize, inner: u
 
 /// g_pre = g * act'(pre), from y = act(pre).
 pub fn act_backward(g: &BufView, y: &BufView, n: usize, act: BiasAct) -> Result<BufView> {
-    let gp = out(n, "activation gradient")?;
+    let gp = out(g, n, "activation gradient")?;
     let p = Params::new().u32(n).u32(1).u32(1).u32(0);
     let consts = [("ACT", act as u32 as f64)];
-    if let (true, Some(gp4)) = (texture_reads()?, vec4_binding(&gp)) {
+    if let (true, Some(gp4)) = (texture_reads(g.device())?, vec4_binding(&gp)) {
         let (gt, yt) = (texture_copy(g, "activation gradient input")?.0, texture_copy(y, "activation output")?.0);
         launch_textured(&ELEMENTWISE, "act_backward4", &consts, p, &[], &[&gp4], &[&gt, &yt], grid_1d(n.div_ceil(4) as u64, WG))?;
     } else {
@@ -241,22 +244,22 @@ impl NormShape {
 
 /// stats [3, c]: per-channel mean, 1 / sqrt(var + eps) and the biased variance of x.
 pub fn bn_stats(x: &BufView, s: NormShape, eps: f32) -> Result<BufView> {
-    let stats = out(3 * s.c, "batch norm statistics")?;
+    let stats = out(x, 3 * s.c, "batch norm statistics")?;
     launch(&NORM, "bn_stats", &[], s.params(eps, 0.0), &[x], &[&stats], [s.c as u32, 1, 1])?;
     Ok(stats)
 }
 
 /// y = act((x - mean) * inv_std * gamma + beta), per channel.
 pub fn bn_apply(x: &BufView, stats: &BufView, gamma: &BufView, beta: &BufView, s: NormShape, act: BiasAct) -> Result<BufView> {
-    let y = out(s.total(), "batch norm output")?;
+    let y = out(x, s.total(), "batch norm output")?;
     launch(&NORM, "bn_apply", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[x, stats, gamma, beta], &[&y], grid_1d(s.total() as u64, WG))?;
     Ok(y)
 }
 
 /// (g_beta, g_gamma) [c] each: sums of g_pre and g_pre * xhat per channel, with g_pre = g * act'(y).
 pub fn bn_backward_reduce(g: &BufView, y: &BufView, x: &BufView, stats: &BufView, s: NormShape, act: BiasAct) -> Result<(BufView, BufView)> {
-    let g_beta = out(s.c, "batch norm beta gradient")?;
-    let g_gamma = out(s.c, "batch norm gamma gradient")?;
+    let g_beta = out(g, s.c, "batch norm beta gradient")?;
+    let g_gamma = out(g, s.c, "batch norm gamma gradient")?;
     launch(&NORM, "bn_backward_reduce", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[g, y, x, stats], &[&g_beta, &g_gamma], [s.c as u32, 1, 1])?;
     Ok((g_beta, g_gamma))
 }
@@ -264,7 +267,7 @@ pub fn bn_backward_reduce(g: &BufView, y: &BufView, x: &BufView, stats: &BufView
 /// dx of a training-mode batch norm, from the sums of `bn_backward_reduce`.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_backward_apply(g: &BufView, y: &BufView, x: &BufView, stats: &BufView, gamma: &BufView, g_beta: &BufView, g_gamma: &BufView, s: NormShape, act: BiasAct) -> Result<BufView> {
-    let dx = out(s.total(), "batch norm input gradient")?;
+    let dx = out(g, s.total(), "batch norm input gradient")?;
     launch(&NORM, "bn_backward_apply", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[g, y, x, stats, gamma, g_beta, g_gamma], &[&dx], grid_1d(s.total() as u64, WG))?;
     Ok(dx)
 }
@@ -276,8 +279,8 @@ pub fn bn_running_update(stats: &BufView, running_mean: &BufView, running_var: &
 }
 
 /// y[i] ~ U[0, 1), a hash of (seed, offset + i): reproducible for a seed whatever the dispatch shape.
-pub fn random_uniform(n: usize, seed: u64, offset: u32) -> Result<BufView> {
-    let y = out(n, "random numbers")?;
+pub fn random_uniform(dev: &Gpu, n: usize, seed: u64, offset: u32) -> Result<BufView> {
+    let y = dev.alloc(4 * n.max(1) as u64, "random numbers")?;
     let p = Params::new().u32(n).u32((seed & 0xffff_ffff) as usize).u32((seed >> 32) as usize).u32(offset as usize);
     launch(&ELEMENTWISE, "random_uniform", &[], p, &[], &[&y], grid_1d(n as u64, WG))?;
     Ok(y)
@@ -287,7 +290,7 @@ pub fn random_uniform(n: usize, seed: u64, offset: u32) -> Result<BufView> {
 pub fn binary(kind: BinaryKind, a: &BufView, a_shape: &[usize], b: &BufView, b_shape: &[usize], shape: &[usize]) -> Result<BufView> {
     check_u32("binary", shape)?;
     let n = crate::shape::numel(shape);
-    let y = out(n, "binary output")?;
+    let y = out(a, n, "binary output")?;
     let broadcast = a_shape != shape || b_shape != shape;
     let p = Params::new()
         .u32(n)
@@ -319,7 +322,7 @@ pub fn reduce(x: &BufView, outer: usize, axis: usize, inner: usize, max: bool, s
     let pieces = axis.div_ceil(LOOP_CHUNK).max(1);
     let chunk = if pieces == 1 { axis } else { LOOP_CHUNK };
     let n = outer * pieces * inner;
-    let y = out(n, "reduction output")?;
+    let y = out(x, n, "reduction output")?;
     let p = Params::new().u32(outer).u32(axis).u32(inner).f32(if pieces == 1 { scale } else { 1.0 }).u32(chunk).u32(pieces).u32(0).u32(0);
     launch(&REDUCE, "reduce_axis", &[("OP", max as u32 as f64)], p, &[x], &[&y], grid_1d(n as u64, WG))?;
     if pieces == 1 {
@@ -349,7 +352,7 @@ pub fn softmax(x: &BufView, outer: usize, axis: usize, inner: usize, log: bool) 
             binary(BinaryKind::Div, &e, &full, &s, &stat, &full)
         };
     }
-    let y = out(outer * axis * inner, "softmax output")?;
+    let y = out(x, outer * axis * inner, "softmax output")?;
     let p = Params::new().u32(outer).u32(axis).u32(inner).u32(0);
     launch(&SOFTMAX, "softmax_forward", &[("LOG", log as u32 as f64)], p, &[x], &[&y], grid_1d((outer * inner) as u64, 64))?;
     Ok(y)
@@ -360,8 +363,8 @@ pub const CROSS_ENTROPY_MAX_CLASSES: usize = LOOP_CHUNK;
 
 /// (loss per row [rows], log-sum-exp per row [rows]) of softmax cross-entropy with class labels.
 pub fn cross_entropy_forward(x: &BufView, labels: &BufView, rows: usize, classes: usize) -> Result<(BufView, BufView)> {
-    let loss_rows = out(rows, "cross-entropy per row")?;
-    let lse = out(rows, "cross-entropy log-sum-exp")?;
+    let loss_rows = out(x, rows, "cross-entropy per row")?;
+    let lse = out(x, rows, "cross-entropy log-sum-exp")?;
     let p = Params::new().u32(rows).u32(classes).u32(0).u32(0);
     launch(&SOFTMAX, "cross_entropy_forward", &[], p, &[x, labels], &[&loss_rows, &lse], grid_1d(rows as u64, 64))?;
     Ok((loss_rows, lse))
@@ -369,7 +372,7 @@ pub fn cross_entropy_forward(x: &BufView, labels: &BufView, rows: usize, classes
 
 /// dx [rows, classes] of the mean cross-entropy, given its upstream gradient g [1].
 pub fn cross_entropy_backward(g: &BufView, x: &BufView, labels: &BufView, lse: &BufView, rows: usize, classes: usize) -> Result<BufView> {
-    let dx = out(rows * classes, "cross-entropy gradient")?;
+    let dx = out(x, rows * classes, "cross-entropy gradient")?;
     let p = Params::new().u32(rows).u32(classes).u32(0).u32(0);
     launch(&SOFTMAX, "cross_entropy_backward", &[], p, &[g, x, labels, lse], &[&dx], grid_1d((rows * classes) as u64, 64))?;
     Ok(dx)
@@ -422,7 +425,7 @@ impl MatmulVariant {
 
     /// Whether this variant can run this product on this adapter. Vec4 needs 16-byte aligned rows along each
     /// operand's contiguous axis; Subgroup needs subgroups of at least 8 lanes.
-    pub fn supports(self, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
+    pub fn supports(self, dev: &Gpu, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
         Ok(match self {
             MatmulVariant::Vec4 => {
                 let a_contiguous = if trans_a { m } else { k };
@@ -431,7 +434,7 @@ impl MatmulVariant {
             }
             MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k % 4 == 0,
             MatmulVariant::Subgroup(_) => {
-                let g = gpu()?;
+                let g = dev;
                 g.features.contains(kiln_wgpu::wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
             }
             _ => true,
@@ -476,7 +479,8 @@ pub fn log_matmuls(on: bool) -> Vec<MatmulShape> {
 /// choice for this adapter and shape class (crate::tune).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
-    let limit = gpu()?.max_binding_bytes() as usize;
+    let dev = a.device();
+    let limit = dev.max_binding_bytes() as usize;
     if batch == 1 && 4 * (m * k).max(k * n).max(m * n) > limit {
         return matmul_split(a, b, m, n, k, trans_a, trans_b, limit);
     }
@@ -485,22 +489,23 @@ pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usi
             v.push(MatmulShape { batch, m, n, k, trans_a, trans_b });
         }
     });
-    let variant = crate::tune::matmul_variant(batch, m, n, k, trans_a, trans_b)?;
+    let variant = crate::tune::matmul_variant(dev, batch, m, n, k, trans_a, trans_b)?;
     matmul_with(variant, a, b, batch, m, n, k, a_batch_stride, b_batch_stride, trans_a, trans_b)
 }
 
 /// `matmul` with a given kernel (benchmarks and the tuner). An error if the variant cannot run this shape.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
-    let c = out(batch * m * n, "matmul output")?;
+    let dev = a.device();
+    let c = out(a, batch * m * n, "matmul output")?;
     if batch * m * n == 0 {
         return Ok(c);
     }
     if k == 0 {
-        gpu()?.zero(&c)?;
+        dev.zero(&c)?;
         return Ok(c);
     }
-    if !variant.supports(m, n, k, trans_a, trans_b)? {
+    if !variant.supports(dev, m, n, k, trans_a, trans_b)? {
         return invalid("matmul", &[batch, m, n, k], format!("kernel {} cannot run this product on this adapter", variant.name()));
     }
     let (ta, tb) = (trans_a as u32 as f64, trans_b as u32 as f64);
@@ -518,7 +523,7 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
         MatmulVariant::Tiled => ("matmul_tiled", vec![], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
         MatmulVariant::Tiled128 => {
             // 16-byte slab loads where every row of both operands starts 16-byte aligned.
-            let aligned = MatmulVariant::Vec4x8.supports(m, n, k, trans_a, trans_b)? && a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
+            let aligned = MatmulVariant::Vec4x8.supports(dev, m, n, k, trans_a, trans_b)? && a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
             let entry = if aligned { "matmul_tiled128_vec4" } else { "matmul_tiled128" };
             (entry, vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32])
         }
@@ -550,7 +555,7 @@ pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usiz
     consts.push(("TRANS_B", tb));
     let shader = if matches!(variant, MatmulVariant::Subgroup(_)) { &MATMUL_SUBGROUP } else { &MATMUL };
     // Long k runs as several dispatches over k ranges, each adding to C (see k_per_dispatch).
-    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch(entry)?) {
+    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch(dev, entry)?) {
         let p = Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(b_batch_stride).u32(k0).u32(k1).u32(0);
         consts.push(("ACCUMULATE", accumulate as u32 as f64));
         launch_textured(shader, entry, &consts, p, &[&a, &b], &[&c], &textures.iter().collect::<Vec<_>>(), groups)?;
@@ -576,7 +581,7 @@ pub enum ConvGemmSource {
 /// dil_h, dil_w] of the convolution. Needs subgroups of at least 8 lanes (`conv_gemm_preferred` checks).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, image_batch_stride: usize, conv: [usize; 13]) -> Result<BufView> {
-    let c = out(batch * m * n, "convolution product")?;
+    let c = out(a, batch * m * n, "convolution product")?;
     if batch * m * n == 0 {
         return Ok(c);
     }
@@ -600,7 +605,7 @@ pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, ba
     let columns = if packed { n / width * width.next_multiple_of(4) } else { n };
     let consts = |accumulate: bool| [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("PACKED", packed as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0), ("ACCUMULATE", accumulate as u32 as f64)];
     let groups = [columns.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
-    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch("matmul_subgroup")?) {
+    for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch(a.device(), "matmul_subgroup")?) {
         let p = conv.iter().fold(Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32(k1).u32(0), |p, &v| p.u32(v));
         launch_textured(&MATMUL_SUBGROUP, "conv_gemm", &consts(accumulate), p.u32(0), &[&a_src, &b_src], &[&c], &[&a_tex, &b_tex], groups)?;
     }
@@ -618,45 +623,36 @@ pub enum ConvLowering {
     Im2col = 2,
 }
 
-static CONV_LOWERING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+static CONV_LOWERING_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Sets the lowering for this process (also `KILN_CONV=implicit|im2col|auto`).
-pub fn set_conv_lowering(l: ConvLowering) {
-    CONV_LOWERING.store(l as u8, std::sync::atomic::Ordering::Relaxed);
+/// Sets the lowering on one device (the process default is `KILN_CONV=implicit|im2col|auto`).
+pub fn set_conv_lowering(dev: &Gpu, l: ConvLowering) {
+    dev.set_setting("conv_implicit", match l {
+        ConvLowering::Auto => None,
+        ConvLowering::Implicit => Some(1),
+        ConvLowering::Im2col => Some(0),
+    });
 }
 
 /// Whether convolutions run through `conv_gemm` here. Auto picks it where the adapter is a CPU (lavapipe), whose
 /// storage-buffer reads are slow and texture fetches fast (README, "How it runs"); GPUs keep im2col and the
 /// tuned matmul. Without subgroups it never runs.
-pub fn conv_gemm_preferred() -> Result<bool> {
-    let mut l = CONV_LOWERING.load(std::sync::atomic::Ordering::Relaxed);
-    if l == u8::MAX {
-        l = match std::env::var("KILN_CONV").as_deref() {
-            Ok("implicit") => ConvLowering::Implicit,
-            Ok("im2col") => ConvLowering::Im2col,
-            _ => ConvLowering::Auto,
-        } as u8;
-        CONV_LOWERING.store(l, std::sync::atomic::Ordering::Relaxed);
-    }
-    if !MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false)? {
+pub fn conv_gemm_preferred(dev: &Gpu) -> Result<bool> {
+    if !MatmulVariant::Subgroup(8).supports(dev, 1, 1, 1, false, false)? {
         return Ok(false);
     }
-    Ok(match l {
-        1 => true,
-        2 => false,
-        _ => gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu,
-    })
+    Ok(switch(dev, "conv_implicit", &CONV_LOWERING_ENV, "KILN_CONV").unwrap_or(dev.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu))
 }
 
 /// A texture copy of `view`, and the view it was copied from: a view at an offset a texture copy cannot start
 /// from is first copied to a buffer of its own (which also binds where `view` could not).
 fn texture_copy(view: &BufView, what: &str) -> Result<(TexView, BufView)> {
-    let g = gpu()?;
+    let g = view.device();
     let align = (g.limits.min_storage_buffer_offset_alignment as u64).max(16);
     if view.offset % align == 0 && view.offset + view.bytes.div_ceil(16) * 16 <= view.buffer.capacity() {
         return Ok((g.texture_of(view, what)?, view.clone()));
     }
-    let own = out(view.bytes.div_ceil(4) as usize, what)?;
+    let own = out(view, view.bytes.div_ceil(4) as usize, what)?;
     g.copy(view, &own, view.bytes.div_ceil(4) * 4)?;
     Ok((g.texture_of(&own, what)?, own))
 }
@@ -670,8 +666,8 @@ fn k_ranges(k: usize, step: usize) -> impl Iterator<Item = (usize, usize, bool)>
 /// How much of k one matmul dispatch may cover. Lavapipe (Mesa's gallivm: CPU adapters) ends an invocation's
 /// loops after 65535 iterations in all, silently; each kernel's loop count per k step was measured there
 /// (every kernel is tested right at three times its limit). Real GPUs take k whole.
-fn k_per_dispatch(entry: &str) -> Result<usize> {
-    if gpu()?.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
+fn k_per_dispatch(dev: &Gpu, entry: &str) -> Result<usize> {
+    if dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
         return Ok(usize::MAX);
     }
     Ok(match entry {
@@ -688,7 +684,7 @@ fn k_per_dispatch(entry: &str) -> Result<usize> {
 /// when A is stored [k, m]. Two operands over the limit at once is an error that names it.
 #[allow(clippy::too_many_arguments)]
 fn matmul_split(a: &BufView, b: &BufView, m: usize, n: usize, k: usize, ta: bool, tb: bool, limit: usize) -> Result<BufView> {
-    let g = gpu()?;
+    let g = a.device();
     let big = |elems: usize| 4 * elems > limit;
     let (a_big, b_big, c_big) = (big(m * k), big(k * n), big(m * n));
     if [a_big, b_big, c_big].iter().filter(|&&x| x).count() > 1 {
@@ -702,7 +698,7 @@ fn matmul_split(a: &BufView, b: &BufView, m: usize, n: usize, k: usize, ta: bool
     };
     // A column block [r0, r0 + rows) of a row-major [outer, cols] matrix, copied out contiguous.
     let columns = |src: &BufView, outer: usize, cols: usize, r0: usize, rows: usize| -> Result<BufView> {
-        let dst = out(outer * rows, "matmul piece")?;
+        let dst = out(src, outer * rows, "matmul piece")?;
         strided_copy(src, r0, &[cols, 1], &dst, 0, &[rows, 1], &[outer, rows])?;
         Ok(dst)
     };
@@ -713,11 +709,11 @@ fn matmul_split(a: &BufView, b: &BufView, m: usize, n: usize, k: usize, ta: bool
         if offset % align as u64 == 0 {
             return Ok(src.sub(offset, bytes));
         }
-        let dst = out(rows * row_elems, "matmul piece")?;
+        let dst = out(src, rows * row_elems, "matmul piece")?;
         g.copy(&src.sub(offset, bytes), &dst, bytes)?;
         Ok(dst)
     };
-    let c = out(m * n, "matmul output")?;
+    let c = out(a, m * n, "matmul output")?;
     if b_big && tb {
         // C[:, n0..n1] = op(A) @ B_stored[n0..n1]^T, scattered into C's columns.
         let step = rows_per_piece(k);
@@ -766,7 +762,7 @@ fn gcd(a: usize, b: usize) -> usize {
 /// out[outer, n_idx, inner] = x[outer, idx[j], inner]
 pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
     let n = outer * n_idx * inner;
-    let y = out(n, "index_select output")?;
+    let y = out(x, n, "index_select output")?;
     let p = Params::new().u32(outer).u32(src_axis).u32(inner).u32(n_idx).u32(0).u32(n_idx).u32(0).u32(0);
     launch(&INDEX, "index_select_forward", &[], p, &[x, idx], &[&y], grid_1d(n as u64, WG))?;
     Ok(y)
@@ -775,10 +771,10 @@ pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, i
 /// grad_x[outer, src_axis, inner] = sum over j with idx[j] == r of grad_out[outer, j, inner]
 pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
     let n = outer * src_axis * inner;
-    let y = out(n, "index_select gradient")?;
+    let y = out(grad_out, n, "index_select gradient")?;
     // Many indices run as several dispatches over index ranges, each adding to the gradient (LOOP_CHUNK).
     if n_idx == 0 {
-        gpu()?.zero(&y)?;
+        y.device().zero(&y)?;
         return Ok(y);
     }
     for (i, j0) in (0..n_idx).step_by(LOOP_CHUNK).enumerate() {
@@ -791,7 +787,7 @@ pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, sr
 
 /// labels: [n] u32 -> [n, classes] f32
 pub fn one_hot(labels: &BufView, n: usize, classes: usize) -> Result<BufView> {
-    let y = out(n * classes, "one_hot output")?;
+    let y = out(labels, n * classes, "one_hot output")?;
     let p = Params::new().u32(n).u32(classes).u32(0).u32(0);
     launch(&INDEX, "one_hot", &[], p, &[labels], &[&y], grid_1d((n * classes) as u64, WG))?;
     Ok(y)
@@ -837,9 +833,9 @@ pub fn optimizer_step(rule: UpdateRule, params: &BufView, grads: &BufView, state
     // On CPU adapters Adam reads texture copies and writes 4 parameters per invocation, over the longest prefix
     // whose end can start a binding; the few parameters after it (the run may end just before another
     // parameter's values) take the scalar kernel.
-    let align = (gpu()?.limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+    let align = (params.device().limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
     let body = n / align * align;
-    if entry == "adam_step" && body > 0 && texture_reads()? && views.iter().all(|v| v.offset % 16 == 0) {
+    if entry == "adam_step" && body > 0 && texture_reads(params.device())? && views.iter().all(|v| v.offset % 16 == 0) {
         let part = |v: &BufView, from: usize, count: usize| v.sub(4 * from as u64, 4 * count as u64);
         let copies = views.iter().map(|v| Ok(texture_copy(&part(v, 0, body), "optimizer operand")?.0)).collect::<Result<Vec<_>>>()?;
         let outs = [part(params, 0, body), part(state1, 0, body), part(state2, 0, body)];

@@ -32,24 +32,18 @@ pub use rng::Rng;
 pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, Tensor, TensorId};
 pub use kiln_wgpu as backend;
 
-static FUSION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
-
-/// Whether fused kernels run where they apply: a layer's bias with the activation after it, batch norm, the
-/// cross-entropy loss (default on; `KILN_FUSE=off` or `set_fusion(false)` runs the composite formulas, for
-/// measuring what fusion pays and for tests that compare the two).
-pub fn fusion_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match FUSION.load(Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => {
-            let on = std::env::var("KILN_FUSE").map(|v| v != "off" && v != "0").unwrap_or(true);
-            FUSION.store(on as u8, Ordering::Relaxed);
-            on
-        }
+/// Whether fused kernels run on `dev` where they apply: a layer's bias with the activation after it, batch
+/// norm, the cross-entropy loss (default on; `KILN_FUSE=off` for the process, or `set_fusion` on one device,
+/// runs the composite formulas, for measuring what fusion pays and for tests that compare the two).
+pub fn fusion_enabled(dev: &backend::Gpu) -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match dev.setting("fusion") {
+        Some(v) => v != 0,
+        None => *ENV.get_or_init(|| std::env::var("KILN_FUSE").map(|v| v != "off" && v != "0").unwrap_or(true)),
     }
 }
 
-pub fn set_fusion(on: bool) {
-    FUSION.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+/// Turns fusion on or off on one device.
+pub fn set_fusion(dev: &backend::Gpu, on: bool) {
+    dev.set_setting("fusion", Some(on as u8));
 }

@@ -31,7 +31,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         return shape_err("cross_entropy", logits.shape(), labels.shape(), "expects logits [n, classes] and labels [n]");
     }
     let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
-    if rows == 0 || classes == 0 || classes > kernels::CROSS_ENTROPY_MAX_CLASSES || !crate::fusion_enabled() {
+    if rows == 0 || classes == 0 || classes > kernels::CROSS_ENTROPY_MAX_CLASSES || !crate::fusion_enabled(logits.device()) {
         let one_hot = Tensor::one_hot(labels, classes)?;
         return cross_entropy_one_hot(logits, &one_hot);
     }

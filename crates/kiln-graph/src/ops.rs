@@ -264,7 +264,7 @@ impl Tensor {
         if self.shape() == shape {
             return Ok(self.clone());
         }
-        let y = kiln_wgpu::gpu()?.alloc((numel(shape).max(1) * 4) as u64, "broadcast_to")?;
+        let y = self.device().alloc((numel(shape).max(1) * 4) as u64, "broadcast_to")?;
         kernels::strided_copy(&self.view(), 0, &crate::shape::broadcast_strides(self.shape(), shape), &y, 0, &strides(shape), shape)?;
         Ok(Tensor::make(y, shape.to_vec(), self.dtype(), Some(Op::Expand(self.clone()))))
     }
@@ -278,7 +278,7 @@ impl Tensor {
         let shape: Vec<usize> = perm.iter().map(|&p| self.shape()[p]).collect();
         let st = strides(self.shape());
         let src_strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-        let y = kiln_wgpu::gpu()?.alloc((self.numel().max(1) * 4) as u64, "permute")?;
+        let y = self.device().alloc((self.numel().max(1) * 4) as u64, "permute")?;
         kernels::strided_copy(&self.view(), 0, &src_strides, &y, 0, &strides(&shape), &shape)?;
         Ok(Tensor::make(y, shape, self.dtype(), Some(Op::Permute(self.clone(), perm.to_vec()))))
     }
@@ -306,7 +306,7 @@ impl Tensor {
         }
         let mut shape = self.shape().to_vec();
         shape[axis] = len;
-        let y = kiln_wgpu::gpu()?.alloc((numel(&shape).max(1) * 4) as u64, "slice")?;
+        let y = self.device().alloc((numel(&shape).max(1) * 4) as u64, "slice")?;
         let st = strides(self.shape());
         kernels::strided_copy(&self.view(), start * st[axis], &st, &y, 0, &strides(&shape), &shape)?;
         Ok(Tensor::make(y, shape, self.dtype(), Some(Op::Slice(self.clone(), axis, start))))
@@ -328,7 +328,10 @@ impl Tensor {
             }
             shape[axis] += x.shape()[axis];
         }
-        let y = kiln_wgpu::gpu()?.alloc((numel(&shape).max(1) * 4) as u64, "concat")?;
+        if let Some(x) = xs.iter().find(|x| x.device() != first.device()) {
+            return Err(kiln_wgpu::GpuError::CrossDevice { what: "concat".into(), a: first.device().describe(), b: x.device().describe() }.into());
+        }
+        let y = first.device().alloc((numel(&shape).max(1) * 4) as u64, "concat")?;
         let out_strides = strides(&shape);
         let mut at = 0;
         for x in xs {

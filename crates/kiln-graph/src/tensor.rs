@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kiln_wgpu::{gpu, BufView};
+use kiln_wgpu::{BufView, Device};
 
 use crate::backprop::Op;
 use crate::error::{KilnError, Result};
@@ -105,26 +105,57 @@ impl Tensor {
         Ok(Tensor::make(data, shape.to_vec(), dtype, None))
     }
 
+    /// Host values on the thread's current device ([`Device::current`]: the default device unless inside a `Device::scope`).
     pub fn from_slice(values: &[f32], shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_slice_on(&Device::current()?, values, shape)
+    }
+
+    /// Host values on `device`.
+    pub fn from_slice_on(device: &Device, values: &[f32], shape: &[usize]) -> Result<Tensor> {
         if values.len() != numel(shape) {
             return Err(KilnError::DataLen { op: "from_slice", len: values.len(), shape: shape.to_vec(), numel: numel(shape) });
         }
-        let data = gpu()?.upload(bytemuck::cast_slice(values), "tensor upload")?;
+        let data = device.upload(bytemuck::cast_slice(values), "tensor upload")?;
         Ok(Tensor::make(data, shape.to_vec(), DType::F32, None))
     }
 
     pub fn from_u32(values: &[u32], shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_u32_on(&Device::current()?, values, shape)
+    }
+
+    pub fn from_u32_on(device: &Device, values: &[u32], shape: &[usize]) -> Result<Tensor> {
         if values.len() != numel(shape) {
             return Err(KilnError::DataLen { op: "from_u32", len: values.len(), shape: shape.to_vec(), numel: numel(shape) });
         }
-        let data = gpu()?.upload(bytemuck::cast_slice(values), "index upload")?;
+        let data = device.upload(bytemuck::cast_slice(values), "index upload")?;
         Ok(Tensor::make(data, shape.to_vec(), DType::U32, None))
+    }
+
+    /// The device this tensor lives on.
+    pub fn device(&self) -> &Device {
+        self.0.data.device()
+    }
+
+    /// This tensor's values on `device` (itself if already there). Cut from the graph: no gradient flows
+    /// between devices. Goes through the host, the one path every pair of wgpu devices has.
+    pub fn to(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let bytes = self.read_bytes()?;
+        let data = device.upload(&bytes, "tensor copied between devices")?;
+        Ok(Tensor::make(data, self.shape().to_vec(), self.dtype(), None))
     }
 
     /// Several host arrays (4-byte elements: f32 or u32) uploaded with one allocation and one write, each
     /// becoming a tensor over its aligned part of the buffer (a training batch's images and labels).
     pub fn upload_together(parts: &[(&[u8], &[usize], DType)]) -> Result<Vec<Tensor>> {
-        let g = gpu()?;
+        Tensor::upload_together_on(&Device::current()?, parts)
+    }
+
+    /// [`Tensor::upload_together`] onto `device`.
+    pub fn upload_together_on(device: &Device, parts: &[(&[u8], &[usize], DType)]) -> Result<Vec<Tensor>> {
+        let g = device;
         let align = g.limits.min_storage_buffer_offset_alignment.max(4) as usize;
         let mut offsets = Vec::with_capacity(parts.len());
         let mut at = 0usize;
@@ -149,8 +180,13 @@ impl Tensor {
 
     /// A tensor filled with `value`, made on the GPU (no upload).
     pub fn full(shape: &[usize], value: f32) -> Result<Tensor> {
+        Tensor::full_on(&Device::current()?, shape, value)
+    }
+
+    /// [`Tensor::full`] on `device`.
+    pub fn full_on(device: &Device, shape: &[usize], value: f32) -> Result<Tensor> {
         let n = numel(shape);
-        let data = gpu()?.alloc(4 * n.max(1) as u64, "full")?;
+        let data = device.alloc(4 * n.max(1) as u64, "full")?;
         let y = crate::kernels::unary(crate::kernels::UnaryKind::Fill, &data, n, value, 0.0)?;
         Ok(Tensor::make(y, shape.to_vec(), DType::F32, None))
     }
@@ -161,6 +197,16 @@ impl Tensor {
 
     pub fn ones(shape: &[usize]) -> Result<Tensor> {
         Tensor::full(shape, 1.0)
+    }
+
+    /// Zeros of this tensor's shape on its device.
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::full_on(self.device(), self.shape(), 0.0)
+    }
+
+    /// Ones of this tensor's shape on its device.
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Tensor::full_on(self.device(), self.shape(), 1.0)
     }
 
     /// Normal(0, std) values from the host generator (seeded, so runs repeat).
@@ -177,7 +223,12 @@ impl Tensor {
 
     /// U[0, 1) values generated on the GPU from `seed` (stream position `offset`): no upload, reproducible.
     pub fn rand_gpu(shape: &[usize], seed: u64, offset: u32) -> Result<Tensor> {
-        let y = crate::kernels::random_uniform(numel(shape), seed, offset)?;
+        Tensor::rand_gpu_on(&Device::current()?, shape, seed, offset)
+    }
+
+    /// [`Tensor::rand_gpu`] on `device`.
+    pub fn rand_gpu_on(device: &Device, shape: &[usize], seed: u64, offset: u32) -> Result<Tensor> {
+        let y = crate::kernels::random_uniform(device, numel(shape), seed, offset)?;
         Ok(Tensor::make(y, shape.to_vec(), DType::F32, None))
     }
 
@@ -230,7 +281,7 @@ impl Tensor {
         if self.numel() == 0 {
             return Ok(Vec::new());
         }
-        Ok(gpu()?.read(&self.view())?)
+        Ok(self.device().read(&self.view())?)
     }
 
     /// Copies the values to the host (submits pending work and waits).
@@ -258,7 +309,7 @@ impl Tensor {
     pub fn to_vec_async(&self) -> Result<impl std::future::Future<Output = Result<Vec<f32>>>> {
         self.expect_dtype("to_vec_async", DType::F32)?;
         let n = self.numel();
-        let pending = gpu()?.read_start(&self.view())?;
+        let pending = self.device().read_start(&self.view())?;
         Ok(async move {
             let b = pending.await?;
             Ok(bytemuck::pod_collect_to_vec(&b[..n * 4]))

@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use kiln_wgpu::gpu;
+use kiln_wgpu::Gpu;
 
 use crate::kernels::{self, MatmulVariant};
 use crate::error::Result;
@@ -36,9 +36,9 @@ impl Mode {
 
 /// Shapes whose best kernel is expected to match: the transposes, whether 16-byte loads apply, and the
 /// power-of-two bucket of the batch and of each dimension (capped at 4096).
-pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> String {
+pub fn shape_class(dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> String {
     let bucket = |x: usize| x.max(1).next_power_of_two().min(4096);
-    let vec4 = MatmulVariant::Vec4.supports(m, n, k, trans_a, trans_b).unwrap_or(false);
+    let vec4 = MatmulVariant::Vec4.supports(dev, m, n, k, trans_a, trans_b).unwrap_or(false);
     format!(
         "{}{} b{} m{} n{} k{}{}",
         if trans_a { 't' } else { 'n' },
@@ -55,17 +55,17 @@ pub fn shape_class(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, tr
 /// type. On lavapipe (a CPU adapter) the subgroup kernel is 4-5x the blocked one, with 8 rows per lane for
 /// products of at most 8 rows, else 16 (32 rows run ~20% faster on big products but take 2-3 s more to
 /// compile cold, so only the tuner picks them); on the H200 the vec4 kernel reached 21 TFLOP/s at 4096³.
-pub fn default_variant(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
-    let preferred = if is_cpu_adapter()? {
+pub fn default_variant(dev: &Gpu, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+    let preferred = if is_cpu_adapter(dev) {
         MatmulVariant::Subgroup(if m <= 8 { 8 } else { 16 })
     } else {
         MatmulVariant::Vec4
     };
-    Ok(if preferred.supports(m, n, k, trans_a, trans_b)? { preferred } else { MatmulVariant::Blocked })
+    Ok(if preferred.supports(dev, m, n, k, trans_a, trans_b)? { preferred } else { MatmulVariant::Blocked })
 }
 
-fn is_cpu_adapter() -> Result<bool> {
-    Ok(gpu()?.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu)
+fn is_cpu_adapter(dev: &Gpu) -> bool {
+    dev.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu
 }
 
 /// The kernels the tuner times on this adapter. Every shape class pays a pipeline build per candidate on first
@@ -74,9 +74,9 @@ fn is_cpu_adapter() -> Result<bool> {
 /// kernel only with at most twice the rows per lane the product has), and on GPUs every kernel but the wider
 /// subgroup ones: the tiled and 8x8 kernels win on large products, while on a training step's small ones
 /// (64x128x784) the naive kernel, with the most invocations in flight, was fastest on an H200.
-pub fn candidates(m: usize) -> Result<Vec<MatmulVariant>> {
+pub fn candidates(dev: &Gpu, m: usize) -> Result<Vec<MatmulVariant>> {
     use MatmulVariant::*;
-    Ok(if is_cpu_adapter()? {
+    Ok(if is_cpu_adapter(dev) {
         let mut c = vec![Blocked];
         c.extend([8u32, 16, 32].into_iter().filter(|&r| r == 8 || m > r as usize / 2).map(Subgroup));
         c
@@ -134,8 +134,8 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// The cache file for the current adapter: one per (adapter, driver, Kiln version).
-pub fn cache_file(dir: &Path) -> Result<PathBuf> {
-    let g = gpu()?;
+pub fn cache_file(dev: &Gpu, dir: &Path) -> Result<PathBuf> {
+    let g = dev;
     let raw = format!("{}-{}-{}-{}", g.info.name, g.info.driver, g.info.driver_info, env!("CARGO_PKG_VERSION"));
     let name: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
     Ok(dir.join(format!("autotune-{}.json", &name[..name.len().min(150)])))
@@ -144,9 +144,9 @@ pub fn cache_file(dir: &Path) -> Result<PathBuf> {
 impl Tuner {
     /// A tuner backed by `dir` (no file when None). Reads the cache unless the mode is `force`; a file that
     /// cannot be read is reported on stderr, named, and replaced on the next save.
-    pub fn open(mode: Mode, dir: Option<&Path>) -> Result<Tuner> {
+    pub fn open(dev: &Gpu, mode: Mode, dir: Option<&Path>) -> Result<Tuner> {
         let path = match dir {
-            Some(d) => Some(cache_file(d)?),
+            Some(d) => Some(cache_file(dev, d)?),
             None => None,
         };
         let budget_s = std::env::var("KILN_AUTOTUNE_BUDGET_S").ok().and_then(|v| v.parse().ok()).unwrap_or(3.0);
@@ -172,9 +172,9 @@ impl Tuner {
         Ok(())
     }
 
-    fn save(&self) -> Result<()> {
+    fn save(&self, dev: &Gpu) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
-        let g = gpu()?;
+        let g = dev;
         let file = CacheFile {
             kiln_version: env!("CARGO_PKG_VERSION").into(),
             adapter: g.info.name.clone(),
@@ -198,48 +198,48 @@ impl Tuner {
     }
 
     /// The kernel for this product.
-    pub fn choose(&mut self, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+    pub fn choose(&mut self, dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
         if let Some(v) = pinned() {
-            if v.supports(m, n, k, trans_a, trans_b)? {
+            if v.supports(dev, m, n, k, trans_a, trans_b)? {
                 return Ok(v);
             }
         }
         if self.mode == Mode::Off {
-            return default_variant(m, n, k, trans_a, trans_b);
+            return default_variant(dev, m, n, k, trans_a, trans_b);
         }
         // Products this small take well under a millisecond whichever kernel runs; tuning them would cost
         // more in pipeline builds (seconds on lavapipe) than it could ever save.
         if 2.0 * (batch * m * n * k) as f64 <= TUNE_MIN_FLOPS {
-            return default_variant(m, n, k, trans_a, trans_b);
+            return default_variant(dev, m, n, k, trans_a, trans_b);
         }
-        let class = shape_class(batch, m, n, k, trans_a, trans_b);
+        let class = shape_class(dev, batch, m, n, k, trans_a, trans_b);
         let stale = self.mode == Mode::Force && !self.forced.contains(&class);
         if let (Some(&v), false) = (self.choices.get(&class), stale) {
             // A class's kernel may need alignment one of its shapes lacks (vec4-8x8 wants k % 4 == 0).
-            return if v.supports(m, n, k, trans_a, trans_b)? { Ok(v) } else { default_variant(m, n, k, trans_a, trans_b) };
+            return if v.supports(dev, m, n, k, trans_a, trans_b)? { Ok(v) } else { default_variant(dev, m, n, k, trans_a, trans_b) };
         }
         if self.spent_s >= self.budget_s {
-            return default_variant(m, n, k, trans_a, trans_b);
+            return default_variant(dev, m, n, k, trans_a, trans_b);
         }
         let started = Instant::now();
-        let t = self.tune(batch, m, n, k, trans_a, trans_b)?;
+        let t = self.tune(dev, batch, m, n, k, trans_a, trans_b)?;
         self.spent_s += started.elapsed().as_secs_f64();
         self.forced.insert(class.clone());
         self.choices.insert(class, t.chosen);
         self.tuned += 1;
-        self.save()?;
+        self.save(dev)?;
         Ok(t.chosen)
     }
 
     /// Whether `v` computes the right product (checked once per process per variant and transposes, on odd
     /// sizes, against the f64 CPU reference).
-    pub fn validate(&mut self, v: MatmulVariant, trans_a: bool, trans_b: bool) -> Result<bool> {
+    pub fn validate(&mut self, dev: &Gpu, v: MatmulVariant, trans_a: bool, trans_b: bool) -> Result<bool> {
         if let Some(ok) = self.validated.get(&(v, trans_a, trans_b)) {
             return Ok(*ok);
         }
         // Multiples of 4 where 16-byte loads need them, odd otherwise; a batch of 2 with a broadcast operand.
         let (m, n, k) = if matches!(v, MatmulVariant::Vec4 | MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16) { (36, 44, 28) } else { (37, 45, 29) };
-        let ok = check_against_cpu(v, 2, m, n, k, trans_a, trans_b)?;
+        let ok = check_against_cpu(dev, v, 2, m, n, k, trans_a, trans_b)?;
         self.validated.insert((v, trans_a, trans_b), ok);
         Ok(ok)
     }
@@ -247,8 +247,8 @@ impl Tuner {
     /// Times every valid candidate on this shape, batch included (a GPU's best kernel for one 16x1024x144
     /// product is not its best for 64 of them), and returns them with the fastest. Scaled down, the batch
     /// first, so one run is at most 2^27 FLOPs on a CPU adapter and 2^31 on a GPU.
-    pub fn tune(&mut self, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<Tuning> {
-        let cap = if is_cpu_adapter()? { 1usize << 27 } else { 1 << 31 };
+    pub fn tune(&mut self, dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<Tuning> {
+        let cap = if is_cpu_adapter(dev) { 1usize << 27 } else { 1 << 31 };
         let (mut tbatch, mut tm, mut tn) = (batch.max(1), m, n);
         while 2 * tbatch * tm * tn * k > cap && tbatch > 1 {
             tbatch = tbatch.div_ceil(2);
@@ -257,15 +257,15 @@ impl Tuner {
             if tm >= tn { tm = (tm / 2).next_multiple_of(4) } else { tn = (tn / 2).next_multiple_of(4) }
         }
         let tk = k;
-        let a = kernels::random_uniform(tbatch * tm * tk, 11, 0)?;
-        let b = kernels::random_uniform(tbatch * tk * tn, 12, 0)?;
+        let a = kernels::random_uniform(dev, tbatch * tm * tk, 11, 0)?;
+        let b = kernels::random_uniform(dev, tbatch * tk * tn, 12, 0)?;
         let mut timings = Vec::new();
-        for v in candidates(m)? {
-            if !v.supports(m, n, k, trans_a, trans_b)? || !v.supports(tm, tn, tk, trans_a, trans_b)? || !self.validate(v, trans_a, trans_b)? {
+        for v in candidates(dev, m)? {
+            if !v.supports(dev, m, n, k, trans_a, trans_b)? || !v.supports(dev, tm, tn, tk, trans_a, trans_b)? || !self.validate(dev, v, trans_a, trans_b)? {
                 timings.push((v, None));
                 continue;
             }
-            let ms = time_ms(1, 3, || kernels::matmul_with(v, &a, &b, tbatch, tm, tn, tk, tm * tk, tk * tn, trans_a, trans_b).map(drop))?;
+            let ms = time_ms(dev, 1, 3, || kernels::matmul_with(v, &a, &b, tbatch, tm, tn, tk, tm * tk, tk * tn, trans_a, trans_b).map(drop))?;
             timings.push((v, Some(ms)));
         }
         let chosen = timings
@@ -274,7 +274,7 @@ impl Tuner {
             .min_by(|x, y| x.1.total_cmp(&y.1))
             .map(|(v, _)| v)
             .unwrap_or(MatmulVariant::Blocked);
-        Ok(Tuning { class: shape_class(batch, m, n, k, trans_a, trans_b), timings, chosen })
+        Ok(Tuning { class: shape_class(dev, batch, m, n, k, trans_a, trans_b), timings, chosen })
     }
 
     pub fn mode(&self) -> Mode {
@@ -294,13 +294,13 @@ pub enum Timing {
 
 /// Median time of `runs` calls of `f`, each in a pass and submit of its own, after `warmup` untimed calls:
 /// GPU timestamps where the adapter has them, else wall time around a full GPU sync.
-pub fn time_ms(warmup: usize, runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    Ok(time_ms_with(warmup, runs, f)?.0)
+pub fn time_ms(dev: &Gpu, warmup: usize, runs: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(time_ms_with(dev, warmup, runs, f)?.0)
 }
 
 /// [`time_ms`] and how the times were taken.
-pub fn time_ms_with(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Timing)> {
-    let g = gpu()?;
+pub fn time_ms_with(dev: &Gpu, warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, Timing)> {
+    let g = dev;
     g.sync()?;
     for _ in 0..warmup {
         f()?;
@@ -337,14 +337,14 @@ pub fn time_ms_with(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()
 
 /// Runs `v` on random [batch, m, k] x [k, n] operands (B broadcast over the batch) and compares with the f64
 /// reference: every element within 1e-4 of the largest |C|.
-pub fn check_against_cpu(v: MatmulVariant, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
-    if !v.supports(m, n, k, trans_a, trans_b)? {
+pub fn check_against_cpu(dev: &Gpu, v: MatmulVariant, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<bool> {
+    if !v.supports(dev, m, n, k, trans_a, trans_b)? {
         return Ok(false);
     }
     let mut rng = crate::Rng::new(0x5eed ^ (m * 31 + n * 7 + k) as u64);
     let ha: Vec<f32> = (0..batch * m * k).map(|_| rng.normal() as f32).collect();
     let hb: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
-    let g = gpu()?;
+    let g = dev;
     let a = g.upload(bytemuck::cast_slice(&ha), "matmul check A")?;
     let b = g.upload(bytemuck::cast_slice(&hb), "matmul check B")?;
     let c = kernels::matmul_with(v, &a, &b, batch, m, n, k, m * k, 0, trans_a, trans_b)?;
@@ -376,8 +376,6 @@ pub fn reference_matmul(a: &[f32], b: &[f32], batch: usize, m: usize, n: usize, 
     c
 }
 
-static GLOBAL: OnceLock<Mutex<Tuner>> = OnceLock::new();
-
 /// KILN_MATMUL (read once per process): the kernel pinned wherever it can run ("scalar", "vec4" and
 /// "subgroup" name the blocked, vec4 and subgroup-16x4 kernels).
 fn pinned() -> Option<MatmulVariant> {
@@ -393,27 +391,48 @@ fn pinned() -> Option<MatmulVariant> {
     })
 }
 
-/// KILN_AUTOTUNE, read once per process.
+/// KILN_AUTOTUNE, read once per process: the default of every device.
 fn process_mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
     *MODE.get_or_init(Mode::from_env)
 }
 
-/// The process-wide tuner (mode from KILN_AUTOTUNE, cache in `cache_dir()`).
-pub fn global() -> Result<&'static Mutex<Tuner>> {
-    if let Some(t) = GLOBAL.get() {
-        return Ok(t);
+/// This device's tuning mode: its own setting (`set_mode`), else KILN_AUTOTUNE.
+pub fn mode(dev: &Gpu) -> Mode {
+    match dev.setting("autotune") {
+        Some(0) => Mode::Off,
+        Some(2) => Mode::Force,
+        Some(_) => Mode::On,
+        None => process_mode(),
     }
-    let t = Tuner::open(process_mode(), cache_dir().as_deref())?;
-    Ok(GLOBAL.get_or_init(|| Mutex::new(t)))
 }
 
-/// The kernel `kernels::matmul` runs for this product.
-pub fn matmul_variant(batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
-    // Checked before the tuner's lock: with tuning off, products run without touching it.
-    if process_mode() == Mode::Off && pinned().is_none() {
-        return default_variant(m, n, k, trans_a, trans_b);
+/// Sets (Some) or clears (None) this device's tuning mode. Takes effect for a device whose tuner has not
+/// opened yet (its first matmul opens it).
+pub fn set_mode(dev: &Gpu, mode: Option<Mode>) {
+    dev.set_setting("autotune", mode.map(|m| match m {
+        Mode::Off => 0,
+        Mode::On => 1,
+        Mode::Force => 2,
+    }));
+}
+
+/// The device's tuner (mode from [`mode`], cache in `cache_dir()`), opened on first use.
+pub fn tuner(dev: &Gpu) -> Result<Arc<Mutex<Tuner>>> {
+    if let Some(t) = dev.extension::<Mutex<Tuner>>() {
+        return Ok(t);
     }
-    let mut t = global()?.lock().unwrap_or_else(|e| e.into_inner());
-    t.choose(batch, m, n, k, trans_a, trans_b)
+    let t = Tuner::open(dev, mode(dev), cache_dir().as_deref())?;
+    Ok(dev.insert_extension(Mutex::new(t)))
+}
+
+/// The kernel `kernels::matmul` runs for this product on `dev`.
+pub fn matmul_variant(dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
+    // Checked before the tuner's lock: with tuning off, products run without touching it.
+    if mode(dev) == Mode::Off && pinned().is_none() {
+        return default_variant(dev, m, n, k, trans_a, trans_b);
+    }
+    let t = tuner(dev)?;
+    let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+    t.choose(dev, batch, m, n, k, trans_a, trans_b)
 }

@@ -222,7 +222,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
         rec.note = Some(format!("not timed: one run takes {one_s:.2} s, {runs} runs exceed the budget (raise --budget-s)"));
         return Ok(rec);
     }
-    let (ms, timing) = time_ms_with(1, runs, || run().map(drop))?;
+    let (ms, timing) = time_ms_with(gpu()?, 1, runs, || run().map(drop))?;
     rec.median_ms = Some(ms);
     rec.timing = Some(timing);
     let rate = work.amount / ms / 1e6;
@@ -278,7 +278,7 @@ pub fn measure_roofs() -> R<Roofs> {
         Ok(())
     };
     let vec4s: u32 = 1 << 22; // 64 MiB per buffer
-    let src = kernels::random_uniform(4 * vec4s as usize, 3, 0)?;
+    let src = kernels::random_uniform(gpu()?, 4 * vec4s as usize, 3, 0)?;
     let dst = g.alloc(16 * vec4s as u64, "roof output")?;
     let mut fma: f64 = 0.0;
     // Four times the invocations each round until one run takes 100 ms: a big GPU needs millions of them in
@@ -286,13 +286,13 @@ pub fn measure_roofs() -> R<Roofs> {
     // 256 FLOPs per iteration of fma_roof.
     for threads in [1u32 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22] {
         let iters = 64;
-        let ms = time_ms(1, 5, || launch_roof("fma_roof", threads, iters, &src, &dst))?;
+        let ms = time_ms(gpu()?, 1, 5, || launch_roof("fma_roof", threads, iters, &src, &dst))?;
         fma = fma.max(threads as f64 * iters as f64 * 256.0 / ms / 1e6);
         if ms > 100.0 {
             break;
         }
     }
-    let ms = time_ms(1, 5, || launch_roof("copy_roof", vec4s, 0, &src, &dst))?;
+    let ms = time_ms(gpu()?, 1, 5, || launch_roof("copy_roof", vec4s, 0, &src, &dst))?;
     let copy = 2.0 * 16.0 * vec4s as f64 / ms / 1e6;
     Ok(Roofs { fma_gflops: fma, copy_gbps: copy })
 }
@@ -340,7 +340,7 @@ fn matmul_family(ctx: &mut Ctx) -> R<()> {
         let shape = vec![s.batch, s.m, s.n, s.k];
         let kname = format!("{kernel} {}{}", if s.trans_a { "t" } else { "n" }, if s.trans_b { "t" } else { "n" });
         for v in MatmulVariant::ALL {
-            if !v.supports(s.m, s.n, s.k, s.trans_a, s.trans_b)? {
+            if !v.supports(gpu()?, s.m, s.n, s.k, s.trans_a, s.trans_b)? {
                 continue;
             }
             let rec = ctx.base("matmul", &kname, &shape, &v.name());
@@ -479,13 +479,13 @@ fn conv_family(ctx: &mut Ctx) -> R<()> {
         let shape = vec![xs[0], xs[1], xs[2], xs[3], cout, kk, stride];
         // Both lowerings where the gathering kernel runs (it needs subgroups): im2col columns in a buffer + the
         // tuned matmul, and the columns gathered inside the product (conv_gemm), the default on CPU adapters.
-        let lowerings: &[(ConvLowering, &str)] = if MatmulVariant::Subgroup(8).supports(1, 1, 1, false, false)? {
+        let lowerings: &[(ConvLowering, &str)] = if MatmulVariant::Subgroup(8).supports(gpu()?, 1, 1, 1, false, false)? {
             &[(ConvLowering::Im2col, "im2col+matmul"), (ConvLowering::Implicit, "implicit (conv_gemm)")]
         } else {
             &[(ConvLowering::Im2col, "im2col+matmul")]
         };
         for &(lowering, variant) in lowerings {
-            kernels::set_conv_lowering(lowering);
+            kernels::set_conv_lowering(gpu()?, lowering);
             let measured = (|| -> R<()> {
                 // forward
                 let mut want = Vec::new();
@@ -506,7 +506,7 @@ fn conv_family(ctx: &mut Ctx) -> R<()> {
                 ctx.measure(rec, flops, false, &want, 1e-4, Some(ms), || Ok(kiln_graph::conv2d_grads(&xd, &wv, &gy, &geom)?.1.expect("weight gradient")))?;
                 Ok(())
             })();
-            kernels::set_conv_lowering(ConvLowering::Auto);
+            kernels::set_conv_lowering(gpu()?, ConvLowering::Auto);
             measured?;
         }
     }
@@ -728,9 +728,9 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
         let flops: f64 = step_matmul_shapes(&model, ctx.opts.batch)?.iter().map(|s| s.flops()).sum();
         // Each step with and without the bias + activation fusion, to show what it pays.
         for fused in [true, false] {
-            kiln_nn::set_fusion(fused);
+            kiln_nn::set_fusion(gpu()?, fused);
             let b = crate::bench::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10));
-            kiln_nn::set_fusion(true);
+            kiln_nn::set_fusion(gpu()?, true);
             let b = b?;
             let variant = if fused { "fused bias+activation" } else { "unfused" };
             let mut rec = ctx.base("step", &format!("{model} step (fwd, bwd, Adam)"), &[ctx.opts.batch, input[0], input[1], input[2]], variant);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln_data::{Batches, Dataset, Split, Standardizer, Targets};
-use kiln_graph::backend::gpu;
+use kiln_graph::backend::Device;
 use kiln_graph::{no_grad, DType, KilnError, Tensor};
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
@@ -306,7 +306,8 @@ impl TestMetrics {
 
 /// Evaluates a checkpoint written by `run` on a data set's test split (the split of the checkpoint's seed).
 pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_dir: Option<PathBuf>) -> Result<EvalReport, KilnError> {
-    let g = gpu()?;
+    // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
+    let g = Device::current()?;
     let ck = checkpoint::load(path).map_err(ck_err)?;
     let meta = |k: &str| ck.metadata.get(k).cloned();
     let model_name = meta("kiln.model").ok_or_else(|| KilnError::Backward(format!("{}: not a Kiln training checkpoint (no kiln.model in the metadata)", path.display())))?;
@@ -465,7 +466,8 @@ fn quality(task: Task, outputs: &[f32], width: usize, ds: &Dataset) -> f64 {
 /// Trains one model end to end and evaluates it on the test split.
 pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
     let started = Instant::now();
-    let g = gpu()?;
+    // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
+    let g = Device::current()?;
     let degree = cfg.degree.unwrap_or(1);
     let raw_split = prepare(cfg, degree)?;
     let target_scale = TargetScale::fit(&raw_split.train);

@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use kiln_graph::backend::gpu;
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{no_grad, Conv2dGeom, KilnError, Pool2dGeom, Result, Tensor};
 
@@ -280,7 +279,7 @@ impl BatchNorm {
     pub fn forward_fused(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
         Self::channel_shape(x)?;
         let per_channel = x.numel() / x.shape()[1].max(1);
-        if !self.training || !kiln_graph::fusion_enabled() || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
+        if !self.training || !kiln_graph::fusion_enabled(x.device()) || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
             return Ok(None);
         }
         let running = Some((self.running_mean.tensor()?, self.running_var.tensor()?, self.momentum));
@@ -305,7 +304,7 @@ impl BatchNorm {
                 for (buf, batch) in [(&self.running_mean, &mean), (&self.running_var, &unbiased)] {
                     let running = buf.tensor()?;
                     let updated = running.scale(1.0 - m)?.add(&batch.reshape(running.shape())?.scale(m)?)?;
-                    gpu()?.copy(updated.storage(), running.storage(), 4 * running.numel() as u64)?;
+                    running.device().copy(updated.storage(), running.storage(), 4 * running.numel() as u64)?;
                 }
                 Ok(())
             })?;
@@ -373,8 +372,8 @@ impl Module for Dropout {
         let keep = 1.0 - self.p;
         // Each call draws a fresh stream: the call count picks the seed's sub-stream.
         let call = self.calls.fetch_add(1, Ordering::Relaxed) as u64;
-        let u = Tensor::rand_gpu(x.shape(), self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 0)?;
-        let threshold = Tensor::full(&[1], keep)?;
+        let u = Tensor::rand_gpu_on(x.device(), x.shape(), self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 0)?;
+        let threshold = Tensor::full_on(x.device(), &[1], keep)?;
         let mask = threshold.gt_mask(&u)?.scale(1.0 / keep)?;
         if let Ok(mut m) = self.last_mask.lock() {
             *m = Some(mask.clone());

@@ -197,7 +197,7 @@ impl Module for Sequential {
         while i < self.layers.len() {
             // A layer ending in a bias followed by an activation: one fused kernel instead of two.
             let next_act = self.layers.get(i + 1).and_then(|l| l.as_activation()).and_then(Activation::fused);
-            if let (Some(act), true) = (next_act, kiln_graph::fusion_enabled()) {
+            if let (Some(act), true) = (next_act, kiln_graph::fusion_enabled(h.device())) {
                 if let Some((pre, bias, axis)) = self.layers[i].forward_before_bias(&h)? {
                     h = pre.bias_act(&bias, axis, act)?;
                     i += 2;

@@ -1,9 +1,14 @@
 //! Optimizers over a VarStore's flat buffer. Gradients are copied into one flat gradient buffer (buffer copies,
-//! no kernels), then a single dispatch updates every parameter and its state.
+//! no kernels; added there when micro-batches accumulate), optionally clipped, then one dispatch per run of
+//! parameters updates them and their state: normally one run, more where parameter groups, parameters without
+//! a gradient or the adapter's binding limit cut the flat buffer.
+//!
+//! PyTorch's rules: a parameter that got no gradient since the last update is left untouched (its moments and
+//! weight decay included), and Adam's bias correction counts each parameter's own updates.
 
-use kiln_graph::backend::{gpu, BufView};
+use kiln_graph::backend::BufView;
 use kiln_graph::kernels::{optimizer_step, UpdateRule};
-use kiln_graph::{Grads, Result};
+use kiln_graph::{no_grad, DType, Grads, KilnError, Result, Tensor};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, NamedTensor};
 use crate::schedule::Schedule;
@@ -34,6 +39,38 @@ impl std::str::FromStr for OptimizerKind {
     }
 }
 
+/// A parameter group's own settings (PyTorch's `param_groups`): `None` keeps the optimizer's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GroupOptions {
+    /// Base learning rate of the group (the schedule scales it as it scales the optimizer's).
+    pub lr: Option<f32>,
+    pub weight_decay: Option<f32>,
+    /// Frozen: no gradient is computed for the group's parameters (`Param::set_requires_grad(false)`).
+    pub frozen: bool,
+}
+
+/// How gradients are clipped before each update (PyTorch's `clip_grad_norm_` / `clip_grad_value_`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Clip {
+    /// Scales every gradient by min(1, max_norm / (||g||_2 + 1e-6)), the norm over all parameters at once.
+    GlobalNorm(f32),
+    /// Clamps every gradient element to [-v, v].
+    Value(f32),
+}
+
+/// One trainable parameter as the optimizer sees it.
+struct Slot {
+    param: crate::varstore::Param,
+    /// Element offset in the flat buffer, and element count.
+    offset: usize,
+    len: usize,
+    group: usize,
+    /// Updates this parameter has had (Adam's bias correction counts these, as PyTorch's per-parameter step).
+    steps: u64,
+    /// Whether a gradient arrived since the last update.
+    has_grad: bool,
+}
+
 pub struct Optimizer {
     pub kind: OptimizerKind,
     pub base_lr: f32,
@@ -41,18 +78,24 @@ pub struct Optimizer {
     pub weight_decay: f32,
     pub schedule: Schedule,
     pub total_steps: u64,
+    /// Gradient clipping before each update (none by default).
+    pub clip: Option<Clip>,
     step: u64,
     grads: BufView,
     state1: BufView,
     state2: BufView,
-    /// Names of parameters that are not updated (transfer learning).
-    frozen: Vec<String>,
+    /// Trainable parameters by offset.
+    slots: Vec<Slot>,
+    /// Group 0 is the optimizer's own settings; `add_group` adds the others.
+    groups: Vec<GroupOptions>,
+    /// The global gradient norm of the last clipped update, on the GPU (read it only when needed).
+    last_grad_norm: Option<Tensor>,
 }
 
 impl Optimizer {
     /// State buffers for `vs` (which must be finished), zeroed on the GPU.
     pub fn new(vs: &VarStore, kind: OptimizerKind, lr: f32, weight_decay: f32, schedule: Schedule, total_steps: u64) -> Result<Optimizer> {
-        let g = gpu()?;
+        let g = vs.flat()?.device().clone();
         let bytes = 4 * vs.flat_len() as u64;
         let grads = g.alloc(bytes, "flat gradients")?;
         let state1 = g.alloc(bytes, "optimizer state")?;
@@ -60,23 +103,46 @@ impl Optimizer {
         for b in [&grads, &state1, &state2] {
             g.zero(b)?;
         }
-        let _ = vs.flat()?;
-        Ok(Optimizer { kind, base_lr: lr, weight_decay, schedule, total_steps, step: 0, grads, state1, state2, frozen: Vec::new() })
+        let mut slots: Vec<Slot> = vs.layout().map(|(p, offset)| Slot { param: p.clone(), offset, len: p.shape().iter().product(), group: 0, steps: 0, has_grad: false }).collect();
+        slots.sort_by_key(|s| s.offset);
+        Ok(Optimizer { kind, base_lr: lr, weight_decay, schedule, total_steps, clip: None, step: 0, grads, state1, state2, slots, groups: vec![GroupOptions::default()], last_grad_norm: None })
     }
 
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
 
-    /// Stops updating every parameter whose name passes `select`; they stay bit-identical. Returns their names.
-    pub fn freeze(&mut self, vs: &VarStore, select: impl Fn(&str) -> bool) -> Vec<String> {
-        self.frozen = vs.layout().map(|(p, _)| p.name().to_string()).filter(|n| select(n)).collect();
-        self.frozen.clone()
+    /// Puts every parameter whose name passes `select` into a new group with its own settings (a parameter
+    /// already in a group moves). Returns the names.
+    pub fn add_group(&mut self, select: impl Fn(&str) -> bool, options: GroupOptions) -> Vec<String> {
+        self.groups.push(options);
+        let group = self.groups.len() - 1;
+        let mut names = Vec::new();
+        for s in self.slots.iter_mut().filter(|s| select(s.param.name())) {
+            s.group = group;
+            if options.frozen {
+                s.param.set_requires_grad(false);
+            }
+            names.push(s.param.name().to_string());
+        }
+        names
     }
 
-    /// The optimizer's state (flat moment buffers, step) as a checkpoint, for resuming.
+    /// Freezes every parameter whose name passes `select` (a frozen group): no gradient is computed for them
+    /// and they stay bit-identical. Returns their names.
+    pub fn freeze(&mut self, _vs: &VarStore, select: impl Fn(&str) -> bool) -> Vec<String> {
+        self.add_group(select, GroupOptions { frozen: true, ..GroupOptions::default() })
+    }
+
+    /// The global L2 norm of the gradients of the last update clipped by norm (before clipping), as a GPU
+    /// scalar: reading it waits for the GPU.
+    pub fn last_grad_norm(&self) -> Option<&Tensor> {
+        self.last_grad_norm.as_ref()
+    }
+
+    /// The optimizer's state (flat moment buffers, steps) as a checkpoint, for resuming.
     pub fn state_checkpoint(&self, vs: &VarStore) -> Result<Checkpoint> {
-        let g = gpu()?;
+        let g = self.grads.device();
         let n = vs.flat_len();
         let read = |b: &BufView| -> Result<Vec<f32>> { Ok(bytemuck::pod_collect_to_vec(&g.read(&b.sub(0, 4 * n as u64))?)) };
         let tensors = vec![
@@ -86,12 +152,14 @@ impl Optimizer {
         let mut metadata = std::collections::BTreeMap::new();
         metadata.insert("optimizer.step".into(), self.step.to_string());
         metadata.insert("optimizer.kind".into(), format!("{:?}", self.kind));
+        let steps: Vec<String> = self.slots.iter().map(|s| s.steps.to_string()).collect();
+        metadata.insert("optimizer.param_steps".into(), steps.join(","));
         Ok(Checkpoint { tensors, metadata })
     }
 
     /// Restores what [`Optimizer::state_checkpoint`] saved.
     pub fn load_state(&mut self, file: &str, ck: &Checkpoint) -> std::result::Result<(), CheckpointError> {
-        let g = gpu().map_err(kiln_graph::KilnError::from)?;
+        let g = self.state1.device().clone();
         for (name, buf) in [("optimizer.state1", &self.state1), ("optimizer.state2", &self.state2)] {
             let t = ck.get(name).ok_or_else(|| CheckpointError::Missing { file: file.into(), name: name.into(), available: ck.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(", ") })?;
             if t.data.len() * 4 > buf.bytes as usize {
@@ -99,55 +167,163 @@ impl Optimizer {
             }
             g.write(buf, bytemuck::cast_slice(&t.data)).map_err(kiln_graph::KilnError::from)?;
         }
-        self.step = ck.metadata.get("optimizer.step").and_then(|s| s.parse().ok()).ok_or_else(|| CheckpointError::Corrupt { file: file.into(), problem: "no optimizer.step in the metadata".into() })?;
+        let corrupt = |problem: String| CheckpointError::Corrupt { file: file.into(), problem };
+        self.step = ck.metadata.get("optimizer.step").and_then(|s| s.parse().ok()).ok_or_else(|| corrupt("no optimizer.step in the metadata".into()))?;
+        // Per-parameter steps; checkpoints from before they were kept had every parameter at the global step.
+        let steps: Vec<u64> = match ck.metadata.get("optimizer.param_steps") {
+            Some(list) => list.split(',').map(|v| v.parse().map_err(|_| corrupt(format!("optimizer.param_steps holds {v:?}, not a number")))).collect::<std::result::Result<_, _>>()?,
+            None => vec![self.step; self.slots.len()],
+        };
+        if steps.len() != self.slots.len() {
+            return Err(corrupt(format!("optimizer.param_steps has {} entries for {} parameters", steps.len(), self.slots.len())));
+        }
+        for (s, n) in self.slots.iter_mut().zip(steps) {
+            s.steps = n;
+        }
         Ok(())
     }
-    /// The learning rate the next step will use.
+
+    /// The learning rate the next step will use (the optimizer's own; groups scale their base the same way).
     pub fn current_lr(&self) -> f32 {
         self.schedule.lr(self.base_lr, self.step, self.total_steps)
     }
 
-    /// One update of every trainable parameter from `grads` (parameters without a gradient get zero). Without
-    /// frozen parameters this is one dispatch; frozen ones split the flat buffer into runs, one dispatch each.
-    pub fn step(&mut self, vs: &VarStore, grads: &Grads) -> Result<()> {
-        let g = gpu()?;
-        g.zero(&self.grads)?;
-        let mut layout: Vec<(&crate::varstore::Param, usize)> = vs.layout().collect();
-        layout.sort_by_key(|&(_, offset)| offset);
-        // Runs [start, end) of consecutive trainable parameters, in elements of the flat buffer.
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        let mut open: Option<(usize, usize)> = None;
-        for (param, offset) in layout {
-            let end = offset + param.shape().iter().product::<usize>();
-            if self.frozen.iter().any(|f| f == param.name()) {
+    /// Adds `grads` to the gradients gathered since the last update (gradient accumulation over micro-batches;
+    /// scale the loss by 1 / micro-batches for a mean). A gradient whose shape is not its parameter's is an
+    /// error naming both.
+    pub fn accumulate(&mut self, grads: &Grads) -> Result<()> {
+        let g = self.grads.device().clone();
+        if !self.slots.iter().any(|s| s.has_grad) {
+            g.zero(&self.grads)?;
+        }
+        for s in &mut self.slots {
+            let t = s.param.tensor()?;
+            let Some(gt) = grads.get(t) else { continue };
+            if gt.shape() != s.param.shape() {
+                return Err(KilnError::Shape { op: "Optimizer::accumulate", lhs: s.param.shape().to_vec(), rhs: gt.shape().to_vec(), detail: format!(": the gradient of {} has the wrong shape", s.param.name()) });
+            }
+            let bytes = 4 * s.len as u64;
+            let dst = self.grads.sub(4 * s.offset as u64, bytes);
+            if s.has_grad {
+                let sum = no_grad(|| Tensor::from_storage(dst.clone(), s.param.shape(), DType::F32)?.add(gt))?;
+                g.copy(sum.storage(), &dst, bytes)?;
+            } else {
+                g.copy(gt.storage(), &dst, bytes)?;
+            }
+            s.has_grad = true;
+        }
+        Ok(())
+    }
+
+    /// One update from `grads`: [`accumulate`](Optimizer::accumulate) then [`apply`](Optimizer::apply).
+    pub fn step(&mut self, _vs: &VarStore, grads: &Grads) -> Result<()> {
+        self.accumulate(grads)?;
+        self.apply(_vs)
+    }
+
+    /// Updates every parameter that got a gradient since the last update from the gathered gradients (clipped
+    /// first if `clip` says so), and starts gathering anew. Parameters without one are left untouched.
+    pub fn apply(&mut self, vs: &VarStore) -> Result<()> {
+        if let Some(clip) = self.clip {
+            self.clip_gradients(clip)?;
+        }
+        self.step += 1;
+        let flat = vs.flat()?.clone();
+        for (start, end, group, steps) in self.runs() {
+            let opts = self.groups[group];
+            let lr = self.schedule.lr(opts.lr.unwrap_or(self.base_lr), self.step - 1, self.total_steps);
+            let rule = match self.kind {
+                OptimizerKind::Gd => UpdateRule::Sgd { momentum: 0.0, nesterov: false },
+                OptimizerKind::Sgd { momentum, nesterov } => UpdateRule::Sgd { momentum, nesterov },
+                OptimizerKind::RmsProp { alpha, eps } => UpdateRule::RmsProp { alpha, eps },
+                OptimizerKind::Adam { beta1, beta2, eps } => UpdateRule::Adam { beta1, beta2, eps, step: steps + 1, decoupled: false },
+                OptimizerKind::AdamW { beta1, beta2, eps } => UpdateRule::Adam { beta1, beta2, eps, step: steps + 1, decoupled: true },
+            };
+            let weight_decay = opts.weight_decay.unwrap_or(self.weight_decay);
+            for (p0, p1) in self.pieces(start, end) {
+                let (off, bytes) = (4 * p0 as u64, 4 * (p1 - p0) as u64);
+                let decay_end = vs.decay_end().clamp(p0, p1) - p0;
+                optimizer_step(rule, &flat.sub(off, bytes), &self.grads.sub(off, bytes), &self.state1.sub(off, bytes), &self.state2.sub(off, bytes), p1 - p0, decay_end, lr, weight_decay)?;
+            }
+        }
+        for s in &mut self.slots {
+            if s.has_grad && !self.groups[s.group].frozen {
+                s.steps += 1;
+            }
+            s.has_grad = false;
+        }
+        Ok(())
+    }
+
+    /// Runs [start, end) of the flat buffer (in elements) to update: consecutive parameters that got a
+    /// gradient, in the same unfrozen group, with the same step count. Alignment padding between two
+    /// parameters of a run is updated too (zero values, zero gradients: it stays zero).
+    fn runs(&self) -> Vec<(usize, usize, usize, u64)> {
+        let mut runs: Vec<(usize, usize, usize, u64)> = Vec::new();
+        let mut open: Option<(usize, usize, usize, u64)> = None;
+        for s in &self.slots {
+            if !s.has_grad || self.groups[s.group].frozen {
                 runs.extend(open.take());
                 continue;
             }
-            if let Some(gt) = grads.get(param.tensor()?) {
-                let bytes = 4 * gt.numel() as u64;
-                g.copy(gt.storage(), &self.grads.sub(4 * offset as u64, bytes), bytes)?;
-            }
-            open = Some(match open {
-                Some((s, _)) => (s, end),
-                None => (offset, end),
-            });
+            open = match open {
+                Some((start, _, group, steps)) if group == s.group && steps == s.steps => Some((start, s.offset + s.len, group, steps)),
+                other => {
+                    runs.extend(other);
+                    Some((s.offset, s.offset + s.len, s.group, s.steps))
+                }
+            };
         }
         runs.extend(open);
-        let lr = self.current_lr();
-        self.step += 1;
-        let rule = match self.kind {
-            OptimizerKind::Gd => UpdateRule::Sgd { momentum: 0.0, nesterov: false },
-            OptimizerKind::Sgd { momentum, nesterov } => UpdateRule::Sgd { momentum, nesterov },
-            OptimizerKind::RmsProp { alpha, eps } => UpdateRule::RmsProp { alpha, eps },
-            OptimizerKind::Adam { beta1, beta2, eps } => UpdateRule::Adam { beta1, beta2, eps, step: self.step, decoupled: false },
-            OptimizerKind::AdamW { beta1, beta2, eps } => UpdateRule::Adam { beta1, beta2, eps, step: self.step, decoupled: true },
-        };
-        let flat = vs.flat()?;
-        for (start, end) in runs {
-            let (off, bytes) = (4 * start as u64, 4 * (end - start) as u64);
-            let decay_end = vs.decay_end().clamp(start, end) - start;
-            optimizer_step(rule, &flat.sub(off, bytes), &self.grads.sub(off, bytes), &self.state1.sub(off, bytes), &self.state2.sub(off, bytes), end - start, decay_end, lr, self.weight_decay)?;
-        }
-        Ok(())
+        runs
+    }
+
+    /// [start, end) cut into pieces a kernel can bind: at most the device's binding limit each, every piece
+    /// starting at an aligned offset (runs start at parameter offsets, which are aligned).
+    fn pieces(&self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let dev = self.grads.device();
+        let align = (dev.limits.min_storage_buffer_offset_alignment as usize / 4).max(4);
+        let most = ((dev.max_binding_bytes() as usize / 4) / align * align).max(align);
+        (start..end).step_by(most).map(|p0| (p0, (p0 + most).min(end))).collect()
+    }
+
+    /// Clips the gathered gradients on the GPU, piece by piece (no host round trip).
+    fn clip_gradients(&mut self, clip: Clip) -> Result<()> {
+        let g = self.grads.device().clone();
+        let n = self.slots.iter().map(|s| s.offset + s.len).max().unwrap_or(0);
+        let pieces = self.pieces(0, n);
+        let piece = |p0: usize, p1: usize| -> Result<Tensor> { Tensor::from_storage(self.grads.sub(4 * p0 as u64, 4 * (p1 - p0) as u64), &[p1 - p0], DType::F32) };
+        no_grad(|| -> Result<()> {
+            let scale = match clip {
+                Clip::Value(v) => {
+                    for &(p0, p1) in &pieces {
+                        let clipped = piece(p0, p1)?.clamp(-v, v)?;
+                        g.copy(clipped.storage(), &self.grads.sub(4 * p0 as u64, 4 * (p1 - p0) as u64), 4 * (p1 - p0) as u64)?;
+                    }
+                    return Ok(());
+                }
+                Clip::GlobalNorm(max_norm) => {
+                    let mut sum: Option<Tensor> = None;
+                    for &(p0, p1) in &pieces {
+                        let t = piece(p0, p1)?;
+                        let sq = t.mul(&t)?.sum_all()?;
+                        sum = Some(match sum {
+                            Some(s) => s.add(&sq)?,
+                            None => sq,
+                        });
+                    }
+                    let Some(sum) = sum else { return Ok(()) };
+                    let norm = sum.sqrt()?;
+                    let coef = norm.add_scalar(1e-6)?.powf(-1.0)?.scale(max_norm)?.clamp(0.0, 1.0)?;
+                    self.last_grad_norm = Some(norm);
+                    coef
+                }
+            };
+            for &(p0, p1) in &pieces {
+                let scaled = piece(p0, p1)?.broadcast_mul(&scale)?;
+                g.copy(scaled.storage(), &self.grads.sub(4 * p0 as u64, 4 * (p1 - p0) as u64), 4 * (p1 - p0) as u64)?;
+            }
+            Ok(())
+        })
     }
 }

@@ -2,9 +2,10 @@
 //! gradients and optimizer state use the same layout, so one dispatch updates every parameter. Parameters that
 //! take weight decay are laid out first; the update kernel decays elements below `decay_end` only.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use kiln_graph::backend::{gpu, BufView};
+use kiln_graph::backend::{BufView, Device};
 use kiln_graph::{DType, KilnError, Result, Rng, Tensor};
 
 use crate::init::Init;
@@ -12,7 +13,10 @@ use crate::init::Init;
 struct Slot {
     name: String,
     shape: Vec<usize>,
-    tensor: OnceLock<Tensor>,
+    /// The trainable leaf, and the same storage as a plain tensor: which one `tensor()` hands out is what
+    /// `requires_grad` switches, so a frozen parameter takes no part in backward at all.
+    tensor: OnceLock<(Tensor, Tensor)>,
+    requires_grad: AtomicBool,
 }
 
 /// A handle to one named parameter. Its tensor exists once the store is finished.
@@ -26,8 +30,19 @@ impl Param {
     pub fn shape(&self) -> &[usize] {
         &self.0.shape
     }
+    /// The parameter's tensor: a trainable leaf, or (frozen) a tensor without gradient over the same storage.
     pub fn tensor(&self) -> Result<&Tensor> {
-        self.0.tensor.get().ok_or_else(|| KilnError::Backward(format!("parameter {} used before VarStore::finish()", self.0.name)))
+        let (leaf, plain) = self.0.tensor.get().ok_or_else(|| KilnError::Backward(format!("parameter {} used before VarStore::finish()", self.0.name)))?;
+        Ok(if self.requires_grad() { leaf } else { plain })
+    }
+    /// Whether backward computes this parameter's gradient (PyTorch's `requires_grad`; buffers: false).
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad.load(Ordering::Relaxed)
+    }
+    /// Freezes (false) or unfreezes (true) the parameter: a frozen one gets no gradient computed, so no
+    /// optimizer moves it. Takes effect from the next forward pass.
+    pub fn set_requires_grad(&self, on: bool) {
+        self.0.requires_grad.store(on, Ordering::Relaxed);
     }
 }
 
@@ -50,11 +65,27 @@ pub struct VarStore {
     flat: Option<BufView>,
     len: usize,
     decay_end: usize,
+    /// Where `finish` puts the parameters (None: the default device).
+    device: Option<Device>,
 }
 
 impl VarStore {
+    /// A store whose parameters will live on the thread's current device (`Device::current`) when finished.
     pub fn new(seed: u64) -> VarStore {
-        VarStore { entries: Vec::new(), materialize: true, rng: Rng::new(seed), flat: None, len: 0, decay_end: 0 }
+        VarStore { entries: Vec::new(), materialize: true, rng: Rng::new(seed), flat: None, len: 0, decay_end: 0, device: None }
+    }
+
+    /// A store whose parameters will live on `device`.
+    pub fn on(device: &Device, seed: u64) -> VarStore {
+        VarStore { device: Some(device.clone()), ..VarStore::new(seed) }
+    }
+
+    /// The device the parameters live on (for a store made with `new`: the thread's current device, fixed at `finish`).
+    pub fn device(&self) -> Result<Device> {
+        match &self.device {
+            Some(d) => Ok(d.clone()),
+            None => Ok(Device::current()?),
+        }
     }
 
     /// A store that records names and shapes only: enough to count parameters and infer shapes; `finish`
@@ -72,7 +103,7 @@ impl VarStore {
             return Err(KilnError::Backward(format!("parameter {name} declared twice")));
         }
         let values = if self.materialize { init.values(shape, &mut self.rng) } else { Vec::new() };
-        let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new() }));
+        let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new(), requires_grad: AtomicBool::new(true) }));
         self.entries.push(Entry { param: param.clone(), init: values, decay, buffer: false, offset: 0 });
         Ok(param)
     }
@@ -83,6 +114,7 @@ impl VarStore {
         let p = self.param(name, shape, init, false)?;
         if let Some(e) = self.entries.last_mut() {
             e.buffer = true;
+            e.param.set_requires_grad(false);
         }
         Ok(p)
     }
@@ -95,7 +127,8 @@ impl VarStore {
         if !self.materialize {
             return Err(KilnError::Backward("a shapes-only VarStore cannot be finished (it holds no values)".into()));
         }
-        let g = gpu()?;
+        let g = self.device()?;
+        self.device = Some(g.clone());
         let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
         let mut order: Vec<usize> = (0..self.entries.len()).filter(|&i| !self.entries[i].buffer).collect();
         order.sort_by_key(|&i| !self.entries[i].decay); // stable: declaration order within each group
@@ -118,12 +151,12 @@ impl VarStore {
         let flat = g.upload(bytemuck::cast_slice(&host), "parameters")?;
         for e in &mut self.entries {
             let t = if e.buffer {
-                Tensor::from_slice(&e.init, e.param.shape())?
+                Tensor::from_slice_on(&g, &e.init, e.param.shape())?
             } else {
                 let view = flat.sub(4 * e.offset as u64, 4 * e.init.len().max(1) as u64);
-                Tensor::from_storage(view, e.param.shape(), DType::F32)?.var()
+                Tensor::from_storage(view, e.param.shape(), DType::F32)?
             };
-            let _ = e.param.0.tensor.set(t);
+            let _ = e.param.0.tensor.set((t.var(), t));
             e.init = Vec::new();
         }
         self.flat = Some(flat);
@@ -137,6 +170,15 @@ impl VarStore {
     /// (param, element offset) pairs of the trainable parameters, for the optimizer.
     pub(crate) fn layout(&self) -> impl Iterator<Item = (&Param, usize)> {
         self.entries.iter().filter(|e| !e.buffer).map(|e| (&e.param, e.offset))
+    }
+
+    /// Freezes every trainable parameter whose name passes `select` (see [`Param::set_requires_grad`]) and
+    /// returns their names.
+    pub fn freeze(&self, select: impl Fn(&str) -> bool) -> Vec<String> {
+        self.layout().map(|(p, _)| p).filter(|p| select(p.name())).map(|p| {
+            p.set_requires_grad(false);
+            p.name().to_string()
+        }).collect()
     }
 
     /// Whether `name` is a buffer rather than a trainable parameter.
@@ -170,7 +212,7 @@ impl VarStore {
     /// Returns the names loaded.
     pub fn load_checkpoint(&self, file: &str, ck: &crate::checkpoint::Checkpoint, strict: bool, select: impl Fn(&str) -> bool) -> std::result::Result<Vec<String>, crate::checkpoint::CheckpointError> {
         use crate::checkpoint::CheckpointError;
-        let g = gpu().map_err(KilnError::from)?;
+        let g = self.device()?;
         let mut loaded = Vec::new();
         for p in self.params().filter(|p| select(p.name())) {
             let Some(t) = ck.get(p.name()) else {

@@ -19,6 +19,8 @@ pub enum GpuError {
     BindingTooLarge { bytes: u64, limit: u64, what: String },
     #[error("GPU validation error after recording {context}: {message}")]
     Validation { context: String, message: String },
+    #[error("{what}: tensors on two devices, {a} and {b}; move one with Tensor::to(&device)")]
+    CrossDevice { what: String, a: String, b: String },
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
     #[error("GPU device lost or poll failed: {0}")]

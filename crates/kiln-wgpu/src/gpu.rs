@@ -1,10 +1,12 @@
-//! The one device context of the process: device, queue, pipeline cache, buffer pool and the open recording.
+//! A device context: device, queue, pipeline cache, buffer pool and the open recording. A process may open
+//! several (`Device::open`, one per adapter or several logical ones on one adapter); each owns its own pool,
+//! caches, counters and settings, and every buffer knows the device it belongs to.
 //!
 //! Nothing is submitted when an op runs: every dispatch is appended to one open compute pass. The recording is
 //! flushed (finish + submit) only when the host must see a value, when the params ring is full, or on request.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::adapter;
 use crate::error::{GpuError, Result};
@@ -48,6 +50,8 @@ pub struct GpuStats {
 /// A pooled GPU buffer. It returns to the pool when dropped.
 pub struct PooledBuffer {
     raw: Option<wgpu::Buffer>,
+    /// The device whose pool the buffer returns to; a live tensor keeps its device open.
+    device: Device,
     class: u64,
     /// Creation order: the pool hands out the oldest free buffer of a class first.
     serial: u64,
@@ -59,6 +63,9 @@ impl PooledBuffer {
     }
     pub fn capacity(&self) -> u64 {
         self.class
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 }
 
@@ -81,6 +88,9 @@ pub struct TexView {
 
 pub struct PooledTexture {
     raw: Option<TextureAndView>,
+    /// Weak: the device's texture cache holds textures, so a strong handle would keep the device alive forever.
+    device: Weak<Gpu>,
+    device_id: u64,
     rows: u32,
     serial: u64,
 }
@@ -93,7 +103,7 @@ impl PooledTexture {
 
 impl Drop for PooledTexture {
     fn drop(&mut self) {
-        if let (Some(raw), Some(gpu)) = (self.raw.take(), GPU.get()) {
+        if let (Some(raw), Some(gpu)) = (self.raw.take(), self.device.upgrade()) {
             gpu.release_texture(raw, self.rows, self.serial);
         }
     }
@@ -101,8 +111,8 @@ impl Drop for PooledTexture {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        if let (Some(raw), Some(gpu)) = (self.raw.take(), GPU.get()) {
-            gpu.release(raw, self.class, self.serial);
+        if let Some(raw) = self.raw.take() {
+            self.device.release(raw, self.class, self.serial);
         }
     }
 }
@@ -124,6 +134,10 @@ impl BufView {
     }
     pub fn same_buffer(&self, other: &BufView) -> bool {
         Arc::ptr_eq(&self.buffer, &other.buffer)
+    }
+    /// The device this view's buffer lives on.
+    pub fn device(&self) -> &Device {
+        &self.buffer.device
     }
 }
 
@@ -228,8 +242,16 @@ pub struct KernelTime {
     pub ms: f64,
 }
 
-/// The device context. Get it with [`gpu()`].
+/// A device context. Held through a [`Device`] handle; [`gpu()`] is the process's default one.
 pub struct Gpu {
+    /// Unique in the process: names the device in errors and tells devices apart.
+    id: u64,
+    /// This context's own handle, for the buffers and readbacks it hands out.
+    me: Weak<Gpu>,
+    /// Per-device switches of the layers above (fusion, texture reads, conv lowering, autotune), by name.
+    settings: Mutex<HashMap<&'static str, u8>>,
+    /// State the layers above keep per device (the autotuner), one value per type.
+    extensions: Mutex<HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>,
     pub info: wgpu::AdapterInfo,
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
@@ -291,8 +313,91 @@ pub fn thread_stats() -> ThreadStats {
     THREAD_STATS.with(|c| c.get())
 }
 
-static GPU: OnceLock<Gpu> = OnceLock::new();
+static GPU: OnceLock<Device> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
+static NEXT_DEVICE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How to open a [`Device`]. Fields left `None` take their environment default (`KILN_ADAPTER`,
+/// `KILN_MAX_BINDING_BYTES`, `KILN_PROFILE`), read when the device opens.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceOptions {
+    /// Substring of the adapter's name or backend, or an index from `kiln info`; default: the best adapter.
+    pub adapter: Option<String>,
+    /// Binds at most this many bytes per tensor (at least 1024), below the adapter's own limit: exercises the
+    /// paths that split big operands on any adapter.
+    pub max_binding_bytes: Option<u64>,
+    /// Times every dispatch (see [`Gpu::set_profiling`]).
+    pub profiling: Option<bool>,
+}
+
+/// A handle to one device context: cheap to clone, compared by identity. Every tensor's storage knows its device;
+/// ops on tensors of two devices are errors. Dereferences to [`Gpu`] for the context's methods.
+#[derive(Clone)]
+pub struct Device(Arc<Gpu>);
+
+impl std::ops::Deref for Device {
+    type Target = Gpu;
+    fn deref(&self) -> &Gpu {
+        &self.0
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Device) -> bool {
+        self.id == other.id
+    }
+}
+impl Eq for Device {}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+impl Device {
+    /// Opens a new device context on an adapter: its own wgpu device and queue, pool, caches and settings.
+    /// Opening two on the same adapter gives two independent logical devices.
+    pub fn open(options: &DeviceOptions) -> Result<Device> {
+        let wanted = options.adapter.clone().or_else(|| std::env::var("KILN_ADAPTER").ok());
+        let g = Gpu::new(wanted.as_deref(), options)?;
+        Ok(Device(Arc::new_cyclic(|me| Gpu { me: me.clone(), ..g })))
+    }
+
+    /// The process's default device (what [`gpu()`] returns), opened on first use.
+    pub fn default_device() -> Result<Device> {
+        gpu()?;
+        Ok(GPU.get().expect("opened by gpu()").clone())
+    }
+
+    /// The device new tensors go to on this thread: the innermost [`Device::scope`], else the default device.
+    pub fn current() -> Result<Device> {
+        match CURRENT.with(|c| c.borrow().last().cloned()) {
+            Some(d) => Ok(d),
+            None => Device::default_device(),
+        }
+    }
+
+    /// Runs `f` with this device as the thread's current device: tensors made without naming a device
+    /// (`Tensor::from_slice`, a `VarStore::new`'s parameters) go to it, as inside PyTorch's `with
+    /// torch.device(...)`. Scopes nest; other threads are not affected.
+    pub fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Pop;
+        impl Drop for Pop {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.borrow_mut().pop());
+            }
+        }
+        CURRENT.with(|c| c.borrow_mut().push(self.clone()));
+        let _pop = Pop;
+        f()
+    }
+}
+
+thread_local! {
+    /// The stack of `Device::scope`s on this thread.
+    static CURRENT: std::cell::RefCell<Vec<Device>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 static CHOICE: Mutex<Option<String>> = Mutex::new(None);
 
 /// Names the adapter to use (substring of its name or backend, or an index from `kiln info`) before first use.
@@ -311,7 +416,7 @@ pub fn select_adapter(name: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The process's GPU, created on first use. Errors (no adapter, bad `KILN_ADAPTER`) are returned, not cached, so a
+/// The process's default device, created on first use. Errors (no adapter, bad `KILN_ADAPTER`) are returned, not cached, so a
 /// caller can fix the environment and retry.
 pub fn gpu() -> Result<&'static Gpu> {
     if let Some(g) = GPU.get() {
@@ -321,8 +426,8 @@ pub fn gpu() -> Result<&'static Gpu> {
     if let Some(g) = GPU.get() {
         return Ok(g);
     }
-    let wanted = CHOICE.lock().unwrap_or_else(|e| e.into_inner()).clone().or_else(|| std::env::var("KILN_ADAPTER").ok());
-    let g = Gpu::new(wanted.as_deref())?;
+    let adapter = CHOICE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let g = Device::open(&DeviceOptions { adapter, ..DeviceOptions::default() })?;
     Ok(GPU.get_or_init(|| g))
 }
 
@@ -338,7 +443,7 @@ fn pad16(params: &[u8]) -> Vec<u8> {
 }
 
 impl Gpu {
-    fn new(wanted: Option<&str>) -> Result<Gpu> {
+    fn new(wanted: Option<&str>, options: &DeviceOptions) -> Result<Gpu> {
         let instance = adapter::instance();
         let adapter = adapter::choose(adapter::enumerate(&instance), wanted)?;
         let info = adapter.get_info();
@@ -390,7 +495,13 @@ impl Gpu {
             timed_passes: 0,
             profile: Profile::default(),
         };
+        let env_flag = |name: &str| std::env::var(name).map(|v| v != "0").unwrap_or(false);
+        let binding_limit = options.max_binding_bytes.or_else(|| std::env::var("KILN_MAX_BINDING_BYTES").ok().and_then(|v| v.parse::<u64>().ok()));
         Ok(Gpu {
+            id: NEXT_DEVICE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            me: Weak::new(),
+            settings: Mutex::new(HashMap::new()),
+            extensions: Mutex::new(HashMap::new()),
             info,
             features,
             limits: limits.clone(),
@@ -399,9 +510,9 @@ impl Gpu {
             state: Mutex::new(state),
             uncaptured,
             dump_dir: std::env::var_os("KILN_DUMP_WGSL").map(Into::into),
-            binding_limit: std::env::var("KILN_MAX_BINDING_BYTES").ok().and_then(|v| v.parse::<u64>().ok()).map(|v| v.max(1024)).unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size as u64),
-            log: std::env::var("KILN_LOG").map(|v| v != "0").unwrap_or(false),
-            profiling: std::sync::atomic::AtomicBool::new(std::env::var("KILN_PROFILE").map(|v| v != "0").unwrap_or(false)),
+            binding_limit: binding_limit.map(|v| v.max(1024)).unwrap_or(u64::MAX).min(limits.max_storage_buffer_binding_size as u64),
+            log: env_flag("KILN_LOG"),
+            profiling: std::sync::atomic::AtomicBool::new(options.profiling.unwrap_or_else(|| env_flag("KILN_PROFILE"))),
             returned_textures: Mutex::new(Vec::new()),
             texture_live_bytes: std::sync::atomic::AtomicU64::new(0),
         })
@@ -410,6 +521,49 @@ impl Gpu {
     /// "name (Backend, DeviceType)", as reports print it.
     pub fn adapter_name(&self) -> String {
         adapter::describe(&self.info)
+    }
+    /// This context's number in the process (the default device is usually 1).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// "device #id on name (Backend, DeviceType)", as errors name a device.
+    pub fn describe(&self) -> String {
+        format!("device #{} on {}", self.id, self.adapter_name())
+    }
+    /// A handle to this context.
+    pub fn handle(&self) -> Device {
+        Device(self.me.upgrade().expect("a Gpu lives inside its Device"))
+    }
+    /// A switch of the layers above, by name (`None`: not set on this device, so their default applies).
+    pub fn setting(&self, key: &'static str) -> Option<u8> {
+        self.settings.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+    }
+    /// Sets (Some) or clears (None) a switch on this device only.
+    pub fn set_setting(&self, key: &'static str, value: Option<u8>) {
+        let mut s = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        match value {
+            Some(v) => s.insert(key, v),
+            None => s.remove(key),
+        };
+    }
+    /// The value of type `T` kept on this device by a layer above, if any.
+    pub fn extension<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let map = self.extensions.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&std::any::TypeId::of::<T>()).cloned().and_then(|v| v.downcast::<T>().ok())
+    }
+    /// Keeps `value` on this device unless a `T` is already there; returns the one kept. It must not hold a
+    /// tensor or a `Device` of this device (that would keep the device open forever).
+    pub fn insert_extension<T: std::any::Any + Send + Sync>(&self, value: T) -> Arc<T> {
+        let mut map = self.extensions.lock().unwrap_or_else(|e| e.into_inner());
+        let v = map.entry(std::any::TypeId::of::<T>()).or_insert_with(|| Arc::new(value)).clone();
+        v.downcast::<T>().expect("stored under its own TypeId")
+    }
+    /// An error unless `view` lives on this device.
+    fn check_device(&self, view: &BufView, what: &str) -> Result<()> {
+        if view.buffer.device.id != self.id {
+            return Err(GpuError::CrossDevice { what: what.to_string(), a: self.describe(), b: view.buffer.device.describe() });
+        }
+        Ok(())
     }
     pub fn backend(&self) -> String {
         format!("{:?}", self.info.backend)
@@ -486,13 +640,14 @@ impl Gpu {
         st.stats.live_bytes += class;
         bump_thread(|t| t.bytes_handed_out += class);
         st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes + self.texture_bytes());
-        Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), class, serial }), offset: 0, bytes })
+        Ok(BufView { buffer: Arc::new(PooledBuffer { raw: Some(raw), device: self.handle(), class, serial }), offset: 0, bytes })
     }
 
     /// Copies `view` (at a 16-byte aligned offset) into a pooled texture for kernels that read it many times
     /// (see `TexView`). A last partial texel is copied whole from the buffer's spare bytes (its tail is garbage
     /// the kernels never read); a view without them is an error. The copy is recorded in the open command stream.
     pub fn texture_of(&self, view: &BufView, what: &str) -> Result<TexView> {
+        self.check_device(view, what)?;
         let texels = view.bytes.div_ceil(16);
         let rows = texels.div_ceil(TEX_ROW_TEXELS as u64).max(1);
         if view.offset % 16 != 0 || view.offset + 16 * texels > view.buffer.capacity() {
@@ -562,7 +717,7 @@ impl Gpu {
             }
         }
         st.recorded_ops += 1;
-        let t = TexView { texture: Arc::new(PooledTexture { raw: Some(raw), rows: class, serial }), floats: view.bytes / 4 };
+        let t = TexView { texture: Arc::new(PooledTexture { raw: Some(raw), device: self.me.clone(), device_id: self.id, rows: class, serial }), floats: view.bytes / 4 };
         if st.texture_cache.len() >= TEXTURE_CACHE {
             st.texture_cache.clear();
         }
@@ -605,6 +760,7 @@ impl Gpu {
     /// Overwrites an existing view with host bytes. Pending dispatches may read it, and a queue write would land
     /// before them, so the open recording is submitted first.
     pub fn write(&self, view: &BufView, data: &[u8]) -> Result<()> {
+        self.check_device(view, "a host write")?;
         if data.len() as u64 > view.bytes {
             return Err(GpuError::Readback(format!("write of {} bytes into a view of {} bytes", data.len(), view.bytes)));
         }
@@ -764,12 +920,18 @@ impl Gpu {
         let limit = self.max_binding_bytes();
         let align = self.limits.min_storage_buffer_offset_alignment as u64;
         for v in d.inputs.iter().chain(d.outputs) {
+            if v.buffer.device.id != self.id {
+                self.check_device(v, &format!("{}::{}", d.shader.name, d.entry))?;
+            }
             if v.bytes > limit {
                 return Err(GpuError::BindingTooLarge { bytes: v.bytes, limit, what: format!("{}::{}", d.shader.name, d.entry) });
             }
             if v.offset % align != 0 {
                 return Err(GpuError::Validation { context: format!("{}::{}", d.shader.name, d.entry), message: format!("a binding at byte offset {} breaks this adapter's min_storage_buffer_offset_alignment of {align}", v.offset) });
             }
+        }
+        if let Some(t) = d.textures.iter().find(|t| t.texture.device_id != self.id) {
+            return Err(GpuError::CrossDevice { what: format!("{}::{} (a texture copy)", d.shader.name, d.entry), a: self.describe(), b: format!("device #{}", t.texture.device_id) });
         }
         let params = pad16(d.params);
         if params.len() as u64 > PARAMS_WINDOW {
@@ -863,6 +1025,8 @@ impl Gpu {
 
     /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
     pub fn copy(&self, src: &BufView, dst: &BufView, bytes: u64) -> Result<()> {
+        self.check_device(src, "a copy's source")?;
+        self.check_device(dst, "a copy's destination")?;
         let mut st = self.lock();
         Self::forget_textures(&mut st, dst.buffer.serial);
         Self::end_pass(&mut st);
@@ -873,6 +1037,7 @@ impl Gpu {
 
     /// Records a fill with zeros.
     pub fn zero(&self, view: &BufView) -> Result<()> {
+        self.check_device(view, "a fill")?;
         let mut st = self.lock();
         Self::forget_textures(&mut st, view.buffer.serial);
         Self::end_pass(&mut st);
@@ -1039,7 +1204,8 @@ impl Gpu {
 
     /// Starts reading `view` back: records the copy into a mappable buffer and submits. The returned handle is
     /// completed by [`Readback::wait`] (blocking) or by awaiting [`Readback::into_future`] (async).
-    pub fn read_start(&'static self, view: &BufView) -> Result<Readback> {
+    pub fn read_start(&self, view: &BufView) -> Result<Readback> {
+        self.check_device(view, "a readback")?;
         let bytes = view.bytes.div_ceil(4) * 4;
         let class = size_class(bytes);
         let staging = {
@@ -1073,11 +1239,11 @@ impl Gpu {
                 w.wake();
             }
         });
-        Ok(Readback { gpu: self, staging: Some(staging), class, bytes: view.bytes, done })
+        Ok(Readback { gpu: self.handle(), staging: Some(staging), class, bytes: view.bytes, done })
     }
 
     /// Blocking read of a view's bytes.
-    pub fn read(&'static self, view: &BufView) -> Result<Vec<u8>> {
+    pub fn read(&self, view: &BufView) -> Result<Vec<u8>> {
         self.read_start(view)?.wait()
     }
 
@@ -1100,7 +1266,7 @@ struct ReadState {
 
 /// A readback in flight.
 pub struct Readback {
-    gpu: &'static Gpu,
+    gpu: Device,
     staging: Option<wgpu::Buffer>,
     class: u64,
     bytes: u64,
