@@ -98,7 +98,13 @@ fn fused_batch_norm_layer_matches_the_composite_formula() {
         let (y_fused, g_fused, r_fused, d_fused) = run(true);
         let (y_plain, g_plain, r_plain, d_plain) = run(false);
         assert!(d_fused * 4 <= d_plain, "forward dispatches fused {d_fused}, composite {d_plain}");
-        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * (1.0 + y.abs()));
+        // Relative to the largest value of each vector: gamma's and beta's gradients are sums of ~600 terms
+        // that cancel, so a small one carries the rounding of the large terms (seed 1796073324288024796: -1.08395
+        // vs -1.08399 in a vector reaching 6.0).
+        let close = |a: &[f32], b: &[f32]| {
+            let scale = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 2e-5 * scale)
+        };
         assert!(close(&y_fused, &y_plain), "outputs differ");
         for (i, (a, b)) in g_fused.iter().zip(&g_plain).enumerate() {
             assert!(close(a, b), "gradient {i} differs: {:?} vs {:?}", &a[..4.min(a.len())], &b[..4.min(b.len())]);

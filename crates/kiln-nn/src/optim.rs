@@ -61,6 +61,8 @@ pub enum Clip {
 /// One trainable parameter as the optimizer sees it.
 struct Slot {
     param: crate::varstore::Param,
+    /// Declaration order in the VarStore (names are reported in it).
+    decl: usize,
     /// Element offset in the flat buffer, and element count.
     offset: usize,
     len: usize,
@@ -103,7 +105,7 @@ impl Optimizer {
         for b in [&grads, &state1, &state2] {
             g.zero(b)?;
         }
-        let mut slots: Vec<Slot> = vs.layout().map(|(p, offset)| Slot { param: p.clone(), offset, len: p.shape().iter().product(), group: 0, steps: 0, has_grad: false }).collect();
+        let mut slots: Vec<Slot> = vs.layout().enumerate().map(|(decl, (p, offset))| Slot { param: p.clone(), decl, offset, len: p.shape().iter().product(), group: 0, steps: 0, has_grad: false }).collect();
         slots.sort_by_key(|s| s.offset);
         Ok(Optimizer { kind, base_lr: lr, weight_decay, schedule, total_steps, clip: None, step: 0, grads, state1, state2, slots, groups: vec![GroupOptions::default()], last_grad_norm: None })
     }
@@ -123,9 +125,10 @@ impl Optimizer {
             if options.frozen {
                 s.param.set_requires_grad(false);
             }
-            names.push(s.param.name().to_string());
+            names.push((s.decl, s.param.name().to_string()));
         }
-        names
+        names.sort();
+        names.into_iter().map(|(_, n)| n).collect()
     }
 
     /// Freezes every parameter whose name passes `select` (a frozen group): no gradient is computed for them
