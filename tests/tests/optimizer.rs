@@ -112,7 +112,11 @@ fn parameter_groups_have_their_own_learning_rate_and_weight_decay() {
     assert_near("body", &values(&vs, "body.w"), &sgd(&before[0], &gb, 0.1, 0.0));
     assert_near("head", &values(&vs, "head.w"), &sgd(&before[1], &gh, 0.5, 0.2));
     assert_eq!(values(&vs, "stem.w"), before[2], "a frozen group does not move");
-    assert!(!vs.params().find(|p| p.name() == "stem.w").unwrap().requires_grad());
+    let stem = vs.params().find(|p| p.name() == "stem.w").unwrap().clone();
+    assert!(!stem.requires_grad());
+    // Moved out of the frozen group, it trains again.
+    opt.add_group(|n| n.starts_with("stem."), GroupOptions::default());
+    assert!(stem.requires_grad());
 }
 
 #[test]
@@ -196,6 +200,15 @@ fn updates_run_in_bindable_pieces_under_a_lowered_limit() {
         assert!(kiln_graph::backend::thread_stats().dispatches - before >= 3, "one dispatch cannot bind 12 KB here");
         let want: Vec<f64> = w0.iter().zip(&g).map(|(&w, &g)| w as f64 - 0.01 * g as f64 / ((g as f64).abs() + 1e-8)).collect();
         assert_near("big after one Adam step", &values(&vs, "big"), &want);
+        // Accumulating over it adds in pieces too: plain gradient descent on the sum of two micro-batches.
+        let (g1, g2) = (random(3000, &mut rng), random(3000, &mut rng));
+        let w1 = values(&vs, "big");
+        let mut sgd = Optimizer::new(&vs, SGD, 0.1, 0.0, Schedule::constant(), 10).unwrap();
+        sgd.accumulate(&grads_of(&vs, &[("big", g1.clone())])).unwrap();
+        sgd.accumulate(&grads_of(&vs, &[("big", g2.clone())])).unwrap();
+        sgd.apply(&vs).unwrap();
+        let want: Vec<f64> = (0..3000).map(|i| w1[i] as f64 - 0.1 * (g1[i] as f64 + g2[i] as f64)).collect();
+        assert_near("big after two accumulated micro-batches", &values(&vs, "big"), &want);
     });
 }
 

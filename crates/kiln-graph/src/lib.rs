@@ -29,7 +29,7 @@ pub use backprop::{Grads, Op};
 pub use conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
 pub use error::{KilnError, Result};
 pub use rng::Rng;
-pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, Tensor, TensorId};
+pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, PendingValues, Tensor, TensorId};
 pub use kiln_wgpu as backend;
 
 /// Whether fused kernels run on `dev` where they apply: a layer's bias with the activation after it, batch

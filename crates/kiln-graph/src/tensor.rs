@@ -18,6 +18,20 @@ use crate::shape::numel;
 
 pub type TensorId = u64;
 
+/// Values on their way to the host (`Tensor::read_start`).
+pub struct PendingValues {
+    read: kiln_wgpu::Readback,
+    n: usize,
+}
+
+impl PendingValues {
+    /// Blocks until the values are on the host.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        let b = self.read.wait()?;
+        Ok(bytemuck::pod_collect_to_vec(&b[..self.n * 4]))
+    }
+}
+
 /// Element type. f32 tensors are differentiable; u32 tensors hold class labels and indices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -303,6 +317,14 @@ impl Tensor {
             return crate::error::invalid("to_scalar", self.shape(), "tensor has more than one element");
         }
         Ok(self.to_vec()?[0])
+    }
+
+    /// Starts reading the values back: the copy is submitted now (with everything recorded before it), and
+    /// [`PendingValues::wait`] returns them. A training loop reads step n's loss this way and waits for it
+    /// only after recording step n + 1, so the host records while the GPU computes.
+    pub fn read_start(&self) -> Result<PendingValues> {
+        self.expect_dtype("read_start", DType::F32)?;
+        Ok(PendingValues { read: self.device().read_start(&self.view())?, n: self.numel() })
     }
 
     /// Async readback: the copy is submitted now, the future resolves when the bytes are on the host.

@@ -63,7 +63,7 @@ impl Task {
             Task::Regression => None,
             Task::Binary => {
                 let y = Tensor::one_hot(targets, 2)?.slice(1, 1, 1)?;
-                let pred = out.gt_mask(&Tensor::zeros(&[1])?)?;
+                let pred = out.gt_mask(&Tensor::full_on(out.device(), &[1], 0.0)?)?;
                 // agree = pred*y + (1 - pred)(1 - y) = 1 - pred - y + 2 pred y
                 Some(pred.mul(&y)?.scale(2.0)?.sub(&pred)?.sub(&y)?.add_scalar(1.0)?.sum_all()?)
             }

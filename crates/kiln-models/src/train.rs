@@ -574,6 +574,20 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                     }
                 }
             });
+            // Step n's loss (and count of right answers) is read back while step n + 1 is recorded: the host
+            // waits for it only after submitting the next step's work.
+            let mut pending: Option<(kiln_graph::PendingValues, usize, bool, u64)> = None;
+            let mut tally = |(read, n, with_correct, at_step): (kiln_graph::PendingValues, usize, bool, u64), samples_per_s: f64| -> Result<(), KilnError> {
+                let values = read.wait()?;
+                let (loss_value, right) = if with_correct { (values[0], values[1] as f64) } else { (values[0], 0.0) };
+                if !loss_value.is_finite() {
+                    return Err(KilnError::Backward(format!("loss became {loss_value} at step {at_step} (epoch {epoch}); try a smaller --lr")));
+                }
+                correct_sum += right;
+                loss_sum += loss_value as f64 * n as f64;
+                progress(&Progress { epoch, epochs: s.epochs, step: at_step, total_steps, loss: loss_value, samples_per_s, epoch_end: None });
+                Ok(())
+            };
             for (idx, batch) in rx {
                 let before = kiln_graph::backend::thread_stats();
                 let step_started = Instant::now();
@@ -588,20 +602,16 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 drop(grads);
                 // Loss and the count of right answers come back in one readback (one submit per step).
                 let correct = model.task.correct(&out, &y)?;
-                let (loss_value, right) = match correct {
-                    Some(c) => {
-                        let both = no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?.to_vec()?;
-                        (both[0], both[1] as f64)
-                    }
-                    None => (loss.to_scalar()?, 0.0),
+                let read = match &correct {
+                    Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?.read_start()?,
+                    None => loss.read_start()?,
                 };
-                correct_sum += right;
+                if let Some(previous) = pending.replace((read, idx.len(), correct.is_some(), step + 1)) {
+                    tally(previous, samples_seen as f64 / step_seconds.max(1e-9))?;
+                }
                 step_seconds += step_started.elapsed().as_secs_f64();
                 if first_step_seconds.is_none() {
                     first_step_seconds = Some(started.elapsed().as_secs_f64());
-                }
-                if !loss_value.is_finite() {
-                    return Err(KilnError::Backward(format!("loss became {loss_value} at step {step} (epoch {epoch}); try a smaller --lr")));
                 }
                 let after = kiln_graph::backend::thread_stats();
                 if !seen_batch_sizes.insert(idx.len()) {
@@ -611,16 +621,9 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 }
                 step += 1;
                 samples_seen += idx.len();
-                loss_sum += loss_value as f64 * idx.len() as f64;
-                progress(&Progress {
-                    epoch,
-                    epochs: s.epochs,
-                    step,
-                    total_steps,
-                    loss: loss_value,
-                    samples_per_s: samples_seen as f64 / step_seconds.max(1e-9),
-                    epoch_end: None,
-                });
+            }
+            if let Some(last) = pending.take() {
+                tally(last, samples_seen as f64 / step_seconds.max(1e-9))?;
             }
             Ok(())
         })?;

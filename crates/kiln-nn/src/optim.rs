@@ -121,10 +121,11 @@ impl Optimizer {
         let group = self.groups.len() - 1;
         let mut names = Vec::new();
         for s in self.slots.iter_mut().filter(|s| select(s.param.name())) {
-            s.group = group;
-            if options.frozen {
-                s.param.set_requires_grad(false);
+            // Into a frozen group: no gradient from now on; out of one: trained again.
+            if options.frozen || self.groups[s.group].frozen {
+                s.param.set_requires_grad(!options.frozen);
             }
+            s.group = group;
             names.push((s.decl, s.param.name().to_string()));
         }
         names.sort();
@@ -199,21 +200,27 @@ impl Optimizer {
         if !self.slots.iter().any(|s| s.has_grad) {
             g.zero(&self.grads)?;
         }
-        for s in &mut self.slots {
+        for i in 0..self.slots.len() {
+            let s = &self.slots[i];
             let t = s.param.tensor()?;
             let Some(gt) = grads.get(t) else { continue };
             if gt.shape() != s.param.shape() {
                 return Err(KilnError::Shape { op: "Optimizer::accumulate", lhs: s.param.shape().to_vec(), rhs: gt.shape().to_vec(), detail: format!(": the gradient of {} has the wrong shape", s.param.name()) });
             }
-            let bytes = 4 * s.len as u64;
-            let dst = self.grads.sub(4 * s.offset as u64, bytes);
             if s.has_grad {
-                let sum = no_grad(|| Tensor::from_storage(dst.clone(), s.param.shape(), DType::F32)?.add(gt))?;
-                g.copy(sum.storage(), &dst, bytes)?;
+                // Added in bindable pieces (a parameter may exceed the binding limit).
+                for (p0, p1) in self.pieces(s.offset, s.offset + s.len) {
+                    let bytes = 4 * (p1 - p0) as u64;
+                    let dst = self.grads.sub(4 * p0 as u64, bytes);
+                    let part = gt.storage().sub(4 * (p0 - s.offset) as u64, bytes);
+                    let sum = no_grad(|| Tensor::from_storage(dst.clone(), &[p1 - p0], DType::F32)?.add(&Tensor::from_storage(part, &[p1 - p0], DType::F32)?))?;
+                    g.copy(sum.storage(), &dst, bytes)?;
+                }
             } else {
-                g.copy(gt.storage(), &dst, bytes)?;
+                let bytes = 4 * s.len as u64;
+                g.copy(gt.storage(), &self.grads.sub(4 * s.offset as u64, bytes), bytes)?;
             }
-            s.has_grad = true;
+            self.slots[i].has_grad = true;
         }
         Ok(())
     }
@@ -227,7 +234,7 @@ impl Optimizer {
     /// Updates every parameter that got a gradient since the last update from the gathered gradients (clipped
     /// first if `clip` says so), and starts gathering anew. Parameters without one are left untouched.
     pub fn apply(&mut self, vs: &VarStore) -> Result<()> {
-        if let Some(clip) = self.clip {
+        if let (Some(clip), true) = (self.clip, self.slots.iter().any(|s| s.has_grad)) {
             self.clip_gradients(clip)?;
         }
         self.step += 1;
