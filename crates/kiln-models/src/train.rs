@@ -602,13 +602,16 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 drop(grads);
                 // Loss and the count of right answers come back in one readback (one submit per step).
                 let correct = model.task.correct(&out, &y)?;
-                let read = match &correct {
-                    Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?.read_start()?,
-                    None => loss.read_start()?,
+                let values = match &correct {
+                    Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
+                    None => loss.clone(),
                 };
-                if let Some(previous) = pending.replace((read, idx.len(), correct.is_some(), step + 1)) {
+                // This step is recorded, not yet submitted: take the last step's values (its readback buffer
+                // returns to the pool and serves this one), then submit this step with its own readback.
+                if let Some(previous) = pending.take() {
                     tally(previous, samples_seen as f64 / step_seconds.max(1e-9))?;
                 }
+                pending = Some((values.read_start()?, idx.len(), correct.is_some(), step + 1));
                 step_seconds += step_started.elapsed().as_secs_f64();
                 if first_step_seconds.is_none() {
                     first_step_seconds = Some(started.elapsed().as_secs_f64());
