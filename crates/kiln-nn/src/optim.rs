@@ -226,9 +226,9 @@ impl Optimizer {
     }
 
     /// One update from `grads`: [`accumulate`](Optimizer::accumulate) then [`apply`](Optimizer::apply).
-    pub fn step(&mut self, _vs: &VarStore, grads: &Grads) -> Result<()> {
+    pub fn step(&mut self, vs: &VarStore, grads: &Grads) -> Result<()> {
         self.accumulate(grads)?;
-        self.apply(_vs)
+        self.apply(vs)
     }
 
     /// Updates every parameter that got a gradient since the last update from the gathered gradients (clipped
