@@ -57,85 +57,25 @@ pub fn test_rng(name: &str) -> Rng {
     Rng::new(seed)
 }
 
-/// Where an op's random inputs are drawn from.
-#[derive(Clone, Copy, Debug)]
-pub enum Domain {
-    /// Uniform in [-2, 2).
-    Any,
-    /// Uniform in [0.2, 2): log, sqrt, fractional powers, divisors.
-    Positive,
-    /// |x| in [0.1, 2): away from the kink of relu/abs and from ties.
-    AwayFromZero,
-}
-
-pub fn random_values(n: usize, domain: Domain, rng: &mut Rng) -> Vec<f64> {
-    (0..n)
-        .map(|_| match domain {
-            Domain::Any => rng.range(-2.0, 2.0),
-            Domain::Positive => rng.range(0.2, 2.0),
-            Domain::AwayFromZero => {
-                let v = rng.range(0.1, 2.0);
-                if rng.uniform() < 0.5 { -v } else { v }
-            }
-        })
-        .collect()
-}
+pub use kiln_graph::gradcheck::{random_values, Domain};
 
 pub fn to_gpu(t: &CpuTensor) -> Tensor {
     Tensor::from_slice(&t.to_f32(), &t.shape).expect("upload")
 }
 
-/// max |a - b| / (|b| + scale * tol_floor) over elements; panics with a report over `tol`.
+/// max |a - b| / (|b| + 1% of max |b|) over elements; panics with a report over `tol`.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
-    let mut worst = (0.0, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs() / (w.abs() + 0.01 * scale + 1e-6);
-        if err > worst.0 || err.is_nan() {
-            worst = (if err.is_nan() { f64::INFINITY } else { err }, i);
-        }
+    if let Err(e) = kiln_graph::gradcheck::check_close(what, got, want, tol) {
+        panic!("{e}");
     }
-    assert!(worst.0 <= tol, "{what}: relative error {:.3e} > {tol:.0e} at {} (got {}, want {})", worst.0, worst.1, got[worst.1], want[worst.1]);
 }
 
-/// Checks an op: GPU forward against the CPU reference, then every input's GPU gradient against central
-/// finite differences of the f64 CPU reference. The scalar taken is sum(op(x) * r) with random r.
+/// Checks an op with the public [`kiln_graph::gradcheck::gradcheck`] (GPU forward against the CPU reference,
+/// every input's GPU gradient against central finite differences of the f64 reference), on a fresh seed.
 pub fn check_op(name: &str, inputs: &[(&[usize], Domain)], gpu_op: impl Fn(&[Tensor]) -> Result<Tensor>, cpu_op: impl Fn(&[CpuTensor]) -> CpuTensor) {
     require_gpu();
     let mut rng = test_rng(name);
-    let cpu_inputs: Vec<CpuTensor> = inputs.iter().map(|(shape, d)| CpuTensor::new(random_values(kiln_graph::shape::numel(shape), *d, &mut rng), shape)).collect();
-    // The GPU sees the f32-rounded values; the reference uses the same rounded values.
-    let cpu_inputs: Vec<CpuTensor> = cpu_inputs.iter().map(|t| CpuTensor::from_f32(&t.to_f32(), &t.shape)).collect();
-    let vars: Vec<Tensor> = cpu_inputs.iter().map(|t| to_gpu(t).var()).collect();
-
-    let y = gpu_op(&vars).unwrap_or_else(|e| panic!("{name}: forward failed: {e}"));
-    let want = cpu_op(&cpu_inputs);
-    assert_eq!(y.shape(), &want.shape[..], "{name}: output shape");
-    assert_close(&format!("{name} forward"), &y.to_vec().expect("readback"), &want.data, 1e-4);
-
-    let r = CpuTensor::new(random_values(want.data.len(), Domain::Any, &mut rng), &want.shape);
-    let r = CpuTensor::from_f32(&r.to_f32(), &r.shape);
-    let loss = y.mul(&to_gpu(&r)).and_then(|t| t.sum_all()).expect("loss");
-    let grads = loss.backward().unwrap_or_else(|e| panic!("{name}: backward failed: {e}"));
-    let objective = |xs: &[CpuTensor]| -> f64 { cpu_op(xs).data.iter().zip(&r.data).map(|(a, b)| a * b).sum() };
-
-    for (i, var) in vars.iter().enumerate() {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient for input {i}")).to_vec().expect("grad readback");
-        let n = cpu_inputs[i].data.len();
-        // Every element for small inputs, a random sample of 48 for large ones.
-        let picks: Vec<usize> = if n <= 256 { (0..n).collect() } else { (0..48).map(|_| rng.below(n)).collect() };
-        let eps = 1e-5;
-        let mut fd = Vec::with_capacity(picks.len());
-        for &j in &picks {
-            let mut xs = cpu_inputs.clone();
-            xs[i].data[j] += eps;
-            let up = objective(&xs);
-            xs[i].data[j] -= 2.0 * eps;
-            let down = objective(&xs);
-            fd.push((up - down) / (2.0 * eps));
-        }
-        let got: Vec<f32> = picks.iter().map(|&j| g[j]).collect();
-        assert_close(&format!("{name} d/d(input {i}) vs finite differences"), &got, &fd, 2e-3);
+    if let Err(e) = kiln_graph::gradcheck::gradcheck(name, inputs, &mut rng, Default::default(), gpu_op, cpu_op) {
+        panic!("{e}");
     }
 }

@@ -76,7 +76,7 @@ fn allocation_beyond_the_device_is_out_of_memory_with_the_size() {
     assert!(msg.contains("out of GPU memory") && msg.contains(&huge.to_string()), "{msg}");
 }
 
-static BROKEN: Shader = Shader { name: "broken_test.wgsl", source: "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }" };
+static BROKEN: Shader = Shader::new("broken_test.wgsl", "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }");
 
 #[test]
 fn broken_shader_is_an_error_naming_it() {

@@ -41,17 +41,27 @@ pub enum Op {
     AvgPool2d(Tensor, Pool2dGeom),
     /// x, bias, channel axis: act(x + bias) fused (kernels::bias_act).
     BiasAct(Tensor, Tensor, usize, kernels::BiasAct),
-    /// x, gamma, beta, the batch statistics [3, c] (Tensor::batch_norm), the fused activation.
-    BatchNorm(Tensor, Tensor, Tensor, Tensor, kernels::BiasAct),
+    /// x, gamma, beta, the batch statistics [3, c] (Tensor::batch_norm), the fused activation, eps.
+    BatchNorm(Tensor, Tensor, Tensor, Tensor, kernels::BiasAct, f32),
     /// logits [rows, classes], labels [rows] (u32), log-sum-exp per row: loss::cross_entropy fused.
     CrossEntropy(Tensor, Tensor, Tensor),
+    /// An op from outside kiln-graph (custom.rs) and its inputs.
+    Custom(std::sync::Arc<dyn crate::custom::CustomOp>, Vec<Tensor>),
+    /// Recorded only by `backward_create_graph`: conv2d's input gradient from (grad_y, weight), the input's shape.
+    Conv2dInputGrad(Tensor, Tensor, Conv2dGeom, Vec<usize>),
+    /// Recorded only by `backward_create_graph`: conv2d's weight gradient from (x, grad_y), the weight's shape.
+    Conv2dWeightGrad(Tensor, Tensor, Conv2dGeom, Vec<usize>),
+    /// Recorded only by `backward_create_graph`: average pooling's input gradient from grad_y, the input's shape.
+    AvgPool2dGrad(Tensor, Pool2dGeom, Vec<usize>),
 }
 
 impl Op {
     pub fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) | Op::AvgPool2d(x, _) => vec![x],
-            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, ..) | Op::BiasAct(a, b, ..) => vec![a, b],
+            Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, ..) | Op::BiasAct(a, b, ..) | Op::Conv2dInputGrad(a, b, ..) | Op::Conv2dWeightGrad(a, b, ..) => vec![a, b],
+            Op::AvgPool2dGrad(g, ..) => vec![g],
+            Op::Custom(_, xs) => xs.iter().collect(),
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
@@ -98,8 +108,9 @@ fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Res
     Ok(())
 }
 
-/// Tensors reachable from `root` through recorded ops, inputs before outputs.
-fn topo_order(root: &Tensor) -> Vec<Tensor> {
+/// Tensors reachable from `root` through recorded ops, inputs before outputs; the walk does not go past the
+/// tensors in `stop`.
+fn topo_order(root: &Tensor, stop: &HashSet<TensorId>) -> Vec<Tensor> {
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     let mut stack = vec![(root.clone(), false)];
@@ -112,6 +123,9 @@ fn topo_order(root: &Tensor) -> Vec<Tensor> {
             continue;
         }
         stack.push((t.clone(), true));
+        if stop.contains(&t.id()) {
+            continue;
+        }
         if let Some(op) = t.op() {
             for i in op.inputs() {
                 if i.requires_grad() && !seen.contains(&i.id()) {
@@ -125,34 +139,93 @@ fn topo_order(root: &Tensor) -> Vec<Tensor> {
 
 impl Tensor {
     /// Reverse-mode autograd from this tensor (seeded with ones). Returns the gradient of every leaf that
-    /// requires one (the `var`s).
+    /// requires one (the `var`s). The gradient computation itself is not recorded (it runs under `no_grad`).
     pub fn backward(&self) -> Result<Grads> {
+        self.backward_impl(false)
+    }
+
+    /// [`Tensor::backward`] that records the gradient computation on the tape, like PyTorch's
+    /// `create_graph=True`: the gradients it returns require gradients themselves, so a function of them (a
+    /// gradient penalty, a Hessian-vector product) can be differentiated again. Every op supports it except
+    /// max pooling and index_select (their backward kernels are not recorded; the error says so); the fused
+    /// ops (bias+activation, batch norm, cross-entropy) are differentiated through their composite formulas.
+    pub fn backward_create_graph(&self) -> Result<Grads> {
+        self.backward_impl(true)
+    }
+
+    fn backward_impl(&self, create_graph: bool) -> Result<Grads> {
         if !self.requires_grad() {
             return Err(KilnError::Backward(format!("{self:?} does not depend on any tensor that requires a gradient")));
         }
-        no_grad(|| {
-            let order = topo_order(self);
-            let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
-            pending.insert(self.id(), self.ones_like()?);
-            let mut leaves = HashMap::new();
-            for node in order.iter().rev() {
-                let Some(g) = pending.remove(&node.id()) else { continue };
-                match node.op() {
-                    None => {
-                        leaves.insert(node.id(), g);
-                    }
-                    Some(op) => {
-                        for (input, gi) in input_grads(op, node, &g)? {
-                            if input.requires_grad() {
-                                accumulate(&mut pending, input, gi)?;
-                            }
-                        }
+        let run = || -> Result<HashMap<TensorId, Tensor>> { backprop(self, self.ones_like()?, &HashSet::new(), create_graph) };
+        let map = if create_graph { run()? } else { no_grad(run)? };
+        Ok(Grads { map })
+    }
+}
+
+/// Walks the graph of `root` backwards from `seed` (dLoss/dRoot) and returns the gradients that reach the
+/// leaves and the tensors in `stop` (which are not walked past).
+fn backprop(root: &Tensor, seed: Tensor, stop: &HashSet<TensorId>, create_graph: bool) -> Result<HashMap<TensorId, Tensor>> {
+    let order = topo_order(root, stop);
+    let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
+    pending.insert(root.id(), seed);
+    let mut reached = HashMap::new();
+    for node in order.iter().rev() {
+        let Some(g) = pending.remove(&node.id()) else { continue };
+        match node.op() {
+            Some(op) if !stop.contains(&node.id()) => {
+                for (input, gi) in input_grads(op, node, &g, create_graph)? {
+                    if input.requires_grad() {
+                        accumulate(&mut pending, input, gi)?;
                     }
                 }
             }
-            Ok(Grads { map: leaves })
-        })
+            _ => {
+                reached.insert(node.id(), g);
+            }
+        }
     }
+    Ok(reached)
+}
+
+/// The gradients of a fused op's inputs, by re-running its composite formula on them with recording on and
+/// differentiating through that (for `backward_create_graph`: the fused backward kernels are not themselves
+/// differentiable; the composite's ops are).
+fn through_composite<'a>(inputs: &[&'a Tensor], g: &Tensor, composite: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+    let y = composite(&owned)?;
+    let stop: HashSet<TensorId> = inputs.iter().map(|t| t.id()).collect();
+    if !y.requires_grad() {
+        return Ok(vec![]);
+    }
+    let mut reached = backprop(&y, g.clone(), &stop, true)?;
+    Ok(inputs.iter().filter_map(|t| reached.remove(&t.id()).map(|gi| (*t, gi))).collect())
+}
+
+/// act(pre) with the composite ops.
+fn composite_act(pre: Tensor, act: kernels::BiasAct) -> Result<Tensor> {
+    match act {
+        kernels::BiasAct::Identity => Ok(pre),
+        kernels::BiasAct::Relu => pre.relu(),
+        kernels::BiasAct::Sigmoid => pre.sigmoid(),
+        kernels::BiasAct::Tanh => pre.tanh(),
+    }
+}
+
+/// The shape that broadcasts a per-channel vector along `axis` of a tensor of rank `rank`.
+fn channel_shape(rank: usize, axis: usize, c: usize) -> Vec<usize> {
+    (0..rank).map(|a| if a == axis { c } else { 1 }).collect()
+}
+
+/// Training-mode batch norm as composite ops (what `Op::BatchNorm` computes; the biased variance normalises).
+fn composite_batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, act: kernels::BiasAct) -> Result<Tensor> {
+    let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
+    let cs = channel_shape(x.rank(), 1, x.shape()[1]);
+    let mean = x.mean(&axes, true)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.mul(&centered)?.mean(&axes, true)?;
+    let y = centered.broadcast_div(&var.add_scalar(eps)?.sqrt()?)?.broadcast_mul(&gamma.reshape(&cs)?)?.broadcast_add(&beta.reshape(&cs)?)?;
+    composite_act(y, act)
 }
 
 /// `out` = zeros of `shape` with `g` written at `start` along `axis` (the backward of slice).
@@ -164,7 +237,12 @@ fn scatter_slice(g: &Tensor, shape: &[usize], axis: usize, start: usize) -> Resu
 }
 
 /// Gradient with respect to each input of `op`, given `out` (the op's result) and `g` (dLoss/dOut).
-fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    if create_graph {
+        if let Some(grads) = recorded_input_grads(op, g)? {
+            return Ok(grads);
+        }
+    }
     use UnaryKind as U;
     Ok(match op {
         Op::Unary(kind, x, alpha, beta) => {
@@ -244,7 +322,7 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
             let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
             vec![(x, g_pre), (bias, g_bias)]
         }
-        Op::BatchNorm(x, gamma, beta, stats, act) => {
+        Op::BatchNorm(x, gamma, beta, stats, act, _) => {
             // One per-channel reduction (sums of g_pre and g_pre * xhat, which are beta's and gamma's
             // gradients), then dx elementwise; g_pre = g * act'(y) inside both kernels.
             let s = crate::ops::norm_shape("batch_norm backward", x.shape())?;
@@ -308,7 +386,102 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tens
         }
         Op::MaxPool2d(x, switches, geom) => vec![(x, pool2d_grad(x, Some(switches), g, geom)?)],
         Op::AvgPool2d(x, geom) => vec![(x, pool2d_grad(x, None, g, geom)?)],
+        Op::Custom(custom, xs) => crate::custom::checked_grads(custom.as_ref(), xs, out, g)?,
+        // The ops backward_create_graph records: each is bilinear (or linear) in its inputs, so its gradients
+        // are the convolution and its other gradient (see docs/library.md, "Gradients of gradients").
+        Op::Conv2dInputGrad(gy, w, geom, _) => {
+            // out = B_x^T(w) gy with y = B(x, w) = conv2d: d/dgy = B(g, w), d/dw = B_w^T(g) gy.
+            let mut v = Vec::with_capacity(2);
+            if gy.requires_grad() {
+                v.push((gy, g.conv2d(w, *geom)?));
+            }
+            if w.requires_grad() {
+                v.push((w, conv2d_weight_grad(g, gy, geom, w.shape())?));
+            }
+            v
+        }
+        Op::Conv2dWeightGrad(x, gy, geom, _) => {
+            // out = B_w^T(x) gy: d/dgy = B(x, g), d/dx = B_x^T(g) gy.
+            let mut v = Vec::with_capacity(2);
+            if gy.requires_grad() {
+                v.push((gy, x.conv2d(g, *geom)?));
+            }
+            if x.requires_grad() {
+                v.push((x, conv2d_input_grad(gy, g, geom, x.shape())?));
+            }
+            v
+        }
+        Op::AvgPool2dGrad(gy, geom, _) => vec![(gy, g.avg_pool2d(*geom)?)],
     })
+}
+
+/// Under `backward_create_graph`, the rules whose first-order form launches kernels the tape cannot see:
+/// recorded instead as ops with backward rules of their own, or through the fused op's composite formula.
+/// `None` for every other op (their rules are already written with recorded tensor ops).
+fn recorded_input_grads<'a>(op: &'a Op, g: &Tensor) -> Result<Option<Vec<(&'a Tensor, Tensor)>>> {
+    let unsupported = |name: &str| Err(KilnError::Backward(format!("{name} has no second derivative yet: backward_create_graph cannot record its gradient")));
+    Ok(Some(match op {
+        Op::BiasAct(x, bias, axis, act) => {
+            let (axis, act) = (*axis, *act);
+            through_composite(&[x, bias], g, |t| composite_act(t[0].broadcast_add(&t[1].reshape(&channel_shape(t[0].rank(), axis, t[1].numel()))?)?, act))?
+        }
+        Op::BatchNorm(x, gamma, beta, _, act, eps) => through_composite(&[x, gamma, beta], g, |t| composite_batch_norm(&t[0], &t[1], &t[2], *eps, *act))?,
+        Op::CrossEntropy(logits, labels, _) => {
+            let one_hot = Tensor::one_hot(labels, logits.shape()[1])?;
+            through_composite(&[logits], g, |t| crate::loss::cross_entropy_one_hot(&t[0], &one_hot))?
+        }
+        Op::Slice(x, axis, start) => {
+            // Zeros around g, by concatenation (recorded; its backward is the slice again).
+            let (axis, start, len) = (*axis, *start, g.shape()[*axis]);
+            let zeros = |n: usize| -> Result<Tensor> {
+                let mut s = x.shape().to_vec();
+                s[axis] = n;
+                Tensor::full_on(g.device(), &s, 0.0)
+            };
+            let after = x.shape()[axis] - start - len;
+            let mut parts = Vec::with_capacity(3);
+            if start > 0 {
+                parts.push(zeros(start)?);
+            }
+            parts.push(g.clone());
+            if after > 0 {
+                parts.push(zeros(after)?);
+            }
+            vec![(x, Tensor::concat(&parts.iter().collect::<Vec<_>>(), axis)?)]
+        }
+        Op::Conv2d(x, w, geom, _) => {
+            let mut v = Vec::with_capacity(2);
+            if x.requires_grad() {
+                v.push((x, conv2d_input_grad(g, w, geom, x.shape())?));
+            }
+            if w.requires_grad() {
+                v.push((w, conv2d_weight_grad(x, g, geom, w.shape())?));
+            }
+            v
+        }
+        Op::AvgPool2d(x, geom) => vec![(x, avg_pool2d_grad(g, geom, x.shape())?)],
+        Op::MaxPool2d(..) => return unsupported("max_pool2d"),
+        Op::IndexSelect(..) => return unsupported("index_select"),
+        _ => return Ok(None),
+    }))
+}
+
+/// conv2d's input gradient from (grad_y, weight), recorded (Op::Conv2dInputGrad).
+fn conv2d_input_grad(gy: &Tensor, w: &Tensor, geom: &Conv2dGeom, x_shape: &[usize]) -> Result<Tensor> {
+    let gx = crate::conv::conv2d_input_grad_raw(gy, w, geom, x_shape)?;
+    Ok(Tensor::make(gx, x_shape.to_vec(), DType::F32, Some(Op::Conv2dInputGrad(gy.clone(), w.clone(), *geom, x_shape.to_vec()))))
+}
+
+/// conv2d's weight gradient from (x, grad_y), recorded (Op::Conv2dWeightGrad).
+fn conv2d_weight_grad(x: &Tensor, gy: &Tensor, geom: &Conv2dGeom, w_shape: &[usize]) -> Result<Tensor> {
+    let gw = crate::conv::conv2d_weight_grad_raw(x, gy, geom, w_shape)?;
+    Ok(Tensor::make(gw, w_shape.to_vec(), DType::F32, Some(Op::Conv2dWeightGrad(x.clone(), gy.clone(), *geom, w_shape.to_vec()))))
+}
+
+/// Average pooling's input gradient, recorded (Op::AvgPool2dGrad).
+fn avg_pool2d_grad(gy: &Tensor, geom: &Pool2dGeom, x_shape: &[usize]) -> Result<Tensor> {
+    let gx = crate::conv::pool2d_grad_raw(x_shape, None, gy, geom)?;
+    Ok(Tensor::make(gx, x_shape.to_vec(), DType::F32, Some(Op::AvgPool2dGrad(gy.clone(), *geom, x_shape.to_vec()))))
 }
 
 impl Tensor {

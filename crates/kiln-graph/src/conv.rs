@@ -213,77 +213,79 @@ pub fn conv2d_grads(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom) -> Re
 
 /// [`conv2d_grads`] with the forward pass's im2col columns of x, when it kept them.
 pub(crate) fn conv2d_grads_with(x: &Tensor, w: &Tensor, g: &Tensor, geom: &Conv2dGeom, cols: Option<&kiln_wgpu::BufView>) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let (xs, ws, ys) = (x.shape(), w.shape(), g.shape());
+    let wrap = |buf, shape: &[usize]| Tensor::make(buf, shape.to_vec(), DType::F32, None);
+    let gw = if w.requires_grad() { Some(wrap(weight_grad_raw(x, g, geom, w.shape(), cols)?, w.shape())) } else { None };
+    let gx = if x.requires_grad() { Some(wrap(conv2d_input_grad_raw(g, w, geom, x.shape())?, x.shape())) } else { None };
+    Ok((gx, gw))
+}
+
+/// conv2d's input gradient (of shape `xs`) from the output's gradient `g` and the weight.
+pub(crate) fn conv2d_input_grad_raw(g: &Tensor, w: &Tensor, geom: &Conv2dGeom, xs: &[usize]) -> Result<kiln_wgpu::BufView> {
+    let (ws, ys) = (w.shape(), g.shape());
     let (oh, ow) = (ys[2], ys[3]);
     let (batch, n_x) = (xs[0], xs.iter().product::<usize>());
-    let per_sample = ws.iter().product::<usize>();
-    let params = || conv_params(xs, ws, oh, ow, geom);
-    let wrap = |buf, shape: &[usize]| Tensor::make(buf, shape.to_vec(), DType::F32, None);
-    let mut gx = None;
-    let mut partial = None;
     if geom.is_pointwise(ws[2], ws[3]) {
+        // grad_x[b] = weight^T @ grad_y[b]
         let hw = xs[2] * xs[3];
-        // grad_x[b] = weight^T @ grad_y[b];  partial[b] = grad_y[b] @ x[b]^T
-        if x.requires_grad() {
-            gx = Some(kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?);
-        }
-        if w.requires_grad() {
-            partial = Some(kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?);
-        }
-    } else if geom.groups == 1 && kernels::conv_gemm_preferred(x.view().device())? {
-        // The same products with the columns gathered on the fly (conv_gemm): partial[b] = grad_y[b] @
-        // im2col(x)[b]^T; grad_x[b] = weight permuted to [c_in, c_out*kh*kw] @ grad_y gathered per input
-        // position (stride 1; other strides through col2im).
-        let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
-        let geometry = gemm_geometry(xs, ws, oh, ow, geom);
-        if w.requires_grad() {
-            partial = Some(kernels::conv_gemm(ConvGemmSource::WeightGrad, &g.view(), &x.view(), batch, ws[0], k, spatial, ws[0] * spatial, xs[1] * xs[2] * xs[3], geometry)?);
-        }
-        if x.requires_grad() {
-            if geom.stride == [1, 1] {
-                let taps = ws[2] * ws[3];
-                let permuted = out_buffer(&w.view(), per_sample, "conv2d weight, permuted")?;
-                kernels::strided_copy(&w.view(), 0, &[taps, xs[1] * taps, 1], &permuted, 0, &[ws[0] * taps, taps, 1], &[xs[1], ws[0], taps])?;
-                gx = Some(kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, geometry)?);
-            } else {
-                gx = Some(col2im_grad(w, g, xs, ws, oh, ow, geom)?);
-            }
-        }
-    } else if geom.groups == 1 {
-        // Through im2col: partial[b] = grad_y[b] @ cols[b]^T; grad_cols[b] = weight^T @ grad_y[b], then col2im.
-        let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
-        if w.requires_grad() {
-            let cols = match cols {
-                Some(c) => c.clone(),
-                None => im2col(x, ws, oh, ow, geom)?,
-            };
-            partial = Some(kernels::matmul(&g.view(), &cols, batch, ws[0], k, spatial, ws[0] * spatial, k * spatial, false, true)?);
-        }
-        if x.requires_grad() {
-            gx = Some(col2im_grad(w, g, xs, ws, oh, ow, geom)?);
-        }
-    } else {
-        if x.requires_grad() {
-            let buf = out_buffer(&g.view(), n_x, "conv2d input gradient")?;
-            launch(&CONV2D, "conv2d_backward_input", &[], params(), &[&g.view(), &w.view()], &[&buf], grid_1d(n_x as u64, 256))?;
-            gx = Some(buf);
-        }
-        if w.requires_grad() {
-            let buf = out_buffer(&g.view(), batch * per_sample, "conv2d weight gradient (per sample)")?;
-            // Rows of the output map per dispatch, so each invocation loops under kernels::LOOP_CHUNK * 4 times.
-            let rows = (4 * kernels::LOOP_CHUNK / (ow + 1)).max(1);
-            for (i, oy0) in (0..oh).step_by(rows).enumerate() {
-                let mut p = params();
-                p.set_u32(16, oy0);
-                p.set_u32(17, (oy0 + rows).min(oh));
-                p.set_u32(18, (i > 0) as usize);
-                launch(&CONV2D, "conv2d_backward_weight", &[], p, &[&g.view(), &x.view()], &[&buf], grid_1d((batch * per_sample) as u64, 256))?;
-            }
-            partial = Some(buf);
-        }
+        return Ok(kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?);
     }
-    let gw = partial.map(|p| kernels::reduce(&p, 1, batch, per_sample, false, 1.0)).transpose()?;
-    Ok((gx.map(|b| wrap(b, xs)), gw.map(|b| wrap(b, ws))))
+    if geom.groups == 1 && kernels::conv_gemm_preferred(g.view().device())? && geom.stride == [1, 1] {
+        // weight permuted to [c_in, c_out*kh*kw] @ grad_y gathered per input position (conv_gemm).
+        let (taps, spatial) = (ws[2] * ws[3], oh * ow);
+        let per_sample = ws.iter().product::<usize>();
+        let permuted = out_buffer(&w.view(), per_sample, "conv2d weight, permuted")?;
+        kernels::strided_copy(&w.view(), 0, &[taps, xs[1] * taps, 1], &permuted, 0, &[ws[0] * taps, taps, 1], &[xs[1], ws[0], taps])?;
+        return Ok(kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, gemm_geometry(xs, ws, oh, ow, geom))?);
+    }
+    if geom.groups == 1 {
+        return col2im_grad(w, g, xs, ws, oh, ow, geom);
+    }
+    let buf = out_buffer(&g.view(), n_x, "conv2d input gradient")?;
+    launch(&CONV2D, "conv2d_backward_input", &[], conv_params(xs, ws, oh, ow, geom), &[&g.view(), &w.view()], &[&buf], grid_1d(n_x as u64, 256))?;
+    Ok(buf)
+}
+
+/// conv2d's weight gradient (of shape `ws`) from the input and the output's gradient `g`.
+pub(crate) fn conv2d_weight_grad_raw(x: &Tensor, g: &Tensor, geom: &Conv2dGeom, ws: &[usize]) -> Result<kiln_wgpu::BufView> {
+    weight_grad_raw(x, g, geom, ws, None)
+}
+
+/// The weight gradient, reusing the forward pass's im2col columns of x when it kept them: per-sample partial
+/// products summed over the batch.
+fn weight_grad_raw(x: &Tensor, g: &Tensor, geom: &Conv2dGeom, ws: &[usize], cols: Option<&kiln_wgpu::BufView>) -> Result<kiln_wgpu::BufView> {
+    let (xs, ys) = (x.shape(), g.shape());
+    let (oh, ow) = (ys[2], ys[3]);
+    let batch = xs[0];
+    let per_sample = ws.iter().product::<usize>();
+    let (k, spatial) = (xs[1] * ws[2] * ws[3], oh * ow);
+    let partial = if geom.is_pointwise(ws[2], ws[3]) {
+        // partial[b] = grad_y[b] @ x[b]^T
+        let hw = xs[2] * xs[3];
+        kernels::matmul(&g.view(), &x.view(), batch, ws[0], xs[1], hw, ws[0] * hw, xs[1] * hw, false, true)?
+    } else if geom.groups == 1 && kernels::conv_gemm_preferred(x.view().device())? {
+        // partial[b] = grad_y[b] @ im2col(x)[b]^T, the columns gathered on the fly.
+        kernels::conv_gemm(ConvGemmSource::WeightGrad, &g.view(), &x.view(), batch, ws[0], k, spatial, ws[0] * spatial, xs[1] * xs[2] * xs[3], gemm_geometry(xs, ws, oh, ow, geom))?
+    } else if geom.groups == 1 {
+        // Through im2col: partial[b] = grad_y[b] @ cols[b]^T.
+        let cols = match cols {
+            Some(c) => c.clone(),
+            None => im2col(x, ws, oh, ow, geom)?,
+        };
+        kernels::matmul(&g.view(), &cols, batch, ws[0], k, spatial, ws[0] * spatial, k * spatial, false, true)?
+    } else {
+        let buf = out_buffer(&g.view(), batch * per_sample, "conv2d weight gradient (per sample)")?;
+        // Rows of the output map per dispatch, so each invocation loops under kernels::LOOP_CHUNK * 4 times.
+        let rows = (4 * kernels::LOOP_CHUNK / (ow + 1)).max(1);
+        for (i, oy0) in (0..oh).step_by(rows).enumerate() {
+            let mut p = conv_params(xs, ws, oh, ow, geom);
+            p.set_u32(16, oy0);
+            p.set_u32(17, (oy0 + rows).min(oh));
+            p.set_u32(18, (i > 0) as usize);
+            launch(&CONV2D, "conv2d_backward_weight", &[], p, &[&g.view(), &x.view()], &[&buf], grid_1d((batch * per_sample) as u64, 256))?;
+        }
+        buf
+    };
+    Ok(kernels::reduce(&partial, 1, batch, per_sample, false, 1.0)?)
 }
 
 /// grad_x through im2col's transpose: grad_cols[b] = weight^T @ grad_y[b], then col2im sums the columns back.
@@ -304,7 +306,11 @@ fn gemm_geometry(x: &[usize], w: &[usize], oh: usize, ow: usize, g: &Conv2dGeom)
 
 /// Gradient of max pooling (given its switches) or average pooling (switches None).
 pub fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Pool2dGeom) -> Result<Tensor> {
-    let xs = x.shape();
+    Ok(Tensor::make(pool2d_grad_raw(x.shape(), switches, g, geom)?, x.shape().to_vec(), DType::F32, None))
+}
+
+/// [`pool2d_grad`] for an input of shape `xs`.
+pub(crate) fn pool2d_grad_raw(xs: &[usize], switches: Option<&Tensor>, g: &Tensor, geom: &Pool2dGeom) -> Result<kiln_wgpu::BufView> {
     let (oh, ow) = (g.shape()[2], g.shape()[3]);
     let n = xs.iter().product::<usize>();
     let gx = out_buffer(&g.view(), n, "pool gradient")?;
@@ -313,5 +319,5 @@ pub fn pool2d_grad(x: &Tensor, switches: Option<&Tensor>, g: &Tensor, geom: &Poo
         Some(s) => launch(&POOL, "max_pool2d_backward", &[], params, &[&g.view(), &s.view()], &[&gx], grid_1d(n as u64, 256))?,
         None => launch(&POOL, "avg_pool2d_backward", &[], params, &[&g.view()], &[&gx], grid_1d(n as u64, 256))?,
     }
-    Ok(Tensor::make(gx, xs.to_vec(), DType::F32, None))
+    Ok(gx)
 }

@@ -15,6 +15,8 @@ pub enum KilnError {
     DataLen { op: &'static str, len: usize, shape: Vec<usize>, numel: usize },
     #[error("backward: {0}")]
     Backward(String),
+    #[error("gradcheck: {0}")]
+    Gradcheck(String),
 }
 
 pub type Result<T, E = KilnError> = std::result::Result<T, E>;

@@ -7,28 +7,29 @@ use crate::error::{invalid, Result};
 
 macro_rules! shader {
     ($name:ident, $file:literal) => {
-        pub static $name: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file)) };
+        pub static $name: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file)), loop_checks: false };
     };
 }
 // elementwise.wgsl and norm.wgsl share the fused activations (activation.wgsl).
 pub static ELEMENTWISE: Shader = Shader {
     name: "elementwise.wgsl",
     source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")),
+    loop_checks: false,
 };
 shader!(LAYOUT, "layout.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(SOFTMAX, "softmax.wgsl");
 // The two matmul files share their params, bindings and accessors (matmul_common.wgsl).
-pub static MATMUL: Shader = Shader { name: "matmul.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul.wgsl")) };
+pub static MATMUL: Shader = Shader { name: "matmul.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul.wgsl")), loop_checks: false };
 pub static MATMUL_SUBGROUP: Shader =
-    Shader { name: "matmul_subgroup.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl")) };
+    Shader { name: "matmul_subgroup.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl")), loop_checks: false };
 shader!(ROOF, "roof.wgsl");
 shader!(INDEX, "index.wgsl");
-pub static OPTIM: Shader = Shader { name: "optim.wgsl", source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/optim.wgsl")) };
+pub static OPTIM: Shader = Shader { name: "optim.wgsl", source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/optim.wgsl")), loop_checks: false };
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
-pub static NORM: Shader = Shader { name: "norm.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl")) };
+pub static NORM: Shader = Shader { name: "norm.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl")), loop_checks: false };
 
 /// Every shader file, for tests that compile them all.
 pub static ALL_SHADERS: [&Shader; 12] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM];

@@ -8,6 +8,8 @@
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
 //! cpu.rs       the f64 CPU reference of every op
+//! custom.rs    the open op set: CustomOp (an outside crate's op with its own kernels), launch
+//! gradcheck.rs the public gradient check (GPU vs CPU reference, backward vs finite differences)
 //! tune.rs      the autotuner: which matmul kernel runs per adapter and shape class, cached on disk
 //! ```
 
@@ -15,7 +17,9 @@ pub mod augment;
 pub mod backprop;
 mod conv;
 pub mod cpu;
+pub mod custom;
 pub mod error;
+pub mod gradcheck;
 pub mod kernels;
 pub mod loss;
 mod ops;
@@ -26,6 +30,7 @@ mod tensor;
 
 pub use augment::Augment;
 pub use backprop::{Grads, Op};
+pub use custom::CustomOp;
 pub use conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
 pub use error::{KilnError, Result};
 pub use rng::Rng;

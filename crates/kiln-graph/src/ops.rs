@@ -76,7 +76,7 @@ impl Tensor {
             kernels::bn_running_update(&stats, mean.storage(), var.storage(), s, momentum)?;
         }
         let stats = Tensor::make(stats, vec![3, s.c], DType::F32, None);
-        let op = Op::BatchNorm(self.clone(), gamma.clone(), beta.clone(), stats, act);
+        let op = Op::BatchNorm(self.clone(), gamma.clone(), beta.clone(), stats, act, eps);
         Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(op)))
     }
 

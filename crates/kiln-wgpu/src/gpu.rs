@@ -11,10 +11,26 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use crate::adapter;
 use crate::error::{GpuError, Result};
 
-/// A WGSL source file from `shaders/`, compiled once per process.
+/// A WGSL source, compiled once per device. Kiln's own (`shaders/`) are trusted: wgpu's loop-bound counters are
+/// left out of them (see `module`). A crate's own kernels are made with [`Shader::new`], which keeps them.
+/// Each `static` is its own module: two shaders never share a cache entry, whatever their names.
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
+    /// Whether wgpu's counters that stop a runaway loop stay in (true for shaders from outside Kiln).
+    pub loop_checks: bool,
+}
+
+impl Shader {
+    /// A shader from outside Kiln (a custom op's kernels): compiled with every runtime check wgpu has.
+    pub const fn new(name: &'static str, source: &'static str) -> Shader {
+        Shader { name, source, loop_checks: true }
+    }
+
+    /// The cache key: the static's address.
+    fn key(&'static self) -> usize {
+        self as *const Shader as usize
+    }
 }
 
 /// One compute dispatch. Bindings: 0 = `params` (uniform), 1..=inputs.len() read-only storage, then the outputs
@@ -152,7 +168,7 @@ const MIN_CLASS: u64 = 256;
 
 #[derive(Hash, PartialEq, Eq, Clone)]
 struct PipelineKey {
-    shader: &'static str,
+    shader: usize,
     entry: &'static str,
     constants: Vec<(&'static str, u64)>,
     inputs: usize,
@@ -198,7 +214,7 @@ struct State {
     readback_pool: HashMap<u64, Vec<wgpu::Buffer>>,
     ring: wgpu::Buffer,
     ring_host: Vec<u8>,
-    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    modules: HashMap<usize, wgpu::ShaderModule>,
     layouts: HashMap<LayoutKey, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
     /// Bind groups by layout and bound buffer ranges. A training step whose shapes repeat draws the same
@@ -781,7 +797,7 @@ impl Gpu {
     }
 
     fn module(&self, st: &mut State, shader: &'static Shader) -> Result<()> {
-        if st.modules.contains_key(shader.name) {
+        if st.modules.contains_key(&shader.key()) {
             return Ok(());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -790,14 +806,15 @@ impl Gpu {
         // dropped: they cost issue slots in every iteration of the hot loops (matmul's k loop) and can keep a
         // driver from unrolling them.
         let mut checks = wgpu::ShaderRuntimeChecks::checked();
-        checks.force_loop_bounding = false;
-        // SAFETY: these are Kiln's own shaders (`shaders/`), and every loop in them ends: each steps by a positive
-        // constant (or halves a positive stride) towards a bound taken from its params, never a `loop {}`.
+        checks.force_loop_bounding = shader.loop_checks;
+        // SAFETY: bounds checks are always on. Loop counters are dropped only from Kiln's own shaders (`shaders/`,
+        // `loop_checks: false`), where every loop ends: each steps by a positive constant (or halves a positive
+        // stride) towards a bound taken from its params, never a `loop {}`. Other shaders keep them.
         let m = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Shader { shader: shader.name.into(), entry: "(module)".into(), message: e.to_string() });
         }
-        st.modules.insert(shader.name, m);
+        st.modules.insert(shader.key(), m);
         Ok(())
     }
 
@@ -846,7 +863,7 @@ impl Gpu {
     /// Creates (once) the pipeline for a dispatch's shader, entry and constants.
     fn pipeline(&self, st: &mut State, d: &Dispatch) -> Result<PipelineKey> {
         let key = PipelineKey {
-            shader: d.shader.name,
+            shader: d.shader.key(),
             entry: d.entry,
             constants: d.constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
             inputs: d.inputs.len(),
@@ -865,7 +882,7 @@ impl Gpu {
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(d.entry),
             layout: Some(&st.layouts[&key.layout()].1),
-            module: &st.modules[d.shader.name],
+            module: &st.modules[&d.shader.key()],
             entry_point: Some(d.entry),
             compilation_options: wgpu::PipelineCompilationOptions { constants: d.constants, zero_initialize_workgroup_memory: false },
             cache: None,
