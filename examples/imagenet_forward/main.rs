@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kiln_graph::{no_grad, Rng, Tensor};
 use kiln_models::zoo;
-use kiln_nn::{Module, VarStore};
+use kiln_nn::{Layer, Module, VarStore};
 
 fn main() -> anyhow::Result<()> {
     let mut names: Vec<String> = std::env::args().skip(1).collect();

@@ -3,7 +3,7 @@
 
 use kiln_graph::{loss, Rng, Tensor};
 use kiln_models::zoo::{self, build_named};
-use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
+use kiln_nn::{Layer, Module, Optimizer, OptimizerKind, VarStore};
 use kiln_tests::require_gpu;
 
 fn count(name: &str, input: [usize; 3], classes: usize) -> (usize, Vec<usize>) {

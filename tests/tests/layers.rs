@@ -3,7 +3,7 @@
 use kiln_graph::cpu::CpuTensor;
 use kiln_graph::kernels::{BinaryKind, UnaryKind};
 use kiln_graph::Tensor;
-use kiln_nn::{BatchNorm, Dropout, Module, VarStore};
+use kiln_nn::{BatchNorm, Dropout, Layer, Module, VarStore};
 use kiln_tests::{assert_close, check_op, require_gpu, test_rng, with_settings_device, Domain};
 
 /// The training-mode batch norm of [n, c, h, w] with gamma = 1, beta = 0, on the CPU.

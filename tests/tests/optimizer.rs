@@ -6,7 +6,7 @@
 use kiln_graph::backend::{Device, DeviceOptions};
 use kiln_graph::{loss, Grads, Rng, Tensor};
 use kiln_nn::schedule::Schedule;
-use kiln_nn::{Clip, GroupOptions, Init, Module, Optimizer, OptimizerKind, VarStore};
+use kiln_nn::{Clip, GroupOptions, Init, Layer, Optimizer, OptimizerKind, VarStore};
 use kiln_tests::{require_gpu, test_rng};
 
 const ADAM: OptimizerKind = OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };

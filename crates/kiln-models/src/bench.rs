@@ -6,7 +6,7 @@ use std::time::Instant;
 use kiln_graph::backend::{gpu, thread_stats};
 use kiln_graph::{loss, KilnError, Rng, Tensor};
 use kiln_nn::schedule::Schedule;
-use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
+use kiln_nn::{Layer, Module, Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]

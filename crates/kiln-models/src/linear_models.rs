@@ -2,7 +2,7 @@
 //! regression and the multi-layer perceptron, each a network plus the task that says how it is trained.
 
 use kiln_graph::{loss, Result, Tensor};
-use kiln_nn::{Activation, Init, Linear, Module, Sequential, VarStore};
+use kiln_nn::{Activation, Init, Linear, Layer, Module, Sequential, VarStore};
 
 /// Names `kiln train` accepts, with a one-line description.
 pub const MODELS: [(&str, &str); 7] = [

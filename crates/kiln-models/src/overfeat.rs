@@ -3,7 +3,7 @@
 //! map of class scores, one per window, instead of one vector.
 
 use kiln_graph::{Conv2dGeom, Result, Tensor};
-use kiln_nn::{add_channel_bias, shape_error, Linear, Module, Param};
+use kiln_nn::{add_channel_bias, shape_error, Linear, Layer, Module, Param};
 
 /// A `Linear` layer applied as a convolution: its weight [out, c*h*w] read as [out, c, h, w]. Over a map of
 /// exactly [c, h, w] it computes the linear layer; over a larger map it computes it at every position.
@@ -25,6 +25,18 @@ impl FcAsConv {
 }
 
 impl Module for FcAsConv {
+    fn describe(&self) -> String {
+        format!("FcAsConv({}x{}x{} -> {})", self.input[0], self.input[1], self.input[2], self.weight.shape()[0])
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for FcAsConv {
     /// x: [n, c, H, W] -> [n, out, H - h + 1, W - w + 1]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.tensor()?;
@@ -38,11 +50,5 @@ impl Module for FcAsConv {
             return Err(shape_error(&self.describe(), input, "expects a map at least as large as the classifier's input"));
         }
         Ok(vec![input[0], self.weight.shape()[0], input[2] - h + 1, input[3] - w + 1])
-    }
-    fn describe(&self) -> String {
-        format!("FcAsConv({}x{}x{} -> {})", self.input[0], self.input[1], self.input[2], self.weight.shape()[0])
-    }
-    fn own_params(&self) -> Vec<&Param> {
-        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
     }
 }

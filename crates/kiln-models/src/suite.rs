@@ -361,7 +361,7 @@ pub fn step_matmul_shapes(model: &str, batch: usize) -> R<Vec<MatmulShape>> {
     let mut vs = kiln_nn::VarStore::new(1);
     let mut net = crate::zoo::build_named(&mut vs, model, input, classes, 1)?;
     vs.finish()?;
-    use kiln_nn::Module;
+    use kiln_nn::{Layer, Module};
     net.set_training(true);
     let mut rng = Rng::new(3);
     let x = Tensor::randn(&[batch, input[0], input[1], input[2]], 1.0, &mut rng)?;

@@ -11,7 +11,7 @@
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Pool2dGeom, Result, Tensor};
 use kiln_nn::{
-    shape_error, Activation, AdaptiveAvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, Linear, MaxPool2d, Module, Padding, Sequential,
+    shape_error, Activation, AdaptiveAvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, Linear, MaxPool2d, Layer, Module, Padding, Sequential,
     VarStore,
 };
 
@@ -165,9 +165,6 @@ fn residual_children<'a>(convs: &'a [(Conv2d, BatchNorm)], shortcut: &'a Option<
 macro_rules! residual_module {
     ($t:ty, $name:literal) => {
         impl Module for $t {
-            fn forward(&self, x: &Tensor) -> Result<Tensor> {
-                residual_forward(&self.convs, &self.shortcut, x)
-            }
             fn set_training(&mut self, training: bool) {
                 for (_, bn) in &mut self.convs {
                     bn.set_training(training);
@@ -176,15 +173,24 @@ macro_rules! residual_module {
                     s.set_training(training);
                 }
             }
-            fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
-                residual_shape(&self.convs, input)
-            }
             fn describe(&self) -> String {
                 let w = self.convs[0].0.weight.shape();
                 format!("{}({} -> {})", $name, w[1], self.convs.last().map(|c| c.0.weight.shape()[0]).unwrap_or(0))
             }
             fn children(&self) -> Vec<(String, &dyn Module)> {
                 residual_children(&self.convs, &self.shortcut)
+            }
+            fn as_layer(&self) -> Option<&dyn Layer> {
+                Some(self)
+            }
+        }
+
+        impl Layer for $t {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                residual_forward(&self.convs, &self.shortcut, x)
+            }
+            fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+                residual_shape(&self.convs, input)
             }
         }
     };
@@ -271,24 +277,30 @@ impl Inception {
 }
 
 impl Module for Inception {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let outs = self.branches.iter().map(|b| b.forward(x)).collect::<Result<Vec<_>>>()?;
-        Tensor::concat(&outs.iter().collect::<Vec<_>>(), 1)
-    }
     fn set_training(&mut self, training: bool) {
         self.branches.iter_mut().for_each(|b| b.set_training(training));
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
-        let shapes = self.branches.iter().map(|b| b.output_shape(input)).collect::<Result<Vec<_>>>()?;
-        let mut out = shapes[0].clone();
-        out[1] = shapes.iter().map(|s| s[1]).sum();
-        Ok(out)
     }
     fn describe(&self) -> String {
         "Inception".into()
     }
     fn children(&self) -> Vec<(String, &dyn Module)> {
         self.branches.iter().enumerate().map(|(i, b)| (format!("branch{}", i + 1), b as &dyn Module)).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Inception {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let outs = self.branches.iter().map(|b| b.forward(x)).collect::<Result<Vec<_>>>()?;
+        Tensor::concat(&outs.iter().collect::<Vec<_>>(), 1)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let shapes = self.branches.iter().map(|b| b.output_shape(input)).collect::<Result<Vec<_>>>()?;
+        let mut out = shapes[0].clone();
+        out[1] = shapes.iter().map(|s| s[1]).sum();
+        Ok(out)
     }
 }
 
@@ -401,7 +413,8 @@ pub fn summarize(net: &dyn Module, input: &[usize]) -> Result<Vec<SummaryRow>> {
             if child.describe().starts_with("Sequential(") {
                 walk(child, shape, rows)?;
             } else {
-                *shape = child.output_shape(shape)?;
+                let layer = child.as_layer().ok_or_else(|| shape_error(&child.describe(), shape, "not a one-tensor layer: a summary cannot follow shapes through it"))?;
+                *shape = layer.output_shape(shape)?;
                 rows.push(SummaryRow { name: layer_name(child), layer: child.describe(), output_shape: shape.clone(), params: child.num_params() });
             }
         }

@@ -7,7 +7,7 @@ use kiln_graph::kernels::BiasAct;
 use kiln_graph::{no_grad, Conv2dGeom, KilnError, Pool2dGeom, Result, Tensor};
 
 use crate::init::Init;
-use crate::module::{shape_error, Module};
+use crate::module::{shape_error, Layer, Module};
 use crate::varstore::{Param, VarStore};
 
 /// How a convolution pads its input.
@@ -77,22 +77,6 @@ pub fn add_channel_bias(y: Tensor, bias: Option<&Param>) -> Result<Tensor> {
 }
 
 impl Module for Conv2d {
-    /// x: [n, in, h, w] -> [n, out, oh, ow]
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        add_channel_bias(x.conv2d(self.weight.tensor()?, self.geom)?, self.bias.as_ref())
-    }
-    fn forward_before_bias(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
-        let Some(b) = &self.bias else { return Ok(None) };
-        Ok(Some((x.conv2d(self.weight.tensor()?, self.geom)?, b.tensor()?.clone(), 1)))
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
-        let w = self.weight.shape();
-        if input.len() != 4 || input[1] != w[1] * self.geom.groups {
-            return Err(shape_error(&self.describe(), input, "expects [n, in_channels, h, w]"));
-        }
-        let (oh, ow) = self.geom.output_size(input[2], input[3], w[2], w[3]).ok_or_else(|| shape_error(&self.describe(), input, "kernel larger than the padded input"))?;
-        Ok(vec![input[0], w[0], oh, ow])
-    }
     fn describe(&self) -> String {
         let w = self.weight.shape();
         let g = &self.geom;
@@ -113,6 +97,28 @@ impl Module for Conv2d {
     }
     fn own_params(&self) -> Vec<&Param> {
         std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Conv2d {
+    /// x: [n, in, h, w] -> [n, out, oh, ow]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        add_channel_bias(x.conv2d(self.weight.tensor()?, self.geom)?, self.bias.as_ref())
+    }
+    fn forward_before_bias(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, usize)>> {
+        let Some(b) = &self.bias else { return Ok(None) };
+        Ok(Some((x.conv2d(self.weight.tensor()?, self.geom)?, b.tensor()?.clone(), 1)))
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let w = self.weight.shape();
+        if input.len() != 4 || input[1] != w[1] * self.geom.groups {
+            return Err(shape_error(&self.describe(), input, "expects [n, in_channels, h, w]"));
+        }
+        let (oh, ow) = self.geom.output_size(input[2], input[3], w[2], w[3]).ok_or_else(|| shape_error(&self.describe(), input, "kernel larger than the padded input"))?;
+        Ok(vec![input[0], w[0], oh, ow])
     }
 }
 
@@ -140,6 +146,15 @@ impl AdaptiveAvgPool2d {
 }
 
 impl Module for AdaptiveAvgPool2d {
+    fn describe(&self) -> String {
+        format!("AdaptiveAvgPool2d({}x{})", self.0[0], self.0[1])
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for AdaptiveAvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.shape().len() == 4 && x.shape()[2..] == self.0 {
             return Ok(x.clone());
@@ -149,9 +164,6 @@ impl Module for AdaptiveAvgPool2d {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.geom(input)?;
         Ok(vec![input[0], input[1], self.0[0], self.0[1]])
-    }
-    fn describe(&self) -> String {
-        format!("AdaptiveAvgPool2d({}x{})", self.0[0], self.0[1])
     }
 }
 
@@ -167,29 +179,50 @@ pub struct Flatten;
 pub struct Unflatten(pub [usize; 3]);
 
 impl Module for MaxPool2d {
+    fn describe(&self) -> String {
+        let g = &self.0;
+        format!("MaxPool2d(k={}, s={}, p={}{})", g.kernel[0], g.stride[0], g.padding[0], if g.ceil_mode { ", ceil" } else { "" })
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.max_pool2d(self.0)?.0)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         pool_shape(self, &self.0, input)
     }
-    fn describe(&self) -> String {
-        let g = &self.0;
-        format!("MaxPool2d(k={}, s={}, p={}{})", g.kernel[0], g.stride[0], g.padding[0], if g.ceil_mode { ", ceil" } else { "" })
-    }
 }
 impl Module for AvgPool2d {
+    fn describe(&self) -> String {
+        format!("AvgPool2d(k={}, s={}, p={})", self.0.kernel[0], self.0.stride[0], self.0.padding[0])
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for AvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.avg_pool2d(self.0)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         pool_shape(self, &self.0, input)
     }
-    fn describe(&self) -> String {
-        format!("AvgPool2d(k={}, s={}, p={})", self.0.kernel[0], self.0.stride[0], self.0.padding[0])
-    }
 }
 impl Module for GlobalAvgPool {
+    fn describe(&self) -> String {
+        "GlobalAvgPool".into()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for GlobalAvgPool {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.global_avg_pool2d()
     }
@@ -199,11 +232,17 @@ impl Module for GlobalAvgPool {
         }
         Ok(vec![input[0], input[1]])
     }
-    fn describe(&self) -> String {
-        "GlobalAvgPool".into()
-    }
 }
 impl Module for Flatten {
+    fn describe(&self) -> String {
+        "Flatten".into()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Flatten {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.shape().first().copied().unwrap_or(1);
         x.reshape(&[n, x.numel() / n.max(1)])
@@ -211,11 +250,17 @@ impl Module for Flatten {
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         Ok(vec![input.first().copied().unwrap_or(1), input.iter().skip(1).product()])
     }
-    fn describe(&self) -> String {
-        "Flatten".into()
-    }
 }
 impl Module for Unflatten {
+    fn describe(&self) -> String {
+        format!("Unflatten({}x{}x{})", self.0[0], self.0[1], self.0[2])
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Unflatten {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.shape().first().copied().unwrap_or(1);
         x.reshape(&[n, self.0[0], self.0[1], self.0[2]])
@@ -225,9 +270,6 @@ impl Module for Unflatten {
             return Err(shape_error(&self.describe(), input, "element count differs"));
         }
         Ok(vec![input[0], self.0[0], self.0[1], self.0[2]])
-    }
-    fn describe(&self) -> String {
-        format!("Unflatten({}x{}x{})", self.0[0], self.0[1], self.0[2])
     }
 }
 
@@ -318,6 +360,21 @@ impl BatchNorm {
 }
 
 impl Module for BatchNorm {
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+    fn describe(&self) -> String {
+        format!("BatchNorm({})", self.weight.shape()[0])
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.weight, &self.bias]
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for BatchNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.forward_fused(x, BiasAct::Identity)? {
             Some(y) => Ok(y),
@@ -327,17 +384,8 @@ impl Module for BatchNorm {
     fn forward_with_activation(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
         self.forward_fused(x, act)
     }
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         BatchNorm::channel_shape_of(input).map(|_| input.to_vec())
-    }
-    fn describe(&self) -> String {
-        format!("BatchNorm({})", self.weight.shape()[0])
-    }
-    fn own_params(&self) -> Vec<&Param> {
-        vec![&self.weight, &self.bias]
     }
 }
 
@@ -365,6 +413,22 @@ impl Dropout {
 }
 
 impl Module for Dropout {
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+    fn describe(&self) -> String {
+        format!("Dropout(p={})", self.p)
+    }
+    /// One mask per training forward pass: after `steps` steps the stream stands at `steps`.
+    fn set_rng_position(&mut self, steps: u64) {
+        self.calls.store(steps as u32, Ordering::Relaxed);
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Dropout {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !self.training || self.p == 0.0 {
             return Ok(x.clone());
@@ -379,15 +443,5 @@ impl Module for Dropout {
             *m = Some(mask.clone());
         }
         x.mul(&mask)
-    }
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-    fn describe(&self) -> String {
-        format!("Dropout(p={})", self.p)
-    }
-    /// One mask per training forward pass: after `steps` steps the stream stands at `steps`.
-    fn set_rng_position(&mut self, steps: u64) {
-        self.calls.store(steps as u32, Ordering::Relaxed);
     }
 }

@@ -1,4 +1,4 @@
-//! Modules: a forward function over parameters held in a [`VarStore`].
+//! Modules: parameters held in a [`VarStore`], sub-modules and modes ([`Module`]); one-tensor layers ([`Layer`]).
 
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Result, Tensor};
@@ -6,27 +6,54 @@ use kiln_graph::{Result, Tensor};
 use crate::init::Init;
 use crate::varstore::{Param, VarStore};
 
+/// What every module has, whatever its forward pass takes and returns: its parameters and sub-modules (for
+/// traversal: counting, naming, freezing, saving), training or evaluation mode, and a description.
+///
+/// The forward pass is not part of this trait. A module from one tensor to one tensor also implements
+/// [`Layer`] (what `Sequential` chains); any other module writes its own `forward` with the signature it
+/// needs: several inputs, several outputs, or state carried between calls (`LstmCell::forward(&x, &state)`
+/// takes an input and an `LstmState` and returns the next state). This is Burn's split; see docs/library.md, "Modules".
 pub trait Module {
-    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// One line naming the module and its configuration, e.g. "Conv2d(3, 64, k=11, s=4, p=2)".
+    fn describe(&self) -> String;
+    /// The trainable parameters this module owns directly (not its children's).
+    fn own_params(&self) -> Vec<&Param> {
+        Vec::new()
+    }
+    /// Named sub-modules, for traversal and nested summaries.
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        Vec::new()
+    }
     /// Training or evaluation behaviour (dropout, batch norm); stateless modules ignore it.
     fn set_training(&mut self, _training: bool) {}
     /// Moves random streams (dropout masks) to where they stand after `steps` training steps, so a resumed
     /// run draws the masks the uninterrupted run would have.
     fn set_rng_position(&mut self, _steps: u64) {}
+    /// This module as a one-tensor [`Layer`], when it is one (summaries follow shapes through these).
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        None
+    }
+    /// Trainable values of this module and everything under it.
+    fn num_params(&self) -> usize {
+        self.params().iter().map(|p| p.shape().iter().product::<usize>()).sum()
+    }
+    /// Every parameter of this module and everything under it, its own first, then each child's in order.
+    fn params(&self) -> Vec<&Param> {
+        let mut all = self.own_params();
+        for (_, c) in self.children() {
+            all.extend(c.params());
+        }
+        all
+    }
+}
+
+/// A module from one tensor to one tensor: what [`Sequential`] chains and the model zoo is built of.
+pub trait Layer: Module {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The output shape for an input shape, computed without running anything (for summaries).
     /// Shape-preserving by default.
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         Ok(input.to_vec())
-    }
-    /// One line naming the layer and its configuration, e.g. "Conv2d(3, 64, k=11, s=4, p=2)".
-    fn describe(&self) -> String;
-    /// The trainable parameters this layer owns directly (not its children's).
-    fn own_params(&self) -> Vec<&Param> {
-        Vec::new()
-    }
-    /// Named sub-layers, for nested summaries.
-    fn children(&self) -> Vec<(String, &dyn Module)> {
-        Vec::new()
     }
     /// For a layer ending in a bias add (Linear, Conv2d): its output before the bias, the bias, and the axis it
     /// is added along. Sequential then fuses the bias with a following activation into one kernel.
@@ -41,11 +68,6 @@ pub trait Module {
     /// The activation this layer is, if it is one (for that fusion).
     fn as_activation(&self) -> Option<Activation> {
         None
-    }
-    /// Trainable values of this layer and everything under it.
-    fn num_params(&self) -> usize {
-        let own: usize = self.own_params().iter().map(|p| p.shape().iter().product::<usize>()).sum();
-        own + self.children().iter().map(|(_, c)| c.num_params()).sum::<usize>()
     }
 }
 
@@ -72,6 +94,18 @@ impl Linear {
 }
 
 impl Module for Linear {
+    fn describe(&self) -> String {
+        format!("Linear({}, {})", self.in_features, self.out_features)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Linear {
     /// x: [n, in] -> [n, out]
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul_t(self.weight.tensor()?, false, true)?;
@@ -90,12 +124,6 @@ impl Module for Linear {
         }
         Ok(vec![input[0], self.out_features])
     }
-    fn describe(&self) -> String {
-        format!("Linear({}, {})", self.in_features, self.out_features)
-    }
-    fn own_params(&self) -> Vec<&Param> {
-        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
-    }
 }
 
 /// Elementwise activations as modules.
@@ -110,6 +138,15 @@ pub enum Activation {
 }
 
 impl Module for Activation {
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match *self {
             Activation::Relu => x.relu(),
@@ -119,9 +156,6 @@ impl Module for Activation {
             Activation::Softplus => x.softplus(),
             Activation::Identity => Ok(x.clone()),
         }
-    }
-    fn describe(&self) -> String {
-        format!("{self:?}")
     }
     fn as_activation(&self) -> Option<Activation> {
         Some(*self)
@@ -159,18 +193,18 @@ impl std::str::FromStr for Activation {
 /// Modules applied in order.
 #[derive(Default)]
 pub struct Sequential {
-    layers: Vec<Box<dyn Module + Send + Sync>>,
+    layers: Vec<Box<dyn Layer + Send + Sync>>,
 }
 
 impl Sequential {
     pub fn new() -> Sequential {
         Sequential::default()
     }
-    pub fn push(mut self, m: impl Module + Send + Sync + 'static) -> Sequential {
+    pub fn push(mut self, m: impl Layer + Send + Sync + 'static) -> Sequential {
         self.layers.push(Box::new(m));
         self
     }
-    pub fn push_boxed(mut self, m: Box<dyn Module + Send + Sync>) -> Sequential {
+    pub fn push_boxed(mut self, m: Box<dyn Layer + Send + Sync>) -> Sequential {
         self.layers.push(m);
         self
     }
@@ -183,14 +217,36 @@ impl Sequential {
 }
 
 impl IntoIterator for Sequential {
-    type Item = Box<dyn Module + Send + Sync>;
-    type IntoIter = std::vec::IntoIter<Box<dyn Module + Send + Sync>>;
+    type Item = Box<dyn Layer + Send + Sync>;
+    type IntoIter = std::vec::IntoIter<Box<dyn Layer + Send + Sync>>;
     fn into_iter(self) -> Self::IntoIter {
         self.layers.into_iter()
     }
 }
 
 impl Module for Sequential {
+    fn set_training(&mut self, training: bool) {
+        for l in &mut self.layers {
+            l.set_training(training);
+        }
+    }
+    fn set_rng_position(&mut self, steps: u64) {
+        for l in &mut self.layers {
+            l.set_rng_position(steps);
+        }
+    }
+    fn describe(&self) -> String {
+        format!("Sequential({} layers)", self.layers.len())
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        self.layers.iter().enumerate().map(|(i, l)| (i.to_string(), l.as_ref() as &dyn Module)).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for Sequential {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         let mut i = 0;
@@ -214,23 +270,7 @@ impl Module for Sequential {
         }
         Ok(h)
     }
-    fn set_training(&mut self, training: bool) {
-        for l in &mut self.layers {
-            l.set_training(training);
-        }
-    }
-    fn set_rng_position(&mut self, steps: u64) {
-        for l in &mut self.layers {
-            l.set_rng_position(steps);
-        }
-    }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.layers.iter().try_fold(input.to_vec(), |s, l| l.output_shape(&s))
-    }
-    fn describe(&self) -> String {
-        format!("Sequential({} layers)", self.layers.len())
-    }
-    fn children(&self) -> Vec<(String, &dyn Module)> {
-        self.layers.iter().enumerate().map(|(i, l)| (i.to_string(), l.as_ref() as &dyn Module)).collect()
     }
 }
