@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use kiln_data::{load, polynomial_features, Batches, Dataset, MeanNormalizer, Split, Standardizer, Targets};
+use kiln_data::{load, polynomial_features, Batches, ArrayDataset, MeanNormalizer, Split, Standardizer, Targets};
 
 #[test]
 fn bundled_sets_have_their_documented_sizes() {
@@ -60,8 +60,8 @@ fn unknown_data_set_lists_the_known_ones() {
     assert!(e.contains("cifar") && e.contains("digits"), "{e}");
 }
 
-fn toy(n: usize) -> Dataset {
-    Dataset { name: "toy".into(), x: (0..n * 2).map(|i| i as f32).collect(), features: 2, targets: Targets::Values((0..n).map(|i| i as f32).collect()), image: None }
+fn toy(n: usize) -> ArrayDataset {
+    ArrayDataset { name: "toy".into(), x: (0..n * 2).map(|i| i as f32).collect(), features: 2, targets: Targets::Values((0..n).map(|i| i as f32).collect()), image: None }
 }
 
 #[test]
@@ -97,10 +97,10 @@ fn scaling_uses_training_statistics_only() {
 
 #[test]
 fn polynomial_features_of_one_and_two_features() {
-    let one = Dataset { name: "p".into(), x: vec![2.0, 3.0], features: 1, targets: Targets::Values(vec![0.0, 0.0]), image: None };
+    let one = ArrayDataset { name: "p".into(), x: vec![2.0, 3.0], features: 1, targets: Targets::Values(vec![0.0, 0.0]), image: None };
     let p = polynomial_features(&one, 3);
     assert_eq!((p.features, p.row(0).to_vec(), p.row(1).to_vec()), (3, vec![2.0, 4.0, 8.0], vec![3.0, 9.0, 27.0]));
-    let two = Dataset { name: "p".into(), x: vec![2.0, 5.0], features: 2, targets: Targets::Values(vec![0.0]), image: None };
+    let two = ArrayDataset { name: "p".into(), x: vec![2.0, 5.0], features: 2, targets: Targets::Values(vec![0.0]), image: None };
     // [a, b, a^2, ab, b^2] as scikit-learn orders them
     assert_eq!(polynomial_features(&two, 2).row(0).to_vec(), vec![2.0, 5.0, 4.0, 10.0, 25.0]);
 }

@@ -9,7 +9,7 @@ pub enum Targets {
 
 /// Samples as rows of `features` numbers (row-major in `x`), with their targets.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Dataset {
+pub struct ArrayDataset {
     pub name: String,
     pub x: Vec<f32>,
     pub features: usize,
@@ -18,7 +18,7 @@ pub struct Dataset {
     pub image: Option<[usize; 3]>,
 }
 
-impl Dataset {
+impl ArrayDataset {
     pub fn len(&self) -> usize {
         self.x.len() / self.features.max(1)
     }
@@ -48,7 +48,7 @@ impl Dataset {
     }
 
     /// The samples at `indices`, in that order.
-    pub fn subset(&self, indices: &[usize]) -> Dataset {
+    pub fn subset(&self, indices: &[usize]) -> ArrayDataset {
         let mut x = Vec::with_capacity(indices.len() * self.features);
         for &i in indices {
             x.extend_from_slice(self.row(i));
@@ -57,22 +57,22 @@ impl Dataset {
             Targets::Classes { labels, names } => Targets::Classes { labels: indices.iter().map(|&i| labels[i]).collect(), names: names.clone() },
             Targets::Values(v) => Targets::Values(indices.iter().map(|&i| v[i]).collect()),
         };
-        Dataset { name: self.name.clone(), x, features: self.features, targets, image: self.image }
+        ArrayDataset { name: self.name.clone(), x, features: self.features, targets, image: self.image }
     }
 
     /// Only the given feature columns.
-    pub fn select_features(&self, columns: &[usize]) -> Dataset {
+    pub fn select_features(&self, columns: &[usize]) -> ArrayDataset {
         let mut x = Vec::with_capacity(self.len() * columns.len());
         for i in 0..self.len() {
             let r = self.row(i);
             x.extend(columns.iter().map(|&c| r[c]));
         }
-        Dataset { name: self.name.clone(), x, features: columns.len(), targets: self.targets.clone(), image: None }
+        ArrayDataset { name: self.name.clone(), x, features: columns.len(), targets: self.targets.clone(), image: None }
     }
 
     /// Same samples, new features (for feature maps such as polynomial expansion).
-    pub fn with_features(&self, x: Vec<f32>, features: usize) -> Dataset {
+    pub fn with_features(&self, x: Vec<f32>, features: usize) -> ArrayDataset {
         let image = self.image.filter(|_| features == self.features);
-        Dataset { name: self.name.clone(), x, features, targets: self.targets.clone(), image }
+        ArrayDataset { name: self.name.clone(), x, features, targets: self.targets.clone(), image }
     }
 }

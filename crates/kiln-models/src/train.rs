@@ -5,9 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kiln_data::{Batches, Dataset, Split, Standardizer, Targets};
+use kiln_data::{ArrayDataset, Collate, DataLoader, HostBatch, LoaderOptions, Split, StackRows, Standardizer, Targets};
 use kiln_graph::backend::Device;
-use kiln_graph::{no_grad, DType, KilnError, Tensor};
+use kiln_graph::{no_grad, KilnError, Tensor};
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
 use kiln_nn::checkpoint;
@@ -347,14 +347,14 @@ struct TargetScale {
 }
 
 impl TargetScale {
-    fn fit(train: &Dataset) -> Option<TargetScale> {
+    fn fit(train: &ArrayDataset) -> Option<TargetScale> {
         let v = train.values()?;
         let n = v.len().max(1) as f64;
         let mean = v.iter().map(|&t| t as f64).sum::<f64>() / n;
         let var = v.iter().map(|&t| (t as f64 - mean).powi(2)).sum::<f64>() / n;
         Some(TargetScale { mean, std: if var > 1e-24 { var.sqrt() } else { 1.0 } })
     }
-    fn apply(&self, ds: &Dataset) -> Dataset {
+    fn apply(&self, ds: &ArrayDataset) -> ArrayDataset {
         let mut d = ds.clone();
         if let Targets::Values(v) = &mut d.targets {
             v.iter_mut().for_each(|t| *t = ((*t as f64 - self.mean) / self.std) as f32);
@@ -403,48 +403,29 @@ fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
     Ok(split.map(|d| scaler.apply(d)))
 }
 
-/// One batch gathered on the host: rows of features and their targets.
-struct HostBatch {
-    n: usize,
-    x: Vec<f32>,
-    labels: Vec<u32>,
-    values: Vec<f32>,
-}
-
-fn host_batch(ds: &Dataset, idx: &[usize]) -> HostBatch {
-    let mut x = Vec::with_capacity(idx.len() * ds.features);
-    for &i in idx {
-        x.extend_from_slice(ds.row(i));
+/// A batch's features and targets as tensors: x [n, features], labels u32 [n] or values f32 [n, 1].
+fn features_and_targets(batch: &HostBatch) -> Result<(Tensor, Tensor), KilnError> {
+    match <[Tensor; 2]>::try_from(batch.upload()?) {
+        Ok([x, y]) => Ok((x, y)),
+        Err(_) => Err(KilnError::Backward("a batch of rows has features and targets".into())),
     }
-    let (labels, values) = match &ds.targets {
-        Targets::Classes { labels, .. } => (idx.iter().map(|&i| labels[i]).collect(), Vec::new()),
-        Targets::Values(v) => (Vec::new(), idx.iter().map(|&i| v[i]).collect()),
-    };
-    HostBatch { n: idx.len(), x, labels, values }
 }
 
-/// Uploads a batch in one write: features f32 [n, features], targets u32 [n] (classes) or f32 [n, 1].
-fn upload(ds: &Dataset, b: &HostBatch) -> Result<(Tensor, Tensor), KilnError> {
-    let x_shape = [b.n, ds.features];
-    let (targets, t_shape, t_dtype): (&[u8], Vec<usize>, DType) = match &ds.targets {
-        Targets::Classes { .. } => (bytemuck::cast_slice(&b.labels), vec![b.n], DType::U32),
-        Targets::Values(_) => (bytemuck::cast_slice(&b.values), vec![b.n, 1], DType::F32),
-    };
-    let mut t = Tensor::upload_together(&[(bytemuck::cast_slice(&b.x), &x_shape, DType::F32), (targets, &t_shape, t_dtype)])?;
-    let y = t.pop().ok_or_else(|| KilnError::Backward("upload lost a part".into()))?;
-    let x = t.pop().ok_or_else(|| KilnError::Backward("upload lost a part".into()))?;
-    Ok((x, y))
+/// Rows `idx` of `ds`, collated and uploaded in one write.
+fn upload_rows(ds: &ArrayDataset, idx: &[usize]) -> Result<(Tensor, Tensor), KilnError> {
+    let samples = idx.iter().map(|&i| kiln_data::Dataset::get(ds, i)).collect::<Result<Vec<_>, _>>().map_err(data_err)?;
+    features_and_targets(&HostBatch { indices: idx.to_vec(), arrays: StackRows::default().collate(samples).map_err(data_err)? })
 }
 
 /// Forward pass over a whole split without gradients: (mean loss, outputs row-major), both in the targets'
 /// own units.
-fn evaluate(model: &Model, ds: &Dataset, scale: Option<TargetScale>) -> Result<(f64, Vec<f32>), KilnError> {
+fn evaluate(model: &Model, ds: &ArrayDataset, scale: Option<TargetScale>) -> Result<(f64, Vec<f32>), KilnError> {
     no_grad(|| {
         let mut outputs = Vec::with_capacity(ds.len() * model.outputs);
         let mut loss_sum = 0.0;
         let all: Vec<usize> = (0..ds.len()).collect();
         for chunk in all.chunks(1000) {
-            let (x, y) = upload(ds, &host_batch(ds, chunk))?;
+            let (x, y) = upload_rows(ds, chunk)?;
             let out = model.forward(&x)?;
             let loss = model.task.loss(&out, &y)?;
             loss_sum += loss.to_scalar()? as f64 * chunk.len() as f64;
@@ -456,7 +437,7 @@ fn evaluate(model: &Model, ds: &Dataset, scale: Option<TargetScale>) -> Result<(
 }
 
 /// Accuracy (classification) or R^2 (regression) of outputs on a split.
-fn quality(task: Task, outputs: &[f32], width: usize, ds: &Dataset) -> f64 {
+fn quality(task: Task, outputs: &[f32], width: usize, ds: &ArrayDataset) -> f64 {
     match &ds.targets {
         Targets::Classes { labels, .. } => metrics::accuracy(&task.predict(outputs, width), labels),
         Targets::Values(v) => metrics::r2(outputs, v),
@@ -547,6 +528,8 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
     let mut last_save = Instant::now();
 
     let mut history = Vec::new();
+    let train_options = LoaderOptions { batch_size: s.batch_size, shuffle: Some(cfg.seed), drop_last: false, workers: 1, prefetch: 2 };
+    let train_loader = DataLoader::shared(std::sync::Arc::new(split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
     let mut step = 0u64;
     // Steady state = every step after the first one of its batch size (a short last batch is a new shape).
     let (mut steady_submits, mut steady_steps, mut steady_buffers) = (0u64, 0u64, 0u64);
@@ -560,20 +543,9 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
         let mut loss_sum = 0.0;
         let mut correct_sum = 0.0;
         model.set_training(true);
-        let order_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64);
-        // A host thread gathers the next batches while the GPU works on this one.
-        let batches = Batches::new(split.train.len(), s.batch_size, Some(order_seed)).map_err(data_err)?;
-        let train_set = &split.train;
-        std::thread::scope(|scope| -> Result<(), KilnError> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<usize>, HostBatch)>(2);
-            scope.spawn(move || {
-                for idx in batches {
-                    let b = host_batch(train_set, &idx);
-                    if tx.send((idx, b)).is_err() {
-                        break;
-                    }
-                }
-            });
+        // Worker threads gather and collate the next batches while the GPU works on this one (the loader's
+        // order is this loop's old one: seed * 1_000_003 + epoch).
+        {
             // Step n's loss (and count of right answers) is read back while step n + 1 is recorded: the host
             // waits for it only after submitting the next step's work.
             let mut pending: Option<(kiln_graph::PendingValues, usize, bool, u64)> = None;
@@ -588,12 +560,14 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 progress(&Progress { epoch, epochs: s.epochs, step: at_step, total_steps, loss: loss_value, samples_per_s, epoch_end: None });
                 Ok(())
             };
-            for (idx, batch) in rx {
+            for batch in train_loader.epoch(epoch as u64) {
+                let batch = batch.map_err(data_err)?;
+                let n = batch.len();
                 let before = kiln_graph::backend::thread_stats();
                 let step_started = Instant::now();
-                let (mut x, y) = upload(&split.train, &batch)?;
+                let (mut x, y) = features_and_targets(&batch)?;
                 if let (Some(a), Some([c, h, w])) = (&augment, split.train.image) {
-                    x = x.reshape(&[idx.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
+                    x = x.reshape(&[n, c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
                 }
                 let out = model.forward(&x)?;
                 let loss = model.task.loss(&out, &y)?;
@@ -611,25 +585,24 @@ pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<Tra
                 if let Some(previous) = pending.take() {
                     tally(previous, samples_seen as f64 / step_seconds.max(1e-9))?;
                 }
-                pending = Some((values.read_start()?, idx.len(), correct.is_some(), step + 1));
+                pending = Some((values.read_start()?, n, correct.is_some(), step + 1));
                 step_seconds += step_started.elapsed().as_secs_f64();
                 if first_step_seconds.is_none() {
                     first_step_seconds = Some(started.elapsed().as_secs_f64());
                 }
                 let after = kiln_graph::backend::thread_stats();
-                if !seen_batch_sizes.insert(idx.len()) {
+                if !seen_batch_sizes.insert(n) {
                     steady_submits += after.submits - before.submits;
                     steady_buffers += after.buffers_created - before.buffers_created;
                     steady_steps += 1;
                 }
                 step += 1;
-                samples_seen += idx.len();
+                samples_seen += n;
             }
             if let Some(last) = pending.take() {
                 tally(last, samples_seen as f64 / step_seconds.max(1e-9))?;
             }
-            Ok(())
-        })?;
+        }
         model.set_training(false);
         let (dev_loss, dev_out) = evaluate(&model, &split.dev, target_scale)?;
         let record = EpochRecord {

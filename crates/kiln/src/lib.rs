@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! kiln::backend  devices: Device (open several; each its own pool, caches, settings), buffers, readback
-//! kiln::graph    Tensor, ops with forward and backward rules, autograd (Grads), losses, the CPU reference
-//! kiln::nn       Module, layers, VarStore (named parameters), Optimizer (groups, clipping, accumulation),
+//! kiln::graph    Tensor, ops with forward and backward rules, autograd (Grads, create_graph), losses, custom
+//!                ops (CustomOp) and the public gradcheck, the CPU reference
+//! kiln::nn       Module and Layer, layers, LstmCell, VarStore (named parameters), Optimizer (groups, clipping, accumulation),
 //!                schedules, metrics, checkpoints (safetensors, PyTorch names)
-//! kiln::data     the bundled real data sets, splits, scaling, IDX files
+//! kiln::data     the Dataset trait, collators and the DataLoader; the bundled real data sets, splits, scaling
 //! kiln::models   the zoo (LeNet-5 .. ResNet, VGG-16, GoogLeNet) and the training loop behind `kiln train`
 //! ```
 //!
@@ -48,7 +49,8 @@ pub use kiln_wgpu as backend;
 /// What a training script needs: tensors and devices, layers and modules, parameters, optimizers, schedules,
 /// losses, checkpoints and metrics.
 pub mod prelude {
-    pub use kiln_graph::{loss, no_grad, Conv2dGeom, DType, Grads, KilnError, Pool2dGeom, Rng, Tensor};
+    pub use kiln_data::{ArrayDataset, Collate, DataLoader, Dataset, HostBatch, LoaderOptions, StackRows};
+    pub use kiln_graph::{loss, no_grad, Conv2dGeom, CustomOp, DType, Grads, KilnError, Pool2dGeom, Rng, Tensor};
     pub use kiln_nn::checkpoint;
     pub use kiln_nn::metrics;
     pub use kiln_nn::schedule::Schedule;
