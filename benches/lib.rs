@@ -1,4 +1,7 @@
-//! Kiln's benchmarks: `cargo bench -p kiln-benches` runs the suite of `kiln bench` (kiln_models::suite), which
-//! holds the timing, the ceilings and the multi-threaded CPU references.
+//! Kiln's benchmarks, in their own crate beside the engine: the kernel benchmark suite behind `kiln bench`
+//! and `cargo bench -p kiln-benches` (suite.rs: timing, measured roofs, every kernel validated against a
+//! multi-threaded CPU reference before it is timed) and the training-step benchmark (step.rs). They dispatch
+//! kernels through `kiln_graph::backend` directly; the models and the training loop do not.
 
-pub use kiln_models::suite;
+pub mod step;
+pub mod suite;

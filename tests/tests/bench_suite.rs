@@ -2,7 +2,7 @@
 //! the JSON fields scripts read, and step records with no allocation after the first step.
 
 use kiln_graph::Tensor;
-use kiln_models::suite::{self, Record, Roofs, SuiteOptions, Work};
+use kiln_benches::suite::{self, Record, Roofs, SuiteOptions, Work};
 use kiln_tests::require_gpu;
 
 #[test]

@@ -23,7 +23,7 @@ fn repeated_steps_reuse_every_bind_group() {
     // buffers; only the params differ).
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     kiln_tests::require_gpu();
-    let b = kiln_models::bench::bench_step("lenet", [1, 28, 28], 10, 16, 10).unwrap();
+    let b = kiln_benches::step::bench_step("lenet", [1, 28, 28], 10, 16, 10).unwrap();
     assert_eq!(b.bind_groups_per_step, 0.0, "bind groups created per step after warm-up");
     assert_eq!(b.buffers_created_after_first_step, 0);
     // Reuse inside a step: a step hands out more bytes (buffers and texture copies) than its working set ever
@@ -43,7 +43,7 @@ fn profiling_times_every_dispatch_by_kernel() {
     g.set_profiling(true);
     g.profile_take().unwrap();
     let before = kiln_graph::backend::thread_stats().dispatches;
-    let b = kiln_models::bench::bench_step("mlp", [1, 28, 28], 10, 16, 10);
+    let b = kiln_benches::step::bench_step("mlp", [1, 28, 28], 10, 16, 10);
     let after = kiln_graph::backend::thread_stats().dispatches;
     g.set_profiling(false);
     let b = b.unwrap();

@@ -143,7 +143,7 @@ enum Command {
     /// training steps, each beside a multi-threaded CPU reference on the same machine.
     Bench {
         /// Kernel families to run: matmul, conv, pool, softmax, elementwise, reduce, step [default: all].
-        #[arg(long, value_delimiter = ',', value_parser = kiln_models::suite::FAMILIES)]
+        #[arg(long, value_delimiter = ',', value_parser = kiln_benches::suite::FAMILIES)]
         filter: Vec<String>,
         /// Models whose training-step matmul shapes and whole steps are timed.
         #[arg(long, value_delimiter = ',', default_values_t = ["mlp".to_string(), "lenet".to_string(), "resnet20".to_string()])]
@@ -197,7 +197,7 @@ fn run() -> Result<()> {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
         Command::Bench { filter, models, sizes, batch, runs, budget_s, adapter, json } => {
-            let opts = kiln_models::suite::SuiteOptions { filter, runs: runs as usize, budget_s, square: sizes.iter().map(|&s| s as usize).collect(), models, batch: batch as usize };
+            let opts = kiln_benches::suite::SuiteOptions { filter, runs: runs as usize, budget_s, square: sizes.iter().map(|&s| s as usize).collect(), models, batch: batch as usize };
             bench(&opts, adapter, json)
         }
         Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
@@ -277,18 +277,18 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(opts: &kiln_models::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
+fn bench(opts: &kiln_benches::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
     kiln_wgpu::select_adapter(adapter.as_deref())?;
     let g = kiln_wgpu::gpu()?;
     println!("adapter: {}", g.adapter_name());
-    let roofs = kiln_models::suite::measure_roofs()?;
+    let roofs = kiln_benches::suite::measure_roofs()?;
     println!("compute roof (FMA chains): {:.1} GFLOP/s   memory roof (64 MiB copy): {:.2} GB/s", roofs.fma_gflops, roofs.copy_gbps);
-    let mut table = kiln_models::suite::Table::default();
-    let mut print = |r: &kiln_models::suite::Record| table.print(r);
-    let mut records = kiln_models::suite::run_suite(opts, roofs, &mut print)?;
+    let mut table = kiln_benches::suite::Table::default();
+    let mut print = |r: &kiln_benches::suite::Record| table.print(r);
+    let mut records = kiln_benches::suite::run_suite(opts, roofs, &mut print)?;
     if let Some(path) = json {
         // Ceilings first, as records of their own, then every measurement.
-        let roof = |kernel: &str, gflops: Option<f64>, gbps: Option<f64>| kiln_models::suite::Record {
+        let roof = |kernel: &str, gflops: Option<f64>, gbps: Option<f64>| kiln_benches::suite::Record {
             family: "roof".into(),
             kernel: kernel.into(),
             variant: "ceiling".into(),

@@ -1,8 +1,6 @@
 //! kiln-models: the models of the course, built from kiln-nn, and the training loop every front end uses
 //! (`kiln train`, the examples, the tests).
 
-pub mod bench;
-pub mod suite;
 pub mod cnn;
 pub mod linear_models;
 pub mod overfeat;

@@ -359,7 +359,7 @@ fn matmul_family(ctx: &mut Ctx) -> R<()> {
 pub fn step_matmul_shapes(model: &str, batch: usize) -> R<Vec<MatmulShape>> {
     let (input, classes) = model_input(model);
     let mut vs = kiln_nn::VarStore::new(1);
-    let mut net = crate::zoo::build_named(&mut vs, model, input, classes, 1)?;
+    let mut net = kiln_models::zoo::build_named(&mut vs, model, input, classes, 1)?;
     vs.finish()?;
     use kiln_nn::{Layer, Module};
     net.set_training(true);
@@ -382,7 +382,7 @@ pub fn step_matmul_shapes(model: &str, batch: usize) -> R<Vec<MatmulShape>> {
 
 /// Input size and classes the benchmarks use per model: MNIST-sized for LeNet, the MLP and CIFAR ResNets.
 pub fn model_input(model: &str) -> ([usize; 3], usize) {
-    let zoo = crate::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
+    let zoo = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
     let input = match zoo {
         Some(i) if !(model.starts_with("resnet") && i[1] == 32) => i,
         _ => [1, 28, 28],
@@ -729,7 +729,7 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
         // Each step with and without the bias + activation fusion, to show what it pays.
         for fused in [true, false] {
             kiln_nn::set_fusion(gpu()?, fused);
-            let b = crate::bench::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10));
+            let b = crate::step::bench_step(&model, input, classes, ctx.opts.batch, ctx.opts.runs.max(10));
             kiln_nn::set_fusion(gpu()?, true);
             let b = b?;
             let variant = if fused { "fused bias+activation" } else { "unfused" };

@@ -50,7 +50,7 @@ pub fn bench_step(name: &str, input: [usize; 3], classes: usize, batch: usize, s
     g.sync()?;
     g.reset_peak();
     let mut vs = VarStore::new(1);
-    let mut net = crate::zoo::build_named(&mut vs, name, input, classes, 1)?;
+    let mut net = kiln_models::zoo::build_named(&mut vs, name, input, classes, 1)?;
     vs.finish()?;
     net.set_training(true);
     let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 1e-3, 0.0, Schedule::constant(), steps as u64 + 2)?;
