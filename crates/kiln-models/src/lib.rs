@@ -5,8 +5,12 @@ pub mod cnn;
 pub mod linear_models;
 pub mod overfeat;
 pub mod plot;
+pub mod registry;
 pub mod train;
+pub mod trainer;
 pub mod zoo;
 
-pub use linear_models::{normal_equation, Task, MODELS};
-pub use train::{evaluate_checkpoint, run, EvalReport, Progress, TrainConfig, TrainReport};
+pub use linear_models::{normal_equation, Task};
+pub use registry::{ModelEntry, MODELS, REGISTRY};
+pub use trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Progress, StepValues, Trainer};
+pub use train::{evaluate_checkpoint, run, run_with, EvalReport, TrainConfig, TrainReport};

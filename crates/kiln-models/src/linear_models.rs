@@ -1,30 +1,15 @@
 //! Regression and classification models: linear, polynomial, logistic (binary and one-vs-all), softmax
 //! regression and the multi-layer perceptron, each a network plus the task that says how it is trained.
 
+use kiln_data::ArrayDataset;
 use kiln_graph::{loss, Result, Tensor};
 use kiln_nn::{Activation, Init, Linear, Layer, Module, Sequential, VarStore};
-
-/// Names `kiln train` accepts, with a one-line description.
-pub const MODELS: [(&str, &str); 7] = [
-    ("linreg", "linear regression by gradient descent (checked against the normal equation)"),
-    ("polyreg", "polynomial regression on one feature (--degree)"),
-    ("logreg", "logistic regression: binary, or one-vs-all for more classes"),
-    ("softmax", "softmax (multinomial logistic) regression"),
-    ("mlp", "multi-layer perceptron (--hidden 128,64 ...)"),
-    ("lenet", "LeNet-5 convolutional network (image data sets)"),
-    ("resnet", "CIFAR-style ResNet (--depth 20, 32, 56) for 28x28 / 32x32 images"),
-];
 
 /// Architecture settings beyond the data: MLP widths, ResNet depth, the seed for dropout.
 pub struct Arch<'a> {
     pub hidden: &'a [usize],
     pub depth: usize,
     pub seed: u64,
-}
-
-/// Models that take images [c, h, w] rather than feature vectors.
-pub fn is_convolutional(name: &str) -> bool {
-    matches!(name, "lenet" | "resnet")
 }
 
 /// How outputs are compared with targets, and turned into predictions.
@@ -90,38 +75,51 @@ pub struct Model {
     pub outputs: usize,
 }
 
-/// Builds `name` for `features` inputs (an `image` of [c, h, w] for convolutional models) and `classes`
-/// classes (None: regression).
-pub fn build(name: &str, vs: &mut VarStore, features: usize, image: Option<[usize; 3]>, classes: Option<usize>, arch: &Arch) -> Result<Model> {
-    let hidden = arch.hidden;
-    if is_convolutional(name) {
-        let (Some(img), Some(k)) = (image, classes) else {
-            return Err(kiln_graph::KilnError::Invalid { op: "build", shape: vec![features], message: format!("{name} needs an image classification data set (mnist, fashion-mnist, digits)") });
-        };
-        let body = if name == "lenet" { crate::cnn::lenet5(vs, img, k)? } else { crate::zoo::cifar_resnet(vs, arch.depth, img[0], k)? };
-        let net = body.into_iter().fold(Sequential::new().push(kiln_nn::Unflatten(img)), |n, l| n.push_boxed(l));
-        return Ok(Model { net, task: Task::Softmax, outputs: k });
-    }
-    let regression_or = |t: Task| if classes.is_none() { Task::Regression } else { t };
-    let (task, outputs) = match (name, classes) {
-        ("logreg", Some(2)) => (Task::Binary, 1),
-        ("logreg", Some(k)) => (Task::OneVsAll, k),
-        ("softmax" | "mlp", Some(k)) => (Task::Softmax, k),
-        (_, None) => (Task::Regression, 1),
-        (_, Some(k)) => (regression_or(Task::Softmax), k),
-    };
-    let mut net = Sequential::new();
-    if name == "mlp" {
-        let mut width = features;
-        for (i, &h) in hidden.iter().enumerate() {
-            net = net.push(Linear::new(vs, &format!("fc{}", i + 1), width, h, Init::HeNormal)?).push(Activation::Relu);
-            width = h;
-        }
-        net = net.push(Linear::new(vs, &format!("fc{}", hidden.len() + 1), width, outputs, Init::XavierUniform)?);
-    } else {
-        net = net.push(Linear::new(vs, "linear", features, outputs, Init::Zeros)?);
-    }
+/// A single linear layer (zero-initialised, as the course starts gradient descent) with `task_for(classes)`
+/// choosing its task and width: linear, polynomial, logistic and softmax regression.
+pub fn build_linear(vs: &mut VarStore, data: &ArrayDataset, task_for: fn(Option<usize>) -> (Task, usize)) -> Result<Model> {
+    let (task, outputs) = task_for(data.num_classes());
+    let net = Sequential::new().push(Linear::new(vs, "linear", data.features, outputs, Init::Zeros)?);
     Ok(Model { net, task, outputs })
+}
+
+/// Regression for real targets, else softmax over the classes (linreg and polyreg on a classification set).
+pub fn regression_or_softmax(classes: Option<usize>) -> (Task, usize) {
+    match classes {
+        None => (Task::Regression, 1),
+        Some(k) => (Task::Softmax, k),
+    }
+}
+
+/// Binary logistic regression for two classes, one-vs-all for more.
+pub fn logistic(classes: Option<usize>) -> (Task, usize) {
+    match classes {
+        Some(2) => (Task::Binary, 1),
+        Some(k) => (Task::OneVsAll, k),
+        None => (Task::Regression, 1),
+    }
+}
+
+/// The multi-layer perceptron: `arch.hidden` ReLU layers (He init), then a linear head.
+pub fn build_mlp(vs: &mut VarStore, data: &ArrayDataset, arch: &Arch) -> Result<Model> {
+    let (task, outputs) = regression_or_softmax(data.num_classes());
+    let mut net = Sequential::new();
+    let mut width = data.features;
+    for (i, &h) in arch.hidden.iter().enumerate() {
+        net = net.push(Linear::new(vs, &format!("fc{}", i + 1), width, h, Init::HeNormal)?).push(Activation::Relu);
+        width = h;
+    }
+    net = net.push(Linear::new(vs, &format!("fc{}", arch.hidden.len() + 1), width, outputs, Init::XavierUniform)?);
+    Ok(Model { net, task, outputs })
+}
+
+/// A convolutional classifier: rows unflattened to the data set's images, then `body(vs, image, classes)`.
+pub fn build_image_classifier(vs: &mut VarStore, data: &ArrayDataset, name: &str, body: impl FnOnce(&mut VarStore, [usize; 3], usize) -> Result<Sequential>) -> Result<Model> {
+    let (Some(img), Some(k)) = (data.image, data.num_classes()) else {
+        return Err(kiln_graph::KilnError::Invalid { op: "build", shape: vec![data.features], message: format!("{name} needs an image classification data set (mnist, fashion-mnist, digits)") });
+    };
+    let net = body(vs, img, k)?.into_iter().fold(Sequential::new().push(kiln_nn::Unflatten(img)), |n, l| n.push_boxed(l));
+    Ok(Model { net, task: Task::Softmax, outputs: k })
 }
 
 impl Model {

@@ -1,7 +1,6 @@
 //! The training loop shared by `kiln train`, the examples and the tests: load and prepare the data, build the
 //! model, run mini-batch epochs (one submit per step: the loss readback), evaluate, report.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -15,6 +14,8 @@ use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 
 use crate::linear_models::{self, normal_equation, Model, Task};
+use crate::registry::{self, Input, ModelEntry};
+use crate::trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Progress, StepValues, Trainer};
 
 /// Everything `kiln train` can set; `None` takes the model's default.
 #[derive(Clone, Debug)]
@@ -96,30 +97,15 @@ pub struct Settings {
     pub augment: String,
 }
 
-/// Defaults per model: what trains well on its usual data set.
-fn settings(cfg: &TrainConfig, train_len: usize) -> Result<(Settings, OptimizerKind, Schedule), KilnError> {
-    let (epochs, batch, lr, opt): (usize, usize, f32, OptimizerKind) = match cfg.model.as_str() {
-        // Full-batch gradient descent, as the course derives it.
-        "linreg" => (500, train_len, 0.1, OptimizerKind::Gd),
-        "polyreg" => (600, train_len, 0.05, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
-        "logreg" => (500, train_len, 0.5, OptimizerKind::Gd),
-        "softmax" => (100, 64, 0.05, OptimizerKind::Sgd { momentum: 0.9, nesterov: false }),
-        "mlp" => (30, 32, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
-        // The 10k MNIST digits are few for LeNet: longer, regularised training (with augmentation, below).
-        "lenet" if cfg.dataset == "mnist" => (40, 64, 1e-3, OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
-        "lenet" => (10, 64, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
-        "resnet" => (12, 64, 1e-3, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }),
-        other => {
-            let names: Vec<&str> = linear_models::MODELS.iter().map(|m| m.0).collect();
-            return Err(KilnError::Backward(format!("unknown model {other:?}; available: {}", names.join(", "))));
-        }
-    };
+/// The run's settings: the command line's where given, else the model's defaults for this data set.
+fn settings(cfg: &TrainConfig, entry: &ModelEntry, train_len: usize) -> Result<(Settings, OptimizerKind, Schedule), KilnError> {
+    let d = (entry.defaults)(&cfg.dataset);
     let s = Settings {
-        epochs: cfg.epochs.unwrap_or(epochs),
-        batch_size: cfg.batch_size.unwrap_or(batch).min(train_len.max(1)),
-        lr: cfg.lr.unwrap_or(lr),
+        epochs: cfg.epochs.unwrap_or(d.epochs),
+        batch_size: cfg.batch_size.or(d.batch_size).unwrap_or(train_len).min(train_len.max(1)),
+        lr: cfg.lr.unwrap_or(d.lr),
         optimizer: String::new(),
-        weight_decay: cfg.weight_decay.unwrap_or(if cfg.model == "lenet" && cfg.dataset == "mnist" { 1e-4 } else { 0.0 }),
+        weight_decay: cfg.weight_decay.unwrap_or(d.weight_decay),
         schedule: String::new(),
         hidden: cfg.hidden.clone().unwrap_or_else(|| vec![128]),
         degree: cfg.degree.unwrap_or(1),
@@ -132,37 +118,9 @@ fn settings(cfg: &TrainConfig, train_len: usize) -> Result<(Settings, OptimizerK
             s.epochs, s.batch_size, s.lr, s.weight_decay, s.hidden, s.degree
         )));
     }
-    let opt = cfg.optimizer.unwrap_or(opt);
-    // Cosine decay where it measured better (ResNet-20, LeNet on MNIST-10k).
-    let cosine = cfg.model == "resnet" || (cfg.model == "lenet" && cfg.dataset == "mnist");
-    let sched = cfg.schedule.unwrap_or(if cosine { Schedule { kind: kiln_nn::LrSchedule::Cosine { min_factor: 0.0 }, warmup: 0 } } else { Schedule::constant() });
+    let opt = cfg.optimizer.unwrap_or(d.optimizer);
+    let sched = cfg.schedule.unwrap_or(d.schedule);
     Ok((Settings { optimizer: format!("{opt:?}"), schedule: format!("{sched:?}"), ..s }, opt, sched))
-}
-
-/// One progress update (per step, and with `dev` filled at each epoch end).
-#[derive(Clone, Debug)]
-pub struct Progress {
-    pub epoch: usize,
-    pub epochs: usize,
-    pub step: u64,
-    pub total_steps: u64,
-    pub loss: f32,
-    pub samples_per_s: f64,
-    pub epoch_end: Option<EpochRecord>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub train_loss: f64,
-    /// Accuracy on the training batches as they were trained (classifiers; NaN for regression).
-    pub train_accuracy: f64,
-    pub dev_loss: f64,
-    /// Accuracy for classifiers, R^2 for regression.
-    pub dev_metric: f64,
-    pub lr: f32,
-    pub seconds: f64,
-    pub samples_per_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -316,10 +274,11 @@ pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_d
     let hidden: Vec<usize> = meta("kiln.hidden").unwrap_or_default().split(',').filter_map(|h| h.parse().ok()).collect();
     let num = |k: &str| meta(k).and_then(|v| v.parse::<usize>().ok());
     let cfg = TrainConfig { seed, data_dir, train_limit: num("kiln.train_limit"), degree: num("kiln.degree"), feature: num("kiln.feature"), ..TrainConfig::new(&model_name, &dataset) };
-    let split = prepare(&cfg, cfg.degree.unwrap_or(1))?;
+    let entry = registry::entry(&model_name)?;
+    let split = prepare(&cfg, entry, cfg.degree.unwrap_or(1))?;
     let mut vs = VarStore::new(seed);
     let arch = linear_models::Arch { hidden: &hidden, depth: num("kiln.depth").unwrap_or(20), seed };
-    let mut model = linear_models::build(&model_name, &mut vs, split.test.features, split.test.image, split.test.num_classes(), &arch)?;
+    let mut model = (entry.build)(&mut vs, &split.test, &arch)?;
     vs.finish()?;
     vs.load_checkpoint(&path.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
     model.set_training(false);
@@ -374,8 +333,8 @@ impl TargetScale {
 /// Loads and splits the data (see `kiln_data::load_split`), then scales it with training statistics: per
 /// feature, or for convolutional models one mean and deviation over all pixels. polyreg expands one feature
 /// first.
-fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
-    let mut split = if cfg.model == "polyreg" {
+fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split, KilnError> {
+    let mut split = if entry.input == Input::OneFeature {
         let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
         let col = cfg.feature.unwrap_or(if ds.name == "diabetes" { 2 } else { 0 });
         if col >= ds.features {
@@ -393,7 +352,7 @@ fn prepare(cfg: &TrainConfig, degree: usize) -> Result<Split, KilnError> {
         split.train = split.train.subset(&keep);
     }
     // Convolutional models see whole images: one mean and deviation for every pixel keeps the picture intact.
-    if split.train.image.is_some() && linear_models::is_convolutional(&cfg.model) {
+    if split.train.image.is_some() && entry.input == Input::Image {
         let n = split.train.x.len().max(1) as f64;
         let mean = split.train.x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let std = (split.train.x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
@@ -444,254 +403,243 @@ fn quality(task: Task, outputs: &[f32], width: usize, ds: &ArrayDataset) -> f64 
     }
 }
 
-/// Trains one model end to end and evaluates it on the test split.
-pub fn run(cfg: &TrainConfig, mut progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
+/// Trains one of the built-in models (`cfg.model`, see `registry::REGISTRY`) end to end and evaluates it on
+/// the test split.
+pub fn run(cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
+    run_with(registry::entry(&cfg.model)?, cfg, progress)
+}
+
+/// [`run`] with a model entry of one's own (a builder, the input it takes, its defaults).
+pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
     let started = Instant::now();
     // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
     let g = Device::current()?;
-    let degree = cfg.degree.unwrap_or(1);
-    let raw_split = prepare(cfg, degree)?;
+    let mut r = setup(cfg, entry)?;
+    let classifier = r.split.train.num_classes().is_some();
+    let steps_per_epoch = r.split.train.len().div_ceil(r.s.batch_size) as u64;
+    let (opt, model) = (&r.opt, &r.model);
+    let mut trainer = Trainer::new(r.s.epochs, steps_per_epoch * r.s.epochs as u64);
+    (trainer.started, trainer.start_epoch, trainer.best) = (started, r.start_epoch, r.best);
+    let mut trainer = trainer.callback(OnProgress(progress));
+    if let Some(p) = cfg.patience {
+        trainer = trainer.callback(EarlyStopping { patience: p });
+    }
+    if let Some(dir) = &cfg.out_dir {
+        std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
+        let metric = if classifier { "dev_accuracy" } else { "dev_r2" };
+        trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume)?);
+        trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s: &r.s, split: &r.split, vs: &r.vs, opt, best: None, last_save: Instant::now() });
+    }
+    let train_options = LoaderOptions { batch_size: r.s.batch_size, shuffle: Some(cfg.seed), drop_last: false, workers: 1, prefetch: 2 };
+    let train_loader = DataLoader::shared(std::sync::Arc::new(r.split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
+    let (augment, image) = (r.augment, r.split.train.image);
+    let step = |batch: &HostBatch, step: u64| -> Result<StepValues, KilnError> {
+        let (mut x, y) = features_and_targets(batch)?;
+        if let (Some(a), Some([c, h, w])) = (&augment, image) {
+            x = x.reshape(&[batch.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
+        }
+        let model = model.borrow();
+        let out = model.forward(&x)?;
+        let loss = model.task.loss(&out, &y)?;
+        let grads = loss.backward()?;
+        opt.borrow_mut().step(&r.vs, &grads)?;
+        drop(grads);
+        Ok(StepValues { correct: model.task.correct(&out, &y)?, loss })
+    };
+    let evaluate = |t: EpochTally| -> Result<EpochRecord, KilnError> {
+        let mut m = model.borrow_mut();
+        m.set_training(false);
+        let (dev_loss, dev_out) = evaluate(&m, &r.split.dev, r.target_scale)?;
+        m.set_training(true);
+        Ok(EpochRecord {
+            epoch: t.epoch,
+            train_loss: TargetScale::loss(r.target_scale, t.loss_sum / t.samples.max(1) as f64),
+            train_accuracy: if classifier { t.correct_sum / t.samples.max(1) as f64 } else { f64::NAN },
+            dev_loss,
+            dev_metric: quality(m.task, &dev_out, m.outputs, &r.raw_split.dev),
+            lr: opt.borrow().current_lr(),
+            seconds: started.elapsed().as_secs_f64(),
+            samples_per_s: t.samples as f64 / t.seconds.max(1e-9),
+        })
+    };
+    model.borrow_mut().set_training(true);
+    let fit = trainer.fit(&train_loader, step, evaluate)?;
+    drop(trainer);
+    r.model.get_mut().set_training(false);
+    final_report(cfg, entry, &g, r, fit, started)
+}
+
+/// Everything a run sets up before its first epoch: data, settings, model, optimizer, and what a resumed
+/// run or a transfer loads.
+struct RunSetup {
+    raw_split: Split,
+    split: Split,
+    target_scale: Option<TargetScale>,
+    s: Settings,
+    vs: VarStore,
+    /// Shared by the step function and the callbacks (never borrowed by two at once).
+    model: std::cell::RefCell<Model>,
+    opt: std::cell::RefCell<Optimizer>,
+    augment: Option<kiln_graph::Augment>,
+    start_epoch: usize,
+    best: (f64, usize),
+    frozen: Vec<String>,
+    loaded_from_checkpoint: Vec<String>,
+}
+
+fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
+    let raw_split = prepare(cfg, entry, cfg.degree.unwrap_or(1))?;
     let target_scale = TargetScale::fit(&raw_split.train);
     let split = match target_scale {
         Some(ts) => raw_split.map(|d| ts.apply(d)),
         None => raw_split.clone(),
     };
-    let (mut s, opt_kind, schedule) = settings(cfg, split.train.len())?;
-    if cfg.degree.is_some() && cfg.model != "polyreg" {
-        return Err(KilnError::Backward("--degree applies to polyreg only".into()));
+    let (mut s, opt_kind, schedule) = settings(cfg, entry, split.train.len())?;
+    if cfg.degree.is_some() && entry.input != Input::OneFeature {
+        return Err(KilnError::Backward(format!("--degree applies to polynomial models only, not {}", cfg.model)));
     }
     let mut vs = VarStore::new(cfg.seed);
     let arch = linear_models::Arch { hidden: &s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
-    let mut model = linear_models::build(&cfg.model, &mut vs, split.train.features, split.train.image, split.train.num_classes(), &arch)?;
+    let model = (entry.build)(&mut vs, &split.train, &arch)?;
     vs.finish()?;
-    // LeNet on MNIST-10k defaults to small shifts, rotations and scalings ("none" turns them off).
-    let augment = cfg.augment.or_else(|| (cfg.model == "lenet" && cfg.dataset == "mnist").then(|| kiln_graph::Augment { shift: 2, rotation: 10f32.to_radians(), scale: 0.1, ..Default::default() }));
+    let augment = cfg.augment.or((entry.defaults)(&cfg.dataset).augment);
     s.augment = augment.map(|a| format!("{a:?}")).unwrap_or_default();
-    if augment.is_some_and(|a| !a.is_identity()) && !(linear_models::is_convolutional(&cfg.model) && split.train.image.is_some()) {
+    if augment.is_some_and(|a| !a.is_identity()) && !(entry.input == Input::Image && split.train.image.is_some()) {
         return Err(KilnError::Backward("--augment needs a convolutional model on an image data set".into()));
     }
-    let steps_per_epoch = split.train.len().div_ceil(s.batch_size) as u64;
-    let total_steps = steps_per_epoch * s.epochs as u64;
-    let mut opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
+    let total_steps = split.train.len().div_ceil(s.batch_size) as u64 * s.epochs as u64;
+    let opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
+    let (model, opt) = (std::cell::RefCell::new(model), std::cell::RefCell::new(opt));
+    let mut r = RunSetup { raw_split, split, target_scale, s, vs, model, opt, augment, start_epoch: 1, best: (f64::NEG_INFINITY, 0), frozen: Vec::new(), loaded_from_checkpoint: Vec::new() };
+    load_transfer_and_freeze(cfg, &mut r)?;
+    if cfg.resume {
+        resume(cfg, &mut r)?;
+    }
+    Ok(r)
+}
 
-    let mut loaded_from_checkpoint = Vec::new();
+/// `--from` (every parameter whose name and shape match) and `--freeze`.
+fn load_transfer_and_freeze(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
     if let Some(from) = &cfg.from {
         let ck = checkpoint::load(from).map_err(ck_err)?;
-        // Transfer: every parameter whose name and shape match; a new head of another size starts fresh.
+        // Transfer: a new head of another size starts fresh.
+        let vs = &r.vs;
         let matching = |name: &str| ck.get(name).is_some_and(|t| vs.params().any(|p| p.name() == name && p.shape() == &t.shape[..]));
-        loaded_from_checkpoint = vs.load_checkpoint(&from.display().to_string(), &ck, false, matching).map_err(ck_err)?;
-        if loaded_from_checkpoint.is_empty() {
+        r.loaded_from_checkpoint = r.vs.load_checkpoint(&from.display().to_string(), &ck, false, matching).map_err(ck_err)?;
+        if r.loaded_from_checkpoint.is_empty() {
             return Err(KilnError::Backward(format!("{}: no parameter of this {} matches the checkpoint by name and shape", from.display(), cfg.model)));
         }
     }
-    let frozen = if cfg.freeze.is_empty() { Vec::new() } else { opt.freeze(&vs, |name| cfg.freeze.iter().any(|p| name == p || name.starts_with(&format!("{p}.")))) };
-    if !cfg.freeze.is_empty() && frozen.is_empty() {
-        let names: Vec<&str> = vs.params().map(|p| p.name()).collect();
-        return Err(KilnError::Backward(format!("--freeze {:?} matches no parameter; names are {}", cfg.freeze, names.join(", "))));
-    }
-    let mut start_epoch = 1;
-    let (mut best_metric, mut best_epoch) = (f64::NEG_INFINITY, 0usize);
-    if cfg.resume {
-        let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Backward("--resume needs the run directory (--out)".into()))?;
-        let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
-        let ck = checkpoint::load(&last).map_err(ck_err)?;
-        vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
-        let ock = checkpoint::load(&last_opt).map_err(ck_err)?;
-        opt.load_state(&last_opt.display().to_string(), &ock).map_err(ck_err)?;
-        model.net.set_rng_position(opt.steps_taken());
-        let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
-        if meta("kiln.model") != cfg.model {
-            return Err(KilnError::Backward(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
+    if !cfg.freeze.is_empty() {
+        r.frozen = r.opt.get_mut().freeze(&r.vs, |name| cfg.freeze.iter().any(|p| name == p || name.starts_with(&format!("{p}."))));
+        if r.frozen.is_empty() {
+            let names: Vec<&str> = r.vs.params().map(|p| p.name()).collect();
+            return Err(KilnError::Backward(format!("--freeze {:?} matches no parameter; names are {}", cfg.freeze, names.join(", "))));
         }
-        start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Backward(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
-        best_metric = meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY);
-        best_epoch = meta("kiln.best_epoch").parse().unwrap_or(0);
     }
+    Ok(())
+}
 
-    let classifier = split.train.num_classes().is_some();
-    let mut csv = match &cfg.out_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
-            let path = dir.join("metrics.csv");
-            let appending = cfg.resume && path.exists();
-            let mut f = std::fs::OpenOptions::new().create(true).append(appending).write(true).truncate(!appending).open(&path).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", path.display())))?;
-            if !appending {
-                let header = if classifier { "epoch,train_loss,train_accuracy,dev_loss,dev_accuracy,lr,seconds,samples_per_s" } else { "epoch,train_loss,dev_loss,dev_r2,lr,seconds,samples_per_s" };
-                writeln!(f, "{header}").map_err(|e| KilnError::Backward(e.to_string()))?;
-            }
-            Some(f)
-        }
-        None => None,
-    };
-    let mut stopped_early = false;
-    let mut best_checkpoint = None;
-    let mut last_save = Instant::now();
-
-    let mut history = Vec::new();
-    let train_options = LoaderOptions { batch_size: s.batch_size, shuffle: Some(cfg.seed), drop_last: false, workers: 1, prefetch: 2 };
-    let train_loader = DataLoader::shared(std::sync::Arc::new(split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
-    let mut step = 0u64;
-    // Steady state = every step after the first one of its batch size (a short last batch is a new shape).
-    let (mut steady_submits, mut steady_steps, mut steady_buffers) = (0u64, 0u64, 0u64);
-    let mut seen_batch_sizes = std::collections::HashSet::new();
-    // Time inside training steps only (upload to loss readback): evaluation and checkpoints are not steps.
-    let mut step_seconds = 0.0f64;
-    let mut first_step_seconds: Option<f64> = None;
-    let mut samples_seen = 0usize;
-    for epoch in start_epoch..=s.epochs {
-        let epoch_started = Instant::now();
-        let mut loss_sum = 0.0;
-        let mut correct_sum = 0.0;
-        model.set_training(true);
-        // Worker threads gather and collate the next batches while the GPU works on this one (the loader's
-        // order is this loop's old one: seed * 1_000_003 + epoch).
-        {
-            // Step n's loss (and count of right answers) is read back while step n + 1 is recorded: the host
-            // waits for it only after submitting the next step's work.
-            let mut pending: Option<(kiln_graph::PendingValues, usize, bool, u64)> = None;
-            let mut tally = |(read, n, with_correct, at_step): (kiln_graph::PendingValues, usize, bool, u64), samples_per_s: f64| -> Result<(), KilnError> {
-                let values = read.wait()?;
-                let (loss_value, right) = if with_correct { (values[0], values[1] as f64) } else { (values[0], 0.0) };
-                if !loss_value.is_finite() {
-                    return Err(KilnError::Backward(format!("loss became {loss_value} at step {at_step} (epoch {epoch}); try a smaller --lr")));
-                }
-                correct_sum += right;
-                loss_sum += loss_value as f64 * n as f64;
-                progress(&Progress { epoch, epochs: s.epochs, step: at_step, total_steps, loss: loss_value, samples_per_s, epoch_end: None });
-                Ok(())
-            };
-            for batch in train_loader.epoch(epoch as u64) {
-                let batch = batch.map_err(data_err)?;
-                let n = batch.len();
-                let before = kiln_graph::backend::thread_stats();
-                let step_started = Instant::now();
-                let (mut x, y) = features_and_targets(&batch)?;
-                if let (Some(a), Some([c, h, w])) = (&augment, split.train.image) {
-                    x = x.reshape(&[n, c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
-                }
-                let out = model.forward(&x)?;
-                let loss = model.task.loss(&out, &y)?;
-                let grads = loss.backward()?;
-                opt.step(&vs, &grads)?;
-                drop(grads);
-                // Loss and the count of right answers come back in one readback (one submit per step).
-                let correct = model.task.correct(&out, &y)?;
-                let values = match &correct {
-                    Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
-                    None => loss.clone(),
-                };
-                // This step is recorded, not yet submitted: take the last step's values (its readback buffer
-                // returns to the pool and serves this one), then submit this step with its own readback.
-                if let Some(previous) = pending.take() {
-                    tally(previous, samples_seen as f64 / step_seconds.max(1e-9))?;
-                }
-                pending = Some((values.read_start()?, n, correct.is_some(), step + 1));
-                step_seconds += step_started.elapsed().as_secs_f64();
-                if first_step_seconds.is_none() {
-                    first_step_seconds = Some(started.elapsed().as_secs_f64());
-                }
-                let after = kiln_graph::backend::thread_stats();
-                if !seen_batch_sizes.insert(n) {
-                    steady_submits += after.submits - before.submits;
-                    steady_buffers += after.buffers_created - before.buffers_created;
-                    steady_steps += 1;
-                }
-                step += 1;
-                samples_seen += n;
-            }
-            if let Some(last) = pending.take() {
-                tally(last, samples_seen as f64 / step_seconds.max(1e-9))?;
-            }
-        }
-        model.set_training(false);
-        let (dev_loss, dev_out) = evaluate(&model, &split.dev, target_scale)?;
-        let record = EpochRecord {
-            epoch,
-            train_loss: TargetScale::loss(target_scale, loss_sum / split.train.len() as f64),
-            train_accuracy: if classifier { correct_sum / split.train.len() as f64 } else { f64::NAN },
-            dev_loss,
-            dev_metric: quality(model.task, &dev_out, model.outputs, &raw_split.dev),
-            lr: opt.current_lr(),
-            seconds: started.elapsed().as_secs_f64(),
-            samples_per_s: split.train.len() as f64 / epoch_started.elapsed().as_secs_f64().max(1e-9),
-        };
-        if let Some(f) = csv.as_mut() {
-            let r = &record;
-            let train_acc = if classifier { format!("{:.6},", r.train_accuracy) } else { String::new() };
-            writeln!(f, "{},{:.6},{train_acc}{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s).map_err(|e| KilnError::Backward(e.to_string()))?;
-        }
-        progress(&Progress { epoch, epochs: s.epochs, step, total_steps, loss: record.train_loss as f32, samples_per_s: record.samples_per_s, epoch_end: Some(record.clone()) });
-        let improved = record.dev_metric > best_metric;
-        if improved {
-            (best_metric, best_epoch) = (record.dev_metric, epoch);
-        }
-        history.push(record);
-        let stop = cfg.patience.is_some_and(|p| epoch >= best_epoch + p);
-        if let Some(dir) = &cfg.out_dir {
-            // The best weights are kept on the host when they improve; files are written at most every few
-            // seconds and at the end, so runs of many short epochs do not spend their time in fsync.
-            if improved {
-                let mut ck = vs.to_checkpoint()?;
-                ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
-                best_checkpoint = Some(ck);
-            }
-            if stop || epoch == s.epochs || last_save.elapsed().as_secs_f64() >= CHECKPOINT_EVERY_S {
-                let mut ck = vs.to_checkpoint()?;
-                ck.metadata = run_metadata(cfg, &s, &split, epoch, best_metric, best_epoch);
-                checkpoint::save(&dir.join("last.safetensors"), &ck).map_err(ck_err)?;
-                checkpoint::save(&dir.join("last.optimizer.safetensors"), &opt.state_checkpoint(&vs)?).map_err(ck_err)?;
-                if let Some(best) = best_checkpoint.take() {
-                    checkpoint::save(&dir.join("best.safetensors"), &best).map_err(ck_err)?;
-                }
-                let train: Vec<f64> = history.iter().map(|h| h.train_loss).collect();
-                let dev: Vec<f64> = history.iter().map(|h| h.dev_loss).collect();
-                crate::plot::loss_png(&dir.join("loss.png"), &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", dir.join("loss.png").display())))?;
-                last_save = Instant::now();
-            }
-        }
-        if stop {
-            stopped_early = true;
-            break;
-        }
+/// `--resume`: parameters, optimizer state, epoch and best metric from the run directory's last checkpoint.
+fn resume(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
+    let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Backward("--resume needs the run directory (--out)".into()))?;
+    let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
+    let ck = checkpoint::load(&last).map_err(ck_err)?;
+    r.vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
+    let ock = checkpoint::load(&last_opt).map_err(ck_err)?;
+    r.opt.get_mut().load_state(&last_opt.display().to_string(), &ock).map_err(ck_err)?;
+    let steps = r.opt.get_mut().steps_taken();
+    r.model.get_mut().net.set_rng_position(steps);
+    let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
+    if meta("kiln.model") != cfg.model {
+        return Err(KilnError::Backward(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
     }
+    r.start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Backward(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
+    r.best = (meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY), meta("kiln.best_epoch").parse().unwrap_or(0));
+    Ok(())
+}
+
+/// Writes a run's checkpoints: best.safetensors when the dev metric improves (kept on the host until the next
+/// write), last.safetensors with the optimizer's state, and loss.png, at most every few seconds and at the
+/// run's last epoch, so runs of many short epochs do not spend their time in fsync.
+struct RunCheckpoints<'a> {
+    dir: PathBuf,
+    cfg: &'a TrainConfig,
+    s: &'a Settings,
+    split: &'a Split,
+    vs: &'a VarStore,
+    opt: &'a std::cell::RefCell<Optimizer>,
+    best: Option<checkpoint::Checkpoint>,
+    last_save: Instant,
+}
+
+impl Callback for RunCheckpoints<'_> {
+    fn on_epoch_end(&mut self, end: &EpochEnd) -> Result<(), KilnError> {
+        let epoch = end.record.epoch;
+        let meta = || run_metadata(self.cfg, self.s, self.split, epoch, end.best_metric, end.best_epoch);
+        if end.improved {
+            let mut ck = self.vs.to_checkpoint()?;
+            ck.metadata = meta();
+            self.best = Some(ck);
+        }
+        if end.last || self.last_save.elapsed().as_secs_f64() >= CHECKPOINT_EVERY_S {
+            let mut ck = self.vs.to_checkpoint()?;
+            ck.metadata = meta();
+            checkpoint::save(&self.dir.join("last.safetensors"), &ck).map_err(ck_err)?;
+            checkpoint::save(&self.dir.join("last.optimizer.safetensors"), &self.opt.borrow().state_checkpoint(self.vs)?).map_err(ck_err)?;
+            if let Some(best) = self.best.take() {
+                checkpoint::save(&self.dir.join("best.safetensors"), &best).map_err(ck_err)?;
+            }
+            let train: Vec<f64> = end.history.iter().map(|h| h.train_loss).collect();
+            let dev: Vec<f64> = end.history.iter().map(|h| h.dev_loss).collect();
+            let png = self.dir.join("loss.png");
+            crate::plot::loss_png(&png, &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", png.display())))?;
+            self.last_save = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// The test-split evaluation and the run's figures.
+fn final_report(cfg: &TrainConfig, entry: &ModelEntry, g: &Device, r: RunSetup, fit: FitReport, started: Instant) -> Result<TrainReport, KilnError> {
     let end_stats = g.stats();
-
-    let (test_loss, test_out) = evaluate(&model, &split.test, target_scale)?;
-    let (train_eval_loss, _) = evaluate(&model, &split.train, target_scale)?;
+    let model = r.model.into_inner();
+    let (test_loss, test_out) = evaluate(&model, &r.split.test, r.target_scale)?;
+    let (train_eval_loss, _) = evaluate(&model, &r.split.train, r.target_scale)?;
     let mut report = TrainReport {
         model: cfg.model.clone(),
-        dataset: split.train.name.clone(),
+        dataset: r.split.train.name.clone(),
         adapter: g.adapter_name(),
         backend: g.backend(),
-        epochs: s.epochs,
-        steps: step,
-        train_samples: split.train.len(),
-        test_samples: split.test.len(),
+        epochs: r.s.epochs,
+        steps: fit.steps,
+        train_samples: r.split.train.len(),
+        test_samples: r.split.test.len(),
         train_loss: train_eval_loss,
-        dev_loss: history.last().map(|h| h.dev_loss).unwrap_or(f64::NAN),
+        dev_loss: fit.history.last().map(|h| h.dev_loss).unwrap_or(f64::NAN),
         test_loss,
-        test: TestMetrics::of(&model, &test_out, &raw_split.test.targets),
+        test: TestMetrics::of(&model, &test_out, &r.raw_split.test.targets),
         normal_equation_cost: None,
         train_cost: None,
         seconds: started.elapsed().as_secs_f64(),
-        samples_per_s: samples_seen as f64 / step_seconds.max(1e-9),
-        ms_per_step: 1000.0 * step_seconds / step.max(1) as f64,
-        seconds_to_first_step: first_step_seconds.unwrap_or(0.0),
-        submits_per_step: if steady_steps > 0 { steady_submits as f64 / steady_steps as f64 } else { 1.0 },
-        buffers_created_after_first_step: steady_buffers,
+        samples_per_s: fit.samples_seen as f64 / fit.step_seconds.max(1e-9),
+        ms_per_step: 1000.0 * fit.step_seconds / fit.steps.max(1) as f64,
+        seconds_to_first_step: fit.first_step_seconds.unwrap_or(0.0),
+        submits_per_step: if fit.steady_steps > 0 { fit.steady_submits as f64 / fit.steady_steps as f64 } else { 1.0 },
+        buffers_created_after_first_step: fit.steady_buffers,
         peak_gpu_bytes: end_stats.peak_live_bytes,
-        parameters: vs.num_values(),
-        settings: s,
-        history,
-        best_dev_metric: best_metric,
-        best_epoch,
-        stopped_early,
-        frozen,
-        loaded_from_checkpoint,
+        parameters: r.vs.num_values(),
+        settings: r.s,
+        history: fit.history,
+        best_dev_metric: fit.best_metric,
+        best_epoch: fit.best_epoch,
+        stopped_early: fit.stopped_early,
+        frozen: r.frozen,
+        loaded_from_checkpoint: r.loaded_from_checkpoint,
     };
-    if cfg.model == "linreg" {
-        let train_y = raw_split.train.values().unwrap_or(&[]);
-        report.normal_equation_cost = normal_equation(&raw_split.train.x, raw_split.train.features, train_y).map(|(_, c)| c);
+    if entry.normal_equation {
+        let train_y = r.raw_split.train.values().unwrap_or(&[]);
+        report.normal_equation_cost = normal_equation(&r.raw_split.train.x, r.raw_split.train.features, train_y).map(|(_, c)| c);
         report.train_cost = Some(train_eval_loss / 2.0);
     }
     Ok(report)

@@ -33,7 +33,7 @@ impl LrSchedule {
 }
 
 impl Schedule {
-    pub fn constant() -> Schedule {
+    pub const fn constant() -> Schedule {
         Schedule { kind: LrSchedule::Constant, warmup: 0 }
     }
     pub fn lr(&self, base: f32, step: u64, total: u64) -> f32 {

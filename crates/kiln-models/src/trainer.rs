@@ -1,0 +1,287 @@
+//! The reusable training loop: epochs of batches from a [`DataLoader`], a step function the user supplies,
+//! an evaluation at each epoch's end, and callbacks (progress, metrics.csv, loss.png, early stopping,
+//! checkpoints). `kiln train` is built on it (train.rs); a model of any kind can be, since the step function
+//! owns the forward pass, the loss, the backward pass and the optimizer(s).
+//!
+//! Each step's values (its loss, and the count of right answers for a classifier) are read back a step
+//! behind: the host records step n + 1 while the GPU runs step n.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_data::{Collate, DataLoader, Dataset, HostBatch};
+use kiln_graph::{no_grad, KilnError, PendingValues, Tensor};
+use serde::Serialize;
+
+type Result<T, E = KilnError> = std::result::Result<T, E>;
+
+/// What one training step hands back to be read: its loss (a scalar) and, for classifiers, how many of the
+/// batch it got right (a scalar).
+pub struct StepValues {
+    pub loss: Tensor,
+    pub correct: Option<Tensor>,
+}
+
+/// One progress update (per step, and with `epoch_end` filled at each epoch end).
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f32,
+    pub samples_per_s: f64,
+    pub epoch_end: Option<EpochRecord>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    /// Accuracy on the training batches as they were trained (classifiers; NaN otherwise).
+    pub train_accuracy: f64,
+    pub dev_loss: f64,
+    /// The metric that picks the best epoch, higher is better (accuracy, R^2, ...).
+    pub dev_metric: f64,
+    pub lr: f32,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+}
+
+/// A training epoch's sums, for the evaluation at its end: mean loss and accuracy over the samples seen.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochTally {
+    pub epoch: usize,
+    pub samples: usize,
+    pub loss_sum: f64,
+    pub correct_sum: f64,
+    pub seconds: f64,
+}
+
+/// The state callbacks see at an epoch's end.
+pub struct EpochEnd<'a> {
+    pub record: &'a EpochRecord,
+    /// Every epoch's record so far, this one last.
+    pub history: &'a [EpochRecord],
+    /// The epoch-end progress report (`epoch_end` filled).
+    pub progress: Progress,
+    pub best_metric: f64,
+    pub best_epoch: usize,
+    pub improved: bool,
+    /// The last epoch of the run: the planned last one, or one a callback stopped at.
+    pub last: bool,
+}
+
+/// Hooks into the loop. `stop` is asked of every callback first; then `on_epoch_end` runs with `last` set
+/// if any said yes.
+pub trait Callback {
+    fn on_step(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
+    fn stop(&mut self, _end: &EpochEnd) -> bool {
+        false
+    }
+    fn on_epoch_end(&mut self, _end: &EpochEnd) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Any `FnMut(&Progress)` reports progress: each step, and each epoch end with its record.
+pub struct OnProgress<F: FnMut(&Progress)>(pub F);
+
+impl<F: FnMut(&Progress)> Callback for OnProgress<F> {
+    fn on_step(&mut self, p: &Progress) -> Result<()> {
+        (self.0)(p);
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, end: &EpochEnd) -> Result<()> {
+        (self.0)(&end.progress);
+        Ok(())
+    }
+}
+
+/// Stops when the dev metric has not improved for `patience` epochs.
+pub struct EarlyStopping {
+    pub patience: usize,
+}
+
+impl Callback for EarlyStopping {
+    fn stop(&mut self, end: &EpochEnd) -> bool {
+        end.record.epoch >= end.best_epoch + self.patience
+    }
+}
+
+/// Appends one line per epoch to a CSV file (created with its header, or appended to when resuming).
+pub struct MetricsCsv {
+    file: std::fs::File,
+    path: PathBuf,
+    with_accuracy: bool,
+}
+
+impl MetricsCsv {
+    /// `dev_metric_name` heads the metric column ("dev_accuracy", "dev_r2"); `with_accuracy` adds the training
+    /// accuracy column.
+    pub fn open(path: PathBuf, with_accuracy: bool, dev_metric_name: &str, append: bool) -> Result<MetricsCsv> {
+        let append = append && path.exists();
+        let err = |e: std::io::Error| KilnError::Backward(format!("cannot write {}: {e}", path.display()));
+        let mut file = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(&path).map_err(err)?;
+        if !append {
+            let acc = if with_accuracy { "train_accuracy," } else { "" };
+            writeln!(file, "epoch,train_loss,{acc}dev_loss,{dev_metric_name},lr,seconds,samples_per_s").map_err(err)?;
+        }
+        Ok(MetricsCsv { file, path, with_accuracy })
+    }
+}
+
+impl Callback for MetricsCsv {
+    fn on_epoch_end(&mut self, end: &EpochEnd) -> Result<()> {
+        let r = end.record;
+        let acc = if self.with_accuracy { format!("{:.6},", r.train_accuracy) } else { String::new() };
+        writeln!(self.file, "{},{:.6},{acc}{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s)
+            .map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", self.path.display())))
+    }
+}
+
+/// What a run of the loop measured.
+#[derive(Clone, Debug, Default)]
+pub struct FitReport {
+    pub steps: u64,
+    pub samples_seen: usize,
+    /// Time inside training steps only (upload to the step's submit): evaluation and callbacks are not steps.
+    pub step_seconds: f64,
+    /// From the loop's `started` instant to the end of the first step.
+    pub first_step_seconds: Option<f64>,
+    /// Submits and buffers created per step after the first step of each batch size (a short last batch is
+    /// a new shape), and how many such steps.
+    pub steady_submits: u64,
+    pub steady_buffers: u64,
+    pub steady_steps: u64,
+    pub history: Vec<EpochRecord>,
+    pub best_metric: f64,
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+}
+
+/// The loop. `epochs` and `total_steps` are for progress reports; `start_epoch` > 1 resumes.
+pub struct Trainer<'a> {
+    pub start_epoch: usize,
+    pub epochs: usize,
+    pub total_steps: u64,
+    /// The best dev metric so far and its epoch (a resumed run carries them over).
+    pub best: (f64, usize),
+    pub started: Instant,
+    callbacks: Vec<Box<dyn Callback + 'a>>,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(epochs: usize, total_steps: u64) -> Trainer<'a> {
+        Trainer { start_epoch: 1, epochs, total_steps, best: (f64::NEG_INFINITY, 0), started: Instant::now(), callbacks: Vec::new() }
+    }
+
+    pub fn callback(mut self, c: impl Callback + 'a) -> Trainer<'a> {
+        self.callbacks.push(Box::new(c));
+        self
+    }
+
+    /// Runs the epochs. `step(batch, step_index)` records one training step (forward, loss, backward,
+    /// optimizer updates) and returns the values to read back; `evaluate(tally)` runs at each epoch's end
+    /// and makes its record (dev loss and metric, learning rate).
+    pub fn fit<D: Dataset, C: Collate<D::Sample>>(
+        &mut self,
+        loader: &DataLoader<D, C>,
+        mut step: impl FnMut(&HostBatch, u64) -> Result<StepValues>,
+        mut evaluate: impl FnMut(EpochTally) -> Result<EpochRecord>,
+    ) -> Result<FitReport> {
+        let mut report = FitReport { best_metric: self.best.0, best_epoch: self.best.1, ..Default::default() };
+        let mut seen_batch_sizes = std::collections::HashSet::new();
+        for epoch in self.start_epoch..=self.epochs {
+            let epoch_started = Instant::now();
+            let mut tally = EpochTally { epoch, samples: 0, loss_sum: 0.0, correct_sum: 0.0, seconds: 0.0 };
+            // (values in flight, batch size, with a count of right answers, step number)
+            let mut pending: Option<(PendingValues, usize, bool, u64)> = None;
+            for batch in loader.epoch(epoch as u64) {
+                let batch = batch.map_err(|e| KilnError::Backward(e.to_string()))?;
+                let n = batch.len();
+                let before = kiln_graph::backend::thread_stats();
+                let step_started = Instant::now();
+                let values = step(&batch, report.steps)?;
+                let read = match &values.correct {
+                    Some(c) => no_grad(|| Tensor::concat(&[&values.loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
+                    None => values.loss.clone(),
+                };
+                // This step is recorded, not yet submitted: take the last step's values (its readback buffer
+                // returns to the pool and serves this one), then submit this step with its own readback.
+                if let Some(previous) = pending.take() {
+                    self.tally(previous, &mut tally, &report)?;
+                }
+                pending = Some((read.read_start()?, n, values.correct.is_some(), report.steps + 1));
+                report.step_seconds += step_started.elapsed().as_secs_f64();
+                report.first_step_seconds.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+                let after = kiln_graph::backend::thread_stats();
+                if !seen_batch_sizes.insert(n) {
+                    report.steady_submits += after.submits - before.submits;
+                    report.steady_buffers += after.buffers_created - before.buffers_created;
+                    report.steady_steps += 1;
+                }
+                report.steps += 1;
+                report.samples_seen += n;
+            }
+            if let Some(last) = pending.take() {
+                self.tally(last, &mut tally, &report)?;
+            }
+            tally.seconds = epoch_started.elapsed().as_secs_f64();
+            let record = evaluate(tally)?;
+            if self.end_epoch(record, &mut report)? {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Waits for one step's values, adds them to the epoch's sums and reports progress.
+    fn tally(&mut self, (read, n, with_correct, at_step): (PendingValues, usize, bool, u64), tally: &mut EpochTally, report: &FitReport) -> Result<()> {
+        let values = read.wait()?;
+        let loss = values[0];
+        if !loss.is_finite() {
+            return Err(KilnError::Backward(format!("loss became {loss} at step {at_step} (epoch {}); try a smaller --lr", tally.epoch)));
+        }
+        if with_correct {
+            tally.correct_sum += values[1] as f64;
+        }
+        tally.loss_sum += loss as f64 * n as f64;
+        tally.samples += n;
+        let samples_per_s = (report.samples_seen as f64) / report.step_seconds.max(1e-9);
+        let p = Progress { epoch: tally.epoch, epochs: self.epochs, step: at_step, total_steps: self.total_steps, loss, samples_per_s, epoch_end: None };
+        self.callbacks.iter_mut().try_for_each(|c| c.on_step(&p))
+    }
+
+    /// Records the epoch, asks the callbacks whether to stop, then runs their epoch-end hooks. True: stop.
+    fn end_epoch(&mut self, record: EpochRecord, report: &mut FitReport) -> Result<bool> {
+        let improved = record.dev_metric > report.best_metric;
+        if improved {
+            (report.best_metric, report.best_epoch) = (record.dev_metric, record.epoch);
+        }
+        let progress = Progress {
+            epoch: record.epoch,
+            epochs: self.epochs,
+            step: report.steps,
+            total_steps: self.total_steps,
+            loss: record.train_loss as f32,
+            samples_per_s: record.samples_per_s,
+            epoch_end: Some(record.clone()),
+        };
+        let last = record.epoch == self.epochs;
+        report.history.push(record);
+        let history = &report.history[..];
+        let record = history.last().expect("just pushed");
+        let mut end = EpochEnd { record, history, progress, best_metric: report.best_metric, best_epoch: report.best_epoch, improved, last };
+        let stop = self.callbacks.iter_mut().fold(false, |stop, c| c.stop(&end) | stop);
+        end.last |= stop;
+        for c in &mut self.callbacks {
+            c.on_epoch_end(&end)?;
+        }
+        report.stopped_early = stop;
+        Ok(stop)
+    }
+}
