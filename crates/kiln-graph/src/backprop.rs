@@ -243,100 +243,17 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
             return Ok(grads);
         }
     }
-    use UnaryKind as U;
     Ok(match op {
-        Op::Unary(kind, x, alpha, beta) => {
-            let gx = match kind {
-                U::Neg => g.neg()?,
-                U::Exp => g.mul(out)?,
-                U::Log => g.div(x)?,
-                U::Sqrt => g.div(out)?.scale(0.5)?,
-                U::Abs => g.mul(&x.unary_raw(U::Sign, 0.0, 0.0)?)?,
-                U::Sigmoid => g.mul(&out.mul(&out.affine(-1.0, 1.0)?)?)?,
-                U::Tanh => g.mul(&out.mul(out)?.affine(-1.0, 1.0)?)?,
-                U::Relu => g.mul(&x.unary_raw(U::Step, 0.0, 0.0)?)?,
-                U::LeakyRelu => g.mul(&x.unary_raw(U::LeakyStep, *alpha, 0.0)?)?,
-                U::Softplus => g.mul(&x.sigmoid()?)?,
-                U::Clamp => g.mul(&x.unary_raw(U::InRange, *alpha, *beta)?)?,
-                U::Powf => g.mul(&x.powf(alpha - 1.0)?.scale(*alpha)?)?,
-                U::Affine => g.scale(*alpha)?,
-                U::Step | U::Sign | U::LeakyStep | U::InRange | U::Fill => return Ok(vec![]),
-            };
-            vec![(x, gx)]
-        }
-        Op::Binary(kind, a, b) => match kind {
-            BinaryKind::Add => vec![(a, g.sum_to(a.shape())?), (b, g.sum_to(b.shape())?)],
-            BinaryKind::Sub => vec![(a, g.sum_to(a.shape())?), (b, g.neg()?.sum_to(b.shape())?)],
-            BinaryKind::Mul => vec![(a, g.broadcast_mul(b)?.sum_to(a.shape())?), (b, g.broadcast_mul(a)?.sum_to(b.shape())?)],
-            BinaryKind::Div => {
-                let ga = g.broadcast_div(b)?;
-                let gb = ga.broadcast_mul(out)?.neg()?; // -g a / b^2 = -(g / b) * (a / b)
-                vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
-            }
-            BinaryKind::Maximum | BinaryKind::Minimum => {
-                // The larger (smaller) input takes the gradient; ties go to `a`.
-                let a_wins = if *kind == BinaryKind::Maximum { b.gt_mask(a)? } else { a.gt_mask(b)? }.affine(-1.0, 1.0)?;
-                let ga = g.broadcast_mul(&a_wins)?;
-                let gb = g.sub(&ga)?;
-                vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
-            }
-            BinaryKind::Eq | BinaryKind::Gt => vec![],
-        },
+        Op::Unary(kind, x, alpha, beta) => unary_grad(*kind, x, out, g, *alpha, *beta)?.map(|gx| vec![(x, gx)]).unwrap_or_default(),
+        Op::Binary(kind, a, b) => binary_grads(*kind, a, b, out, g)?,
         Op::Sum(x, _, scale) => vec![(x, g.broadcast_to(x.shape())?.scale(*scale)?)],
         Op::Max(x, _) => {
             let mask = x.eq_mask(out)?;
             vec![(x, mask.broadcast_mul(g)?)]
         }
-        Op::Matmul(a, b, ta, tb) => {
-            let (ta, tb) = (*ta, *tb);
-            // With a shared 2-D right operand and a batched left one, lift b to a batch and sum its gradient.
-            let b3;
-            let b_eff = if a.rank() == 3 && b.rank() == 2 && ta {
-                b3 = b.broadcast_to(&[a.shape()[0], b.shape()[0], b.shape()[1]])?;
-                &b3
-            } else {
-                b
-            };
-            // Only the products that are needed: a network's input images want no gradient.
-            let mut grads = Vec::with_capacity(2);
-            if a.requires_grad() {
-                let ga = if ta { b_eff.matmul_t(g, tb, true)? } else { g.matmul_t(b_eff, false, !tb)? };
-                grads.push((a, ga));
-            }
-            if b.requires_grad() {
-                let gb = if tb { g.matmul_t(a, true, ta)? } else { a.matmul_t(g, !ta, false)? };
-                let gb = if gb.rank() == 3 && b.rank() == 2 { gb.sum(&[0], false)? } else { gb };
-                grads.push((b, gb));
-            }
-            grads
-        }
-        Op::BiasAct(x, bias, axis, act) => {
-            // g_pre = g * act'(pre) in one kernel (from the saved output); the bias gets g_pre summed over
-            // every axis but its channel axis.
-            let g_pre = if *act == kernels::BiasAct::Identity {
-                g.clone()
-            } else {
-                Tensor::from_storage(kernels::act_backward(&g.view(), &out.view(), g.numel(), *act)?, g.shape(), DType::F32)?
-            };
-            let others: Vec<usize> = (0..x.rank()).filter(|a| a != axis).collect();
-            let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
-            vec![(x, g_pre), (bias, g_bias)]
-        }
-        Op::BatchNorm(x, gamma, beta, stats, act, _) => {
-            // One per-channel reduction (sums of g_pre and g_pre * xhat, which are beta's and gamma's
-            // gradients), then dx elementwise; g_pre = g * act'(y) inside both kernels.
-            let s = crate::ops::norm_shape("batch_norm backward", x.shape())?;
-            let (gv, yv, xv, sv) = (g.view(), out.view(), x.view(), stats.view());
-            let (g_beta, g_gamma) = kernels::bn_backward_reduce(&gv, &yv, &xv, &sv, s, *act)?;
-            let mut grads = Vec::with_capacity(3);
-            if x.requires_grad() {
-                let dx = kernels::bn_backward_apply(&gv, &yv, &xv, &sv, &gamma.view(), &g_beta, &g_gamma, s, *act)?;
-                grads.push((x, Tensor::make(dx, x.shape().to_vec(), DType::F32, None)));
-            }
-            grads.push((gamma, Tensor::make(g_gamma, vec![s.c], DType::F32, None)));
-            grads.push((beta, Tensor::make(g_beta, vec![s.c], DType::F32, None)));
-            grads
-        }
+        Op::Matmul(a, b, ta, tb) => matmul_grads(a, b, *ta, *tb, g)?,
+        Op::BiasAct(x, bias, axis, act) => bias_act_grads(x, bias, *axis, *act, out, g)?,
+        Op::BatchNorm(x, gamma, beta, stats, act, _) => batch_norm_grads(x, gamma, beta, stats, *act, out, g)?,
         Op::CrossEntropy(logits, labels, lse) => {
             // dx = g * (softmax(x) - one_hot(label)) / rows, in one kernel.
             let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
@@ -387,32 +304,123 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::MaxPool2d(x, switches, geom) => vec![(x, pool2d_grad(x, Some(switches), g, geom)?)],
         Op::AvgPool2d(x, geom) => vec![(x, pool2d_grad(x, None, g, geom)?)],
         Op::Custom(custom, xs) => crate::custom::checked_grads(custom.as_ref(), xs, out, g)?,
-        // The ops backward_create_graph records: each is bilinear (or linear) in its inputs, so its gradients
-        // are the convolution and its other gradient (see docs/library.md, "Gradients of gradients").
-        Op::Conv2dInputGrad(gy, w, geom, _) => {
-            // out = B_x^T(w) gy with y = B(x, w) = conv2d: d/dgy = B(g, w), d/dw = B_w^T(g) gy.
-            let mut v = Vec::with_capacity(2);
-            if gy.requires_grad() {
-                v.push((gy, g.conv2d(w, *geom)?));
-            }
-            if w.requires_grad() {
-                v.push((w, conv2d_weight_grad(g, gy, geom, w.shape())?));
-            }
-            v
-        }
-        Op::Conv2dWeightGrad(x, gy, geom, _) => {
-            // out = B_w^T(x) gy: d/dgy = B(x, g), d/dx = B_x^T(g) gy.
-            let mut v = Vec::with_capacity(2);
-            if gy.requires_grad() {
-                v.push((gy, x.conv2d(g, *geom)?));
-            }
-            if x.requires_grad() {
-                v.push((x, conv2d_input_grad(gy, g, geom, x.shape())?));
-            }
-            v
-        }
+        // The ops backward_create_graph records (see conv_grad_op_grads).
+        Op::Conv2dInputGrad(gy, w, geom, _) => conv_grad_op_grads(gy, w, geom, g, true)?,
+        Op::Conv2dWeightGrad(x, gy, geom, _) => conv_grad_op_grads(gy, x, geom, g, false)?,
         Op::AvgPool2dGrad(gy, geom, _) => vec![(gy, g.avg_pool2d(*geom)?)],
     })
+}
+
+/// a @ b with either read transposed: the two products that are needed (a network's input images want no
+/// gradient).
+fn matmul_grads<'a>(a: &'a Tensor, b: &'a Tensor, ta: bool, tb: bool, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    // With a shared 2-D right operand and a batched left one, lift b to a batch and sum its gradient.
+    let b3;
+    let b_eff = if a.rank() == 3 && b.rank() == 2 && ta {
+        b3 = b.broadcast_to(&[a.shape()[0], b.shape()[0], b.shape()[1]])?;
+        &b3
+    } else {
+        b
+    };
+    let mut grads = Vec::with_capacity(2);
+    if a.requires_grad() {
+        let ga = if ta { b_eff.matmul_t(g, tb, true)? } else { g.matmul_t(b_eff, false, !tb)? };
+        grads.push((a, ga));
+    }
+    if b.requires_grad() {
+        let gb = if tb { g.matmul_t(a, true, ta)? } else { a.matmul_t(g, !ta, false)? };
+        let gb = if gb.rank() == 3 && b.rank() == 2 { gb.sum(&[0], false)? } else { gb };
+        grads.push((b, gb));
+    }
+    Ok(grads)
+}
+
+/// The rules of the two ops `backward_create_graph` records for conv2d's gradients. With y = B(x, w) the
+/// convolution (bilinear), Conv2dInputGrad is B_x^T(w) gy and Conv2dWeightGrad is B_w^T(x) gy, so for an
+/// incoming gradient g: d/dgy of either is the convolution B(g, w) or B(x, g), d/dw of the first is
+/// B_w^T(g) gy and d/dx of the second is B_x^T(g) gy. `other` is w (`input_grad`) or x.
+fn conv_grad_op_grads<'a>(gy: &'a Tensor, other: &'a Tensor, geom: &Conv2dGeom, g: &Tensor, input_grad: bool) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let mut v = Vec::with_capacity(2);
+    if gy.requires_grad() {
+        v.push((gy, if input_grad { g.conv2d(other, *geom)? } else { other.conv2d(g, *geom)? }));
+    }
+    if other.requires_grad() {
+        let go = if input_grad { conv2d_weight_grad(g, gy, geom, other.shape())? } else { conv2d_input_grad(gy, g, geom, other.shape())? };
+        v.push((other, go));
+    }
+    Ok(v)
+}
+
+/// The unary ops' rules (None for the masks and fills, which pass no gradient).
+fn unary_grad(kind: UnaryKind, x: &Tensor, out: &Tensor, g: &Tensor, alpha: f32, beta: f32) -> Result<Option<Tensor>> {
+    use UnaryKind as U;
+    Ok(Some(match kind {
+        U::Neg => g.neg()?,
+        U::Exp => g.mul(out)?,
+        U::Log => g.div(x)?,
+        U::Sqrt => g.div(out)?.scale(0.5)?,
+        U::Abs => g.mul(&x.unary_raw(U::Sign, 0.0, 0.0)?)?,
+        U::Sigmoid => g.mul(&out.mul(&out.affine(-1.0, 1.0)?)?)?,
+        U::Tanh => g.mul(&out.mul(out)?.affine(-1.0, 1.0)?)?,
+        U::Relu => g.mul(&x.unary_raw(U::Step, 0.0, 0.0)?)?,
+        U::LeakyRelu => g.mul(&x.unary_raw(U::LeakyStep, alpha, 0.0)?)?,
+        U::Softplus => g.mul(&x.sigmoid()?)?,
+        U::Clamp => g.mul(&x.unary_raw(U::InRange, alpha, beta)?)?,
+        U::Powf => g.mul(&x.powf(alpha - 1.0)?.scale(alpha)?)?,
+        U::Affine => g.scale(alpha)?,
+        U::Step | U::Sign | U::LeakyStep | U::InRange | U::Fill => return Ok(None),
+    }))
+}
+
+/// The broadcasting binary ops' rules: each gradient summed back to its input's shape.
+fn binary_grads<'a>(kind: BinaryKind, a: &'a Tensor, b: &'a Tensor, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    Ok(match kind {
+        BinaryKind::Add => vec![(a, g.sum_to(a.shape())?), (b, g.sum_to(b.shape())?)],
+        BinaryKind::Sub => vec![(a, g.sum_to(a.shape())?), (b, g.neg()?.sum_to(b.shape())?)],
+        BinaryKind::Mul => vec![(a, g.broadcast_mul(b)?.sum_to(a.shape())?), (b, g.broadcast_mul(a)?.sum_to(b.shape())?)],
+        BinaryKind::Div => {
+            let ga = g.broadcast_div(b)?;
+            let gb = ga.broadcast_mul(out)?.neg()?; // -g a / b^2 = -(g / b) * (a / b)
+            vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
+        }
+        BinaryKind::Maximum | BinaryKind::Minimum => {
+            // The larger (smaller) input takes the gradient; ties go to `a`.
+            let a_wins = if kind == BinaryKind::Maximum { b.gt_mask(a)? } else { a.gt_mask(b)? }.affine(-1.0, 1.0)?;
+            let ga = g.broadcast_mul(&a_wins)?;
+            let gb = g.sub(&ga)?;
+            vec![(a, ga.sum_to(a.shape())?), (b, gb.sum_to(b.shape())?)]
+        }
+        BinaryKind::Eq | BinaryKind::Gt => vec![],
+    })
+}
+
+/// act(x + bias): g_pre = g * act'(pre) in one kernel (from the saved output); the bias gets g_pre summed over
+/// every axis but its channel axis.
+fn bias_act_grads<'a>(x: &'a Tensor, bias: &'a Tensor, axis: usize, act: kernels::BiasAct, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let g_pre = if act == kernels::BiasAct::Identity {
+        g.clone()
+    } else {
+        Tensor::from_storage(kernels::act_backward(&g.view(), &out.view(), g.numel(), act)?, g.shape(), DType::F32)?
+    };
+    let others: Vec<usize> = (0..x.rank()).filter(|a| *a != axis).collect();
+    let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
+    Ok(vec![(x, g_pre), (bias, g_bias)])
+}
+
+/// Fused batch norm: one per-channel reduction (sums of g_pre and g_pre * xhat, which are beta's and gamma's
+/// gradients), then dx elementwise; g_pre = g * act'(y) inside both kernels.
+fn batch_norm_grads<'a>(x: &'a Tensor, gamma: &'a Tensor, beta: &'a Tensor, stats: &Tensor, act: kernels::BiasAct, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let s = crate::ops::norm_shape("batch_norm backward", x.shape())?;
+    let (gv, yv, xv, sv) = (g.view(), out.view(), x.view(), stats.view());
+    let (g_beta, g_gamma) = kernels::bn_backward_reduce(&gv, &yv, &xv, &sv, s, act)?;
+    let mut grads = Vec::with_capacity(3);
+    if x.requires_grad() {
+        let dx = kernels::bn_backward_apply(&gv, &yv, &xv, &sv, &gamma.view(), &g_beta, &g_gamma, s, act)?;
+        grads.push((x, Tensor::make(dx, x.shape().to_vec(), DType::F32, None)));
+    }
+    grads.push((gamma, Tensor::make(g_gamma, vec![s.c], DType::F32, None)));
+    grads.push((beta, Tensor::make(g_beta, vec![s.c], DType::F32, None)));
+    Ok(grads)
 }
 
 /// Under `backward_create_graph`, the rules whose first-order form launches kernels the tape cannot see:
