@@ -114,3 +114,14 @@ fn avg_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     }
     avg_grad_x[i] = acc / f32(pp.kh * pp.kw);
 }
+
+// The gradient of max_pool2d_backward with respect to its grad_y (for second derivatives): each output
+// position takes the value at its switch; linear, and the adjoint of max_pool2d_backward.
+//   src: [n, c, h, w] (binding 1, as grad_y), switches (binding 2), out: [n, c, oh, ow] (binding 3, as grad_x)
+@compute @workgroup_size(WG)
+fn max_pool2d_gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = linear_id(gid, nwg);
+    if (o >= pp.planes * pp.oh * pp.ow) { return; }
+    let plane = o / (pp.oh * pp.ow);
+    grad_x[o] = grad_y[plane * pp.h * pp.w + saved_switches[o]];
+}

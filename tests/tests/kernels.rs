@@ -91,6 +91,25 @@ fn autotuner_caches_its_choice_on_disk() {
 }
 
 #[test]
+fn two_tuners_sharing_a_cache_file_keep_each_others_choices() {
+    // Two devices on one adapter share its cache file: each tunes a shape class the other does not, and the
+    // file ends with both (a save merges with what is there instead of overwriting it).
+    let g = require_gpu();
+    let dir = std::env::temp_dir().join(format!("kiln-tune-shared-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut a = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    let mut b = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    a.choose(g, 1, 128, 96, 200, false, true).unwrap();
+    b.choose(g, 1, 96, 256, 160, true, false).unwrap();
+    assert_eq!((a.tuned, b.tuned), (1, 1));
+    let mut reader = Tuner::open(g, Mode::On, Some(&dir)).unwrap();
+    reader.choose(g, 1, 128, 96, 200, false, true).unwrap();
+    reader.choose(g, 1, 96, 256, 160, true, false).unwrap();
+    assert_eq!(reader.tuned, 0, "both choices are in the file: {}", std::fs::read_to_string(tune::cache_file(g, &dir).unwrap()).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn softmax_of_long_rows_matches_the_cpu_reference() {
     require_gpu();
     let mut rng = test_rng("long softmax");

@@ -53,6 +53,14 @@ pub enum Op {
     Conv2dWeightGrad(Tensor, Tensor, Conv2dGeom, Vec<usize>),
     /// Recorded only by `backward_create_graph`: average pooling's input gradient from grad_y, the input's shape.
     AvgPool2dGrad(Tensor, Pool2dGeom, Vec<usize>),
+    /// Recorded only by `backward_create_graph`: max pooling's input gradient from (grad_y, switches), the
+    /// input's shape.
+    MaxPool2dGrad(Tensor, Tensor, Pool2dGeom, Vec<usize>),
+    /// Its adjoint: a tensor of the input's shape read at the switches (src, switches).
+    MaxPool2dGather(Tensor, Tensor, Pool2dGeom),
+    /// Recorded only by `backward_create_graph`: index_select's gradient from (grad_y, indices), axis, the
+    /// input's shape.
+    IndexSelectGrad(Tensor, Tensor, usize, Vec<usize>),
 }
 
 impl Op {
@@ -61,6 +69,7 @@ impl Op {
             Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) | Op::AvgPool2d(x, _) => vec![x],
             Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, ..) | Op::BiasAct(a, b, ..) | Op::Conv2dInputGrad(a, b, ..) | Op::Conv2dWeightGrad(a, b, ..) => vec![a, b],
             Op::AvgPool2dGrad(g, ..) => vec![g],
+            Op::MaxPool2dGrad(g, switches, ..) | Op::MaxPool2dGather(g, switches, _) | Op::IndexSelectGrad(g, switches, ..) => vec![g, switches],
             Op::Custom(_, xs) => xs.iter().collect(),
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
@@ -146,9 +155,10 @@ impl Tensor {
 
     /// [`Tensor::backward`] that records the gradient computation on the tape, like PyTorch's
     /// `create_graph=True`: the gradients it returns require gradients themselves, so a function of them (a
-    /// gradient penalty, a Hessian-vector product) can be differentiated again. Every op supports it except
-    /// max pooling and index_select (their backward kernels are not recorded; the error says so); the fused
-    /// ops (bias+activation, batch norm, cross-entropy) are differentiated through their composite formulas.
+    /// gradient penalty, a Hessian-vector product) can be differentiated again. Every op supports it: rules
+    /// that launch kernels directly are recorded as ops of their own (convolution, pooling, index_select,
+    /// slice), the fused ops (bias+activation, batch norm, cross-entropy) are differentiated through their
+    /// composite formulas, and a custom op as far as its backward is written with tensor ops.
     pub fn backward_create_graph(&self) -> Result<Grads> {
         self.backward_impl(true)
     }
@@ -308,6 +318,9 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::Conv2dInputGrad(gy, w, geom, _) => conv_grad_op_grads(gy, w, geom, g, true)?,
         Op::Conv2dWeightGrad(x, gy, geom, _) => conv_grad_op_grads(gy, x, geom, g, false)?,
         Op::AvgPool2dGrad(gy, geom, _) => vec![(gy, g.avg_pool2d(*geom)?)],
+        Op::MaxPool2dGrad(gy, switches, geom, _) => vec![(gy, max_pool2d_gather(g, switches, geom)?)],
+        Op::MaxPool2dGather(src, switches, geom) => vec![(src, max_pool2d_grad(g, switches, geom, src.shape())?)],
+        Op::IndexSelectGrad(gy, idx, axis, _) => vec![(gy, g.index_select(*axis, idx)?)],
     })
 }
 
@@ -427,7 +440,6 @@ fn batch_norm_grads<'a>(x: &'a Tensor, gamma: &'a Tensor, beta: &'a Tensor, stat
 /// recorded instead as ops with backward rules of their own, or through the fused op's composite formula.
 /// `None` for every other op (their rules are already written with recorded tensor ops).
 fn recorded_input_grads<'a>(op: &'a Op, g: &Tensor) -> Result<Option<Vec<(&'a Tensor, Tensor)>>> {
-    let unsupported = |name: &str| Err(KilnError::Backward(format!("{name} has no second derivative yet: backward_create_graph cannot record its gradient")));
     Ok(Some(match op {
         Op::BiasAct(x, bias, axis, act) => {
             let (axis, act) = (*axis, *act);
@@ -468,8 +480,12 @@ fn recorded_input_grads<'a>(op: &'a Op, g: &Tensor) -> Result<Option<Vec<(&'a Te
             v
         }
         Op::AvgPool2d(x, geom) => vec![(x, avg_pool2d_grad(g, geom, x.shape())?)],
-        Op::MaxPool2d(..) => return unsupported("max_pool2d"),
-        Op::IndexSelect(..) => return unsupported("index_select"),
+        Op::MaxPool2d(x, switches, geom) => vec![(x, max_pool2d_grad(g, switches, geom, x.shape())?)],
+        Op::IndexSelect(x, idx, axis) => {
+            let (outer, len, inner) = split_at_axis(x.shape(), *axis);
+            let gx = kernels::index_select_backward(g.storage(), idx.storage(), outer, len, inner, idx.numel())?;
+            vec![(x, Tensor::make(gx, x.shape().to_vec(), DType::F32, Some(Op::IndexSelectGrad(g.clone(), idx.clone(), *axis, x.shape().to_vec()))))]
+        }
         _ => return Ok(None),
     }))
 }
@@ -484,6 +500,18 @@ fn conv2d_input_grad(gy: &Tensor, w: &Tensor, geom: &Conv2dGeom, x_shape: &[usiz
 fn conv2d_weight_grad(x: &Tensor, gy: &Tensor, geom: &Conv2dGeom, w_shape: &[usize]) -> Result<Tensor> {
     let gw = crate::conv::conv2d_weight_grad_raw(x, gy, geom, w_shape)?;
     Ok(Tensor::make(gw, w_shape.to_vec(), DType::F32, Some(Op::Conv2dWeightGrad(x.clone(), gy.clone(), *geom, w_shape.to_vec()))))
+}
+
+/// Max pooling's input gradient, recorded (Op::MaxPool2dGrad).
+fn max_pool2d_grad(gy: &Tensor, switches: &Tensor, geom: &Pool2dGeom, x_shape: &[usize]) -> Result<Tensor> {
+    let gx = crate::conv::pool2d_grad_raw(x_shape, Some(switches), gy, geom)?;
+    Ok(Tensor::make(gx, x_shape.to_vec(), DType::F32, Some(Op::MaxPool2dGrad(gy.clone(), switches.clone(), *geom, x_shape.to_vec()))))
+}
+
+/// `src` read at max pooling's switches, recorded (Op::MaxPool2dGather).
+fn max_pool2d_gather(src: &Tensor, switches: &Tensor, geom: &Pool2dGeom) -> Result<Tensor> {
+    let y = crate::conv::max_pool2d_gather_raw(src, switches, geom)?;
+    Ok(Tensor::make(y, switches.shape().to_vec(), DType::F32, Some(Op::MaxPool2dGather(src.clone(), switches.clone(), *geom))))
 }
 
 /// Average pooling's input gradient, recorded (Op::AvgPool2dGrad).

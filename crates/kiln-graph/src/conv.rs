@@ -321,3 +321,13 @@ pub(crate) fn pool2d_grad_raw(xs: &[usize], switches: Option<&Tensor>, g: &Tenso
     }
     Ok(gx)
 }
+
+/// Values of `src` [n, c, h, w] at max pooling's switches: [n, c, oh, ow] (the adjoint of max pooling's
+/// gradient, for second derivatives).
+pub(crate) fn max_pool2d_gather_raw(src: &Tensor, switches: &Tensor, geom: &Pool2dGeom) -> Result<kiln_wgpu::BufView> {
+    let ys = switches.shape();
+    let n = ys.iter().product::<usize>();
+    let out = out_buffer(&src.view(), n, "max pool gather")?;
+    launch(&POOL, "max_pool2d_gather", &[], pool_params(src.shape(), ys[2], ys[3], geom), &[&src.view(), &switches.view()], &[&out], grid_1d(n as u64, 256))?;
+    Ok(out)
+}

@@ -172,15 +172,17 @@ impl Tuner {
         Ok(())
     }
 
+    /// Writes this tuner's choices over the file's: several devices on one adapter (or several processes)
+    /// share the file, so what another tuner wrote since this one loaded is kept, not overwritten.
     fn save(&self, dev: &Gpu) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
+        static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = SAVING.lock().unwrap_or_else(|e| e.into_inner());
         let g = dev;
-        let file = CacheFile {
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-            adapter: g.info.name.clone(),
-            driver: format!("{} {}", g.info.driver, g.info.driver_info),
-            choices: self.choices.iter().map(|(c, v)| (c.clone(), v.name())).collect(),
-        };
+        let mut choices: std::collections::BTreeMap<String, String> =
+            std::fs::read_to_string(p).ok().and_then(|t| serde_json::from_str::<CacheFile>(&t).ok()).map(|f| f.choices).unwrap_or_default();
+        choices.extend(self.choices.iter().map(|(c, v)| (c.clone(), v.name())));
+        let file = CacheFile { kiln_version: env!("CARGO_PKG_VERSION").into(), adapter: g.info.name.clone(), driver: format!("{} {}", g.info.driver, g.info.driver_info), choices };
         let text = serde_json::to_string_pretty(&file).expect("plain data serialises");
         // Written beside and renamed, so a crash never leaves half a file; failure to cache is not fatal.
         let write = || -> std::io::Result<()> {
