@@ -12,6 +12,7 @@ pub fn train_verbose(cfg: &TrainConfig, every: usize) -> anyhow::Result<TrainRep
             }
         }
     })?;
-    println!("adapter: {} — {:.2} s, {:.2} ms/step, {:.2} submits/step", report.adapter, report.seconds, report.ms_per_step, report.submits_per_step);
+    let submits = report.submits_per_step.map(|v| format!("{v:.2}")).unwrap_or_else(|| "(not measured)".into());
+    println!("adapter: {} — {:.2} s, {:.2} ms/step, {submits} submits/step", report.adapter, report.seconds, report.ms_per_step);
     Ok(report)
 }

@@ -14,7 +14,7 @@ impl CustomOp for Silu {
     }
     fn forward(&self, x: &[&Tensor]) -> Result<Tensor> {
         if x.len() != 1 || x[0].dtype() != DType::F32 {
-            return Err(KilnError::Backward("silu takes one f32 tensor".into()));
+            return Err(KilnError::Usage("silu takes one f32 tensor".into()));
         }
         let n = x[0].numel();
         Ok(launch(&SILU, "silu_forward", Params::new().u32(n), x, &[x[0].shape()], grid_1d(n as u64, 256))?.remove(0))

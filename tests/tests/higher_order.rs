@@ -219,6 +219,21 @@ impl CustomOp for BadGrad {
     }
 }
 
+/// 2x with a backward that, like a raw kernel, records nothing (its gradient is cut from the graph).
+struct OpaqueDouble;
+
+impl CustomOp for OpaqueDouble {
+    fn name(&self) -> &str {
+        "opaque_double"
+    }
+    fn forward(&self, x: &[&Tensor]) -> Result<Tensor> {
+        x[0].scale(2.0)
+    }
+    fn backward(&self, _x: &[&Tensor], _y: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(g.detach().scale(2.0)?)])
+    }
+}
+
 #[test]
 fn custom_ops_record_on_the_tape_and_differentiate_twice() {
     require_gpu();
@@ -236,5 +251,11 @@ fn custom_ops_record_on_the_tape_and_differentiate_twice() {
 
     let bad = Tensor::custom_op(BadGrad, &[&x]).unwrap().sum_all().unwrap().backward().err().expect("a shape error");
     assert!(bad.to_string().contains("bad_grad") && bad.to_string().contains("[9]"), "{bad}");
+    // A backward the tape cannot see works for first derivatives, and is an error (not silently missing
+    // second-order terms) under create_graph.
+    let y = Tensor::custom_op(OpaqueDouble, &[&x]).unwrap().powf(2.0).unwrap().sum_all().unwrap();
+    assert_close("opaque first derivative", &y.backward().unwrap().get(&x).unwrap().to_vec().unwrap(), &xs.iter().map(|v| 8.0 * v).collect::<Vec<_>>(), 1e-5);
+    let err = y.backward_create_graph().err().expect("an error").to_string();
+    assert!(err.contains("opaque_double") && err.contains("not differentiable"), "{err}");
 }
 

@@ -3,7 +3,7 @@
 
 use kiln_graph::cpu::CpuTensor;
 use kiln_graph::Tensor;
-use kiln_nn::{lstm_cell, Init, Layer, Linear, LstmCell, LstmState, Module, Sequential, Activation, VarStore};
+use kiln_nn::{lstm_cell, Activation, Dropout, Init, Layer, Linear, LstmCell, LstmState, Module, Sequential, VarStore};
 use kiln_tests::{check_op, require_gpu, Domain};
 
 fn sigmoid(v: f64) -> f64 {
@@ -89,8 +89,8 @@ impl Module for Siamese {
     fn children(&self) -> Vec<(String, &dyn Module)> {
         vec![("encoder".into(), &self.encoder)]
     }
-    fn set_training(&mut self, training: bool) {
-        self.encoder.set_training(training);
+    fn children_mut(&mut self) -> Vec<&mut dyn Module> {
+        vec![&mut self.encoder]
     }
 }
 
@@ -105,14 +105,22 @@ impl Siamese {
 fn two_input_module_shares_its_encoder_and_trains_it() {
     require_gpu();
     let mut vs = VarStore::new(5);
-    let encoder = Sequential::new().push(Linear::new(&mut vs, "enc.0", 6, 8, Init::HeNormal).unwrap()).push(Activation::Tanh).push(Linear::new(&mut vs, "enc.2", 8, 3, Init::XavierUniform).unwrap());
+    let encoder = Sequential::new()
+        .push(Linear::new(&mut vs, "enc.0", 6, 8, Init::HeNormal).unwrap())
+        .push(Activation::Tanh)
+        .push(Dropout::new(0.5, 9).unwrap())
+        .push(Linear::new(&mut vs, "enc.3", 8, 3, Init::XavierUniform).unwrap());
     vs.finish().unwrap();
-    let model = Siamese { encoder };
+    let mut model = Siamese { encoder };
+    // Evaluation mode reaches the dropout inside through children_mut: the same pair, the same distance.
+    model.set_training(false);
+    let (a, b) = (Tensor::full(&[2, 6], 0.3).unwrap(), Tensor::full(&[2, 6], -0.2).unwrap());
+    assert_eq!(model.forward(&a, &b).unwrap().to_vec().unwrap(), model.forward(&a, &b).unwrap().to_vec().unwrap());
+    model.set_training(true);
+    assert_ne!(model.forward(&a, &b).unwrap().to_vec().unwrap(), model.forward(&a, &b).unwrap().to_vec().unwrap(), "training mode draws new masks");
     assert_eq!(model.num_params(), 6 * 8 + 8 + 8 * 3 + 3);
     assert_eq!(model.params().len(), 4);
     assert!(model.as_layer().is_none());
-    let a = Tensor::full(&[2, 6], 0.3).unwrap();
-    let b = Tensor::full(&[2, 6], -0.2).unwrap();
     let dist = model.forward(&a, &b).unwrap();
     assert_eq!(dist.shape(), &[2]);
     // Both branches' gradients reach the one set of encoder weights; the last bias cancels out of the
@@ -120,7 +128,7 @@ fn two_input_module_shares_its_encoder_and_trains_it() {
     let grads = dist.sum_all().unwrap().backward().unwrap();
     for p in model.params() {
         let g = grads.get(p.tensor().unwrap()).unwrap_or_else(|| panic!("no gradient for {}", p.name())).to_vec().unwrap();
-        if p.name() == "enc.2.bias" {
+        if p.name() == "enc.3.bias" {
             assert!(g.iter().all(|v| *v == 0.0), "{}: {g:?}", p.name());
         } else {
             assert!(g.iter().any(|v| *v != 0.0), "{}: zero gradient", p.name());

@@ -398,10 +398,10 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
     }
     println!();
     println!(
-        "{:.2} ms/step, {:.0} samples/s, {:.2} submits/step, first step done after {:.1} s, {} parameters, peak GPU memory {:.1} KiB",
+        "{:.2} ms/step, {:.0} samples/s, {} submits/step, first step done after {:.1} s, {} parameters, peak GPU memory {:.1} KiB",
         r.ms_per_step,
         r.samples_per_s,
-        r.submits_per_step,
+        r.submits_per_step.map(|v| format!("{v:.2}")).unwrap_or_else(|| "(not measured)".into()),
         r.seconds_to_first_step,
         r.parameters,
         r.peak_gpu_bytes as f64 / 1024.0

@@ -108,7 +108,9 @@ impl Grads {
 }
 
 fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
-    let g = if g.shape() != t.shape() { g.reshape(t.shape())? } else { g };
+    if g.shape() != t.shape() {
+        return Err(KilnError::Backward(format!("a backward rule made a gradient of shape {:?} for {t:?}: every gradient has its tensor's shape", g.shape())));
+    }
     let sum = match map.remove(&t.id()) {
         Some(prev) => prev.add(&g)?,
         None => g,
@@ -147,8 +149,8 @@ fn topo_order(root: &Tensor, stop: &HashSet<TensorId>) -> Vec<Tensor> {
 }
 
 impl Tensor {
-    /// Reverse-mode autograd from this tensor (seeded with ones). Returns the gradient of every leaf that
-    /// requires one (the `var`s). The gradient computation itself is not recorded (it runs under `no_grad`).
+    /// Reverse-mode autograd from this scalar (a loss). Returns the gradient of every leaf that requires one
+    /// (the `var`s). A tensor of more than one element is an error: seed it with [`Tensor::backward_from`]. The gradient computation itself is not recorded (it runs under `no_grad`).
     pub fn backward(&self) -> Result<Grads> {
         self.backward_impl(false)
     }
@@ -163,11 +165,27 @@ impl Tensor {
         self.backward_impl(true)
     }
 
+    /// [`Tensor::backward`] of a tensor of any shape, seeded with `grad` (dLoss/dSelf, of this tensor's
+    /// shape): PyTorch's `tensor.backward(gradient)`.
+    pub fn backward_from(&self, grad: &Tensor) -> Result<Grads> {
+        if grad.shape() != self.shape() {
+            return crate::error::shape_err("backward_from", self.shape(), grad.shape(), "the seed gradient has the tensor's shape");
+        }
+        self.backward_seeded(grad.clone(), false)
+    }
+
     fn backward_impl(&self, create_graph: bool) -> Result<Grads> {
+        if self.numel() != 1 {
+            return Err(KilnError::Backward(format!("{self:?} is not a scalar: backward needs dLoss/dSelf for it (Tensor::backward_from), or reduce it to a scalar first")));
+        }
+        self.backward_seeded(self.ones_like()?, create_graph)
+    }
+
+    fn backward_seeded(&self, seed: Tensor, create_graph: bool) -> Result<Grads> {
         if !self.requires_grad() {
             return Err(KilnError::Backward(format!("{self:?} does not depend on any tensor that requires a gradient")));
         }
-        let run = || -> Result<HashMap<TensorId, Tensor>> { backprop(self, self.ones_like()?, &HashSet::new(), create_graph) };
+        let run = || -> Result<HashMap<TensorId, Tensor>> { backprop(self, seed, &HashSet::new(), create_graph) };
         let map = if create_graph { run()? } else { no_grad(run)? };
         Ok(Grads { map })
     }
@@ -257,9 +275,11 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::Unary(kind, x, alpha, beta) => unary_grad(*kind, x, out, g, *alpha, *beta)?.map(|gx| vec![(x, gx)]).unwrap_or_default(),
         Op::Binary(kind, a, b) => binary_grads(*kind, a, b, out, g)?,
         Op::Sum(x, _, scale) => vec![(x, g.broadcast_to(x.shape())?.scale(*scale)?)],
-        Op::Max(x, _) => {
+        Op::Max(x, axis) => {
+            // PyTorch's amax: the gradient is split evenly among the elements tied for the max.
             let mask = x.eq_mask(out)?;
-            vec![(x, mask.broadcast_mul(g)?)]
+            let ties = mask.sum(&[*axis], true)?;
+            vec![(x, mask.broadcast_div(&ties)?.broadcast_mul(g)?)]
         }
         Op::Matmul(a, b, ta, tb) => matmul_grads(a, b, *ta, *tb, g)?,
         Op::BiasAct(x, bias, axis, act) => bias_act_grads(x, bias, *axis, *act, out, g)?,
@@ -313,7 +333,7 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         }
         Op::MaxPool2d(x, switches, geom) => vec![(x, pool2d_grad(x, Some(switches), g, geom)?)],
         Op::AvgPool2d(x, geom) => vec![(x, pool2d_grad(x, None, g, geom)?)],
-        Op::Custom(custom, xs) => crate::custom::checked_grads(custom.as_ref(), xs, out, g)?,
+        Op::Custom(custom, xs) => crate::custom::checked_grads(custom.as_ref(), xs, out, g, create_graph)?,
         // The ops backward_create_graph records (see conv_grad_op_grads).
         Op::Conv2dInputGrad(gy, w, geom, _) => conv_grad_op_grads(gy, w, geom, g, true)?,
         Op::Conv2dWeightGrad(x, gy, geom, _) => conv_grad_op_grads(gy, x, geom, g, false)?,

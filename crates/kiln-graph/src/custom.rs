@@ -53,7 +53,10 @@ impl Tensor {
 }
 
 /// Checks a custom op's gradients against its inputs' shapes.
-pub(crate) fn checked_grads<'a>(op: &dyn CustomOp, inputs: &'a [Tensor], output: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+/// Under `backward_create_graph` (`create_graph`), a gradient that does not require one although its input
+/// or the incoming gradient does was made by raw kernels: its second-order terms would be lost silently, so it
+/// is an error instead.
+pub(crate) fn checked_grads<'a>(op: &dyn CustomOp, inputs: &'a [Tensor], output: &Tensor, g: &Tensor, create_graph: bool) -> Result<Vec<(&'a Tensor, Tensor)>> {
     let refs: Vec<&Tensor> = inputs.iter().collect();
     let grads = op.backward(&refs, output, g)?;
     if grads.len() != inputs.len() {
@@ -64,6 +67,12 @@ pub(crate) fn checked_grads<'a>(op: &dyn CustomOp, inputs: &'a [Tensor], output:
         let Some(gx) = gx else { continue };
         if gx.shape() != x.shape() {
             return Err(KilnError::Backward(format!("custom op {}: the gradient of input {i} has shape {:?}, the input {:?}", op.name(), gx.shape(), x.shape())));
+        }
+        if create_graph && (x.requires_grad() || g.requires_grad()) && !gx.requires_grad() {
+            return Err(KilnError::Backward(format!(
+                "custom op {}: its backward is not differentiable (raw kernels), so backward_create_graph cannot record it; write the backward with tensor ops for second derivatives",
+                op.name()
+            )));
         }
         out.push((x, gx));
     }
@@ -77,7 +86,7 @@ pub(crate) fn checked_grads<'a>(op: &dyn CustomOp, inputs: &'a [Tensor], output:
 /// compiled once per device.
 pub fn launch(shader: &'static Shader, entry: &'static str, params: Params, inputs: &[&Tensor], output_shapes: &[&[usize]], workgroups: [u32; 3]) -> Result<Vec<Tensor>> {
     let Some(first) = inputs.first() else {
-        return Err(KilnError::Backward(format!("kernel {entry} of {}: launch needs at least one input", shader.name)));
+        return Err(KilnError::Usage(format!("kernel {entry} of {}: launch needs at least one input", shader.name)));
     };
     let outputs: Vec<Tensor> = output_shapes
         .iter()

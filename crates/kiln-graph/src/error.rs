@@ -17,6 +17,24 @@ pub enum KilnError {
     Backward(String),
     #[error("gradcheck: {0}")]
     Gradcheck(String),
+    /// Settings that cannot work together, an unknown name, a flag that does not apply.
+    #[error("{0}")]
+    Config(String),
+    /// The library used out of order (a parameter before `VarStore::finish`, a kernel without buffers).
+    #[error("{0}")]
+    Usage(String),
+    /// A file that could not be read or written; names it.
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    /// A data set or a batch that is wrong; the message names the file or the sample.
+    #[error("{0}")]
+    Data(String),
+    /// A checkpoint that is missing, corrupt or of another model; the message names the file.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// Training that cannot go on (a loss that became NaN or infinite).
+    #[error("{0}")]
+    Training(String),
 }
 
 pub type Result<T, E = KilnError> = std::result::Result<T, E>;

@@ -7,29 +7,30 @@ use crate::error::{invalid, Result};
 
 macro_rules! shader {
     ($name:ident, $file:literal) => {
-        pub static $name: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file)), loop_checks: false };
+        // SAFETY: Kiln's shaders step every loop by a positive constant (or halve a positive stride) towards a
+        // bound from their params; tests run each on the sizes the launchers split work into.
+        pub static $name: Shader = unsafe { Shader::trusted($file, include_str!(concat!("../../../shaders/", $file))) };
     };
 }
 // elementwise.wgsl and norm.wgsl share the fused activations (activation.wgsl).
-pub static ELEMENTWISE: Shader = Shader {
-    name: "elementwise.wgsl",
-    source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")),
-    loop_checks: false,
+// SAFETY (here and below): as for `shader!`.
+pub static ELEMENTWISE: Shader = unsafe {
+    Shader::trusted("elementwise.wgsl", concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/elementwise.wgsl")))
 };
 shader!(LAYOUT, "layout.wgsl");
 shader!(REDUCE, "reduce.wgsl");
 shader!(SOFTMAX, "softmax.wgsl");
 // The two matmul files share their params, bindings and accessors (matmul_common.wgsl).
-pub static MATMUL: Shader = Shader { name: "matmul.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul.wgsl")), loop_checks: false };
+pub static MATMUL: Shader = unsafe { Shader::trusted("matmul.wgsl", concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul.wgsl"))) };
 pub static MATMUL_SUBGROUP: Shader =
-    Shader { name: "matmul_subgroup.wgsl", source: concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl")), loop_checks: false };
+    unsafe { Shader::trusted("matmul_subgroup.wgsl", concat!(include_str!("../../../shaders/matmul_common.wgsl"), include_str!("../../../shaders/matmul_subgroup.wgsl"))) };
 shader!(ROOF, "roof.wgsl");
 shader!(INDEX, "index.wgsl");
-pub static OPTIM: Shader = Shader { name: "optim.wgsl", source: concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/optim.wgsl")), loop_checks: false };
+pub static OPTIM: Shader = unsafe { Shader::trusted("optim.wgsl", concat!(include_str!("../../../shaders/texel.wgsl"), include_str!("../../../shaders/optim.wgsl"))) };
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
-pub static NORM: Shader = Shader { name: "norm.wgsl", source: concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl")), loop_checks: false };
+pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
 pub static ALL_SHADERS: [&Shader; 12] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM];
@@ -112,7 +113,7 @@ pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[
 #[allow(clippy::too_many_arguments)]
 fn launch_textured(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], textures: &[&TexView], workgroups: [u32; 3]) -> Result<()> {
     // Every kernel writes an output; the device checks that every binding is its own.
-    let dev = outputs.first().or(inputs.first()).ok_or_else(|| crate::error::KilnError::Backward(format!("kernel {entry} launched without buffers")))?.device();
+    let dev = outputs.first().or(inputs.first()).ok_or_else(|| crate::error::KilnError::Usage(format!("kernel {entry} launched without buffers")))?.device();
     dev.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, textures, workgroups })?;
     Ok(())
 }

@@ -172,8 +172,9 @@ impl Tuner {
         Ok(())
     }
 
-    /// Writes this tuner's choices over the file's: several devices on one adapter (or several processes)
-    /// share the file, so what another tuner wrote since this one loaded is kept, not overwritten.
+    /// Writes this tuner's choices over the file's: several devices on one adapter share the file, so what
+    /// another tuner wrote since this one loaded is kept, not overwritten. Saves in one process take turns;
+    /// two processes saving at the same instant can still lose one's new entries (it is only a cache).
     fn save(&self, dev: &Gpu) -> Result<()> {
         let Some(p) = &self.path else { return Ok(()) };
         static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -48,13 +48,20 @@ impl Task {
             Task::Regression => None,
             Task::Binary => {
                 let y = Tensor::one_hot(targets, 2)?.slice(1, 1, 1)?;
-                let pred = out.gt_mask(&Tensor::full_on(out.device(), &[1], 0.0)?)?;
+                // Class 1 when the logit is >= 0 (p >= 0.5), as `predict` says: 1 - [0 > z].
+                let pred = Tensor::full_on(out.device(), &[1], 0.0)?.gt_mask(out)?.affine(-1.0, 1.0)?;
                 // agree = pred*y + (1 - pred)(1 - y) = 1 - pred - y + 2 pred y
                 Some(pred.mul(&y)?.scale(2.0)?.sub(&pred)?.sub(&y)?.add_scalar(1.0)?.sum_all()?)
             }
             Task::OneVsAll | Task::Softmax => {
-                let predicted = out.eq_mask(&out.max(1, true)?)?;
-                Some(predicted.mul(&Tensor::one_hot(targets, out.shape()[1])?)?.sum_all()?)
+                // The first of the tied maxima is the prediction (argmax's rule, as `predict` and PyTorch
+                // take it): weight the maxima by (classes - column) and keep the largest.
+                let classes = out.shape()[1];
+                let maxima = out.eq_mask(&out.max(1, true)?)?;
+                let first_wins: Vec<f32> = (0..classes).map(|j| (classes - j) as f32).collect();
+                let scored = maxima.broadcast_mul(&Tensor::from_slice_on(out.device(), &first_wins, &[1, classes])?)?;
+                let predicted = scored.eq_mask(&scored.max(1, true)?)?;
+                Some(predicted.mul(&Tensor::one_hot(targets, classes)?)?.sum_all()?)
             }
         })
     }

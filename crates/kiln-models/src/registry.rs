@@ -143,6 +143,6 @@ pub const MODELS: [(&str, &str); 7] = {
 pub fn entry(name: &str) -> Result<&'static ModelEntry> {
     REGISTRY.iter().find(|e| e.name == name).ok_or_else(|| {
         let names: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
-        KilnError::Backward(format!("unknown model {name:?}; available: {}", names.join(", ")))
+        KilnError::Config(format!("unknown model {name:?}; available: {}", names.join(", ")))
     })
 }

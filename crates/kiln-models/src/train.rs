@@ -113,7 +113,7 @@ fn settings(cfg: &TrainConfig, entry: &ModelEntry, train_len: usize) -> Result<(
         augment: String::new(),
     };
     if s.epochs == 0 || s.batch_size == 0 || !(s.lr > 0.0 && s.lr.is_finite()) || s.weight_decay < 0.0 || s.hidden.contains(&0) || s.degree == 0 {
-        return Err(KilnError::Backward(format!(
+        return Err(KilnError::Config(format!(
             "invalid settings: epochs {} and batch size {} must be >= 1, lr {} must be > 0, weight decay {} >= 0, hidden sizes {:?} >= 1, degree {} >= 1",
             s.epochs, s.batch_size, s.lr, s.weight_decay, s.hidden, s.degree
         )));
@@ -159,7 +159,9 @@ pub struct TrainReport {
     /// From the start of the run (adapter, data, pipeline builds and any autotuning included) to the end of
     /// the first training step.
     pub seconds_to_first_step: f64,
-    pub submits_per_step: f64,
+    /// Submits per training step after the first step of each batch size; absent when no such step ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submits_per_step: Option<f64>,
     /// GPU buffers created by training steps after the first step of each batch size (0: the pool serves all).
     pub buffers_created_after_first_step: u64,
     pub peak_gpu_bytes: u64,
@@ -180,7 +182,7 @@ pub struct TrainReport {
 const CHECKPOINT_EVERY_S: f64 = 5.0;
 
 fn ck_err(e: checkpoint::CheckpointError) -> KilnError {
-    KilnError::Backward(e.to_string())
+    KilnError::Checkpoint(e.to_string())
 }
 
 /// What a checkpoint records about its run, so `kiln eval` and `--resume` can rebuild the model.
@@ -264,17 +266,26 @@ impl TestMetrics {
 
 /// Evaluates a checkpoint written by `run` on a data set's test split (the split of the checkpoint's seed).
 pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_dir: Option<PathBuf>) -> Result<EvalReport, KilnError> {
+    let ck = checkpoint::load(path).map_err(ck_err)?;
+    let model_name = ck.metadata.get("kiln.model").ok_or_else(|| KilnError::Checkpoint(format!("{}: not a Kiln training checkpoint (no kiln.model in the metadata)", path.display())))?;
+    evaluate_checkpoint_with(registry::entry(model_name)?, path, dataset, data_dir)
+}
+
+/// [`evaluate_checkpoint`] of a run of a model entry of one's own ([`run_with`]).
+pub fn evaluate_checkpoint_with(entry: &ModelEntry, path: &std::path::Path, dataset: Option<&str>, data_dir: Option<PathBuf>) -> Result<EvalReport, KilnError> {
     // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
     let g = Device::current()?;
     let ck = checkpoint::load(path).map_err(ck_err)?;
     let meta = |k: &str| ck.metadata.get(k).cloned();
-    let model_name = meta("kiln.model").ok_or_else(|| KilnError::Backward(format!("{}: not a Kiln training checkpoint (no kiln.model in the metadata)", path.display())))?;
+    let model_name = meta("kiln.model").ok_or_else(|| KilnError::Checkpoint(format!("{}: not a Kiln training checkpoint (no kiln.model in the metadata)", path.display())))?;
+    if model_name != entry.name {
+        return Err(KilnError::Checkpoint(format!("{} holds a {model_name:?}, not a {}", path.display(), entry.name)));
+    }
     let dataset = dataset.map(str::to_string).or_else(|| meta("kiln.dataset")).unwrap_or_default();
     let seed = meta("kiln.seed").and_then(|v| v.parse().ok()).unwrap_or(42);
     let hidden: Vec<usize> = meta("kiln.hidden").unwrap_or_default().split(',').filter_map(|h| h.parse().ok()).collect();
     let num = |k: &str| meta(k).and_then(|v| v.parse::<usize>().ok());
     let cfg = TrainConfig { seed, data_dir, train_limit: num("kiln.train_limit"), degree: num("kiln.degree"), feature: num("kiln.feature"), ..TrainConfig::new(&model_name, &dataset) };
-    let entry = registry::entry(&model_name)?;
     let split = prepare(&cfg, entry, cfg.degree.unwrap_or(1))?;
     let mut vs = VarStore::new(seed);
     let arch = linear_models::Arch { hidden: &hidden, depth: num("kiln.depth").unwrap_or(20), seed };
@@ -294,7 +305,7 @@ pub fn evaluate_checkpoint(path: &std::path::Path, dataset: Option<&str>, data_d
 }
 
 fn data_err(e: kiln_data::DataError) -> KilnError {
-    KilnError::Backward(e.to_string())
+    KilnError::Data(e.to_string())
 }
 
 /// Regression targets are trained standardised (so any optimizer and learning rate sees unit-scale values)
@@ -338,7 +349,7 @@ fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split
         let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
         let col = cfg.feature.unwrap_or(if ds.name == "diabetes" { 2 } else { 0 });
         if col >= ds.features {
-            return Err(KilnError::Backward(format!("feature {col} out of range: {} has {} features", ds.name, ds.features)));
+            return Err(KilnError::Config(format!("feature {col} out of range: {} has {} features", ds.name, ds.features)));
         }
         // Scale the raw feature before taking powers, so x^d stays in a sane range.
         let one = ds.select_features(&[col]);
@@ -366,7 +377,7 @@ fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split
 fn features_and_targets(batch: &HostBatch) -> Result<(Tensor, Tensor), KilnError> {
     match <[Tensor; 2]>::try_from(batch.upload()?) {
         Ok([x, y]) => Ok((x, y)),
-        Err(_) => Err(KilnError::Backward("a batch of rows has features and targets".into())),
+        Err(_) => Err(KilnError::Data("a batch of rows has two arrays, features and targets".into())),
     }
 }
 
@@ -409,8 +420,11 @@ pub fn run(cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainRe
     run_with(registry::entry(&cfg.model)?, cfg, progress)
 }
 
-/// [`run`] with a model entry of one's own (a builder, the input it takes, its defaults).
+/// [`run`] with a model entry of one's own (a builder, the input it takes, its defaults). The run is named
+/// by the entry (`cfg.model` is replaced by `entry.name`); evaluate its checkpoints with
+/// [`evaluate_checkpoint_with`].
 pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
+    let cfg = &TrainConfig { model: entry.name.to_string(), ..cfg.clone() };
     let started = Instant::now();
     // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
     let g = Device::current()?;
@@ -425,7 +439,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
         trainer = trainer.callback(EarlyStopping { patience: p });
     }
     if let Some(dir) = &cfg.out_dir {
-        std::fs::create_dir_all(dir).map_err(|e| KilnError::Backward(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: format!("cannot create the directory: {e}") })?;
         let metric = if classifier { "dev_accuracy" } else { "dev_r2" };
         trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume)?);
         trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s: &r.s, split: &r.split, vs: &r.vs, opt, best: None, last_save: Instant::now() });
@@ -496,7 +510,7 @@ fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
     };
     let (mut s, opt_kind, schedule) = settings(cfg, entry, split.train.len())?;
     if cfg.degree.is_some() && entry.input != Input::OneFeature {
-        return Err(KilnError::Backward(format!("--degree applies to polynomial models only, not {}", cfg.model)));
+        return Err(KilnError::Config(format!("--degree applies to polynomial models only, not {}", cfg.model)));
     }
     let mut vs = VarStore::new(cfg.seed);
     let arch = linear_models::Arch { hidden: &s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
@@ -505,7 +519,7 @@ fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
     let augment = cfg.augment.or((entry.defaults)(&cfg.dataset).augment);
     s.augment = augment.map(|a| format!("{a:?}")).unwrap_or_default();
     if augment.is_some_and(|a| !a.is_identity()) && !(entry.input == Input::Image && split.train.image.is_some()) {
-        return Err(KilnError::Backward("--augment needs a convolutional model on an image data set".into()));
+        return Err(KilnError::Config("--augment needs a convolutional model on an image data set".into()));
     }
     let total_steps = split.train.len().div_ceil(s.batch_size) as u64 * s.epochs as u64;
     let opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
@@ -527,14 +541,14 @@ fn load_transfer_and_freeze(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), K
         let matching = |name: &str| ck.get(name).is_some_and(|t| vs.params().any(|p| p.name() == name && p.shape() == &t.shape[..]));
         r.loaded_from_checkpoint = r.vs.load_checkpoint(&from.display().to_string(), &ck, false, matching).map_err(ck_err)?;
         if r.loaded_from_checkpoint.is_empty() {
-            return Err(KilnError::Backward(format!("{}: no parameter of this {} matches the checkpoint by name and shape", from.display(), cfg.model)));
+            return Err(KilnError::Checkpoint(format!("{}: no parameter of this {} matches the checkpoint by name and shape", from.display(), cfg.model)));
         }
     }
     if !cfg.freeze.is_empty() {
         r.frozen = r.opt.get_mut().freeze(&r.vs, |name| cfg.freeze.iter().any(|p| name == p || name.starts_with(&format!("{p}."))));
         if r.frozen.is_empty() {
             let names: Vec<&str> = r.vs.params().map(|p| p.name()).collect();
-            return Err(KilnError::Backward(format!("--freeze {:?} matches no parameter; names are {}", cfg.freeze, names.join(", "))));
+            return Err(KilnError::Config(format!("--freeze {:?} matches no parameter; names are {}", cfg.freeze, names.join(", "))));
         }
     }
     Ok(())
@@ -542,7 +556,7 @@ fn load_transfer_and_freeze(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), K
 
 /// `--resume`: parameters, optimizer state, epoch and best metric from the run directory's last checkpoint.
 fn resume(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
-    let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Backward("--resume needs the run directory (--out)".into()))?;
+    let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Config("--resume needs the run directory (--out)".into()))?;
     let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
     let ck = checkpoint::load(&last).map_err(ck_err)?;
     r.vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
@@ -552,9 +566,9 @@ fn resume(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
     r.model.get_mut().net.set_rng_position(steps);
     let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
     if meta("kiln.model") != cfg.model {
-        return Err(KilnError::Backward(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
+        return Err(KilnError::Checkpoint(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
     }
-    r.start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Backward(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
+    r.start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Checkpoint(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
     r.best = (meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY), meta("kiln.best_epoch").parse().unwrap_or(0));
     Ok(())
 }
@@ -593,7 +607,7 @@ impl Callback for RunCheckpoints<'_> {
             let train: Vec<f64> = end.history.iter().map(|h| h.train_loss).collect();
             let dev: Vec<f64> = end.history.iter().map(|h| h.dev_loss).collect();
             let png = self.dir.join("loss.png");
-            crate::plot::loss_png(&png, &train, &dev).map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", png.display())))?;
+            crate::plot::loss_png(&png, &train, &dev).map_err(|e| KilnError::Io { path: png.display().to_string(), message: format!("cannot write the plot: {e}") })?;
             self.last_save = Instant::now();
         }
         Ok(())
@@ -625,7 +639,7 @@ fn final_report(cfg: &TrainConfig, entry: &ModelEntry, g: &Device, r: RunSetup, 
         samples_per_s: fit.samples_seen as f64 / fit.step_seconds.max(1e-9),
         ms_per_step: 1000.0 * fit.step_seconds / fit.steps.max(1) as f64,
         seconds_to_first_step: fit.first_step_seconds.unwrap_or(0.0),
-        submits_per_step: if fit.steady_steps > 0 { fit.steady_submits as f64 / fit.steady_steps as f64 } else { 1.0 },
+        submits_per_step: (fit.steady_steps > 0).then(|| fit.steady_submits as f64 / fit.steady_steps as f64),
         buffers_created_after_first_step: fit.steady_buffers,
         peak_gpu_bytes: end_stats.peak_live_bytes,
         parameters: r.vs.num_values(),

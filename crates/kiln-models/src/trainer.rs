@@ -45,7 +45,9 @@ pub struct EpochRecord {
     /// The metric that picks the best epoch, higher is better (accuracy, R^2, ...).
     pub dev_metric: f64,
     pub lr: f32,
+    /// Since the run started.
     pub seconds: f64,
+    /// Training samples per second over the epoch's steps (the evaluation after them not counted).
     pub samples_per_s: f64,
 }
 
@@ -124,7 +126,7 @@ impl MetricsCsv {
     /// accuracy column.
     pub fn open(path: PathBuf, with_accuracy: bool, dev_metric_name: &str, append: bool) -> Result<MetricsCsv> {
         let append = append && path.exists();
-        let err = |e: std::io::Error| KilnError::Backward(format!("cannot write {}: {e}", path.display()));
+        let err = |e: std::io::Error| KilnError::Io { path: path.display().to_string(), message: format!("cannot write: {e}") };
         let mut file = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(&path).map_err(err)?;
         if !append {
             let acc = if with_accuracy { "train_accuracy," } else { "" };
@@ -139,7 +141,7 @@ impl Callback for MetricsCsv {
         let r = end.record;
         let acc = if self.with_accuracy { format!("{:.6},", r.train_accuracy) } else { String::new() };
         writeln!(self.file, "{},{:.6},{acc}{:.6},{:.6},{:.6e},{:.3},{:.1}", r.epoch, r.train_loss, r.dev_loss, r.dev_metric, r.lr, r.seconds, r.samples_per_s)
-            .map_err(|e| KilnError::Backward(format!("cannot write {}: {e}", self.path.display())))
+            .map_err(|e| KilnError::Io { path: self.path.display().to_string(), message: format!("cannot write: {e}") })
     }
 }
 
@@ -201,11 +203,14 @@ impl<'a> Trainer<'a> {
             // (values in flight, batch size, with a count of right answers, step number)
             let mut pending: Option<(PendingValues, usize, bool, u64)> = None;
             for batch in loader.epoch(epoch as u64) {
-                let batch = batch.map_err(|e| KilnError::Backward(e.to_string()))?;
+                let batch = batch.map_err(|e| KilnError::Data(e.to_string()))?;
                 let n = batch.len();
                 let before = kiln_graph::backend::thread_stats();
                 let step_started = Instant::now();
                 let values = step(&batch, report.steps)?;
+                if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
+                    return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));
+                }
                 let read = match &values.correct {
                     Some(c) => no_grad(|| Tensor::concat(&[&values.loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
                     None => values.loss.clone(),
@@ -244,7 +249,7 @@ impl<'a> Trainer<'a> {
         let values = read.wait()?;
         let loss = values[0];
         if !loss.is_finite() {
-            return Err(KilnError::Backward(format!("loss became {loss} at step {at_step} (epoch {}); try a smaller --lr", tally.epoch)));
+            return Err(KilnError::Training(format!("loss became {loss} at step {at_step} (epoch {}); try a smaller --lr", tally.epoch)));
         }
         if with_correct {
             tally.correct_sum += values[1] as f64;

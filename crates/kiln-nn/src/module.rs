@@ -24,11 +24,19 @@ pub trait Module {
     fn children(&self) -> Vec<(String, &dyn Module)> {
         Vec::new()
     }
-    /// Training or evaluation behaviour (dropout, batch norm); stateless modules ignore it.
-    fn set_training(&mut self, _training: bool) {}
+    /// The sub-modules, mutably, for the modes below (the same ones as `children`, in the same order).
+    fn children_mut(&mut self) -> Vec<&mut dyn Module> {
+        Vec::new()
+    }
+    /// Training or evaluation behaviour (dropout, batch norm): by default, passed to every child.
+    fn set_training(&mut self, training: bool) {
+        self.children_mut().into_iter().for_each(|c| c.set_training(training));
+    }
     /// Moves random streams (dropout masks) to where they stand after `steps` training steps, so a resumed
-    /// run draws the masks the uninterrupted run would have.
-    fn set_rng_position(&mut self, _steps: u64) {}
+    /// run draws the masks the uninterrupted run would have: by default, passed to every child.
+    fn set_rng_position(&mut self, steps: u64) {
+        self.children_mut().into_iter().for_each(|c| c.set_rng_position(steps));
+    }
     /// This module as a one-tensor [`Layer`], when it is one (summaries follow shapes through these).
     fn as_layer(&self) -> Option<&dyn Layer> {
         None

@@ -19,7 +19,16 @@ pub struct LstmState {
 /// into input, forget, cell and output gates (that order); c' = f * c + i * g; h' = o * tanh(c').
 /// x [n, in], h and c [n, hidden], w_ih [4 hidden, in], w_hh [4 hidden, hidden], biases [4 hidden].
 pub fn lstm_cell(x: &Tensor, state: &LstmState, w_ih: &Tensor, w_hh: &Tensor, b_ih: &Tensor, b_hh: &Tensor) -> Result<LstmState> {
-    let hidden = w_hh.shape()[1];
+    let hidden = state.h.shape().last().copied().unwrap_or(0);
+    let four = [4 * hidden];
+    if w_hh.shape() != [4 * hidden, hidden] || w_ih.rank() != 2 || w_ih.shape()[0] != 4 * hidden || b_ih.shape() != four || b_hh.shape() != four {
+        return Err(kiln_graph::KilnError::Shape {
+            op: "lstm_cell",
+            lhs: w_ih.shape().to_vec(),
+            rhs: w_hh.shape().to_vec(),
+            detail: format!(": for hidden size {hidden}, w_ih is [{}, in], w_hh [{}, {hidden}], the biases [{}]", 4 * hidden, 4 * hidden, 4 * hidden),
+        });
+    }
     let gates = x.matmul_t(w_ih, false, true)?.add(&state.h.matmul_t(w_hh, false, true)?)?.bias_act(&b_ih.add(b_hh)?, 1, BiasAct::Identity)?;
     let gate = |k: usize| gates.slice(1, k * hidden, hidden);
     let (i, f, g, o) = (gate(0)?.sigmoid()?, gate(1)?.sigmoid()?, gate(2)?.tanh()?, gate(3)?.sigmoid()?);

@@ -32,7 +32,7 @@ impl Param {
     }
     /// The parameter's tensor: a trainable leaf, or (frozen) a tensor without gradient over the same storage.
     pub fn tensor(&self) -> Result<&Tensor> {
-        let (leaf, plain) = self.0.tensor.get().ok_or_else(|| KilnError::Backward(format!("parameter {} used before VarStore::finish()", self.0.name)))?;
+        let (leaf, plain) = self.0.tensor.get().ok_or_else(|| KilnError::Usage(format!("parameter {} used before VarStore::finish()", self.0.name)))?;
         Ok(if self.requires_grad() { leaf } else { plain })
     }
     /// Whether backward computes this parameter's gradient (PyTorch's `requires_grad`; buffers: false).
@@ -97,10 +97,10 @@ impl VarStore {
     /// Declares a parameter. `decay`: whether weight decay / L2 applies (weights yes, biases no).
     pub fn param(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Param> {
         if self.flat.is_some() {
-            return Err(KilnError::Backward(format!("parameter {name} declared after VarStore::finish()")));
+            return Err(KilnError::Usage(format!("parameter {name} declared after VarStore::finish()")));
         }
         if self.entries.iter().any(|e| e.param.name() == name) {
-            return Err(KilnError::Backward(format!("parameter {name} declared twice")));
+            return Err(KilnError::Usage(format!("parameter {name} declared twice")));
         }
         let values = if self.materialize { init.values(shape, &mut self.rng) } else { Vec::new() };
         let param = Param(Arc::new(Slot { name: name.to_string(), shape: shape.to_vec(), tensor: OnceLock::new(), requires_grad: AtomicBool::new(true) }));
@@ -125,7 +125,7 @@ impl VarStore {
             return Ok(());
         }
         if !self.materialize {
-            return Err(KilnError::Backward("a shapes-only VarStore cannot be finished (it holds no values)".into()));
+            return Err(KilnError::Usage("a shapes-only VarStore cannot be finished (it holds no values)".into()));
         }
         let g = self.device()?;
         self.device = Some(g.clone());
@@ -187,7 +187,7 @@ impl VarStore {
     }
 
     pub fn flat(&self) -> Result<&BufView> {
-        self.flat.as_ref().ok_or_else(|| KilnError::Backward("VarStore::finish() not called".into()))
+        self.flat.as_ref().ok_or_else(|| KilnError::Usage("VarStore::finish() not called".into()))
     }
     /// Elements in the flat buffer, alignment padding included.
     pub fn flat_len(&self) -> usize {

@@ -31,14 +31,23 @@ use record::*;
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
-    /// Whether wgpu's counters that stop a runaway loop stay in (true for shaders from outside Kiln).
-    pub loop_checks: bool,
+    /// Whether wgpu's counters that stop a runaway loop stay in (false only through `Shader::trusted`).
+    loop_checks: bool,
 }
 
 impl Shader {
     /// A shader from outside Kiln (a custom op's kernels): compiled with every runtime check wgpu has.
     pub const fn new(name: &'static str, source: &'static str) -> Shader {
         Shader { name, source, loop_checks: true }
+    }
+
+    /// A shader compiled without wgpu's loop-bound counters (Kiln's own, `shaders/`).
+    ///
+    /// # Safety
+    /// Every loop in `source` must end for any params a dispatch may pass: a runaway loop without the counters
+    /// can hang the GPU.
+    pub const unsafe fn trusted(name: &'static str, source: &'static str) -> Shader {
+        Shader { name, source, loop_checks: false }
     }
 
     /// The cache key: the static's address.

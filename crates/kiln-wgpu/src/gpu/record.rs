@@ -182,8 +182,12 @@ impl Gpu {
             return Err(GpuError::Validation { context: format!("{}::{}", d.shader.name, d.entry), message: format!("params of {} bytes exceed the {PARAMS_WINDOW}-byte window", params.len()) });
         }
         let align = (self.limits.min_uniform_buffer_offset_alignment as usize).max(16);
+        let profiled = self.profiling.load(std::sync::atomic::Ordering::Relaxed) && self.features.contains(wgpu::Features::TIMESTAMP_QUERY);
         let mut st = self.lock();
-        if (st.ring_host.len().div_ceil(align) * align) as u64 + PARAMS_WINDOW > RING_BYTES {
+        // Flush first when the params ring or the profiler's query slots are full, before this dispatch's
+        // params take their place in the ring.
+        let ring_full = (st.ring_host.len().div_ceil(align) * align) as u64 + PARAMS_WINDOW > RING_BYTES;
+        if ring_full || (profiled && st.profile.pending.len() as u32 >= PROFILE_SLOTS) {
             drop(st);
             self.flush()?;
             st = self.lock();
@@ -196,9 +200,8 @@ impl Gpu {
         st.ring_host.resize(offset, 0);
         st.ring_host.extend_from_slice(&params);
         let bind_group = self.bind_group(&mut st, &key, d);
-        let profiled = self.profiling.load(std::sync::atomic::Ordering::Relaxed) && self.features.contains(wgpu::Features::TIMESTAMP_QUERY);
         if profiled {
-            st = self.open_profiled_pass(st, d)?;
+            self.open_profiled_pass(&mut st, d);
         }
         if st.pass.is_none() {
             self.open_pass(&mut st);
@@ -275,15 +278,10 @@ impl Gpu {
         bg
     }
 
-    /// Under profiling, each dispatch gets a pass of its own with timestamps at its start and end (flushing
-    /// first when the query slots are full).
-    fn open_profiled_pass<'s>(&'s self, mut st: MutexGuard<'s, State>, d: &Dispatch) -> Result<MutexGuard<'s, State>> {
-        if st.profile.pending.len() as u32 >= PROFILE_SLOTS {
-            drop(st);
-            self.flush()?;
-            st = self.lock();
-        }
-        Self::end_pass(&mut st);
+    /// Under profiling, each dispatch gets a pass of its own with timestamps at its start and end (the
+    /// dispatch flushed first when the query slots were full).
+    fn open_profiled_pass(&self, st: &mut State, d: &Dispatch) {
+        Self::end_pass(st);
         if st.profile.query_set.is_none() {
             st.profile.query_set = Some(self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("kiln profile"), ty: wgpu::QueryType::Timestamp, count: 2 * PROFILE_SLOTS }));
         }
@@ -292,9 +290,8 @@ impl Gpu {
         st.profile.pending.push(format!("{}::{}{consts}", d.shader.name.trim_end_matches(".wgsl"), d.entry));
         let qs = st.profile.query_set.clone().expect("created above");
         let writes = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(slot), end_of_pass_write_index: Some(slot + 1) };
-        let pass = self.encoder(&mut st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(writes) });
+        let pass = self.encoder(st).begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(writes) });
         st.pass = Some(pass.forget_lifetime());
-        Ok(st)
     }
 
     /// Records a buffer-to-buffer copy (sizes and offsets multiples of 4).
