@@ -58,8 +58,7 @@ impl Task {
                 // take it): weight the maxima by (classes - column) and keep the largest.
                 let classes = out.shape()[1];
                 let maxima = out.eq_mask(&out.max(1, true)?)?;
-                let first_wins: Vec<f32> = (0..classes).map(|j| (classes - j) as f32).collect();
-                let scored = maxima.broadcast_mul(&Tensor::from_slice_on(out.device(), &first_wins, &[1, classes])?)?;
+                let scored = maxima.broadcast_mul(&first_wins(out.device(), classes)?)?;
                 let predicted = scored.eq_mask(&scored.max(1, true)?)?;
                 Some(predicted.mul(&Tensor::one_hot(targets, classes)?)?.sum_all()?)
             }
@@ -73,6 +72,20 @@ impl Task {
             _ => kiln_nn::metrics::argmax_rows(out, width),
         }
     }
+}
+
+/// [classes, classes - 1, ..., 1] as a [1, classes] tensor on `device`, made once per device and width (no
+/// upload per training step; kept for the life of the process, a few floats per device and width).
+fn first_wins(device: &kiln_graph::backend::Device, classes: usize) -> Result<Tensor> {
+    static CACHE: std::sync::Mutex<Vec<(kiln_graph::backend::Device, usize, Tensor)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, t)) = cache.iter().find(|(d, c, _)| d == device && *c == classes) {
+        return Ok(t.clone());
+    }
+    let weights: Vec<f32> = (0..classes).map(|j| (classes - j) as f32).collect();
+    let t = Tensor::from_slice_on(device, &weights, &[1, classes])?;
+    cache.push((device.clone(), classes, t.clone()));
+    Ok(t)
 }
 
 /// A network with its task.
