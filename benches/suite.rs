@@ -81,7 +81,10 @@ impl Table {
             self.family = r.family.clone();
             println!("\n== {}", self.family);
             if self.family == "step" {
-                println!("{:<30} {:<22} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>12} {:>7} {:>8}", "kernel", "variant", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof", "new bgs");
+                println!(
+                    "{:<30} {:<22} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>12} {:>7} {:>8}",
+                    "kernel", "variant", "ms/step", "host ms", "samples/s", "submits", "GFLOP/s", "alloc after", "peak bytes", "roof", "new bgs"
+                );
             } else {
                 println!("{:<44} {:<22} {:<16} {:>10} {:>10} {:>7} {:>10}", "kernel", "shape", "variant", "ms", "rate", "roof", "cpu rate");
             }
@@ -116,7 +119,6 @@ impl Table {
         if let Some(note) = &r.note {
             println!("    {note}");
         }
-    
     }
 }
 
@@ -136,14 +138,7 @@ pub struct SuiteOptions {
 
 impl Default for SuiteOptions {
     fn default() -> Self {
-        SuiteOptions {
-            filter: Vec::new(),
-            runs: 10,
-            budget_s: 20.0,
-            square: vec![256, 512, 1024, 2048],
-            models: vec!["mlp".into(), "lenet".into(), "resnet20".into()],
-            batch: 64,
-        }
+        SuiteOptions { filter: Vec::new(), runs: 10, budget_s: 20.0, square: vec![256, 512, 1024, 2048], models: vec!["mlp".into(), "lenet".into(), "resnet20".into()], batch: 64 }
     }
 }
 
@@ -240,15 +235,8 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [(&str, fn(&mut Ctx) -> R<()>); 7] = [
-        ("matmul", matmul_family),
-        ("conv", conv_family),
-        ("pool", pool_family),
-        ("softmax", softmax_family),
-        ("elementwise", elementwise_family),
-        ("reduce", reduce_family),
-        ("step", step_family),
-    ];
+    let families: [(&str, fn(&mut Ctx) -> R<()>); 7] =
+        [("matmul", matmul_family), ("conv", conv_family), ("pool", pool_family), ("softmax", softmax_family), ("elementwise", elementwise_family), ("reduce", reduce_family), ("step", step_family)];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
             run(&mut ctx)?;
@@ -688,12 +676,16 @@ fn elementwise_family(ctx: &mut Ctx) -> R<()> {
     ctx.measure(rec, 8.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::unary(UnaryKind::Relu, a.storage(), n, 0.0, 0.0)?, &[n], kiln_graph::DType::F32))?;
     let ms = cpu_time(3, || par_units(&mut want, 1, |i0, c| c.iter_mut().enumerate().for_each(|(i, o)| *o = ha[i0 + i] + hb[i0 + i])));
     let rec = ctx.base("elementwise", "add", &[n], "binary");
-    ctx.measure(rec, 12.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[n], b.storage(), &[n], &[n])?, &[n], kiln_graph::DType::F32))?;
+    ctx.measure(rec, 12.0 * n as f64, true, &want, 0.0, Some(ms), || {
+        Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[n], b.storage(), &[n], &[n])?, &[n], kiln_graph::DType::F32)
+    })?;
     // A bias add: [rows, cols] + [cols], the broadcasting path.
     let (rows, cols) = (n / 1024, 1024);
     let ms = cpu_time(3, || par_units(&mut want, cols, |r0, c| c.iter_mut().enumerate().for_each(|(i, o)| *o = ha[r0 * cols + i] + hb[i % cols])));
     let rec = ctx.base("elementwise", "add broadcast [rows, 1024] + [1024]", &[rows, cols], "binary");
-    ctx.measure(rec, 8.0 * n as f64, true, &want, 0.0, Some(ms), || Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[rows, cols], b.storage(), &[cols], &[rows, cols])?, &[n], kiln_graph::DType::F32))?;
+    ctx.measure(rec, 8.0 * n as f64, true, &want, 0.0, Some(ms), || {
+        Tensor::from_storage(kernels::binary(BinaryKind::Add, a.storage(), &[rows, cols], b.storage(), &[cols], &[rows, cols])?, &[n], kiln_graph::DType::F32)
+    })?;
     Ok(())
 }
 

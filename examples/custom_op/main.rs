@@ -59,9 +59,14 @@ mod tests {
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
         let mut rng = kiln::graph::Rng::new(seed);
         for shape in [&[3usize, 5][..], &[1031][..]] {
-            let report = gradcheck("silu", &[(shape, Domain::Any)], &mut rng, Default::default(), |x| super::silu(&x[0]), |x| {
-                CpuTensor::new(x[0].data.iter().map(|v| v / (1.0 + (-v).exp())).collect(), &x[0].shape)
-            });
+            let report = gradcheck(
+                "silu",
+                &[(shape, Domain::Any)],
+                &mut rng,
+                Default::default(),
+                |x| super::silu(&x[0]),
+                |x| CpuTensor::new(x[0].data.iter().map(|v| v / (1.0 + (-v).exp())).collect(), &x[0].shape),
+            );
             report.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         }
     }

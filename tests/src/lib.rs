@@ -50,9 +50,10 @@ pub fn with_settings_device<T>(f: impl FnOnce(&kiln_graph::backend::Device) -> T
 
 /// A fresh seed each run (printed, so a failure can be replayed with KILN_TEST_SEED).
 pub fn test_rng(name: &str) -> Rng {
-    let seed = std::env::var("KILN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
-    });
+    let seed = std::env::var("KILN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7));
     eprintln!("[{name}] KILN_TEST_SEED={seed}");
     Rng::new(seed)
 }

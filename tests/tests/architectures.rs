@@ -17,15 +17,9 @@ fn count(name: &str, input: [usize; 3], classes: usize) -> (usize, Vec<usize>) {
 
 #[test]
 fn parameter_counts_match_the_reference_implementations() {
-    for (name, params) in [
-        ("alexnet", 61_100_840),
-        ("vgg16", 138_357_544),
-        ("vgg16_bn", 138_365_992),
-        ("resnet18", 11_689_512),
-        ("resnet34", 21_797_672),
-        ("resnet50", 25_557_032),
-        ("googlenet", 6_624_904),
-    ] {
+    for (name, params) in
+        [("alexnet", 61_100_840), ("vgg16", 138_357_544), ("vgg16_bn", 138_365_992), ("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032), ("googlenet", 6_624_904)]
+    {
         let (n, out) = count(name, [3, 224, 224], 1000);
         assert_eq!(n, params, "{name}");
         assert_eq!(out, vec![2, 1000], "{name}");

@@ -20,34 +20,44 @@ fn tensor_used_twice_gets_both_contributions() {
 
 #[test]
 fn shared_weight_in_two_branches() {
-    check_op("x@w + tanh(x@w)@w^T...", &[(&[5, 7], Domain::Any), (&[7, 7], Domain::Any)], |t| {
-        let h = t[0].matmul(&t[1])?;
-        h.tanh()?.matmul(&t[1])?.add(&h)
-    }, |t| {
-        let h = t[0].matmul_t(&t[1], false, false);
-        h.unary(UnaryKind::Tanh, 0.0, 0.0).matmul_t(&t[1], false, false).binary(BinaryKind::Add, &h)
-    });
+    check_op(
+        "x@w + tanh(x@w)@w^T...",
+        &[(&[5, 7], Domain::Any), (&[7, 7], Domain::Any)],
+        |t| {
+            let h = t[0].matmul(&t[1])?;
+            h.tanh()?.matmul(&t[1])?.add(&h)
+        },
+        |t| {
+            let h = t[0].matmul_t(&t[1], false, false);
+            h.unary(UnaryKind::Tanh, 0.0, 0.0).matmul_t(&t[1], false, false).binary(BinaryKind::Add, &h)
+        },
+    );
 }
 
 #[test]
 fn chain_of_ten_ops() {
-    check_op("chain of 10 ops", &[(&[7, 33], Domain::Any), (&[33], Domain::Positive)], |t| {
-        let h = t[0].broadcast_mul(&t[1])?; // 1
-        let h = h.tanh()?; // 2
-        let h = h.affine(1.5, 0.25)?; // 3
-        let h = h.exp()?; // 4
-        let h = h.log_softmax(1)?; // 5
-        let h = h.sigmoid()?; // 6
-        let h = h.t()?; // 7
-        let h = h.powf(2.0)?; // 8
-        let h = h.sum(&[1], true)?; // 9
-        h.softplus() // 10
-    }, |t| {
-        let h = t[0].binary(BinaryKind::Mul, &t[1]);
-        let h = h.unary(UnaryKind::Tanh, 0.0, 0.0).unary(UnaryKind::Affine, 1.5, 0.25).unary(UnaryKind::Exp, 0.0, 0.0);
-        let h = h.softmax(1, true).unary(UnaryKind::Sigmoid, 0.0, 0.0).permute(&[1, 0]).unary(UnaryKind::Powf, 2.0, 0.0);
-        h.reduce(1, false, 1.0).unary(UnaryKind::Softplus, 0.0, 0.0)
-    });
+    check_op(
+        "chain of 10 ops",
+        &[(&[7, 33], Domain::Any), (&[33], Domain::Positive)],
+        |t| {
+            let h = t[0].broadcast_mul(&t[1])?; // 1
+            let h = h.tanh()?; // 2
+            let h = h.affine(1.5, 0.25)?; // 3
+            let h = h.exp()?; // 4
+            let h = h.log_softmax(1)?; // 5
+            let h = h.sigmoid()?; // 6
+            let h = h.t()?; // 7
+            let h = h.powf(2.0)?; // 8
+            let h = h.sum(&[1], true)?; // 9
+            h.softplus() // 10
+        },
+        |t| {
+            let h = t[0].binary(BinaryKind::Mul, &t[1]);
+            let h = h.unary(UnaryKind::Tanh, 0.0, 0.0).unary(UnaryKind::Affine, 1.5, 0.25).unary(UnaryKind::Exp, 0.0, 0.0);
+            let h = h.softmax(1, true).unary(UnaryKind::Sigmoid, 0.0, 0.0).permute(&[1, 0]).unary(UnaryKind::Powf, 2.0, 0.0);
+            h.reduce(1, false, 1.0).unary(UnaryKind::Softplus, 0.0, 0.0)
+        },
+    );
 }
 
 #[test]

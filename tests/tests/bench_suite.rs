@@ -1,8 +1,8 @@
 //! The benchmark suite: every record validated before it is timed, a wrong kernel reported and never timed,
 //! the JSON fields scripts read, and step records with no allocation after the first step.
 
-use kiln_graph::Tensor;
 use kiln_benches::suite::{self, Record, Roofs, SuiteOptions, Work};
+use kiln_graph::Tensor;
 use kiln_tests::require_gpu;
 
 #[test]

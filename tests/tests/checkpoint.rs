@@ -38,8 +38,16 @@ fn corrupt_checkpoints_are_errors_naming_the_file() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
         ("truncated data", bytes[..bytes.len() - 5].to_vec()),
-        ("header longer than file", { let mut b = bytes.clone(); b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes()); b }),
-        ("not json", { let mut b = bytes.clone(); b[8] = b'#'; b }),
+        ("header longer than file", {
+            let mut b = bytes.clone();
+            b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            b
+        }),
+        ("not json", {
+            let mut b = bytes.clone();
+            b[8] = b'#';
+            b
+        }),
     ];
     for (what, b) in cases {
         let e = checkpoint::from_bytes("ck.safetensors", &b).expect_err(what).to_string();

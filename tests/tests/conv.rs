@@ -11,7 +11,8 @@ fn conv_case(name: &str, x: [usize; 4], w: [usize; 4], geom: Conv2dGeom) {
     require_gpu();
     with_settings_device(|dev| {
         let implicit = kernels::ConvLowering::Implicit;
-        let lowerings = if kernels::MatmulVariant::Subgroup(8).supports(dev, 1, 1, 1, false, false).unwrap() { vec![kernels::ConvLowering::Im2col, implicit] } else { vec![kernels::ConvLowering::Im2col] };
+        let lowerings =
+            if kernels::MatmulVariant::Subgroup(8).supports(dev, 1, 1, 1, false, false).unwrap() { vec![kernels::ConvLowering::Im2col, implicit] } else { vec![kernels::ConvLowering::Im2col] };
         for lowering in lowerings {
             kernels::set_conv_lowering(dev, lowering);
             conv_case_once(&format!("{name} ({lowering:?})"), x, w, geom);

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use kiln_data::{load, polynomial_features, Batches, ArrayDataset, MeanNormalizer, Split, Standardizer, Targets};
+use kiln_data::{load, polynomial_features, ArrayDataset, Batches, MeanNormalizer, Split, Standardizer, Targets};
 
 #[test]
 fn bundled_sets_have_their_documented_sizes() {

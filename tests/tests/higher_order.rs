@@ -258,4 +258,3 @@ fn custom_ops_record_on_the_tape_and_differentiate_twice() {
     let err = y.backward_create_graph().err().expect("an error").to_string();
     assert!(err.contains("opaque_double") && err.contains("not differentiable"), "{err}");
 }
-

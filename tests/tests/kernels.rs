@@ -154,7 +154,6 @@ fn long_loops_are_split_below_the_lavapipe_iteration_limit() {
     assert_eq!(max, host.iter().copied().fold(f32::MIN, f32::max), "max of {n}");
 }
 
-
 #[test]
 fn index_select_gradient_over_many_indices() {
     // More indices than one invocation may loop over on lavapipe: the gradient is summed in pieces.

@@ -23,12 +23,17 @@ fn batch_norm_training_forward_and_backward() {
     vs.finish().unwrap();
     // Values around 5 with spread 2: the normalisation has real work to do.
     check_op("batch norm [4,3,5,7]", &[(&[4, 3, 5, 7], Domain::Any)], |t| bn.forward(&t[0].affine(1.0, 5.0)?), |t| bn_reference(&t[0].unary(UnaryKind::Affine, 1.0, 5.0), 1e-5));
-    check_op("batch norm dense [9,4]", &[(&[9, 4], Domain::Any)], |t| {
-        let mut vs = VarStore::new(0);
-        let bn = BatchNorm::new(&mut vs, "bn1d", 4)?;
-        vs.finish()?;
-        bn.forward(&t[0])
-    }, |t| bn_reference(&t[0].reshape(&[9, 4, 1, 1]), 1e-5).reshape(&[9, 4]));
+    check_op(
+        "batch norm dense [9,4]",
+        &[(&[9, 4], Domain::Any)],
+        |t| {
+            let mut vs = VarStore::new(0);
+            let bn = BatchNorm::new(&mut vs, "bn1d", 4)?;
+            vs.finish()?;
+            bn.forward(&t[0])
+        },
+        |t| bn_reference(&t[0].reshape(&[9, 4, 1, 1]), 1e-5).reshape(&[9, 4]),
+    );
 }
 
 /// Batch norm's fused op (Tensor::batch_norm): the forward pass against the CPU formula with random gamma and

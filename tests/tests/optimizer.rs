@@ -90,10 +90,14 @@ fn a_parameter_without_a_gradient_is_left_untouched() {
     // after L2 decay added to the gradient.
     let gb = random(7, &mut rng);
     opt.step(&vs, &grads_of(&vs, &[("b", gb.clone())])).unwrap();
-    let want: Vec<f64> = b0.iter().zip(&gb).map(|(&w, &g)| {
-        let g = g as f64 + 0.1 * w as f64;
-        w as f64 - 0.01 * g / (g.abs() + 1e-8)
-    }).collect();
+    let want: Vec<f64> = b0
+        .iter()
+        .zip(&gb)
+        .map(|(&w, &g)| {
+            let g = g as f64 + 0.1 * w as f64;
+            w as f64 - 0.01 * g / (g.abs() + 1e-8)
+        })
+        .collect();
     assert_near("b after its first update", &values(&vs, "b"), &want);
 }
 

@@ -66,7 +66,13 @@ fn same_seed_same_losses() {
 #[test]
 fn optimizers_and_schedules_all_train() {
     for opt in ["gd", "sgd", "nesterov", "rmsprop", "adam", "adamw"] {
-        let lr = if opt == "gd" { 0.5 } else if opt.starts_with("adam") || opt == "rmsprop" { 0.01 } else { 0.1 };
+        let lr = if opt == "gd" {
+            0.5
+        } else if opt.starts_with("adam") || opt == "rmsprop" {
+            0.01
+        } else {
+            0.1
+        };
         let r = train(TrainConfig {
             epochs: Some(8),
             batch_size: Some(64),
@@ -156,4 +162,3 @@ fn early_stopping_on_a_flat_dev_metric() {
     // Train accuracy is reported per epoch for classifiers.
     assert!(r.history.iter().all(|h| (0.0..=1.0).contains(&h.train_accuracy)));
 }
-

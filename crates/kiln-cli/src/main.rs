@@ -311,7 +311,8 @@ fn summary(model: &str, classes: usize, input: Option<&str>, json: bool) -> Resu
     let default = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
     let input: [usize; 3] = match input {
         Some(text) => {
-            let dims: Vec<usize> = text.split(['x', 'X', ',']).map(|d| d.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| anyhow::anyhow!("--input {text:?}: expected CxHxW, e.g. 3x224x224"))?;
+            let dims: Vec<usize> =
+                text.split(['x', 'X', ',']).map(|d| d.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| anyhow::anyhow!("--input {text:?}: expected CxHxW, e.g. 3x224x224"))?;
             match dims[..] {
                 [c, h, w] if c > 0 && h > 0 && w > 0 => [c, h, w],
                 _ => bail!("--input {text:?}: expected three positive sizes CxHxW"),

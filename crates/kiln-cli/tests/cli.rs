@@ -53,7 +53,9 @@ fn nonsensical_settings_are_clear_errors() {
 #[test]
 fn help_lists_models_and_data_sets() {
     let (out, _) = text(&kiln(&["train", "--help"], &[]));
-    for name in ["linreg", "polyreg", "logreg", "softmax", "mlp", "digits", "breast-cancer", "iris", "diabetes", "--epochs", "--batch-size", "--lr", "--optimizer", "--seed", "--adapter", "--out", "--json"] {
+    for name in
+        ["linreg", "polyreg", "logreg", "softmax", "mlp", "digits", "breast-cancer", "iris", "diabetes", "--epochs", "--batch-size", "--lr", "--optimizer", "--seed", "--adapter", "--out", "--json"]
+    {
         assert!(out.contains(name), "help lacks {name}:\n{out}");
     }
 }

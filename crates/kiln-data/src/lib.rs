@@ -10,8 +10,11 @@ mod loaders;
 mod prep;
 
 pub use dataset::{ArrayDataset, Targets};
-pub use loader::{Collate, DataLoader, Dataset, Detection, Epoch, HostArray, HostBatch, HostData, Labeled, LoaderOptions, PadSequences, Pair, Sequence, StackDetections, StackPairs, StackRows, StackTriplets, Target, Triplet};
 pub use error::{DataError, Result};
 pub use idx::{parse_idx, read_idx, IdxArray};
+pub use loader::{
+    Collate, DataLoader, Dataset, Detection, Epoch, HostArray, HostBatch, HostData, Labeled, LoaderOptions, PadSequences, Pair, Sequence, StackDetections, StackPairs, StackRows, StackTriplets,
+    Target, Triplet,
+};
 pub use loaders::{load, load_breast_cancer, load_diabetes, load_digits, load_fashion_mnist, load_iris, load_mnist10k, load_split, load_wine, parse_sklearn_csv, DATASETS, FASHION_MNIST_SYSTEM_DIR};
 pub use prep::{polynomial_features, Batches, MeanNormalizer, Split, Standardizer};

@@ -185,11 +185,17 @@ impl Collate<Labeled> for StackRows {
         };
         let target = match samples.first().map(|s| s.target) {
             Some(Target::Value(_)) => {
-                let v = samples.iter().map(|s| if let Target::Value(v) = s.target { Ok(v) } else { Err(DataError::Invalid("collate: classes and values mixed in one batch".into())) }).collect::<Result<_>>()?;
+                let v = samples
+                    .iter()
+                    .map(|s| if let Target::Value(v) = s.target { Ok(v) } else { Err(DataError::Invalid("collate: classes and values mixed in one batch".into())) })
+                    .collect::<Result<_>>()?;
                 HostArray::f32("values", vec![n, 1], v)
             }
             _ => {
-                let v = samples.iter().map(|s| if let Target::Class(c) = s.target { Ok(c) } else { Err(DataError::Invalid("collate: classes and values mixed in one batch".into())) }).collect::<Result<_>>()?;
+                let v = samples
+                    .iter()
+                    .map(|s| if let Target::Class(c) = s.target { Ok(c) } else { Err(DataError::Invalid("collate: classes and values mixed in one batch".into())) })
+                    .collect::<Result<_>>()?;
                 HostArray::u32("labels", vec![n], v)
             }
         };
@@ -354,7 +360,11 @@ impl<D: Dataset, C: Collate<D::Sample>> DataLoader<D, C> {
     /// Batches per epoch.
     pub fn len(&self) -> usize {
         let (n, b) = (self.dataset.len(), self.options.batch_size);
-        if self.options.drop_last { n / b } else { n.div_ceil(b) }
+        if self.options.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -381,12 +391,7 @@ impl<D: Dataset, C: Collate<D::Sample>> DataLoader<D, C> {
             let (dataset, collate) = (self.dataset.clone(), self.collate.clone());
             handles.push(std::thread::spawn(move || {
                 for indices in mine {
-                    let batch = indices
-                        .iter()
-                        .map(|&i| dataset.get(i))
-                        .collect::<Result<Vec<_>>>()
-                        .and_then(|samples| collate.collate(samples))
-                        .map(|arrays| HostBatch { indices, arrays });
+                    let batch = indices.iter().map(|&i| dataset.get(i)).collect::<Result<Vec<_>>>().and_then(|samples| collate.collate(samples)).map(|arrays| HostBatch { indices, arrays });
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;

@@ -217,9 +217,8 @@ pub fn load_fashion_mnist(dir: Option<&Path>) -> Result<(ArrayDataset, ArrayData
     let mut candidates: Vec<PathBuf> = dir.map(Path::to_path_buf).into_iter().collect();
     candidates.extend(std::env::var_os("KILN_DATA").map(PathBuf::from));
     candidates.push(PathBuf::from(FASHION_MNIST_SYSTEM_DIR));
-    let find = |stem: &str| -> Option<PathBuf> {
-        candidates.iter().flat_map(|d| [d.join(format!("{stem}.gz")), d.join(stem), d.join("fashion-mnist").join(format!("{stem}.gz"))]).find(|p| p.exists())
-    };
+    let find =
+        |stem: &str| -> Option<PathBuf> { candidates.iter().flat_map(|d| [d.join(format!("{stem}.gz")), d.join(stem), d.join("fashion-mnist").join(format!("{stem}.gz"))]).find(|p| p.exists()) };
     let stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
     let mut paths = Vec::new();
     for stem in stems {

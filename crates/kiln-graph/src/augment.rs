@@ -74,12 +74,28 @@ impl Tensor {
         if a.is_identity() {
             return Ok(self.detach());
         }
-        let flags = a.flip as usize | ((a.shift > 0) as usize) << 1 | ((a.rotation > 0.0 || a.scale > 0.0) as usize) << 2 | ((a.brightness > 0.0 || a.contrast > 0.0) as usize) << 3 | ((a.noise > 0.0) as usize) << 4;
+        let flags = a.flip as usize
+            | ((a.shift > 0) as usize) << 1
+            | ((a.rotation > 0.0 || a.scale > 0.0) as usize) << 2
+            | ((a.brightness > 0.0 || a.contrast > 0.0) as usize) << 3
+            | ((a.noise > 0.0) as usize) << 4;
         let p = Params::new()
-            .u32(s[0]).u32(s[1]).u32(s[2]).u32(s[3])
-            .u32((seed & 0xffff_ffff) as usize).u32((seed >> 32) as usize).u32(flags).u32(a.shift as usize)
-            .f32(a.rotation).f32(a.scale).f32(a.brightness).f32(a.contrast)
-            .f32(a.noise).u32(0).u32(0).u32(0);
+            .u32(s[0])
+            .u32(s[1])
+            .u32(s[2])
+            .u32(s[3])
+            .u32((seed & 0xffff_ffff) as usize)
+            .u32((seed >> 32) as usize)
+            .u32(flags)
+            .u32(a.shift as usize)
+            .f32(a.rotation)
+            .f32(a.scale)
+            .f32(a.brightness)
+            .f32(a.contrast)
+            .f32(a.noise)
+            .u32(0)
+            .u32(0)
+            .u32(0);
         let n = self.numel();
         let y = out_buffer(&self.view(), n, "augmented images")?;
         launch(&AUGMENT, "augment", &[], p, &[&self.view()], &[&y], grid_1d(n as u64, 256))?;

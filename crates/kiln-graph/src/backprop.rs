@@ -66,7 +66,16 @@ pub enum Op {
 impl Op {
     pub fn inputs(&self) -> Vec<&Tensor> {
         match self {
-            Op::Unary(_, x, ..) | Op::Sum(x, ..) | Op::Max(x, _) | Op::Reshape(x) | Op::Expand(x) | Op::Permute(x, _) | Op::Slice(x, ..) | Op::Softmax(x, _) | Op::LogSoftmax(x, _) | Op::AvgPool2d(x, _) => vec![x],
+            Op::Unary(_, x, ..)
+            | Op::Sum(x, ..)
+            | Op::Max(x, _)
+            | Op::Reshape(x)
+            | Op::Expand(x)
+            | Op::Permute(x, _)
+            | Op::Slice(x, ..)
+            | Op::Softmax(x, _)
+            | Op::LogSoftmax(x, _)
+            | Op::AvgPool2d(x, _) => vec![x],
             Op::Binary(_, a, b) | Op::Matmul(a, b, ..) | Op::Conv2d(a, b, ..) | Op::BiasAct(a, b, ..) | Op::Conv2dInputGrad(a, b, ..) | Op::Conv2dWeightGrad(a, b, ..) => vec![a, b],
             Op::AvgPool2dGrad(g, ..) => vec![g],
             Op::MaxPool2dGrad(g, switches, ..) | Op::MaxPool2dGather(g, switches, _) | Op::IndexSelectGrad(g, switches, ..) => vec![g, switches],
@@ -430,11 +439,7 @@ fn binary_grads<'a>(kind: BinaryKind, a: &'a Tensor, b: &'a Tensor, out: &Tensor
 /// act(x + bias): g_pre = g * act'(pre) in one kernel (from the saved output); the bias gets g_pre summed over
 /// every axis but its channel axis.
 fn bias_act_grads<'a>(x: &'a Tensor, bias: &'a Tensor, axis: usize, act: kernels::BiasAct, out: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
-    let g_pre = if act == kernels::BiasAct::Identity {
-        g.clone()
-    } else {
-        Tensor::from_storage(kernels::act_backward(&g.view(), &out.view(), g.numel(), act)?, g.shape(), DType::F32)?
-    };
+    let g_pre = if act == kernels::BiasAct::Identity { g.clone() } else { Tensor::from_storage(kernels::act_backward(&g.view(), &out.view(), g.numel(), act)?, g.shape(), DType::F32)? };
     let others: Vec<usize> = (0..x.rank()).filter(|a| *a != axis).collect();
     let g_bias = g_pre.sum(&others, false)?.reshape(bias.shape())?;
     Ok(vec![(x, g_pre), (bias, g_bias)])

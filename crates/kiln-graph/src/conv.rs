@@ -76,7 +76,11 @@ impl Pool2dGeom {
                 return floor;
             }
             // One more window, unless it would start past the input and its left padding.
-            if floor * s >= input + pad { floor } else { floor + 1 }
+            if floor * s >= input + pad {
+                floor
+            } else {
+                floor + 1
+            }
         };
         Some((side(ph, kh, self.stride[0], h, self.padding[0]), side(pw, kw, self.stride[1], w, self.padding[1])))
     }
@@ -84,18 +88,30 @@ impl Pool2dGeom {
 
 fn conv_params(x: &[usize], w: &[usize], oh: usize, ow: usize, g: &Conv2dGeom) -> Params {
     Params::new()
-        .u32(x[0]).u32(x[1]).u32(x[2]).u32(x[3])
-        .u32(w[0]).u32(oh).u32(ow).u32(g.groups)
-        .u32(w[2]).u32(w[3]).u32(g.stride[0]).u32(g.stride[1])
-        .u32(g.padding[0]).u32(g.padding[1]).u32(g.dilation[0]).u32(g.dilation[1])
-        .u32(0).u32(oh).u32(0).u32(0)
+        .u32(x[0])
+        .u32(x[1])
+        .u32(x[2])
+        .u32(x[3])
+        .u32(w[0])
+        .u32(oh)
+        .u32(ow)
+        .u32(g.groups)
+        .u32(w[2])
+        .u32(w[3])
+        .u32(g.stride[0])
+        .u32(g.stride[1])
+        .u32(g.padding[0])
+        .u32(g.padding[1])
+        .u32(g.dilation[0])
+        .u32(g.dilation[1])
+        .u32(0)
+        .u32(oh)
+        .u32(0)
+        .u32(0)
 }
 
 fn pool_params(x: &[usize], oh: usize, ow: usize, g: &Pool2dGeom) -> Params {
-    Params::new()
-        .u32(x[0] * x[1]).u32(x[2]).u32(x[3]).u32(oh)
-        .u32(ow).u32(g.kernel[0]).u32(g.kernel[1]).u32(g.stride[0])
-        .u32(g.stride[1]).u32(g.padding[0]).u32(g.padding[1]).u32(0)
+    Params::new().u32(x[0] * x[1]).u32(x[2]).u32(x[3]).u32(oh).u32(ow).u32(g.kernel[0]).u32(g.kernel[1]).u32(g.stride[0]).u32(g.stride[1]).u32(g.padding[0]).u32(g.padding[1]).u32(0)
 }
 
 impl Tensor {

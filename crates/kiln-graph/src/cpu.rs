@@ -31,7 +31,13 @@ pub fn unary_scalar(kind: UnaryKind, v: f64, a: f64, b: f64) -> f64 {
         U::Sigmoid => sigmoid(v),
         U::Tanh => v.tanh(),
         U::Relu => v.max(0.0),
-        U::LeakyRelu => if v > 0.0 { v } else { a * v },
+        U::LeakyRelu => {
+            if v > 0.0 {
+                v
+            } else {
+                a * v
+            }
+        }
         U::Softplus => v.max(0.0) + (1.0 + (-v.abs()).exp()).ln(),
         U::Clamp => v.clamp(a, b),
         U::Powf => {
@@ -40,8 +46,22 @@ pub fn unary_scalar(kind: UnaryKind, v: f64, a: f64, b: f64) -> f64 {
         }
         U::Affine => a * v + b,
         U::Step => (v > 0.0) as u8 as f64,
-        U::Sign => if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 },
-        U::LeakyStep => if v > 0.0 { 1.0 } else { a },
+        U::Sign => {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }
+        U::LeakyStep => {
+            if v > 0.0 {
+                1.0
+            } else {
+                a
+            }
+        }
         U::InRange => (v >= a && v <= b) as u8 as f64,
         U::Fill => a,
     }
@@ -211,7 +231,11 @@ impl CpuTensor {
         let (a, b) = (&self.shape, &other.shape);
         let dims = |s: &[usize], t: bool| {
             let (r, c) = (s[s.len() - 2], s[s.len() - 1]);
-            if t { (c, r) } else { (r, c) }
+            if t {
+                (c, r)
+            } else {
+                (r, c)
+            }
         };
         let ((m, k), (_, n)) = (dims(a, ta), dims(b, tb));
         let batch = if a.len() == 3 { a[0] } else { 1 };

@@ -111,7 +111,16 @@ pub(crate) fn launch(shader: &'static Shader, entry: &'static str, constants: &[
 
 /// `launch` with texture copies of some operands bound after the outputs.
 #[allow(clippy::too_many_arguments)]
-fn launch_textured(shader: &'static Shader, entry: &'static str, constants: &[(&'static str, f64)], params: Params, inputs: &[&BufView], outputs: &[&BufView], textures: &[&TexView], workgroups: [u32; 3]) -> Result<()> {
+fn launch_textured(
+    shader: &'static Shader,
+    entry: &'static str,
+    constants: &[(&'static str, f64)],
+    params: Params,
+    inputs: &[&BufView],
+    outputs: &[&BufView],
+    textures: &[&TexView],
+    workgroups: [u32; 3],
+) -> Result<()> {
     // Every kernel writes an output; the device checks that every binding is its own.
     let dev = outputs.first().or(inputs.first()).ok_or_else(|| crate::error::KilnError::Usage(format!("kernel {entry} launched without buffers")))?.device();
     dev.dispatch(&Dispatch { shader, entry, constants, params: params.bytes(), inputs, outputs, textures, workgroups })?;
@@ -294,14 +303,7 @@ pub fn binary(kind: BinaryKind, a: &BufView, a_shape: &[usize], b: &BufView, b_s
     let n = crate::shape::numel(shape);
     let y = out(a, n, "binary output")?;
     let broadcast = a_shape != shape || b_shape != shape;
-    let p = Params::new()
-        .u32(n)
-        .u32(shape.len())
-        .u32(0)
-        .u32(0)
-        .dims8(shape)
-        .dims8(&crate::shape::broadcast_strides(a_shape, shape))
-        .dims8(&crate::shape::broadcast_strides(b_shape, shape));
+    let p = Params::new().u32(n).u32(shape.len()).u32(0).u32(0).dims8(shape).dims8(&crate::shape::broadcast_strides(a_shape, shape)).dims8(&crate::shape::broadcast_strides(b_shape, shape));
     let consts = [("OP", kind as u32 as f64), ("BROADCAST", broadcast as u32 as f64)];
     launch(&ELEMENTWISE, "binary", &consts, p, &[a, b], &[&y], grid_1d(n as u64, WG))?;
     Ok(y)
@@ -497,7 +499,19 @@ pub fn matmul(a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usi
 
 /// `matmul` with a given kernel (benchmarks and the tuner). An error if the variant cannot run this shape.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_with(variant: MatmulVariant, a: &BufView, b: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, b_batch_stride: usize, trans_a: bool, trans_b: bool) -> Result<BufView> {
+pub fn matmul_with(
+    variant: MatmulVariant,
+    a: &BufView,
+    b: &BufView,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_batch_stride: usize,
+    b_batch_stride: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<BufView> {
     let dev = a.device();
     let c = out(a, batch * m * n, "matmul output")?;
     if batch * m * n == 0 {
@@ -582,7 +596,18 @@ pub enum ConvGemmSource {
 /// says, without an im2col buffer. `conv` is [c_in, h, w, kh, kw, oh, ow, stride_h, stride_w, pad_h, pad_w,
 /// dil_h, dil_w] of the convolution. Needs subgroups of at least 8 lanes (`conv_gemm_preferred` checks).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, batch: usize, m: usize, n: usize, k: usize, a_batch_stride: usize, image_batch_stride: usize, conv: [usize; 13]) -> Result<BufView> {
+pub(crate) fn conv_gemm(
+    source: ConvGemmSource,
+    a: &BufView,
+    image: &BufView,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_batch_stride: usize,
+    image_batch_stride: usize,
+    conv: [usize; 13],
+) -> Result<BufView> {
     let c = out(a, batch * m * n, "convolution product")?;
     if batch * m * n == 0 {
         return Ok(c);
@@ -605,7 +630,8 @@ pub(crate) fn conv_gemm(source: ConvGemmSource, a: &BufView, image: &BufView, ba
         ConvGemmSource::WeightGrad => false,
     };
     let columns = if packed { n / width * width.next_multiple_of(4) } else { n };
-    let consts = |accumulate: bool| [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("PACKED", packed as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0), ("ACCUMULATE", accumulate as u32 as f64)];
+    let consts =
+        |accumulate: bool| [("RB", rows as f64), ("B_SOURCE", source as u32 as f64), ("PACKED", packed as u32 as f64), ("TRANS_A", 0.0), ("TRANS_B", 0.0), ("ACCUMULATE", accumulate as u32 as f64)];
     let groups = [columns.div_ceil(32) as u32, m.div_ceil(rows) as u32, batch as u32];
     for (k0, k1, accumulate) in k_ranges(k, k_per_dispatch(a.device(), "matmul_subgroup")?) {
         let p = conv.iter().fold(Params::new().u32(m).u32(n).u32(k).u32(a_batch_stride).u32(image_batch_stride).u32(k0).u32(k1).u32(0), |p, &v| p.u32(v));
@@ -629,11 +655,14 @@ static CONV_LOWERING_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLoc
 
 /// Sets the lowering on one device (the process default is `KILN_CONV=implicit|im2col|auto`).
 pub fn set_conv_lowering(dev: &Gpu, l: ConvLowering) {
-    dev.set_setting("conv_implicit", match l {
-        ConvLowering::Auto => None,
-        ConvLowering::Implicit => Some(1),
-        ConvLowering::Im2col => Some(0),
-    });
+    dev.set_setting(
+        "conv_implicit",
+        match l {
+            ConvLowering::Auto => None,
+            ConvLowering::Implicit => Some(1),
+            ConvLowering::Im2col => Some(0),
+        },
+    );
 }
 
 /// Whether convolutions run through `conv_gemm` here. Auto picks it where the adapter is a CPU (lavapipe), whose
@@ -690,7 +719,12 @@ fn matmul_split(a: &BufView, b: &BufView, m: usize, n: usize, k: usize, ta: bool
     let big = |elems: usize| 4 * elems > limit;
     let (a_big, b_big, c_big) = (big(m * k), big(k * n), big(m * n));
     if [a_big, b_big, c_big].iter().filter(|&&x| x).count() > 1 {
-        return Err(kiln_wgpu::GpuError::BindingTooLarge { bytes: 4 * (m * k).max(k * n).max(m * n) as u64, limit: limit as u64, what: format!("matmul [{m}x{k}] @ [{k}x{n}]: two operands over the limit") }.into());
+        return Err(kiln_wgpu::GpuError::BindingTooLarge {
+            bytes: 4 * (m * k).max(k * n).max(m * n) as u64,
+            limit: limit as u64,
+            what: format!("matmul [{m}x{k}] @ [{k}x{n}]: two operands over the limit"),
+        }
+        .into());
     }
     let align = g.limits.min_storage_buffer_offset_alignment.max(4) as usize;
     // Rows per piece: as many as fit in half the limit, a multiple that keeps piece offsets aligned.
@@ -799,10 +833,22 @@ pub fn one_hot(labels: &BufView, n: usize, classes: usize) -> Result<BufView> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UpdateRule {
     /// SGD with momentum (0 = plain gradient descent), optionally Nesterov.
-    Sgd { momentum: f32, nesterov: bool },
-    RmsProp { alpha: f32, eps: f32 },
+    Sgd {
+        momentum: f32,
+        nesterov: bool,
+    },
+    RmsProp {
+        alpha: f32,
+        eps: f32,
+    },
     /// Adam; `decoupled` makes it AdamW.
-    Adam { beta1: f32, beta2: f32, eps: f32, step: u64, decoupled: bool },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        step: u64,
+        decoupled: bool,
+    },
 }
 
 /// One dispatch updating a flat parameter buffer in place. `state2` is only read by Adam.
@@ -817,19 +863,7 @@ pub fn optimizer_step(rule: UpdateRule, params: &BufView, grads: &BufView, state
         }
     };
     let make_params = |n: usize, decay_end: usize| {
-        Params::new()
-            .u32(n)
-            .u32(decay_end)
-            .f32(lr)
-            .f32(weight_decay)
-            .f32(beta1)
-            .f32(beta2)
-            .f32(eps)
-            .f32(bias1)
-            .f32(bias2)
-            .u32(nesterov as usize)
-            .u32(decoupled as usize)
-            .u32(0)
+        Params::new().u32(n).u32(decay_end).f32(lr).f32(weight_decay).f32(beta1).f32(beta2).f32(eps).f32(bias1).f32(bias2).u32(nesterov as usize).u32(decoupled as usize).u32(0)
     };
     let views = [grads, params, state1, state2];
     // On CPU adapters Adam reads texture copies and writes 4 parameters per invocation, over the longest prefix

@@ -25,17 +25,17 @@ pub mod loss;
 mod ops;
 pub mod rng;
 pub mod shape;
-pub mod tune;
 mod tensor;
+pub mod tune;
 
 pub use augment::Augment;
 pub use backprop::{Grads, Op};
-pub use custom::CustomOp;
 pub use conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
+pub use custom::CustomOp;
 pub use error::{KilnError, Result};
+pub use kiln_wgpu as backend;
 pub use rng::Rng;
 pub use tensor::{grad_enabled, no_grad, DType, NoGradGuard, PendingValues, Tensor, TensorId};
-pub use kiln_wgpu as backend;
 
 /// Whether fused kernels run on `dev` where they apply: a layer's bias with the activation after it, batch
 /// norm, the cross-entropy loss (default on; `KILN_FUSE=off` for the process, or `set_fusion` on one device,

@@ -248,7 +248,14 @@ impl Tensor {
 
     /// This tensor as a trainable leaf: gradients flow to it. Shares storage.
     pub fn var(&self) -> Tensor {
-        Tensor(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), data: self.0.data.clone(), shape: self.0.shape.clone(), dtype: self.0.dtype, op: None, requires_grad: self.0.dtype == DType::F32 }))
+        Tensor(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            data: self.0.data.clone(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            op: None,
+            requires_grad: self.0.dtype == DType::F32,
+        }))
     }
 
     /// Same values, cut from the graph: no gradient flows through the result.

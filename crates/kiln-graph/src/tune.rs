@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use kiln_wgpu::Gpu;
 
-use crate::kernels::{self, MatmulVariant};
 use crate::error::Result;
+use crate::kernels::{self, MatmulVariant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -39,16 +39,7 @@ impl Mode {
 pub fn shape_class(dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> String {
     let bucket = |x: usize| x.max(1).next_power_of_two().min(4096);
     let vec4 = MatmulVariant::Vec4.supports(dev, m, n, k, trans_a, trans_b).unwrap_or(false);
-    format!(
-        "{}{} b{} m{} n{} k{}{}",
-        if trans_a { 't' } else { 'n' },
-        if trans_b { 't' } else { 'n' },
-        bucket(batch),
-        bucket(m),
-        bucket(n),
-        bucket(k),
-        if vec4 { " v4" } else { "" }
-    )
+    format!("{}{} b{} m{} n{} k{}{}", if trans_a { 't' } else { 'n' }, if trans_b { 't' } else { 'n' }, bucket(batch), bucket(m), bucket(n), bucket(k), if vec4 { " v4" } else { "" })
 }
 
 /// The kernel used when tuning is off (or for products too small to tune): measured defaults per adapter
@@ -56,11 +47,7 @@ pub fn shape_class(dev: &Gpu, batch: usize, m: usize, n: usize, k: usize, trans_
 /// products of at most 8 rows, else 16 (32 rows run ~20% faster on big products but take 2-3 s more to
 /// compile cold, so only the tuner picks them); on the H200 the vec4 kernel reached 21 TFLOP/s at 4096³.
 pub fn default_variant(dev: &Gpu, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Result<MatmulVariant> {
-    let preferred = if is_cpu_adapter(dev) {
-        MatmulVariant::Subgroup(if m <= 8 { 8 } else { 16 })
-    } else {
-        MatmulVariant::Vec4
-    };
+    let preferred = if is_cpu_adapter(dev) { MatmulVariant::Subgroup(if m <= 8 { 8 } else { 16 }) } else { MatmulVariant::Vec4 };
     Ok(if preferred.supports(dev, m, n, k, trans_a, trans_b)? { preferred } else { MatmulVariant::Blocked })
 }
 
@@ -180,8 +167,7 @@ impl Tuner {
         static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = SAVING.lock().unwrap_or_else(|e| e.into_inner());
         let g = dev;
-        let mut choices: std::collections::BTreeMap<String, String> =
-            std::fs::read_to_string(p).ok().and_then(|t| serde_json::from_str::<CacheFile>(&t).ok()).map(|f| f.choices).unwrap_or_default();
+        let mut choices: std::collections::BTreeMap<String, String> = std::fs::read_to_string(p).ok().and_then(|t| serde_json::from_str::<CacheFile>(&t).ok()).map(|f| f.choices).unwrap_or_default();
         choices.extend(self.choices.iter().map(|(c, v)| (c.clone(), v.name())));
         let file = CacheFile { kiln_version: env!("CARGO_PKG_VERSION").into(), adapter: g.info.name.clone(), driver: format!("{} {}", g.info.driver, g.info.driver_info), choices };
         let text = serde_json::to_string_pretty(&file).expect("plain data serialises");
@@ -257,7 +243,11 @@ impl Tuner {
             tbatch = tbatch.div_ceil(2);
         }
         while 2 * tbatch * tm * tn * k > cap && (tm > 64 || tn > 64) {
-            if tm >= tn { tm = (tm / 2).next_multiple_of(4) } else { tn = (tn / 2).next_multiple_of(4) }
+            if tm >= tn {
+                tm = (tm / 2).next_multiple_of(4)
+            } else {
+                tn = (tn / 2).next_multiple_of(4)
+            }
         }
         let tk = k;
         let a = kernels::random_uniform(dev, tbatch * tm * tk, 11, 0)?;
@@ -271,12 +261,7 @@ impl Tuner {
             let ms = time_ms(dev, 1, 3, || kernels::matmul_with(v, &a, &b, tbatch, tm, tn, tk, tm * tk, tk * tn, trans_a, trans_b).map(drop))?;
             timings.push((v, Some(ms)));
         }
-        let chosen = timings
-            .iter()
-            .filter_map(|(v, t)| t.map(|t| (*v, t)))
-            .min_by(|x, y| x.1.total_cmp(&y.1))
-            .map(|(v, _)| v)
-            .unwrap_or(MatmulVariant::Blocked);
+        let chosen = timings.iter().filter_map(|(v, t)| t.map(|t| (*v, t))).min_by(|x, y| x.1.total_cmp(&y.1)).map(|(v, _)| v).unwrap_or(MatmulVariant::Blocked);
         Ok(Tuning { class: shape_class(dev, batch, m, n, k, trans_a, trans_b), timings, chosen })
     }
 
@@ -413,11 +398,14 @@ pub fn mode(dev: &Gpu) -> Mode {
 /// Sets (Some) or clears (None) this device's tuning mode. Takes effect for a device whose tuner has not
 /// opened yet (its first matmul opens it).
 pub fn set_mode(dev: &Gpu, mode: Option<Mode>) {
-    dev.set_setting("autotune", mode.map(|m| match m {
-        Mode::Off => 0,
-        Mode::On => 1,
-        Mode::Force => 2,
-    }));
+    dev.set_setting(
+        "autotune",
+        mode.map(|m| match m {
+            Mode::Off => 0,
+            Mode::On => 1,
+            Mode::Force => 2,
+        }),
+    );
 }
 
 /// The device's tuner (mode from [`mode`], cache in `cache_dir()`), opened on first use.

@@ -3,7 +3,7 @@
 
 use kiln_data::ArrayDataset;
 use kiln_graph::{loss, Result, Tensor};
-use kiln_nn::{Activation, Init, Linear, Layer, Module, Sequential, VarStore};
+use kiln_nn::{Activation, Init, Layer, Linear, Module, Sequential, VarStore};
 
 /// Architecture settings beyond the data: MLP widths, ResNet depth, the seed for dropout.
 pub struct Arch<'a> {

@@ -3,7 +3,7 @@
 //! map of class scores, one per window, instead of one vector.
 
 use kiln_graph::{Conv2dGeom, Result, Tensor};
-use kiln_nn::{add_channel_bias, shape_error, Linear, Layer, Module, Param};
+use kiln_nn::{add_channel_bias, shape_error, Layer, Linear, Module, Param};
 
 /// A `Linear` layer applied as a convolution: its weight [out, c*h*w] read as [out, c, h, w]. Over a map of
 /// exactly [c, h, w] it computes the linear layer; over a larger map it computes it at every position.

@@ -7,9 +7,9 @@ use std::time::Instant;
 use kiln_data::{ArrayDataset, Collate, DataLoader, HostBatch, LoaderOptions, Split, StackRows, Standardizer, Targets};
 use kiln_graph::backend::Device;
 use kiln_graph::{no_grad, KilnError, Tensor};
+use kiln_nn::checkpoint;
 use kiln_nn::metrics;
 use kiln_nn::schedule::Schedule;
-use kiln_nn::checkpoint;
 use kiln_nn::{Module, Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 

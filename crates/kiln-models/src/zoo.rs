@@ -10,10 +10,7 @@
 
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Pool2dGeom, Result, Tensor};
-use kiln_nn::{
-    shape_error, Activation, AdaptiveAvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, Linear, MaxPool2d, Layer, Module, Padding, Sequential,
-    VarStore,
-};
+use kiln_nn::{shape_error, Activation, AdaptiveAvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, Layer, Linear, MaxPool2d, Module, Padding, Sequential, VarStore};
 
 fn conv(vs: &mut VarStore, name: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, bias: bool) -> Result<Conv2d> {
     Conv2d::new(vs, name, cin, cout, k, Conv2dConfig { stride, padding: Padding::Explicit(pad, pad), bias, init: Init::HeNormal, ..Default::default() })
@@ -206,11 +203,7 @@ pub fn resnet(vs: &mut VarStore, depth: usize, in_ch: usize, classes: usize) -> 
         50 => ([3, 4, 6, 3], true),
         _ => return Err(shape_error("resnet", &[depth], "ImageNet ResNet depth must be 18, 34 or 50 (20, 32, 56 are the CIFAR variants)")),
     };
-    let mut net = Sequential::new()
-        .push(conv(vs, "conv1", in_ch, 64, 7, 2, 3, false)?)
-        .push(BatchNorm::new(vs, "bn1", 64)?)
-        .push(Activation::Relu)
-        .push(MaxPool2d(Pool2dGeom::new(3, 2, 1)));
+    let mut net = Sequential::new().push(conv(vs, "conv1", in_ch, 64, 7, 2, 3, false)?).push(BatchNorm::new(vs, "bn1", 64)?).push(Activation::Relu).push(MaxPool2d(Pool2dGeom::new(3, 2, 1)));
     let mut c = 64;
     for (stage, &n) in blocks.iter().enumerate() {
         let width = 64 << stage;
@@ -403,7 +396,11 @@ fn layer_name(m: &dyn Module) -> String {
         let common = parts.iter().zip(&other).take_while(|(a, b)| a == b).count();
         parts.truncate(common);
     }
-    if parts.is_empty() { "-".into() } else { parts.join(".") }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(".")
+    }
 }
 
 /// Keras-style rows: nested `Sequential`s are expanded, blocks (residual, inception) are one row each.

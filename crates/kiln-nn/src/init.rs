@@ -7,8 +7,13 @@ use kiln_graph::Rng;
 pub enum Init {
     Zeros,
     Constant(f32),
-    Uniform { lo: f32, hi: f32 },
-    Normal { std: f32 },
+    Uniform {
+        lo: f32,
+        hi: f32,
+    },
+    Normal {
+        std: f32,
+    },
     /// Glorot & Bengio: U(-a, a), a = sqrt(6 / (fan_in + fan_out)).
     XavierUniform,
     /// Glorot & Bengio: N(0, 2 / (fan_in + fan_out)).

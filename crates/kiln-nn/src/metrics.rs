@@ -72,10 +72,7 @@ pub fn r2(pred: &[f32], target: &[f32]) -> f64 {
 
 /// Index of the largest value of each row of a [rows, cols] matrix.
 pub fn argmax_rows(values: &[f32], cols: usize) -> Vec<u32> {
-    values
-        .chunks(cols.max(1))
-        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32)
-        .collect()
+    values.chunks(cols.max(1)).map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32).collect()
 }
 
 #[cfg(test)]

@@ -18,10 +18,24 @@ use crate::varstore::VarStore;
 pub enum OptimizerKind {
     /// Plain gradient descent (batch GD when the batch is the whole training set).
     Gd,
-    Sgd { momentum: f32, nesterov: bool },
-    RmsProp { alpha: f32, eps: f32 },
-    Adam { beta1: f32, beta2: f32, eps: f32 },
-    AdamW { beta1: f32, beta2: f32, eps: f32 },
+    Sgd {
+        momentum: f32,
+        nesterov: bool,
+    },
+    RmsProp {
+        alpha: f32,
+        eps: f32,
+    },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
 }
 
 impl std::str::FromStr for OptimizerKind {
@@ -105,7 +119,8 @@ impl Optimizer {
         for b in [&grads, &state1, &state2] {
             g.zero(b)?;
         }
-        let mut slots: Vec<Slot> = vs.layout().enumerate().map(|(decl, (p, offset))| Slot { param: p.clone(), decl, offset, len: p.shape().iter().product(), group: 0, steps: 0, has_grad: false }).collect();
+        let mut slots: Vec<Slot> =
+            vs.layout().enumerate().map(|(decl, (p, offset))| Slot { param: p.clone(), decl, offset, len: p.shape().iter().product(), group: 0, steps: 0, has_grad: false }).collect();
         slots.sort_by_key(|s| s.offset);
         Ok(Optimizer { kind, base_lr: lr, weight_decay, schedule, total_steps, clip: None, step: 0, grads, state1, state2, slots, groups: vec![GroupOptions::default()], last_grad_norm: None })
     }
@@ -165,7 +180,8 @@ impl Optimizer {
     pub fn load_state(&mut self, file: &str, ck: &Checkpoint) -> std::result::Result<(), CheckpointError> {
         let g = self.state1.device().clone();
         for (name, buf) in [("optimizer.state1", &self.state1), ("optimizer.state2", &self.state2)] {
-            let t = ck.get(name).ok_or_else(|| CheckpointError::Missing { file: file.into(), name: name.into(), available: ck.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(", ") })?;
+            let t =
+                ck.get(name).ok_or_else(|| CheckpointError::Missing { file: file.into(), name: name.into(), available: ck.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>().join(", ") })?;
             if t.data.len() * 4 > buf.bytes as usize {
                 return Err(CheckpointError::ShapeMismatch { file: file.into(), name: name.into(), found: t.shape.clone(), expected: vec![buf.bytes as usize / 4] });
             }
@@ -205,7 +221,12 @@ impl Optimizer {
             let t = s.param.tensor()?;
             let Some(gt) = grads.get(t) else { continue };
             if gt.shape() != s.param.shape() {
-                return Err(KilnError::Shape { op: "Optimizer::accumulate", lhs: s.param.shape().to_vec(), rhs: gt.shape().to_vec(), detail: format!(": the gradient of {} has the wrong shape", s.param.name()) });
+                return Err(KilnError::Shape {
+                    op: "Optimizer::accumulate",
+                    lhs: s.param.shape().to_vec(),
+                    rhs: gt.shape().to_vec(),
+                    detail: format!(": the gradient of {} has the wrong shape", s.param.name()),
+                });
             }
             if s.has_grad {
                 // Added in bindable pieces (a parameter may exceed the binding limit).

@@ -4,11 +4,18 @@
 pub enum LrSchedule {
     Constant,
     /// lr * gamma^(step / every)
-    Step { every: u64, gamma: f32 },
+    Step {
+        every: u64,
+        gamma: f32,
+    },
     /// lr * gamma^step
-    Exponential { gamma: f32 },
+    Exponential {
+        gamma: f32,
+    },
     /// Cosine from lr down to lr * min_factor over the run.
-    Cosine { min_factor: f32 },
+    Cosine {
+        min_factor: f32,
+    },
 }
 
 /// A schedule with an optional linear warm-up over the first `warmup` steps.

@@ -175,10 +175,14 @@ impl VarStore {
     /// Freezes every trainable parameter whose name passes `select` (see [`Param::set_requires_grad`]) and
     /// returns their names.
     pub fn freeze(&self, select: impl Fn(&str) -> bool) -> Vec<String> {
-        self.layout().map(|(p, _)| p).filter(|p| select(p.name())).map(|p| {
-            p.set_requires_grad(false);
-            p.name().to_string()
-        }).collect()
+        self.layout()
+            .map(|(p, _)| p)
+            .filter(|p| select(p.name()))
+            .map(|p| {
+                p.set_requires_grad(false);
+                p.name().to_string()
+            })
+            .collect()
     }
 
     /// Whether `name` is a buffer rather than a trainable parameter.

@@ -7,5 +7,8 @@ mod gpu;
 
 pub use adapter::{list_adapters, wanted_features, AdapterSummary};
 pub use error::{GpuError, Result};
-pub use gpu::{gpu, grid_1d, Device, DeviceOptions, select_adapter, thread_stats, BufView, Dispatch, Gpu, GpuStats, KernelTime, PooledBuffer, PooledTexture, Readback, Shader, TexView, ThreadStats, TEX_ROW_TEXELS};
+pub use gpu::{
+    gpu, grid_1d, select_adapter, thread_stats, BufView, Device, DeviceOptions, Dispatch, Gpu, GpuStats, KernelTime, PooledBuffer, PooledTexture, Readback, Shader, TexView, ThreadStats,
+    TEX_ROW_TEXELS,
+};
 pub use wgpu;

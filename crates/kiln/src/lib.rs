@@ -55,8 +55,8 @@ pub mod prelude {
     pub use kiln_nn::metrics;
     pub use kiln_nn::schedule::Schedule;
     pub use kiln_nn::{
-        Activation, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Clip, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, GroupOptions, Init, Layer, Linear, LrSchedule, LstmCell, LstmState, MaxPool2d, Module, Optimizer,
-        OptimizerKind, Padding, Param, Sequential, VarStore,
+        Activation, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Clip, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, GroupOptions, Init, Layer, Linear, LrSchedule, LstmCell, LstmState,
+        MaxPool2d, Module, Optimizer, OptimizerKind, Padding, Param, Sequential, VarStore,
     };
     pub use kiln_wgpu::{Device, DeviceOptions};
 }

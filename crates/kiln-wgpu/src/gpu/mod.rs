@@ -18,11 +18,11 @@ mod readback;
 mod record;
 
 pub use device::{gpu, select_adapter, Device, DeviceOptions};
+use pool::*;
 pub use pool::{BufView, PooledBuffer, PooledTexture, TexView, TEX_ROW_TEXELS};
 pub use profile::KernelTime;
-pub use readback::Readback;
-use pool::*;
 use profile::*;
+pub use readback::Readback;
 use record::*;
 
 /// A WGSL source, compiled once per device. Kiln's own (`shaders/`) are trusted: wgpu's loop-bound counters are

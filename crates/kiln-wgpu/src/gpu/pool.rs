@@ -106,11 +106,7 @@ impl Gpu {
     pub fn alloc(&self, bytes: u64, what: &str) -> Result<BufView> {
         let bytes = bytes.max(4).div_ceil(4) * 4;
         if bytes > self.limits.max_buffer_size {
-            return Err(GpuError::OutOfMemory {
-                requested: bytes,
-                what: what.to_string(),
-                detail: format!("this adapter's max_buffer_size is {} bytes", self.limits.max_buffer_size),
-            });
+            return Err(GpuError::OutOfMemory { requested: bytes, what: what.to_string(), detail: format!("this adapter's max_buffer_size is {} bytes", self.limits.max_buffer_size) });
         }
         let class = size_class(bytes).min(self.limits.max_buffer_size.max(bytes));
         let mut st = self.lock();
@@ -125,11 +121,7 @@ impl Gpu {
                     mapped_at_creation: false,
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {
-                    return Err(GpuError::OutOfMemory {
-                        requested: class,
-                        what: what.to_string(),
-                        detail: format!("{e}; {} bytes already in use", st.stats.live_bytes),
-                    });
+                    return Err(GpuError::OutOfMemory { requested: class, what: what.to_string(), detail: format!("{e}; {} bytes already in use", st.stats.live_bytes) });
                 }
                 st.stats.buffers_created += 1;
                 st.stats.bytes_created += class;
@@ -152,7 +144,15 @@ impl Gpu {
         let texels = view.bytes.div_ceil(16);
         let rows = texels.div_ceil(TEX_ROW_TEXELS as u64).max(1);
         if view.offset % 16 != 0 || view.offset + 16 * texels > view.buffer.capacity() {
-            return Err(GpuError::Validation { context: format!("texture copy of {what}"), message: format!("{} bytes at byte offset {} of a {}-byte buffer: the offset must be a multiple of 16 and the last texel within the buffer", view.bytes, view.offset, view.buffer.capacity()) });
+            return Err(GpuError::Validation {
+                context: format!("texture copy of {what}"),
+                message: format!(
+                    "{} bytes at byte offset {} of a {}-byte buffer: the offset must be a multiple of 16 and the last texel within the buffer",
+                    view.bytes,
+                    view.offset,
+                    view.buffer.capacity()
+                ),
+            });
         }
         if rows > self.limits.max_texture_dimension_2d as u64 {
             return Err(GpuError::BindingTooLarge { bytes: view.bytes, limit: self.limits.max_texture_dimension_2d as u64 * TEX_ROW_TEXELS as u64 * 16, what: format!("texture copy of {what}") });
@@ -182,7 +182,11 @@ impl Gpu {
                     view_formats: &[],
                 });
                 if let Some(e) = pollster::block_on(scope.pop()) {
-                    return Err(GpuError::OutOfMemory { requested: bytes, what: format!("texture copy of {what}"), detail: format!("{e}; {} bytes already in use", st.stats.live_bytes + self.texture_bytes()) });
+                    return Err(GpuError::OutOfMemory {
+                        requested: bytes,
+                        what: format!("texture copy of {what}"),
+                        detail: format!("{e}; {} bytes already in use", st.stats.live_bytes + self.texture_bytes()),
+                    });
                 }
                 let tv = texture.create_view(&wgpu::TextureViewDescriptor::default());
                 st.stats.buffers_created += 1;

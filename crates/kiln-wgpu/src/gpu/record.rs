@@ -72,11 +72,7 @@ impl Gpu {
                 entries.push(wgpu::BindGroupLayoutEntry {
                     binding: 1 + i as u32,
                     visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage { read_only: i < inputs },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
+                    ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Storage { read_only: i < inputs }, has_dynamic_offset: false, min_binding_size: None },
                     count: None,
                 });
             }
@@ -84,20 +80,12 @@ impl Gpu {
                 entries.push(wgpu::BindGroupLayoutEntry {
                     binding: (1 + inputs + outputs + i) as u32,
                     visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Texture {
-                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                        view_dimension: wgpu::TextureViewDimension::D2,
-                        multisampled: false,
-                    },
+                    ty: wgpu::BindingType::Texture { sample_type: wgpu::TextureSampleType::Float { filterable: false }, view_dimension: wgpu::TextureViewDimension::D2, multisampled: false },
                     count: None,
                 });
             }
             let bgl = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: None, entries: &entries });
-            let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: None,
-                bind_group_layouts: &[Some(&bgl)],
-                immediate_size: 0,
-            });
+            let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: None, bind_group_layouts: &[Some(&bgl)], immediate_size: 0 });
             (bgl, pl)
         });
     }
@@ -235,7 +223,10 @@ impl Gpu {
                 return Err(GpuError::BindingTooLarge { bytes: v.bytes, limit, what: format!("{}::{}", d.shader.name, d.entry) });
             }
             if v.offset % align != 0 {
-                return Err(GpuError::Validation { context: format!("{}::{}", d.shader.name, d.entry), message: format!("a binding at byte offset {} breaks this adapter's min_storage_buffer_offset_alignment of {align}", v.offset) });
+                return Err(GpuError::Validation {
+                    context: format!("{}::{}", d.shader.name, d.entry),
+                    message: format!("a binding at byte offset {} breaks this adapter's min_storage_buffer_offset_alignment of {align}", v.offset),
+                });
             }
         }
         if let Some(t) = d.textures.iter().find(|t| t.texture.device_id != self.id) {
@@ -254,15 +245,10 @@ impl Gpu {
         if let Some(bg) = st.bind_groups.get(&bind_key) {
             return bg.clone();
         }
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &st.ring, offset: 0, size: wgpu::BufferSize::new(PARAMS_WINDOW) }),
-        }];
+        let mut entries =
+            vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &st.ring, offset: 0, size: wgpu::BufferSize::new(PARAMS_WINDOW) }) }];
         for (i, (buffer, offset, bytes)) in bind_key.ranges.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: 1 + i as u32,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: wgpu::BufferSize::new(*bytes) }),
-            });
+            entries.push(wgpu::BindGroupEntry { binding: 1 + i as u32, resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer, offset: *offset, size: wgpu::BufferSize::new(*bytes) }) });
         }
         let first_texture = 1 + bind_key.ranges.len() as u32;
         for (i, t) in d.textures.iter().enumerate() {
