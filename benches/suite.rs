@@ -193,7 +193,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
     g.sync()?;
     let got = run()?.to_vec()?;
     let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let bad = got.len() != want.len() || got.iter().zip(want).any(|(a, b)| !((a - b).abs() <= tol * scale));
+    let bad = got.len() != want.len() || got.iter().zip(want).any(|(a, b)| (a - b).is_nan() || (a - b).abs() > tol * scale);
     let cpu_rate = cpu_ms.map(|ms| work.amount / ms / 1e6);
     if work.bytes {
         rec.cpu_gbps = cpu_rate
@@ -235,7 +235,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [(&str, fn(&mut Ctx) -> R<()>); 7] =
+    let families: [Family; 7] =
         [("matmul", matmul_family), ("conv", conv_family), ("pool", pool_family), ("softmax", softmax_family), ("elementwise", elementwise_family), ("reduce", reduce_family), ("step", step_family)];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
@@ -336,7 +336,7 @@ fn matmul_family(ctx: &mut Ctx) -> R<()> {
             let out_shape = vec![s.batch, s.m, s.n];
             ctx.measure(rec, s.flops(), false, &want, 1e-4, Some(cpu_ms), || {
                 let c = kernels::matmul_with(v, &av, &bv, s.batch, s.m, s.n, s.k, s.m * s.k, 0, s.trans_a, s.trans_b)?;
-                Ok(Tensor::from_storage(c, &out_shape, kiln_graph::DType::F32)?)
+                Tensor::from_storage(c, &out_shape, kiln_graph::DType::F32)
             })?;
         }
     }
@@ -441,9 +441,12 @@ fn par_units(out: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync)
 
 // ---- conv2d -------------------------------------------------------------------------------------------
 
+/// A convolution layer of the suite: name, input [n, c, h, w], out channels, kernel, stride, padding.
+type ConvLayer = (&'static str, [usize; 4], usize, usize, usize, usize);
+
 /// (name, input [n, c, h, w], c_out, kernel, stride, padding): LeNet-5's two convolutions (28x28 input) and
 /// ResNet-20's three 3x3 stages plus a strided one.
-fn conv_layers(batch: usize) -> Vec<(&'static str, [usize; 4], usize, usize, usize, usize)> {
+fn conv_layers(batch: usize) -> Vec<ConvLayer> {
     vec![
         ("lenet conv1", [batch, 1, 28, 28], 6, 5, 1, 2),
         ("lenet conv2", [batch, 6, 14, 14], 16, 5, 1, 0),
@@ -713,6 +716,9 @@ fn reduce_family(ctx: &mut Ctx) -> R<()> {
 }
 
 // ---- whole training steps ------------------------------------------------------------------------------
+
+/// A family of benchmarks: its name and the function that runs it.
+type Family = (&'static str, fn(&mut Ctx) -> R<()>);
 
 fn step_family(ctx: &mut Ctx) -> R<()> {
     for model in ctx.opts.models.clone() {

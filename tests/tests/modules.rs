@@ -70,9 +70,9 @@ fn lstm_cell_module_names_counts_and_checks_its_parameters() {
     let x = Tensor::full(&[2, 10], 0.5).unwrap();
     let next = cell.forward(&x, &state).unwrap();
     assert_eq!((next.h.shape(), next.c.shape()), (&[2, 20][..], &[2, 20][..]));
-    let err = cell.forward(&Tensor::full(&[2, 7], 0.5).unwrap(), &state).err().expect("a shape error").to_string();
+    let err = cell.forward(&Tensor::full(&[2, 7], 0.5).unwrap(), &state).expect_err("a shape error").to_string();
     assert!(err.contains("LSTMCell(10, 20)") && err.contains("[2, 7]"), "{err}");
-    let err = cell.forward(&x, &cell.zero_state(3).unwrap()).err().expect("a state shape error").to_string();
+    let err = cell.forward(&x, &cell.zero_state(3).unwrap()).expect_err("a state shape error").to_string();
     assert!(err.contains("[3, 20]"), "{err}");
 }
 

@@ -105,6 +105,6 @@ fn a_non_finite_loss_stops_the_loop_with_an_error_naming_the_step() {
     let mut trainer = Trainer::new(1, 8);
     let step = |_: &kiln_data::HostBatch, i: u64| Ok(StepValues { loss: Tensor::scalar(if i == 3 { f32::NAN } else { 1.0 })?, correct: None });
     let evaluate = |_| unreachable!("the epoch fails before its evaluation");
-    let err = trainer.fit(&loader, step, evaluate).err().expect("an error").to_string();
+    let err = trainer.fit(&loader, step, evaluate).expect_err("an error").to_string();
     assert!(err.contains("step 4") && err.contains("NaN"), "{err}");
 }

@@ -120,6 +120,8 @@ struct TrainArgs {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Train a model on a real data set and report test metrics.
     Train(TrainArgs),

@@ -35,7 +35,7 @@ impl Split {
         }
         let n = ds.len();
         let mut idx: Vec<usize> = (0..n).collect();
-        let mut state = seed ^ 0x5EED_0F_D47A;
+        let mut state = seed ^ 0x005E_ED0F_D47A;
         shuffle(&mut idx, &mut state);
         let n_test = (n as f64 * test).round() as usize;
         let n_dev = (n as f64 * dev).round() as usize;

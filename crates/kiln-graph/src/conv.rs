@@ -72,7 +72,7 @@ impl Pool2dGeom {
         }
         let side = |padded: usize, k: usize, s: usize, input: usize, pad: usize| {
             let floor = (padded - k) / s + 1;
-            if !self.ceil_mode || (padded - k) % s == 0 {
+            if !self.ceil_mode || (padded - k).is_multiple_of(s) {
                 return floor;
             }
             // One more window, unless it would start past the input and its left padding.
@@ -243,7 +243,7 @@ pub(crate) fn conv2d_input_grad_raw(g: &Tensor, w: &Tensor, geom: &Conv2dGeom, x
     if geom.is_pointwise(ws[2], ws[3]) {
         // grad_x[b] = weight^T @ grad_y[b]
         let hw = xs[2] * xs[3];
-        return Ok(kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false)?);
+        return kernels::matmul(&w.view(), &g.view(), batch, xs[1], hw, ws[0], 0, ws[0] * hw, true, false);
     }
     if geom.groups == 1 && kernels::conv_gemm_preferred(g.view().device())? && geom.stride == [1, 1] {
         // weight permuted to [c_in, c_out*kh*kw] @ grad_y gathered per input position (conv_gemm).
@@ -251,7 +251,7 @@ pub(crate) fn conv2d_input_grad_raw(g: &Tensor, w: &Tensor, geom: &Conv2dGeom, x
         let per_sample = ws.iter().product::<usize>();
         let permuted = out_buffer(&w.view(), per_sample, "conv2d weight, permuted")?;
         kernels::strided_copy(&w.view(), 0, &[taps, xs[1] * taps, 1], &permuted, 0, &[ws[0] * taps, taps, 1], &[xs[1], ws[0], taps])?;
-        return Ok(kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, gemm_geometry(xs, ws, oh, ow, geom))?);
+        return kernels::conv_gemm(ConvGemmSource::InputGrad, &permuted, &g.view(), batch, xs[1], xs[2] * xs[3], ws[0] * taps, 0, ws[0] * spatial, gemm_geometry(xs, ws, oh, ow, geom));
     }
     if geom.groups == 1 {
         return col2im_grad(w, g, xs, ws, oh, ow, geom);
@@ -301,7 +301,7 @@ fn weight_grad_raw(x: &Tensor, g: &Tensor, geom: &Conv2dGeom, ws: &[usize], cols
         }
         buf
     };
-    Ok(kernels::reduce(&partial, 1, batch, per_sample, false, 1.0)?)
+    kernels::reduce(&partial, 1, batch, per_sample, false, 1.0)
 }
 
 /// grad_x through im2col's transpose: grad_cols[b] = weight^T @ grad_y[b], then col2im sums the columns back.

@@ -199,7 +199,7 @@ pub fn texture_reads(dev: &Gpu) -> Result<bool> {
 /// buffer's unused room), if the buffer has the room.
 fn vec4_binding(fresh: &BufView) -> Option<BufView> {
     let bytes = fresh.bytes.div_ceil(16) * 16;
-    (fresh.offset % 16 == 0 && fresh.offset + bytes <= fresh.buffer.capacity()).then(|| BufView { bytes, ..fresh.clone() })
+    (fresh.offset.is_multiple_of(16) && fresh.offset + bytes <= fresh.buffer.capacity()).then(|| BufView { bytes, ..fresh.clone() })
 }
 
 /// y = act(x + bias[channel]) for x viewed as [outer, channels, inner].
@@ -434,9 +434,9 @@ impl MatmulVariant {
             MatmulVariant::Vec4 => {
                 let a_contiguous = if trans_a { m } else { k };
                 let b_contiguous = if trans_b { k } else { n };
-                a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k % 4 == 0)
+                a_contiguous % 4 == 0 && b_contiguous % 4 == 0 && (trans_a && !trans_b || k.is_multiple_of(4))
             }
-            MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k % 4 == 0,
+            MatmulVariant::Vec4x8 | MatmulVariant::Tiled128K16 => (if trans_a { m } else { k }) % 4 == 0 && (if trans_b { k } else { n }) % 4 == 0 && k.is_multiple_of(4),
             MatmulVariant::Subgroup(_) => {
                 let g = dev;
                 g.features.contains(kiln_wgpu::wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
@@ -539,20 +539,20 @@ pub fn matmul_with(
         MatmulVariant::Tiled => ("matmul_tiled", vec![], [n.div_ceil(64) as u32, m.div_ceil(64) as u32, b32]),
         MatmulVariant::Tiled128 => {
             // 16-byte slab loads where every row of both operands starts 16-byte aligned.
-            let aligned = MatmulVariant::Vec4x8.supports(dev, m, n, k, trans_a, trans_b)? && a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
+            let aligned = MatmulVariant::Vec4x8.supports(dev, m, n, k, trans_a, trans_b)? && a_batch_stride.is_multiple_of(4) && b_batch_stride.is_multiple_of(4);
             let entry = if aligned { "matmul_tiled128_vec4" } else { "matmul_tiled128" };
             (entry, vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32])
         }
         MatmulVariant::Tiled128K16 => {
             // Batch strides that break 16-byte alignment take the 8-deep scalar-load kernel instead.
-            let aligned = a_batch_stride % 4 == 0 && b_batch_stride % 4 == 0;
+            let aligned = a_batch_stride.is_multiple_of(4) && b_batch_stride.is_multiple_of(4);
             let entry = if aligned { "matmul_tiled128_k16" } else { "matmul_tiled128" };
             (entry, vec![], [n.div_ceil(128) as u32, m.div_ceil(128) as u32, b32])
         }
         MatmulVariant::Subgroup(rows) => {
             // 16-byte loads where an operand's contiguous axis (and batch stride) is a multiple of 4.
-            let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride % 4 == 0;
-            let b_vec4 = (if trans_b { k } else { n }) % 4 == 0 && b_batch_stride % 4 == 0;
+            let a_vec4 = (if trans_a { m } else { k }) % 4 == 0 && a_batch_stride.is_multiple_of(4);
+            let b_vec4 = (if trans_b { k } else { n }) % 4 == 0 && b_batch_stride.is_multiple_of(4);
             let groups = [n.div_ceil(32) as u32, m.div_ceil(rows as usize) as u32, b32];
             // Both kernels read texture copies of the operands (matmul_subgroup.wgsl says why).
             let (a_tex, a_src) = texture_copy(&a, "matmul operand A")?;
@@ -680,7 +680,7 @@ pub fn conv_gemm_preferred(dev: &Gpu) -> Result<bool> {
 fn texture_copy(view: &BufView, what: &str) -> Result<(TexView, BufView)> {
     let g = view.device();
     let align = (g.limits.min_storage_buffer_offset_alignment as u64).max(16);
-    if view.offset % align == 0 && view.offset + view.bytes.div_ceil(16) * 16 <= view.buffer.capacity() {
+    if view.offset.is_multiple_of(align) && view.offset + view.bytes.div_ceil(16) * 16 <= view.buffer.capacity() {
         return Ok((g.texture_of(view, what)?, view.clone()));
     }
     let own = out(view, view.bytes.div_ceil(4) as usize, what)?;

@@ -153,6 +153,8 @@ impl Model {
 
 /// Least squares by the normal equation (X^T X) theta = X^T y, in f64 on the host, with a bias column.
 /// Returns theta = [bias, w_1..w_d] and the cost J = 1/(2m) sum (x.theta - y)^2.
+// Index loops read as the algebra they implement.
+#[allow(clippy::needless_range_loop)]
 pub fn normal_equation(x: &[f32], features: usize, y: &[f32]) -> Option<(Vec<f64>, f64)> {
     let d = features + 1;
     let m = y.len();

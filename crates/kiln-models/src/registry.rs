@@ -101,7 +101,7 @@ pub const REGISTRY: [ModelEntry; 7] = [
         about: "LeNet-5 convolutional network (image data sets)",
         input: Input::Image,
         defaults: lenet_defaults,
-        build: |vs, d, _| lm::build_image_classifier(vs, d, "lenet", |vs, img, k| crate::cnn::lenet5(vs, img, k)),
+        build: |vs, d, _| lm::build_image_classifier(vs, d, "lenet", crate::cnn::lenet5),
         normal_equation: false,
     },
     ModelEntry {

@@ -226,7 +226,7 @@ pub fn resnet(vs: &mut VarStore, depth: usize, in_ch: usize, classes: usize) -> 
 /// n basic blocks at 16, 32, 64 channels, global pooling, a linear classifier. Shortcuts that change shape use
 /// the 1x1 projection (option B). For 28x28 or 32x32 inputs.
 pub fn cifar_resnet(vs: &mut VarStore, depth: usize, in_ch: usize, classes: usize) -> Result<Sequential> {
-    if depth < 8 || (depth - 2) % 6 != 0 {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
         return Err(shape_error("resnet", &[depth], "CIFAR ResNet depth must be 6n+2 (20, 32, 56, ...)"));
     }
     let n = (depth - 2) / 6;

@@ -56,7 +56,7 @@ pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
         at = end;
     }
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + at);

@@ -47,13 +47,13 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(vs: &mut VarStore, name: &str, in_ch: usize, out_ch: usize, kernel: usize, cfg: Conv2dConfig) -> Result<Conv2d> {
-        if cfg.groups == 0 || in_ch % cfg.groups != 0 || out_ch % cfg.groups != 0 || kernel == 0 || cfg.stride == 0 || cfg.dilation == 0 {
+        if cfg.groups == 0 || !in_ch.is_multiple_of(cfg.groups) || !out_ch.is_multiple_of(cfg.groups) || kernel == 0 || cfg.stride == 0 || cfg.dilation == 0 {
             return Err(KilnError::Invalid { op: "Conv2d", shape: vec![out_ch, in_ch, kernel, kernel], message: format!("invalid configuration {cfg:?}") });
         }
         let pad = match cfg.padding {
             Padding::Valid => (0, 0),
             Padding::Same => {
-                if kernel % 2 == 0 {
+                if kernel.is_multiple_of(2) {
                     return Err(KilnError::Invalid { op: "Conv2d", shape: vec![out_ch, in_ch, kernel, kernel], message: "\"same\" padding needs an odd kernel".into() });
                 }
                 let p = (kernel - 1) * cfg.dilation / 2;
@@ -137,7 +137,7 @@ pub struct AdaptiveAvgPool2d(pub [usize; 2]);
 impl AdaptiveAvgPool2d {
     fn geom(&self, input: &[usize]) -> Result<Pool2dGeom> {
         let [oh, ow] = self.0;
-        if input.len() != 4 || oh == 0 || ow == 0 || input[2] % oh != 0 || input[3] % ow != 0 {
+        if input.len() != 4 || oh == 0 || ow == 0 || !input[2].is_multiple_of(oh) || !input[3].is_multiple_of(ow) {
             return Err(shape_error(&self.describe(), input, "input height and width must be multiples of the output size"));
         }
         let (kh, kw) = (input[2] / oh, input[3] / ow);

@@ -19,6 +19,9 @@ struct Slot {
     requires_grad: AtomicBool,
 }
 
+/// A parameter copied to the host: its name, shape and values.
+pub type HostParam = (String, Vec<usize>, Vec<f32>);
+
 /// A handle to one named parameter. Its tensor exists once the store is finished.
 #[derive(Clone)]
 pub struct Param(Arc<Slot>);
@@ -236,7 +239,7 @@ impl VarStore {
     }
 
     /// Every parameter's values by name (for checks and checkpoints).
-    pub fn to_host(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn to_host(&self) -> Result<Vec<HostParam>> {
         self.params().map(|p| Ok((p.name().to_string(), p.shape().to_vec(), p.tensor()?.to_vec()?))).collect()
     }
 }

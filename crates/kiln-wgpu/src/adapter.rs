@@ -92,7 +92,7 @@ pub(crate) fn summarize(index: usize, adapter: &wgpu::Adapter) -> AdapterSummary
         driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
         features: wanted_features().iter_names().filter(|(_, f)| features.contains(*f)).map(|(n, _)| n.to_string()).collect(),
         limits: vec![
-            ("max_storage_buffer_binding_size".into(), limits.max_storage_buffer_binding_size as u64),
+            ("max_storage_buffer_binding_size".into(), limits.max_storage_buffer_binding_size),
             ("max_buffer_size".into(), limits.max_buffer_size),
             ("max_storage_buffers_per_shader_stage".into(), limits.max_storage_buffers_per_shader_stage as u64),
             ("max_compute_workgroup_storage_size".into(), limits.max_compute_workgroup_storage_size as u64),

@@ -143,7 +143,7 @@ impl Gpu {
         self.check_device(view, what)?;
         let texels = view.bytes.div_ceil(16);
         let rows = texels.div_ceil(TEX_ROW_TEXELS as u64).max(1);
-        if view.offset % 16 != 0 || view.offset + 16 * texels > view.buffer.capacity() {
+        if !view.offset.is_multiple_of(16) || view.offset + 16 * texels > view.buffer.capacity() {
             return Err(GpuError::Validation {
                 context: format!("texture copy of {what}"),
                 message: format!(
@@ -276,7 +276,7 @@ impl Gpu {
 
     pub(super) fn write_staged(&self, view: &BufView, data: &[u8]) {
         Self::forget_textures(&mut self.lock(), view.buffer.serial);
-        if data.len() % 4 == 0 {
+        if data.len().is_multiple_of(4) {
             self.queue.write_buffer(view.buffer.raw(), view.offset, data);
         } else {
             let mut padded = data.to_vec();
