@@ -112,6 +112,27 @@ fn resumed_run_ends_with_the_same_weights() {
 }
 
 #[test]
+fn resumed_run_with_augmentation_ends_with_the_same_weights() {
+    // Augmentation is seeded by the step number, which a resumed run continues (it used to start again at 0,
+    // so the resumed epochs drew other shifts and rotations and every tensor ended different).
+    require_gpu();
+    let (a, b) = (temp_dir("aug-full"), temp_dir("aug-resumed"));
+    let augment = kiln_graph::Augment { shift: 2, rotation: 10f32.to_radians(), ..Default::default() };
+    let cfg = |dir: &std::path::Path, epochs| TrainConfig {
+        epochs: Some(epochs),
+        train_limit: Some(256),
+        augment: Some(augment),
+        out_dir: Some(dir.to_path_buf()),
+        ..TrainConfig::new("lenet", "digits")
+    };
+    run(&cfg(&a, 2), |_| {}).unwrap();
+    run(&cfg(&b, 1), |_| {}).unwrap();
+    let resumed = run(&TrainConfig { resume: true, ..cfg(&b, 2) }, |_| {}).unwrap();
+    assert_eq!(resumed.history.len(), 1);
+    assert_eq!(weights(&a.join("last.safetensors")), weights(&b.join("last.safetensors")));
+}
+
+#[test]
 fn frozen_parameters_stay_bit_identical_and_eval_matches() {
     require_gpu();
     let (src, dst) = (temp_dir("src"), temp_dir("dst"));

@@ -434,6 +434,8 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     let (opt, model) = (&r.opt, &r.model);
     let mut trainer = Trainer::new(r.s.epochs, steps_per_epoch * r.s.epochs as u64);
     (trainer.started, trainer.start_epoch, trainer.best) = (started, r.start_epoch, r.best);
+    // A resumed run numbers its steps on from the interrupted one's: augmentation is seeded by the step.
+    trainer.first_step = opt.borrow().steps_taken();
     let mut trainer = trainer.callback(OnProgress(progress));
     if let Some(p) = cfg.patience {
         trainer = trainer.callback(EarlyStopping { patience: p });

@@ -168,6 +168,9 @@ pub struct FitReport {
 /// The loop. `epochs` and `total_steps` are for progress reports; `start_epoch` > 1 resumes.
 pub struct Trainer<'a> {
     pub start_epoch: usize,
+    /// The number of the run's first step: 0, or for a resumed run the steps already taken, so step numbers
+    /// (and whatever is seeded by them, such as augmentation) continue where the interrupted run stopped.
+    pub first_step: u64,
     pub epochs: usize,
     pub total_steps: u64,
     /// The best dev metric so far and its epoch (a resumed run carries them over).
@@ -178,7 +181,7 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     pub fn new(epochs: usize, total_steps: u64) -> Trainer<'a> {
-        Trainer { start_epoch: 1, epochs, total_steps, best: (f64::NEG_INFINITY, 0), started: Instant::now(), callbacks: Vec::new() }
+        Trainer { start_epoch: 1, first_step: 0, epochs, total_steps, best: (f64::NEG_INFINITY, 0), started: Instant::now(), callbacks: Vec::new() }
     }
 
     pub fn callback(mut self, c: impl Callback + 'a) -> Trainer<'a> {
@@ -186,7 +189,7 @@ impl<'a> Trainer<'a> {
         self
     }
 
-    /// Runs the epochs. `step(batch, step_index)` records one training step (forward, loss, backward,
+    /// Runs the epochs. `step(batch, step_number)` (counted from `first_step`) records one training step (forward, loss, backward,
     /// optimizer updates) and returns the values to read back; `evaluate(tally)` runs at each epoch's end
     /// and makes its record (dev loss and metric, learning rate).
     pub fn fit<D: Dataset, C: Collate<D::Sample>>(
@@ -207,7 +210,7 @@ impl<'a> Trainer<'a> {
                 let n = batch.len();
                 let before = kiln_graph::backend::thread_stats();
                 let step_started = Instant::now();
-                let values = step(&batch, report.steps)?;
+                let values = step(&batch, self.first_step + report.steps)?;
                 if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
                     return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));
                 }
@@ -220,7 +223,7 @@ impl<'a> Trainer<'a> {
                 if let Some(previous) = pending.take() {
                     self.tally(previous, &mut tally, &report)?;
                 }
-                pending = Some((read.read_start()?, n, values.correct.is_some(), report.steps + 1));
+                pending = Some((read.read_start()?, n, values.correct.is_some(), self.first_step + report.steps + 1));
                 report.step_seconds += step_started.elapsed().as_secs_f64();
                 report.first_step_seconds.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
                 let after = kiln_graph::backend::thread_stats();
@@ -270,7 +273,7 @@ impl<'a> Trainer<'a> {
         let progress = Progress {
             epoch: record.epoch,
             epochs: self.epochs,
-            step: report.steps,
+            step: self.first_step + report.steps,
             total_steps: self.total_steps,
             loss: record.train_loss as f32,
             samples_per_s: record.samples_per_s,
