@@ -118,13 +118,8 @@ fn resumed_run_with_augmentation_ends_with_the_same_weights() {
     require_gpu();
     let (a, b) = (temp_dir("aug-full"), temp_dir("aug-resumed"));
     let augment = kiln_graph::Augment { shift: 2, rotation: 10f32.to_radians(), ..Default::default() };
-    let cfg = |dir: &std::path::Path, epochs| TrainConfig {
-        epochs: Some(epochs),
-        train_limit: Some(256),
-        augment: Some(augment),
-        out_dir: Some(dir.to_path_buf()),
-        ..TrainConfig::new("lenet", "digits")
-    };
+    let cfg =
+        |dir: &std::path::Path, epochs| TrainConfig { epochs: Some(epochs), train_limit: Some(256), augment: Some(augment), out_dir: Some(dir.to_path_buf()), ..TrainConfig::new("lenet", "digits") };
     run(&cfg(&a, 2), |_| {}).unwrap();
     run(&cfg(&b, 1), |_| {}).unwrap();
     let resumed = run(&TrainConfig { resume: true, ..cfg(&b, 2) }, |_| {}).unwrap();

@@ -53,7 +53,7 @@ fn a_user_step_trains_through_the_loop_with_callbacks() {
                     steps_reported.push(p.step);
                 }
             }))
-            .callback(MetricsCsv::open(dir.join("metrics.csv"), false, "dev_r2", false).unwrap())
+            .callback(MetricsCsv::open(dir.join("metrics.csv"), false, "dev_r2", None).unwrap())
             .callback(Watch(&seen));
         let step = |batch: &kiln_data::HostBatch, _: u64| {
             let t = batch.upload()?;

@@ -105,9 +105,13 @@ struct TrainArgs {
     /// Freeze parameters by name prefix (repeatable or comma-separated), e.g. --freeze features.
     #[arg(long, value_delimiter = ',')]
     freeze: Vec<String>,
-    /// Continue an interrupted run from its last.safetensors (same --out, same settings).
+    /// Continue an interrupted run (a crash, Ctrl-C) from its resume.safetensors: the same --out and settings;
+    /// it picks up at the batch the run's last checkpoint reached, and ends as the uninterrupted run would.
     #[arg(long)]
     resume: bool,
+    /// Seconds between checkpoints in the middle of an epoch (default 300): what a crash can lose.
+    #[arg(long, value_name = "SECONDS")]
+    checkpoint_every: Option<f64>,
     /// Stop when the dev metric has not improved for this many epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     patience: Option<u64>,
@@ -207,6 +211,22 @@ fn run() -> Result<()> {
     }
 }
 
+/// Set by the first Ctrl-C (the run saves where it is and stops after the current step); a second one exits
+/// at once.
+fn ctrl_c_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nkiln: stopping after this step and saving (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(flag)
+}
+
 fn info(adapter: Option<String>) -> Result<()> {
     let adapters = kiln_wgpu::list_adapters();
     if adapters.is_empty() {
@@ -255,8 +275,13 @@ fn train(a: TrainArgs) -> Result<()> {
         patience: a.patience.map(|p| p as usize),
         augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
         depth: a.depth.map(|d| d as usize),
+        checkpoint_every_s: a.checkpoint_every,
+        interrupt: Some(ctrl_c_flag()?),
         ..TrainConfig::new(&a.model, &a.dataset)
     };
+    if a.checkpoint_every.is_some_and(|s| s.is_nan() || s < 0.0) {
+        bail!("--checkpoint-every must be a number of seconds >= 0");
+    }
     let gpu = kiln_wgpu::gpu()?;
     eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, gpu.adapter_name());
     let bar = ProgressBar::new(1);
@@ -270,7 +295,13 @@ fn train(a: TrainArgs) -> Result<()> {
             Some(r) => bar.set_message(format!("train loss {:.4}  dev loss {:.4}  dev {:.4}  {:.0} samples/s", r.train_loss, r.dev_loss, r.dev_metric, r.samples_per_s)),
         }
     })
-    .with_context(|| format!("training {} on {}", a.model, a.dataset))?;
+    .map_err(|e| match e {
+        kiln_graph::KilnError::Interrupted(at) => {
+            bar.abandon();
+            anyhow::anyhow!("{at}; {} holds this point: continue with the same command and --resume", out.join("resume.safetensors").display())
+        }
+        e => anyhow::Error::new(e).context(format!("training {} on {}", a.model, a.dataset)),
+    })?;
     bar.finish();
     print_summary(&report, &out);
     if a.json {

@@ -139,3 +139,63 @@ fn bench_and_summary_report_json() {
     assert_clean_failure(&kiln(&["summary", "resnet18", "--input", "3x7"], &[]), "CxHxW");
     assert_clean_failure(&kiln(&["summary", "transformer"], &[]), "unknown architecture");
 }
+
+/// The tensors of a checkpoint, by name.
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    kiln_nn::checkpoint::load(path).unwrap_or_else(|e| panic!("{e}")).tensors.into_iter().map(|t| (t.name, t.data)).collect()
+}
+
+/// Starts `kiln train` and returns once its resume.safetensors says it is in the middle of epoch 2.
+fn start_and_wait_mid_epoch_two(args: &[&str], dir: &std::path::Path) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("start kiln");
+    let state = dir.join("resume.safetensors");
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(ck) = kiln_nn::checkpoint::load(&state) {
+            let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
+            if meta("kiln.epoch") == "1" && meta("kiln.epoch_batches").parse::<usize>().unwrap_or(0) > 0 {
+                return child;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("kiln finished ({status}) before it was interrupted: make the run longer");
+        }
+        assert!(started.elapsed().as_secs() < 120, "no mid-epoch checkpoint of epoch 2 after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_run_killed_or_interrupted_mid_epoch_resumes_bit_identically() {
+    let run_args = |dir: &std::path::Path| -> Vec<String> {
+        ["train", "mlp", "--dataset", "digits", "--epochs", "3", "--checkpoint-every", "0", "--out"].iter().map(|s| s.to_string()).chain([dir.display().to_string()]).collect()
+    };
+    let full = temp_dir("uninterrupted");
+    let args = run_args(&full);
+    let o = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let want = tensors(&full.join("last.safetensors"));
+    for (tag, interrupt) in [("killed", "-KILL"), ("ctrl-c", "-INT")] {
+        let dir = temp_dir(tag);
+        let args = run_args(&dir);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        // A crash (SIGKILL: nothing runs after it) or a Ctrl-C (SIGINT: the run saves, then stops) in epoch 2.
+        let child = start_and_wait_mid_epoch_two(&argv, &dir);
+        let killed = Command::new("kill").args([interrupt, &child.id().to_string()]).status().expect("kill");
+        assert!(killed.success());
+        let out = child.wait_with_output().expect("wait");
+        assert!(!out.status.success(), "{tag}: the run should not have finished");
+        if tag == "ctrl-c" {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("--resume") && err.contains("interrupted in epoch"), "{err}");
+        }
+        let mut resumed: Vec<&str> = argv.clone();
+        resumed.push("--resume");
+        let o = kiln(&resumed, &[]);
+        assert!(o.status.success(), "{tag}: resume failed: {}", text(&o).1);
+        assert_eq!(tensors(&dir.join("last.safetensors")), want, "{tag}: the resumed run's weights differ from the uninterrupted run's");
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        let epochs: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+        assert_eq!(epochs, ["1", "2", "3"], "{tag}: metrics.csv has each epoch once: {csv}");
+    }
+}

@@ -381,7 +381,12 @@ impl<D: Dataset, C: Collate<D::Sample>> DataLoader<D, C> {
 
     /// One epoch's batches, fetched and collated ahead on the workers.
     pub fn epoch(&self, epoch: u64) -> Epoch {
-        let plan = self.batch_indices(epoch);
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The epoch's batches after its first `skip` (a run resumed in the middle of an epoch).
+    pub fn epoch_from(&self, epoch: u64, skip: usize) -> Epoch {
+        let plan: Vec<Vec<usize>> = self.batch_indices(epoch).into_iter().skip(skip).collect();
         let workers = self.options.workers.min(plan.len()).max(1);
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);

@@ -35,6 +35,9 @@ pub enum KilnError {
     /// Training that cannot go on (a loss that became NaN or infinite).
     #[error("{0}")]
     Training(String),
+    /// Training stopped by the user (Ctrl-C) after saving where it was.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = KilnError> = std::result::Result<T, E>;

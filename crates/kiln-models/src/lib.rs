@@ -13,4 +13,4 @@ pub mod zoo;
 pub use linear_models::{normal_equation, Task};
 pub use registry::{ModelEntry, MODELS, REGISTRY};
 pub use train::{evaluate_checkpoint, evaluate_checkpoint_with, run, run_with, EvalReport, TrainConfig, TrainReport};
-pub use trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Progress, StepValues, Trainer};
+pub use trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Position, Progress, StepValues, Trainer};

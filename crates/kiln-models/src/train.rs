@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::linear_models::{self, normal_equation, Model, Task};
 use crate::registry::{self, Input, ModelEntry};
-use crate::trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Progress, StepValues, Trainer};
+use crate::trainer::{Callback, EarlyStopping, EpochEnd, EpochRecord, EpochTally, FitReport, MetricsCsv, OnProgress, Position, Progress, StepValues, Trainer};
 
 /// Everything `kiln train` can set; `None` takes the model's default.
 #[derive(Clone, Debug)]
@@ -52,6 +52,12 @@ pub struct TrainConfig {
     pub augment: Option<kiln_graph::Augment>,
     /// Depth of `resnet` (CIFAR-style 6n+2: 20, 32, 56).
     pub depth: Option<usize>,
+    /// Seconds between checkpoints in the middle of an epoch (with `out_dir`; default 300): a crash loses at
+    /// most this much training, and `--resume` continues from the batch it reached.
+    pub checkpoint_every_s: Option<f64>,
+    /// Set from outside (a Ctrl-C handler) to stop after the current step; the run saves where it is first
+    /// (with `out_dir`) and returns `KilnError::Interrupted`.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl TrainConfig {
@@ -78,6 +84,8 @@ impl TrainConfig {
             patience: None,
             augment: None,
             depth: None,
+            checkpoint_every_s: None,
+            interrupt: None,
         }
     }
 }
@@ -178,8 +186,11 @@ pub struct TrainReport {
     pub loaded_from_checkpoint: Vec<String>,
 }
 
-/// Seconds between checkpoint writes within a run (the last epoch is always written).
+/// Seconds between checkpoint writes at epoch ends (the last epoch is always written).
 const CHECKPOINT_EVERY_S: f64 = 5.0;
+
+/// Default seconds between checkpoints in the middle of an epoch.
+const MID_EPOCH_CHECKPOINT_S: f64 = 300.0;
 
 fn ck_err(e: checkpoint::CheckpointError) -> KilnError {
     KilnError::Checkpoint(e.to_string())
@@ -436,6 +447,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     (trainer.started, trainer.start_epoch, trainer.best) = (started, r.start_epoch, r.best);
     // A resumed run numbers its steps on from the interrupted one's: augmentation is seeded by the step.
     trainer.first_step = opt.borrow().steps_taken();
+    (trainer.resume_position, trainer.interrupt) = (r.resume_position, cfg.interrupt.clone());
     let mut trainer = trainer.callback(OnProgress(progress));
     if let Some(p) = cfg.patience {
         trainer = trainer.callback(EarlyStopping { patience: p });
@@ -443,8 +455,10 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     if let Some(dir) = &cfg.out_dir {
         std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: format!("cannot create the directory: {e}") })?;
         let metric = if classifier { "dev_accuracy" } else { "dev_r2" };
-        trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume)?);
-        trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s: &r.s, split: &r.split, vs: &r.vs, opt, best: None, last_save: Instant::now() });
+        trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume.then_some(r.start_epoch))?);
+        let every = cfg.checkpoint_every_s.unwrap_or(MID_EPOCH_CHECKPOINT_S);
+        let (vs, s, split) = (&r.vs, &r.s, &r.split);
+        trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s, split, vs, opt, best: None, best_so_far: r.best, last_save: Instant::now(), mid_epoch_every_s: every });
     }
     let train_options = LoaderOptions { batch_size: r.s.batch_size, shuffle: Some(cfg.seed), drop_last: false, workers: 1, prefetch: 2 };
     let train_loader = DataLoader::shared(std::sync::Arc::new(r.split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
@@ -499,6 +513,8 @@ struct RunSetup {
     augment: Option<kiln_graph::Augment>,
     start_epoch: usize,
     best: (f64, usize),
+    /// Resumed in the middle of `start_epoch`: the batches of it done and their sums.
+    resume_position: Option<(usize, EpochTally)>,
     frozen: Vec<String>,
     loaded_from_checkpoint: Vec<String>,
 }
@@ -526,7 +542,21 @@ fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
     let total_steps = split.train.len().div_ceil(s.batch_size) as u64 * s.epochs as u64;
     let opt = Optimizer::new(&vs, opt_kind, s.lr, s.weight_decay, schedule, total_steps)?;
     let (model, opt) = (std::cell::RefCell::new(model), std::cell::RefCell::new(opt));
-    let mut r = RunSetup { raw_split, split, target_scale, s, vs, model, opt, augment, start_epoch: 1, best: (f64::NEG_INFINITY, 0), frozen: Vec::new(), loaded_from_checkpoint: Vec::new() };
+    let mut r = RunSetup {
+        raw_split,
+        split,
+        target_scale,
+        s,
+        vs,
+        model,
+        opt,
+        augment,
+        start_epoch: 1,
+        best: (f64::NEG_INFINITY, 0),
+        resume_position: None,
+        frozen: Vec::new(),
+        loaded_from_checkpoint: Vec::new(),
+    };
     load_transfer_and_freeze(cfg, &mut r)?;
     if cfg.resume {
         resume(cfg, &mut r)?;
@@ -556,28 +586,49 @@ fn load_transfer_and_freeze(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), K
     Ok(())
 }
 
-/// `--resume`: parameters, optimizer state, epoch and best metric from the run directory's last checkpoint.
+/// `--resume`: parameters, optimizer state, epoch (and the batch reached in it) and best metric from the run
+/// directory's resume.safetensors (or, from runs before it existed, last.safetensors and
+/// last.optimizer.safetensors).
 fn resume(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
     let dir = cfg.out_dir.as_ref().ok_or_else(|| KilnError::Config("--resume needs the run directory (--out)".into()))?;
-    let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
-    let ck = checkpoint::load(&last).map_err(ck_err)?;
-    r.vs.load_checkpoint(&last.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
-    let ock = checkpoint::load(&last_opt).map_err(ck_err)?;
-    r.opt.get_mut().load_state(&last_opt.display().to_string(), &ock).map_err(ck_err)?;
-    let steps = r.opt.get_mut().steps_taken();
-    r.model.get_mut().net.set_rng_position(steps);
+    let state = dir.join("resume.safetensors");
+    let (path, ck, opt_path, opt_ck) = if state.exists() {
+        let ck = checkpoint::load(&state).map_err(ck_err)?;
+        (state.clone(), ck.clone(), state, ck)
+    } else {
+        let (last, last_opt) = (dir.join("last.safetensors"), dir.join("last.optimizer.safetensors"));
+        (last.clone(), checkpoint::load(&last).map_err(ck_err)?, last_opt.clone(), checkpoint::load(&last_opt).map_err(ck_err)?)
+    };
     let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
     if meta("kiln.model") != cfg.model {
-        return Err(KilnError::Checkpoint(format!("{} holds a {:?}, not a {}", last.display(), meta("kiln.model"), cfg.model)));
+        return Err(KilnError::Checkpoint(format!("{} holds a {:?}, not a {}", path.display(), meta("kiln.model"), cfg.model)));
     }
-    r.start_epoch = meta("kiln.epoch").parse::<usize>().map_err(|_| KilnError::Checkpoint(format!("{}: no kiln.epoch in the metadata", last.display())))? + 1;
+    r.vs.load_checkpoint(&path.display().to_string(), &ck, true, |_| true).map_err(ck_err)?;
+    r.opt.get_mut().load_state(&opt_path.display().to_string(), &opt_ck).map_err(ck_err)?;
+    let steps = r.opt.get_mut().steps_taken();
+    r.model.get_mut().net.set_rng_position(steps);
+    let number = |k: &str| meta(k).parse::<f64>().map_err(|_| KilnError::Checkpoint(format!("{}: {k} in the metadata is {:?}, not a number", path.display(), meta(k))));
+    r.start_epoch = number("kiln.epoch")? as usize + 1;
     r.best = (meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY), meta("kiln.best_epoch").parse().unwrap_or(0));
+    let batches = meta("kiln.epoch_batches").parse::<usize>().unwrap_or(0);
+    if batches > 0 {
+        let tally = EpochTally {
+            epoch: r.start_epoch,
+            samples: number("kiln.epoch_samples")? as usize,
+            loss_sum: number("kiln.epoch_loss_sum")?,
+            correct_sum: number("kiln.epoch_correct_sum")?,
+            seconds: 0.0,
+        };
+        r.resume_position = Some((batches, tally));
+    }
     Ok(())
 }
 
 /// Writes a run's checkpoints: best.safetensors when the dev metric improves (kept on the host until the next
-/// write), last.safetensors with the optimizer's state, and loss.png, at most every few seconds and at the
-/// run's last epoch, so runs of many short epochs do not spend their time in fsync.
+/// write); last.safetensors (the weights, PyTorch's names) and resume.safetensors (the weights, the
+/// optimizer's state and where the run stands, in one file written atomically, so a crash at any instant
+/// leaves a consistent one) at most every few seconds at epoch ends, at the run's last epoch, every
+/// `mid_epoch_every_s` within an epoch, and when the run is interrupted; loss.png at epoch ends.
 struct RunCheckpoints<'a> {
     dir: PathBuf,
     cfg: &'a TrainConfig,
@@ -586,12 +637,54 @@ struct RunCheckpoints<'a> {
     vs: &'a VarStore,
     opt: &'a std::cell::RefCell<Optimizer>,
     best: Option<checkpoint::Checkpoint>,
+    /// The best dev metric and its epoch, as of the last epoch end.
+    best_so_far: (f64, usize),
     last_save: Instant,
+    mid_epoch_every_s: f64,
+}
+
+impl RunCheckpoints<'_> {
+    /// Writes resume.safetensors, then last.safetensors, then a best checkpoint if one is waiting.
+    fn save(&mut self, metadata: std::collections::BTreeMap<String, String>) -> Result<(), KilnError> {
+        let mut weights = self.vs.to_checkpoint()?;
+        weights.metadata = metadata;
+        let optimizer = self.opt.borrow().state_checkpoint(self.vs)?;
+        let mut state = weights.clone();
+        state.tensors.extend(optimizer.tensors);
+        state.metadata.extend(optimizer.metadata);
+        checkpoint::save(&self.dir.join("resume.safetensors"), &state).map_err(ck_err)?;
+        checkpoint::save(&self.dir.join("last.safetensors"), &weights).map_err(ck_err)?;
+        if let Some(best) = self.best.take() {
+            checkpoint::save(&self.dir.join("best.safetensors"), &best).map_err(ck_err)?;
+        }
+        self.last_save = Instant::now();
+        Ok(())
+    }
 }
 
 impl Callback for RunCheckpoints<'_> {
+    fn save_due(&mut self) -> bool {
+        self.last_save.elapsed().as_secs_f64() >= self.mid_epoch_every_s
+    }
+
+    fn on_position(&mut self, p: &Position) -> Result<(), KilnError> {
+        let (best, best_epoch) = self.best_so_far;
+        let mut meta = run_metadata(self.cfg, self.s, self.split, p.epoch - 1, best, best_epoch);
+        // f64's Debug form reads back to the same bits: the resumed epoch's sums are exact.
+        for (k, v) in [
+            ("kiln.epoch_batches", p.batches_done.to_string()),
+            ("kiln.epoch_samples", p.tally.samples.to_string()),
+            ("kiln.epoch_loss_sum", format!("{:?}", p.tally.loss_sum)),
+            ("kiln.epoch_correct_sum", format!("{:?}", p.tally.correct_sum)),
+        ] {
+            meta.insert(k.into(), v);
+        }
+        self.save(meta)
+    }
+
     fn on_epoch_end(&mut self, end: &EpochEnd) -> Result<(), KilnError> {
         let epoch = end.record.epoch;
+        self.best_so_far = (end.best_metric, end.best_epoch);
         let meta = || run_metadata(self.cfg, self.s, self.split, epoch, end.best_metric, end.best_epoch);
         if end.improved {
             let mut ck = self.vs.to_checkpoint()?;
@@ -599,18 +692,11 @@ impl Callback for RunCheckpoints<'_> {
             self.best = Some(ck);
         }
         if end.last || self.last_save.elapsed().as_secs_f64() >= CHECKPOINT_EVERY_S {
-            let mut ck = self.vs.to_checkpoint()?;
-            ck.metadata = meta();
-            checkpoint::save(&self.dir.join("last.safetensors"), &ck).map_err(ck_err)?;
-            checkpoint::save(&self.dir.join("last.optimizer.safetensors"), &self.opt.borrow().state_checkpoint(self.vs)?).map_err(ck_err)?;
-            if let Some(best) = self.best.take() {
-                checkpoint::save(&self.dir.join("best.safetensors"), &best).map_err(ck_err)?;
-            }
+            self.save(meta())?;
             let train: Vec<f64> = end.history.iter().map(|h| h.train_loss).collect();
             let dev: Vec<f64> = end.history.iter().map(|h| h.dev_loss).collect();
             let png = self.dir.join("loss.png");
             crate::plot::loss_png(&png, &train, &dev).map_err(|e| KilnError::Io { path: png.display().to_string(), message: format!("cannot write the plot: {e}") })?;
-            self.last_save = Instant::now();
         }
         Ok(())
     }

@@ -75,10 +75,33 @@ pub struct EpochEnd<'a> {
     pub last: bool,
 }
 
+/// Where a run stands in the middle of an epoch, with everything a resumed run needs to continue from it
+/// exactly: the batches done in this epoch's order and their sums. Every step before it is complete.
+#[derive(Clone, Copy, Debug)]
+pub struct Position {
+    pub epoch: usize,
+    pub batches_done: usize,
+    pub batches: usize,
+    /// The epoch's sums over `batches_done` batches.
+    pub tally: EpochTally,
+    /// Steps taken by the whole run, the interrupted part included.
+    pub steps: u64,
+    /// Set when the user interrupted the run (Ctrl-C): the loop stops after the callbacks saw it.
+    pub interrupted: bool,
+}
+
 /// Hooks into the loop. `stop` is asked of every callback first; then `on_epoch_end` runs with `last` set
-/// if any said yes.
+/// if any said yes. In the middle of an epoch, when a callback says `save_due` (or the run is interrupted),
+/// the loop waits for the steps in flight and hands every callback the `Position`.
 pub trait Callback {
     fn on_step(&mut self, _progress: &Progress) -> Result<()> {
+        Ok(())
+    }
+    /// Asked after each step: does this callback want a mid-epoch `Position` now?
+    fn save_due(&mut self) -> bool {
+        false
+    }
+    fn on_position(&mut self, _position: &Position) -> Result<()> {
         Ok(())
     }
     fn stop(&mut self, _end: &EpochEnd) -> bool {
@@ -123,10 +146,19 @@ pub struct MetricsCsv {
 
 impl MetricsCsv {
     /// `dev_metric_name` heads the metric column ("dev_accuracy", "dev_r2"); `with_accuracy` adds the training
-    /// accuracy column.
-    pub fn open(path: PathBuf, with_accuracy: bool, dev_metric_name: &str, append: bool) -> Result<MetricsCsv> {
-        let append = append && path.exists();
+    /// accuracy column. `resume_at` (a resumed run's first epoch) keeps the file's lines of earlier epochs and
+    /// drops any of that epoch or later (written after the checkpoint the run resumes from).
+    pub fn open(path: PathBuf, with_accuracy: bool, dev_metric_name: &str, resume_at: Option<usize>) -> Result<MetricsCsv> {
         let err = |e: std::io::Error| KilnError::Io { path: path.display().to_string(), message: format!("cannot write: {e}") };
+        let append = match (resume_at, std::fs::read_to_string(&path)) {
+            (Some(epoch), Ok(text)) => {
+                let before = |l: &&str| l.split(',').next().and_then(|e| e.parse::<usize>().ok()).is_none_or(|e| e < epoch);
+                let kept: String = text.lines().filter(before).map(|l| format!("{l}\n")).collect();
+                std::fs::write(&path, kept).map_err(err)?;
+                true
+            }
+            _ => false,
+        };
         let mut file = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(&path).map_err(err)?;
         if !append {
             let acc = if with_accuracy { "train_accuracy," } else { "" };
@@ -144,6 +176,10 @@ impl Callback for MetricsCsv {
             .map_err(|e| KilnError::Io { path: self.path.display().to_string(), message: format!("cannot write: {e}") })
     }
 }
+
+/// A step's values on their way back: the readback, the batch size, whether a count of right answers
+/// follows the loss, the step number.
+type InFlight = (PendingValues, usize, bool, u64);
 
 /// What a run of the loop measured.
 #[derive(Clone, Debug, Default)]
@@ -176,12 +212,29 @@ pub struct Trainer<'a> {
     /// The best dev metric so far and its epoch (a resumed run carries them over).
     pub best: (f64, usize),
     pub started: Instant,
+    /// A run resumed in the middle of `start_epoch`: the batches of it already done and their sums.
+    pub resume_position: Option<(usize, EpochTally)>,
+    /// Set from outside (a Ctrl-C handler) to stop after the current step, once the callbacks have seen the
+    /// position.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     callbacks: Vec<Box<dyn Callback + 'a>>,
+    seen_batch_sizes: std::collections::HashSet<usize>,
 }
 
 impl<'a> Trainer<'a> {
     pub fn new(epochs: usize, total_steps: u64) -> Trainer<'a> {
-        Trainer { start_epoch: 1, first_step: 0, epochs, total_steps, best: (f64::NEG_INFINITY, 0), started: Instant::now(), callbacks: Vec::new() }
+        Trainer {
+            start_epoch: 1,
+            first_step: 0,
+            epochs,
+            total_steps,
+            best: (f64::NEG_INFINITY, 0),
+            started: Instant::now(),
+            resume_position: None,
+            interrupt: None,
+            callbacks: Vec::new(),
+            seen_batch_sizes: Default::default(),
+        }
     }
 
     pub fn callback(mut self, c: impl Callback + 'a) -> Trainer<'a> {
@@ -199,41 +252,29 @@ impl<'a> Trainer<'a> {
         mut evaluate: impl FnMut(EpochTally) -> Result<EpochRecord>,
     ) -> Result<FitReport> {
         let mut report = FitReport { best_metric: self.best.0, best_epoch: self.best.1, ..Default::default() };
-        let mut seen_batch_sizes = std::collections::HashSet::new();
+        self.seen_batch_sizes.clear();
         for epoch in self.start_epoch..=self.epochs {
             let epoch_started = Instant::now();
-            let mut tally = EpochTally { epoch, samples: 0, loss_sum: 0.0, correct_sum: 0.0, seconds: 0.0 };
-            // (values in flight, batch size, with a count of right answers, step number)
-            let mut pending: Option<(PendingValues, usize, bool, u64)> = None;
-            for batch in loader.epoch(epoch as u64) {
+            let (skip, mut tally) = match self.resume_position.take() {
+                Some((done, t)) if epoch == self.start_epoch => (done, EpochTally { epoch, seconds: 0.0, ..t }),
+                _ => (0, EpochTally { epoch, samples: 0, loss_sum: 0.0, correct_sum: 0.0, seconds: 0.0 }),
+            };
+            let mut pending: Option<InFlight> = None;
+            for (i, batch) in loader.epoch_from(epoch as u64, skip).enumerate() {
                 let batch = batch.map_err(|e| KilnError::Data(e.to_string()))?;
-                let n = batch.len();
-                let before = kiln_graph::backend::thread_stats();
-                let step_started = Instant::now();
-                let values = step(&batch, self.first_step + report.steps)?;
-                if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
-                    return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));
+                self.run_step(&batch, &mut step, &mut pending, &mut tally, &mut report)?;
+                let interrupted = self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+                if interrupted || self.callbacks.iter_mut().any(|c| c.save_due()) {
+                    if let Some(p) = pending.take() {
+                        self.tally(p, &mut tally, &report)?;
+                    }
+                    let position = Position { epoch, batches_done: skip + i + 1, batches: loader.len(), tally, steps: self.first_step + report.steps, interrupted };
+                    self.callbacks.iter_mut().try_for_each(|c| c.on_position(&position))?;
+                    if interrupted {
+                        let (done, of) = (position.batches_done, position.batches);
+                        return Err(KilnError::Interrupted(format!("interrupted in epoch {epoch} after batch {done} of {of} (step {})", position.steps)));
+                    }
                 }
-                let read = match &values.correct {
-                    Some(c) => no_grad(|| Tensor::concat(&[&values.loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
-                    None => values.loss.clone(),
-                };
-                // This step is recorded, not yet submitted: take the last step's values (its readback buffer
-                // returns to the pool and serves this one), then submit this step with its own readback.
-                if let Some(previous) = pending.take() {
-                    self.tally(previous, &mut tally, &report)?;
-                }
-                pending = Some((read.read_start()?, n, values.correct.is_some(), self.first_step + report.steps + 1));
-                report.step_seconds += step_started.elapsed().as_secs_f64();
-                report.first_step_seconds.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
-                let after = kiln_graph::backend::thread_stats();
-                if !seen_batch_sizes.insert(n) {
-                    report.steady_submits += after.submits - before.submits;
-                    report.steady_buffers += after.buffers_created - before.buffers_created;
-                    report.steady_steps += 1;
-                }
-                report.steps += 1;
-                report.samples_seen += n;
             }
             if let Some(last) = pending.take() {
                 self.tally(last, &mut tally, &report)?;
@@ -247,8 +288,48 @@ impl<'a> Trainer<'a> {
         Ok(report)
     }
 
+    /// Records one step and submits it with its values' readback; the previous step's values are taken
+    /// first, so the host records step n + 1 while the GPU runs step n.
+    fn run_step(
+        &mut self,
+        batch: &HostBatch,
+        step: &mut impl FnMut(&HostBatch, u64) -> Result<StepValues>,
+        pending: &mut Option<InFlight>,
+        tally: &mut EpochTally,
+        report: &mut FitReport,
+    ) -> Result<()> {
+        let n = batch.len();
+        let before = kiln_graph::backend::thread_stats();
+        let step_started = Instant::now();
+        let values = step(batch, self.first_step + report.steps)?;
+        if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
+            return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));
+        }
+        let read = match &values.correct {
+            Some(c) => no_grad(|| Tensor::concat(&[&values.loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
+            None => values.loss.clone(),
+        };
+        // This step is recorded, not yet submitted: take the last step's values (its readback buffer returns
+        // to the pool and serves this one), then submit this step with its own readback.
+        if let Some(previous) = pending.take() {
+            self.tally(previous, tally, report)?;
+        }
+        *pending = Some((read.read_start()?, n, values.correct.is_some(), self.first_step + report.steps + 1));
+        report.step_seconds += step_started.elapsed().as_secs_f64();
+        report.first_step_seconds.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+        let after = kiln_graph::backend::thread_stats();
+        if !self.seen_batch_sizes.insert(n) {
+            report.steady_submits += after.submits - before.submits;
+            report.steady_buffers += after.buffers_created - before.buffers_created;
+            report.steady_steps += 1;
+        }
+        report.steps += 1;
+        report.samples_seen += n;
+        Ok(())
+    }
+
     /// Waits for one step's values, adds them to the epoch's sums and reports progress.
-    fn tally(&mut self, (read, n, with_correct, at_step): (PendingValues, usize, bool, u64), tally: &mut EpochTally, report: &FitReport) -> Result<()> {
+    fn tally(&mut self, (read, n, with_correct, at_step): InFlight, tally: &mut EpochTally, report: &FitReport) -> Result<()> {
         let values = read.wait()?;
         let loss = values[0];
         if !loss.is_finite() {
