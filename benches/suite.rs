@@ -136,9 +136,18 @@ pub struct SuiteOptions {
     pub batch: usize,
 }
 
+/// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
 impl Default for SuiteOptions {
     fn default() -> Self {
         SuiteOptions { filter: Vec::new(), runs: 10, budget_s: 20.0, square: vec![256, 512, 1024, 2048], models: vec!["mlp".into(), "lenet".into(), "resnet20".into()], batch: 64 }
+    }
+}
+
+impl SuiteOptions {
+    /// What `kiln bench` runs without `--full`: every family and kernel variant, on two square sizes and the
+    /// MLP's and LeNet-5's step shapes, records of up to 3 s (about a minute on lavapipe).
+    pub fn quick() -> SuiteOptions {
+        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], ..SuiteOptions::default() }
     }
 }
 
@@ -171,6 +180,10 @@ impl Ctx<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn measure(&mut self, rec: Record, work: f64, bytes: bool, want: &[f32], tol: f32, cpu_ms: Option<f64>, run: impl FnMut() -> R<Tensor>) -> R<()> {
+        // What is being timed, on one line that the next overwrites (a terminal only).
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r\x1b[2Ktiming {} {} {}", rec.family, rec.kernel, rec.variant);
+        }
         let rec = validate_and_time(rec, Work { amount: work, bytes }, want, tol, cpu_ms, self.roofs, self.opts.runs, self.opts.budget_s, run)?;
         self.push(rec);
         Ok(())
@@ -239,8 +252,12 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         [("matmul", matmul_family), ("conv", conv_family), ("pool", pool_family), ("softmax", softmax_family), ("elementwise", elementwise_family), ("reduce", reduce_family), ("step", step_family)];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
+            eprintln!("kiln bench: {name}");
             run(&mut ctx)?;
         }
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprint!("\r\x1b[2K");
     }
     Ok(ctx.out)
 }

@@ -151,20 +151,26 @@ enum Command {
         /// Kernel families to run: matmul, conv, pool, softmax, elementwise, reduce, step [default: all].
         #[arg(long, value_delimiter = ',', value_parser = kiln_benches::suite::FAMILIES)]
         filter: Vec<String>,
-        /// Models whose training-step matmul shapes and whole steps are timed.
-        #[arg(long, value_delimiter = ',', default_values_t = ["mlp".to_string(), "lenet".to_string(), "resnet20".to_string()])]
+        /// Models whose training-step matmul shapes and whole steps are timed [default: mlp,lenet; --full adds
+        /// resnet20].
+        #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
-        /// Square matmul sizes.
-        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 512, 1024, 2048])]
+        /// Square matmul sizes [default: 256,512; --full: 256,512,1024,2048].
+        #[arg(long, value_delimiter = ',')]
         sizes: Vec<u64>,
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
         batch: u64,
         /// Timed runs per record, after one warm-up (median reported; at least 10).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(10..))]
         runs: u64,
-        /// Seconds one record may take: a kernel whose single run is slower is reported as not timed.
-        #[arg(long, default_value_t = 20.0)]
-        budget_s: f64,
+        /// Seconds one record may take: a kernel whose single run is slower is reported as not timed
+        /// [default: 3; --full: 20].
+        #[arg(long)]
+        budget_s: Option<f64>,
+        /// The whole suite: every size and model, longer records (tens of minutes on a CPU adapter; the
+        /// default takes about a minute there).
+        #[arg(long)]
+        full: bool,
         #[arg(long)]
         adapter: Option<String>,
         /// Also write the records as one JSON array to this file.
@@ -202,8 +208,16 @@ fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { adapter } => info(adapter),
-        Command::Bench { filter, models, sizes, batch, runs, budget_s, adapter, json } => {
-            let opts = kiln_benches::suite::SuiteOptions { filter, runs: runs as usize, budget_s, square: sizes.iter().map(|&s| s as usize).collect(), models, batch: batch as usize };
+        Command::Bench { filter, models, sizes, batch, runs, budget_s, full, adapter, json } => {
+            let base = if full { kiln_benches::suite::SuiteOptions::default() } else { kiln_benches::suite::SuiteOptions::quick() };
+            let opts = kiln_benches::suite::SuiteOptions {
+                filter,
+                runs: runs as usize,
+                budget_s: budget_s.unwrap_or(base.budget_s),
+                square: if sizes.is_empty() { base.square } else { sizes.iter().map(|&s| s as usize).collect() },
+                models: if models.is_empty() { base.models } else { models },
+                batch: batch as usize,
+            };
             bench(&opts, adapter, json)
         }
         Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
