@@ -143,6 +143,10 @@ enum Command {
         /// Print the report as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
+        /// Write every test sample's logits, probabilities, predicted and true label (or target and
+        /// prediction) to this CSV file.
+        #[arg(long, value_name = "FILE")]
+        predictions: Option<PathBuf>,
     },
     /// The kernel benchmark: the adapter's compute and memory roofs, then matmul, conv, pool, softmax,
     /// elementwise and reduction kernels (every variant validated against a CPU reference, then timed) and whole
@@ -189,6 +193,15 @@ enum Command {
         /// Print the summary as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
+        /// Also list every tensor of the model (parameters and buffers) with its name and shape, as
+        /// PyTorch's state_dict names them.
+        #[arg(long)]
+        params: bool,
+        /// Write the model, initialised with --seed and untrained, to this safetensors file (uses the GPU).
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// List adapters with their features and limits, and the one Kiln picks.
     Info {
@@ -220,8 +233,14 @@ fn run() -> Result<()> {
             };
             bench(&opts, adapter, json)
         }
-        Command::Summary { model, classes, input, json } => summary(&model, classes as usize, input.as_deref(), json),
-        Command::Eval { checkpoint, dataset, data_dir, adapter, json } => eval(checkpoint, dataset, data_dir, adapter, json),
+        Command::Summary { model, classes, input, json, params, save, seed } => {
+            summary(&model, classes as usize, input.as_deref(), json, params)?;
+            match save {
+                Some(path) => save_untrained(&model, classes as usize, input.as_deref(), seed, &path),
+                None => Ok(()),
+            }
+        }
+        Command::Eval { checkpoint, dataset, data_dir, adapter, json, predictions } => eval(checkpoint, dataset, data_dir, adapter, json, predictions),
     }
 }
 
@@ -354,7 +373,8 @@ fn bench(opts: &kiln_benches::suite::SuiteOptions, adapter: Option<String>, json
     Ok(())
 }
 
-fn summary(model: &str, classes: usize, input: Option<&str>, json: bool) -> Result<()> {
+/// The input shape of a zoo model: `--input` CxHxW, else the model's default.
+fn zoo_input(model: &str, input: Option<&str>) -> Result<[usize; 3]> {
     let default = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1);
     let input: [usize; 3] = match input {
         Some(text) => {
@@ -367,6 +387,26 @@ fn summary(model: &str, classes: usize, input: Option<&str>, json: bool) -> Resu
         }
         None => default.unwrap_or([3, 224, 224]),
     };
+    Ok(input)
+}
+
+/// A zoo model, initialised with `seed` and untrained, written atomically to `path` (PyTorch's names).
+fn save_untrained(model: &str, classes: usize, input: Option<&str>, seed: u64, path: &std::path::Path) -> Result<()> {
+    let input = zoo_input(model, input)?;
+    let mut vs = kiln_nn::VarStore::new(seed);
+    kiln_models::zoo::build_named(&mut vs, model, input, classes, seed)?;
+    vs.finish()?;
+    let mut ck = vs.to_checkpoint()?;
+    for (k, v) in [("kiln.zoo_model", model.to_string()), ("kiln.classes", classes.to_string()), ("kiln.input", format!("{}x{}x{}", input[0], input[1], input[2])), ("kiln.seed", seed.to_string()), ("kiln.trained", "false".into())] {
+        ck.metadata.insert(k.into(), v);
+    }
+    kiln_nn::checkpoint::save(path, &ck).with_context(|| format!("writing {}", path.display()))?;
+    println!("untrained {model} ({} values, seed {seed}) written to {}", vs.num_values(), path.display());
+    Ok(())
+}
+
+fn summary(model: &str, classes: usize, input: Option<&str>, json: bool, list_params: bool) -> Result<()> {
+    let input = zoo_input(model, input)?;
     let mut vs = kiln_nn::VarStore::shapes_only();
     let net = kiln_models::zoo::build_named(&mut vs, model, input, classes, 0)?;
     let shape = [1, input[0], input[1], input[2]];
@@ -380,18 +420,33 @@ fn summary(model: &str, classes: usize, input: Option<&str>, json: bool) -> Resu
     }
     println!("{}", "-".repeat(107));
     println!("total parameters: {total}");
+    let tensors: Vec<serde_json::Value> = vs.params().map(|p| serde_json::json!({ "name": p.name(), "shape": p.shape() })).collect();
+    if list_params {
+        println!();
+        for p in vs.params() {
+            println!("{:<48} {:?}", p.name(), p.shape());
+        }
+    }
     if json {
-        println!("{}", serde_json::json!({ "model": model, "classes": classes, "input": input, "params": total, "layers": rows }));
+        let mut v = serde_json::json!({ "model": model, "classes": classes, "input": input, "params": total, "layers": rows });
+        if list_params {
+            v["tensors"] = serde_json::Value::Array(tensors);
+        }
+        println!("{v}");
     }
     Ok(())
 }
 
-fn eval(checkpoint: PathBuf, dataset: Option<String>, data_dir: Option<PathBuf>, adapter: Option<String>, json: bool) -> Result<()> {
+fn eval(checkpoint: PathBuf, dataset: Option<String>, data_dir: Option<PathBuf>, adapter: Option<String>, json: bool, predictions: Option<PathBuf>) -> Result<()> {
     kiln_wgpu::select_adapter(adapter.as_deref())?;
     let r = kiln_models::evaluate_checkpoint(&checkpoint, dataset.as_deref(), data_dir).with_context(|| format!("evaluating {}", checkpoint.display()))?;
     println!("{} ({}) on the {} test split ({} samples) with {}", r.checkpoint, r.model, r.dataset, r.test_samples, r.adapter);
     println!("test loss {:.4}", r.test_loss);
     print_test_metrics(&r.test, r.test_samples);
+    if let Some(path) = &predictions {
+        r.predictions.write_csv(path)?;
+        println!("per-sample predictions: {}", path.display());
+    }
     if json {
         println!("{}", serde_json::to_string(&r)?);
     }

@@ -199,3 +199,56 @@ fn a_run_killed_or_interrupted_mid_epoch_resumes_bit_identically() {
         assert_eq!(epochs, ["1", "2", "3"], "{tag}: metrics.csv has each epoch once: {csv}");
     }
 }
+
+#[test]
+fn what_a_pytorch_user_needs_predictions_tensor_names_normalisation_and_untrained_weights() {
+    // Per-sample predictions from `kiln eval`, consistent with the reported accuracy.
+    let dir = temp_dir("predictions");
+    let o = kiln(&["train", "softmax", "--dataset", "iris", "--epochs", "30", "--out", dir.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let csv_path = dir.join("predictions.csv");
+    let o = kiln(&["eval", "--checkpoint", dir.join("last.safetensors").to_str().unwrap(), "--predictions", csv_path.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("sample,label,predicted,logit_0,logit_1,logit_2,prob_0,prob_1,prob_2"));
+    let rows: Vec<Vec<f64>> = lines.map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len() as u64, report["test_samples"].as_u64().unwrap());
+    let mut right = 0;
+    for r in &rows {
+        let (logits, probs) = (&r[3..6], &r[6..9]);
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{r:?}");
+        let argmax = (0..3).fold(0, |b, j| if logits[j] > logits[b] { j } else { b });
+        assert_eq!(r[2] as usize, argmax, "{r:?}");
+        right += (r[1] == r[2]) as usize;
+    }
+    let acc = report["test_accuracy"].as_f64().unwrap();
+    assert!((right as f64 / rows.len() as f64 - acc).abs() < 1e-9, "{right}/{} vs {acc}", rows.len());
+    // The input normalisation travels as numbers: one mean and std per iris feature.
+    let ck = kiln_nn::checkpoint::load(&dir.join("last.safetensors")).unwrap();
+    for key in ["kiln.input_mean", "kiln.input_std"] {
+        let values: Vec<f64> = ck.metadata[key].split(',').map(|v| v.parse().unwrap()).collect();
+        assert_eq!(values.len(), 4, "{key}: {values:?}");
+    }
+    // Every tensor's name and shape, as PyTorch's state_dict has them (running statistics included).
+    let o = kiln(&["summary", "resnet18", "--params", "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let tensors = v["tensors"].as_array().unwrap();
+    assert!(tensors.iter().any(|t| t["name"] == "layer4.1.bn2.running_var" && t["shape"] == serde_json::json!([512])));
+    assert!(tensors.iter().any(|t| t["name"] == "fc.weight" && t["shape"] == serde_json::json!([1000, 512])));
+    assert!(out.contains("conv1.weight"), "the list is printed too");
+    // An untrained, seeded model written on request: the same seed, the same weights.
+    let (a, b) = (dir.join("lenet-a.safetensors"), dir.join("lenet-b.safetensors"));
+    for p in [&a, &b] {
+        let o = kiln(&["summary", "lenet", "--classes", "10", "--save", p.to_str().unwrap(), "--seed", "3"], &[]);
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    let (ca, cb) = (kiln_nn::checkpoint::load(&a).unwrap(), kiln_nn::checkpoint::load(&b).unwrap());
+    assert_eq!(ca.tensors, cb.tensors);
+    assert_eq!(ca.get("features.0.weight").unwrap().shape, [6, 1, 5, 5]);
+    assert_eq!(ca.metadata["kiln.trained"], "false");
+}

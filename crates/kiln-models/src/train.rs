@@ -197,8 +197,8 @@ fn ck_err(e: checkpoint::CheckpointError) -> KilnError {
 }
 
 /// What a checkpoint records about its run, so `kiln eval` and `--resume` can rebuild the model.
-fn run_metadata(cfg: &TrainConfig, s: &Settings, split: &Split, epoch: usize, best: f64, best_epoch: usize) -> std::collections::BTreeMap<String, String> {
-    let mut m = std::collections::BTreeMap::new();
+fn run_metadata(cfg: &TrainConfig, s: &Settings, split: &Split, scaling: &Scaling, epoch: usize, best: f64, best_epoch: usize) -> std::collections::BTreeMap<String, String> {
+    let mut m: std::collections::BTreeMap<String, String> = scaling.metadata().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let hidden: Vec<String> = s.hidden.iter().map(|h| h.to_string()).collect();
     for (k, v) in [
         ("kiln.model", cfg.model.clone()),
@@ -233,6 +233,74 @@ pub struct EvalReport {
     pub test_loss: f64,
     #[serde(flatten)]
     pub test: TestMetrics,
+    /// Every test sample's outputs, for `Predictions::write_csv` (`kiln eval --predictions`).
+    #[serde(skip)]
+    pub predictions: Predictions,
+}
+
+/// Per-sample outputs of an evaluation: what a PyTorch user needs to compare a model with theirs.
+#[derive(Clone, Debug, Default)]
+pub struct Predictions {
+    /// Outputs per sample (logits for classifiers, the prediction for regression, in the targets' units).
+    pub width: usize,
+    pub outputs: Vec<f32>,
+    /// Classifiers: probabilities per output (softmax, or the sigmoid of each logit for binary and one-vs-all).
+    pub probabilities: Vec<f32>,
+    /// Classifiers: predicted and true classes.
+    pub predicted: Vec<u32>,
+    pub labels: Vec<u32>,
+    /// Regression: the true values.
+    pub targets: Vec<f32>,
+}
+
+impl Predictions {
+    fn of(model: &Model, outputs: Vec<f32>, targets: &Targets) -> Predictions {
+        let width = model.outputs;
+        let mut p = Predictions { width, ..Default::default() };
+        match targets {
+            Targets::Classes { labels, .. } => {
+                p.predicted = model.task.predict(&outputs, width);
+                p.labels = labels.clone();
+                p.probabilities = match model.task {
+                    Task::Softmax => outputs
+                        .chunks(width.max(1))
+                        .flat_map(|row| {
+                            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                            row.iter().map(move |&v| (((v - max) as f64).exp() / sum) as f32)
+                        })
+                        .collect(),
+                    _ => outputs.iter().map(|&z| (1.0 / (1.0 + (-(z as f64)).exp())) as f32).collect(),
+                };
+            }
+            Targets::Values(v) => p.targets = v.clone(),
+        }
+        p.outputs = outputs;
+        p
+    }
+
+    /// One row per test sample: `sample,label,predicted,logit_0..,prob_0..` for classifiers,
+    /// `sample,target,prediction` for regression.
+    pub fn write_csv(&self, path: &std::path::Path) -> Result<(), KilnError> {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        let w = self.width.max(1);
+        if self.labels.is_empty() {
+            text.push_str("sample,target,prediction\n");
+            for (i, (t, o)) in self.targets.iter().zip(&self.outputs).enumerate() {
+                let _ = writeln!(text, "{i},{t},{o}");
+            }
+        } else {
+            let logits: Vec<String> = (0..w).map(|j| format!("logit_{j}")).collect();
+            let probs: Vec<String> = (0..w).map(|j| format!("prob_{j}")).collect();
+            let _ = writeln!(text, "sample,label,predicted,{},{}", logits.join(","), probs.join(","));
+            for (i, (label, predicted)) in self.labels.iter().zip(&self.predicted).enumerate() {
+                let row = |v: &[f32]| v[i * w..(i + 1) * w].iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+                let _ = writeln!(text, "{i},{label},{predicted},{},{}", row(&self.outputs), row(&self.probabilities));
+            }
+        }
+        std::fs::write(path, text).map_err(|e| KilnError::Io { path: path.display().to_string(), message: format!("cannot write the predictions: {e}") })
+    }
 }
 
 /// Test-split metrics: accuracy, macro F1, confusion matrix and per-class scores for classifiers; MSE and R^2
@@ -297,7 +365,7 @@ pub fn evaluate_checkpoint_with(entry: &ModelEntry, path: &std::path::Path, data
     let hidden: Vec<usize> = meta("kiln.hidden").unwrap_or_default().split(',').filter_map(|h| h.parse().ok()).collect();
     let num = |k: &str| meta(k).and_then(|v| v.parse::<usize>().ok());
     let cfg = TrainConfig { seed, data_dir, train_limit: num("kiln.train_limit"), degree: num("kiln.degree"), feature: num("kiln.feature"), ..TrainConfig::new(&model_name, &dataset) };
-    let split = prepare(&cfg, entry, cfg.degree.unwrap_or(1))?;
+    let (split, _) = prepare(&cfg, entry, cfg.degree.unwrap_or(1))?;
     let mut vs = VarStore::new(seed);
     let arch = linear_models::Arch { hidden: &hidden, depth: num("kiln.depth").unwrap_or(20), seed };
     let mut model = (entry.build)(&mut vs, &split.test, &arch)?;
@@ -312,7 +380,8 @@ pub fn evaluate_checkpoint_with(entry: &ModelEntry, path: &std::path::Path, data
     };
     let (test_loss, out) = evaluate(&model, &scaled.test, ts)?;
     let test = TestMetrics::of(&model, &out, &split.test.targets);
-    Ok(EvalReport { checkpoint: path.display().to_string(), model: model_name, dataset, adapter: g.adapter_name(), test_samples: split.test.len(), test_loss, test })
+    let predictions = Predictions::of(&model, out, &split.test.targets);
+    Ok(EvalReport { checkpoint: path.display().to_string(), model: model_name, dataset, adapter: g.adapter_name(), test_samples: split.test.len(), test_loss, test, predictions })
 }
 
 fn data_err(e: kiln_data::DataError) -> KilnError {
@@ -355,7 +424,8 @@ impl TargetScale {
 /// Loads and splits the data (see `kiln_data::load_split`), then scales it with training statistics: per
 /// feature, or for convolutional models one mean and deviation over all pixels. polyreg expands one feature
 /// first.
-fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split, KilnError> {
+fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<(Split, Scaling), KilnError> {
+    let mut scaling = Scaling::default();
     let mut split = if entry.input == Input::OneFeature {
         let ds = kiln_data::load(&cfg.dataset, cfg.data_dir.as_deref()).map_err(data_err)?;
         let col = cfg.feature.unwrap_or(if ds.name == "diabetes" { 2 } else { 0 });
@@ -364,7 +434,9 @@ fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split
         }
         // Scale the raw feature before taking powers, so x^d stays in a sane range.
         let one = ds.select_features(&[col]);
-        let one = Standardizer::fit(&one).apply(&one);
+        let raw = Standardizer::fit(&one);
+        scaling.feature = Some((col, raw.mean[0], raw.std[0]));
+        let one = raw.apply(&one);
         Split::new(&kiln_data::polynomial_features(&one, degree), 0.2, 0.2, cfg.seed).map_err(data_err)?
     } else {
         kiln_data::load_split(&cfg.dataset, cfg.data_dir.as_deref(), cfg.seed).map_err(data_err)?
@@ -378,10 +450,40 @@ fn prepare(cfg: &TrainConfig, entry: &ModelEntry, degree: usize) -> Result<Split
         let n = split.train.x.len().max(1) as f64;
         let mean = split.train.x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let std = (split.train.x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
-        return Ok(split.map(|d| d.with_features(d.x.iter().map(|&v| ((v as f64 - mean) / std) as f32).collect(), d.features)));
+        (scaling.mean, scaling.std) = (vec![mean], vec![std]);
+        return Ok((split.map(|d| d.with_features(d.x.iter().map(|&v| ((v as f64 - mean) / std) as f32).collect(), d.features)), scaling));
     }
     let scaler = Standardizer::fit(&split.train);
-    Ok(split.map(|d| scaler.apply(d)))
+    // Constant features are centred, not scaled: their divisor is 1.
+    (scaling.mean, scaling.std) = (scaler.mean.clone(), scaler.std.iter().map(|&s| if s > 1e-12 { s } else { 1.0 }).collect());
+    Ok((split.map(|d| scaler.apply(d)), scaling))
+}
+
+/// How a run's inputs were normalised (statistics of its training split), written into its checkpoints so a
+/// PyTorch user can feed the model the same numbers without recomputing them.
+#[derive(Clone, Debug, Default)]
+struct Scaling {
+    /// x' = (x - mean) / std per feature; one value each for image models (every pixel alike).
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    /// Polynomial models: the feature column and its own standardisation, before its powers are taken.
+    feature: Option<(usize, f64, f64)>,
+    /// Regression: targets are trained as (y - mean) / std.
+    target: Option<(f64, f64)>,
+}
+
+impl Scaling {
+    fn metadata(&self) -> Vec<(&'static str, String)> {
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(",");
+        let mut m = vec![("kiln.input_mean", list(&self.mean)), ("kiln.input_std", list(&self.std))];
+        if let Some((col, mean, std)) = self.feature {
+            m.extend([("kiln.feature_column", col.to_string()), ("kiln.feature_mean", format!("{mean:?}")), ("kiln.feature_std", format!("{std:?}"))]);
+        }
+        if let Some((mean, std)) = self.target {
+            m.extend([("kiln.target_mean", format!("{mean:?}")), ("kiln.target_std", format!("{std:?}"))]);
+        }
+        m
+    }
 }
 
 /// A batch's features and targets as tensors: x [n, features], labels u32 [n] or values f32 [n, 1].
@@ -457,8 +559,8 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
         let metric = if classifier { "dev_accuracy" } else { "dev_r2" };
         trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume.then_some(r.start_epoch))?);
         let every = cfg.checkpoint_every_s.unwrap_or(MID_EPOCH_CHECKPOINT_S);
-        let (vs, s, split) = (&r.vs, &r.s, &r.split);
-        trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s, split, vs, opt, best: None, best_so_far: r.best, last_save: Instant::now(), mid_epoch_every_s: every });
+        let (vs, s, split, scaling) = (&r.vs, &r.s, &r.split, &r.scaling);
+        trainer = trainer.callback(RunCheckpoints { dir: dir.clone(), cfg, s, split, scaling, vs, opt, best: None, best_so_far: r.best, last_save: Instant::now(), mid_epoch_every_s: every });
     }
     let train_options = LoaderOptions { batch_size: r.s.batch_size, shuffle: Some(cfg.seed), drop_last: false, workers: 1, prefetch: 2 };
     let train_loader = DataLoader::shared(std::sync::Arc::new(r.split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
@@ -505,6 +607,7 @@ struct RunSetup {
     raw_split: Split,
     split: Split,
     target_scale: Option<TargetScale>,
+    scaling: Scaling,
     s: Settings,
     vs: VarStore,
     /// Shared by the step function and the callbacks (never borrowed by two at once).
@@ -520,8 +623,9 @@ struct RunSetup {
 }
 
 fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
-    let raw_split = prepare(cfg, entry, cfg.degree.unwrap_or(1))?;
+    let (raw_split, mut scaling) = prepare(cfg, entry, cfg.degree.unwrap_or(1))?;
     let target_scale = TargetScale::fit(&raw_split.train);
+    scaling.target = target_scale.map(|t| (t.mean, t.std));
     let split = match target_scale {
         Some(ts) => raw_split.map(|d| ts.apply(d)),
         None => raw_split.clone(),
@@ -546,6 +650,7 @@ fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
         raw_split,
         split,
         target_scale,
+        scaling,
         s,
         vs,
         model,
@@ -634,6 +739,7 @@ struct RunCheckpoints<'a> {
     cfg: &'a TrainConfig,
     s: &'a Settings,
     split: &'a Split,
+    scaling: &'a Scaling,
     vs: &'a VarStore,
     opt: &'a std::cell::RefCell<Optimizer>,
     best: Option<checkpoint::Checkpoint>,
@@ -669,7 +775,7 @@ impl Callback for RunCheckpoints<'_> {
 
     fn on_position(&mut self, p: &Position) -> Result<(), KilnError> {
         let (best, best_epoch) = self.best_so_far;
-        let mut meta = run_metadata(self.cfg, self.s, self.split, p.epoch - 1, best, best_epoch);
+        let mut meta = run_metadata(self.cfg, self.s, self.split, self.scaling, p.epoch - 1, best, best_epoch);
         // f64's Debug form reads back to the same bits: the resumed epoch's sums are exact.
         for (k, v) in [
             ("kiln.epoch_batches", p.batches_done.to_string()),
@@ -685,7 +791,7 @@ impl Callback for RunCheckpoints<'_> {
     fn on_epoch_end(&mut self, end: &EpochEnd) -> Result<(), KilnError> {
         let epoch = end.record.epoch;
         self.best_so_far = (end.best_metric, end.best_epoch);
-        let meta = || run_metadata(self.cfg, self.s, self.split, epoch, end.best_metric, end.best_epoch);
+        let meta = || run_metadata(self.cfg, self.s, self.split, self.scaling, epoch, end.best_metric, end.best_epoch);
         if end.improved {
             let mut ck = self.vs.to_checkpoint()?;
             ck.metadata = meta();
