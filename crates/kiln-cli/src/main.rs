@@ -397,7 +397,13 @@ fn save_untrained(model: &str, classes: usize, input: Option<&str>, seed: u64, p
     kiln_models::zoo::build_named(&mut vs, model, input, classes, seed)?;
     vs.finish()?;
     let mut ck = vs.to_checkpoint()?;
-    for (k, v) in [("kiln.zoo_model", model.to_string()), ("kiln.classes", classes.to_string()), ("kiln.input", format!("{}x{}x{}", input[0], input[1], input[2])), ("kiln.seed", seed.to_string()), ("kiln.trained", "false".into())] {
+    for (k, v) in [
+        ("kiln.zoo_model", model.to_string()),
+        ("kiln.classes", classes.to_string()),
+        ("kiln.input", format!("{}x{}x{}", input[0], input[1], input[2])),
+        ("kiln.seed", seed.to_string()),
+        ("kiln.trained", "false".into()),
+    ] {
         ck.metadata.insert(k.into(), v);
     }
     kiln_nn::checkpoint::save(path, &ck).with_context(|| format!("writing {}", path.display()))?;
