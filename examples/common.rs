@@ -1,6 +1,9 @@
 //! What every example shares: run a training configuration and print one line per epoch (every `every`
 //! epochs) — the examples read like lessons, not like a CLI.
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use kiln_models::{Progress, TrainConfig, TrainReport};
 
 /// Trains `cfg`, printing the epoch records every `every` epochs.

@@ -1,6 +1,9 @@
 //! Helpers shared by Kiln's test suite: the adapter check, seeded random inputs, and the forward/backward check
 //! of an op against the CPU reference and central finite differences.
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use kiln_graph::cpu::CpuTensor;
 use kiln_graph::{Result, Rng, Tensor};
 

@@ -2,6 +2,9 @@
 //! batching: the `Dataset` trait (any sample kind), collators and the `DataLoader` (loader.rs). Samples are
 //! host data; a collated batch uploads itself in one write.
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod dataset;
 mod error;
 mod idx;

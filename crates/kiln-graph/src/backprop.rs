@@ -1,7 +1,7 @@
 //! The tape and every backward rule, in one place.
 //!
 //! An op that needs a gradient records an [`Op`] naming its inputs. `loss.backward()` sorts the graph
-//! topologically, walks it in reverse and applies [`input_grads`]: one `match` over the op kinds, each rule
+//! topologically, walks it in reverse and applies `input_grads`: one `match` over the op kinds, each rule
 //! written with ordinary tensor ops so the backward pass is recorded and submitted like the forward one.
 //! Gradients accumulate: a tensor used twice gets both contributions.
 

@@ -13,6 +13,9 @@
 //! tune.rs      the autotuner: which matmul kernel runs per adapter and shape class, cached on disk
 //! ```
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 pub mod augment;
 pub mod backprop;
 mod conv;

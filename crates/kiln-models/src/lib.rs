@@ -1,6 +1,9 @@
 //! kiln-models: the models of the course, built from kiln-nn, and the training loop every front end uses
 //! (`kiln train`, the examples, the tests).
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 pub mod cnn;
 pub mod linear_models;
 pub mod overfeat;

@@ -27,7 +27,7 @@ pub enum Task {
 }
 
 impl Task {
-    /// The training loss of `out` against the batch targets (labels u32 [n] or values f32 [n, 1]).
+    /// The training loss of `out` against the batch targets (labels u32 `[n]` or values f32 `[n, 1]`).
     pub fn loss(self, out: &Tensor, targets: &Tensor) -> Result<Tensor> {
         match self {
             Task::Regression => loss::mse_loss(out, targets),

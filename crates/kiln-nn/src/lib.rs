@@ -1,5 +1,8 @@
 //! kiln-nn: parameters in one flat GPU buffer, modules, initialisers, optimizers, LR schedules and metrics.
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 pub mod checkpoint;
 pub mod init;
 pub mod layers;

@@ -1,6 +1,9 @@
 //! kiln-wgpu: the GPU backend. Adapter choice, a buffer pool keyed by size class, a pipeline cache keyed by
 //! (shader, entry, override constants), deferred command recording with few submits, blocking and async readback.
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod adapter;
 mod error;
 mod gpu;

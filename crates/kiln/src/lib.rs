@@ -40,6 +40,9 @@
 //! # }
 //! ```
 
+// Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 pub use kiln_data as data;
 pub use kiln_graph as graph;
 pub use kiln_models as models;

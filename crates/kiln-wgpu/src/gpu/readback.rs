@@ -76,7 +76,7 @@ impl Gpu {
     }
 
     /// Starts reading `view` back: records the copy into a mappable buffer and submits. The returned handle is
-    /// completed by [`Readback::wait`] (blocking) or by awaiting [`Readback::into_future`] (async).
+    /// completed by [`Readback::wait`] (blocking) or by awaiting it (it is a `Future`).
     pub fn read_start(&self, view: &BufView) -> Result<Readback> {
         self.check_device(view, "a readback")?;
         let bytes = view.bytes.div_ceil(4) * 4;
