@@ -46,23 +46,27 @@ fn shift_moves_content_and_fills_with_zero() {
     let (n, h, w) = (16, 8, 8);
     let (v, x) = batch(n, h, w);
     let y = x.augment(&Augment { shift: 2, ..Default::default() }, 3).unwrap().to_vec().unwrap();
+    let mut shifts = std::collections::HashSet::new();
     for s in 0..n {
         let img = &v[s * h * w..(s + 1) * h * w];
         let out = &y[s * h * w..(s + 1) * h * w];
-        // Some shift (dy, dx) in [-2, 2]^2 explains the output exactly.
-        let explained = (-2i32..=2).any(|dy| {
-            (-2i32..=2).any(|dx| {
-                (0..h as i32).all(|r| {
-                    (0..w as i32).all(|c| {
-                        let (sr, sc) = (r - dy, c - dx);
-                        let want = if sr < 0 || sc < 0 || sr >= h as i32 || sc >= w as i32 { 0.0 } else { img[(sr * w as i32 + sc) as usize] };
-                        out[(r * w as i32 + c) as usize] == want
-                    })
+        // Some shift (dy, dx) in [-2, 2]^2 explains the output exactly (the images are random, so one does).
+        let explains = |dy: i32, dx: i32| {
+            (0..h as i32).all(|r| {
+                (0..w as i32).all(|c| {
+                    let (sr, sc) = (r - dy, c - dx);
+                    let want = if sr < 0 || sc < 0 || sr >= h as i32 || sc >= w as i32 { 0.0 } else { img[(sr * w as i32 + sc) as usize] };
+                    out[(r * w as i32 + c) as usize] == want
                 })
             })
-        });
-        assert!(explained, "sample {s} is not a shift of its input");
+        };
+        let found: Vec<(i32, i32)> = (-2i32..=2).flat_map(|dy| (-2i32..=2).map(move |dx| (dy, dx))).filter(|&(dy, dx)| explains(dy, dx)).collect();
+        assert_eq!(found.len(), 1, "sample {s}: not exactly one shift explains it: {found:?}");
+        shifts.insert(found[0]);
     }
+    // The shifts are drawn: an identity "augmentation" (every sample at (0, 0)) fails here. 16 draws from 25
+    // shifts give at least 5 distinct ones except with negligible probability.
+    assert!(shifts.len() >= 5, "only {} distinct shifts in {n} samples: {shifts:?}", shifts.len());
 }
 
 #[test]

@@ -99,6 +99,7 @@ fn broadcasting_binary_ops() {
         binary_case(&format!("broadcast_mul{a:?}{b:?}"), BinaryKind::Mul, a, b, Domain::Any, |x, y| x.broadcast_mul(y));
         binary_case(&format!("broadcast_div{a:?}{b:?}"), BinaryKind::Div, a, b, Domain::Positive, |x, y| x.broadcast_div(y));
         binary_case(&format!("broadcast_maximum{a:?}{b:?}"), BinaryKind::Maximum, a, b, Domain::Any, |x, y| x.broadcast_maximum(y));
+        binary_case(&format!("broadcast_minimum{a:?}{b:?}"), BinaryKind::Minimum, a, b, Domain::Any, |x, y| x.broadcast_minimum(y));
     }
 }
 
