@@ -190,7 +190,7 @@ pub fn set_texture_reads(dev: &Gpu, on: Option<bool>) {
 
 /// Whether the fused elementwise kernels and Adam read texture copies of their inputs (texel.wgsl): by default
 /// on CPU adapters (lavapipe), where that is several times faster than reading storage buffers, copies
-/// included (README, "How it runs").
+/// included (docs/how-it-runs.md).
 pub fn texture_reads(dev: &Gpu) -> Result<bool> {
     Ok(switch(dev, "texture_reads", &TEXTURE_READS_ENV, "KILN_TEXTURES").unwrap_or(dev.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu))
 }
@@ -666,7 +666,7 @@ pub fn set_conv_lowering(dev: &Gpu, l: ConvLowering) {
 }
 
 /// Whether convolutions run through `conv_gemm` here. Auto picks it where the adapter is a CPU (lavapipe), whose
-/// storage-buffer reads are slow and texture fetches fast (README, "How it runs"); GPUs keep im2col and the
+/// storage-buffer reads are slow and texture fetches fast (docs/how-it-runs.md); GPUs keep im2col and the
 /// tuned matmul. Without subgroups it never runs.
 pub fn conv_gemm_preferred(dev: &Gpu) -> Result<bool> {
     if !MatmulVariant::Subgroup(8).supports(dev, 1, 1, 1, false, false)? {

@@ -33,7 +33,7 @@ pub const TEX_ROW_TEXELS: u32 = 1024;
 
 /// A read-only rgba32float copy of a buffer range: float i lies in texel (i / 4 % 1024, i / 4 / 1024), component
 /// i % 4. Lavapipe (Mesa's CPU driver) fetches texels with vector gathers but reads storage buffers one lane at a
-/// time in a branchy loop: 8x slower per float, measured (README "How it runs"). Kernels that read an operand
+/// time in a branchy loop: 8x slower per float, measured (docs/how-it-runs.md). Kernels that read an operand
 /// many times read it from one of these. Pooled by row count like buffers; cheap to clone.
 #[derive(Clone)]
 pub struct TexView {
