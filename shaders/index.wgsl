@@ -11,7 +11,8 @@ override WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> idx: array<u32>;
 @group(0) @binding(3) var<storage, read_write> picked: array<f32>;
 
-// x: [outer, src_axis, inner], idx: [n_idx] -> out: [outer, n_idx, inner]; an index out of range reads 0.
+// x: [outer, src_axis, inner], idx: [n_idx] -> out: [outer, n_idx, inner]; an index out of range reads NaN,
+// so the error shows (PyTorch raises; a kernel cannot, and a silent 0 would train on).
 @compute @workgroup_size(WG)
 fn index_select_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * WG;
@@ -20,7 +21,7 @@ fn index_select_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let j = (i / ip.inner) % ip.n_idx;
     let o = i / (ip.inner * ip.n_idx);
     let r = idx[j];
-    picked[i] = select(0.0, table[(o * ip.src_axis + r) * ip.inner + inner], r < ip.src_axis);
+    picked[i] = select(bitcast<f32>(0x7fc00000u), table[(o * ip.src_axis + min(r, ip.src_axis - 1u)) * ip.inner + inner], r < ip.src_axis);
 }
 
 // grad_out: [outer, n_idx, inner], idx: [n_idx] -> grad_x: [outer, src_axis, inner].
@@ -42,7 +43,7 @@ fn index_select_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     grad_x[i] = acc;
 }
 
-// labels: [n] -> out: [n, classes] with 1.0 at the label, 0 elsewhere (also for labels out of range).
+// labels: [n] -> out: [n, classes] with 1.0 at the label, 0 elsewhere; a label out of range makes its row NaN.
 struct OneHotParams { n: u32, classes: u32, _pad0: u32, _pad1: u32 }
 @group(0) @binding(0) var<uniform> ohp: OneHotParams;
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
@@ -54,5 +55,5 @@ fn one_hot(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if (i >= ohp.n * ohp.classes) { return; }
     let row = i / ohp.classes;
     let c = i % ohp.classes;
-    one_hot_out[i] = select(0.0, 1.0, labels[row] == c);
+    one_hot_out[i] = select(select(0.0, 1.0, labels[row] == c), bitcast<f32>(0x7fc00000u), labels[row] >= ohp.classes);
 }

@@ -33,7 +33,8 @@ fn softmax_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 // mean, its backward one kernel, instead of one-hot, log-softmax, multiply, sum and scale each way.
 //   cross_entropy_forward   loss_rows[r] = lse[r] - x[r, label[r]],  lse[r] = log sum_j exp(x[r, j])     x: [rows, classes]
 //   cross_entropy_backward  dx[r, j] = g * (exp(x[r, j] - lse[r]) - (j == label[r])) / rows
-// A label outside [0, classes) has no target: its row's loss and gradient are 0 (as with one_hot).
+// A label outside [0, classes) is an error made loud: its row's loss and gradient are NaN (as one_hot's row),
+// so the loss turns NaN and the training loop stops naming the step (and, with anomaly detection, the op).
 struct CrossEntropyParams { rows: u32, classes: u32, _pad0: u32, _pad1: u32 }
 
 @group(0) @binding(0) var<uniform> cp: CrossEntropyParams;
@@ -54,7 +55,7 @@ fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let lse = m + log(s);
     ce_lse[r] = lse;
     let label = ce_labels[r];
-    ce_loss_rows[r] = select(0.0, lse - ce_x[base + min(label, cp.classes - 1u)], label < cp.classes);
+    ce_loss_rows[r] = select(bitcast<f32>(0x7fc00000u), lse - ce_x[base + min(label, cp.classes - 1u)], label < cp.classes);
 }
 
 @group(0) @binding(1) var<storage, read> cb_g: array<f32>;
@@ -70,7 +71,7 @@ fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let r = i / cp.classes;
     let label = cb_labels[r];
     if (label >= cp.classes) {
-        cb_dx[i] = 0.0;
+        cb_dx[i] = bitcast<f32>(0x7fc00000u);
         return;
     }
     let is_label = select(0.0, 1.0, i - r * cp.classes == label);

@@ -234,8 +234,8 @@ fn losses_against_reference() {
 }
 
 /// loss::cross_entropy runs fused (one kernel each way, Op::CrossEntropy): against the CPU reference on long
-/// rows, and against the one-hot formula it replaces, gradients included, with a label out of range (that row
-/// has no target: no loss, no gradient, as with one_hot).
+/// rows, and against the one-hot formula it replaces, gradients included; a label out of range makes the loss
+/// and that row's gradient NaN in both (an error that shows, not a silent zero).
 #[test]
 fn fused_cross_entropy_matches_the_reference_and_the_one_hot_formula() {
     let mut rng = kiln_tests::test_rng("fused cross entropy");
@@ -260,11 +260,16 @@ fn fused_cross_entropy_matches_the_reference_and_the_one_hot_formula() {
         assert_eq!(dispatches, 2, "the fused loss is one kernel and a mean");
         let formula = loss::cross_entropy_one_hot(&x, &Tensor::one_hot(&gl, classes).unwrap()).unwrap();
         let (a, b) = (fused.to_scalar().unwrap(), formula.to_scalar().unwrap());
-        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "[{n},{classes}] loss {a} vs {b}");
+        assert!(a.is_nan() && b.is_nan(), "[{n},{classes}] a label out of range: loss {a} (fused), {b} (formula)");
+        let bad_row = labels.iter().position(|&l| l as usize >= classes).unwrap();
         let ga = fused.backward().unwrap().get(&x).unwrap().to_vec().unwrap();
         let gb = formula.backward().unwrap().get(&x).unwrap().to_vec().unwrap();
         for (i, (p, q)) in ga.iter().zip(&gb).enumerate() {
-            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "[{n},{classes}] gradient {i}: {p} vs {q}");
+            if i / classes == bad_row {
+                assert!(p.is_nan() && q.is_nan(), "[{n},{classes}] gradient {i} of the bad row: {p} vs {q}");
+            } else {
+                assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "[{n},{classes}] gradient {i}: {p} vs {q}");
+            }
         }
     }
 }

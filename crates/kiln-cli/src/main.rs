@@ -112,6 +112,9 @@ struct TrainArgs {
     /// Seconds between checkpoints in the middle of an epoch (default 300): what a crash can lose.
     #[arg(long, value_name = "SECONDS")]
     checkpoint_every: Option<f64>,
+    /// Check every op's output for NaN and infinity and stop at the first, naming the op (slower: a debug mode).
+    #[arg(long)]
+    anomaly: bool,
     /// Stop when the dev metric has not improved for this many epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     patience: Option<u64>,
@@ -316,6 +319,9 @@ fn train(a: TrainArgs) -> Result<()> {
         bail!("--checkpoint-every must be a number of seconds >= 0");
     }
     let gpu = kiln_wgpu::gpu()?;
+    if a.anomaly {
+        kiln_graph::anomaly::set_enabled(gpu, true);
+    }
     eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, gpu.adapter_name());
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));

@@ -64,6 +64,39 @@ pub enum Op {
 }
 
 impl Op {
+    /// What the op is, for messages ("log", "matmul", "conv2d", ...).
+    pub fn name(&self) -> String {
+        let name = match self {
+            Op::Unary(kind, ..) => return format!("{kind:?}").to_lowercase(),
+            Op::Binary(kind, ..) => return format!("{kind:?}").to_lowercase(),
+            Op::Custom(op, _) => return format!("custom op {}", op.name()),
+            Op::Sum(..) => "sum",
+            Op::Max(..) => "max",
+            Op::Matmul(..) => "matmul",
+            Op::Reshape(_) => "reshape",
+            Op::Expand(_) => "broadcast_to",
+            Op::Permute(..) => "permute",
+            Op::Slice(..) => "slice",
+            Op::Concat(..) => "concat",
+            Op::IndexSelect(..) => "index_select",
+            Op::Softmax(..) => "softmax",
+            Op::LogSoftmax(..) => "log_softmax",
+            Op::Conv2d(..) => "conv2d",
+            Op::MaxPool2d(..) => "max_pool2d",
+            Op::AvgPool2d(..) => "avg_pool2d",
+            Op::BiasAct(..) => "bias_act",
+            Op::BatchNorm(..) => "batch_norm",
+            Op::CrossEntropy(..) => "cross_entropy",
+            Op::Conv2dInputGrad(..) => "conv2d input gradient",
+            Op::Conv2dWeightGrad(..) => "conv2d weight gradient",
+            Op::AvgPool2dGrad(..) => "avg_pool2d gradient",
+            Op::MaxPool2dGrad(..) => "max_pool2d gradient",
+            Op::MaxPool2dGather(..) => "max_pool2d gather",
+            Op::IndexSelectGrad(..) => "index_select gradient",
+        };
+        name.to_string()
+    }
+
     pub fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Unary(_, x, ..)
@@ -211,7 +244,8 @@ fn backprop(root: &Tensor, seed: Tensor, stop: &HashSet<TensorId>, create_graph:
         let Some(g) = pending.remove(&node.id()) else { continue };
         match node.op() {
             Some(op) if !stop.contains(&node.id()) => {
-                for (input, gi) in input_grads(op, node, &g, create_graph)? {
+                let grads = crate::anomaly::in_context(|| format!("the backward of {}", op.name()), || input_grads(op, node, &g, create_graph))?;
+                for (input, gi) in grads {
                     if input.requires_grad() {
                         accumulate(&mut pending, input, gi)?;
                     }

@@ -191,7 +191,7 @@ impl CpuTensor {
                 if r < len {
                     out.extend_from_slice(&self.data[(o * len + r) * inner..(o * len + r + 1) * inner]);
                 } else {
-                    out.extend(std::iter::repeat_n(0.0, inner));
+                    out.extend(std::iter::repeat_n(f64::NAN, inner));
                 }
             }
         }
@@ -205,6 +205,8 @@ impl CpuTensor {
         for (i, &l) in labels.iter().enumerate() {
             if (l as usize) < classes {
                 out[i * classes + l as usize] = 1.0;
+            } else {
+                out[i * classes..(i + 1) * classes].fill(f64::NAN);
             }
         }
         CpuTensor::new(out, &[labels.len(), classes])
@@ -335,6 +337,6 @@ impl CpuTensor {
     pub fn cross_entropy(&self, labels: &[u32]) -> f64 {
         let classes = self.shape[1];
         let logp = self.softmax(1, true);
-        -labels.iter().enumerate().map(|(i, &l)| logp.data[i * classes + l as usize]).sum::<f64>() / labels.len() as f64
+        -labels.iter().enumerate().map(|(i, &l)| logp.data.get(i * classes + l as usize).copied().filter(|_| (l as usize) < classes).unwrap_or(f64::NAN)).sum::<f64>() / labels.len() as f64
     }
 }

@@ -30,10 +30,11 @@ pub static OPTIM: Shader = unsafe { Shader::trusted("optim.wgsl", concat!(includ
 shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
+shader!(ANOMALY, "anomaly.wgsl");
 pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 12] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM];
+pub static ALL_SHADERS: [&Shader; 13] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 

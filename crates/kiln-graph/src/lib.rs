@@ -8,6 +8,7 @@
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
 //! cpu.rs       the f64 CPU reference of every op
+//! anomaly.rs   NaN/infinity detection per op (a watch per training step)
 //! custom.rs    the open op set: CustomOp (an outside crate's op with its own kernels), launch
 //! gradcheck.rs the public gradient check (GPU vs CPU reference, backward vs finite differences)
 //! tune.rs      the autotuner: which matmul kernel runs per adapter and shape class, cached on disk
@@ -16,6 +17,7 @@
 // Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+pub mod anomaly;
 pub mod augment;
 pub mod backprop;
 mod conv;

@@ -342,7 +342,8 @@ impl Tensor {
         Ok(Tensor::make(y, shape, first.dtype(), Some(op)))
     }
 
-    /// Picks entries `indices` (u32, rank 1) along `axis`. Indices out of range read 0.
+    /// Picks entries `indices` (u32, rank 1) along `axis`. An index out of range reads NaN (the error shows in the
+    /// loss; `kiln_graph::anomaly` names the op).
     pub fn index_select(&self, axis: usize, indices: &Tensor) -> Result<Tensor> {
         self.expect_dtype("index_select", DType::F32)?;
         indices.expect_dtype("index_select", DType::U32)?;
@@ -366,7 +367,7 @@ impl Tensor {
         }
         let n = labels.numel();
         let y = kernels::one_hot(&labels.view(), n, classes)?;
-        Ok(Tensor::make(y, vec![n, classes], DType::F32, None))
+        Ok(crate::anomaly::in_context(|| "one_hot (a label out of range makes its row NaN)".into(), || Tensor::make(y, vec![n, classes], DType::F32, None)))
     }
 
     fn softmax_op(&self, axis: usize, log: bool) -> Result<Tensor> {

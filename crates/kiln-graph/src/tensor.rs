@@ -104,6 +104,10 @@ impl Drop for NoGradGuard {
 
 impl Tensor {
     pub(crate) fn make(data: BufView, shape: Vec<usize>, dtype: DType, op: Option<Op>) -> Tensor {
+        if dtype == DType::F32 {
+            // Under an anomaly watch (anomaly.rs) only; a launch failure shows at the next op that runs.
+            let _ = crate::anomaly::check(&data, &shape, || op.as_ref().map(Op::name));
+        }
         // Keep the op only when some input needs a gradient and recording is on.
         let op = op.filter(|o| grad_enabled() && o.inputs().iter().any(|t| t.requires_grad()));
         let requires_grad = op.is_some();

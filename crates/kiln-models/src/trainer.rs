@@ -301,7 +301,17 @@ impl<'a> Trainer<'a> {
         let n = batch.len();
         let before = kiln_graph::backend::thread_stats();
         let step_started = Instant::now();
+        // Anomaly detection (kiln_graph::anomaly): a watch per step, read at its end (a sync: a debug mode).
+        let watch = kiln_graph::backend::Device::current().ok().filter(|d| kiln_graph::anomaly::enabled(d));
+        if let Some(dev) = &watch {
+            kiln_graph::anomaly::begin(dev)?;
+        }
         let values = step(batch, self.first_step + report.steps)?;
+        if watch.is_some() {
+            if let Some(op) = kiln_graph::anomaly::end()? {
+                return Err(KilnError::Training(format!("step {}: the first NaN or infinity came from {op} (anomaly detection)", self.first_step + report.steps + 1)));
+            }
+        }
         if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
             return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));
         }
@@ -333,7 +343,10 @@ impl<'a> Trainer<'a> {
         let values = read.wait()?;
         let loss = values[0];
         if !loss.is_finite() {
-            return Err(KilnError::Training(format!("loss became {loss} at step {at_step} (epoch {}); try a smaller --lr", tally.epoch)));
+            return Err(KilnError::Training(format!(
+                "loss became {loss} at step {at_step} (epoch {}); try a smaller --lr, and --anomaly (KILN_ANOMALY=1) to name the op that made it first",
+                tally.epoch
+            )));
         }
         if with_correct {
             tally.correct_sum += values[1] as f64;
