@@ -81,7 +81,7 @@ fn the_training_loop_stops_at_the_first_nan_naming_its_op() {
             Ok(StepValues { loss: l, correct: None })
         };
         let evaluate = |_| -> kiln_graph::Result<EpochRecord> { unreachable!("the epoch stops at step 3") };
-        let err = trainer.fit(&loader, step, evaluate).err().expect("an error").to_string();
+        let err = trainer.fit(&loader, step, evaluate).expect_err("an error").to_string();
         assert!(err.contains("step 3") && err.contains("sqrt"), "{err}");
     });
 }
