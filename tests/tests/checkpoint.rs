@@ -146,3 +146,40 @@ fn frozen_parameters_stay_bit_identical_and_eval_matches() {
     let e = evaluate_checkpoint(&dst.join("last.safetensors"), None, None).unwrap();
     assert_eq!(e.test.test_accuracy, r.test.test_accuracy, "eval of the saved model must reproduce the run's test accuracy");
 }
+
+#[test]
+fn batch_norm_counts_its_batches_as_an_int64_scalar_like_torchvision() {
+    require_gpu();
+    use kiln_nn::{BatchNorm, Layer, Module};
+    let mut vs = kiln_nn::VarStore::new(1);
+    let mut bn = BatchNorm::new(&mut vs, "bn1", 3).unwrap();
+    vs.finish().unwrap();
+    let x = kiln_graph::Tensor::randn(&[4, 3, 2, 2], 1.0, &mut kiln_graph::Rng::new(2)).unwrap();
+    bn.forward(&x).unwrap();
+    bn.forward(&x).unwrap();
+    bn.set_training(false);
+    bn.forward(&x).unwrap(); // evaluation does not count
+    let ck = vs.to_checkpoint().unwrap();
+    assert_eq!(ck.int64, [checkpoint::NamedInts { name: "bn1.num_batches_tracked".into(), shape: vec![], data: vec![2] }]);
+    // Written as safetensors' I64 with an empty shape, as torch.save of a state_dict then safetensors has it.
+    let bytes = checkpoint::to_bytes(&ck);
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header["bn1.num_batches_tracked"]["dtype"], "I64");
+    assert_eq!(header["bn1.num_batches_tracked"]["shape"], serde_json::json!([]));
+    let back = checkpoint::from_bytes("bn.safetensors", &bytes).unwrap();
+    assert_eq!(back, ck);
+    // A fresh model loads the count with the statistics.
+    let mut fresh = kiln_nn::VarStore::new(9);
+    let other = BatchNorm::new(&mut fresh, "bn1", 3).unwrap();
+    fresh.finish().unwrap();
+    let loaded = fresh.load_checkpoint("bn.safetensors", &back, true, |_| true).unwrap();
+    assert!(loaded.contains(&"bn1.num_batches_tracked".to_string()), "{loaded:?}");
+    assert_eq!(other.num_batches_tracked.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // Other dtypes are errors naming the tensor and the dtype.
+    let mut f16 = bytes.clone();
+    let at = f16.windows(5).position(|w| w == b"\"I64\"").unwrap();
+    f16[at..at + 5].copy_from_slice(b"\"F16\"");
+    let err = checkpoint::from_bytes("bn.safetensors", &f16).unwrap_err().to_string();
+    assert!(err.contains("bn1.num_batches_tracked") && err.contains("F16"), "{err}");
+}

@@ -432,11 +432,18 @@ fn summary(model: &str, classes: usize, input: Option<&str>, json: bool, list_pa
     }
     println!("{}", "-".repeat(107));
     println!("total parameters: {total}");
-    let tensors: Vec<serde_json::Value> = vs.params().map(|p| serde_json::json!({ "name": p.name(), "shape": p.shape() })).collect();
+    // In state_dict order as torchvision has it: each module's parameters and buffers, its counters after.
+    let mut listed: Vec<(String, Vec<usize>)> = vs.params().map(|p| (p.name().to_string(), p.shape().to_vec())).collect();
+    for name in vs.counter_names() {
+        let module = name.rsplit_once('.').map(|(m, _)| format!("{m}.")).unwrap_or_default();
+        let at = listed.iter().rposition(|(n, _)| n.starts_with(&module)).map(|i| i + 1).unwrap_or(listed.len());
+        listed.insert(at, (name.to_string(), Vec::new()));
+    }
+    let tensors: Vec<serde_json::Value> = listed.iter().map(|(name, shape)| serde_json::json!({ "name": name, "shape": shape })).collect();
     if list_params {
         println!();
-        for p in vs.params() {
-            println!("{:<48} {:?}", p.name(), p.shape());
+        for (name, shape) in &listed {
+            println!("{name:<48} {shape:?}");
         }
     }
     if json {

@@ -240,6 +240,11 @@ fn what_a_pytorch_user_needs_predictions_tensor_names_normalisation_and_untraine
     let tensors = v["tensors"].as_array().unwrap();
     assert!(tensors.iter().any(|t| t["name"] == "layer4.1.bn2.running_var" && t["shape"] == serde_json::json!([512])));
     assert!(tensors.iter().any(|t| t["name"] == "fc.weight" && t["shape"] == serde_json::json!([1000, 512])));
+    let names: Vec<&str> = tensors.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let at = names.iter().position(|&n| n == "bn1.num_batches_tracked").expect("batch norm's counter is listed");
+    assert_eq!(&names[at - 2..=at], ["bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"], "in state_dict order");
+    // torchvision's resnet18 state_dict: 62 parameters, 40 running statistics, 20 counters.
+    assert_eq!(names.len(), 122);
     assert!(out.contains("conv1.weight"), "the list is printed too");
     // An untrained, seeded model written on request: the same seed, the same weights.
     let (a, b) = (dir.join("lenet-a.safetensors"), dir.join("lenet-b.safetensors"));

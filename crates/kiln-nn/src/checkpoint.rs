@@ -30,10 +30,19 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
-/// A decoded checkpoint: tensors in file order plus the free-form string metadata.
+/// One named int64 tensor (PyTorch's counters, such as batch norm's `num_batches_tracked`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedInts {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
+}
+
+/// A decoded checkpoint: f32 tensors in file order, int64 ones, and the free-form string metadata.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Checkpoint {
     pub tensors: Vec<NamedTensor>,
+    pub int64: Vec<NamedInts>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -43,7 +52,8 @@ impl Checkpoint {
     }
 }
 
-/// Serialises to safetensors bytes (F32 only; the header is padded to 8 bytes as the format recommends).
+/// Serialises to safetensors bytes (the f32 tensors, then the int64 ones; the header is padded to 8 bytes as the
+/// format recommends).
 pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !ck.metadata.is_empty() {
@@ -55,6 +65,11 @@ pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
         header.insert(t.name.clone(), serde_json::json!({ "dtype": "F32", "shape": t.shape, "data_offsets": [at, end] }));
         at = end;
     }
+    for t in &ck.int64 {
+        let end = at + 8 * t.data.len();
+        header.insert(t.name.clone(), serde_json::json!({ "dtype": "I64", "shape": t.shape, "data_offsets": [at, end] }));
+        at = end;
+    }
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
     while !json.len().is_multiple_of(8) {
         json.push(b' ');
@@ -63,6 +78,11 @@ pub fn to_bytes(ck: &Checkpoint) -> Vec<u8> {
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
     for t in &ck.tensors {
+        for v in &t.data {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    for t in &ck.int64 {
         for v in &t.data {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -94,9 +114,11 @@ pub fn from_bytes(file: &str, bytes: &[u8]) -> Result<Checkpoint, CheckpointErro
             continue;
         }
         let dtype = entry.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad(format!("tensor {name} has no dtype")))?;
-        if dtype != "F32" {
-            return Err(bad(format!("tensor {name} has dtype {dtype}; Kiln reads F32")));
-        }
+        let width = match dtype {
+            "F32" => 4,
+            "I64" => 8,
+            _ => return Err(bad(format!("tensor {name} has dtype {dtype}; Kiln reads F32 (and I64 counters)"))),
+        };
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(|s| s.as_array())
@@ -113,10 +135,15 @@ pub fn from_bytes(file: &str, bytes: &[u8]) -> Result<Checkpoint, CheckpointErro
         if end < start || end > data.len() {
             return Err(bad(format!("tensor {name}: bytes {start}..{end} lie outside the {} data bytes (truncated?)", data.len())));
         }
-        if end - start != numel.saturating_mul(4) {
-            return Err(bad(format!("tensor {name}: shape {shape:?} needs {} bytes, data_offsets give {}", numel.saturating_mul(4), end - start)));
+        if end - start != numel.saturating_mul(width) {
+            return Err(bad(format!("tensor {name}: shape {shape:?} of {dtype} needs {} bytes, data_offsets give {}", numel.saturating_mul(width), end - start)));
         }
         ranges.push((start, end, name.clone()));
+        if width == 8 {
+            let values = data[start..end].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            ck.int64.push(NamedInts { name: name.clone(), shape, data: values });
+            continue;
+        }
         let values = data[start..end].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         ck.tensors.push(NamedTensor { name: name.clone(), shape, data: values });
     }
@@ -128,6 +155,7 @@ pub fn from_bytes(file: &str, bytes: &[u8]) -> Result<Checkpoint, CheckpointErro
     }
     // Keep file order (by offset), as written.
     ck.tensors.sort_by_key(|t| ranges.iter().find(|r| r.2 == t.name).map(|r| r.0).unwrap_or(0));
+    ck.int64.sort_by_key(|t| ranges.iter().find(|r| r.2 == t.name).map(|r| r.0).unwrap_or(0));
     Ok(ck)
 }
 

@@ -281,6 +281,8 @@ pub struct BatchNorm {
     pub bias: Param,
     pub running_mean: Param,
     pub running_var: Param,
+    /// Training batches seen (PyTorch's `num_batches_tracked`, saved as an int64 scalar beside the statistics).
+    pub num_batches_tracked: std::sync::Arc<std::sync::atomic::AtomicI64>,
     pub eps: f32,
     pub momentum: f32,
     pub training: bool,
@@ -293,6 +295,7 @@ impl BatchNorm {
             bias: vs.param(&format!("{name}.bias"), &[channels], Init::Zeros, false)?,
             running_mean: vs.buffer(&format!("{name}.running_mean"), &[channels], Init::Zeros)?,
             running_var: vs.buffer(&format!("{name}.running_var"), &[channels], Init::Constant(1.0))?,
+            num_batches_tracked: vs.counter(&format!("{name}.num_batches_tracked")),
             eps: 1e-5,
             momentum: 0.1,
             training: true,
@@ -325,6 +328,7 @@ impl BatchNorm {
             return Ok(None);
         }
         let running = Some((self.running_mean.tensor()?, self.running_var.tensor()?, self.momentum));
+        self.num_batches_tracked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         x.batch_norm(self.weight.tensor()?, self.bias.tensor()?, self.eps, act, running).map(Some)
     }
 
@@ -339,6 +343,7 @@ impl BatchNorm {
             let centered = x.broadcast_sub(&mean)?;
             let var = centered.mul(&centered)?.mean(&axes, true)?;
             // Running statistics: outside the graph, written in place into the buffers.
+            self.num_batches_tracked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             no_grad(|| -> Result<()> {
                 let count = (x.numel() / cs[1]) as f32;
                 let unbiased = var.scale(count / (count - 1.0).max(1.0))?;

@@ -173,7 +173,7 @@ impl Optimizer {
         metadata.insert("optimizer.kind".into(), format!("{:?}", self.kind));
         let steps: Vec<String> = self.slots.iter().map(|s| s.steps.to_string()).collect();
         metadata.insert("optimizer.param_steps".into(), steps.join(","));
-        Ok(Checkpoint { tensors, metadata })
+        Ok(Checkpoint { tensors, metadata, ..Default::default() })
     }
 
     /// Restores what [`Optimizer::state_checkpoint`] saved.

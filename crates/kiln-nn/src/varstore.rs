@@ -70,12 +70,14 @@ pub struct VarStore {
     decay_end: usize,
     /// Where `finish` puts the parameters (None: the default device).
     device: Option<Device>,
+    /// Int64 counters saved beside the parameters (batch norm's `num_batches_tracked`).
+    counters: Vec<(String, std::sync::Arc<std::sync::atomic::AtomicI64>)>,
 }
 
 impl VarStore {
     /// A store whose parameters will live on the thread's current device (`Device::current`) when finished.
     pub fn new(seed: u64) -> VarStore {
-        VarStore { entries: Vec::new(), materialize: true, rng: Rng::new(seed), flat: None, len: 0, decay_end: 0, device: None }
+        VarStore { entries: Vec::new(), materialize: true, rng: Rng::new(seed), flat: None, len: 0, decay_end: 0, device: None, counters: Vec::new() }
     }
 
     /// A store whose parameters will live on `device`.
@@ -211,7 +213,20 @@ impl VarStore {
     /// Parameters and buffers as a checkpoint, under their PyTorch-style names.
     pub fn to_checkpoint(&self) -> Result<crate::checkpoint::Checkpoint> {
         let tensors = self.to_host()?.into_iter().map(|(name, shape, data)| crate::checkpoint::NamedTensor { name, shape, data }).collect();
-        Ok(crate::checkpoint::Checkpoint { tensors, metadata: Default::default() })
+        let int64 = self.counters.iter().map(|(name, c)| crate::checkpoint::NamedInts { name: name.clone(), shape: vec![], data: vec![c.load(std::sync::atomic::Ordering::Relaxed)] }).collect();
+        Ok(crate::checkpoint::Checkpoint { tensors, int64, metadata: Default::default() })
+    }
+
+    /// An int64 counter saved with the parameters under `name` (a scalar, as PyTorch's buffers of that kind).
+    pub fn counter(&mut self, name: &str) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        let c = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        self.counters.push((name.to_string(), c.clone()));
+        c
+    }
+
+    /// The counters' names, in declaration order.
+    pub fn counter_names(&self) -> impl Iterator<Item = &str> {
+        self.counters.iter().map(|(n, _)| n.as_str())
     }
 
     /// Copies values from a checkpoint into the parameters and buffers whose names pass `select`. With `strict`,
@@ -234,6 +249,13 @@ impl VarStore {
             }
             g.write(&p.tensor()?.storage().sub(0, 4 * t.data.len().max(1) as u64), bytemuck::cast_slice(&t.data)).map_err(KilnError::from)?;
             loaded.push(p.name().to_string());
+        }
+        // Counters load when present (checkpoints from before they were saved have none).
+        for (name, c) in self.counters.iter().filter(|(n, _)| select(n)) {
+            if let Some(t) = ck.int64.iter().find(|t| &t.name == name) {
+                c.store(t.data.first().copied().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                loaded.push(name.clone());
+            }
         }
         Ok(loaded)
     }
