@@ -139,6 +139,18 @@ fn a_bad_sample_is_an_error_naming_it_and_ends_the_epoch() {
 }
 
 #[test]
+fn a_label_out_of_range_is_an_error_naming_the_sample() {
+    let mut data = table(6);
+    if let Targets::Classes { labels, .. } = &mut data.targets {
+        labels[4] = 7;
+    }
+    let loader = DataLoader::new(data, StackRows::default(), LoaderOptions { batch_size: 3, ..Default::default() }).unwrap();
+    let results: Vec<_> = loader.epoch(0).collect();
+    let err = results[1].as_ref().expect_err("the second batch holds sample 4").to_string();
+    assert!(err.contains("sample 4") && err.contains("label 7") && err.contains("4 classes"), "{err}");
+}
+
+#[test]
 fn a_batch_uploads_into_one_buffer() {
     require_gpu();
     let loader = DataLoader::new(table(9), StackRows::default(), LoaderOptions { batch_size: 4, ..Default::default() }).unwrap();

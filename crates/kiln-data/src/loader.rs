@@ -81,6 +81,9 @@ impl Dataset for ArrayDataset {
             return Err(DataError::Invalid(format!("{}: sample {i} of {}", self.name, ArrayDataset::len(self))));
         }
         let target = match &self.targets {
+            Targets::Classes { labels, names } if labels[i] as usize >= names.len() => {
+                return Err(DataError::Invalid(format!("{}: sample {i} has label {}, but there are {} classes", self.name, labels[i], names.len())));
+            }
             Targets::Classes { labels, .. } => Target::Class(labels[i]),
             Targets::Values(v) => Target::Value(v[i]),
         };

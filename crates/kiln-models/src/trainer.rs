@@ -344,7 +344,7 @@ impl<'a> Trainer<'a> {
         let loss = values[0];
         if !loss.is_finite() {
             return Err(KilnError::Training(format!(
-                "loss became {loss} at step {at_step} (epoch {}); try a smaller --lr, and --anomaly (KILN_ANOMALY=1) to name the op that made it first",
+                "loss became {loss} at step {at_step} (epoch {}); try a smaller --lr (a label or index out of range makes NaN too); --anomaly (KILN_ANOMALY=1) names the op that made it first",
                 tally.epoch
             )));
         }
