@@ -105,6 +105,9 @@ fn resumed_run_ends_with_the_same_weights() {
     let cfg = |dir: &std::path::Path, epochs| TrainConfig { epochs: Some(epochs), out_dir: Some(dir.to_path_buf()), ..TrainConfig::new("mlp", "digits") };
     run(&cfg(&a, 3), |_| {}).unwrap();
     run(&cfg(&b, 2), |_| {}).unwrap(); // "interrupted" after two epochs
+                                       // Another batch size would skip other batches: refused, naming the setting.
+    let err = run(&TrainConfig { resume: true, batch_size: Some(16), ..cfg(&b, 3) }, |_| {}).expect_err("another batch size").to_string();
+    assert!(err.contains("kiln.batch_size") && err.contains("32") && err.contains("16"), "{err}");
     let resumed = run(&TrainConfig { resume: true, ..cfg(&b, 3) }, |_| {}).unwrap();
     assert_eq!(resumed.history.len(), 1, "the resumed run trains only the missing epoch");
     assert_eq!(weights(&a.join("last.safetensors")), weights(&b.join("last.safetensors")));

@@ -413,7 +413,7 @@ fn save_untrained(model: &str, classes: usize, input: Option<&str>, seed: u64, p
         ck.metadata.insert(k.into(), v);
     }
     kiln_nn::checkpoint::save(path, &ck).with_context(|| format!("writing {}", path.display()))?;
-    println!("untrained {model} ({} values, seed {seed}) written to {}", vs.num_values(), path.display());
+    eprintln!("kiln: untrained {model} ({} values, seed {seed}) written to {}", vs.num_values(), path.display());
     Ok(())
 }
 

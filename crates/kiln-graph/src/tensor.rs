@@ -105,7 +105,8 @@ impl Drop for NoGradGuard {
 impl Tensor {
     pub(crate) fn make(data: BufView, shape: Vec<usize>, dtype: DType, op: Option<Op>) -> Tensor {
         if dtype == DType::F32 {
-            // Under an anomaly watch (anomaly.rs) only; a launch failure shows at the next op that runs.
+            // Under an anomaly watch (anomaly.rs) only; if the check cannot launch, that op goes unchecked (the
+            // error itself, a device problem, shows at the next op that runs).
             let _ = crate::anomaly::check(&data, &shape, || op.as_ref().map(Op::name));
         }
         // Keep the op only when some input needs a gradient and recording is on.

@@ -207,6 +207,8 @@ fn run_metadata(cfg: &TrainConfig, s: &Settings, split: &Split, scaling: &Scalin
         ("kiln.hidden", hidden.join(",")),
         ("kiln.depth", cfg.depth.map(|v| v.to_string()).unwrap_or_default()),
         ("kiln.seed", cfg.seed.to_string()),
+        ("kiln.batch_size", s.batch_size.to_string()),
+        ("kiln.train_samples", split.train.len().to_string()),
         // What `prepare` needs to rebuild the same inputs and scaling for `kiln eval`.
         ("kiln.train_limit", cfg.train_limit.map(|v| v.to_string()).unwrap_or_default()),
         ("kiln.degree", cfg.degree.map(|v| v.to_string()).unwrap_or_default()),
@@ -713,6 +715,15 @@ fn resume(cfg: &TrainConfig, r: &mut RunSetup) -> Result<(), KilnError> {
     let steps = r.opt.get_mut().steps_taken();
     r.model.get_mut().net.set_rng_position(steps);
     let number = |k: &str| meta(k).parse::<f64>().map_err(|_| KilnError::Checkpoint(format!("{}: {k} in the metadata is {:?}, not a number", path.display(), meta(k))));
+    // The position means batches of this size over this many samples: another --batch-size or --train-limit
+    // would skip other batches.
+    for (key, now) in [("kiln.batch_size", r.s.batch_size), ("kiln.train_samples", r.split.train.len())] {
+        if let Ok(then) = meta(key).parse::<usize>() {
+            if then != now {
+                return Err(KilnError::Config(format!("{} was written by a run with {key} = {then}; this one has {now}: resume with the same settings", path.display())));
+            }
+        }
+    }
     r.start_epoch = number("kiln.epoch")? as usize + 1;
     r.best = (meta("kiln.best_dev_metric").parse().unwrap_or(f64::NEG_INFINITY), meta("kiln.best_epoch").parse().unwrap_or(0));
     let batches = meta("kiln.epoch_batches").parse::<usize>().unwrap_or(0);
@@ -757,12 +768,15 @@ impl RunCheckpoints<'_> {
         let optimizer = self.opt.borrow().state_checkpoint(self.vs)?;
         let mut state = weights.clone();
         state.tensors.extend(optimizer.tensors);
+        state.int64.extend(optimizer.int64);
         state.metadata.extend(optimizer.metadata);
-        checkpoint::save(&self.dir.join("resume.safetensors"), &state).map_err(ck_err)?;
-        checkpoint::save(&self.dir.join("last.safetensors"), &weights).map_err(ck_err)?;
+        // resume.safetensors last: a crash between the writes leaves best and last at or ahead of the point a
+        // resumed run starts from, which it then reaches again; never a best file its metadata has not seen.
         if let Some(best) = self.best.take() {
             checkpoint::save(&self.dir.join("best.safetensors"), &best).map_err(ck_err)?;
         }
+        checkpoint::save(&self.dir.join("last.safetensors"), &weights).map_err(ck_err)?;
+        checkpoint::save(&self.dir.join("resume.safetensors"), &state).map_err(ck_err)?;
         self.last_save = Instant::now();
         Ok(())
     }

@@ -306,11 +306,12 @@ impl<'a> Trainer<'a> {
         if let Some(dev) = &watch {
             kiln_graph::anomaly::begin(dev)?;
         }
-        let values = step(batch, self.first_step + report.steps)?;
-        if watch.is_some() {
-            if let Some(op) = kiln_graph::anomaly::end()? {
-                return Err(KilnError::Training(format!("step {}: the first NaN or infinity came from {op} (anomaly detection)", self.first_step + report.steps + 1)));
-            }
+        let values = step(batch, self.first_step + report.steps);
+        // The watch is closed whatever the step returned, so a failed step leaves none open on the thread.
+        let first_bad = if watch.is_some() { kiln_graph::anomaly::end() } else { Ok(None) };
+        let values = values?;
+        if let Some(op) = first_bad? {
+            return Err(KilnError::Training(format!("step {}: the first NaN or infinity came from {op} (anomaly detection)", self.first_step + report.steps + 1)));
         }
         if values.loss.numel() != 1 || values.correct.as_ref().is_some_and(|c| c.numel() != 1) {
             return Err(KilnError::Usage(format!("a training step returns scalars: its loss is {:?}", values.loss.shape())));

@@ -1,0 +1,182 @@
+//! Text for the sequence models: the shipped corpora (Moby-Dick, first names), a character vocabulary with
+//! PyTorch-style special tokens, and next-character windows as a [`Dataset`] of [`Sequence`]s.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{DataError, Result};
+use crate::loader::{Dataset, Sequence};
+
+const MOBY_DICK: (&str, &[u8]) = ("moby-dick.txt.gz", include_bytes!("../../../data/text/moby-dick.txt.gz"));
+const NAMES_FEMALE: (&str, &[u8]) = ("names-female.txt.gz", include_bytes!("../../../data/text/names-female.txt.gz"));
+const NAMES_MALE: (&str, &[u8]) = ("names-male.txt.gz", include_bytes!("../../../data/text/names-male.txt.gz"));
+
+/// A shipped text file, or the file of the same name in `dir` (or `KILN_DATA`) when there is one there.
+fn read_text((name, bundled): (&str, &[u8]), dir: Option<&Path>) -> Result<(String, String)> {
+    let dir = dir.map(Path::to_path_buf).or_else(|| std::env::var_os("KILN_DATA").map(Into::into));
+    let (file, bytes) = match dir.map(|d| d.join(name)).filter(|p| p.exists()) {
+        Some(p) => (p.display().to_string(), std::fs::read(&p).map_err(|e| DataError::Io { file: p.display().to_string(), source: e })?),
+        None => (format!("(bundled) {name}"), bundled.to_vec()),
+    };
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut text).map_err(|e| DataError::Corrupt { file: file.clone(), problem: format!("not gzip-compressed UTF-8 text: {e}") })?;
+    Ok((file, text))
+}
+
+/// Herman Melville's *Moby-Dick* (1,190,317 characters, public domain).
+pub fn load_moby_dick(dir: Option<&Path>) -> Result<String> {
+    let (file, text) = read_text(MOBY_DICK, dir)?;
+    if text.len() < 1000 {
+        return Err(DataError::Corrupt { file, problem: format!("{} characters: truncated", text.chars().count()) });
+    }
+    Ok(text)
+}
+
+/// English first names, female then male, one per entry, as shipped (8,849).
+pub fn load_first_names(dir: Option<&Path>) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for source in [NAMES_FEMALE, NAMES_MALE] {
+        let (file, text) = read_text(source, dir)?;
+        let before = names.len();
+        names.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string));
+        if names.len() == before {
+            return Err(DataError::Corrupt { file, problem: "no names".into() });
+        }
+    }
+    Ok(names)
+}
+
+/// A character vocabulary: the special tokens `<pad>` (0), `<sos>` (1), `<eos>` (2), `<unk>` (3), then every
+/// character of the text it was built from, in code-point order. Saved beside a model's checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CharVocab {
+    chars: Vec<char>,
+    index: HashMap<char, u32>,
+}
+
+impl CharVocab {
+    pub const PAD: u32 = 0;
+    pub const SOS: u32 = 1;
+    pub const EOS: u32 = 2;
+    pub const UNK: u32 = 3;
+    const SPECIALS: [&'static str; 4] = ["<pad>", "<sos>", "<eos>", "<unk>"];
+
+    /// Every distinct character of `text`.
+    pub fn from_text(text: &str) -> CharVocab {
+        let chars: Vec<char> = text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        CharVocab::from_chars(chars)
+    }
+
+    fn from_chars(chars: Vec<char>) -> CharVocab {
+        let index = chars.iter().enumerate().map(|(i, &c)| (c, i as u32 + Self::SPECIALS.len() as u32)).collect();
+        CharVocab { chars, index }
+    }
+
+    /// Tokens, special ones included.
+    pub fn len(&self) -> usize {
+        Self::SPECIALS.len() + self.chars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Token ids; a character not in the vocabulary becomes `<unk>`.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        text.chars().map(|c| self.index.get(&c).copied().unwrap_or(Self::UNK)).collect()
+    }
+
+    /// Token ids, or an error naming the first character not in the vocabulary (a prompt to sample from).
+    pub fn encode_strict(&self, text: &str) -> Result<Vec<u32>> {
+        text.chars()
+            .enumerate()
+            .map(|(i, c)| self.index.get(&c).copied().ok_or_else(|| DataError::Invalid(format!("character {c:?} (at {i}) is not in the vocabulary of {} characters", self.chars.len()))))
+            .collect()
+    }
+
+    /// The text of token ids; special tokens are left out, ids beyond the vocabulary are an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let specials = Self::SPECIALS.len() as u32;
+        ids.iter()
+            .filter(|&&i| i >= specials)
+            .map(|&i| self.chars.get((i - specials) as usize).copied().ok_or_else(|| DataError::Invalid(format!("token {i} is beyond the vocabulary of {} tokens", self.len()))))
+            .collect()
+    }
+
+    /// The vocabulary as JSON: `{"specials": [...], "chars": "..."}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({ "specials": Self::SPECIALS, "chars": self.chars.iter().collect::<String>() }).to_string()
+    }
+
+    /// Reads [`CharVocab::to_json`]'s form; `file` names it in errors.
+    pub fn from_json(file: &str, json: &str) -> Result<CharVocab> {
+        let bad = |problem: String| DataError::Corrupt { file: file.into(), problem };
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(format!("not a vocabulary: {e}")))?;
+        if v["specials"] != serde_json::json!(Self::SPECIALS) {
+            return Err(bad(format!("special tokens {} are not {:?}", v["specials"], Self::SPECIALS)));
+        }
+        let chars: Vec<char> = v["chars"].as_str().ok_or_else(|| bad("no \"chars\" string".into()))?.chars().collect();
+        let distinct: std::collections::BTreeSet<&char> = chars.iter().collect();
+        if distinct.len() != chars.len() {
+            return Err(bad("a character appears twice".into()));
+        }
+        Ok(CharVocab::from_chars(chars))
+    }
+
+    /// Writes the JSON form atomically beside a checkpoint.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |e| DataError::Io { file: path.display().to_string(), source: e };
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, self.to_json()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    pub fn load(path: &Path) -> Result<CharVocab> {
+        let json = std::fs::read_to_string(path).map_err(|e| DataError::Io { file: path.display().to_string(), source: e })?;
+        CharVocab::from_json(&path.display().to_string(), &json)
+    }
+}
+
+/// Next-character prediction over encoded text: sample `i` is the window of `len` tokens starting at
+/// `i * len`, and its targets the same window shifted by one (windows do not overlap; the last partial one is
+/// left out).
+pub struct CharWindows {
+    tokens: Vec<u32>,
+    len: usize,
+}
+
+impl CharWindows {
+    pub fn new(tokens: Vec<u32>, len: usize) -> Result<CharWindows> {
+        if len == 0 || tokens.len() < len + 1 {
+            return Err(DataError::Invalid(format!("windows of {len} tokens need at least {} tokens, the text has {}", len + 1, tokens.len())));
+        }
+        Ok(CharWindows { tokens, len })
+    }
+}
+
+impl Dataset for CharWindows {
+    type Sample = Sequence;
+    fn len(&self) -> usize {
+        (self.tokens.len() - 1) / self.len
+    }
+    fn get(&self, i: usize) -> Result<Sequence> {
+        if i >= Dataset::len(self) {
+            return Err(DataError::Invalid(format!("window {i} of {}", Dataset::len(self))));
+        }
+        let at = i * self.len;
+        Ok(Sequence { tokens: self.tokens[at..at + self.len].to_vec(), targets: Some(self.tokens[at + 1..at + self.len + 1].to_vec()) })
+    }
+}
+
+/// The text before its held-out tail, and the tail: the last `fraction` of the characters (a fixed split, as
+/// language-model evaluations use).
+pub fn split_tail(text: &str, fraction: f64) -> Result<(&str, &str)> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(DataError::Invalid(format!("held-out fraction {fraction} must be in [0, 1)")));
+    }
+    let n = text.chars().count();
+    let keep = n - (n as f64 * fraction).round() as usize;
+    let at = text.char_indices().nth(keep).map(|(b, _)| b).unwrap_or(text.len());
+    Ok(text.split_at(at))
+}

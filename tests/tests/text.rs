@@ -1,0 +1,58 @@
+//! The text corpora, the character vocabulary and next-character windows (the sequence models' data).
+
+use kiln_data::{load_first_names, load_moby_dick, split_tail, CharVocab, CharWindows, DataLoader, Dataset, HostData, LoaderOptions, PadSequences};
+
+#[test]
+fn moby_dick_and_the_names_load_as_shipped() {
+    let text = load_moby_dick(None).unwrap();
+    assert_eq!(text.chars().count(), 1_190_317);
+    assert!(text.starts_with("CHAPTER 1. Loomings.\n\nCall me Ishmael."));
+    let vocab = CharVocab::from_text(&text);
+    assert_eq!(vocab.len(), 4 + 83, "83 distinct characters and the four special tokens");
+    let (train, held_out) = split_tail(&text, 0.05).unwrap();
+    assert_eq!(held_out.chars().count(), (1_190_317f64 * 0.05).round() as usize);
+    assert_eq!(format!("{train}{held_out}"), text);
+    assert!(held_out.ends_with("five thousand years ago.\n"));
+    let names = load_first_names(None).unwrap();
+    assert_eq!(names.len(), 4951 + 3898);
+    assert_eq!(names[0], "Aaren");
+}
+
+#[test]
+fn the_vocabulary_encodes_decodes_and_round_trips() {
+    let vocab = CharVocab::from_text("hello, world");
+    assert_eq!(vocab.len(), 4 + 9);
+    let ids = vocab.encode("hold");
+    assert!(ids.iter().all(|&i| i >= 4));
+    assert_eq!(vocab.decode(&ids).unwrap(), "hold");
+    // Unknown characters: <unk> when encoding text, an error naming the character for a prompt.
+    assert_eq!(vocab.encode("hz")[1], CharVocab::UNK);
+    let err = vocab.encode_strict("hz").unwrap_err().to_string();
+    assert!(err.contains("'z'") && err.contains("at 1"), "{err}");
+    // Specials are left out of decoded text; ids beyond the vocabulary are an error.
+    assert_eq!(vocab.decode(&[CharVocab::SOS, ids[0], CharVocab::EOS, CharVocab::PAD]).unwrap(), "h");
+    assert!(vocab.decode(&[99]).unwrap_err().to_string().contains("token 99"));
+    let path = std::env::temp_dir().join(format!("kiln-vocab-{}.json", std::process::id()));
+    vocab.save(&path).unwrap();
+    assert_eq!(CharVocab::load(&path).unwrap(), vocab);
+    std::fs::write(&path, r#"{"specials": ["<pad>"], "chars": "ab"}"#).unwrap();
+    let err = CharVocab::load(&path).unwrap_err().to_string();
+    assert!(err.contains(&path.display().to_string()) && err.contains("special tokens"), "{err}");
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn windows_predict_the_next_character_and_batch_with_padding() {
+    let vocab = CharVocab::from_text("abcdefghij");
+    let windows = CharWindows::new(vocab.encode("abcdefghij"), 3).unwrap();
+    assert_eq!(Dataset::len(&windows), 3, "9 shifted pairs make three windows of 3");
+    let s = windows.get(1).unwrap();
+    assert_eq!(vocab.decode(&s.tokens).unwrap(), "def");
+    assert_eq!(vocab.decode(s.targets.as_ref().unwrap()).unwrap(), "efg");
+    assert!(windows.get(3).is_err());
+    assert!(CharWindows::new(vocab.encode("ab"), 3).is_err());
+    let loader = DataLoader::new(windows, PadSequences { pad: CharVocab::PAD }, LoaderOptions { batch_size: 2, ..Default::default() }).unwrap();
+    let batch = loader.epoch(0).next().unwrap().unwrap();
+    assert_eq!(batch.array("tokens").unwrap().shape, [2, 3]);
+    assert_eq!(batch.array("lengths").unwrap().data, HostData::U32(vec![3, 3]));
+}
