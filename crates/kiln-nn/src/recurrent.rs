@@ -1,5 +1,6 @@
-//! Recurrent cells: modules whose forward takes state and returns the next (the [`Module`] trait carries no
-//! forward signature, so each cell has its own).
+//! Recurrent cells and layers: modules whose forward takes state and returns the next (the [`Module`] trait
+//! carries no forward signature, so each has its own). `LstmCell` is one step; `Rnn` is PyTorch's `nn.RNN`,
+//! `nn.LSTM` and `nn.GRU` (stacked, bidirectional, batch-first, dropout between layers).
 
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Result, Tensor};
@@ -88,5 +89,240 @@ impl Module for LstmCell {
     }
     fn own_params(&self) -> Vec<&Param> {
         vec![&self.weight_ih, &self.weight_hh, &self.bias_ih, &self.bias_hh]
+    }
+}
+
+/// The recurrent cell of an [`Rnn`] layer, with PyTorch's gate order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellKind {
+    /// Elman RNN: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh).
+    Tanh,
+    /// LSTM, gates i, f, g, o (`nn.LSTM`).
+    Lstm,
+    /// GRU, gates r, z, n: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h (`nn.GRU`).
+    Gru,
+}
+
+impl CellKind {
+    /// Gate blocks stacked in the weights: 1, 4 or 3.
+    pub fn gates(self) -> usize {
+        match self {
+            CellKind::Tanh => 1,
+            CellKind::Lstm => 4,
+            CellKind::Gru => 3,
+        }
+    }
+}
+
+/// One direction of one layer's weights: w_ih [G*H, in], w_hh [G*H, H], b_ih and b_hh [G*H].
+#[derive(Clone, Debug)]
+pub struct RnnWeights {
+    pub w_ih: Tensor,
+    pub w_hh: Tensor,
+    pub b_ih: Tensor,
+    pub b_hh: Tensor,
+}
+
+/// The state of a stacked RNN: h (and c for an LSTM), each [layers * directions, n, hidden], index
+/// layer * directions + direction, as PyTorch orders it.
+#[derive(Clone, Debug)]
+pub struct RnnState {
+    pub h: Tensor,
+    pub c: Option<Tensor>,
+}
+
+/// One step of a cell from the input's projection `xp` = x W_ih^T + b_ih ([n, G*H], computed for every step
+/// at once) and the state.
+fn cell_step(kind: CellKind, xp: &Tensor, h: &Tensor, c: Option<&Tensor>, w: &RnnWeights, hidden: usize) -> Result<(Tensor, Option<Tensor>)> {
+    let hp = h.matmul_t(&w.w_hh, false, true)?.bias_act(&w.b_hh, 1, BiasAct::Identity)?;
+    let part = |t: &Tensor, k: usize| t.slice(1, k * hidden, hidden);
+    match kind {
+        CellKind::Tanh => Ok((xp.add(&hp)?.tanh()?, None)),
+        CellKind::Lstm => {
+            let gates = xp.add(&hp)?;
+            let (i, f, g, o) = (part(&gates, 0)?.sigmoid()?, part(&gates, 1)?.sigmoid()?, part(&gates, 2)?.tanh()?, part(&gates, 3)?.sigmoid()?);
+            let c = f.mul(c.expect("an LSTM carries c"))?.add(&i.mul(&g)?)?;
+            Ok((o.mul(&c.tanh()?)?, Some(c)))
+        }
+        CellKind::Gru => {
+            let r = part(xp, 0)?.add(&part(&hp, 0)?)?.sigmoid()?;
+            let z = part(xp, 1)?.add(&part(&hp, 1)?)?.sigmoid()?;
+            let n = part(xp, 2)?.add(&r.mul(&part(&hp, 2)?)?)?.tanh()?;
+            // h' = (1 - z) * n + z * h = n + z * (h - n)
+            Ok((n.add(&z.mul(&h.sub(&n)?)?)?, None))
+        }
+    }
+}
+
+/// A stacked, optionally bidirectional RNN over x [t, n, in] (time first, as PyTorch's default), as a function
+/// of its weights: `weights[layer * directions + direction]`. Returns the last layer's outputs [t, n,
+/// directions * hidden] and the final state. `between` runs on each layer's output before the next layer
+/// (dropout in training).
+pub fn rnn_forward(kind: CellKind, x: &Tensor, state: Option<&RnnState>, weights: &[RnnWeights], directions: usize, between: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<(Tensor, RnnState)> {
+    let (steps, n) = (x.shape()[0], x.shape()[1]);
+    let hidden = weights[0].w_hh.shape()[1];
+    let layers = weights.len() / directions;
+    let zeros = || Tensor::full_on(x.device(), &[layers * directions, n, hidden], 0.0);
+    let h0 = match state {
+        Some(s) => s.h.clone(),
+        None => zeros()?,
+    };
+    let c0 = match (kind, state.and_then(|s| s.c.clone())) {
+        (CellKind::Lstm, Some(c)) => Some(c),
+        (CellKind::Lstm, None) => Some(zeros()?),
+        _ => None,
+    };
+    let mut input = x.clone();
+    let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
+    for layer in 0..layers {
+        let mut outputs = Vec::with_capacity(directions);
+        for dir in 0..directions {
+            let k = layer * directions + dir;
+            let w = &weights[k];
+            let in_size = input.shape()[2];
+            // Every step's input projection in one product: [t * n, in] @ W_ih^T + b_ih.
+            let xp = input.reshape(&[steps * n, in_size])?.matmul_t(&w.w_ih, false, true)?.bias_act(&w.b_ih, 1, BiasAct::Identity)?;
+            let mut h = h0.slice(0, k, 1)?.reshape(&[n, hidden])?;
+            let mut c = c0.as_ref().map(|c| c.slice(0, k, 1).and_then(|c| c.reshape(&[n, hidden]))).transpose()?;
+            let mut hs = vec![None; steps];
+            let order: Vec<usize> = if dir == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
+            for t in order {
+                let xt = xp.slice(0, t * n, n)?;
+                let (h2, c2) = cell_step(kind, &xt, &h, c.as_ref(), w, hidden)?;
+                hs[t] = Some(h2.reshape(&[1, n, hidden])?);
+                (h, c) = (h2, c2);
+            }
+            let hs: Vec<Tensor> = hs.into_iter().map(|h| h.expect("every step ran")).collect();
+            outputs.push(Tensor::concat(&hs.iter().collect::<Vec<_>>(), 0)?);
+            h_n.push(h.reshape(&[1, n, hidden])?);
+            if let Some(c) = c {
+                c_n.push(c.reshape(&[1, n, hidden])?);
+            }
+        }
+        input = Tensor::concat(&outputs.iter().collect::<Vec<_>>(), 2)?;
+        if layer + 1 < layers {
+            input = between(&input)?;
+        }
+    }
+    let h = Tensor::concat(&h_n.iter().collect::<Vec<_>>(), 0)?;
+    let c = if c_n.is_empty() { None } else { Some(Tensor::concat(&c_n.iter().collect::<Vec<_>>(), 0)?) };
+    Ok((input, RnnState { h, c }))
+}
+
+/// Options of an [`Rnn`] (PyTorch's constructor arguments).
+#[derive(Clone, Copy, Debug)]
+pub struct RnnConfig {
+    pub num_layers: usize,
+    pub bidirectional: bool,
+    /// x is [n, t, in] and the output [n, t, ...] instead of time first.
+    pub batch_first: bool,
+    /// Dropout on each layer's output but the last, in training.
+    pub dropout: f32,
+}
+
+impl Default for RnnConfig {
+    fn default() -> Self {
+        RnnConfig { num_layers: 1, bidirectional: false, batch_first: false, dropout: 0.0 }
+    }
+}
+
+/// PyTorch's `nn.RNN` (tanh), `nn.LSTM` and `nn.GRU`: parameters `{name}.weight_ih_l{k}`, `weight_hh_l{k}`,
+/// `bias_ih_l{k}`, `bias_hh_l{k}` (`_reverse` for the second direction) with PyTorch's shapes, gate order and
+/// initialisation U(-1/sqrt(H), 1/sqrt(H)), so a state_dict moves between the two.
+pub struct Rnn {
+    pub kind: CellKind,
+    pub input_size: usize,
+    pub hidden_size: usize,
+    pub config: RnnConfig,
+    /// Per layer and direction: weight_ih, weight_hh, bias_ih, bias_hh.
+    pub params: Vec<[Param; 4]>,
+    dropouts: Vec<crate::layers::Dropout>,
+}
+
+impl Rnn {
+    pub fn new(vs: &mut VarStore, name: &str, kind: CellKind, input_size: usize, hidden_size: usize, config: RnnConfig) -> Result<Rnn> {
+        if config.num_layers == 0 || hidden_size == 0 || input_size == 0 {
+            return Err(shape_error(&format!("{kind:?}"), &[input_size, hidden_size, config.num_layers], "input size, hidden size and layers must be at least 1"));
+        }
+        let (g, k) = (kind.gates() * hidden_size, 1.0 / (hidden_size as f32).sqrt());
+        let init = Init::Uniform { lo: -k, hi: k };
+        let directions = if config.bidirectional { 2 } else { 1 };
+        let mut params = Vec::new();
+        for layer in 0..config.num_layers {
+            let in_size = if layer == 0 { input_size } else { directions * hidden_size };
+            for dir in 0..directions {
+                let suffix = format!("l{layer}{}", if dir == 1 { "_reverse" } else { "" });
+                params.push([
+                    vs.param(&format!("{name}.weight_ih_{suffix}"), &[g, in_size], init, true)?,
+                    vs.param(&format!("{name}.weight_hh_{suffix}"), &[g, hidden_size], init, true)?,
+                    vs.param(&format!("{name}.bias_ih_{suffix}"), &[g], init, false)?,
+                    vs.param(&format!("{name}.bias_hh_{suffix}"), &[g], init, false)?,
+                ]);
+            }
+        }
+        let dropouts = (1..config.num_layers).map(|l| crate::layers::Dropout::new(config.dropout, vs_seed(name, l))).collect::<Result<_>>()?;
+        Ok(Rnn { kind, input_size, hidden_size, config, params, dropouts })
+    }
+
+    pub fn directions(&self) -> usize {
+        if self.config.bidirectional {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// x [t, n, input] ([n, t, input] with `batch_first`) and an optional initial state -> the last layer's
+    /// outputs [t, n, directions * hidden] (or batch first) and the final state.
+    pub fn forward(&self, x: &Tensor, state: Option<&RnnState>) -> Result<(Tensor, RnnState)> {
+        if x.rank() != 3 || x.shape()[2] != self.input_size {
+            return Err(shape_error(&self.describe(), x.shape(), "expects x [t, n, input_size] ([n, t, input_size] with batch_first)"));
+        }
+        let x = if self.config.batch_first { x.transpose(0, 1)? } else { x.clone() };
+        let want = [self.config.num_layers * self.directions(), x.shape()[1], self.hidden_size];
+        if let Some(s) = state {
+            if s.h.shape() != want || s.c.as_ref().is_some_and(|c| c.shape() != want) || (self.kind == CellKind::Lstm) != s.c.is_some() {
+                return Err(shape_error(&self.describe(), s.h.shape(), &format!("expects a state h (and c for an LSTM) of {want:?}")));
+            }
+        }
+        let weights = self
+            .params
+            .iter()
+            .map(|[a, b, c, d]| Ok(RnnWeights { w_ih: a.tensor()?.clone(), w_hh: b.tensor()?.clone(), b_ih: c.tensor()?.clone(), b_hh: d.tensor()?.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        let layer_index = std::cell::Cell::new(0);
+        let between = |t: &Tensor| {
+            let i = layer_index.get();
+            layer_index.set(i + 1);
+            crate::module::Layer::forward(&self.dropouts[i], t)
+        };
+        let (out, state) = rnn_forward(self.kind, &x, state, &weights, self.directions(), &between)?;
+        Ok((if self.config.batch_first { out.transpose(0, 1)? } else { out }, state))
+    }
+}
+
+/// A seed for the dropout between layers `layer - 1` and `layer`, from the layer's name.
+fn vs_seed(name: &str, layer: usize) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)) ^ layer as u64
+}
+
+impl Module for Rnn {
+    fn describe(&self) -> String {
+        let kind = match self.kind {
+            CellKind::Tanh => "RNN",
+            CellKind::Lstm => "LSTM",
+            CellKind::Gru => "GRU",
+        };
+        let c = &self.config;
+        format!("{kind}({}, {}, num_layers={}, bidirectional={}, batch_first={}, dropout={})", self.input_size, self.hidden_size, c.num_layers, c.bidirectional, c.batch_first, c.dropout)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        self.params.iter().flatten().collect()
+    }
+    fn set_training(&mut self, training: bool) {
+        self.dropouts.iter_mut().for_each(|d| d.set_training(training));
+    }
+    fn set_rng_position(&mut self, steps: u64) {
+        self.dropouts.iter_mut().for_each(|d| d.set_rng_position(steps));
     }
 }

@@ -1,0 +1,163 @@
+//! nn.RNN / nn.LSTM / nn.GRU as PyTorch defines them: stacked and bidirectional layers against an f64 reference
+//! written from PyTorch's equations, every input's and weight's gradient against finite differences, and the
+//! module's names, shapes and parameter counts.
+
+use kiln_graph::cpu::CpuTensor;
+use kiln_graph::Tensor;
+use kiln_nn::{rnn_forward, CellKind, Module, Rnn, RnnConfig, RnnState, RnnWeights, VarStore};
+use kiln_tests::{check_op, require_gpu, Domain};
+
+fn sigmoid(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// One cell step in f64: x [n, in], h, c [n, hidden]; weights w_ih [G*H, in], w_hh [G*H, H], b_ih, b_hh.
+#[allow(clippy::too_many_arguments)]
+fn cell(kind: CellKind, x: &[f64], h: &[f64], c: &[f64], w: &[Vec<f64>; 4], n: usize, input: usize, hidden: usize) -> (Vec<f64>, Vec<f64>) {
+    let g = kind.gates() * hidden;
+    let proj = |m: &[f64], v: &[f64], b: &[f64], width: usize, s: usize, row: usize| b[row] + (0..width).map(|k| m[row * width + k] * v[s * width + k]).sum::<f64>();
+    let (mut h2, mut c2) = (vec![0.0; n * hidden], vec![0.0; n * hidden]);
+    for s in 0..n {
+        let xp: Vec<f64> = (0..g).map(|r| proj(&w[0], x, &w[2], input, s, r)).collect();
+        let hp: Vec<f64> = (0..g).map(|r| proj(&w[1], h, &w[3], hidden, s, r)).collect();
+        for j in 0..hidden {
+            let at = s * hidden + j;
+            match kind {
+                CellKind::Tanh => h2[at] = (xp[j] + hp[j]).tanh(),
+                CellKind::Lstm => {
+                    let gate = |k: usize| xp[k * hidden + j] + hp[k * hidden + j];
+                    let (i, f, gg, o) = (sigmoid(gate(0)), sigmoid(gate(1)), gate(2).tanh(), sigmoid(gate(3)));
+                    c2[at] = f * c[at] + i * gg;
+                    h2[at] = o * c2[at].tanh();
+                }
+                CellKind::Gru => {
+                    let r = sigmoid(xp[j] + hp[j]);
+                    let z = sigmoid(xp[hidden + j] + hp[hidden + j]);
+                    let nn = (xp[2 * hidden + j] + r * hp[2 * hidden + j]).tanh();
+                    h2[at] = (1.0 - z) * nn + z * h[at];
+                }
+            }
+        }
+    }
+    (h2, c2)
+}
+
+/// The stacked, bidirectional RNN in f64, PyTorch's way: outputs [t, n, D*H], h_n and c_n [L*D, n, H].
+#[allow(clippy::too_many_arguments)]
+fn reference(kind: CellKind, x: &[f64], steps: usize, n: usize, input: usize, hidden: usize, h0: &[f64], c0: &[f64], weights: &[[Vec<f64>; 4]], dirs: usize) -> Vec<f64> {
+    let layers = weights.len() / dirs;
+    let mut inp = x.to_vec();
+    let mut in_size = input;
+    let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
+    for layer in 0..layers {
+        let mut out = vec![0.0; steps * n * dirs * hidden];
+        for d in 0..dirs {
+            let k = layer * dirs + d;
+            let mut h = h0[k * n * hidden..(k + 1) * n * hidden].to_vec();
+            let mut c = c0[k * n * hidden..(k + 1) * n * hidden].to_vec();
+            let order: Vec<usize> = if d == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
+            for t in order {
+                let xt = &inp[t * n * in_size..(t + 1) * n * in_size];
+                (h, c) = cell(kind, xt, &h, &c, &weights[k], n, in_size, hidden);
+                for s in 0..n {
+                    for j in 0..hidden {
+                        out[(t * n + s) * dirs * hidden + d * hidden + j] = h[s * hidden + j];
+                    }
+                }
+            }
+            h_n.extend(h);
+            c_n.extend(c);
+        }
+        inp = out;
+        in_size = dirs * hidden;
+    }
+    let mut all = inp;
+    all.extend(h_n);
+    if kind == CellKind::Lstm {
+        all.extend(c_n);
+    }
+    all
+}
+
+fn check_rnn(kind: CellKind, layers: usize, dirs: usize) {
+    let (steps, n, input, hidden) = (3, 2, 3, 2);
+    let g = kind.gates() * hidden;
+    // x, h0, c0 (an LSTM's only), then each layer's and direction's four weights.
+    let lstm = kind == CellKind::Lstm;
+    let first_weight = if lstm { 3 } else { 2 };
+    let mut shapes: Vec<Vec<usize>> = vec![vec![steps, n, input], vec![layers * dirs, n, hidden]];
+    if lstm {
+        shapes.push(vec![layers * dirs, n, hidden]);
+    }
+    for layer in 0..layers {
+        let in_size = if layer == 0 { input } else { dirs * hidden };
+        for _ in 0..dirs {
+            shapes.extend([vec![g, in_size], vec![g, hidden], vec![g], vec![g]]);
+        }
+    }
+    let inputs: Vec<(&[usize], Domain)> = shapes.iter().map(|s| (&s[..], Domain::Any)).collect();
+    let name = format!("{kind:?} layers {layers} directions {dirs}");
+    check_op(
+        &name,
+        &inputs,
+        |t| {
+            let weights: Vec<RnnWeights> = t[first_weight..].chunks(4).map(|w| RnnWeights { w_ih: w[0].clone(), w_hh: w[1].clone(), b_ih: w[2].clone(), b_hh: w[3].clone() }).collect();
+            let c = lstm.then(|| t[2].clone());
+            let (out, state) = rnn_forward(kind, &t[0], Some(&RnnState { h: t[1].clone(), c }), &weights, dirs, &|x| Ok(x.clone()))?;
+            let mut parts = vec![out.reshape(&[out.numel()])?, state.h.reshape(&[state.h.numel()])?];
+            if let Some(c) = state.c {
+                parts.push(c.reshape(&[c.numel()])?);
+            }
+            Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)
+        },
+        |t| {
+            let weights: Vec<[Vec<f64>; 4]> = t[first_weight..].chunks(4).map(|w| [w[0].data.clone(), w[1].data.clone(), w[2].data.clone(), w[3].data.clone()]).collect();
+            let c0 = if lstm { t[2].data.clone() } else { vec![0.0; t[1].data.len()] };
+            let all = reference(kind, &t[0].data, steps, n, input, hidden, &t[1].data, &c0, &weights, dirs);
+            let len = all.len();
+            CpuTensor::new(all, &[len])
+        },
+    );
+}
+
+#[test]
+fn lstm_two_layers_bidirectional_matches_the_reference_and_finite_differences() {
+    check_rnn(CellKind::Lstm, 2, 2);
+}
+
+#[test]
+fn gru_two_layers_matches_the_reference_and_finite_differences() {
+    check_rnn(CellKind::Gru, 2, 1);
+}
+
+#[test]
+fn tanh_rnn_bidirectional_matches_the_reference_and_finite_differences() {
+    check_rnn(CellKind::Tanh, 1, 2);
+}
+
+#[test]
+fn modules_have_pytorchs_names_shapes_and_counts() {
+    require_gpu();
+    let mut vs = VarStore::new(1);
+    let lstm = Rnn::new(&mut vs, "lstm", CellKind::Lstm, 10, 20, RnnConfig { num_layers: 2, bidirectional: true, ..Default::default() }).unwrap();
+    let gru = Rnn::new(&mut vs, "gru", CellKind::Gru, 10, 20, RnnConfig { batch_first: true, ..Default::default() }).unwrap();
+    vs.finish().unwrap();
+    // torch.nn.LSTM(10, 20, num_layers=2, bidirectional=True) and torch.nn.GRU(10, 20).
+    assert_eq!(lstm.num_params(), 15040);
+    assert_eq!(gru.num_params(), 1920);
+    let names: Vec<&str> = lstm.params().iter().map(|p| p.name()).collect();
+    assert_eq!(&names[..5], ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0", "lstm.weight_ih_l0_reverse"]);
+    assert_eq!(lstm.params()[12].shape(), [80, 40], "the second layer reads both directions");
+    assert_eq!(lstm.params()[12].name(), "lstm.weight_ih_l1_reverse");
+    // Shapes through the module: time first, and batch first.
+    let x = Tensor::full(&[5, 3, 10], 0.1).unwrap();
+    let (out, state) = lstm.forward(&x, None).unwrap();
+    assert_eq!((out.shape(), state.h.shape(), state.c.as_ref().unwrap().shape()), (&[5, 3, 40][..], &[4, 3, 20][..], &[4, 3, 20][..]));
+    let (out, state) = gru.forward(&Tensor::full(&[3, 5, 10], 0.1).unwrap(), None).unwrap();
+    assert_eq!((out.shape(), state.h.shape(), state.c.is_none()), (&[3, 5, 20][..], &[1, 3, 20][..], true));
+    // Bad input names both shapes.
+    let err = lstm.forward(&Tensor::full(&[5, 3, 7], 0.1).unwrap(), None).expect_err("wrong input size").to_string();
+    assert!(err.contains("[5, 3, 7]") && err.contains("LSTM(10, 20"), "{err}");
+    let bad = RnnState { h: Tensor::full(&[2, 3, 20], 0.0).unwrap(), c: None };
+    assert!(lstm.forward(&x, Some(&bad)).is_err());
+}
