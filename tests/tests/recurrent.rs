@@ -161,3 +161,55 @@ fn modules_have_pytorchs_names_shapes_and_counts() {
     let bad = RnnState { h: Tensor::full(&[2, 3, 20], 0.0).unwrap(), c: None };
     assert!(lstm.forward(&x, Some(&bad)).is_err());
 }
+
+#[test]
+fn embedding_gradient_sums_repeated_ids_and_is_deterministic() {
+    use kiln_tests::test_rng;
+    require_gpu();
+    let mut rng = test_rng("embedding");
+    // Against the CPU reference and finite differences, with repeated ids.
+    let ids: Vec<u32> = (0..40).map(|_| rng.below(11) as u32).collect();
+    let gi = Tensor::from_u32(&ids, &[40]).unwrap();
+    check_op("embedding [11, 5] x 40 ids", &[(&[11, 5], Domain::Any)], |t| t[0].index_select(0, &gi), |t| t[0].index_select(0, &ids));
+    // Many ids, few rows (a character model's batch): against the sum on the host, and bit for bit the same
+    // twice (the occurrences are summed in id order whatever the thread timing).
+    let (rows, dim, m) = (87, 16, 20_000);
+    let ids: Vec<u32> = (0..m).map(|_| rng.below(rows) as u32).collect();
+    let g: Vec<f32> = (0..m * dim).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    let grad = || {
+        let table = Tensor::full(&[rows, dim], 0.5).unwrap().var();
+        let picked = table.index_select(0, &Tensor::from_u32(&ids, &[m]).unwrap()).unwrap();
+        picked.backward_from(&Tensor::from_slice(&g, &[m, dim]).unwrap()).unwrap().get(&table).unwrap().to_vec().unwrap()
+    };
+    let (a, b) = (grad(), grad());
+    assert_eq!(a, b, "the same gradient bit for bit");
+    let mut want = vec![0.0f64; rows * dim];
+    for (j, &r) in ids.iter().enumerate() {
+        for d in 0..dim {
+            want[r as usize * dim + d] += g[j * dim + d] as f64;
+        }
+    }
+    kiln_tests::assert_close("embedding gradient of 20,000 ids", &a, &want, 1e-4);
+}
+
+#[test]
+fn embedding_layer_pads_with_a_zero_row_that_never_trains() {
+    require_gpu();
+    let mut vs = VarStore::new(4);
+    let emb = kiln_nn::Embedding::new(&mut vs, "emb", 6, 3, Some(0)).unwrap();
+    vs.finish().unwrap();
+    assert_eq!(emb.describe(), "Embedding(6, 3, padding_idx=0)");
+    let ids = Tensor::from_u32(&[2, 0, 5, 0, 2, 1], &[2, 3]).unwrap();
+    let out = emb.forward_ids(&ids).unwrap();
+    assert_eq!(out.shape(), &[2, 3, 3]);
+    let v = out.to_vec().unwrap();
+    assert!(v[3..6].iter().chain(&v[9..12]).all(|&x| x == 0.0), "padding rows read zero: {v:?}");
+    assert!(v[..3].iter().any(|&x| x != 0.0));
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    let g = grads.get(emb.weight.tensor().unwrap()).unwrap().to_vec().unwrap();
+    assert_eq!(&g[..3], &[0.0, 0.0, 0.0], "the padding row gets no gradient");
+    assert_eq!(&g[6..9], &[2.0, 2.0, 2.0], "id 2 appears twice");
+    let err = emb.forward_ids(&Tensor::full(&[2], 1.0).unwrap()).expect_err("f32 ids").to_string();
+    assert!(err.contains("Embedding") && err.contains("U32"), "{err}");
+    assert!(kiln_nn::Embedding::new(&mut VarStore::new(1), "e", 4, 2, Some(4)).is_err());
+}

@@ -31,10 +31,11 @@ shader!(CONV2D, "conv2d.wgsl");
 shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
 shader!(ANOMALY, "anomaly.wgsl");
+shader!(EMBEDDING, "embedding.wgsl");
 pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 13] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY];
+pub static ALL_SHADERS: [&Shader; 14] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
@@ -807,6 +808,9 @@ pub fn index_select(x: &BufView, idx: &BufView, outer: usize, src_axis: usize, i
 
 /// grad_x[outer, src_axis, inner] = sum over j with idx[j] == r of grad_out[outer, j, inner]
 pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
+    if outer == 1 && n_idx > 0 && src_axis <= EMBED_MAX && n_idx <= EMBED_MAX {
+        return embedding_backward(grad_out, idx, src_axis, inner, n_idx);
+    }
     let n = outer * src_axis * inner;
     let y = out(grad_out, n, "index_select gradient")?;
     // Many indices run as several dispatches over index ranges, each adding to the gradient (LOOP_CHUNK).
@@ -820,6 +824,31 @@ pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, sr
         launch(&INDEX, "index_select_backward", &[], p, &[grad_out, idx], &[&y], grid_1d(n as u64, WG))?;
     }
     Ok(y)
+}
+
+/// Rows and indices up to which index_select along axis 0 (an embedding) takes the counting-sort gradient (the
+/// scan and the segment loops run in one invocation each, under lavapipe's 65535-iteration cap); larger ones
+/// take the general kernel.
+pub const EMBED_MAX: usize = 65535;
+
+/// grad_table [rows, dim] from grad_out [m, dim] and idx [m] in O(m x dim) (embedding.wgsl): count, scan,
+/// place, sort each row's occurrences, sum them in ascending order.
+pub fn embedding_backward(grad_out: &BufView, idx: &BufView, rows: usize, dim: usize, m: usize) -> Result<BufView> {
+    let dev = grad_out.device();
+    let p = || Params::new().u32(m).u32(rows).u32(dim).u32(0);
+    let counts = out(idx, rows, "embedding gradient counts")?;
+    let cursor = out(idx, rows, "embedding gradient cursor")?;
+    dev.zero(&counts)?;
+    dev.zero(&cursor)?;
+    launch(&EMBEDDING, "embed_count", &[], p(), &[idx], &[&counts], grid_1d(m as u64, WG))?;
+    let starts = out(idx, rows + 1, "embedding gradient segments")?;
+    launch(&EMBEDDING, "embed_scan", &[], p(), &[&counts], &[&starts], [1, 1, 1])?;
+    let order = out(idx, m, "embedding gradient order")?;
+    launch(&EMBEDDING, "embed_place", &[], p(), &[idx, &starts], &[&cursor, &order], grid_1d(m as u64, WG))?;
+    launch(&EMBEDDING, "embed_sort", &[], p(), &[&starts], &[&order], grid_1d(rows as u64, WG))?;
+    let grad = out(grad_out, rows * dim, "embedding gradient")?;
+    launch(&EMBEDDING, "embed_sum", &[], p(), &[grad_out, &order, &starts], &[&grad], grid_1d((rows * dim) as u64, WG))?;
+    Ok(grad)
 }
 
 /// labels: [n] u32 -> [n, classes] f32

@@ -450,3 +450,66 @@ impl Layer for Dropout {
         x.mul(&mask)
     }
 }
+
+/// PyTorch's `nn.Embedding`: `{name}.weight` [num_embeddings, dim], N(0, 1) initially; token ids of any shape
+/// (u32) -> [..., dim]. With `padding_idx`, that row starts at zero, reads as zero and gets no gradient. The
+/// backward is the counting-sort kernel of index_select (kernels::embedding_backward): O(ids x dim), not
+/// O(table x ids x dim).
+pub struct Embedding {
+    pub weight: Param,
+    pub num_embeddings: usize,
+    pub dim: usize,
+    pub padding_idx: Option<usize>,
+    /// 1 everywhere but 0 on the padding row, [num_embeddings, 1], made at the first forward pass.
+    keep: std::sync::OnceLock<Tensor>,
+}
+
+impl Embedding {
+    pub fn new(vs: &mut VarStore, name: &str, num_embeddings: usize, dim: usize, padding_idx: Option<usize>) -> Result<Embedding> {
+        if padding_idx.is_some_and(|p| p >= num_embeddings) || num_embeddings == 0 || dim == 0 {
+            return Err(shape_error("Embedding", &[num_embeddings, dim], &format!("padding_idx {padding_idx:?} must be below num_embeddings, and both sizes at least 1")));
+        }
+        let weight = vs.param(&format!("{name}.weight"), &[num_embeddings, dim], Init::Normal { std: 1.0 }, true)?;
+        if let Some(p) = padding_idx {
+            vs.edit_initial(&weight, |w| w[p * dim..(p + 1) * dim].fill(0.0))?;
+        }
+        Ok(Embedding { weight, num_embeddings, dim, padding_idx, keep: std::sync::OnceLock::new() })
+    }
+
+    /// ids (u32, any shape) -> their rows, [..., dim].
+    pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.dtype() != kiln_graph::DType::U32 {
+            return Err(KilnError::DType { op: "Embedding", expected: kiln_graph::DType::U32, got: ids.dtype() });
+        }
+        let table = match self.padding_idx {
+            None => self.weight.tensor()?.clone(),
+            Some(p) => {
+                let keep = match self.keep.get() {
+                    Some(k) => k.clone(),
+                    None => {
+                        let mask: Vec<f32> = (0..self.num_embeddings).map(|r| (r != p) as u8 as f32).collect();
+                        let t = Tensor::from_slice_on(self.weight.tensor()?.device(), &mask, &[self.num_embeddings, 1])?;
+                        self.keep.get_or_init(|| t).clone()
+                    }
+                };
+                self.weight.tensor()?.broadcast_mul(&keep)?
+            }
+        };
+        let mut shape = ids.shape().to_vec();
+        let rows = table.index_select(0, &ids.reshape(&[ids.numel()])?)?;
+        shape.push(self.dim);
+        rows.reshape(&shape)
+    }
+}
+
+impl Module for Embedding {
+    fn describe(&self) -> String {
+        match self.padding_idx {
+            Some(p) => format!("Embedding({}, {}, padding_idx={p})", self.num_embeddings, self.dim),
+            None => format!("Embedding({}, {})", self.num_embeddings, self.dim),
+        }
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.weight]
+    }
+}

@@ -113,6 +113,17 @@ impl VarStore {
         Ok(param)
     }
 
+    /// Changes a declared parameter's initial values before `finish` (an embedding's zero padding row).
+    pub fn edit_initial(&mut self, param: &Param, edit: impl FnOnce(&mut [f32])) -> Result<()> {
+        if self.flat.is_some() {
+            return Err(KilnError::Usage(format!("parameter {}: initial values edited after VarStore::finish()", param.name())));
+        }
+        if let Some(e) = self.entries.iter_mut().find(|e| e.param.name() == param.name()) {
+            edit(&mut e.init);
+        }
+        Ok(())
+    }
+
     /// Declares a non-trainable buffer (batch norm's running statistics): named and checkpointed like a
     /// parameter, kept out of the flat parameter buffer so no optimizer touches it.
     pub fn buffer(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Param> {
