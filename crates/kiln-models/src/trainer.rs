@@ -214,6 +214,8 @@ pub struct Trainer<'a> {
     pub started: Instant,
     /// A run resumed in the middle of `start_epoch`: the batches of it already done and their sums.
     pub resume_position: Option<(usize, EpochTally)>,
+    /// Stop after this many steps of this run (the epoch it falls in ends there, and is evaluated).
+    pub max_steps: Option<u64>,
     /// Set from outside (a Ctrl-C handler) to stop after the current step, once the callbacks have seen the
     /// position.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -231,6 +233,7 @@ impl<'a> Trainer<'a> {
             best: (f64::NEG_INFINITY, 0),
             started: Instant::now(),
             resume_position: None,
+            max_steps: None,
             interrupt: None,
             callbacks: Vec::new(),
             seen_batch_sizes: Default::default(),
@@ -261,6 +264,9 @@ impl<'a> Trainer<'a> {
             };
             let mut pending: Option<InFlight> = None;
             for (i, batch) in loader.epoch_from(epoch as u64, skip).enumerate() {
+                if self.max_steps.is_some_and(|m| report.steps >= m) {
+                    break;
+                }
                 let batch = batch.map_err(|e| KilnError::Data(e.to_string()))?;
                 self.run_step(&batch, &mut step, &mut pending, &mut tally, &mut report)?;
                 let interrupted = self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
@@ -281,7 +287,8 @@ impl<'a> Trainer<'a> {
             }
             tally.seconds = epoch_started.elapsed().as_secs_f64();
             let record = evaluate(tally)?;
-            if self.end_epoch(record, &mut report)? {
+            let out_of_steps = self.max_steps.is_some_and(|m| report.steps >= m);
+            if self.end_epoch(record, &mut report, out_of_steps)? || out_of_steps {
                 break;
             }
         }
@@ -360,7 +367,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Records the epoch, asks the callbacks whether to stop, then runs their epoch-end hooks. True: stop.
-    fn end_epoch(&mut self, record: EpochRecord, report: &mut FitReport) -> Result<bool> {
+    fn end_epoch(&mut self, record: EpochRecord, report: &mut FitReport, out_of_steps: bool) -> Result<bool> {
         let improved = record.dev_metric > report.best_metric;
         if improved {
             (report.best_metric, report.best_epoch) = (record.dev_metric, record.epoch);
@@ -374,7 +381,7 @@ impl<'a> Trainer<'a> {
             samples_per_s: record.samples_per_s,
             epoch_end: Some(record.clone()),
         };
-        let last = record.epoch == self.epochs;
+        let last = record.epoch == self.epochs || out_of_steps;
         report.history.push(record);
         let history = &report.history[..];
         let record = history.last().expect("just pushed");
