@@ -18,6 +18,14 @@ fn softplus(v: f32) -> f32 {
     return max(v, 0.0) + log(1.0 + exp(-abs(v)));
 }
 
+// Abramowitz and Stegun 7.1.26: |error| <= 1.5e-7, below f32's resolution of erf near 1.
+fn erf_approx(v: f32) -> f32 {
+    let x = abs(v);
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t;
+    return sign(v) * (1.0 - poly * exp(-x * x));
+}
+
 fn unary_op(v: f32, a: f32, b: f32) -> f32 {
     switch OP {
         case 0u: { return -v; }                                  // NEG
@@ -38,6 +46,7 @@ fn unary_op(v: f32, a: f32, b: f32) -> f32 {
         case 15u: { return select(a, 1.0, v > 0.0); }            // LEAKY_STEP(alpha): leaky_relu'
         case 16u: { return select(0.0, 1.0, v >= a && v <= b); } // IN_RANGE(lo, hi): clamp'
         case 17u: { return a; }                                  // FILL(value)
+        case 18u: { return erf_approx(v); }                      // ERF
         default: { return v; }                                   // IDENTITY
     }
 }

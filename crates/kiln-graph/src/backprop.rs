@@ -444,6 +444,8 @@ fn unary_grad(kind: UnaryKind, x: &Tensor, out: &Tensor, g: &Tensor, alpha: f32,
         U::Clamp => g.mul(&x.unary_raw(U::InRange, alpha, beta)?)?,
         U::Powf => g.mul(&x.powf(alpha - 1.0)?.scale(alpha)?)?,
         U::Affine => g.scale(alpha)?,
+        // d/dx erf(x) = 2 / sqrt(pi) exp(-x^2)
+        U::Erf => g.mul(&x.mul(x)?.neg()?.exp()?.scale(2.0 / std::f32::consts::PI.sqrt())?)?,
         U::Step | U::Sign | U::LeakyStep | U::InRange | U::Fill => return Ok(None),
     }))
 }

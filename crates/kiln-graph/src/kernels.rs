@@ -150,6 +150,7 @@ pub enum UnaryKind {
     LeakyStep = 15,
     InRange = 16,
     Fill = 17,
+    Erf = 18,
 }
 
 /// Binary op codes of elementwise.wgsl.

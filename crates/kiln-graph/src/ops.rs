@@ -32,6 +32,19 @@ impl Tensor {
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Sigmoid, 0.0, 0.0)
     }
+    /// The error function (to within 1.5e-7; Abramowitz and Stegun 7.1.26).
+    pub fn erf(&self) -> Result<Tensor> {
+        self.unary_op(UnaryKind::Erf, 0.0, 0.0)
+    }
+    /// GELU as PyTorch's default: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.mul(&self.scale(std::f32::consts::FRAC_1_SQRT_2)?.erf()?.affine(0.5, 0.5)?)
+    }
+    /// GELU's tanh approximation (PyTorch's `approximate="tanh"`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    pub fn gelu_tanh(&self) -> Result<Tensor> {
+        let inner = self.add(&self.powf(3.0)?.scale(0.044715)?)?.scale((2.0 / std::f32::consts::PI).sqrt())?;
+        self.mul(&inner.tanh()?.affine(0.5, 0.5)?)
+    }
     pub fn tanh(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Tanh, 0.0, 0.0)
     }

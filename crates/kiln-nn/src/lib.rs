@@ -3,6 +3,7 @@
 // Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+pub mod attention;
 pub mod checkpoint;
 pub mod init;
 pub mod layers;
@@ -13,6 +14,7 @@ pub mod recurrent;
 pub mod schedule;
 pub mod varstore;
 
+pub use attention::{layer_norm, scaled_dot_product_attention, LayerNorm, MultiheadAttention};
 pub use init::Init;
 pub use kiln_graph::{fusion_enabled, set_fusion};
 pub use layers::{add_channel_bias, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};

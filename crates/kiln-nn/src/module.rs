@@ -142,6 +142,8 @@ pub enum Activation {
     Sigmoid,
     Tanh,
     Softplus,
+    /// PyTorch's default GELU, x * Phi(x) with the exact error function.
+    Gelu,
     Identity,
 }
 
@@ -162,6 +164,7 @@ impl Layer for Activation {
             Activation::Sigmoid => x.sigmoid(),
             Activation::Tanh => x.tanh(),
             Activation::Softplus => x.softplus(),
+            Activation::Gelu => x.gelu(),
             Activation::Identity => Ok(x.clone()),
         }
     }
@@ -178,7 +181,7 @@ impl Activation {
             Activation::Sigmoid => Some(BiasAct::Sigmoid),
             Activation::Tanh => Some(BiasAct::Tanh),
             Activation::Identity => Some(BiasAct::Identity),
-            Activation::LeakyRelu(_) | Activation::Softplus => None,
+            Activation::LeakyRelu(_) | Activation::Softplus | Activation::Gelu => None,
         }
     }
 }
@@ -192,8 +195,9 @@ impl std::str::FromStr for Activation {
             "sigmoid" => Activation::Sigmoid,
             "tanh" => Activation::Tanh,
             "softplus" => Activation::Softplus,
+            "gelu" => Activation::Gelu,
             "identity" | "none" => Activation::Identity,
-            _ => return Err(format!("unknown activation {s:?} (relu, leaky_relu, sigmoid, tanh, softplus, identity)")),
+            _ => return Err(format!("unknown activation {s:?} (relu, leaky_relu, sigmoid, tanh, softplus, gelu, identity)")),
         })
     }
 }

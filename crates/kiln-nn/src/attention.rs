@@ -1,0 +1,160 @@
+//! Transformer building blocks as composed ops (their fused kernels come later, measured against these):
+//! scaled dot-product attention, PyTorch's `nn.MultiheadAttention` and `nn.LayerNorm`.
+
+use kiln_graph::kernels::BiasAct;
+use kiln_graph::{Result, Tensor};
+
+use crate::init::Init;
+use crate::module::{shape_error, Module};
+use crate::varstore::{Param, VarStore};
+
+/// softmax(q k^T / sqrt(d) + mask) v for q [b, tq, d], k [b, tk, d], v [b, tk, dv] (b counts batch x heads).
+/// `causal` hides every key after the query's position (tq == tk); `mask` [tq, tk] or [b, tq, tk] is added to
+/// the scores (0 to keep, a large negative number to hide: `attention_mask_from_lengths` makes one).
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+    if q.rank() != 3 || k.rank() != 3 || v.rank() != 3 || q.shape()[0] != k.shape()[0] || k.shape()[..2] != v.shape()[..2] || q.shape()[2] != k.shape()[2] {
+        return Err(kiln_graph::KilnError::Shape {
+            op: "scaled_dot_product_attention",
+            lhs: q.shape().to_vec(),
+            rhs: k.shape().to_vec(),
+            detail: format!(": expects q [b, tq, d], k [b, tk, d], v [b, tk, dv] (v is {:?})", v.shape()),
+        });
+    }
+    let (tq, tk, d) = (q.shape()[1], k.shape()[1], q.shape()[2]);
+    let mut scores = q.matmul_t(k, false, true)?.scale(1.0 / (d as f32).sqrt())?;
+    if causal {
+        if tq != tk {
+            return Err(shape_error("scaled_dot_product_attention", q.shape(), "a causal mask needs as many queries as keys"));
+        }
+        let hide: Vec<f32> = (0..tq * tk).map(|i| if i % tk > i / tk { -1e9 } else { 0.0 }).collect();
+        scores = scores.broadcast_add(&Tensor::from_slice_on(q.device(), &hide, &[tq, tk])?)?;
+    }
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    scores.softmax(2)?.matmul(v)
+}
+
+/// PyTorch's `nn.MultiheadAttention` (bias on, no extra key/value bias): `{name}.in_proj_weight` [3E, E],
+/// `{name}.in_proj_bias` [3E], `{name}.out_proj.weight` [E, E], `{name}.out_proj.bias` [E], with its
+/// initialisation (Xavier uniform for the projections, zero biases). Inputs are [t, n, E], or [n, t, E] with
+/// `batch_first`.
+pub struct MultiheadAttention {
+    pub in_proj_weight: Param,
+    pub in_proj_bias: Param,
+    pub out_weight: Param,
+    pub out_bias: Param,
+    pub embed_dim: usize,
+    pub num_heads: usize,
+    pub batch_first: bool,
+}
+
+impl MultiheadAttention {
+    pub fn new(vs: &mut VarStore, name: &str, embed_dim: usize, num_heads: usize, batch_first: bool) -> Result<MultiheadAttention> {
+        if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
+            return Err(shape_error("MultiheadAttention", &[embed_dim, num_heads], "embed_dim must be a multiple of num_heads"));
+        }
+        let e = embed_dim;
+        Ok(MultiheadAttention {
+            in_proj_weight: vs.param(&format!("{name}.in_proj_weight"), &[3 * e, e], Init::XavierUniform, true)?,
+            in_proj_bias: vs.param(&format!("{name}.in_proj_bias"), &[3 * e], Init::Zeros, false)?,
+            out_weight: vs.param(&format!("{name}.out_proj.weight"), &[e, e], Init::XavierUniform, true)?,
+            out_bias: vs.param(&format!("{name}.out_proj.bias"), &[e], Init::Zeros, false)?,
+            embed_dim,
+            num_heads,
+            batch_first,
+        })
+    }
+
+    /// Attention of `query` over `key` and `value`, each [t, n, E] (batch first with `batch_first`); the output
+    /// has the query's shape.
+    pub fn forward(&self, query: &Tensor, key: &Tensor, value: &Tensor, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+        let e = self.embed_dim;
+        for t in [query, key, value] {
+            if t.rank() != 3 || t.shape()[2] != e {
+                return Err(shape_error(&self.describe(), t.shape(), &format!("expects [t, n, {e}] inputs ([n, t, {e}] with batch_first)")));
+            }
+        }
+        // To [n, t, E].
+        let first = |t: &Tensor| if self.batch_first { Ok(t.clone()) } else { t.transpose(0, 1) };
+        let (q, k, v) = (first(query)?, first(key)?, first(value)?);
+        let (w, b) = (self.in_proj_weight.tensor()?, self.in_proj_bias.tensor()?);
+        let project = |x: &Tensor, part: usize| -> Result<Tensor> {
+            let (n, t) = (x.shape()[0], x.shape()[1]);
+            let y = x.reshape(&[n * t, e])?.matmul_t(&w.slice(0, part * e, e)?, false, true)?.bias_act(&b.slice(0, part * e, e)?, 1, BiasAct::Identity)?;
+            // [n * t, E] -> [n, t, heads, d] -> [n, heads, t, d] -> [n * heads, t, d]
+            let (h, d) = (self.num_heads, e / self.num_heads);
+            y.reshape(&[n, t, h, d])?.permute(&[0, 2, 1, 3])?.reshape(&[n * h, t, d])
+        };
+        let (n, tq) = (q.shape()[0], q.shape()[1]);
+        let heads = scaled_dot_product_attention(&project(&q, 0)?, &project(&k, 1)?, &project(&v, 2)?, mask, causal)?;
+        let merged = heads.reshape(&[n, self.num_heads, tq, e / self.num_heads])?.permute(&[0, 2, 1, 3])?.reshape(&[n * tq, e])?;
+        let out = merged.matmul_t(self.out_weight.tensor()?, false, true)?.bias_act(self.out_bias.tensor()?, 1, BiasAct::Identity)?.reshape(&[n, tq, e])?;
+        if self.batch_first {
+            Ok(out)
+        } else {
+            out.transpose(0, 1)
+        }
+    }
+}
+
+impl Module for MultiheadAttention {
+    fn describe(&self) -> String {
+        format!("MultiheadAttention({}, num_heads={})", self.embed_dim, self.num_heads)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.in_proj_weight, &self.in_proj_bias, &self.out_weight, &self.out_bias]
+    }
+}
+
+/// PyTorch's `nn.LayerNorm` over the last `normalized_shape.len()` axes: (x - mean) / sqrt(var + eps) * weight
+/// + bias with the biased variance, `{name}.weight` (ones) and `{name}.bias` (zeros) of `normalized_shape`.
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub normalized_shape: Vec<usize>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(vs: &mut VarStore, name: &str, normalized_shape: &[usize]) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: vs.param(&format!("{name}.weight"), normalized_shape, Init::Constant(1.0), false)?,
+            bias: vs.param(&format!("{name}.bias"), normalized_shape, Init::Zeros, false)?,
+            normalized_shape: normalized_shape.to_vec(),
+            eps: 1e-5,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn describe(&self) -> String {
+        format!("LayerNorm({:?})", self.normalized_shape)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.weight, &self.bias]
+    }
+    fn as_layer(&self) -> Option<&dyn crate::module::Layer> {
+        Some(self)
+    }
+}
+
+impl crate::module::Layer for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.normalized_shape.len();
+        if x.rank() < k || x.shape()[x.rank() - k..] != self.normalized_shape[..] {
+            return Err(shape_error(&self.describe(), x.shape(), "the last axes must be the normalized shape"));
+        }
+        layer_norm(x, self.weight.tensor()?, self.bias.tensor()?, self.eps)
+    }
+}
+
+/// Layer normalisation over the last `weight.rank()` axes of x (`LayerNorm`'s formula, as a function).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    let k = weight.rank();
+    let axes: Vec<usize> = (x.rank() - k..x.rank()).collect();
+    let mean = x.mean(&axes, true)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.mul(&centered)?.mean(&axes, true)?;
+    centered.broadcast_div(&var.add_scalar(eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
