@@ -116,3 +116,49 @@ fn multihead_attention_has_pytorchs_layout_and_one_head_is_plain_attention() {
     assert!(mha.forward(&x, &x, &Tensor::full(&[2, 5, 7], 0.0).unwrap(), None, false).is_err());
     assert!(MultiheadAttention::new(&mut VarStore::new(1), "bad", 8, 3, true).is_err());
 }
+
+#[test]
+fn encoder_layer_has_pytorchs_names_and_composes_its_parts() {
+    use kiln_nn::{sinusoidal_positions, Activation, TransformerEncoderLayer};
+    require_gpu();
+    let mut vs = VarStore::new(5);
+    let post = TransformerEncoderLayer::new(&mut vs, "enc", 8, 2, 16, Activation::Relu, false).unwrap();
+    let pre = TransformerEncoderLayer::new(&mut vs, "pre", 8, 2, 16, Activation::Gelu, true).unwrap();
+    vs.finish().unwrap();
+    // nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16): these names, 600 values.
+    let names: Vec<&str> = post.params().iter().map(|p| p.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "enc.self_attn.in_proj_weight",
+            "enc.self_attn.in_proj_bias",
+            "enc.self_attn.out_proj.weight",
+            "enc.self_attn.out_proj.bias",
+            "enc.linear1.weight",
+            "enc.linear1.bias",
+            "enc.linear2.weight",
+            "enc.linear2.bias",
+            "enc.norm1.weight",
+            "enc.norm1.bias",
+            "enc.norm2.weight",
+            "enc.norm2.bias"
+        ]
+    );
+    assert_eq!(post.num_params(), 600);
+    let pos = sinusoidal_positions(kiln_graph::backend::Device::current().as_ref().unwrap(), 5, 8).unwrap().to_vec().unwrap();
+    assert_eq!((pos[0], pos[1], pos[8 + 1]), (0.0, 1.0, 1f32.cos()), "pe[p, 2i] = sin, pe[p, 2i+1] = cos");
+    let x = Tensor::randn(&[2, 5, 8], 1.0, &mut kiln_graph::Rng::new(6)).unwrap().var();
+    // Post-norm is norm2(h + ff(h)) with h = norm1(x + attn(x)).
+    let h = post.norm1.forward(&x.add(&post.self_attn.forward(&x, &x, &x, None, false).unwrap()).unwrap()).unwrap();
+    let ff = post.linear2.forward(&post.linear1.forward(&h.reshape(&[10, 8]).unwrap()).unwrap().relu().unwrap()).unwrap().reshape(&[2, 5, 8]).unwrap();
+    let want = post.norm2.forward(&h.add(&ff).unwrap()).unwrap().to_vec().unwrap();
+    let got = post.forward(&x, None, false).unwrap();
+    assert_close("post-norm layer", &got.to_vec().unwrap(), &want.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5);
+    // Every parameter and the input get a gradient, through both forms.
+    let total = got.sum_all().unwrap().add(&pre.forward(&x, None, true).unwrap().powf(2.0).unwrap().sum_all().unwrap()).unwrap();
+    let grads = total.backward().unwrap();
+    for p in post.params().into_iter().chain(pre.params()) {
+        assert!(grads.get(p.tensor().unwrap()).is_some(), "no gradient for {}", p.name());
+    }
+    assert!(grads.get(&x).unwrap().to_vec().unwrap().iter().any(|v| *v != 0.0));
+}

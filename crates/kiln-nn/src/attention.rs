@@ -158,3 +158,74 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     let var = centered.mul(&centered)?.mean(&axes, true)?;
     centered.broadcast_div(&var.add_scalar(eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
 }
+
+/// Sinusoidal positional encodings ("Attention is all you need"): [len, dim] with pe[p, 2i] = sin(p / 10000^(2i /
+/// dim)) and pe[p, 2i + 1] = cos(the same), made on `device`.
+pub fn sinusoidal_positions(device: &kiln_graph::backend::Device, len: usize, dim: usize) -> Result<Tensor> {
+    let mut pe = vec![0.0f32; len * dim];
+    for p in 0..len {
+        for i in (0..dim).step_by(2) {
+            let angle = p as f64 / 10000f64.powf(i as f64 / dim as f64);
+            pe[p * dim + i] = angle.sin() as f32;
+            if i + 1 < dim {
+                pe[p * dim + i + 1] = angle.cos() as f32;
+            }
+        }
+    }
+    Tensor::from_slice_on(device, &pe, &[len, dim])
+}
+
+/// PyTorch's `nn.TransformerEncoderLayer` (ReLU or GELU feed-forward, dropout left out): `{name}.self_attn`,
+/// `{name}.linear1` [ff, E], `{name}.linear2` [E, ff], `{name}.norm1`, `{name}.norm2`; post-norm by default
+/// (x = norm1(x + attn(x)); x = norm2(x + ff(x))), pre-norm with `norm_first` (x = x + attn(norm1(x)); x = x +
+/// ff(norm2(x))). Inputs [n, t, E] (batch first).
+pub struct TransformerEncoderLayer {
+    pub self_attn: MultiheadAttention,
+    pub linear1: crate::module::Linear,
+    pub linear2: crate::module::Linear,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub activation: crate::module::Activation,
+    pub norm_first: bool,
+}
+
+impl TransformerEncoderLayer {
+    pub fn new(vs: &mut VarStore, name: &str, d_model: usize, heads: usize, feedforward: usize, activation: crate::module::Activation, norm_first: bool) -> Result<TransformerEncoderLayer> {
+        Ok(TransformerEncoderLayer {
+            self_attn: MultiheadAttention::new(vs, &format!("{name}.self_attn"), d_model, heads, true)?,
+            linear1: crate::module::Linear::new(vs, &format!("{name}.linear1"), d_model, feedforward, Init::HeUniform)?,
+            linear2: crate::module::Linear::new(vs, &format!("{name}.linear2"), feedforward, d_model, Init::XavierUniform)?,
+            norm1: LayerNorm::new(vs, &format!("{name}.norm1"), &[d_model])?,
+            norm2: LayerNorm::new(vs, &format!("{name}.norm2"), &[d_model])?,
+            activation,
+            norm_first,
+        })
+    }
+
+    /// x [n, t, E] -> [n, t, E]; `causal` for a decoder-only language model, `mask` as in attention.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+        use crate::module::Layer;
+        let (n, t, e) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let attn = |y: &Tensor| self.self_attn.forward(y, y, y, mask, causal);
+        let ff = |y: &Tensor| -> Result<Tensor> {
+            let h = self.activation.forward(&self.linear1.forward(&y.reshape(&[n * t, e])?)?)?;
+            self.linear2.forward(&h)?.reshape(&[n, t, e])
+        };
+        if self.norm_first {
+            let x = x.add(&attn(&self.norm1.forward(x)?)?)?;
+            x.add(&ff(&self.norm2.forward(&x)?)?)
+        } else {
+            let x = self.norm1.forward(&x.add(&attn(x)?)?)?;
+            self.norm2.forward(&x.add(&ff(&x)?)?)
+        }
+    }
+}
+
+impl Module for TransformerEncoderLayer {
+    fn describe(&self) -> String {
+        format!("TransformerEncoderLayer({}, heads={}, norm_first={})", self.self_attn.embed_dim, self.self_attn.num_heads, self.norm_first)
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        vec![("self_attn".into(), &self.self_attn), ("linear1".into(), &self.linear1), ("linear2".into(), &self.linear2), ("norm1".into(), &self.norm1), ("norm2".into(), &self.norm2)]
+    }
+}
