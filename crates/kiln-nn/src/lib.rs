@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod decode;
 pub mod init;
 pub mod layers;
 pub mod metrics;
