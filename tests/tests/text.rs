@@ -56,3 +56,15 @@ fn windows_predict_the_next_character_and_batch_with_padding() {
     assert_eq!(batch.array("tokens").unwrap().shape, [2, 3]);
     assert_eq!(batch.array("lengths").unwrap().data, HostData::U32(vec![3, 3]));
 }
+
+#[test]
+fn ngram_baselines_follow_their_definition() {
+    use kiln_models::lm::ngram_nats;
+    // Unigram, add-1, over a 3-character alphabet {a, b, c}: p(a) = (2 + 1) / (3 + 3), p(c) = (0 + 1) / 6.
+    let got = ngram_nats("aab", "ac", 1, 1.0);
+    let want = -((3.0f64 / 6.0).ln() + (1.0f64 / 6.0).ln()) / 2.0;
+    assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    // A bigram model of a text that always alternates predicts it almost exactly.
+    let text = "ab".repeat(500);
+    assert!(ngram_nats(&text, "abababab", 2, 0.01) < 0.01);
+}

@@ -30,18 +30,13 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
-fn hidden_sizes(s: &str) -> Result<Vec<usize>, String> {
-    s.split(',')
-        .map(|p| match p.trim().parse::<usize>() {
-            Ok(0) | Err(_) => Err(format!("{s:?}: hidden sizes are positive integers, comma-separated (e.g. 128,64)")),
-            Ok(v) => Ok(v),
-        })
-        .collect()
-}
+/// The sequence models, trained by their own loop (kiln_models::lm) on text.
+const SEQUENCE_MODELS: [(&str, &str); 1] = [("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)")];
+const TEXT_DATASETS: [(&str, &str); 1] = [("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out")];
 
 fn model_list() -> String {
-    let models: String = kiln_models::MODELS.iter().map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
-    let data: String = kiln_data::DATASETS.iter().map(|(n, d)| format!("  {n:<14} {d}\n")).collect();
+    let models: String = kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
+    let data: String = kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|(n, d)| format!("  {n:<14} {d}\n")).collect();
     format!("Models:\n{models}\nData sets (bundled, real):\n{data}")
 }
 
@@ -49,11 +44,17 @@ fn model_list() -> String {
 #[command(after_help = model_list())]
 struct TrainArgs {
     /// Model to train (see the list below).
-    #[arg(value_parser = kiln_models::MODELS.map(|m| m.0))]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|m| m.0)))]
     model: String,
     /// Data set (see the list below).
-    #[arg(long, short, default_value = "digits", value_parser = kiln_data::DATASETS.map(|d| d.0))]
+    #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|d| d.0)))]
     dataset: String,
+    /// char-rnn: training steps [default: 600].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// char-rnn: the recurrent cell, lstm or gru [default: lstm].
+    #[arg(long, value_parser = ["lstm", "gru"])]
+    cell: Option<String>,
     /// Passes over the training split [default: per model].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
@@ -73,8 +74,8 @@ struct TrainArgs {
     #[arg(long)]
     schedule: Option<String>,
     /// Hidden layer sizes for mlp, e.g. 128 or 256,128.
-    #[arg(long, value_parser = hidden_sizes)]
-    hidden: Option<Vec<usize>>,
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..))]
+    hidden: Option<Vec<u64>>,
     /// Polynomial degree for polyreg.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=30))]
     degree: Option<u64>,
@@ -184,6 +185,21 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Text from a char-rnn checkpoint: the prefix, then `--length` characters drawn at `--temperature`.
+    Sample {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "Call me")]
+        prefix: String,
+        #[arg(long, default_value_t = 200)]
+        length: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Print a model's layers with output shapes and parameter counts (no GPU needed).
     Summary {
         /// lenet, alexnet, vgg16, vgg16_bn, resnet18/34/50, resnet20/32/56 (CIFAR), googlenet
@@ -223,6 +239,7 @@ fn main() {
 fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
+        Command::Sample { checkpoint, prefix, length, temperature, top_k, seed } => sample(&checkpoint, &prefix, length, temperature, top_k, seed),
         Command::Info { adapter } => info(adapter),
         Command::Bench { filter, models, sizes, batch, runs, budget_s, full, adapter, json } => {
             let base = if full { kiln_benches::suite::SuiteOptions::default() } else { kiln_benches::suite::SuiteOptions::quick() };
@@ -245,6 +262,52 @@ fn run() -> Result<()> {
         }
         Command::Eval { checkpoint, dataset, data_dir, adapter, json, predictions } => eval(checkpoint, dataset, data_dir, adapter, json, predictions),
     }
+}
+
+/// `kiln train char-rnn --dataset moby-dick`: the language model's own loop (kiln_models::lm).
+fn train_language_model(a: &TrainArgs) -> Result<()> {
+    if a.model != "char-rnn" || a.dataset != "moby-dick" {
+        bail!("{} trains on moby-dick, and moby-dick trains char-rnn (got {} on {})", if a.model == "char-rnn" { "char-rnn" } else { "a text data set" }, a.model, a.dataset);
+    }
+    let d = kiln_models::lm::CharLmConfig::default();
+    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.shape.hidden);
+    let layers = a.hidden.as_ref().map(|h| h.len()).unwrap_or(1);
+    let cell = if a.cell.as_deref() == Some("gru") { kiln_nn::CellKind::Gru } else { kiln_nn::CellKind::Lstm };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/char-rnn-moby-dick"));
+    let cfg = kiln_models::lm::CharLmConfig {
+        shape: kiln_models::lm::CharLmShape { cell, hidden, layers, ..d.shape },
+        steps: a.steps.unwrap_or(d.steps),
+        batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        out_dir: Some(out.clone()),
+        data_dir: a.data_dir.clone(),
+        ..d
+    };
+    eprintln!("kiln: training char-rnn ({:?}, hidden {hidden} x {layers}) on moby-dick with {}", cell, kiln_wgpu::gpu()?.adapter_name());
+    let bar = ProgressBar::new(cfg.steps);
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));
+    let r = kiln_models::lm::train_char_lm(&cfg, |p: &Progress| {
+        bar.set_position(p.step);
+        bar.set_message(format!("loss {:.3}  {:.0} windows/s", p.loss, p.samples_per_s));
+    })
+    .context("training char-rnn on moby-dick")?;
+    bar.finish();
+    println!("held-out loss {:.3} nats/char ({:.3} bits/char) over {} characters", r.held_out_nats_per_char, r.held_out_bits_per_char, r.held_out_chars);
+    println!("baselines: unigram {:.3}, add-k 5-gram {:.3} nats/char", r.unigram_nats_per_char, r.five_gram_nats_per_char);
+    println!("{} steps, {:.1} ms/step, {:.0} tokens/s, {} parameters; saved in {}", r.steps, r.ms_per_step, r.tokens_per_s, r.parameters, out.display());
+    println!("sample: Call me{}", r.sample);
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// `kiln sample`: text from a char-rnn checkpoint (and the vocab.json beside it).
+fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<()> {
+    let model = kiln_models::lm::load_char_lm(checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+    println!("{prefix}{}", model.sample(prefix, length, temperature, top_k, seed)?);
+    Ok(())
 }
 
 /// Set by the first Ctrl-C (the run saves where it is and stops after the current step); a second one exits
@@ -283,6 +346,9 @@ fn info(adapter: Option<String>) -> Result<()> {
 
 fn train(a: TrainArgs) -> Result<()> {
     kiln_wgpu::select_adapter(a.adapter.as_deref())?;
+    if SEQUENCE_MODELS.iter().any(|m| m.0 == a.model) || TEXT_DATASETS.iter().any(|d| d.0 == a.dataset) {
+        return train_language_model(&a);
+    }
     if let Some(dir) = &a.data_dir {
         if !dir.is_dir() {
             bail!("--data-dir {} is not a directory", dir.display());
@@ -299,7 +365,7 @@ fn train(a: TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         schedule,
         seed: a.seed,
-        hidden: a.hidden.clone(),
+        hidden: a.hidden.as_ref().map(|h| h.iter().map(|&v| v as usize).collect()),
         degree: a.degree.map(|v| v as usize),
         feature: a.feature,
         train_limit: a.train_limit.map(|v| v as usize),

@@ -257,3 +257,42 @@ fn what_a_pytorch_user_needs_predictions_tensor_names_normalisation_and_untraine
     assert_eq!(ca.get("features.0.weight").unwrap().shape, [6, 1, 5, 5]);
     assert_eq!(ca.metadata["kiln.trained"], "false");
 }
+
+#[test]
+fn char_rnn_trains_saves_its_vocabulary_and_samples_with_a_seed() {
+    let dir = temp_dir("char-rnn");
+    let o = kiln(&["train", "char-rnn", "--dataset", "moby-dick", "--steps", "4", "--hidden", "32", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["model"].as_str(), r["steps"].as_u64(), r["held_out_chars"].as_u64()), (Some("char-rnn"), Some(4), Some(20_000)));
+    for key in ["held_out_nats_per_char", "held_out_bits_per_char", "unigram_nats_per_char", "five_gram_nats_per_char", "tokens_per_s"] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
+    }
+    assert!(dir.join("vocab.json").exists() && dir.join("last.safetensors").exists());
+    let ck = dir.join("last.safetensors");
+    let sample = |prefix: &str, seed: &str| kiln(&["sample", "--checkpoint", ck.to_str().unwrap(), "--prefix", prefix, "--length", "30", "--seed", seed], &[]);
+    let (a, b) = (text(&sample("Call me", "5")).0, text(&sample("Call me", "5")).0);
+    assert_eq!(a, b, "the same seed, the same text");
+    assert!(a.starts_with("Call me") && a.trim_end().chars().count() >= 7, "{a}");
+    assert_clean_failure(&sample("Call me \u{1F40B}", "5"), "not in the vocabulary");
+    // A checkpoint without its vocabulary, and one of another model, are errors naming the problem.
+    std::fs::remove_file(dir.join("vocab.json")).unwrap();
+    assert_clean_failure(&sample("Call me", "5"), "vocab.json");
+    let other = temp_dir("char-rnn-other");
+    let o = kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", other.to_str().unwrap()], &[]);
+    assert!(o.status.success());
+    assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn checkpoint");
+    assert_clean_failure(&kiln(&["train", "char-rnn", "--dataset", "iris"], &[]), "char-rnn trains on moby-dick");
+}
+
+#[test]
+fn hidden_sizes_parse_and_bad_ones_are_clear_errors() {
+    // --hidden used to make clap panic (its parser returned a Vec into a field clap filled value by value).
+    let o = kiln(&["train", "mlp", "--dataset", "iris", "--hidden", "16,8", "--epochs", "1", "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["settings"]["hidden"], serde_json::json!([16, 8]));
+    assert_clean_failure(&kiln(&["train", "mlp", "--dataset", "iris", "--hidden", "0"], &[]), "--hidden");
+}
