@@ -159,6 +159,9 @@ fn cell_step(kind: CellKind, xp: &Tensor, h: &Tensor, c: Option<&Tensor>, w: &Rn
 /// directions * hidden] and the final state. `between` runs on each layer's output before the next layer
 /// (dropout in training).
 pub fn rnn_forward(kind: CellKind, x: &Tensor, state: Option<&RnnState>, weights: &[RnnWeights], directions: usize, between: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<(Tensor, RnnState)> {
+    if x.rank() != 3 || directions == 0 || weights.is_empty() || !weights.len().is_multiple_of(directions) || weights[0].w_hh.rank() != 2 {
+        return Err(shape_error("rnn_forward", x.shape(), &format!("expects x [t, n, in] and weights for each layer and each of {directions} directions (got {})", weights.len())));
+    }
     let (steps, n) = (x.shape()[0], x.shape()[1]);
     let hidden = weights[0].w_hh.shape()[1];
     let layers = weights.len() / directions;
