@@ -289,7 +289,8 @@ fn char_rnn_trains_saves_its_vocabulary_and_samples_with_a_seed() {
 #[test]
 fn hidden_sizes_parse_and_bad_ones_are_clear_errors() {
     // --hidden used to make clap panic (its parser returned a Vec into a field clap filled value by value).
-    let o = kiln(&["train", "mlp", "--dataset", "iris", "--hidden", "16,8", "--epochs", "1", "--json"], &[]);
+    let dir = temp_dir("hidden");
+    let o = kiln(&["train", "mlp", "--dataset", "iris", "--hidden", "16,8", "--epochs", "1", "--json", "--out", dir.to_str().unwrap()], &[]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
