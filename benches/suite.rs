@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 7] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "step"];
+pub const FAMILIES: [&str; 8] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "step"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -248,8 +248,16 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 7] =
-        [("matmul", matmul_family), ("conv", conv_family), ("pool", pool_family), ("softmax", softmax_family), ("elementwise", elementwise_family), ("reduce", reduce_family), ("step", step_family)];
+    let families: [Family; 8] = [
+        ("matmul", matmul_family),
+        ("conv", conv_family),
+        ("pool", pool_family),
+        ("softmax", softmax_family),
+        ("elementwise", elementwise_family),
+        ("reduce", reduce_family),
+        ("embedding", embedding_family),
+        ("step", step_family),
+    ];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
             eprintln!("kiln bench: {name}");
@@ -728,6 +736,40 @@ fn reduce_family(ctx: &mut Ctx) -> R<()> {
         let rec = ctx.base("reduce", &format!("sum over the {axis_name}"), &[rows, cols], "one output per invocation");
         let bytes = 4.0 * (rows * cols + outer * inner) as f64;
         ctx.measure(rec, bytes, true, &want, 1e-5, Some(ms), || Tensor::from_storage(kernels::reduce(x.storage(), outer, axis, inner, false, 1.0)?, &[outer * inner], kiln_graph::DType::F32))?;
+    }
+    Ok(())
+}
+
+// ---- embedding gradient ---------------------------------------------------------------------------------
+
+/// An embedding's backward (index_select along axis 0): the counting-sort kernels (O(ids x dim)) against the
+/// general kernel (O(rows x ids x dim)), for a character vocabulary and a word-sized one.
+fn embedding_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(17);
+    let (dim, m) = (64, 64 * 64);
+    for (name, rows) in [("chars", 87usize), ("words", 10_000)] {
+        let ids: Vec<u32> = (0..m).map(|_| rng.below(rows) as u32).collect();
+        let idx = Tensor::from_u32(&ids, &[m])?;
+        let (g, hg) = randn(&[m, dim], &mut rng)?;
+        let mut want = vec![0f32; rows * dim];
+        let ms = cpu_time(3, || {
+            want.fill(0.0);
+            for (j, &r) in ids.iter().enumerate() {
+                for d in 0..dim {
+                    want[r as usize * dim + d] += hg[j * dim + d];
+                }
+            }
+        });
+        let bytes = 4.0 * (2 * m * dim + rows * dim) as f64;
+        let shape = [rows, dim, m];
+        for general in [false, true] {
+            let rec = ctx.base("embedding", &format!("{name}: {rows} rows x {dim}, {m} ids, backward"), &shape, if general { "general" } else { "counting sort" });
+            let (gv, iv) = (g.storage().clone(), idx.storage().clone());
+            ctx.measure(rec, bytes, true, &want, 1e-4, Some(ms), || {
+                let out = if general { kernels::index_select_backward_general(&gv, &iv, 1, rows, dim, m)? } else { kernels::embedding_backward(&gv, &iv, rows, dim, m)? };
+                Tensor::from_storage(out, &[rows, dim], kiln_graph::DType::F32)
+            })?;
+        }
     }
     Ok(())
 }

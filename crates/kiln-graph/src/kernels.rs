@@ -812,6 +812,12 @@ pub fn index_select_backward(grad_out: &BufView, idx: &BufView, outer: usize, sr
     if outer == 1 && n_idx > 0 && src_axis <= EMBED_MAX && n_idx <= EMBED_MAX {
         return embedding_backward(grad_out, idx, src_axis, inner, n_idx);
     }
+    index_select_backward_general(grad_out, idx, outer, src_axis, inner, n_idx)
+}
+
+/// The general gradient of index_select: every output element loops over every index (O(outer x rows x inner x
+/// indices)); the benchmark times it beside the counting-sort path.
+pub fn index_select_backward_general(grad_out: &BufView, idx: &BufView, outer: usize, src_axis: usize, inner: usize, n_idx: usize) -> Result<BufView> {
     let n = outer * src_axis * inner;
     let y = out(grad_out, n, "index_select gradient")?;
     // Many indices run as several dispatches over index ranges, each adding to the gradient (LOOP_CHUNK).
