@@ -213,3 +213,44 @@ fn embedding_layer_pads_with_a_zero_row_that_never_trains() {
     assert!(err.contains("Embedding") && err.contains("U32"), "{err}");
     assert!(kiln_nn::Embedding::new(&mut VarStore::new(1), "e", 4, 2, Some(4)).is_err());
 }
+
+#[test]
+fn padding_never_changes_a_result() {
+    require_gpu();
+    let mut vs = VarStore::new(8);
+    let lstm = Rnn::new(&mut vs, "lstm", CellKind::Lstm, 3, 4, RnnConfig { num_layers: 2, bidirectional: true, ..Default::default() }).unwrap();
+    let gru = Rnn::new(&mut vs, "gru", CellKind::Gru, 3, 4, RnnConfig { bidirectional: true, ..Default::default() }).unwrap();
+    vs.finish().unwrap();
+    let mut rng = kiln_graph::Rng::new(12);
+    let (steps, lengths) = (5usize, [5usize, 3, 1]);
+    let n = lengths.len();
+    // Time-major [5, 3, 3]; the padding is random, not zero: it must not matter.
+    let x: Vec<f32> = (0..steps * n * 3).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    for rnn in [&lstm, &gru] {
+        let (out, state) = rnn.forward_lengths(&Tensor::from_slice(&x, &[steps, n, 3]).unwrap(), Some(&lengths), None).unwrap();
+        let (out, h) = (out.to_vec().unwrap(), state.h.to_vec().unwrap());
+        let width = 2 * 4;
+        for (i, &len) in lengths.iter().enumerate() {
+            // The same sequence alone, unpadded.
+            let alone: Vec<f32> = (0..len).flat_map(|t| x[(t * n + i) * 3..(t * n + i + 1) * 3].to_vec()).collect();
+            let (o1, s1) = rnn.forward(&Tensor::from_slice(&alone, &[len, 1, 3]).unwrap(), None).unwrap();
+            let (o1, h1) = (o1.to_vec().unwrap(), s1.h.to_vec().unwrap());
+            for t in 0..steps {
+                let got = &out[(t * n + i) * width..(t * n + i + 1) * width];
+                if t < len {
+                    let want: Vec<f64> = o1[t * width..(t + 1) * width].iter().map(|&v| v as f64).collect();
+                    kiln_tests::assert_close(&format!("{} sequence {i} step {t}", rnn.describe()), got, &want, 1e-5);
+                } else {
+                    assert!(got.iter().all(|&v| v == 0.0), "padding outputs are zero: {got:?}");
+                }
+            }
+            let layers_dirs = h.len() / (n * 4);
+            for k in 0..layers_dirs {
+                let got = &h[(k * n + i) * 4..(k * n + i + 1) * 4];
+                let want: Vec<f64> = h1[k * 4..(k + 1) * 4].iter().map(|&v| v as f64).collect();
+                kiln_tests::assert_close(&format!("{} final state {k} of sequence {i}", rnn.describe()), got, &want, 1e-5);
+            }
+        }
+    }
+    assert!(lstm.forward_lengths(&Tensor::from_slice(&x, &[steps, n, 3]).unwrap(), Some(&[5, 6, 1]), None).is_err(), "a length past the steps");
+}

@@ -159,6 +159,22 @@ fn cell_step(kind: CellKind, xp: &Tensor, h: &Tensor, c: Option<&Tensor>, w: &Rn
 /// directions * hidden] and the final state. `between` runs on each layer's output before the next layer
 /// (dropout in training).
 pub fn rnn_forward(kind: CellKind, x: &Tensor, state: Option<&RnnState>, weights: &[RnnWeights], directions: usize, between: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<(Tensor, RnnState)> {
+    rnn_forward_lengths(kind, x, None, state, weights, directions, between)
+}
+
+/// [`rnn_forward`] over a padded batch: sequence i has `lengths[i]` valid steps and its padding never changes a
+/// result, as with PyTorch's packed sequences. Past its end a sequence's state is held (so its final state is
+/// the one at its last step) and its outputs are zero; the reverse direction starts at each sequence's own
+/// last step.
+pub fn rnn_forward_lengths(
+    kind: CellKind,
+    x: &Tensor,
+    lengths: Option<&[usize]>,
+    state: Option<&RnnState>,
+    weights: &[RnnWeights],
+    directions: usize,
+    between: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, RnnState)> {
     if x.rank() != 3 || directions == 0 || weights.is_empty() || !weights.len().is_multiple_of(directions) || weights[0].w_hh.rank() != 2 {
         return Err(shape_error("rnn_forward", x.shape(), &format!("expects x [t, n, in] and weights for each layer and each of {directions} directions (got {})", weights.len())));
     }
@@ -174,6 +190,14 @@ pub fn rnn_forward(kind: CellKind, x: &Tensor, state: Option<&RnnState>, weights
         (CellKind::Lstm, Some(c)) => Some(c),
         (CellKind::Lstm, None) => Some(zeros()?),
         _ => None,
+    };
+    // keep[t] [n, 1]: 1 while step t is inside sequence i, 0 after its end.
+    let keep = match lengths {
+        Some(l) if l.len() != n || l.iter().any(|&len| len > steps) => {
+            return Err(shape_error("rnn_forward", x.shape(), &format!("lengths {l:?}: one per sequence, each at most the {steps} steps")));
+        }
+        Some(l) => Some(Tensor::from_slice_on(x.device(), &(0..steps * n).map(|i| (i / n < l[i % n]) as u8 as f32).collect::<Vec<_>>(), &[steps * n, 1])?),
+        None => None,
     };
     let mut input = x.clone();
     let (mut h_n, mut c_n) = (Vec::new(), Vec::new());
@@ -191,8 +215,19 @@ pub fn rnn_forward(kind: CellKind, x: &Tensor, state: Option<&RnnState>, weights
             let order: Vec<usize> = if dir == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
             for t in order {
                 let xt = xp.slice(0, t * n, n)?;
-                let (h2, c2) = cell_step(kind, &xt, &h, c.as_ref(), w, hidden)?;
-                hs[t] = Some(h2.reshape(&[1, n, hidden])?);
+                let (mut h2, mut c2) = cell_step(kind, &xt, &h, c.as_ref(), w, hidden)?;
+                let mut out = h2.clone();
+                if let Some(k) = &keep {
+                    // Inside a sequence the step's state; past its end the state before it, and a zero output.
+                    let m = k.slice(0, t * n, n)?;
+                    h2 = h.add(&h2.sub(&h)?.broadcast_mul(&m)?)?;
+                    c2 = match (c2, &c) {
+                        (Some(new), Some(old)) => Some(old.add(&new.sub(old)?.broadcast_mul(&m)?)?),
+                        (c2, _) => c2,
+                    };
+                    out = out.broadcast_mul(&m)?;
+                }
+                hs[t] = Some(out.reshape(&[1, n, hidden])?);
                 (h, c) = (h2, c2);
             }
             let hs: Vec<Tensor> = hs.into_iter().map(|h| h.expect("every step ran")).collect();
@@ -278,6 +313,11 @@ impl Rnn {
     /// x [t, n, input] ([n, t, input] with `batch_first`) and an optional initial state -> the last layer's
     /// outputs [t, n, directions * hidden] (or batch first) and the final state.
     pub fn forward(&self, x: &Tensor, state: Option<&RnnState>) -> Result<(Tensor, RnnState)> {
+        self.forward_lengths(x, None, state)
+    }
+
+    /// [`Rnn::forward`] of a padded batch whose sequence i has `lengths[i]` steps (see `rnn_forward_lengths`).
+    pub fn forward_lengths(&self, x: &Tensor, lengths: Option<&[usize]>, state: Option<&RnnState>) -> Result<(Tensor, RnnState)> {
         if x.rank() != 3 || x.shape()[2] != self.input_size {
             return Err(shape_error(&self.describe(), x.shape(), "expects x [t, n, input_size] ([n, t, input_size] with batch_first)"));
         }
@@ -299,7 +339,7 @@ impl Rnn {
             layer_index.set(i + 1);
             crate::module::Layer::forward(&self.dropouts[i], t)
         };
-        let (out, state) = rnn_forward(self.kind, &x, state, &weights, self.directions(), &between)?;
+        let (out, state) = rnn_forward_lengths(self.kind, &x, lengths, state, &weights, self.directions(), &between)?;
         Ok((if self.config.batch_first { out.transpose(0, 1)? } else { out }, state))
     }
 }
