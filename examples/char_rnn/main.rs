@@ -33,10 +33,7 @@ pub fn train(steps: usize, eval_chars: usize, seed: u64) -> kiln::graph::Result<
     let mut trainer = Trainer::new(steps.div_ceil(loader.len()), steps as u64);
     trainer.max_steps = Some(steps as u64);
     let step = |batch: &HostBatch, _: u64| {
-        let t = batch.upload()?;
-        let n = t[0].numel();
-        let (logits, _) = model.forward(&t[0], None)?;
-        let l = loss::cross_entropy(&logits, &t[2].reshape(&[n])?)?;
+        let l = model.batch_loss(batch)?;
         opt.step(&vs, &l.backward()?)?;
         Ok(StepValues { loss: l, correct: None })
     };

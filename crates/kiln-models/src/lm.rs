@@ -60,16 +60,22 @@ impl CharLm {
         Ok((self.head.forward(&h.reshape(&[n * t, self.rnn.hidden_size])?)?, state))
     }
 
+    /// The mean next-character cross-entropy of a collated batch ("tokens" [n, t], "targets" [n, t]: PadSequences).
+    pub fn batch_loss(&self, batch: &HostBatch) -> Result<Tensor> {
+        let t = batch.upload()?;
+        let (logits, _) = self.forward(&t[0], None)?;
+        loss::cross_entropy(&logits, &t[2].reshape(&[t[2].numel()])?)
+    }
+
     /// Mean cross-entropy in nats per character over `text`, in windows of `len`.
     pub fn nats_per_char(&self, text: &str, len: usize) -> Result<f64> {
         let windows = CharWindows::new(self.vocab.encode(text), len).map_err(data_err)?;
         let loader = DataLoader::new(windows, PadSequences::default(), LoaderOptions { batch_size: 64, ..Default::default() }).map_err(data_err)?;
         let (mut sum, mut count) = (0.0, 0usize);
         for batch in loader.epoch(0) {
-            let t = batch.map_err(data_err)?.upload()?;
-            let n = t[0].numel();
-            let (logits, _) = no_grad(|| self.forward(&t[0], None))?;
-            sum += no_grad(|| loss::cross_entropy(&logits, &t[2].reshape(&[n])?))?.to_scalar()? as f64 * n as f64;
+            let batch = batch.map_err(data_err)?;
+            let n = batch.len() * len;
+            sum += no_grad(|| self.batch_loss(&batch))?.to_scalar()? as f64 * n as f64;
             count += n;
         }
         Ok(sum / count.max(1) as f64)
@@ -186,10 +192,7 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
     let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
     trainer.max_steps = Some(cfg.steps);
     let step = |batch: &HostBatch, _: u64| {
-        let t = batch.upload()?;
-        let n = t[0].numel();
-        let (logits, _) = model.forward(&t[0], None)?;
-        let l = loss::cross_entropy(&logits, &t[2].reshape(&[n])?)?;
+        let l = model.batch_loss(batch)?;
         opt.step(&vs, &l.backward()?)?;
         Ok(StepValues { loss: l, correct: None })
     };
