@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 8] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "step"];
+pub const FAMILIES: [&str; 9] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "step"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -134,12 +134,22 @@ pub struct SuiteOptions {
     /// Models whose step shapes (and, under `step`, whole steps) are timed.
     pub models: Vec<String>,
     pub batch: usize,
+    /// LSTM layers (batch, steps, hidden), timed forward + backward fused and composed.
+    pub lstm: Vec<(usize, usize, usize)>,
 }
 
 /// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
 impl Default for SuiteOptions {
     fn default() -> Self {
-        SuiteOptions { filter: Vec::new(), runs: 10, budget_s: 20.0, square: vec![256, 512, 1024, 2048], models: vec!["mlp".into(), "lenet".into(), "resnet20".into()], batch: 64 }
+        SuiteOptions {
+            filter: Vec::new(),
+            runs: 10,
+            budget_s: 20.0,
+            square: vec![256, 512, 1024, 2048],
+            models: vec!["mlp".into(), "lenet".into(), "resnet20".into()],
+            batch: 64,
+            lstm: vec![(64, 64, 256), (64, 64, 512)],
+        }
     }
 }
 
@@ -147,7 +157,7 @@ impl SuiteOptions {
     /// What `kiln bench` runs without `--full`: every family and kernel variant, on two square sizes and the
     /// MLP's and LeNet-5's step shapes, records of up to 3 s (about a minute on lavapipe).
     pub fn quick() -> SuiteOptions {
-        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], ..SuiteOptions::default() }
+        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], lstm: vec![(32, 64, 128)], ..SuiteOptions::default() }
     }
 }
 
@@ -248,7 +258,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 8] = [
+    let families: [Family; 9] = [
         ("matmul", matmul_family),
         ("conv", conv_family),
         ("pool", pool_family),
@@ -256,6 +266,7 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         ("elementwise", elementwise_family),
         ("reduce", reduce_family),
         ("embedding", embedding_family),
+        ("recurrent", recurrent_family),
         ("step", step_family),
     ];
     for (name, run) in families {
@@ -769,6 +780,53 @@ fn embedding_family(ctx: &mut Ctx) -> R<()> {
                 let out = if general { kernels::index_select_backward_general(&gv, &iv, 1, rows, dim, m)? } else { kernels::embedding_backward(&gv, &iv, rows, dim, m)? };
                 Tensor::from_storage(out, &[rows, dim], kiln_graph::DType::F32)
             })?;
+        }
+    }
+    Ok(())
+}
+
+// ---- recurrent layers ---------------------------------------------------------------------------------
+
+/// An LSTM layer (input size = hidden) forward and backward over a batch of sequences: the fused pass
+/// (recurrent.wgsl: per step the recurrent matmul and one cell kernel each way) against the same equations in
+/// composed ops. Its outputs are checked against the f64 reference (cpu::rnn_sequence after the input
+/// projection), whose forward time gives the CPU rate (per FLOP, so the rates compare).
+fn recurrent_family(ctx: &mut Ctx) -> R<()> {
+    use kiln_graph::cpu::CpuTensor;
+    use kiln_graph::rnn::CellKind;
+    let mut rng = Rng::new(23);
+    for (n, steps, hidden) in ctx.opts.lstm.clone() {
+        let (gh, rows) = (4 * hidden, steps * n);
+        let k = 1.0 / (hidden as f64).sqrt();
+        let mut param = |shape: &[usize]| -> R<(Tensor, Vec<f32>)> {
+            let t = Tensor::rand_uniform(shape, -k, k, &mut rng)?.var();
+            let h = t.to_vec()?;
+            Ok((t, h))
+        };
+        let ((x, hx), (w_ih, hw_ih), (w_hh, hw_hh), (b_ih, hb_ih), (b_hh, hb_hh)) = (param(&[steps, n, hidden])?, param(&[gh, hidden])?, param(&[gh, hidden])?, param(&[gh])?, param(&[gh])?);
+        let mut want = Vec::new();
+        let cpu_ms = cpu_time(1, || {
+            let xg: Vec<f64> = (0..rows * gh).map(|i| hb_ih[i % gh] as f64 + (0..hidden).map(|j| hx[(i / gh) * hidden + j] as f64 * hw_ih[(i % gh) * hidden + j] as f64).sum::<f64>()).collect();
+            let f = |v: &[f32], shape: &[usize]| CpuTensor::from_f32(v, shape);
+            let zeros = CpuTensor::new(vec![0.0; n * hidden], &[n, hidden]);
+            let (out, _, _) = kiln_graph::cpu::rnn_sequence(CellKind::Lstm, &CpuTensor::new(xg, &[rows, gh]), &f(&hw_hh, &[gh, hidden]), &f(&hb_hh, &[gh]), &zeros, Some(&zeros), None, false);
+            want = out.to_f32();
+        });
+        // Forward: input projection 2 rows in 4H + recurrent 2 rows H 4H; backward twice that.
+        let fwd_flops = 2.0 * (rows * hidden * gh) as f64 * 2.0;
+        let r = Tensor::rand_uniform(&[steps, n, hidden], -1.0, 1.0, &mut rng)?;
+        let weights = [kiln_nn::RnnWeights { w_ih: w_ih.clone(), w_hh: w_hh.clone(), b_ih: b_ih.clone(), b_hh: b_hh.clone() }];
+        for fused in [true, false] {
+            let variant = if fused { "fused cells" } else { "composed ops" };
+            let rec = ctx.base("recurrent", &format!("LSTM layer n {n}, {steps} steps, hidden {hidden}: fwd+bwd"), &[n, steps, hidden], variant);
+            kiln_nn::set_fusion(gpu()?, fused);
+            let res = ctx.measure(rec, 3.0 * fwd_flops, false, &want, 1e-3, Some(cpu_ms * 3.0), || {
+                let (out, _) = kiln_nn::rnn_forward(CellKind::Lstm, &x, None, &weights, 1, &|t| Ok(t.clone()))?;
+                out.mul(&r)?.sum_all()?.backward()?;
+                Ok(out.detach())
+            });
+            kiln_nn::set_fusion(gpu()?, true);
+            res?;
         }
     }
     Ok(())

@@ -77,3 +77,31 @@ fn cross_entropy_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     let is_label = select(0.0, 1.0, i - r * cp.classes == label);
     cb_dx[i] = cb_g[0] * (exp(cb_x[i] - cb_lse[r]) - is_label) / f32(cp.rows);
 }
+
+// ---- Target distributions for cross-entropy with an ignored label and label smoothing (PyTorch's
+// ignore_index and label_smoothing):
+//   ce_targets  q[r, j] = (1 - eps) * (j == label[r]) + eps / classes; a row whose label is `ignore` is all
+//               zero (it adds nothing to the loss and is not counted: the mean divides by sum(q)); a label
+//               outside [0, classes) that is not ignored makes its row NaN, as everywhere else.
+struct TargetParams { rows: u32, classes: u32, ignore: u32, has_ignore: u32, eps: f32, _pad0: u32, _pad1: u32, _pad2: u32 }
+
+@group(0) @binding(0) var<uniform> tp: TargetParams;
+@group(0) @binding(1) var<storage, read> tg_labels: array<u32>;
+@group(0) @binding(2) var<storage, read_write> tg_q: array<f32>;
+
+@compute @workgroup_size(WG)
+fn ce_targets(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= tp.rows * tp.classes) { return; }
+    let r = i / tp.classes;
+    let label = tg_labels[r];
+    if (tp.has_ignore != 0u && label == tp.ignore) {
+        tg_q[i] = 0.0;
+        return;
+    }
+    if (label >= tp.classes) {
+        tg_q[i] = bitcast<f32>(0x7fc00000u);
+        return;
+    }
+    tg_q[i] = select(0.0, 1.0 - tp.eps, i - r * tp.classes == label) + tp.eps / f32(tp.classes);
+}

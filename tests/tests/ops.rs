@@ -354,3 +354,47 @@ fn optimizer_updates_match_their_formulas() {
         });
     }
 }
+
+/// PyTorch's `ignore_index` and `label_smoothing`: the mean over the rows not ignored of -sum_j q_j log p_j,
+/// q = (1 - eps) one_hot + eps / classes, against the f64 formula and finite differences.
+#[test]
+fn cross_entropy_ignores_a_label_and_smooths_like_pytorch() {
+    let mut rng = kiln_tests::test_rng("cross entropy options");
+    for (classes, eps, ignore) in [(7usize, 0.1f32, Some(0u32)), (5, 0.0, Some(3)), (9, 0.25, None), (4, 0.2, Some(u32::MAX))] {
+        let n = 3 + rng.below(20);
+        let mut labels: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
+        if let Some(i) = ignore {
+            labels[0] = i;
+            labels[n - 1] = i;
+        }
+        let gl = Tensor::from_u32(&labels, &[n]).unwrap();
+        let opts = loss::CrossEntropyOptions { ignore_index: ignore, label_smoothing: eps };
+        let reference = |x: &CpuTensor| -> f64 {
+            let (mut total, mut counted) = (0.0, 0usize);
+            for (r, &l) in labels.iter().enumerate() {
+                if Some(l) == ignore {
+                    continue;
+                }
+                let row = &x.data[r * classes..(r + 1) * classes];
+                let m = row.iter().cloned().fold(f64::MIN, f64::max);
+                let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                let q = |j: usize| (1.0 - eps as f64) * (j as u32 == l) as u8 as f64 + eps as f64 / classes as f64;
+                total -= (0..classes).map(|j| q(j) * (row[j] - lse)).sum::<f64>();
+                counted += 1;
+            }
+            total / counted as f64
+        };
+        check_op(
+            &format!("cross_entropy [{n},{classes}] eps {eps} ignore {ignore:?}"),
+            &[(&[n, classes], Domain::Any)],
+            |x| loss::cross_entropy_with(&x[0].scale(3.0)?, &gl, opts),
+            |x| CpuTensor::new(vec![reference(&x[0].unary(UnaryKind::Affine, 3.0, 0.0))], &[]),
+        );
+    }
+    // Every row ignored: 0 / 0, NaN, as PyTorch; a smoothing outside [0, 1] is an error.
+    let x = Tensor::randn(&[2, 3], 1.0, &mut rng).unwrap();
+    let all = Tensor::from_u32(&[1, 1], &[2]).unwrap();
+    assert!(loss::cross_entropy_with(&x, &all, loss::CrossEntropyOptions { ignore_index: Some(1), label_smoothing: 0.0 }).unwrap().to_scalar().unwrap().is_nan());
+    let err = loss::cross_entropy_with(&x, &all, loss::CrossEntropyOptions { ignore_index: None, label_smoothing: 1.5 }).expect_err("eps 1.5");
+    assert!(err.to_string().contains("label_smoothing"), "{err}");
+}

@@ -7,42 +7,7 @@ use kiln_graph::Tensor;
 use kiln_nn::{rnn_forward, CellKind, Module, Rnn, RnnConfig, RnnState, RnnWeights, VarStore};
 use kiln_tests::{check_op, require_gpu, Domain};
 
-fn sigmoid(v: f64) -> f64 {
-    1.0 / (1.0 + (-v).exp())
-}
-
-/// One cell step in f64: x [n, in], h, c [n, hidden]; weights w_ih [G*H, in], w_hh [G*H, H], b_ih, b_hh.
-#[allow(clippy::too_many_arguments)]
-fn cell(kind: CellKind, x: &[f64], h: &[f64], c: &[f64], w: &[Vec<f64>; 4], n: usize, input: usize, hidden: usize) -> (Vec<f64>, Vec<f64>) {
-    let g = kind.gates() * hidden;
-    let proj = |m: &[f64], v: &[f64], b: &[f64], width: usize, s: usize, row: usize| b[row] + (0..width).map(|k| m[row * width + k] * v[s * width + k]).sum::<f64>();
-    let (mut h2, mut c2) = (vec![0.0; n * hidden], vec![0.0; n * hidden]);
-    for s in 0..n {
-        let xp: Vec<f64> = (0..g).map(|r| proj(&w[0], x, &w[2], input, s, r)).collect();
-        let hp: Vec<f64> = (0..g).map(|r| proj(&w[1], h, &w[3], hidden, s, r)).collect();
-        for j in 0..hidden {
-            let at = s * hidden + j;
-            match kind {
-                CellKind::Tanh => h2[at] = (xp[j] + hp[j]).tanh(),
-                CellKind::Lstm => {
-                    let gate = |k: usize| xp[k * hidden + j] + hp[k * hidden + j];
-                    let (i, f, gg, o) = (sigmoid(gate(0)), sigmoid(gate(1)), gate(2).tanh(), sigmoid(gate(3)));
-                    c2[at] = f * c[at] + i * gg;
-                    h2[at] = o * c2[at].tanh();
-                }
-                CellKind::Gru => {
-                    let r = sigmoid(xp[j] + hp[j]);
-                    let z = sigmoid(xp[hidden + j] + hp[hidden + j]);
-                    let nn = (xp[2 * hidden + j] + r * hp[2 * hidden + j]).tanh();
-                    h2[at] = (1.0 - z) * nn + z * h[at];
-                }
-            }
-        }
-    }
-    (h2, c2)
-}
-
-/// The stacked, bidirectional RNN in f64, PyTorch's way: outputs [t, n, D*H], h_n and c_n [L*D, n, H].
+/// The stacked, bidirectional RNN in f64, PyTorch's way (each layer and direction by the op's f64 reference): outputs [t, n, D*H], h_n and c_n [L*D, n, H].
 #[allow(clippy::too_many_arguments)]
 fn reference(kind: CellKind, x: &[f64], steps: usize, n: usize, input: usize, hidden: usize, h0: &[f64], c0: &[f64], weights: &[[Vec<f64>; 4]], dirs: usize) -> Vec<f64> {
     let layers = weights.len() / dirs;
@@ -53,18 +18,30 @@ fn reference(kind: CellKind, x: &[f64], steps: usize, n: usize, input: usize, hi
         let mut out = vec![0.0; steps * n * dirs * hidden];
         for d in 0..dirs {
             let k = layer * dirs + d;
-            let mut h = h0[k * n * hidden..(k + 1) * n * hidden].to_vec();
-            let mut c = c0[k * n * hidden..(k + 1) * n * hidden].to_vec();
-            let order: Vec<usize> = if d == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
-            for t in order {
-                let xt = &inp[t * n * in_size..(t + 1) * n * in_size];
-                (h, c) = cell(kind, xt, &h, &c, &weights[k], n, in_size, hidden);
+            // Every step's input projection, then the layer's pass (the reference of rnn_sequence).
+            let g = kind.gates() * hidden;
+            let w = &weights[k];
+            let xg: Vec<f64> = (0..steps * n * g).map(|i| w[2][i % g] + (0..in_size).map(|j| w[0][(i % g) * in_size + j] * inp[(i / g) * in_size + j]).sum::<f64>()).collect();
+            let state = |v: &[f64]| CpuTensor::new(v[k * n * hidden..(k + 1) * n * hidden].to_vec(), &[n, hidden]);
+            let c0k = (kind == CellKind::Lstm).then(|| state(c0));
+            let (outs, h, c) = kiln_graph::cpu::rnn_sequence(
+                kind,
+                &CpuTensor::new(xg, &[steps * n, g]),
+                &CpuTensor::new(w[1].clone(), &[g, hidden]),
+                &CpuTensor::new(w[3].clone(), &[g]),
+                &state(h0),
+                c0k.as_ref(),
+                None,
+                d == 1,
+            );
+            for t in 0..steps {
                 for s in 0..n {
                     for j in 0..hidden {
-                        out[(t * n + s) * dirs * hidden + d * hidden + j] = h[s * hidden + j];
+                        out[(t * n + s) * dirs * hidden + d * hidden + j] = outs.data[(t * n + s) * hidden + j];
                     }
                 }
             }
+            let (h, c) = (h.data, c.map(|c| c.data).unwrap_or_default());
             h_n.extend(h);
             c_n.extend(c);
         }
@@ -253,4 +230,89 @@ fn padding_never_changes_a_result() {
         }
     }
     assert!(lstm.forward_lengths(&Tensor::from_slice(&x, &[steps, n, 3]).unwrap(), Some(&[5, 6, 1]), None).is_err(), "a length past the steps");
+}
+
+/// The fused pass (kiln_graph::rnn, recurrent.wgsl) on odd sizes against the CPU reference and finite
+/// differences: every input's gradient, through the outputs, the final h and the final c.
+fn check_sequence(kind: CellKind, lengths: Option<&[usize]>, reverse: bool) {
+    let (steps, n, hidden) = (5, 3, 7);
+    let gh = kind.gates() * hidden;
+    let lstm = kind == CellKind::Lstm;
+    let mut shapes: Vec<Vec<usize>> = vec![vec![steps * n, gh], vec![gh, hidden], vec![gh], vec![n, hidden]];
+    if lstm {
+        shapes.push(vec![n, hidden]);
+    }
+    let inputs: Vec<(&[usize], Domain)> = shapes.iter().map(|s| (&s[..], Domain::Any)).collect();
+    check_op(
+        &format!("rnn_sequence {kind:?} lengths {lengths:?} reverse {reverse}"),
+        &inputs,
+        |t| {
+            let s = kiln_graph::rnn::rnn_sequence(kind, &t[0], &t[1], &t[2], &t[3], t.get(4), lengths, reverse)?;
+            let mut parts = vec![s.outputs.reshape(&[steps * n * hidden])?, s.h_last.reshape(&[n * hidden])?];
+            if let Some(c) = s.c_last {
+                parts.push(c.reshape(&[n * hidden])?);
+            }
+            Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)
+        },
+        |t| {
+            let (out, h, c) = kiln_graph::cpu::rnn_sequence(kind, &t[0], &t[1], &t[2], &t[3], t.get(4), lengths, reverse);
+            let mut all = out.data;
+            all.extend(h.data);
+            all.extend(c.map(|c| c.data).unwrap_or_default());
+            let len = all.len();
+            CpuTensor::new(all, &[len])
+        },
+    );
+}
+
+#[test]
+fn fused_sequences_match_the_reference_and_finite_differences() {
+    for kind in [CellKind::Tanh, CellKind::Lstm, CellKind::Gru] {
+        check_sequence(kind, None, false);
+        check_sequence(kind, None, true);
+        // A sequence of length 0 keeps its initial state throughout.
+        check_sequence(kind, Some(&[5, 2, 0]), true);
+        check_sequence(kind, Some(&[1, 5, 3]), false);
+    }
+}
+
+#[test]
+fn fused_and_composed_sequences_agree_with_gradients_of_gradients() {
+    require_gpu();
+    let mut rng = kiln_tests::test_rng("fused_and_composed");
+    let (steps, n, hidden) = (12, 5, 33);
+    let lengths = [12, 7, 1, 12, 4];
+    for kind in [CellKind::Lstm, CellKind::Gru] {
+        let gh = kind.gates() * hidden;
+        let rand = |shape: &[usize], rng: &mut kiln_graph::Rng| Tensor::rand_uniform(shape, -0.5, 0.5, rng).unwrap().var();
+        let (xg, w, b, h0) = (rand(&[steps * n, gh], &mut rng), rand(&[gh, hidden], &mut rng), rand(&[gh], &mut rng), rand(&[n, hidden], &mut rng));
+        let c0 = (kind == CellKind::Lstm).then(|| rand(&[n, hidden], &mut rng));
+        let r = Tensor::rand_uniform(&[steps, n, hidden], -1.0, 1.0, &mut rng).unwrap();
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let f = if fused { kiln_graph::rnn::rnn_sequence } else { kiln_graph::rnn::rnn_sequence_composed };
+            let s = f(kind, &xg, &w, &b, &h0, c0.as_ref(), Some(&lengths), kind == CellKind::Gru).unwrap();
+            let mut loss = s.outputs.mul(&r).unwrap().sum_all().unwrap().add(&s.h_last.sum_all().unwrap()).unwrap();
+            if let Some(c) = &s.c_last {
+                loss = loss.add(&c.mul(c).unwrap().sum_all().unwrap()).unwrap();
+            }
+            // First-order gradients by the backward rule (the fused kernels when fused) ...
+            let g = loss.backward().unwrap();
+            let mut vals = vec![s.outputs.to_vec().unwrap()];
+            let mut leaves = vec![&xg, &w, &b, &h0];
+            leaves.extend(c0.as_ref());
+            vals.extend(leaves.iter().map(|t| g.get(t).expect("every input has a gradient").to_vec().unwrap()));
+            // ... and a gradient of a gradient (the fused op differentiated through its composite formula):
+            // |d loss / d xg|^2 differentiated by w_hh.
+            let g = loss.backward_create_graph().unwrap();
+            let gx = g.get(&xg).unwrap();
+            let gg = gx.mul(gx).unwrap().sum_all().unwrap().backward().unwrap();
+            vals.push(gg.get(&w).expect("w_hh reached").to_vec().unwrap());
+            vals
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (i, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            kiln_tests::assert_close(&format!("{kind:?} result {i}"), a, &want, 1e-4);
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The text corpora, the character vocabulary and next-character windows (the sequence models' data).
 
-use kiln_data::{load_first_names, load_moby_dick, split_tail, CharVocab, CharWindows, DataLoader, Dataset, HostData, LoaderOptions, PadSequences};
+use kiln_data::{load_first_names, load_moby_dick, split_tail, split_words, CharVocab, CharWindows, DataLoader, Dataset, HostData, LoaderOptions, PadSequences, WordSequences};
 
 #[test]
 fn moby_dick_and_the_names_load_as_shipped() {
@@ -67,4 +67,26 @@ fn ngram_baselines_follow_their_definition() {
     // A bigram model of a text that always alternates predicts it almost exactly.
     let text = "ab".repeat(500);
     assert!(ngram_nats(&text, "abababab", 2, 0.01) < 0.01);
+}
+
+#[test]
+fn words_split_by_seed_without_overlap_and_become_sos_eos_sequences() {
+    let names = load_first_names(None).unwrap();
+    let (train, held) = split_words(&names, 0.1, 42).unwrap();
+    let distinct: std::collections::HashSet<&String> = names.iter().collect();
+    assert_eq!(train.len() + held.len(), distinct.len(), "every distinct name once");
+    assert_eq!(held.len(), (distinct.len() as f64 * 0.1).round() as usize);
+    let train_set: std::collections::HashSet<&String> = train.iter().collect();
+    assert!(held.iter().all(|w| !train_set.contains(w)), "no name in both splits");
+    assert_eq!(split_words(&names, 0.1, 42).unwrap(), (train.clone(), held.clone()), "the same seed, the same split");
+    assert_ne!(split_words(&names, 0.1, 43).unwrap().1, held, "another seed, another split");
+    assert!(split_words(&names, 1.0, 42).is_err());
+
+    let vocab = CharVocab::from_text("Anab");
+    let words = WordSequences::new(&["Ana".to_string(), "Bab".to_string()], &vocab).unwrap();
+    let s = words.get(0).unwrap();
+    let ids = vocab.encode("Ana");
+    assert_eq!(s.tokens, [vec![CharVocab::SOS], ids.clone()].concat());
+    assert_eq!(s.targets.unwrap(), [ids, vec![CharVocab::EOS]].concat());
+    assert!(WordSequences::new(&["".to_string()], &vocab).is_err());
 }

@@ -31,8 +31,10 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 }
 
 /// The sequence models, trained by their own loop (kiln_models::lm) on text.
-const SEQUENCE_MODELS: [(&str, &str); 1] = [("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)")];
-const TEXT_DATASETS: [(&str, &str); 1] = [("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out")];
+const SEQUENCE_MODELS: [(&str, &str); 2] =
+    [("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"), ("names", "character-level GRU that generates first names (--cell, --steps)")];
+const TEXT_DATASETS: [(&str, &str); 2] =
+    [("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"), ("names", "8,849 English first names (female and male), a seeded 10% held out")];
 
 fn model_list() -> String {
     let models: String = kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
@@ -49,10 +51,10 @@ struct TrainArgs {
     /// Data set (see the list below).
     #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|d| d.0)))]
     dataset: String,
-    /// char-rnn: training steps [default: 600].
+    /// char-rnn and names: training steps [default: 600 and 1500].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
-    /// char-rnn: the recurrent cell, lstm or gru [default: lstm].
+    /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].
     #[arg(long, value_parser = ["lstm", "gru"])]
     cell: Option<String>,
     /// Passes over the training split [default: per model].
@@ -185,7 +187,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Text from a char-rnn checkpoint: the prefix, then `--length` characters drawn at `--temperature`.
+    /// Text from a char-rnn checkpoint: the prefix, then `--length` characters drawn at `--temperature`; from
+    /// a names checkpoint, `--count` names.
     Sample {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -199,6 +202,9 @@ enum Command {
         top_k: Option<usize>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// names: how many names.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
     },
     /// Print a model's layers with output shapes and parameter counts (no GPU needed).
     Summary {
@@ -239,7 +245,7 @@ fn main() {
 fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
-        Command::Sample { checkpoint, prefix, length, temperature, top_k, seed } => sample(&checkpoint, &prefix, length, temperature, top_k, seed),
+        Command::Sample { checkpoint, prefix, length, temperature, top_k, seed, count } => sample(&checkpoint, &prefix, length, temperature, top_k, seed, count),
         Command::Info { adapter } => info(adapter),
         Command::Bench { filter, models, sizes, batch, runs, budget_s, full, adapter, json } => {
             let base = if full { kiln_benches::suite::SuiteOptions::default() } else { kiln_benches::suite::SuiteOptions::quick() };
@@ -250,6 +256,7 @@ fn run() -> Result<()> {
                 square: if sizes.is_empty() { base.square } else { sizes.iter().map(|&s| s as usize).collect() },
                 models: if models.is_empty() { base.models } else { models },
                 batch: batch as usize,
+                lstm: base.lstm,
             };
             bench(&opts, adapter, json)
         }
@@ -264,15 +271,34 @@ fn run() -> Result<()> {
     }
 }
 
+/// The recurrent sizes a text model's flags ask for: (cell, hidden, layers), `--hidden 128,128` meaning two layers.
+fn recurrent_shape(a: &TrainArgs, default_cell: kiln_nn::CellKind, default_hidden: usize) -> (kiln_nn::CellKind, usize, usize) {
+    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(default_hidden);
+    let layers = a.hidden.as_ref().map(|h| h.len()).unwrap_or(1);
+    let cell = match a.cell.as_deref() {
+        Some("gru") => kiln_nn::CellKind::Gru,
+        Some("lstm") => kiln_nn::CellKind::Lstm,
+        _ => default_cell,
+    };
+    (cell, hidden, layers)
+}
+
+/// A bar over a run's steps, its message set by the caller.
+fn steps_bar(steps: u64) -> ProgressBar {
+    let bar = ProgressBar::new(steps);
+    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));
+    bar
+}
+
 /// `kiln train char-rnn --dataset moby-dick`: the language model's own loop (kiln_models::lm).
 fn train_language_model(a: &TrainArgs) -> Result<()> {
-    if a.model != "char-rnn" || a.dataset != "moby-dick" {
-        bail!("{} trains on moby-dick, and moby-dick trains char-rnn (got {} on {})", if a.model == "char-rnn" { "char-rnn" } else { "a text data set" }, a.model, a.dataset);
+    match (a.model.as_str(), a.dataset.as_str()) {
+        ("char-rnn", "moby-dick") => {}
+        ("names", "names") => return train_names(a),
+        (model, data) => bail!("char-rnn trains on moby-dick and names on names (got {model} on {data})"),
     }
     let d = kiln_models::lm::CharLmConfig::default();
-    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.shape.hidden);
-    let layers = a.hidden.as_ref().map(|h| h.len()).unwrap_or(1);
-    let cell = if a.cell.as_deref() == Some("gru") { kiln_nn::CellKind::Gru } else { kiln_nn::CellKind::Lstm };
+    let (cell, hidden, layers) = recurrent_shape(a, d.shape.cell, d.shape.hidden);
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/char-rnn-moby-dick"));
     let cfg = kiln_models::lm::CharLmConfig {
         shape: kiln_models::lm::CharLmShape { cell, hidden, layers, ..d.shape },
@@ -285,8 +311,7 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         ..d
     };
     eprintln!("kiln: training char-rnn ({:?}, hidden {hidden} x {layers}) on moby-dick with {}", cell, kiln_wgpu::gpu()?.adapter_name());
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));
+    let bar = steps_bar(cfg.steps);
     let r = kiln_models::lm::train_char_lm(&cfg, |p: &Progress| {
         bar.set_position(p.step);
         bar.set_message(format!("loss {:.3}  {:.0} windows/s", p.loss, p.samples_per_s));
@@ -303,9 +328,48 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `kiln train names --dataset names`: the name generator (kiln_models::names).
+fn train_names(a: &TrainArgs) -> Result<()> {
+    let d = kiln_models::names::NamesConfig::default();
+    let (cell, hidden, layers) = recurrent_shape(a, d.shape.cell, d.shape.hidden);
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/names"));
+    let cfg = kiln_models::names::NamesConfig {
+        shape: kiln_models::lm::CharLmShape { cell, hidden, layers, ..d.shape },
+        steps: a.steps.unwrap_or(d.steps),
+        batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        out_dir: Some(out.clone()),
+        data_dir: a.data_dir.clone(),
+        ..d
+    };
+    eprintln!("kiln: training names ({:?}, hidden {hidden} x {layers}) with {}", cell, kiln_wgpu::gpu()?.adapter_name());
+    let bar = steps_bar(cfg.steps);
+    let r = kiln_models::names::train_names(&cfg, |p: &Progress| {
+        bar.set_position(p.step);
+        bar.set_message(format!("loss {:.3}  {:.0} names/s", p.loss, p.samples_per_s));
+    })
+    .context("training names")?;
+    bar.finish();
+    println!("held-out names: {:.3} nats/char ({:.3} bits/char) over {} names; add-k trigram {:.3}", r.held_out_nats_per_char, r.held_out_bits_per_char, r.held_out_names, r.trigram_nats_per_char);
+    println!("{} samples: {:.1}% new (not training names), {:.1}% held-out names, {:.1}% distinct", r.samples, 100.0 * r.new_share, 100.0 * r.held_out_share, 100.0 * r.distinct_share);
+    println!("{} steps, {:.1} ms/step, {} parameters; saved in {}", r.steps, r.ms_per_step, r.parameters, out.display());
+    println!("samples: {}", r.examples.join(", "));
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
 /// `kiln sample`: text from a char-rnn checkpoint (and the vocab.json beside it).
-fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<()> {
-    let model = kiln_models::lm::load_char_lm(checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature: f32, top_k: Option<usize>, seed: u64, count: usize) -> Result<()> {
+    let (kind, model) = kiln_models::lm::load_text_model(checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+    if kind == "names" {
+        for name in kiln_models::names::sample_words(&model, count, temperature, seed, 24)? {
+            println!("{name}");
+        }
+        return Ok(());
+    }
     println!("{prefix}{}", model.sample(prefix, length, temperature, top_k, seed)?);
     Ok(())
 }

@@ -282,8 +282,28 @@ fn char_rnn_trains_saves_its_vocabulary_and_samples_with_a_seed() {
     let other = temp_dir("char-rnn-other");
     let o = kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", other.to_str().unwrap()], &[]);
     assert!(o.status.success());
-    assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn checkpoint");
+    assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn or names checkpoint");
     assert_clean_failure(&kiln(&["train", "char-rnn", "--dataset", "iris"], &[]), "char-rnn trains on moby-dick");
+}
+
+#[test]
+fn names_trains_reports_novelty_and_samples_names() {
+    let dir = temp_dir("names");
+    let o = kiln(&["train", "names", "--dataset", "names", "--steps", "3", "--hidden", "16", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["model"].as_str(), r["steps"].as_u64(), r["samples"].as_u64()), (Some("names"), Some(3), Some(1000)));
+    assert!(r["train_names"].as_u64().unwrap() > 7000 && r["held_out_names"].as_u64().unwrap() > 700, "{r}");
+    for key in ["held_out_nats_per_char", "trigram_nats_per_char", "new_share", "distinct_share"] {
+        assert!(r[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {r}");
+    }
+    let ck = dir.join("last.safetensors");
+    let sample = |seed: &str| text(&kiln(&["sample", "--checkpoint", ck.to_str().unwrap(), "--count", "5", "--seed", seed], &[])).0;
+    let a = sample("4");
+    assert_eq!(a, sample("4"), "the same seed, the same names");
+    assert_eq!(a.lines().count(), 5, "{a}");
+    assert_clean_failure(&kiln(&["train", "names", "--dataset", "moby-dick"], &[]), "names on names");
 }
 
 #[test]

@@ -180,3 +180,58 @@ pub fn split_tail(text: &str, fraction: f64) -> Result<(&str, &str)> {
     let at = text.char_indices().nth(keep).map(|(b, _)| b).unwrap_or(text.len());
     Ok(text.split_at(at))
 }
+
+/// Whole words as sequences for a generator: word w becomes tokens `<sos> w` and targets `w <eos>`, so the
+/// model learns where words start and end. Batched with `PadSequences` (padding `<pad>`, which a loss with
+/// `ignore_index` = `<pad>` leaves out).
+pub struct WordSequences {
+    words: Vec<Vec<u32>>,
+}
+
+impl WordSequences {
+    /// Each word encoded with `vocab` (characters outside it become `<unk>`). An empty word is an error.
+    pub fn new(words: &[String], vocab: &CharVocab) -> Result<WordSequences> {
+        if let Some(i) = words.iter().position(|w| w.is_empty()) {
+            return Err(DataError::Invalid(format!("word {i} is empty")));
+        }
+        Ok(WordSequences { words: words.iter().map(|w| vocab.encode(w)).collect() })
+    }
+}
+
+impl Dataset for WordSequences {
+    type Sample = Sequence;
+    fn len(&self) -> usize {
+        self.words.len()
+    }
+    fn get(&self, i: usize) -> Result<Sequence> {
+        let w = self.words.get(i).ok_or_else(|| DataError::Invalid(format!("word {i} of {}", self.words.len())))?;
+        let tokens = std::iter::once(CharVocab::SOS).chain(w.iter().copied()).collect();
+        let targets = w.iter().copied().chain(std::iter::once(CharVocab::EOS)).collect();
+        Ok(Sequence { tokens, targets: Some(targets) })
+    }
+}
+
+/// Distinct words (first occurrence kept) split by a seeded shuffle into (train, held out), the held-out share
+/// `fraction`: no word is in both.
+pub fn split_words(words: &[String], fraction: f64, seed: u64) -> Result<(Vec<String>, Vec<String>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(DataError::Invalid(format!("held-out fraction {fraction} must be in [0, 1)")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut distinct: Vec<String> = words.iter().filter(|w| seen.insert(w.as_str())).cloned().collect();
+    // Fisher-Yates with a SplitMix64 stream: the split depends on the seed alone.
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for i in (1..distinct.len()).rev() {
+        distinct.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    let held = (distinct.len() as f64 * fraction).round() as usize;
+    let train = distinct.split_off(held);
+    Ok((train, distinct))
+}

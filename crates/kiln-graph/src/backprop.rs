@@ -61,6 +61,8 @@ pub enum Op {
     /// Recorded only by `backward_create_graph`: index_select's gradient from (grad_y, indices), axis, the
     /// input's shape.
     IndexSelectGrad(Tensor, Tensor, usize, Vec<usize>),
+    /// A recurrent layer's pass over its steps (rnn.rs): the states at every step boundary.
+    RnnSequence(Box<crate::rnn::RnnSaved>),
 }
 
 impl Op {
@@ -93,6 +95,7 @@ impl Op {
             Op::MaxPool2dGrad(..) => "max_pool2d gradient",
             Op::MaxPool2dGather(..) => "max_pool2d gather",
             Op::IndexSelectGrad(..) => "index_select gradient",
+            Op::RnnSequence(..) => "rnn_sequence",
         };
         name.to_string()
     }
@@ -118,6 +121,7 @@ impl Op {
             Op::Concat(xs, _) => xs.iter().collect(),
             Op::BatchNorm(x, gamma, beta, ..) => vec![x, gamma, beta],
             Op::CrossEntropy(logits, ..) => vec![logits],
+            Op::RnnSequence(s) => s.inputs(),
         }
     }
 }
@@ -327,6 +331,7 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::Matmul(a, b, ta, tb) => matmul_grads(a, b, *ta, *tb, g)?,
         Op::BiasAct(x, bias, axis, act) => bias_act_grads(x, bias, *axis, *act, out, g)?,
         Op::BatchNorm(x, gamma, beta, stats, act, _) => batch_norm_grads(x, gamma, beta, stats, *act, out, g)?,
+        Op::RnnSequence(s) => crate::rnn::fused_grads(s, out, g)?,
         Op::CrossEntropy(logits, labels, lse) => {
             // dx = g * (softmax(x) - one_hot(label)) / rows, in one kernel.
             let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
@@ -507,6 +512,7 @@ fn recorded_input_grads<'a>(op: &'a Op, g: &Tensor) -> Result<Option<Vec<(&'a Te
             through_composite(&[x, bias], g, |t| composite_act(t[0].broadcast_add(&t[1].reshape(&channel_shape(t[0].rank(), axis, t[1].numel()))?)?, act))?
         }
         Op::BatchNorm(x, gamma, beta, _, act, eps) => through_composite(&[x, gamma, beta], g, |t| composite_batch_norm(&t[0], &t[1], &t[2], *eps, *act))?,
+        Op::RnnSequence(s) => through_composite(&s.inputs(), g, |t| crate::rnn::composite_of(s, t))?,
         Op::CrossEntropy(logits, labels, _) => {
             let one_hot = Tensor::one_hot(labels, logits.shape()[1])?;
             through_composite(&[logits], g, |t| crate::loss::cross_entropy_one_hot(&t[0], &one_hot))?

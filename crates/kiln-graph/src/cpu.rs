@@ -358,3 +358,60 @@ impl CpuTensor {
         -labels.iter().enumerate().map(|(i, &l)| logp.data.get(i * classes + l as usize).copied().filter(|_| (l as usize) < classes).unwrap_or(f64::NAN)).sum::<f64>() / labels.len() as f64
     }
 }
+
+/// The reference of `rnn::rnn_sequence`: one layer and direction of a recurrent net over T steps. xg [T * n,
+/// G * H] (every step's x W_ih^T + b_ih), w_hh [G * H, H], b_hh [G * H], h0 and c0 (an LSTM's) [n, H]; past
+/// `lengths[i]` steps sequence i's state is held. Returns the h of every step in time order [T, n, H], the
+/// final h and, for an LSTM, the final c, each [n, H].
+#[allow(clippy::too_many_arguments)]
+pub fn rnn_sequence(
+    kind: crate::rnn::CellKind,
+    xg: &CpuTensor,
+    w_hh: &CpuTensor,
+    b_hh: &CpuTensor,
+    h0: &CpuTensor,
+    c0: Option<&CpuTensor>,
+    lengths: Option<&[usize]>,
+    reverse: bool,
+) -> (CpuTensor, CpuTensor, Option<CpuTensor>) {
+    use crate::rnn::CellKind;
+    let (n, hidden) = (h0.shape[0], h0.shape[1]);
+    let gh = kind.gates() * hidden;
+    let steps = xg.shape[0] / n;
+    let (mut h, mut c) = (h0.data.clone(), c0.map(|c| c.data.clone()).unwrap_or_else(|| vec![0.0; n * hidden]));
+    let mut out = vec![0.0; steps * n * hidden];
+    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+    for t in order {
+        for s in 0..n {
+            if lengths.is_some_and(|l| t >= l[s]) {
+                out[(t * n + s) * hidden..(t * n + s + 1) * hidden].copy_from_slice(&h[s * hidden..(s + 1) * hidden]);
+                continue;
+            }
+            let xp = &xg.data[(t * n + s) * gh..(t * n + s + 1) * gh];
+            let hp: Vec<f64> = (0..gh).map(|r| b_hh.data[r] + (0..hidden).map(|k| w_hh.data[r * hidden + k] * h[s * hidden + k]).sum::<f64>()).collect();
+            let mut h2 = vec![0.0; hidden];
+            for j in 0..hidden {
+                let at = s * hidden + j;
+                match kind {
+                    CellKind::Tanh => h2[j] = (xp[j] + hp[j]).tanh(),
+                    CellKind::Lstm => {
+                        let gate = |k: usize| xp[k * hidden + j] + hp[k * hidden + j];
+                        let (i, f, g, o) = (sigmoid(gate(0)), sigmoid(gate(1)), gate(2).tanh(), sigmoid(gate(3)));
+                        c[at] = f * c[at] + i * g;
+                        h2[j] = o * c[at].tanh();
+                    }
+                    CellKind::Gru => {
+                        let r = sigmoid(xp[j] + hp[j]);
+                        let z = sigmoid(xp[hidden + j] + hp[hidden + j]);
+                        let nn = (xp[2 * hidden + j] + r * hp[2 * hidden + j]).tanh();
+                        h2[j] = (1.0 - z) * nn + z * h[at];
+                    }
+                }
+            }
+            h[s * hidden..(s + 1) * hidden].copy_from_slice(&h2);
+            out[(t * n + s) * hidden..(t * n + s + 1) * hidden].copy_from_slice(&h2);
+        }
+    }
+    let c_last = (kind == CellKind::Lstm).then(|| CpuTensor::new(c, &[n, hidden]));
+    (CpuTensor::new(out, &[steps, n, hidden]), CpuTensor::new(h, &[n, hidden]), c_last)
+}

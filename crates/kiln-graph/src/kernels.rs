@@ -32,10 +32,11 @@ shader!(POOL, "pool.wgsl");
 shader!(AUGMENT, "augment.wgsl");
 shader!(ANOMALY, "anomaly.wgsl");
 shader!(EMBEDDING, "embedding.wgsl");
+shader!(RECURRENT, "recurrent.wgsl");
 pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 14] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING];
+pub static ALL_SHADERS: [&Shader; 15] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING, &RECURRENT];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
@@ -383,6 +384,15 @@ pub fn cross_entropy_backward(g: &BufView, x: &BufView, labels: &BufView, lse: &
     let p = Params::new().u32(rows).u32(classes).u32(0).u32(0);
     launch(&SOFTMAX, "cross_entropy_backward", &[], p, &[g, x, labels, lse], &[&dx], grid_1d((rows * classes) as u64, 64))?;
     Ok(dx)
+}
+
+/// Cross-entropy target distributions [rows, classes] (softmax.wgsl's ce_targets): the label's class at
+/// 1 - eps plus eps / classes everywhere; rows labelled `ignore` all zero.
+pub fn ce_targets(labels: &BufView, rows: usize, classes: usize, ignore: Option<u32>, eps: f32) -> Result<BufView> {
+    let q = out(labels, rows * classes, "cross-entropy targets")?;
+    let p = Params::new().u32(rows).u32(classes).u32(ignore.unwrap_or(0) as usize).u32(ignore.is_some() as usize).f32(eps).u32(0).u32(0).u32(0);
+    launch(&SOFTMAX, "ce_targets", &[], p, &[labels], &[&q], grid_1d((rows * classes) as u64, 64))?;
+    Ok(q)
 }
 
 /// The matmul kernels of matmul.wgsl. `Subgroup(rows)` gives each lane `rows` rows (8, 16 or 32).
@@ -921,4 +931,40 @@ pub fn optimizer_step(rule: UpdateRule, params: &BufView, grads: &BufView, state
         return Ok(());
     }
     launch(&OPTIM, entry, &[], make_params(n, decay_end), &[grads], &[params, state1, state2], grid_1d(n as u64, WG))
+}
+
+/// recurrent.wgsl's params for step `t` of a pass.
+fn rnn_params(g: &crate::rnn::SeqGeom, t: usize, has_len: bool, dstride: usize) -> Params {
+    let (before, after) = g.slots(t);
+    Params::new().u32(g.n).u32(g.hidden).u32(t).u32(has_len as usize).u32(before * g.slot).u32(after * g.slot).u32(g.kind.acts_width(g.hidden)).u32(dstride)
+}
+
+/// One fused recurrent step forward (recurrent.wgsl): xg [T * n, GH], hg = h W_hh^T [n, GH], b_hh [GH],
+/// lens [n] -> the state slot after step t in `states`, the step's activations in `acts`.
+#[allow(clippy::too_many_arguments)]
+pub fn rnn_step_forward(g: &crate::rnn::SeqGeom, t: usize, xg: &BufView, hg: &BufView, b_hh: &BufView, lens: &BufView, has_len: bool, states: &BufView, acts: &BufView) -> Result<()> {
+    let p = rnn_params(g, t, has_len, 0);
+    launch(&RECURRENT, "rnn_forward", &[("KIND", g.kind.code() as f64)], p, &[xg, hg, b_hh, lens], &[states, acts], grid_1d((g.n * g.hidden) as u64, WG))
+}
+
+/// One fused recurrent step backward (recurrent.wgsl): the gradients of step t's input and recurrent
+/// projections into row block t of `dxg` and `dhg` (blocks `dstride` apart); `carry` [2, n, H] holds the
+/// gradient passed straight to the state before (read, then overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn rnn_step_backward(
+    g: &crate::rnn::SeqGeom,
+    t: usize,
+    dstride: usize,
+    acts: &BufView,
+    states: &BufView,
+    g_states: &BufView,
+    dh_rec: &BufView,
+    lens: &BufView,
+    has_len: bool,
+    dxg: &BufView,
+    dhg: &BufView,
+    carry: &BufView,
+) -> Result<()> {
+    let p = rnn_params(g, t, has_len, dstride);
+    launch(&RECURRENT, "rnn_backward", &[("KIND", g.kind.code() as f64)], p, &[acts, states, g_states, dh_rec, lens], &[dxg, dhg, carry], grid_1d((g.n * g.hidden) as u64, WG))
 }

@@ -8,6 +8,7 @@
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
 //! cpu.rs       the f64 CPU reference of every op
+//! rnn.rs       a recurrent layer's pass over its steps as one op (fused cell kernels)
 //! anomaly.rs   NaN/infinity detection per op (a watch per training step)
 //! custom.rs    the open op set: CustomOp (an outside crate's op with its own kernels), launch
 //! gradcheck.rs the public gradient check (GPU vs CPU reference, backward vs finite differences)
@@ -29,6 +30,7 @@ pub mod kernels;
 pub mod loss;
 mod ops;
 pub mod rng;
+pub mod rnn;
 pub mod shape;
 mod tensor;
 pub mod tune;

@@ -7,6 +7,7 @@
 pub mod cnn;
 pub mod linear_models;
 pub mod lm;
+pub mod names;
 pub mod overfeat;
 pub mod plot;
 pub mod registry;

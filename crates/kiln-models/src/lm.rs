@@ -67,6 +67,14 @@ impl CharLm {
         loss::cross_entropy(&logits, &t[2].reshape(&[t[2].numel()])?)
     }
 
+    /// [`CharLm::batch_loss`] with `<pad>` targets left out of the mean (batches of words of several lengths).
+    pub fn batch_loss_unpadded(&self, batch: &HostBatch) -> Result<Tensor> {
+        let t = batch.upload()?;
+        let (logits, _) = self.forward(&t[0], None)?;
+        let opts = loss::CrossEntropyOptions { ignore_index: Some(CharVocab::PAD), label_smoothing: 0.0 };
+        loss::cross_entropy_with(&logits, &t[2].reshape(&[t[2].numel()])?, opts)
+    }
+
     /// Mean cross-entropy in nats per character over `text`, in windows of `len`.
     pub fn nats_per_char(&self, text: &str, len: usize) -> Result<f64> {
         let windows = CharWindows::new(self.vocab.encode(text), len).map_err(data_err)?;
@@ -196,19 +204,7 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
         opt.step(&vs, &l.backward()?)?;
         Ok(StepValues { loss: l, correct: None })
     };
-    let evaluate = |t: crate::trainer::EpochTally| {
-        let mean = t.loss_sum / t.samples.max(1) as f64;
-        Ok(EpochRecord {
-            epoch: t.epoch,
-            train_loss: mean,
-            train_accuracy: f64::NAN,
-            dev_loss: mean,
-            dev_metric: -mean,
-            lr: cfg.lr,
-            seconds: started.elapsed().as_secs_f64(),
-            samples_per_s: t.samples as f64 / t.seconds.max(1e-9),
-        })
-    };
+    let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
     let fit = trainer.fit(&loader, step, evaluate)?;
     let nats = model.nats_per_char(&held_out, cfg.window)?;
     if let Some(dir) = &cfg.out_dir {
@@ -235,17 +231,23 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
 }
 
 fn save(vs: &VarStore, model: &CharLm, cfg: &CharLmConfig, dir: &Path) -> Result<()> {
+    save_text_model(vs, model, ("char-rnn", "moby-dick"), cfg.seed, dir)
+}
+
+/// `last.safetensors` (the sizes and the model's and data set's names in its metadata) and `vocab.json` in
+/// `dir`: what [`load_text_model`] reads back.
+pub(crate) fn save_text_model(vs: &VarStore, model: &CharLm, (name, dataset): (&str, &str), seed: u64, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: format!("cannot create the directory: {e}") })?;
     let mut ck = vs.to_checkpoint()?;
-    let s = cfg.shape;
+    let rnn = &model.rnn;
     for (k, v) in [
-        ("kiln.model", "char-rnn".to_string()),
-        ("kiln.dataset", "moby-dick".into()),
-        ("kiln.cell", if s.cell == CellKind::Gru { "gru" } else { "lstm" }.into()),
-        ("kiln.dim", s.dim.to_string()),
-        ("kiln.hidden", s.hidden.to_string()),
-        ("kiln.layers", s.layers.to_string()),
-        ("kiln.seed", cfg.seed.to_string()),
+        ("kiln.model", name.to_string()),
+        ("kiln.dataset", dataset.into()),
+        ("kiln.cell", if rnn.kind == CellKind::Gru { "gru" } else { "lstm" }.into()),
+        ("kiln.dim", model.embed.dim.to_string()),
+        ("kiln.hidden", rnn.hidden_size.to_string()),
+        ("kiln.layers", rnn.config.num_layers.to_string()),
+        ("kiln.seed", seed.to_string()),
     ] {
         ck.metadata.insert(k.into(), v);
     }
@@ -255,10 +257,20 @@ fn save(vs: &VarStore, model: &CharLm, cfg: &CharLmConfig, dir: &Path) -> Result
 
 /// A `char-rnn` checkpoint and the `vocab.json` beside it, rebuilt on the current device.
 pub fn load_char_lm(checkpoint_path: &Path) -> Result<CharLm> {
+    load_text_model(checkpoint_path).and_then(|(kind, m)| match kind.as_str() {
+        "char-rnn" => Ok(m),
+        _ => Err(KilnError::Checkpoint(format!("{}: not a char-rnn checkpoint (kiln.model is {kind:?})", checkpoint_path.display()))),
+    })
+}
+
+/// A `char-rnn` or `names` checkpoint (the same [`CharLm`] layout) and the `vocab.json` beside it: which model it
+/// is, and the model on the current device.
+pub fn load_text_model(checkpoint_path: &Path) -> Result<(String, CharLm)> {
     let ck = checkpoint::load(checkpoint_path).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
     let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
-    if meta("kiln.model") != "char-rnn" {
-        return Err(KilnError::Checkpoint(format!("{}: not a char-rnn checkpoint (kiln.model is {:?})", checkpoint_path.display(), meta("kiln.model"))));
+    let kind = meta("kiln.model");
+    if kind != "char-rnn" && kind != "names" {
+        return Err(KilnError::Checkpoint(format!("{}: not a char-rnn or names checkpoint (kiln.model is {kind:?})", checkpoint_path.display())));
     }
     let number = |k: &str| meta(k).parse::<usize>().map_err(|_| KilnError::Checkpoint(format!("{}: {k} is {:?}, not a size", checkpoint_path.display(), meta(k))));
     let cell = if meta("kiln.cell") == "gru" { CellKind::Gru } else { CellKind::Lstm };
@@ -270,5 +282,5 @@ pub fn load_char_lm(checkpoint_path: &Path) -> Result<CharLm> {
     vs.finish()?;
     // The vocabulary must be the one the weights were trained with: the embedding's rows say how many.
     vs.load_checkpoint(&checkpoint_path.display().to_string(), &ck, true, |_| true).map_err(|e| KilnError::Checkpoint(format!("{e} (does {} belong to this checkpoint?)", vocab_path.display())))?;
-    Ok(model)
+    Ok((kind, model))
 }

@@ -51,6 +51,24 @@ pub struct EpochRecord {
     pub samples_per_s: f64,
 }
 
+impl EpochRecord {
+    /// The record of a model trained without a dev split (the language models): the epoch's mean training loss
+    /// stands for the dev loss, its negative for the metric.
+    pub fn from_training_loss(t: &EpochTally, lr: f32, seconds_since_start: f64) -> EpochRecord {
+        let mean = t.loss_sum / t.samples.max(1) as f64;
+        EpochRecord {
+            epoch: t.epoch,
+            train_loss: mean,
+            train_accuracy: f64::NAN,
+            dev_loss: mean,
+            dev_metric: -mean,
+            lr,
+            seconds: seconds_since_start,
+            samples_per_s: t.samples as f64 / t.seconds.max(1e-9),
+        }
+    }
+}
+
 /// A training epoch's sums, for the evaluation at its end: mean loss and accuracy over the samples seen.
 #[derive(Clone, Copy, Debug)]
 pub struct EpochTally {

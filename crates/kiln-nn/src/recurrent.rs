@@ -3,6 +3,7 @@
 //! `nn.LSTM` and `nn.GRU` (stacked, bidirectional, batch-first, dropout between layers).
 
 use kiln_graph::kernels::BiasAct;
+use kiln_graph::rnn::rnn_sequence;
 use kiln_graph::{Result, Tensor};
 
 use crate::init::Init;
@@ -92,27 +93,7 @@ impl Module for LstmCell {
     }
 }
 
-/// The recurrent cell of an [`Rnn`] layer, with PyTorch's gate order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CellKind {
-    /// Elman RNN: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh).
-    Tanh,
-    /// LSTM, gates i, f, g, o (`nn.LSTM`).
-    Lstm,
-    /// GRU, gates r, z, n: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h (`nn.GRU`).
-    Gru,
-}
-
-impl CellKind {
-    /// Gate blocks stacked in the weights: 1, 4 or 3.
-    pub fn gates(self) -> usize {
-        match self {
-            CellKind::Tanh => 1,
-            CellKind::Lstm => 4,
-            CellKind::Gru => 3,
-        }
-    }
-}
+pub use kiln_graph::rnn::CellKind;
 
 /// One direction of one layer's weights: w_ih [G*H, in], w_hh [G*H, H], b_ih and b_hh [G*H].
 #[derive(Clone, Debug)]
@@ -129,29 +110,6 @@ pub struct RnnWeights {
 pub struct RnnState {
     pub h: Tensor,
     pub c: Option<Tensor>,
-}
-
-/// One step of a cell from the input's projection `xp` = x W_ih^T + b_ih ([n, G*H], computed for every step
-/// at once) and the state.
-fn cell_step(kind: CellKind, xp: &Tensor, h: &Tensor, c: Option<&Tensor>, w: &RnnWeights, hidden: usize) -> Result<(Tensor, Option<Tensor>)> {
-    let hp = h.matmul_t(&w.w_hh, false, true)?.bias_act(&w.b_hh, 1, BiasAct::Identity)?;
-    let part = |t: &Tensor, k: usize| t.slice(1, k * hidden, hidden);
-    match kind {
-        CellKind::Tanh => Ok((xp.add(&hp)?.tanh()?, None)),
-        CellKind::Lstm => {
-            let gates = xp.add(&hp)?;
-            let (i, f, g, o) = (part(&gates, 0)?.sigmoid()?, part(&gates, 1)?.sigmoid()?, part(&gates, 2)?.tanh()?, part(&gates, 3)?.sigmoid()?);
-            let c = f.mul(c.expect("an LSTM carries c"))?.add(&i.mul(&g)?)?;
-            Ok((o.mul(&c.tanh()?)?, Some(c)))
-        }
-        CellKind::Gru => {
-            let r = part(xp, 0)?.add(&part(&hp, 0)?)?.sigmoid()?;
-            let z = part(xp, 1)?.add(&part(&hp, 1)?)?.sigmoid()?;
-            let n = part(xp, 2)?.add(&r.mul(&part(&hp, 2)?)?)?.tanh()?;
-            // h' = (1 - z) * n + z * h = n + z * (h - n)
-            Ok((n.add(&z.mul(&h.sub(&n)?)?)?, None))
-        }
-    }
 }
 
 /// A stacked, optionally bidirectional RNN over x [t, n, in] (time first, as PyTorch's default), as a function
@@ -191,12 +149,12 @@ pub fn rnn_forward_lengths(
         (CellKind::Lstm, None) => Some(zeros()?),
         _ => None,
     };
-    // keep[t] [n, 1]: 1 while step t is inside sequence i, 0 after its end.
+    // keep [t, n, 1]: 1 while step t is inside sequence i, 0 after its end (outputs there are zero).
     let keep = match lengths {
         Some(l) if l.len() != n || l.iter().any(|&len| len > steps) => {
             return Err(shape_error("rnn_forward", x.shape(), &format!("lengths {l:?}: one per sequence, each at most the {steps} steps")));
         }
-        Some(l) => Some(Tensor::from_slice_on(x.device(), &(0..steps * n).map(|i| (i / n < l[i % n]) as u8 as f32).collect::<Vec<_>>(), &[steps * n, 1])?),
+        Some(l) => Some(Tensor::from_slice_on(x.device(), &(0..steps * n).map(|i| (i / n < l[i % n]) as u8 as f32).collect::<Vec<_>>(), &[steps, n, 1])?),
         None => None,
     };
     let mut input = x.clone();
@@ -209,35 +167,19 @@ pub fn rnn_forward_lengths(
             let in_size = input.shape()[2];
             // Every step's input projection in one product: [t * n, in] @ W_ih^T + b_ih.
             let xp = input.reshape(&[steps * n, in_size])?.matmul_t(&w.w_ih, false, true)?.bias_act(&w.b_ih, 1, BiasAct::Identity)?;
-            let mut h = h0.slice(0, k, 1)?.reshape(&[n, hidden])?;
-            let mut c = c0.as_ref().map(|c| c.slice(0, k, 1).and_then(|c| c.reshape(&[n, hidden]))).transpose()?;
-            let mut hs = vec![None; steps];
-            let order: Vec<usize> = if dir == 0 { (0..steps).collect() } else { (0..steps).rev().collect() };
-            for t in order {
-                let xt = xp.slice(0, t * n, n)?;
-                let (mut h2, mut c2) = cell_step(kind, &xt, &h, c.as_ref(), w, hidden)?;
-                let mut out = h2.clone();
-                if let Some(k) = &keep {
-                    // Inside a sequence the step's state; past its end the state before it, and a zero output.
-                    let m = k.slice(0, t * n, n)?;
-                    h2 = h.add(&h2.sub(&h)?.broadcast_mul(&m)?)?;
-                    c2 = match (c2, &c) {
-                        (Some(new), Some(old)) => Some(old.add(&new.sub(old)?.broadcast_mul(&m)?)?),
-                        (c2, _) => c2,
-                    };
-                    out = out.broadcast_mul(&m)?;
-                }
-                hs[t] = Some(out.reshape(&[1, n, hidden])?);
-                (h, c) = (h2, c2);
-            }
-            let hs: Vec<Tensor> = hs.into_iter().map(|h| h.expect("every step ran")).collect();
-            outputs.push(Tensor::concat(&hs.iter().collect::<Vec<_>>(), 0)?);
-            h_n.push(h.reshape(&[1, n, hidden])?);
-            if let Some(c) = c {
+            let h = h0.slice(0, k, 1)?.reshape(&[n, hidden])?;
+            let c = c0.as_ref().map(|c| c.slice(0, k, 1).and_then(|c| c.reshape(&[n, hidden]))).transpose()?;
+            let seq = rnn_sequence(kind, &xp, &w.w_hh, &w.b_hh, &h, c.as_ref(), lengths, dir == 1)?;
+            outputs.push(match &keep {
+                Some(k) => seq.outputs.broadcast_mul(k)?,
+                None => seq.outputs,
+            });
+            h_n.push(seq.h_last.reshape(&[1, n, hidden])?);
+            if let Some(c) = seq.c_last {
                 c_n.push(c.reshape(&[1, n, hidden])?);
             }
         }
-        input = Tensor::concat(&outputs.iter().collect::<Vec<_>>(), 2)?;
+        input = if directions == 1 { outputs.pop().expect("one direction") } else { Tensor::concat(&outputs.iter().collect::<Vec<_>>(), 2)? };
         if layer + 1 < layers {
             input = between(&input)?;
         }
