@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 9] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "step"];
+pub const FAMILIES: [&str; 10] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -136,6 +136,8 @@ pub struct SuiteOptions {
     pub batch: usize,
     /// LSTM layers (batch, steps, hidden), timed forward + backward fused and composed.
     pub lstm: Vec<(usize, usize, usize)>,
+    /// Attentions (batch x heads, sequence length), head size 64, causal and not, fused and composed.
+    pub attention: Vec<(usize, usize)>,
 }
 
 /// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
@@ -149,6 +151,7 @@ impl Default for SuiteOptions {
             models: vec!["mlp".into(), "lenet".into(), "resnet20".into()],
             batch: 64,
             lstm: vec![(64, 64, 256), (64, 64, 512)],
+            attention: vec![(64, 256), (64, 1024), (64, 4096)],
         }
     }
 }
@@ -157,7 +160,7 @@ impl SuiteOptions {
     /// What `kiln bench` runs without `--full`: every family and kernel variant, on two square sizes and the
     /// MLP's and LeNet-5's step shapes, records of up to 3 s (about a minute on lavapipe).
     pub fn quick() -> SuiteOptions {
-        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], lstm: vec![(32, 64, 128)], ..SuiteOptions::default() }
+        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], lstm: vec![(32, 64, 128)], attention: vec![(8, 256)], ..SuiteOptions::default() }
     }
 }
 
@@ -258,7 +261,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 9] = [
+    let families: [Family; 10] = [
         ("matmul", matmul_family),
         ("conv", conv_family),
         ("pool", pool_family),
@@ -267,6 +270,7 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         ("reduce", reduce_family),
         ("embedding", embedding_family),
         ("recurrent", recurrent_family),
+        ("attention", attention_family),
         ("step", step_family),
     ];
     for (name, run) in families {
@@ -827,6 +831,88 @@ fn recurrent_family(ctx: &mut Ctx) -> R<()> {
             });
             kiln_nn::set_fusion(gpu()?, true);
             res?;
+        }
+    }
+    Ok(())
+}
+
+// ---- attention ------------------------------------------------------------------------------------------
+
+/// Scaled dot-product attention forward and backward (batch x heads rows, head size 64), causal and not: the
+/// fused flash-style kernels against the composed ops (matmul, softmax, matmul, storing the [T, T] scores),
+/// time and the peak memory the pass allocates. Outputs are checked against the f64 reference on the first
+/// rows first (the whole reference is O(T^2 d) per row). The composed form is skipped where its scores alone
+/// would pass half the adapter's largest buffer.
+fn attention_family(ctx: &mut Ctx) -> R<()> {
+    use kiln_graph::attention::{attention_composed, attention_fused};
+    let g = gpu()?;
+    let d = 64;
+    let mut rng = Rng::new(31);
+    for (bh, t) in ctx.opts.attention.clone() {
+        let ((q, hq), (k, hk), (v, hv)) = (randn(&[bh, t, d], &mut rng)?, randn(&[bh, t, d], &mut rng)?, randn(&[bh, t, d], &mut rng)?);
+        let (q, k, v) = (q.var(), k.var(), v.var());
+        let r = Tensor::randn(&[bh, t, d], 1.0, &mut rng)?;
+        for causal in [false, true] {
+            // The reference on batch row 0 only.
+            let one = |h: &[f32]| kiln_graph::cpu::CpuTensor::from_f32(&h[..t * d], &[1, t, d]);
+            let mut want0 = Vec::new();
+            let cpu_ms = cpu_time(1, || want0 = kiln_graph::cpu::attention(&one(&hq), &one(&hk), &one(&hv), None, causal, 1.0 / (d as f64).sqrt(), None).to_f32());
+            let pairs = if causal { (t * (t + 1) / 2) as f64 } else { (t * t) as f64 };
+            // Forward 2 products of pairs x d, backward 4 (the fused one recomputes the scores: 5).
+            let flops = bh as f64 * pairs * d as f64 * 2.0 * 6.0;
+            for fused in [true, false] {
+                let variant = if fused { "fused (flash)" } else { "composed" };
+                let mut rec = ctx.base("attention", &format!("attention bh {bh}, T {t}, d {d}{}: fwd+bwd", if causal { ", causal" } else { "" }), &[bh, t, d], variant);
+                let score_bytes = 4 * bh * t * t;
+                if !fused && score_bytes as u64 > g.limits.max_buffer_size / 2 {
+                    rec.valid = true;
+                    rec.note = Some(format!("not run: the composed form stores {:.1} GiB of scores", score_bytes as f64 / (1u64 << 30) as f64));
+                    ctx.push(rec);
+                    continue;
+                }
+                let f = if fused { attention_fused } else { attention_composed };
+                let run = || -> R<Tensor> {
+                    let o = f(&q, &k, &v, None, causal, None, None)?;
+                    o.mul(&r)?.sum_all()?.backward()?;
+                    Ok(o.detach())
+                };
+                // Validate row 0 and measure the pass's peak memory once.
+                g.sync()?;
+                g.reset_peak();
+                let before = g.stats().live_bytes;
+                let got = run()?.to_vec()?;
+                let peak = g.stats().peak_live_bytes.saturating_sub(before);
+                let scale = want0.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let bad = got[..t * d].iter().zip(&want0).any(|(a, b)| (a - b).is_nan() || (a - b).abs() > 1e-3 * scale);
+                rec.step_peak_bytes = Some(peak);
+                if bad {
+                    rec.valid = false;
+                    rec.note = Some("wrong against the f64 reference; not timed".into());
+                    ctx.push(rec);
+                    continue;
+                }
+                rec.valid = true;
+                let t0 = Instant::now();
+                run()?;
+                g.sync()?;
+                let one_s = t0.elapsed().as_secs_f64();
+                let runs = ctx.opts.runs.max(10);
+                if one_s * runs as f64 > ctx.opts.budget_s {
+                    rec.median_ms = Some(one_s * 1e3);
+                    rec.note = Some(format!("one run timed ({one_s:.2} s): {runs} runs exceed the budget; peak {:.1} MiB", peak as f64 / (1 << 20) as f64));
+                } else {
+                    let (ms, timing) = time_ms_with(g, 1, runs, || run().map(drop))?;
+                    rec.median_ms = Some(ms);
+                    rec.timing = Some(timing);
+                    rec.note = Some(format!("peak {:.1} MiB allocated by the pass", peak as f64 / (1 << 20) as f64));
+                }
+                let ms = rec.median_ms.unwrap_or(f64::NAN);
+                rec.gflops = Some(flops / ms / 1e6);
+                rec.roof_fraction = Some(flops / ms / 1e6 / ctx.roofs.fma_gflops);
+                // The reference's forward on one row, scaled to the pass's FLOPs: a rate, per FLOP.
+                rec.cpu_gflops = Some(pairs * d as f64 * 4.0 / cpu_ms / 1e6);
+                ctx.push(rec);
+            }
         }
     }
     Ok(())

@@ -164,3 +164,70 @@ fn bn_running_update(@builtin(global_invocation_id) gid: vec3<u32>) {
     ru_mean[ch] = mix(ru_mean[ch], ru_stats[ch], np.momentum);
     ru_var[ch] = mix(ru_var[ch], unbiased, np.momentum);
 }
+
+// ---- Layer normalisation over the last axis, fused (PyTorch's nn.LayerNorm: biased variance): x viewed as
+// [rows, d], one invocation per row (the row's loops run d times; d stays far under the loop cap).
+//   ln_forward   y = (x - mean) * rstd * w + b, stats[rows, 2] = (mean, rstd)        x: [rows, d]
+//   ln_backward  dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)), gw = g * w;
+//                gxhat = g * xhat (summed over rows afterwards for w's gradient)     g: [rows, d]
+// The variance is taken around the mean in a second pass (no cancellation of sum x^2 - mean^2).
+struct LnParams { rows: u32, d: u32, eps: f32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> lp: LnParams;
+@group(0) @binding(1) var<storage, read> lf_x: array<f32>;
+@group(0) @binding(2) var<storage, read> lf_w: array<f32>;
+@group(0) @binding(3) var<storage, read> lf_b: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lf_y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lf_stats: array<f32>;
+
+@compute @workgroup_size(64)
+fn ln_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= lp.rows) { return; }
+    let base = r * lp.d;
+    var sum = 0.0;
+    for (var j = 0u; j < lp.d; j = j + 1u) { sum = sum + lf_x[base + j]; }
+    let mean = sum / f32(lp.d);
+    var sq = 0.0;
+    for (var j = 0u; j < lp.d; j = j + 1u) {
+        let c = lf_x[base + j] - mean;
+        sq = sq + c * c;
+    }
+    let rstd = inverseSqrt(sq / f32(lp.d) + lp.eps);
+    for (var j = 0u; j < lp.d; j = j + 1u) {
+        lf_y[base + j] = (lf_x[base + j] - mean) * rstd * lf_w[j] + lf_b[j];
+    }
+    lf_stats[2u * r] = mean;
+    lf_stats[2u * r + 1u] = rstd;
+}
+
+@group(0) @binding(1) var<storage, read> lb_g: array<f32>;
+@group(0) @binding(2) var<storage, read> lb_x: array<f32>;
+@group(0) @binding(3) var<storage, read> lb_w: array<f32>;
+@group(0) @binding(4) var<storage, read> lb_stats: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lb_dx: array<f32>;
+@group(0) @binding(6) var<storage, read_write> lb_gxhat: array<f32>;
+
+@compute @workgroup_size(64)
+fn ln_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if (r >= lp.rows) { return; }
+    let base = r * lp.d;
+    let mean = lb_stats[2u * r];
+    let rstd = lb_stats[2u * r + 1u];
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var j = 0u; j < lp.d; j = j + 1u) {
+        let xhat = (lb_x[base + j] - mean) * rstd;
+        let gw = lb_g[base + j] * lb_w[j];
+        s1 = s1 + gw;
+        s2 = s2 + gw * xhat;
+        lb_gxhat[base + j] = lb_g[base + j] * xhat;
+    }
+    let m1 = s1 / f32(lp.d);
+    let m2 = s2 / f32(lp.d);
+    for (var j = 0u; j < lp.d; j = j + 1u) {
+        let xhat = (lb_x[base + j] - mean) * rstd;
+        lb_dx[base + j] = rstd * (lb_g[base + j] * lb_w[j] - m1 - xhat * m2);
+    }
+}

@@ -45,7 +45,7 @@ pub fn with_settings_device<T>(f: impl FnOnce(&kiln_graph::backend::Device) -> T
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let dev = settings_device();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.scope(|| f(dev))));
-    for key in ["fusion", "texture_reads", "conv_implicit"] {
+    for key in ["fusion", "texture_reads", "conv_implicit", "attention_tiles", "attention_fused"] {
         dev.set_setting(key, None);
     }
     result.unwrap_or_else(|e| std::panic::resume_unwind(e))

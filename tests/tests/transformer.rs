@@ -19,29 +19,11 @@ fn erf_and_gelu_match_their_definitions() {
     assert!((erf(1.0) - 0.842_700_792_949_714_9).abs() < 1e-15 && erf(-7.0) == -1.0);
 }
 
-/// softmax(q k^T / sqrt(d) + mask) v in f64, per batch.
+/// softmax(q k^T / sqrt(d) + mask) v in f64 (the op's CPU reference).
 fn attention_reference(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, causal: bool, mask: Option<&[f64]>) -> CpuTensor {
-    let (b, tq, d) = (q.shape[0], q.shape[1], q.shape[2]);
-    let (tk, dv) = (k.shape[1], v.shape[2]);
-    let mut out = vec![0.0; b * tq * dv];
-    for bi in 0..b {
-        for i in 0..tq {
-            let scores: Vec<f64> = (0..tk)
-                .map(|j| {
-                    let dot: f64 = (0..d).map(|c| q.data[(bi * tq + i) * d + c] * k.data[(bi * tk + j) * d + c]).sum();
-                    let hidden = if causal && j > i { -1e9 } else { 0.0 };
-                    dot / (d as f64).sqrt() + hidden + mask.map(|m| m[i * tk + j]).unwrap_or(0.0)
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let z: f64 = w.iter().sum();
-            for c in 0..dv {
-                out[(bi * tq + i) * dv + c] = (0..tk).map(|j| w[j] / z * v.data[(bi * tk + j) * dv + c]).sum();
-            }
-        }
-    }
-    CpuTensor::new(out, &[b, tq, dv])
+    let (tq, tk) = (q.shape[1], k.shape[1]);
+    let mask = mask.map(|m| CpuTensor::new(m.to_vec(), &[tq, tk]));
+    kiln_graph::cpu::attention(q, k, v, mask.as_ref(), causal, 1.0 / (q.shape[2] as f64).sqrt(), None)
 }
 
 #[test]
@@ -59,22 +41,43 @@ fn scaled_dot_product_attention_matches_the_reference_causal_and_masked() {
 
 #[test]
 fn layer_norm_matches_the_reference_and_finite_differences() {
-    check_op(
-        "layer_norm",
-        &[(&[3, 4, 6], Domain::Any), (&[6], Domain::Any), (&[6], Domain::Any)],
-        |x| layer_norm(&x[0], &x[1], &x[2], 1e-5),
-        |x| {
-            let mut out = x[0].data.clone();
-            for row in out.chunks_mut(6) {
-                let mean = row.iter().sum::<f64>() / 6.0;
-                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 6.0;
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = (*v - mean) / (var + 1e-5).sqrt() * x[1].data[j] + x[2].data[j];
-                }
-            }
-            CpuTensor::new(out, &x[0].shape)
-        },
-    );
+    // The fused kernels (one and two normalised axes, odd sizes) against the f64 reference.
+    for (x, w) in [(vec![3usize, 4, 6], vec![6usize]), (vec![5, 3, 7], vec![3, 7]), (vec![1, 33], vec![33])] {
+        check_op(
+            &format!("layer_norm {x:?} over {w:?}"),
+            &[(&x[..], Domain::Any), (&w[..], Domain::Any), (&w[..], Domain::Any)],
+            |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| t[0].layer_norm(&t[1], &t[2], 1e-5),
+        );
+    }
+}
+
+#[test]
+fn fused_layer_norm_equals_the_composite_with_gradients_of_gradients() {
+    require_gpu();
+    let mut rng = kiln_tests::test_rng("fused layer norm");
+    let x = Tensor::randn(&[6, 5, 9], 2.0, &mut rng).unwrap().add_scalar(3.0).unwrap().var();
+    let (w, b) = (Tensor::randn(&[9], 1.0, &mut rng).unwrap().var(), Tensor::randn(&[9], 1.0, &mut rng).unwrap().var());
+    let r = Tensor::randn(&[6, 5, 9], 1.0, &mut rng).unwrap();
+    let run = |fused: bool| -> Vec<Vec<f32>> {
+        kiln_tests::with_settings_device(|dev| {
+            kiln_graph::set_fusion(dev, fused);
+            let (x, w, b, r) = (x.to(dev).unwrap().var(), w.to(dev).unwrap().var(), b.to(dev).unwrap().var(), r.to(dev).unwrap());
+            let y = x.layer_norm(&w, &b, 1e-5).unwrap();
+            let loss = y.mul(&y).unwrap().mul(&r).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let mut v = vec![y.to_vec().unwrap()];
+            v.extend([&x, &w, &b].iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
+            // |d loss / d x|^2 differentiated by w: through the composite under backward_create_graph.
+            let gx = loss.backward_create_graph().unwrap().get(&x).unwrap().clone();
+            v.push(gx.mul(&gx).unwrap().sum_all().unwrap().backward().unwrap().get(&w).unwrap().to_vec().unwrap());
+            v
+        })
+    };
+    let (fused, composite) = (run(true), run(false));
+    for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+        kiln_tests::assert_close(&format!("layer norm result {i}"), a, &b.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-4);
+    }
 }
 
 #[test]
@@ -161,4 +164,102 @@ fn encoder_layer_has_pytorchs_names_and_composes_its_parts() {
         assert!(grads.get(p.tensor().unwrap()).is_some(), "no gradient for {}", p.name());
     }
     assert!(grads.get(&x).unwrap().to_vec().unwrap().iter().any(|v| *v != 0.0));
+}
+
+/// The fused (flash-style) kernels on sizes that cross their tiles (more than 64 queries, key tiles cut short),
+/// head sizes of 5 and 7, a per-batch padding mask and dropout, against the f64 reference and finite
+/// differences of q, k and v.
+#[test]
+fn fused_attention_matches_the_reference_across_tiles_with_masks_and_dropout() {
+    let (b, tq, tk, d, dv) = (2, 70, 37, 5, 7);
+    let cross: [&[usize]; 3] = [&[b, tq, d], &[b, tk, d], &[b, tk, dv]];
+    let inputs: Vec<(&[usize], Domain)> = cross.iter().map(|s| (*s, Domain::Any)).collect();
+    // Sequence 0 sees every key, sequence 1 the first 20 (padding).
+    let mask: Vec<f64> = (0..b * tq * tk).map(|e| if e / (tq * tk) == 1 && e % tk >= 20 { -1e9 } else { 0.0 }).collect();
+    let mask_cpu = CpuTensor::new(mask.clone(), &[b, tq, tk]);
+    let gm = Tensor::from_slice(&mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), &[b, tq, tk]).unwrap();
+    let scale = 0.3;
+    for dropout in [None, Some((0.3f32, 77u64))] {
+        check_op(
+            &format!("fused attention, padding mask, dropout {dropout:?}"),
+            &inputs,
+            |x| kiln_graph::attention::attention_fused(&x[0], &x[1], &x[2], Some(&gm), false, Some(scale), dropout),
+            |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], Some(&mask_cpu), false, scale as f64, dropout),
+        );
+    }
+    let self_shapes: [&[usize]; 3] = [&[3, 67, 6], &[3, 67, 6], &[3, 67, 6]];
+    let inputs: Vec<(&[usize], Domain)> = self_shapes.iter().map(|s| (*s, Domain::Any)).collect();
+    // Both forward kernels: key tiles in workgroup memory (GPUs) and keys read per row (CPU adapters).
+    for tiles in [true, false] {
+        kiln_tests::with_settings_device(|dev| {
+            dev.set_setting("attention_tiles", Some(tiles as u8));
+            check_op(
+                &format!("fused causal attention, tiles {tiles}"),
+                &inputs,
+                |x| kiln_graph::attention::attention_fused(&x[0], &x[1], &x[2], None, true, None, Some((0.1, 5))),
+                |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], None, true, 1.0 / 6f64.sqrt(), Some((0.1, 5))),
+            );
+            let gm = gm.to(dev).unwrap();
+            let inputs: Vec<(&[usize], Domain)> = cross.iter().map(|s| (*s, Domain::Any)).collect();
+            check_op(
+                &format!("fused attention with a mask, tiles {tiles}"),
+                &inputs,
+                |x| kiln_graph::attention::attention_fused(&x[0], &x[1], &x[2], Some(&gm), false, Some(scale), None),
+                |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], Some(&mask_cpu), false, scale as f64, None),
+            );
+        });
+    }
+}
+
+/// Fused and composed attention agree (outputs and gradients), and the fused op differentiates twice (through
+/// the composite) as the composed one does.
+#[test]
+fn fused_and_composed_attention_agree_with_gradients_of_gradients() {
+    require_gpu();
+    let mut rng = kiln_tests::test_rng("fused attention vs composed");
+    let (b, t, d) = (4, 90, 16);
+    let q = Tensor::randn(&[b, t, d], 1.0, &mut rng).unwrap().var();
+    let k = Tensor::randn(&[b, t, d], 1.0, &mut rng).unwrap().var();
+    let v = Tensor::randn(&[b, t, d], 1.0, &mut rng).unwrap().var();
+    let r = Tensor::randn(&[b, t, d], 1.0, &mut rng).unwrap();
+    let run = |fused: bool| -> Vec<Vec<f32>> {
+        let f = if fused { kiln_graph::attention::attention_fused } else { kiln_graph::attention::attention_composed };
+        let o = f(&q, &k, &v, None, true, None, Some((0.2, 9))).unwrap();
+        let loss = o.mul(&r).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = vec![o.to_vec().unwrap()];
+        out.extend([&q, &k, &v].iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
+        let gq = loss.backward_create_graph().unwrap().get(&q).unwrap().clone();
+        out.push(gq.mul(&gq).unwrap().sum_all().unwrap().backward().unwrap().get(&k).unwrap().to_vec().unwrap());
+        out
+    };
+    let (fused, composed) = (run(true), run(false));
+    for (i, (a, c)) in fused.iter().zip(&composed).enumerate() {
+        assert_close(&format!("attention result {i}"), a, &c.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-4);
+    }
+}
+
+/// The decoder-only Transformer of char-transformer and the reversal task: its names, causality (changing a
+/// later token leaves the earlier positions' logits alone) and a sequence longer than its positional table.
+#[test]
+fn decoder_only_transformer_is_causal_and_refuses_sequences_past_its_positions() {
+    use kiln_models::transformer::{TransformerLm, TransformerLmShape};
+    require_gpu();
+    let mut vs = VarStore::new(5);
+    let shape = TransformerLmShape { vocab: 11, d_model: 16, heads: 2, layers: 2, feedforward: 32, max_len: 9 };
+    let lm = TransformerLm::new(&mut vs, shape).unwrap();
+    vs.finish().unwrap();
+    let names: Vec<String> = lm.params().iter().map(|p| p.name().to_string()).collect();
+    for want in ["embed.weight", "pos.weight", "blocks.0.self_attn.in_proj_weight", "blocks.1.linear2.bias", "norm.weight", "head.weight"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    let a = [1u32, 4, 2, 9, 3, 3, 7];
+    let mut b = a;
+    b[5] = 10;
+    let logits = |ids: &[u32]| lm.forward(&Tensor::from_u32(ids, &[1, ids.len()]).unwrap()).unwrap().to_vec().unwrap();
+    let (la, lb) = (logits(&a), logits(&b));
+    assert_eq!(la[..5 * 11], lb[..5 * 11], "positions before the change must not see it");
+    assert_ne!(la[5 * 11..], lb[5 * 11..]);
+    let err = lm.forward(&Tensor::from_u32(&[1; 10], &[1, 10]).unwrap()).expect_err("10 tokens, 9 positions");
+    assert!(err.to_string().contains("positional table of 9"), "{err}");
 }

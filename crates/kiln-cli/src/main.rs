@@ -31,8 +31,11 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 }
 
 /// The sequence models, trained by their own loop (kiln_models::lm) on text.
-const SEQUENCE_MODELS: [(&str, &str); 2] =
-    [("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"), ("names", "character-level GRU that generates first names (--cell, --steps)")];
+const SEQUENCE_MODELS: [(&str, &str); 3] = [
+    ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
+    ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
+    ("names", "character-level GRU that generates first names (--cell, --steps)"),
+];
 const TEXT_DATASETS: [(&str, &str); 2] =
     [("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"), ("names", "8,849 English first names (female and male), a seeded 10% held out")];
 
@@ -257,6 +260,7 @@ fn run() -> Result<()> {
                 models: if models.is_empty() { base.models } else { models },
                 batch: batch as usize,
                 lstm: base.lstm,
+                attention: base.attention,
             };
             bench(&opts, adapter, json)
         }
@@ -292,16 +296,34 @@ fn steps_bar(steps: u64) -> ProgressBar {
 
 /// `kiln train char-rnn --dataset moby-dick`: the language model's own loop (kiln_models::lm).
 fn train_language_model(a: &TrainArgs) -> Result<()> {
+    use kiln_models::lm::LmShape;
     match (a.model.as_str(), a.dataset.as_str()) {
-        ("char-rnn", "moby-dick") => {}
+        ("char-rnn" | "char-transformer", "moby-dick") => {}
         ("names", "names") => return train_names(a),
-        (model, data) => bail!("char-rnn trains on moby-dick and names on names (got {model} on {data})"),
+        (model, data) => bail!("char-rnn and char-transformer train on moby-dick and names on names (got {model} on {data})"),
     }
-    let d = kiln_models::lm::CharLmConfig::default();
-    let (cell, hidden, layers) = recurrent_shape(a, d.shape.cell, d.shape.hidden);
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/char-rnn-moby-dick"));
+    let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
+    let shape = match d.shape {
+        LmShape::Recurrent(r) => {
+            let (cell, hidden, layers) = recurrent_shape(a, r.cell, r.hidden);
+            LmShape::Recurrent(kiln_models::lm::CharLmShape { cell, hidden, layers, ..r })
+        }
+        LmShape::Transformer(t) => {
+            if a.cell.is_some() {
+                bail!("--cell is for the recurrent models; char-transformer has no cell");
+            }
+            // --hidden 128,128: d_model 128, two blocks.
+            let d_model = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(t.d_model);
+            let layers = a.hidden.as_ref().map(|h| h.len()).unwrap_or(t.layers);
+            if !d_model.is_multiple_of(t.heads) {
+                bail!("--hidden {d_model}: char-transformer's d_model must be a multiple of its {} heads", t.heads);
+            }
+            LmShape::Transformer(kiln_models::transformer::TransformerLmShape { d_model, layers, feedforward: 4 * d_model, ..t })
+        }
+    };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-moby-dick", a.model)));
     let cfg = kiln_models::lm::CharLmConfig {
-        shape: kiln_models::lm::CharLmShape { cell, hidden, layers, ..d.shape },
+        shape,
         steps: a.steps.unwrap_or(d.steps),
         batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
         lr: a.lr.unwrap_or(d.lr),
@@ -310,13 +332,13 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         data_dir: a.data_dir.clone(),
         ..d
     };
-    eprintln!("kiln: training char-rnn ({:?}, hidden {hidden} x {layers}) on moby-dick with {}", cell, kiln_wgpu::gpu()?.adapter_name());
+    eprintln!("kiln: training {} ({:?}) on moby-dick with {}", a.model, cfg.shape, kiln_wgpu::gpu()?.adapter_name());
     let bar = steps_bar(cfg.steps);
     let r = kiln_models::lm::train_char_lm(&cfg, |p: &Progress| {
         bar.set_position(p.step);
         bar.set_message(format!("loss {:.3}  {:.0} windows/s", p.loss, p.samples_per_s));
     })
-    .context("training char-rnn on moby-dick")?;
+    .with_context(|| format!("training {} on moby-dick", a.model))?;
     bar.finish();
     println!("held-out loss {:.3} nats/char ({:.3} bits/char) over {} characters", r.held_out_nats_per_char, r.held_out_bits_per_char, r.held_out_chars);
     println!("baselines: unigram {:.3}, add-k 5-gram {:.3} nats/char", r.unigram_nats_per_char, r.five_gram_nats_per_char);
@@ -364,13 +386,13 @@ fn train_names(a: &TrainArgs) -> Result<()> {
 /// `kiln sample`: text from a char-rnn checkpoint (and the vocab.json beside it).
 fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature: f32, top_k: Option<usize>, seed: u64, count: usize) -> Result<()> {
     let (kind, model) = kiln_models::lm::load_text_model(checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
-    if kind == "names" {
-        for name in kiln_models::names::sample_words(&model, count, temperature, seed, 24)? {
+    if let (true, kiln_models::lm::TextModel::Recurrent(m)) = (kind == "names", &model) {
+        for name in kiln_models::names::sample_words(m, count, temperature, seed, 24)? {
             println!("{name}");
         }
         return Ok(());
     }
-    println!("{prefix}{}", model.sample(prefix, length, temperature, top_k, seed)?);
+    println!("{prefix}{}", model.as_window_model().sample(prefix, length, temperature, top_k, seed)?);
     Ok(())
 }
 

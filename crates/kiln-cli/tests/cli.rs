@@ -282,8 +282,27 @@ fn char_rnn_trains_saves_its_vocabulary_and_samples_with_a_seed() {
     let other = temp_dir("char-rnn-other");
     let o = kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", other.to_str().unwrap()], &[]);
     assert!(o.status.success());
-    assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn or names checkpoint");
-    assert_clean_failure(&kiln(&["train", "char-rnn", "--dataset", "iris"], &[]), "char-rnn trains on moby-dick");
+    assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn, names or char-transformer checkpoint");
+    assert_clean_failure(&kiln(&["train", "char-rnn", "--dataset", "iris"], &[]), "char-rnn and char-transformer train on moby-dick");
+}
+
+#[test]
+fn char_transformer_trains_saves_and_samples() {
+    let dir = temp_dir("char-transformer");
+    let o = kiln(&["train", "char-transformer", "--dataset", "moby-dick", "--steps", "3", "--hidden", "32", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["model"].as_str(), r["steps"].as_u64()), (Some("char-transformer"), Some(3)));
+    assert_eq!((r["shape"]["d_model"].as_u64(), r["shape"]["layers"].as_u64(), r["shape"]["max_len"].as_u64()), (Some(32), Some(1), Some(64)), "{r}");
+    assert!(r["held_out_nats_per_char"].as_f64().is_some_and(|v| v > 0.0) && r["five_gram_nats_per_char"].as_f64().is_some());
+    let ck = dir.join("last.safetensors");
+    let sample = || text(&kiln(&["sample", "--checkpoint", ck.to_str().unwrap(), "--prefix", "Call me", "--length", "80", "--seed", "2"], &[])).0;
+    let a = sample();
+    assert_eq!(a, sample(), "the same seed, the same text");
+    // 80 characters after a 7-character prefix: more than the 64 positions, so sampling slides its window.
+    assert!(a.starts_with("Call me") && a.trim_end_matches('\n').chars().count() == 87, "{a:?}");
+    assert_clean_failure(&kiln(&["train", "char-transformer", "--dataset", "moby-dick", "--cell", "gru"], &[]), "no cell");
 }
 
 #[test]

@@ -43,6 +43,10 @@ pub enum Op {
     BiasAct(Tensor, Tensor, usize, kernels::BiasAct),
     /// x, gamma, beta, the batch statistics [3, c] (Tensor::batch_norm), the fused activation, eps.
     BatchNorm(Tensor, Tensor, Tensor, Tensor, kernels::BiasAct, f32),
+    /// Scaled dot-product attention, fused (attention.rs).
+    Attention(Box<crate::attention::AttnSaved>),
+    /// x, weight, bias, the per-row (mean, 1/std) [rows, 2], eps: Tensor::layer_norm fused.
+    LayerNorm(Tensor, Tensor, Tensor, Tensor, f32),
     /// logits [rows, classes], labels [rows] (u32), log-sum-exp per row: loss::cross_entropy fused.
     CrossEntropy(Tensor, Tensor, Tensor),
     /// An op from outside kiln-graph (custom.rs) and its inputs.
@@ -88,6 +92,8 @@ impl Op {
             Op::AvgPool2d(..) => "avg_pool2d",
             Op::BiasAct(..) => "bias_act",
             Op::BatchNorm(..) => "batch_norm",
+            Op::LayerNorm(..) => "layer_norm",
+            Op::Attention(..) => "scaled_dot_product_attention",
             Op::CrossEntropy(..) => "cross_entropy",
             Op::Conv2dInputGrad(..) => "conv2d input gradient",
             Op::Conv2dWeightGrad(..) => "conv2d weight gradient",
@@ -119,9 +125,10 @@ impl Op {
             Op::MaxPool2d(x, switches, _) => vec![x, switches],
             Op::IndexSelect(x, idx, _) => vec![x, idx],
             Op::Concat(xs, _) => xs.iter().collect(),
-            Op::BatchNorm(x, gamma, beta, ..) => vec![x, gamma, beta],
+            Op::BatchNorm(x, gamma, beta, ..) | Op::LayerNorm(x, gamma, beta, ..) => vec![x, gamma, beta],
             Op::CrossEntropy(logits, ..) => vec![logits],
             Op::RnnSequence(s) => s.inputs(),
+            Op::Attention(s) => vec![&s.q, &s.k, &s.v],
         }
     }
 }
@@ -303,6 +310,26 @@ fn composite_batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, act
     composite_act(y, act)
 }
 
+/// Layer norm as composite ops (what `Op::LayerNorm` computes): over the last `weight.rank()` axes, the biased
+/// variance normalises.
+pub(crate) fn composite_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    let axes: Vec<usize> = (x.rank() - weight.rank()..x.rank()).collect();
+    let mean = x.mean(&axes, true)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.mul(&centered)?.mean(&axes, true)?;
+    centered.broadcast_div(&var.add_scalar(eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Fused layer norm: dx (and g * xhat) in one kernel per row; the weight's and bias's gradients are column sums.
+fn layer_norm_grads<'a>(x: &'a Tensor, w: &'a Tensor, b: &'a Tensor, stats: &Tensor, g: &Tensor) -> Result<Vec<(&'a Tensor, Tensor)>> {
+    let d = w.numel();
+    let rows = x.numel() / d.max(1);
+    let (dx, gxhat) = kernels::ln_backward(&g.view(), &x.view(), &w.view(), &stats.view(), rows, d)?;
+    let gw = kernels::reduce(&gxhat, 1, rows, d, false, 1.0)?;
+    let gb = kernels::reduce(&g.view(), 1, rows, d, false, 1.0)?;
+    Ok(vec![(x, Tensor::make(dx, x.shape().to_vec(), DType::F32, None)), (w, Tensor::make(gw, w.shape().to_vec(), DType::F32, None)), (b, Tensor::make(gb, b.shape().to_vec(), DType::F32, None))])
+}
+
 /// `out` = zeros of `shape` with `g` written at `start` along `axis` (the backward of slice).
 fn scatter_slice(g: &Tensor, shape: &[usize], axis: usize, start: usize) -> Result<Tensor> {
     let z = Tensor::full_on(g.device(), shape, 0.0)?;
@@ -332,6 +359,8 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::BiasAct(x, bias, axis, act) => bias_act_grads(x, bias, *axis, *act, out, g)?,
         Op::BatchNorm(x, gamma, beta, stats, act, _) => batch_norm_grads(x, gamma, beta, stats, *act, out, g)?,
         Op::RnnSequence(s) => crate::rnn::fused_grads(s, out, g)?,
+        Op::LayerNorm(x, w, b, stats, _) => layer_norm_grads(x, w, b, stats, g)?,
+        Op::Attention(s) => crate::attention::fused_grads(s, out, g)?,
         Op::CrossEntropy(logits, labels, lse) => {
             // dx = g * (softmax(x) - one_hot(label)) / rows, in one kernel.
             let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
@@ -513,6 +542,8 @@ fn recorded_input_grads<'a>(op: &'a Op, g: &Tensor) -> Result<Option<Vec<(&'a Te
         }
         Op::BatchNorm(x, gamma, beta, _, act, eps) => through_composite(&[x, gamma, beta], g, |t| composite_batch_norm(&t[0], &t[1], &t[2], *eps, *act))?,
         Op::RnnSequence(s) => through_composite(&s.inputs(), g, |t| crate::rnn::composite_of(s, t))?,
+        Op::LayerNorm(x, w, b, _, eps) => through_composite(&[x, w, b], g, |t| composite_layer_norm(&t[0], &t[1], &t[2], *eps))?,
+        Op::Attention(s) => through_composite(&[&s.q, &s.k, &s.v], g, |t| crate::attention::composite_of(s, t))?,
         Op::CrossEntropy(logits, labels, _) => {
             let one_hot = Tensor::one_hot(labels, logits.shape()[1])?;
             through_composite(&[logits], g, |t| crate::loss::cross_entropy_one_hot(&t[0], &one_hot))?

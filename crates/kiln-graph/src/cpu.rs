@@ -117,6 +117,20 @@ fn for_each_index(shape: &[usize], sa: &[usize], sb: &[usize], mut f: impl FnMut
 }
 
 impl CpuTensor {
+    /// Layer normalisation over the last `weight.shape.len()` axes (biased variance), then `* weight + bias`.
+    pub fn layer_norm(&self, weight: &CpuTensor, bias: &CpuTensor, eps: f64) -> CpuTensor {
+        let d = weight.data.len().max(1);
+        let mut out = self.data.clone();
+        for row in out.chunks_mut(d) {
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (*v - mean) / (var + eps).sqrt() * weight.data[j] + bias.data[j];
+            }
+        }
+        CpuTensor::new(out, &self.shape)
+    }
+
     pub fn new(data: Vec<f64>, shape: &[usize]) -> CpuTensor {
         assert_eq!(data.len(), numel(shape), "CpuTensor data does not fill shape {shape:?}");
         CpuTensor { shape: shape.to_vec(), data }
@@ -414,4 +428,37 @@ pub fn rnn_sequence(
     }
     let c_last = (kind == CellKind::Lstm).then(|| CpuTensor::new(c, &[n, hidden]));
     (CpuTensor::new(out, &[steps, n, hidden]), CpuTensor::new(h, &[n, hidden]), c_last)
+}
+
+/// The reference of `attention::attention`: softmax(q k^T * scale + mask) v per batch row, causal keys hidden,
+/// `mask` [tq, tk] or [b, tq, tk] added, and with `dropout` = (p, seed) each probability times
+/// `attention::dropout_factor`. q [b, tq, d], k [b, tk, d], v [b, tk, dv].
+pub fn attention(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, mask: Option<&CpuTensor>, causal: bool, scale: f64, dropout: Option<(f32, u64)>) -> CpuTensor {
+    let (b, tq, d) = (q.shape[0], q.shape[1], q.shape[2]);
+    let (tk, dv) = (k.shape[1], v.shape[2]);
+    let mut out = vec![0.0; b * tq * dv];
+    for bi in 0..b {
+        for i in 0..tq {
+            let scores: Vec<f64> = (0..tk)
+                .map(|j| {
+                    let dot: f64 = (0..d).map(|c| q.data[(bi * tq + i) * d + c] * k.data[(bi * tk + j) * d + c]).sum();
+                    let hidden = if causal && j > i { f64::NEG_INFINITY } else { 0.0 };
+                    let m = mask.map(|m| if m.shape.len() == 3 { m.data[(bi * tq + i) * tk + j] } else { m.data[i * tk + j] }).unwrap_or(0.0);
+                    dot * scale + hidden + m
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for c in 0..dv {
+                out[(bi * tq + i) * dv + c] = (0..tk)
+                    .map(|j| {
+                        let keep = dropout.map(|(p, seed)| crate::attention::dropout_factor(p, seed, bi, tq, i, j) as f64).unwrap_or(1.0);
+                        w[j] / z * keep * v.data[(bi * tk + j) * dv + c]
+                    })
+                    .sum();
+            }
+        }
+    }
+    CpuTensor::new(out, &[b, tq, dv])
 }

@@ -33,10 +33,11 @@ shader!(AUGMENT, "augment.wgsl");
 shader!(ANOMALY, "anomaly.wgsl");
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(RECURRENT, "recurrent.wgsl");
+shader!(ATTENTION, "attention.wgsl");
 pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 15] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING, &RECURRENT];
+pub static ALL_SHADERS: [&Shader; 16] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING, &RECURRENT, &ATTENTION];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
@@ -269,6 +270,25 @@ pub fn bn_apply(x: &BufView, stats: &BufView, gamma: &BufView, beta: &BufView, s
     let y = out(x, s.total(), "batch norm output")?;
     launch(&NORM, "bn_apply", &[("ACT", act as u32 as f64)], s.params(0.0, 0.0), &[x, stats, gamma, beta], &[&y], grid_1d(s.total() as u64, WG))?;
     Ok(y)
+}
+
+/// Layer norm over the last axis of x [rows, d] (norm.wgsl's ln_forward): (y, stats [rows, 2] = mean, rstd).
+pub fn ln_forward(x: &BufView, w: &BufView, b: &BufView, rows: usize, d: usize, eps: f32) -> Result<(BufView, BufView)> {
+    let y = out(x, rows * d, "layer norm output")?;
+    let stats = out(x, 2 * rows, "layer norm statistics")?;
+    let p = Params::new().u32(rows).u32(d).f32(eps).u32(0);
+    launch(&NORM, "ln_forward", &[], p, &[x, w, b], &[&y, &stats], grid_1d(rows as u64, 64))?;
+    Ok((y, stats))
+}
+
+/// Layer norm's backward (ln_backward): (dx [rows, d], g * xhat [rows, d], summed over rows by the caller for
+/// the weight's gradient).
+pub fn ln_backward(g: &BufView, x: &BufView, w: &BufView, stats: &BufView, rows: usize, d: usize) -> Result<(BufView, BufView)> {
+    let dx = out(x, rows * d, "layer norm input gradient")?;
+    let gxhat = out(x, rows * d, "layer norm weight gradient terms")?;
+    let p = Params::new().u32(rows).u32(d).f32(0.0).u32(0);
+    launch(&NORM, "ln_backward", &[], p, &[g, x, w, stats], &[&dx, &gxhat], grid_1d(rows as u64, 64))?;
+    Ok((dx, gxhat))
 }
 
 /// (g_beta, g_gamma) [c] each: sums of g_pre and g_pre * xhat per channel, with g_pre = g * act'(y).
@@ -967,4 +987,72 @@ pub fn rnn_step_backward(
 ) -> Result<()> {
     let p = rnn_params(g, t, has_len, dstride);
     launch(&RECURRENT, "rnn_backward", &[("KIND", g.kind.code() as f64)], p, &[acts, states, g_states, dh_rec, lens], &[dxg, dhg, carry], grid_1d((g.n * g.hidden) as u64, WG))
+}
+
+static ATTENTION_TILES_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+
+/// Whether the fused attention forward shares key tiles through workgroup memory (GPUs) or reads them per
+/// query row (CPU adapters, where the barriers cost more than the sharing saves: 30% on lavapipe). The
+/// device setting "attention_tiles", else `KILN_ATTN_TILES=on|off`, else by adapter type.
+pub fn attention_tiles(dev: &Gpu) -> bool {
+    switch(dev, "attention_tiles", &ATTENTION_TILES_ENV, "KILN_ATTN_TILES").unwrap_or(dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu)
+}
+
+/// The geometry of one fused attention (attention.wgsl).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnGeom {
+    pub batch: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub causal: bool,
+    pub has_mask: bool,
+    /// 0 for a [tq, tk] mask shared by the batch, tq * tk for [b, tq, tk].
+    pub mask_bstride: usize,
+    pub scale: f32,
+    pub dropout: Option<(f32, u64)>,
+}
+
+impl AttnGeom {
+    fn constants(&self) -> [(&'static str, f64); 2] {
+        [("DQ", self.d as f64), ("DV", self.dv as f64)]
+    }
+    fn params(&self) -> Params {
+        let (p, seed) = self.dropout.unwrap_or((0.0, 0));
+        Params::new()
+            .u32(self.batch)
+            .u32(self.tq)
+            .u32(self.tk)
+            .u32(self.d)
+            .u32(self.dv)
+            .u32(self.causal as usize)
+            .u32(self.has_mask as usize)
+            .u32(self.mask_bstride)
+            .f32(self.scale)
+            .f32(p)
+            .u32((seed & 0xffff_ffff) as usize)
+            .u32((seed >> 32) as usize)
+    }
+}
+
+/// Fused attention forward: (o [b, tq, dv], lse [b, tq]).
+pub fn attention_forward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, mask: &BufView) -> Result<(BufView, BufView)> {
+    let o = out(q, g.batch * g.tq * g.dv, "attention output")?;
+    let lse = out(q, g.batch * g.tq, "attention log-sum-exp")?;
+    if attention_tiles(q.device()) {
+        launch(&ATTENTION, "attn_forward", &g.constants(), g.params(), &[q, k, v, mask], &[&o, &lse], [g.tq.div_ceil(64) as u32, g.batch as u32, 1])?;
+    } else {
+        launch(&ATTENTION, "attn_forward_rows", &g.constants(), g.params(), &[q, k, v, mask], &[&o, &lse], grid_1d((g.batch * g.tq) as u64, 64))?;
+    }
+    Ok((o, lse))
+}
+
+/// Fused attention backward: [dq [b, tq, d], dk [b, tk, d], dv [b, tk, dv]] in one buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, mask: &BufView, o: &BufView, d_o: &BufView, lse: &BufView) -> Result<BufView> {
+    let dqkv = out(q, g.batch * (g.tq * g.d + g.tk * g.d + g.tk * g.dv), "attention gradients")?;
+    let groups = g.tq.div_ceil(64) + g.tk.div_ceil(64);
+    launch(&ATTENTION, "attn_backward", &g.constants(), g.params(), &[q, k, v, mask, o, d_o, lse], &[&dqkv], [groups as u32, g.batch as u32, 1])?;
+    Ok(dqkv)
 }

@@ -8,6 +8,7 @@
 //! kernels.rs   one launcher per WGSL entry point in shaders/
 //! loss.rs      MSE, BCE-with-logits, softmax cross-entropy
 //! cpu.rs       the f64 CPU reference of every op
+//! attention.rs scaled dot-product attention as one op (flash-style fused kernels)
 //! rnn.rs       a recurrent layer's pass over its steps as one op (fused cell kernels)
 //! anomaly.rs   NaN/infinity detection per op (a watch per training step)
 //! custom.rs    the open op set: CustomOp (an outside crate's op with its own kernels), launch
@@ -19,6 +20,7 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 pub mod anomaly;
+pub mod attention;
 pub mod augment;
 pub mod backprop;
 mod conv;

@@ -93,6 +93,27 @@ impl Tensor {
         Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(op)))
     }
 
+    /// Layer normalisation over the last `weight.rank()` axes (PyTorch's `F.layer_norm`: biased variance,
+    /// then `* weight + bias`), fused: one kernel forward (norm.wgsl's ln_forward, per-row mean and 1/std kept),
+    /// one kernel and two column sums backward. With fusion off, the composite formula.
+    pub fn layer_norm(&self, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+        for t in [self, weight, bias] {
+            t.expect_dtype("layer_norm", DType::F32)?;
+        }
+        let k = weight.rank();
+        if k == 0 || k > self.rank() || self.shape()[self.rank() - k..] != *weight.shape() || bias.shape() != weight.shape() {
+            return shape_err("layer_norm", self.shape(), weight.shape(), format!("the weight and bias (bias {:?}) must have the shape of x's last axes", bias.shape()));
+        }
+        if !crate::fusion_enabled(self.device()) {
+            return crate::backprop::composite_layer_norm(self, weight, bias, eps);
+        }
+        let d = weight.numel();
+        let rows = self.numel() / d.max(1);
+        let (y, stats) = kernels::ln_forward(&self.view(), &weight.view(), &bias.view(), rows, d, eps)?;
+        let stats = Tensor::make(stats, vec![rows, 2], DType::F32, None);
+        Ok(Tensor::make(y, self.shape().to_vec(), DType::F32, Some(Op::LayerNorm(self.clone(), weight.clone(), bias.clone(), stats, eps))))
+    }
+
     pub fn relu(&self) -> Result<Tensor> {
         self.unary_op(UnaryKind::Relu, 0.0, 0.0)
     }

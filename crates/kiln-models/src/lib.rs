@@ -11,8 +11,10 @@ pub mod names;
 pub mod overfeat;
 pub mod plot;
 pub mod registry;
+pub mod reversal;
 pub mod train;
 pub mod trainer;
+pub mod transformer;
 pub mod zoo;
 
 pub use linear_models::{normal_equation, Task};

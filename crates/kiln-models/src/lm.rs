@@ -31,7 +31,7 @@ pub struct CharLm {
 }
 
 /// Sizes of a [`CharLm`], saved in its checkpoint's metadata.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
 pub struct CharLmShape {
     #[serde(serialize_with = "cell_name")]
     pub cell: CellKind,
@@ -62,9 +62,7 @@ impl CharLm {
 
     /// The mean next-character cross-entropy of a collated batch ("tokens" [n, t], "targets" [n, t]: PadSequences).
     pub fn batch_loss(&self, batch: &HostBatch) -> Result<Tensor> {
-        let t = batch.upload()?;
-        let (logits, _) = self.forward(&t[0], None)?;
-        loss::cross_entropy(&logits, &t[2].reshape(&[t[2].numel()])?)
+        batch_loss(self, batch)
     }
 
     /// [`CharLm::batch_loss`] with `<pad>` targets left out of the mean (batches of words of several lengths).
@@ -77,16 +75,7 @@ impl CharLm {
 
     /// Mean cross-entropy in nats per character over `text`, in windows of `len`.
     pub fn nats_per_char(&self, text: &str, len: usize) -> Result<f64> {
-        let windows = CharWindows::new(self.vocab.encode(text), len).map_err(data_err)?;
-        let loader = DataLoader::new(windows, PadSequences::default(), LoaderOptions { batch_size: 64, ..Default::default() }).map_err(data_err)?;
-        let (mut sum, mut count) = (0.0, 0usize);
-        for batch in loader.epoch(0) {
-            let batch = batch.map_err(data_err)?;
-            let n = batch.len() * len;
-            sum += no_grad(|| self.batch_loss(&batch))?.to_scalar()? as f64 * n as f64;
-            count += n;
-        }
-        Ok(sum / count.max(1) as f64)
+        nats_per_char(self, text, len)
     }
 
     /// `len` characters after `prefix`, drawn with `temperature` (and `top_k`) from a generator seeded with
@@ -111,6 +100,69 @@ impl CharLm {
     }
 }
 
+/// A character language model read in windows: what training, held-out evaluation and sampling need of it
+/// (the recurrent [`CharLm`] and the Transformer's `CharTransformer`).
+pub trait WindowModel {
+    fn vocab(&self) -> &CharVocab;
+    /// tokens [n, t] (u32) -> next-token logits [n * t, vocab].
+    fn logits(&self, tokens: &Tensor) -> Result<Tensor>;
+    /// `len` characters after `prefix`, drawn with `temperature` (and `top_k`) from a generator seeded with
+    /// `seed`; the special tokens are never drawn. A prefix character outside the vocabulary, or an empty
+    /// prefix, is an error.
+    fn sample(&self, prefix: &str, len: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<String>;
+}
+
+impl WindowModel for CharLm {
+    fn vocab(&self) -> &CharVocab {
+        &self.vocab
+    }
+    fn logits(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(tokens, None)?.0)
+    }
+    fn sample(&self, prefix: &str, len: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<String> {
+        CharLm::sample(self, prefix, len, temperature, top_k, seed)
+    }
+}
+
+/// The mean next-character cross-entropy of a collated batch ("tokens", "targets": PadSequences).
+pub fn batch_loss(model: &dyn WindowModel, batch: &HostBatch) -> Result<Tensor> {
+    let t = batch.upload()?;
+    loss::cross_entropy(&model.logits(&t[0])?, &t[2].reshape(&[t[2].numel()])?)
+}
+
+/// Mean cross-entropy in nats per character over `text`, in windows of `len` (each window read from its start).
+pub fn nats_per_char(model: &dyn WindowModel, text: &str, len: usize) -> Result<f64> {
+    let windows = CharWindows::new(model.vocab().encode(text), len).map_err(data_err)?;
+    let loader = DataLoader::new(windows, PadSequences::default(), LoaderOptions { batch_size: 64, ..Default::default() }).map_err(data_err)?;
+    let (mut sum, mut count) = (0.0, 0usize);
+    for batch in loader.epoch(0) {
+        let batch = batch.map_err(data_err)?;
+        let n = batch.len() * len;
+        sum += no_grad(|| batch_loss(model, &batch))?.to_scalar()? as f64 * n as f64;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Sampling by re-reading the last `context` tokens every step (a model without a carried state).
+pub fn sample_windowed(model: &dyn WindowModel, context: usize, prefix: &str, len: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<String> {
+    let vocab = model.vocab();
+    let mut ids = vocab.encode_strict(prefix).map_err(|e| KilnError::Usage(format!("the prefix: {e}")))?;
+    if ids.is_empty() {
+        return Err(KilnError::Usage("sampling needs a prefix of at least one character".into()));
+    }
+    let mut rng = Rng::new(seed);
+    let v = vocab.len();
+    let start = ids.len();
+    for _ in 0..len {
+        let window = &ids[ids.len().saturating_sub(context)..];
+        let all = no_grad(|| model.logits(&Tensor::from_u32(window, &[1, window.len()])?))?.to_vec()?;
+        let next = 4 + kiln_nn::decode::sample(&all[all.len() - v + 4..], temperature, top_k, &mut rng) as u32;
+        ids.push(next);
+    }
+    vocab.decode(&ids[start..]).map_err(data_err)
+}
+
 /// Held-out nats per character of an add-k character n-gram model of `train` (n - 1 characters of context),
 /// interpolation-free: the count-based baseline the issue asks for beside the neural models.
 pub fn ngram_nats(train: &str, held_out: &str, n: usize, k: f64) -> f64 {
@@ -130,10 +182,30 @@ pub fn ngram_nats(train: &str, held_out: &str, n: usize, k: f64) -> f64 {
     total / held.windows(n).count().max(1) as f64
 }
 
-/// What `kiln train char-rnn` sets.
+/// The architecture of a character language model and its sizes.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum LmShape {
+    /// Embedding -> LSTM/GRU stack -> Linear (`char-rnn`).
+    Recurrent(CharLmShape),
+    /// A decoder-only Transformer (`char-transformer`); its vocabulary size is taken from the text.
+    Transformer(crate::transformer::TransformerLmShape),
+}
+
+impl LmShape {
+    /// The model's name in the CLI and in checkpoints.
+    pub fn model_name(&self) -> &'static str {
+        match self {
+            LmShape::Recurrent(_) => "char-rnn",
+            LmShape::Transformer(_) => "char-transformer",
+        }
+    }
+}
+
+/// What `kiln train char-rnn` and `kiln train char-transformer` set.
 #[derive(Clone, Debug)]
 pub struct CharLmConfig {
-    pub shape: CharLmShape,
+    pub shape: LmShape,
     pub window: usize,
     pub batch_size: usize,
     pub steps: u64,
@@ -148,7 +220,7 @@ pub struct CharLmConfig {
 impl Default for CharLmConfig {
     fn default() -> Self {
         CharLmConfig {
-            shape: CharLmShape { cell: CellKind::Lstm, dim: 48, hidden: 128, layers: 1 },
+            shape: LmShape::Recurrent(CharLmShape { cell: CellKind::Lstm, dim: 48, hidden: 128, layers: 1 }),
             window: 64,
             batch_size: 32,
             steps: 600,
@@ -167,7 +239,7 @@ pub struct CharLmReport {
     pub model: String,
     pub dataset: String,
     pub adapter: String,
-    pub shape: CharLmShape,
+    pub shape: LmShape,
     pub steps: u64,
     pub held_out_chars: usize,
     pub held_out_nats_per_char: f64,
@@ -181,6 +253,37 @@ pub struct CharLmReport {
     pub sample: String,
 }
 
+/// The defaults of `char-transformer`: d_model 128, 4 heads, 2 pre-norm blocks, feed-forward 512, windows
+/// of 64 (its positional table), Adam 1e-3 with a 50-step warm-up and a cosine decay.
+pub fn char_transformer_defaults() -> CharLmConfig {
+    let shape = crate::transformer::TransformerLmShape { vocab: 0, d_model: 128, heads: 4, layers: 2, feedforward: 512, max_len: 64 };
+    CharLmConfig { shape: LmShape::Transformer(shape), lr: 1e-3, ..CharLmConfig::default() }
+}
+
+/// A character model of either architecture over `vocab`, in `vs`.
+pub enum TextModel {
+    Recurrent(CharLm),
+    Transformer(crate::transformer::CharTransformer),
+}
+
+impl TextModel {
+    pub fn new(vs: &mut VarStore, vocab: CharVocab, shape: LmShape) -> Result<TextModel> {
+        Ok(match shape {
+            LmShape::Recurrent(s) => TextModel::Recurrent(CharLm::new(vs, vocab, s)?),
+            LmShape::Transformer(s) => {
+                let net = crate::transformer::TransformerLm::new(vs, crate::transformer::TransformerLmShape { vocab: vocab.len(), ..s })?;
+                TextModel::Transformer(crate::transformer::CharTransformer { vocab, net })
+            }
+        })
+    }
+    pub fn as_window_model(&self) -> &dyn WindowModel {
+        match self {
+            TextModel::Recurrent(m) => m,
+            TextModel::Transformer(m) => m,
+        }
+    }
+}
+
 /// Trains, evaluates and (with `out_dir`) saves `last.safetensors` and `vocab.json`.
 pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Result<CharLmReport> {
     let started = Instant::now();
@@ -190,32 +293,40 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
     let held_out: String = tail.chars().take(cfg.eval_chars).collect();
     let vocab = CharVocab::from_text(train_text);
     let mut vs = VarStore::new(cfg.seed);
-    let model = CharLm::new(&mut vs, vocab.clone(), cfg.shape)?;
+    let model = TextModel::new(&mut vs, vocab.clone(), cfg.shape)?;
     vs.finish()?;
-    let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, Schedule::constant(), cfg.steps)?;
-    opt.clip = Some(Clip::GlobalNorm(5.0));
+    let (schedule, clip) = match cfg.shape {
+        LmShape::Recurrent(_) => (Schedule::constant(), 5.0),
+        LmShape::Transformer(_) => (Schedule { kind: kiln_nn::LrSchedule::Cosine { min_factor: 0.1 }, warmup: 50.min(cfg.steps / 4) }, 1.0),
+    };
+    let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
+    opt.clip = Some(Clip::GlobalNorm(clip));
     let windows = CharWindows::new(vocab.encode(train_text), cfg.window).map_err(data_err)?;
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(windows, PadSequences::default(), options).map_err(data_err)?;
     let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
     trainer.max_steps = Some(cfg.steps);
+    let m = model.as_window_model();
     let step = |batch: &HostBatch, _: u64| {
-        let l = model.batch_loss(batch)?;
+        let l = batch_loss(m, batch)?;
         opt.step(&vs, &l.backward()?)?;
         Ok(StepValues { loss: l, correct: None })
     };
     let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
     let fit = trainer.fit(&loader, step, evaluate)?;
-    let nats = model.nats_per_char(&held_out, cfg.window)?;
+    let nats = nats_per_char(m, &held_out, cfg.window)?;
     if let Some(dir) = &cfg.out_dir {
-        save(&vs, &model, cfg, dir)?;
+        save_text_model(&vs, &model, (cfg.shape.model_name(), "moby-dick"), cfg.seed, dir)?;
     }
     let tokens = fit.samples_seen * cfg.window;
     Ok(CharLmReport {
-        model: "char-rnn".into(),
+        model: cfg.shape.model_name().into(),
         dataset: "moby-dick".into(),
         adapter: device.adapter_name(),
-        shape: cfg.shape,
+        shape: match (cfg.shape, &model) {
+            (LmShape::Transformer(_), TextModel::Transformer(t)) => LmShape::Transformer(t.net.shape),
+            (shape, _) => shape,
+        },
         steps: fit.steps,
         held_out_chars: held_out.chars().count(),
         held_out_nats_per_char: nats,
@@ -226,59 +337,75 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
         seconds: started.elapsed().as_secs_f64(),
         ms_per_step: 1000.0 * fit.step_seconds / fit.steps.max(1) as f64,
         tokens_per_s: tokens as f64 / fit.step_seconds.max(1e-9),
-        sample: model.sample("Call me", 120, 0.8, None, 1)?,
+        sample: m.sample("Call me", 120, 0.8, None, 1)?,
     })
-}
-
-fn save(vs: &VarStore, model: &CharLm, cfg: &CharLmConfig, dir: &Path) -> Result<()> {
-    save_text_model(vs, model, ("char-rnn", "moby-dick"), cfg.seed, dir)
 }
 
 /// `last.safetensors` (the sizes and the model's and data set's names in its metadata) and `vocab.json` in
 /// `dir`: what [`load_text_model`] reads back.
-pub(crate) fn save_text_model(vs: &VarStore, model: &CharLm, (name, dataset): (&str, &str), seed: u64, dir: &Path) -> Result<()> {
+pub(crate) fn save_text_model(vs: &VarStore, model: &TextModel, (name, dataset): (&str, &str), seed: u64, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: format!("cannot create the directory: {e}") })?;
     let mut ck = vs.to_checkpoint()?;
-    let rnn = &model.rnn;
-    for (k, v) in [
-        ("kiln.model", name.to_string()),
-        ("kiln.dataset", dataset.into()),
-        ("kiln.cell", if rnn.kind == CellKind::Gru { "gru" } else { "lstm" }.into()),
-        ("kiln.dim", model.embed.dim.to_string()),
-        ("kiln.hidden", rnn.hidden_size.to_string()),
-        ("kiln.layers", rnn.config.num_layers.to_string()),
-        ("kiln.seed", seed.to_string()),
-    ] {
+    let mut meta: Vec<(&str, String)> = vec![("kiln.model", name.to_string()), ("kiln.dataset", dataset.into()), ("kiln.seed", seed.to_string())];
+    match model {
+        TextModel::Recurrent(m) => meta.extend([
+            ("kiln.cell", if m.rnn.kind == CellKind::Gru { "gru" } else { "lstm" }.to_string()),
+            ("kiln.dim", m.embed.dim.to_string()),
+            ("kiln.hidden", m.rnn.hidden_size.to_string()),
+            ("kiln.layers", m.rnn.config.num_layers.to_string()),
+        ]),
+        TextModel::Transformer(t) => {
+            let s = t.net.shape;
+            meta.extend([
+                ("kiln.d_model", s.d_model.to_string()),
+                ("kiln.heads", s.heads.to_string()),
+                ("kiln.layers", s.layers.to_string()),
+                ("kiln.feedforward", s.feedforward.to_string()),
+                ("kiln.max_len", s.max_len.to_string()),
+            ])
+        }
+    }
+    for (k, v) in meta {
         ck.metadata.insert(k.into(), v);
     }
     checkpoint::save(&dir.join("last.safetensors"), &ck).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
-    model.vocab.save(&dir.join("vocab.json")).map_err(data_err)
+    model.as_window_model().vocab().save(&dir.join("vocab.json")).map_err(data_err)
 }
 
 /// A `char-rnn` checkpoint and the `vocab.json` beside it, rebuilt on the current device.
 pub fn load_char_lm(checkpoint_path: &Path) -> Result<CharLm> {
-    load_text_model(checkpoint_path).and_then(|(kind, m)| match kind.as_str() {
-        "char-rnn" => Ok(m),
-        _ => Err(KilnError::Checkpoint(format!("{}: not a char-rnn checkpoint (kiln.model is {kind:?})", checkpoint_path.display()))),
-    })
+    match load_text_model(checkpoint_path)? {
+        (kind, TextModel::Recurrent(m)) if kind == "char-rnn" => Ok(m),
+        (kind, _) => Err(KilnError::Checkpoint(format!("{}: not a char-rnn checkpoint (kiln.model is {kind:?})", checkpoint_path.display()))),
+    }
 }
 
-/// A `char-rnn` or `names` checkpoint (the same [`CharLm`] layout) and the `vocab.json` beside it: which model it
-/// is, and the model on the current device.
-pub fn load_text_model(checkpoint_path: &Path) -> Result<(String, CharLm)> {
+/// A `char-rnn`, `names` or `char-transformer` checkpoint and the `vocab.json` beside it: which model it is,
+/// and the model on the current device.
+pub fn load_text_model(checkpoint_path: &Path) -> Result<(String, TextModel)> {
     let ck = checkpoint::load(checkpoint_path).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
     let meta = |k: &str| ck.metadata.get(k).cloned().unwrap_or_default();
     let kind = meta("kiln.model");
-    if kind != "char-rnn" && kind != "names" {
-        return Err(KilnError::Checkpoint(format!("{}: not a char-rnn or names checkpoint (kiln.model is {kind:?})", checkpoint_path.display())));
-    }
     let number = |k: &str| meta(k).parse::<usize>().map_err(|_| KilnError::Checkpoint(format!("{}: {k} is {:?}, not a size", checkpoint_path.display(), meta(k))));
-    let cell = if meta("kiln.cell") == "gru" { CellKind::Gru } else { CellKind::Lstm };
-    let shape = CharLmShape { cell, dim: number("kiln.dim")?, hidden: number("kiln.hidden")?, layers: number("kiln.layers")? };
+    let shape = match kind.as_str() {
+        "char-rnn" | "names" => {
+            let cell = if meta("kiln.cell") == "gru" { CellKind::Gru } else { CellKind::Lstm };
+            LmShape::Recurrent(CharLmShape { cell, dim: number("kiln.dim")?, hidden: number("kiln.hidden")?, layers: number("kiln.layers")? })
+        }
+        "char-transformer" => LmShape::Transformer(crate::transformer::TransformerLmShape {
+            vocab: 0,
+            d_model: number("kiln.d_model")?,
+            heads: number("kiln.heads")?,
+            layers: number("kiln.layers")?,
+            feedforward: number("kiln.feedforward")?,
+            max_len: number("kiln.max_len")?,
+        }),
+        _ => return Err(KilnError::Checkpoint(format!("{}: not a char-rnn, names or char-transformer checkpoint (kiln.model is {kind:?})", checkpoint_path.display()))),
+    };
     let vocab_path = checkpoint_path.with_file_name("vocab.json");
     let vocab = CharVocab::load(&vocab_path).map_err(data_err)?;
     let mut vs = VarStore::new(0);
-    let model = CharLm::new(&mut vs, vocab, shape)?;
+    let model = TextModel::new(&mut vs, vocab, shape)?;
     vs.finish()?;
     // The vocabulary must be the one the weights were trained with: the embedding's rows say how many.
     vs.load_checkpoint(&checkpoint_path.display().to_string(), &ck, true, |_| true).map_err(|e| KilnError::Checkpoint(format!("{e} (does {} belong to this checkpoint?)", vocab_path.display())))?;

@@ -146,7 +146,8 @@ pub fn train_names(cfg: &NamesConfig, progress: impl FnMut(&Progress)) -> Result
     let (train, held) = split_words(&names, cfg.held_out, cfg.seed).map_err(data_err)?;
     let vocab = CharVocab::from_text(&train.concat());
     let mut vs = VarStore::new(cfg.seed);
-    let model = CharLm::new(&mut vs, vocab.clone(), cfg.shape)?;
+    let text_model = crate::lm::TextModel::new(&mut vs, vocab.clone(), crate::lm::LmShape::Recurrent(cfg.shape))?;
+    let crate::lm::TextModel::Recurrent(model) = &text_model else { unreachable!("a recurrent shape makes a recurrent model") };
     vs.finish()?;
     let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, Schedule::constant(), cfg.steps)?;
     opt.clip = Some(Clip::GlobalNorm(5.0));
@@ -162,11 +163,11 @@ pub fn train_names(cfg: &NamesConfig, progress: impl FnMut(&Progress)) -> Result
     };
     let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
     let fit = trainer.fit(&loader, step, evaluate)?;
-    let nats = nats_per_char(&model, &held)?;
+    let nats = nats_per_char(model, &held)?;
     if let Some(dir) = &cfg.out_dir {
-        crate::lm::save_text_model(&vs, &model, ("names", "names"), cfg.seed, dir)?;
+        crate::lm::save_text_model(&vs, &text_model, ("names", "names"), cfg.seed, dir)?;
     }
-    let samples = sample_words(&model, cfg.samples, cfg.temperature, cfg.seed, 24)?;
+    let samples = sample_words(model, cfg.samples, cfg.temperature, cfg.seed, 24)?;
     let (train_set, held_set): (HashSet<&str>, HashSet<&str>) = (train.iter().map(String::as_str).collect(), held.iter().map(String::as_str).collect());
     let share = |f: &dyn Fn(&str) -> bool| samples.iter().filter(|s| f(s)).count() as f64 / samples.len().max(1) as f64;
     let joined = |w: &[String]| format!("\n{}\n", w.join("\n"));

@@ -10,29 +10,10 @@ use crate::varstore::{Param, VarStore};
 
 /// softmax(q k^T / sqrt(d) + mask) v for q [b, tq, d], k [b, tk, d], v [b, tk, dv] (b counts batch x heads).
 /// `causal` hides every key after the query's position (tq == tk); `mask` [tq, tk] or [b, tq, tk] is added to
-/// the scores (0 to keep, a large negative number to hide: `attention_mask_from_lengths` makes one).
+/// the scores (0 to keep, a large negative number to hide). Fused (flash-style) where it applies:
+/// `kiln_graph::attention::attention`, which also takes a scale and dropout.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
-    if q.rank() != 3 || k.rank() != 3 || v.rank() != 3 || q.shape()[0] != k.shape()[0] || k.shape()[..2] != v.shape()[..2] || q.shape()[2] != k.shape()[2] {
-        return Err(kiln_graph::KilnError::Shape {
-            op: "scaled_dot_product_attention",
-            lhs: q.shape().to_vec(),
-            rhs: k.shape().to_vec(),
-            detail: format!(": expects q [b, tq, d], k [b, tk, d], v [b, tk, dv] (v is {:?})", v.shape()),
-        });
-    }
-    let (tq, tk, d) = (q.shape()[1], k.shape()[1], q.shape()[2]);
-    let mut scores = q.matmul_t(k, false, true)?.scale(1.0 / (d as f32).sqrt())?;
-    if causal {
-        if tq != tk {
-            return Err(shape_error("scaled_dot_product_attention", q.shape(), "a causal mask needs as many queries as keys"));
-        }
-        let hide: Vec<f32> = (0..tq * tk).map(|i| if i % tk > i / tk { -1e9 } else { 0.0 }).collect();
-        scores = scores.broadcast_add(&Tensor::from_slice_on(q.device(), &hide, &[tq, tk])?)?;
-    }
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(m)?;
-    }
-    scores.softmax(2)?.matmul(v)
+    kiln_graph::attention::attention(q, k, v, mask, causal, None, None)
 }
 
 /// PyTorch's `nn.MultiheadAttention` (bias on, no extra key/value bias): `{name}.in_proj_weight` [3E, E],
@@ -87,7 +68,17 @@ impl MultiheadAttention {
             y.reshape(&[n, t, h, d])?.permute(&[0, 2, 1, 3])?.reshape(&[n * h, t, d])
         };
         let (n, tq) = (q.shape()[0], q.shape()[1]);
-        let heads = scaled_dot_product_attention(&project(&q, 0)?, &project(&k, 1)?, &project(&v, 2)?, mask, causal)?;
+        let (qh, kh, vh) = if query.id() == key.id() && key.id() == value.id() {
+            // Self-attention: one product for q, k and v, [n * t, 3E], then one permute to [3, n, heads, t, d].
+            let (h, d) = (self.num_heads, e / self.num_heads);
+            let qkv = q.reshape(&[n * tq, e])?.matmul_t(w, false, true)?.bias_act(b, 1, BiasAct::Identity)?;
+            let qkv = qkv.reshape(&[n, tq, 3, h, d])?.permute(&[2, 0, 3, 1, 4])?;
+            let part = |i: usize| qkv.slice(0, i, 1)?.reshape(&[n * h, tq, d]);
+            (part(0)?, part(1)?, part(2)?)
+        } else {
+            (project(&q, 0)?, project(&k, 1)?, project(&v, 2)?)
+        };
+        let heads = scaled_dot_product_attention(&qh, &kh, &vh, mask, causal)?;
         let merged = heads.reshape(&[n, self.num_heads, tq, e / self.num_heads])?.permute(&[0, 2, 1, 3])?.reshape(&[n * tq, e])?;
         let out = merged.matmul_t(self.out_weight.tensor()?, false, true)?.bias_act(self.out_bias.tensor()?, 1, BiasAct::Identity)?.reshape(&[n, tq, e])?;
         if self.batch_first {
@@ -151,12 +142,7 @@ impl crate::module::Layer for LayerNorm {
 
 /// Layer normalisation over the last `weight.rank()` axes of x (`LayerNorm`'s formula, as a function).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
-    let k = weight.rank();
-    let axes: Vec<usize> = (x.rank() - k..x.rank()).collect();
-    let mean = x.mean(&axes, true)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.mul(&centered)?.mean(&axes, true)?;
-    centered.broadcast_div(&var.add_scalar(eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
+    x.layer_norm(weight, bias, eps)
 }
 
 /// Sinusoidal positional encodings ("Attention is all you need"): [len, dim] with pe[p, 2i] = sin(p / 10000^(2i /
