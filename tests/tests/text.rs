@@ -1,6 +1,6 @@
 //! The text corpora, the character vocabulary and next-character windows (the sequence models' data).
 
-use kiln_data::{load_first_names, load_moby_dick, split_tail, split_words, CharVocab, CharWindows, DataLoader, Dataset, HostData, LoaderOptions, PadSequences, WordSequences};
+use kiln_data::{load_first_names, load_moby_dick, split_tail, split_words, CharVocab, CharWindows, DataLoader, Dataset, HostData, LoaderOptions, PadSequences, StreamWindows, WordSequences};
 
 #[test]
 fn moby_dick_and_the_names_load_as_shipped() {
@@ -89,4 +89,17 @@ fn words_split_by_seed_without_overlap_and_become_sos_eos_sequences() {
     assert_eq!(s.tokens, [vec![CharVocab::SOS], ids.clone()].concat());
     assert_eq!(s.targets.unwrap(), [ids, vec![CharVocab::EOS]].concat());
     assert!(WordSequences::new(&["".to_string()], &vocab).is_err());
+}
+
+#[test]
+fn stream_windows_continue_each_row_from_batch_to_batch() {
+    // 2 streams of 10 tokens each (21 tokens), windows of 3: 3 windows per stream.
+    let tokens: Vec<u32> = (0..21).collect();
+    let w = StreamWindows::new(tokens, 2, 3).unwrap();
+    assert_eq!((w.len(), w.windows_per_stream()), (6, 3));
+    // Batch k = samples 2k (stream 0) and 2k + 1 (stream 1): stream 0 is tokens 0-8, stream 1 tokens 9-17.
+    let rows: Vec<Vec<u32>> = (0..6).map(|i| w.get(i).unwrap().tokens).collect();
+    assert_eq!(rows, vec![vec![0, 1, 2], vec![9, 10, 11], vec![3, 4, 5], vec![12, 13, 14], vec![6, 7, 8], vec![15, 16, 17]]);
+    assert_eq!(w.get(1).unwrap().targets.unwrap(), vec![10, 11, 12]);
+    assert!(StreamWindows::new((0..5).collect(), 2, 3).is_err(), "too short for 2 streams of 3");
 }

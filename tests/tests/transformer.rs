@@ -263,3 +263,88 @@ fn decoder_only_transformer_is_causal_and_refuses_sequences_past_its_positions()
     let err = lm.forward(&Tensor::from_u32(&[1; 10], &[1, 10]).unwrap()).expect_err("10 tokens, 9 positions");
     assert!(err.to_string().contains("positional table of 9"), "{err}");
 }
+
+/// Bahdanau's additive and Luong's multiplicative (general) attention for seq2seq against f64 references and
+/// finite differences of the queries, keys and values, with a padding mask over the keys.
+#[test]
+fn additive_and_multiplicative_attention_match_their_formulas() {
+    use kiln_nn::{key_padding_mask, AdditiveAttention, MultiplicativeAttention};
+    require_gpu();
+    let (n, tq, s, dq, dk, dv, a) = (2, 3, 5, 4, 6, 3, 7);
+    let mut vs = VarStore::new(11);
+    let add = AdditiveAttention::new(&mut vs, "add", dq, dk, a).unwrap();
+    let mul = MultiplicativeAttention::general(&mut vs, "mul", dq, dk).unwrap();
+    vs.finish().unwrap();
+    let host = |p: &kiln_nn::Param| p.tensor().unwrap().to_vec().unwrap().iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (wq, wk, v, wa) = (host(&add.query), host(&add.key), host(&add.v), host(&mul.weight.as_ref().unwrap().clone()));
+    let lengths = [5usize, 2];
+    let mask = key_padding_mask(&kiln_graph::backend::Device::current().unwrap(), &lengths, tq, s).unwrap();
+    let shapes: [&[usize]; 3] = [&[n, tq, dq], &[n, s, dk], &[n, s, dv]];
+    let inputs: Vec<(&[usize], Domain)> = shapes.iter().map(|sh| (*sh, Domain::Any)).collect();
+    // softmax over the unmasked keys of score(i, j), then the weighted values.
+    let reference = |q: &CpuTensor, k: &CpuTensor, val: &CpuTensor, score: &dyn Fn(&[f64], &[f64]) -> f64| {
+        let mut out = vec![0.0; n * tq * dv];
+        for b in 0..n {
+            for i in 0..tq {
+                let qi = &q.data[(b * tq + i) * dq..(b * tq + i + 1) * dq];
+                let sc: Vec<f64> = (0..lengths[b]).map(|j| score(qi, &k.data[(b * s + j) * dk..(b * s + j + 1) * dk])).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..dv {
+                    out[(b * tq + i) * dv + c] = (0..lengths[b]).map(|j| (sc[j] - m).exp() / z * val.data[(b * s + j) * dv + c]).sum();
+                }
+            }
+        }
+        CpuTensor::new(out, &[n, tq, dv])
+    };
+    let additive = |qi: &[f64], kj: &[f64]| (0..a).map(|r| v[r] * ((0..dq).map(|c| wq[r * dq + c] * qi[c]).sum::<f64>() + (0..dk).map(|c| wk[r * dk + c] * kj[c]).sum::<f64>()).tanh()).sum::<f64>();
+    check_op("additive attention", &inputs, |x| add.forward(&x[0], &x[1], &x[2], Some(&mask)).map(|r| r.0), |x| reference(&x[0], &x[1], &x[2], &additive));
+    let general = |qi: &[f64], kj: &[f64]| (0..dq).map(|r| qi[r] * (0..dk).map(|c| wa[r * dk + c] * kj[c]).sum::<f64>()).sum::<f64>();
+    check_op("multiplicative attention", &inputs, |x| mul.context(&x[0], &mul.project_keys(&x[1])?, &x[2], Some(&mask)), |x| reference(&x[0], &x[1], &x[2], &general));
+}
+
+/// nn.TransformerDecoderLayer's names and count, its post-norm form against the composition of its parts
+/// (causal self-attention, cross-attention over the memory with a padding mask, feed-forward), and causality.
+#[test]
+fn decoder_layer_has_pytorchs_names_and_composes_its_parts() {
+    use kiln_nn::{Activation, TransformerDecoderLayer};
+    require_gpu();
+    let mut vs = VarStore::new(8);
+    let dec = TransformerDecoderLayer::new(&mut vs, "dec", 8, 2, 16, Activation::Relu, false).unwrap();
+    let pre = TransformerDecoderLayer::new(&mut vs, "pre", 8, 2, 16, Activation::Gelu, true).unwrap();
+    vs.finish().unwrap();
+    // nn.TransformerDecoderLayer(d_model=8, nhead=2, dim_feedforward=16): 600 + 288 (cross-attention) + 16
+    // (norm3) values.
+    assert_eq!(dec.num_params(), 904);
+    let names: Vec<&str> = dec.params().iter().map(|p| p.name()).collect();
+    for want in ["dec.multihead_attn.in_proj_weight", "dec.multihead_attn.out_proj.bias", "dec.norm3.weight", "dec.linear2.weight"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let mut rng = kiln_graph::Rng::new(9);
+    let x = Tensor::randn(&[2, 4, 8], 1.0, &mut rng).unwrap().var();
+    let memory = Tensor::randn(&[2, 6, 8], 1.0, &mut rng).unwrap().var();
+    // The memory's last two positions are padding for every query (a [t, s] mask).
+    let hide: Vec<f32> = (0..4 * 6).map(|i| if i % 6 >= 4 { -1e9 } else { 0.0 }).collect();
+    let mask = Tensor::from_slice(&hide, &[4, 6]).unwrap();
+    let h1 = dec.norm1.forward(&x.add(&dec.self_attn.forward(&x, &x, &x, None, true).unwrap()).unwrap()).unwrap();
+    let h2 = dec.norm2.forward(&h1.add(&dec.multihead_attn.forward(&h1, &memory, &memory, Some(&mask), false).unwrap()).unwrap()).unwrap();
+    let ff = dec.linear2.forward(&dec.linear1.forward(&h2.reshape(&[8, 8]).unwrap()).unwrap().relu().unwrap()).unwrap().reshape(&[2, 4, 8]).unwrap();
+    let want = dec.norm3.forward(&h2.add(&ff).unwrap()).unwrap().to_vec().unwrap();
+    let got = dec.forward(&x, &memory, true, Some(&mask)).unwrap();
+    assert_close("post-norm decoder layer", &got.to_vec().unwrap(), &want.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5);
+    // Padded memory positions change nothing; a later target position changes no earlier output.
+    let mut mem2 = memory.to_vec().unwrap();
+    mem2[5 * 8] += 3.0;
+    let mem2 = Tensor::from_slice(&mem2, &[2, 6, 8]).unwrap();
+    assert_eq!(dec.forward(&x, &mem2, true, Some(&mask)).unwrap().to_vec().unwrap(), got.to_vec().unwrap());
+    let mut x2 = x.to_vec().unwrap();
+    x2[3 * 8] += 1.0;
+    let y2 = pre.forward(&Tensor::from_slice(&x2, &[2, 4, 8]).unwrap(), &memory, true, None).unwrap().to_vec().unwrap();
+    let y1 = pre.forward(&x, &memory, true, None).unwrap().to_vec().unwrap();
+    assert_eq!(y1[..3 * 8], y2[..3 * 8], "positions 0-2 do not see position 3");
+    let grads = got.sum_all().unwrap().backward().unwrap();
+    for p in dec.params() {
+        assert!(grads.get(p.tensor().unwrap()).is_some(), "no gradient for {}", p.name());
+    }
+    assert!(dec.forward(&x, &Tensor::zeros(&[2, 6, 5]).unwrap(), true, None).is_err(), "a memory of another width");
+}

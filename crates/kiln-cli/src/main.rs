@@ -31,13 +31,17 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 }
 
 /// The sequence models, trained by their own loop (kiln_models::lm) on text.
-const SEQUENCE_MODELS: [(&str, &str); 3] = [
+const SEQUENCE_MODELS: [(&str, &str); 4] = [
     ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
     ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
     ("names", "character-level GRU that generates first names (--cell, --steps)"),
+    ("g2p", "grapheme-to-phoneme encoder-decoder LSTM with attention on CMUdict (--steps, --no-attention)"),
 ];
-const TEXT_DATASETS: [(&str, &str); 2] =
-    [("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"), ("names", "8,849 English first names (female and male), a seeded 10% held out")];
+const TEXT_DATASETS: [(&str, &str); 3] = [
+    ("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"),
+    ("names", "8,849 English first names (female and male), a seeded 10% held out"),
+    ("cmudict", "the CMU Pronouncing Dictionary, 133,784 entries; seeded word-level train/dev/test"),
+];
 
 fn model_list() -> String {
     let models: String = kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
@@ -60,6 +64,13 @@ struct TrainArgs {
     /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].
     #[arg(long, value_parser = ["lstm", "gru"])]
     cell: Option<String>,
+    /// g2p: the encoder-decoder without attention (the baseline).
+    #[arg(long)]
+    no_attention: bool,
+    /// char-rnn: truncated backpropagation through time (the text as batch-size streams, the state carried
+    /// from batch to batch; the held-out text read as one stream).
+    #[arg(long)]
+    tbptt: bool,
     /// Passes over the training split [default: per model].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
@@ -300,7 +311,8 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
     match (a.model.as_str(), a.dataset.as_str()) {
         ("char-rnn" | "char-transformer", "moby-dick") => {}
         ("names", "names") => return train_names(a),
-        (model, data) => bail!("char-rnn and char-transformer train on moby-dick and names on names (got {model} on {data})"),
+        ("g2p", "cmudict") => return train_g2p(a),
+        (model, data) => bail!("char-rnn and char-transformer train on moby-dick, names on names and g2p on cmudict (got {model} on {data})"),
     }
     let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
     let shape = match d.shape {
@@ -309,8 +321,8 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
             LmShape::Recurrent(kiln_models::lm::CharLmShape { cell, hidden, layers, ..r })
         }
         LmShape::Transformer(t) => {
-            if a.cell.is_some() {
-                bail!("--cell is for the recurrent models; char-transformer has no cell");
+            if a.cell.is_some() || a.tbptt {
+                bail!("--cell and --tbptt are for the recurrent models; char-transformer has no cell and no state");
             }
             // --hidden 128,128: d_model 128, two blocks.
             let d_model = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(t.d_model);
@@ -330,6 +342,7 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         out_dir: Some(out.clone()),
         data_dir: a.data_dir.clone(),
+        tbptt: a.tbptt,
         ..d
     };
     eprintln!("kiln: training {} ({:?}) on moby-dick with {}", a.model, cfg.shape, kiln_wgpu::gpu()?.adapter_name());
@@ -340,7 +353,7 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
     })
     .with_context(|| format!("training {} on moby-dick", a.model))?;
     bar.finish();
-    println!("held-out loss {:.3} nats/char ({:.3} bits/char) over {} characters", r.held_out_nats_per_char, r.held_out_bits_per_char, r.held_out_chars);
+    println!("held-out loss {:.3} nats/char ({:.3} bits/char) over {} characters, read as {}", r.held_out_nats_per_char, r.held_out_bits_per_char, r.held_out_chars, r.evaluation);
     println!("baselines: unigram {:.3}, add-k 5-gram {:.3} nats/char", r.unigram_nats_per_char, r.five_gram_nats_per_char);
     println!("{} steps, {:.1} ms/step, {:.0} tokens/s, {} parameters; saved in {}", r.steps, r.ms_per_step, r.tokens_per_s, r.parameters, out.display());
     println!("sample: Call me{}", r.sample);
@@ -377,6 +390,51 @@ fn train_names(a: &TrainArgs) -> Result<()> {
     println!("{} samples: {:.1}% new (not training names), {:.1}% held-out names, {:.1}% distinct", r.samples, 100.0 * r.new_share, 100.0 * r.held_out_share, 100.0 * r.distinct_share);
     println!("{} steps, {:.1} ms/step, {} parameters; saved in {}", r.steps, r.ms_per_step, r.parameters, out.display());
     println!("samples: {}", r.examples.join(", "));
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// `kiln train g2p --dataset cmudict`: grapheme-to-phoneme (kiln_models::g2p), attention maps as PNGs.
+fn train_g2p(a: &TrainArgs) -> Result<()> {
+    let d = kiln_models::g2p::G2pConfig::default();
+    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.shape.hidden);
+    let cfg = kiln_models::g2p::G2pConfig {
+        shape: kiln_models::g2p::G2pShape { hidden, attention: !a.no_attention, ..d.shape },
+        steps: a.steps.unwrap_or(d.steps),
+        batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        data_dir: a.data_dir.clone(),
+        ..d
+    };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(if a.no_attention { "runs/g2p-no-attention" } else { "runs/g2p" }));
+    eprintln!("kiln: training g2p ({:?}) on cmudict with {}", cfg.shape, kiln_wgpu::gpu()?.adapter_name());
+    let bar = steps_bar(cfg.steps);
+    let (model, r, words) = kiln_models::g2p::train_g2p(&cfg, |p: &Progress| {
+        bar.set_position(p.step);
+        bar.set_message(format!("loss {:.3}  {:.0} pairs/s", p.loss, p.samples_per_s));
+    })
+    .context("training g2p")?;
+    bar.finish();
+    println!("{} test words, greedy: WER {:.1}%, PER {:.1}%", r.test_words, 100.0 * r.greedy_wer, 100.0 * r.greedy_per);
+    println!(
+        "first {} of them, beam {}: WER {:.1}%, PER {:.1}% (greedy on the same words: WER {:.1}%)",
+        r.beam_words,
+        r.beam_width,
+        100.0 * r.beam_wer,
+        100.0 * r.beam_per,
+        100.0 * r.greedy_wer_on_beam_words
+    );
+    println!("{} steps, {:.1} ms/step, {} parameters, {} training words", r.steps, r.ms_per_step, r.parameters, r.train_words);
+    for (w, p) in &r.examples {
+        println!("  {w:<16} {p}");
+    }
+    let outputs: Vec<Vec<u32>> = words.iter().take(4).map(|w| model.greedy(&[w], 30).map(|mut o| o.remove(0))).collect::<Result<_, _>>()?;
+    for line in kiln_models::g2p::attention_maps(&model, &words, &outputs, 4, &out)? {
+        println!("attention map {line}");
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }

@@ -284,6 +284,13 @@ fn char_rnn_trains_saves_its_vocabulary_and_samples_with_a_seed() {
     assert!(o.status.success());
     assert_clean_failure(&kiln(&["sample", "--checkpoint", other.join("last.safetensors").to_str().unwrap()], &[]), "not a char-rnn, names or char-transformer checkpoint");
     assert_clean_failure(&kiln(&["train", "char-rnn", "--dataset", "iris"], &[]), "char-rnn and char-transformer train on moby-dick");
+    // Truncated BPTT: the held-out text is read as one stream.
+    let tb = temp_dir("char-rnn-tbptt");
+    let o = kiln(&["train", "char-rnn", "--dataset", "moby-dick", "--steps", "3", "--hidden", "16", "--tbptt", "--out", tb.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["evaluation"].as_str(), r["steps"].as_u64()), (Some("stream"), Some(3)), "{r}");
 }
 
 #[test]
@@ -303,6 +310,7 @@ fn char_transformer_trains_saves_and_samples() {
     // 80 characters after a 7-character prefix: more than the 64 positions, so sampling slides its window.
     assert!(a.starts_with("Call me") && a.trim_end_matches('\n').chars().count() == 87, "{a:?}");
     assert_clean_failure(&kiln(&["train", "char-transformer", "--dataset", "moby-dick", "--cell", "gru"], &[]), "no cell");
+    assert_clean_failure(&kiln(&["train", "char-transformer", "--dataset", "moby-dick", "--tbptt"], &[]), "no state");
 }
 
 #[test]

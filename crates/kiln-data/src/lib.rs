@@ -22,4 +22,4 @@ pub use loader::{
 };
 pub use loaders::{load, load_breast_cancer, load_diabetes, load_digits, load_fashion_mnist, load_iris, load_mnist10k, load_split, load_wine, parse_sklearn_csv, DATASETS, FASHION_MNIST_SYSTEM_DIR};
 pub use prep::{polynomial_features, Batches, MeanNormalizer, Split, Standardizer};
-pub use text::{load_first_names, load_moby_dick, split_tail, split_words, CharVocab, CharWindows, WordSequences};
+pub use text::{load_cmudict, load_first_names, load_moby_dick, split_tail, split_words, CharVocab, CharWindows, Pronunciations, StreamWindows, WordSequences};

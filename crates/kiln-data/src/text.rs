@@ -11,6 +11,7 @@ use crate::loader::{Dataset, Sequence};
 const MOBY_DICK: (&str, &[u8]) = ("moby-dick.txt.gz", include_bytes!("../../../data/text/moby-dick.txt.gz"));
 const NAMES_FEMALE: (&str, &[u8]) = ("names-female.txt.gz", include_bytes!("../../../data/text/names-female.txt.gz"));
 const NAMES_MALE: (&str, &[u8]) = ("names-male.txt.gz", include_bytes!("../../../data/text/names-male.txt.gz"));
+const CMUDICT: (&str, &[u8]) = ("cmudict.txt.gz", include_bytes!("../../../data/text/cmudict.txt.gz"));
 
 /// A shipped text file, or the file of the same name in `dir` (or `KILN_DATA`) when there is one there.
 fn read_text((name, bundled): (&str, &[u8]), dir: Option<&Path>) -> Result<(String, String)> {
@@ -45,6 +46,49 @@ pub fn load_first_names(dir: Option<&Path>) -> Result<Vec<String>> {
         }
     }
     Ok(names)
+}
+
+/// A word of the CMU Pronouncing Dictionary and every pronunciation it lists (ARPAbet phonemes with their
+/// stress digits, as shipped; alternates in the dictionary's order).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pronunciations {
+    pub word: String,
+    pub variants: Vec<Vec<String>>,
+}
+
+/// The CMU Pronouncing Dictionary (133,784 entries, BSD-2-Clause, Carnegie Mellon University): one
+/// [`Pronunciations`] per word, the alternates (`WORD(1)`, `WORD(2)`) gathered under it, words lower-cased.
+/// A line that is not `WORD  PH PH ...` is an error naming the file and the line.
+pub fn load_cmudict(dir: Option<&Path>) -> Result<Vec<Pronunciations>> {
+    let (file, text) = read_text(CMUDICT, dir)?;
+    let mut out: Vec<Pronunciations> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with(";;;") {
+            continue;
+        }
+        let (head, phones) = line.split_once("  ").ok_or_else(|| DataError::Corrupt { file: file.clone(), problem: format!("line {}: {line:?} is not `WORD  PHONEMES`", i + 1) })?;
+        let word = match head.find('(') {
+            Some(p) if head.ends_with(')') => &head[..p],
+            _ => head,
+        }
+        .to_lowercase();
+        let phones: Vec<String> = phones.split_whitespace().map(str::to_string).collect();
+        if word.is_empty() || phones.is_empty() {
+            return Err(DataError::Corrupt { file, problem: format!("line {}: {line:?} has no word or no phonemes", i + 1) });
+        }
+        match at.get(&word) {
+            Some(&k) => out[k].variants.push(phones),
+            None => {
+                at.insert(word.clone(), out.len());
+                out.push(Pronunciations { word, variants: vec![phones] });
+            }
+        }
+    }
+    if out.len() < 1000 {
+        return Err(DataError::Corrupt { file, problem: format!("{} words: truncated", out.len()) });
+    }
+    Ok(out)
 }
 
 /// A character vocabulary: the special tokens `<pad>` (0), `<sos>` (1), `<eos>` (2), `<unk>` (3), then every
@@ -165,6 +209,46 @@ impl Dataset for CharWindows {
             return Err(DataError::Invalid(format!("window {i} of {}", Dataset::len(self))));
         }
         let at = i * self.len;
+        Ok(Sequence { tokens: self.tokens[at..at + self.len].to_vec(), targets: Some(self.tokens[at + 1..at + self.len + 1].to_vec()) })
+    }
+}
+
+/// Next-character windows for truncated backpropagation through time: the text cut into `streams`
+/// contiguous streams, sample `i` being window `i / streams` of stream `i % streams`. Read in order in batches
+/// of `streams`, batch k holds window k of every stream, so each row continues the row of the batch before and
+/// a recurrent net's final state can start the next batch.
+pub struct StreamWindows {
+    tokens: Vec<u32>,
+    streams: usize,
+    len: usize,
+    per_stream: usize,
+}
+
+impl StreamWindows {
+    pub fn new(tokens: Vec<u32>, streams: usize, len: usize) -> Result<StreamWindows> {
+        let stream_len = tokens.len().saturating_sub(1) / streams.max(1);
+        if streams == 0 || len == 0 || stream_len < len {
+            return Err(DataError::Invalid(format!("{streams} streams of windows of {len} tokens need at least {} tokens, the text has {}", streams * len + 1, tokens.len())));
+        }
+        Ok(StreamWindows { per_stream: stream_len / len, tokens, streams, len })
+    }
+    /// Windows per stream: the batches in an epoch.
+    pub fn windows_per_stream(&self) -> usize {
+        self.per_stream
+    }
+}
+
+impl Dataset for StreamWindows {
+    type Sample = Sequence;
+    fn len(&self) -> usize {
+        self.streams * self.per_stream
+    }
+    fn get(&self, i: usize) -> Result<Sequence> {
+        if i >= Dataset::len(self) {
+            return Err(DataError::Invalid(format!("window {i} of {}", Dataset::len(self))));
+        }
+        let (k, b) = (i / self.streams, i % self.streams);
+        let at = b * (self.per_stream * self.len) + k * self.len;
         Ok(Sequence { tokens: self.tokens[at..at + self.len].to_vec(), targets: Some(self.tokens[at + 1..at + self.len + 1].to_vec()) })
     }
 }

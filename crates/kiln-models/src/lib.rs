@@ -5,6 +5,7 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 pub mod cnn;
+pub mod g2p;
 pub mod linear_models;
 pub mod lm;
 pub mod names;

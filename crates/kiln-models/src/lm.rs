@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_data::{load_moby_dick, split_tail, CharVocab, CharWindows, DataLoader, HostBatch, LoaderOptions, PadSequences};
+use kiln_data::{load_moby_dick, split_tail, CharVocab, CharWindows, DataLoader, HostBatch, LoaderOptions, PadSequences, StreamWindows};
 use kiln_graph::backend::Device;
 use kiln_graph::{loss, no_grad, KilnError, Rng, Tensor};
 use kiln_nn::schedule::Schedule;
@@ -144,6 +144,22 @@ pub fn nats_per_char(model: &dyn WindowModel, text: &str, len: usize) -> Result<
     Ok(sum / count.max(1) as f64)
 }
 
+/// Mean cross-entropy in nats per character over `text` read as one stream in windows of `len`, each window
+/// starting from the state the one before ended in (how a model trained with truncated BPTT reads).
+pub fn nats_per_char_streamed(model: &CharLm, text: &str, len: usize) -> Result<f64> {
+    let ids = model.vocab.encode(text);
+    let windows = (ids.len().saturating_sub(1)) / len;
+    let (mut sum, mut state) = (0.0, None);
+    for w in 0..windows {
+        let x = Tensor::from_u32(&ids[w * len..(w + 1) * len], &[1, len])?;
+        let y = Tensor::from_u32(&ids[w * len + 1..(w + 1) * len + 1], &[len])?;
+        let (logits, next) = no_grad(|| model.forward(&x, state.as_ref()))?;
+        sum += no_grad(|| loss::cross_entropy(&logits, &y))?.to_scalar()? as f64;
+        state = Some(next);
+    }
+    Ok(sum / windows.max(1) as f64)
+}
+
 /// Sampling by re-reading the last `context` tokens every step (a model without a carried state).
 pub fn sample_windowed(model: &dyn WindowModel, context: usize, prefix: &str, len: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<String> {
     let vocab = model.vocab();
@@ -213,6 +229,10 @@ pub struct CharLmConfig {
     pub seed: u64,
     /// Held-out characters evaluated (from the start of the tail; the whole tail is about 59,500).
     pub eval_chars: usize,
+    /// Truncated backpropagation through time (recurrent models): the text read as `batch_size` contiguous
+    /// streams, each batch continuing the last from its final state (detached), and the held-out text read as
+    /// one stream the same way. Without it, windows are shuffled and each starts from a zero state.
+    pub tbptt: bool,
     pub out_dir: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
 }
@@ -227,6 +247,7 @@ impl Default for CharLmConfig {
             lr: 3e-3,
             seed: 42,
             eval_chars: 20_000,
+            tbptt: false,
             out_dir: None,
             data_dir: None,
         }
@@ -242,6 +263,9 @@ pub struct CharLmReport {
     pub shape: LmShape,
     pub steps: u64,
     pub held_out_chars: usize,
+    /// How the held-out text was read: "windows" (each of 64 characters from a zero state) or "stream" (one
+    /// stream, the state carried from window to window).
+    pub evaluation: String,
     pub held_out_nats_per_char: f64,
     pub held_out_bits_per_char: f64,
     pub unigram_nats_per_char: f64,
@@ -301,20 +325,44 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
     };
     let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
     opt.clip = Some(Clip::GlobalNorm(clip));
-    let windows = CharWindows::new(vocab.encode(train_text), cfg.window).map_err(data_err)?;
-    let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
-    let loader = DataLoader::new(windows, PadSequences::default(), options).map_err(data_err)?;
-    let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
-    trainer.max_steps = Some(cfg.steps);
     let m = model.as_window_model();
-    let step = |batch: &HostBatch, _: u64| {
-        let l = batch_loss(m, batch)?;
-        opt.step(&vs, &l.backward()?)?;
-        Ok(StepValues { loss: l, correct: None })
-    };
     let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
-    let fit = trainer.fit(&loader, step, evaluate)?;
-    let nats = nats_per_char(m, &held_out, cfg.window)?;
+    let (fit, nats) = match (&model, cfg.tbptt) {
+        (TextModel::Recurrent(rnn), true) => {
+            // Batch k holds window k of every stream, in order; each step starts from the last one's state.
+            let streams = StreamWindows::new(vocab.encode(train_text), cfg.batch_size, cfg.window).map_err(data_err)?;
+            let per_epoch = streams.windows_per_stream() as u64;
+            let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: None, drop_last: true, ..Default::default() };
+            let loader = DataLoader::new(streams, PadSequences::default(), options).map_err(data_err)?;
+            let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
+            trainer.max_steps = Some(cfg.steps);
+            let carried: std::cell::RefCell<Option<RnnState>> = std::cell::RefCell::new(None);
+            let step = |batch: &HostBatch, step: u64| {
+                let t = batch.upload()?;
+                // A new epoch starts the streams again from a zero state.
+                let state = if step.is_multiple_of(per_epoch) { None } else { carried.borrow().clone() };
+                let (logits, last) = rnn.forward(&t[0], state.as_ref())?;
+                let l = loss::cross_entropy(&logits, &t[2].reshape(&[t[2].numel()])?)?;
+                opt.step(&vs, &l.backward()?)?;
+                *carried.borrow_mut() = Some(RnnState { h: last.h.detach(), c: last.c.map(|c| c.detach()) });
+                Ok(StepValues { loss: l, correct: None })
+            };
+            (trainer.fit(&loader, step, evaluate)?, nats_per_char_streamed(rnn, &held_out, cfg.window)?)
+        }
+        _ => {
+            let windows = CharWindows::new(vocab.encode(train_text), cfg.window).map_err(data_err)?;
+            let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
+            let loader = DataLoader::new(windows, PadSequences::default(), options).map_err(data_err)?;
+            let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
+            trainer.max_steps = Some(cfg.steps);
+            let step = |batch: &HostBatch, _: u64| {
+                let l = batch_loss(m, batch)?;
+                opt.step(&vs, &l.backward()?)?;
+                Ok(StepValues { loss: l, correct: None })
+            };
+            (trainer.fit(&loader, step, evaluate)?, nats_per_char(m, &held_out, cfg.window)?)
+        }
+    };
     if let Some(dir) = &cfg.out_dir {
         save_text_model(&vs, &model, (cfg.shape.model_name(), "moby-dick"), cfg.seed, dir)?;
     }
@@ -329,6 +377,7 @@ pub fn train_char_lm(cfg: &CharLmConfig, progress: impl FnMut(&Progress)) -> Res
         },
         steps: fit.steps,
         held_out_chars: held_out.chars().count(),
+        evaluation: if cfg.tbptt && matches!(model, TextModel::Recurrent(_)) { "stream" } else { "windows" }.into(),
         held_out_nats_per_char: nats,
         held_out_bits_per_char: nats / std::f64::consts::LN_2,
         unigram_nats_per_char: ngram_nats(train_text, &held_out, 1, 1.0),

@@ -119,3 +119,26 @@ pub fn loss_png(path: &Path, train: &[f64], dev: &[f64]) -> std::io::Result<()> 
     writer.write_image_data(&c.0).map_err(std::io::Error::other)?;
     Ok(())
 }
+
+/// A grey-scale heat map of `values` [rows, cols] in [0, 1] (white 0, black 1), `cell` pixels a value, with a
+/// one-pixel grey grid: attention maps (rows the outputs, columns the inputs).
+pub fn heatmap_png(path: &Path, rows: usize, cols: usize, values: &[f32], cell: usize) -> std::io::Result<()> {
+    let (w, h) = (cols * cell + 1, rows * cell + 1);
+    let mut px = vec![200u8; w * h];
+    for r in 0..rows {
+        for c in 0..cols {
+            let v = values.get(r * cols + c).copied().unwrap_or(0.0).clamp(0.0, 1.0);
+            let shade = (255.0 * (1.0 - v)).round() as u8;
+            for y in r * cell + 1..(r + 1) * cell {
+                px[y * w + c * cell + 1..y * w + (c + 1) * cell].fill(shade);
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&px).map_err(std::io::Error::other)?;
+    Ok(())
+}

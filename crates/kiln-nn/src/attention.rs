@@ -215,3 +215,186 @@ impl Module for TransformerEncoderLayer {
         vec![("self_attn".into(), &self.self_attn), ("linear1".into(), &self.linear1), ("linear2".into(), &self.linear2), ("norm1".into(), &self.norm1), ("norm2".into(), &self.norm2)]
     }
 }
+
+/// The additive mask [n, tq, s] that hides each sequence's keys past its length (0 to keep, -1e9 to hide).
+pub fn key_padding_mask(device: &kiln_graph::backend::Device, lengths: &[usize], tq: usize, s: usize) -> Result<Tensor> {
+    let n = lengths.len();
+    let m: Vec<f32> = (0..n * tq * s).map(|i| if i % s < lengths[i / (tq * s)] { 0.0 } else { -1e9 }).collect();
+    Tensor::from_slice_on(device, &m, &[n, tq, s])
+}
+
+/// Bahdanau's additive attention for seq2seq: score(q, k) = v . tanh(W_q q + W_k k), softmax over the keys
+/// (masked), context = weights . values. `{name}.query.weight` [A, Dq], `{name}.key.weight` [A, Dk] (no
+/// biases), `{name}.v` [A].
+pub struct AdditiveAttention {
+    pub query: Param,
+    pub key: Param,
+    pub v: Param,
+}
+
+impl AdditiveAttention {
+    pub fn new(vs: &mut VarStore, name: &str, query_dim: usize, key_dim: usize, attn_dim: usize) -> Result<AdditiveAttention> {
+        let k = 1.0 / (attn_dim as f32).sqrt();
+        Ok(AdditiveAttention {
+            query: vs.param(&format!("{name}.query.weight"), &[attn_dim, query_dim], Init::XavierUniform, true)?,
+            key: vs.param(&format!("{name}.key.weight"), &[attn_dim, key_dim], Init::XavierUniform, true)?,
+            v: vs.param(&format!("{name}.v"), &[attn_dim], Init::Uniform { lo: -k, hi: k }, true)?,
+        })
+    }
+
+    /// queries [n, tq, Dq], keys [n, s, Dk], values [n, s, Dv], an additive mask [n, tq, s] -> (context [n, tq,
+    /// Dv], weights [n, tq, s]).
+    pub fn forward(&self, queries: &Tensor, keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let (n, tq, s) = (queries.shape()[0], queries.shape()[1], keys.shape()[1]);
+        let a = self.v.tensor()?.numel();
+        let project = |x: &Tensor, w: &Param, t: usize| -> Result<Tensor> { x.reshape(&[n * t, x.shape()[2]])?.matmul_t(w.tensor()?, false, true)?.reshape(&[n, t, a]) };
+        // [n, tq, 1, A] + [n, 1, s, A] -> tanh -> . v -> [n, tq, s]
+        let q = project(queries, &self.query, tq)?.reshape(&[n, tq, 1, a])?;
+        let k = project(keys, &self.key, s)?.reshape(&[n, 1, s, a])?;
+        let mut scores = q.broadcast_add(&k)?.tanh()?.reshape(&[n * tq * s, a])?.matmul(&self.v.tensor()?.reshape(&[a, 1])?)?.reshape(&[n, tq, s])?;
+        if let Some(m) = mask {
+            scores = scores.add(m)?;
+        }
+        let weights = scores.softmax(2)?;
+        Ok((weights.matmul(values)?, weights))
+    }
+}
+
+impl Module for AdditiveAttention {
+    fn describe(&self) -> String {
+        format!("AdditiveAttention(attn_dim={})", self.v.tensor().map(|t| t.numel()).unwrap_or(0))
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![&self.query, &self.key, &self.v]
+    }
+}
+
+/// Luong's multiplicative attention for seq2seq, the "general" score q^T W_a k (`{name}.weight` [Dq, Dk], no
+/// bias), or "dot" q^T k without parameters; softmax over the keys (masked), context = weights . values. Runs
+/// as one `attention` op (q = the queries, k = the keys through W_a, scale 1).
+pub struct MultiplicativeAttention {
+    pub weight: Option<Param>,
+}
+
+impl MultiplicativeAttention {
+    /// The general form, W_a [query_dim, key_dim].
+    pub fn general(vs: &mut VarStore, name: &str, query_dim: usize, key_dim: usize) -> Result<MultiplicativeAttention> {
+        Ok(MultiplicativeAttention { weight: Some(vs.param(&format!("{name}.weight"), &[query_dim, key_dim], Init::XavierUniform, true)?) })
+    }
+    /// The dot form (queries and keys of one size).
+    pub fn dot() -> MultiplicativeAttention {
+        MultiplicativeAttention { weight: None }
+    }
+
+    /// keys [n, s, Dk] as the scores see them: W_a k (general) or k (dot), [n, s, Dq]. Computed once per source
+    /// when a decoder attends step by step.
+    pub fn project_keys(&self, keys: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            None => Ok(keys.clone()),
+            Some(w) => {
+                let (n, s, dk) = (keys.shape()[0], keys.shape()[1], keys.shape()[2]);
+                let w = w.tensor()?;
+                keys.reshape(&[n * s, dk])?.matmul_t(w, false, true)?.reshape(&[n, s, w.shape()[0]])
+            }
+        }
+    }
+
+    /// queries [n, tq, Dq], keys already through [`MultiplicativeAttention::project_keys`], values [n, s, Dv],
+    /// an additive mask [n, tq, s] -> context [n, tq, Dv].
+    pub fn context(&self, queries: &Tensor, projected_keys: &Tensor, values: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        kiln_graph::attention::attention(queries, projected_keys, values, mask, false, Some(1.0), None)
+    }
+
+    /// The weights [n, tq, s] (composed; for attention maps).
+    pub fn weights(&self, queries: &Tensor, projected_keys: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut scores = queries.matmul_t(projected_keys, false, true)?;
+        if let Some(m) = mask {
+            scores = scores.add(m)?;
+        }
+        scores.softmax(2)
+    }
+}
+
+impl Module for MultiplicativeAttention {
+    fn describe(&self) -> String {
+        format!("MultiplicativeAttention({})", if self.weight.is_some() { "general" } else { "dot" })
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        self.weight.iter().collect()
+    }
+}
+
+/// PyTorch's `nn.TransformerDecoderLayer` (ReLU or GELU feed-forward, dropout left out): `{name}.self_attn`,
+/// `{name}.multihead_attn` (cross-attention over the encoder's output, the "memory"), `{name}.linear1`,
+/// `{name}.linear2`, `{name}.norm1`..`norm3`; post-norm by default (x = norm1(x + self_attn(x)); x = norm2(x +
+/// cross_attn(x, memory)); x = norm3(x + ff(x))), pre-norm with `norm_first`. Inputs batch first.
+pub struct TransformerDecoderLayer {
+    pub self_attn: MultiheadAttention,
+    pub multihead_attn: MultiheadAttention,
+    pub linear1: crate::module::Linear,
+    pub linear2: crate::module::Linear,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub norm3: LayerNorm,
+    pub activation: crate::module::Activation,
+    pub norm_first: bool,
+}
+
+impl TransformerDecoderLayer {
+    pub fn new(vs: &mut VarStore, name: &str, d_model: usize, heads: usize, feedforward: usize, activation: crate::module::Activation, norm_first: bool) -> Result<TransformerDecoderLayer> {
+        Ok(TransformerDecoderLayer {
+            self_attn: MultiheadAttention::new(vs, &format!("{name}.self_attn"), d_model, heads, true)?,
+            multihead_attn: MultiheadAttention::new(vs, &format!("{name}.multihead_attn"), d_model, heads, true)?,
+            linear1: crate::module::Linear::new(vs, &format!("{name}.linear1"), d_model, feedforward, Init::HeUniform)?,
+            linear2: crate::module::Linear::new(vs, &format!("{name}.linear2"), feedforward, d_model, Init::XavierUniform)?,
+            norm1: LayerNorm::new(vs, &format!("{name}.norm1"), &[d_model])?,
+            norm2: LayerNorm::new(vs, &format!("{name}.norm2"), &[d_model])?,
+            norm3: LayerNorm::new(vs, &format!("{name}.norm3"), &[d_model])?,
+            activation,
+            norm_first,
+        })
+    }
+
+    /// x [n, t, E] (the target so far) and memory [n, s, E] -> [n, t, E]. `causal` masks x's self-attention (as
+    /// `tgt_is_causal`); `memory_mask` [t, s] or [n * heads, t, s] is added to the cross-attention's scores
+    /// (padding of the source).
+    pub fn forward(&self, x: &Tensor, memory: &Tensor, causal: bool, memory_mask: Option<&Tensor>) -> Result<Tensor> {
+        use crate::module::Layer;
+        if x.rank() != 3 || memory.rank() != 3 || x.shape()[0] != memory.shape()[0] || x.shape()[2] != memory.shape()[2] {
+            return Err(shape_error(&self.describe(), x.shape(), &format!("expects x [n, t, E] and memory [n, s, E] (memory is {:?})", memory.shape())));
+        }
+        let (n, t, e) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let sa = |y: &Tensor| self.self_attn.forward(y, y, y, None, causal);
+        let ca = |y: &Tensor| self.multihead_attn.forward(y, memory, memory, memory_mask, false);
+        let ff = |y: &Tensor| -> Result<Tensor> {
+            let h = self.activation.forward(&self.linear1.forward(&y.reshape(&[n * t, e])?)?)?;
+            self.linear2.forward(&h)?.reshape(&[n, t, e])
+        };
+        if self.norm_first {
+            let x = x.add(&sa(&self.norm1.forward(x)?)?)?;
+            let x = x.add(&ca(&self.norm2.forward(&x)?)?)?;
+            x.add(&ff(&self.norm3.forward(&x)?)?)
+        } else {
+            let x = self.norm1.forward(&x.add(&sa(x)?)?)?;
+            let x = self.norm2.forward(&x.add(&ca(&x)?)?)?;
+            self.norm3.forward(&x.add(&ff(&x)?)?)
+        }
+    }
+}
+
+impl Module for TransformerDecoderLayer {
+    fn describe(&self) -> String {
+        format!("TransformerDecoderLayer({}, heads={}, norm_first={})", self.self_attn.embed_dim, self.self_attn.num_heads, self.norm_first)
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        vec![
+            ("self_attn".into(), &self.self_attn),
+            ("multihead_attn".into(), &self.multihead_attn),
+            ("linear1".into(), &self.linear1),
+            ("linear2".into(), &self.linear2),
+            ("norm1".into(), &self.norm1),
+            ("norm2".into(), &self.norm2),
+            ("norm3".into(), &self.norm3),
+        ]
+    }
+}

@@ -15,7 +15,10 @@ pub mod recurrent;
 pub mod schedule;
 pub mod varstore;
 
-pub use attention::{layer_norm, scaled_dot_product_attention, sinusoidal_positions, LayerNorm, MultiheadAttention, TransformerEncoderLayer};
+pub use attention::{
+    key_padding_mask, layer_norm, scaled_dot_product_attention, sinusoidal_positions, AdditiveAttention, LayerNorm, MultiheadAttention, MultiplicativeAttention, TransformerDecoderLayer,
+    TransformerEncoderLayer,
+};
 pub use init::Init;
 pub use kiln_graph::{fusion_enabled, set_fusion};
 pub use layers::{add_channel_bias, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
