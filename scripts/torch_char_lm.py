@@ -9,6 +9,7 @@ dropped), Embedding(V, 48, padding_idx=0) -> LSTM(48, H, layers) -> Linear(H, V)
 at norm 5; held-out cross-entropy on the first 20,000 characters of the tail in windows of 64.
 
     python3 scripts/torch_char_lm.py [--steps 600] [--hidden 128] [--layers 1] [--cell lstm|gru] [--seed 42]
+                                     [--xavier-head]
 """
 import argparse, gzip, math, pathlib, time
 
@@ -22,6 +23,7 @@ p.add_argument("--layers", type=int, default=1)
 p.add_argument("--cell", default="lstm", choices=["lstm", "gru"])
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--threads", type=int, default=0)
+p.add_argument("--xavier-head", action="store_true", help="initialise the output layer as Kiln does (Xavier uniform, zero bias) instead of PyTorch's default")
 a = p.parse_args()
 torch.manual_seed(a.seed)
 if a.threads:
@@ -54,6 +56,9 @@ class CharLm(nn.Module):
         rnn = nn.LSTM if a.cell == "lstm" else nn.GRU
         self.rnn = rnn(48, a.hidden, a.layers, batch_first=True)
         self.head = nn.Linear(a.hidden, V)
+        if a.xavier_head:
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x):
         h, _ = self.rnn(self.embed(x))

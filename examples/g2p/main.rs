@@ -7,7 +7,7 @@ use kiln_models::g2p::{attention_maps, train_g2p, G2pConfig, G2pShape};
 fn main() -> anyhow::Result<()> {
     let steps: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2500);
     for attention in [true, false] {
-        let cfg = G2pConfig { shape: G2pShape { attention, ..G2pConfig::default().shape }, steps, batch_size: 128, lr: 3e-3, ..Default::default() };
+        let cfg = G2pConfig { shape: G2pShape { attention, ..G2pConfig::default().shape }, steps, ..Default::default() };
         let (model, r, words) = train_g2p(&cfg, |_| {})?;
         println!("{}: {} steps in {:.0} s ({:.0} ms/step), {} parameters", r.model, r.steps, r.seconds, r.ms_per_step, r.parameters);
         println!("  {} test words greedy: WER {:.1}%, PER {:.1}%", r.test_words, 100.0 * r.greedy_wer, 100.0 * r.greedy_per);
@@ -31,7 +31,7 @@ mod tests {
 
     #[test]
     fn a_short_run_learns_pronunciations_and_draws_attention() {
-        let cfg = G2pConfig { steps: 150, eval_words: 300, beam_words: 40, held: 300, ..Default::default() };
+        let cfg = G2pConfig { steps: 150, batch_size: 64, lr: 2e-3, eval_words: 300, beam_words: 40, held: 300, ..Default::default() };
         let (model, r, words) = train_g2p(&cfg, |_| {}).expect("training");
         eprintln!("g2p, 150 steps: greedy WER {:.3} PER {:.3}; beam WER {:.3} PER {:.3}", r.greedy_wer, r.greedy_per, r.beam_wer, r.beam_per);
         assert!(r.greedy_per < 0.45, "phoneme error rate {:.3} after 150 steps", r.greedy_per);

@@ -348,3 +348,26 @@ fn decoder_layer_has_pytorchs_names_and_composes_its_parts() {
     }
     assert!(dec.forward(&x, &Tensor::zeros(&[2, 6, 5]).unwrap(), true, None).is_err(), "a memory of another width");
 }
+
+/// On a CPU adapter (lavapipe ends an invocation's loops after 65535 iterations in all) the fused kernels
+/// refuse sequences whose per-row loops would pass the cap, and `attention` takes the composed form there, so a
+/// long sequence is never silently wrong.
+#[test]
+fn long_attention_on_a_cpu_adapter_is_composed_not_cut_short() {
+    let gpu = require_gpu();
+    let mut rng = kiln_tests::test_rng("long attention");
+    let (t, d) = (600, 64);
+    let q = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
+    let k = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
+    let v = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
+    let cpu = gpu.info.device_type == kiln_graph::backend::wgpu::DeviceType::Cpu;
+    let fused = kiln_graph::attention::attention_fused(&q, &k, &v, None, false, None, None);
+    if cpu {
+        let err = fused.expect_err("past the loop cap");
+        assert!(err.to_string().contains("loop"), "{err}");
+    }
+    let got = kiln_graph::attention::attention(&q, &k, &v, None, false, None, None).unwrap().to_vec().unwrap();
+    let one = |x: &Tensor| CpuTensor::from_f32(&x.to_vec().unwrap(), &[1, t, d]);
+    let want = kiln_graph::cpu::attention(&one(&q), &one(&k), &one(&v), None, false, 1.0 / 8.0, None);
+    assert_close("attention over 600 keys", &got, &want.data, 1e-4);
+}

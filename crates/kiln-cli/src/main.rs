@@ -58,7 +58,7 @@ struct TrainArgs {
     /// Data set (see the list below).
     #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|d| d.0)))]
     dataset: String,
-    /// char-rnn and names: training steps [default: 600 and 1500].
+    /// char-rnn, char-transformer, names, g2p: training steps [default: 2000, 600, 1500, 2500].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].

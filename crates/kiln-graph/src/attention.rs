@@ -72,7 +72,7 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
     check(q, k, v, mask, causal, dropout)?;
     if !fusable(q, k, v, mask) {
         return Err(KilnError::Usage(format!(
-            "fused attention takes head sizes up to {ATTN_MAX_DIM} (q {:?}, v {:?}), a mask without a gradient, at least one key, at most 65535 batch rows, and fusion on",
+            "fused attention takes head sizes up to {ATTN_MAX_DIM} (q {:?}, v {:?}), a mask without a gradient, at least one key, at most 65535 batch rows, fusion on, and on a CPU adapter rows short enough for its 65535-iteration loop cap",
             q.shape(),
             v.shape()
         )));
@@ -81,7 +81,22 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
 }
 
 fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
-    crate::fusion_enabled(q.device()) && q.shape()[2] <= ATTN_MAX_DIM && v.shape()[2] <= ATTN_MAX_DIM && !mask.is_some_and(|m| m.requires_grad()) && k.shape()[1] > 0 && q.shape()[0] <= 65535
+    crate::fusion_enabled(q.device())
+        && q.shape()[2] <= ATTN_MAX_DIM
+        && v.shape()[2] <= ATTN_MAX_DIM
+        && !mask.is_some_and(|m| m.requires_grad())
+        && k.shape()[1] > 0
+        && q.shape()[0] <= 65535
+        && within_loop_cap(q.device(), q.shape()[1].max(k.shape()[1]), q.shape()[2], v.shape()[2])
+}
+
+/// Lavapipe (Mesa's gallivm: CPU adapters) silently ends an invocation's loops after 65535 iterations in all.
+/// A fused attention row loops over every key (or query) with about 2 d + dv steps each, plus the tile loads:
+/// past the cap it would be cut short, so there the composed form runs instead. (Splitting the keys over
+/// several dispatches and merging the partial sums would lift this; not built.) GPUs have no such cap.
+pub fn within_loop_cap(dev: &kiln_wgpu::Gpu, t: usize, d: usize, dv: usize) -> bool {
+    let loops = t * (2 * d + dv) + (t / 8 + 1) * (d + dv) + 4 * (d + dv);
+    dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu || loops <= 60_000
 }
 
 static PREFER_FUSED_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
@@ -90,9 +105,10 @@ static PREFER_FUSED_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock
 pub const CPU_FUSED_ABOVE_BYTES: usize = 256 << 20;
 
 /// Whether [`attention`] runs fused for `scores` = b * tq * tk values: on GPUs always; on CPU adapters only when
-/// the composed form's scores would pass [`CPU_FUSED_ABOVE_BYTES`], since there the flash kernels, one
-/// scalar row per invocation, run several times slower than the vectorised matmuls (measured in
-/// docs/sequence.md). The device setting "attention_fused", else `KILN_ATTN_FUSED=on|off`, overrides.
+/// the composed form's scores would pass [`CPU_FUSED_ABOVE_BYTES`] (and the rows fit the loop cap:
+/// [`within_loop_cap`]), since there the flash kernels, one scalar row per invocation, run several times
+/// slower than the vectorised matmuls (measured in docs/sequence.md). The device setting "attention_fused",
+/// else `KILN_ATTN_FUSED=on|off`, overrides.
 pub fn prefer_fused(dev: &kiln_wgpu::Gpu, scores: usize) -> bool {
     let forced = match dev.setting("attention_fused") {
         Some(v) => Some(v != 0),

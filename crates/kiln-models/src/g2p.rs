@@ -385,9 +385,9 @@ impl Default for G2pConfig {
     fn default() -> Self {
         G2pConfig {
             shape: G2pShape { dim: 64, hidden: 128, attention: true },
-            batch_size: 64,
-            steps: 4000,
-            lr: 2e-3,
+            batch_size: 128,
+            steps: 2500,
+            lr: 3e-3,
             seed: 42,
             held: 3000,
             eval_words: 3000,
