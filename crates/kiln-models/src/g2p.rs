@@ -96,7 +96,8 @@ pub fn prepare(dict: &[Pronunciations], held: usize, seed: u64) -> Result<G2pSpl
             .collect()
     };
     let (dev_names, test_names) = rest.split_at(rest.len() / 2);
-    Ok((vocab.clone(), entries(&train_names), entries(dev_names), entries(test_names)))
+    let (train, dev, test) = (entries(&train_names), entries(dev_names), entries(test_names));
+    Ok((vocab, train, dev, test))
 }
 
 /// Training pairs: each pronunciation of each word is a sample.
@@ -279,14 +280,18 @@ impl G2p {
     pub fn beam(&self, word: &G2pEntry, width: usize, alpha: f64, max_len: usize) -> Result<Vec<u32>> {
         no_grad(|| {
             let v = self.vocab.phonemes.len() + SPECIALS as usize;
+            // The word is encoded once per beam size (the first step has one hypothesis, the rest `width`).
+            let mut encoded: Option<(usize, Encoded)> = None;
             let hyps = kiln_nn::decode::beam_search(width, max_len, EOS, alpha, |prefixes| {
                 let w = prefixes.len();
-                let words: Vec<&G2pEntry> = vec![word; w];
-                let (source, lengths) = source_batch(&words)?;
-                let enc = self.encode(&source, &lengths)?;
+                if encoded.as_ref().is_none_or(|(n, _)| *n != w) {
+                    let (source, lengths) = source_batch(&vec![word; w])?;
+                    encoded = Some((w, self.encode(&source, &lengths)?));
+                }
+                let enc = &encoded.as_ref().expect("encoded just above").1;
                 let t = prefixes[0].len() + 1;
                 let input: Vec<u32> = prefixes.iter().flat_map(|p| std::iter::once(SOS).chain(p.iter().copied())).collect();
-                let (logits, _) = self.decode(&enc, &Tensor::from_u32(&input, &[w, t])?, &enc.init)?;
+                let (logits, _) = self.decode(enc, &Tensor::from_u32(&input, &[w, t])?, &enc.init)?;
                 let all = logits.to_vec()?;
                 Ok((0..w)
                     .map(|i| {
