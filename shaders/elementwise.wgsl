@@ -39,7 +39,9 @@ fn unary_op(v: f32, a: f32, b: f32) -> f32 {
         case 8u: { return select(a * v, v, v > 0.0); }           // LEAKY_RELU(alpha)
         case 9u: { return softplus(v); }                         // SOFTPLUS
         case 10u: { return clamp(v, a, b); }                     // CLAMP(lo, hi)
-        case 11u: { return pow(abs(v), a) * select(1.0, sign(v), fract(a * 0.5) != 0.0 && fract(a) == 0.0); } // POWF(p)
+        // POWF(p); WGSL leaves pow(0, 0) undefined (lavapipe gives 0), and x^0 = 1 is what the second
+        // derivative of x^2 needs at x = 0.
+        case 11u: { return select(pow(abs(v), a) * select(1.0, sign(v), fract(a * 0.5) != 0.0 && fract(a) == 0.0), 1.0, a == 0.0); }
         case 12u: { return a * v + b; }                          // AFFINE(scale, shift)
         case 13u: { return select(0.0, 1.0, v > 0.0); }          // STEP: relu'
         case 14u: { return sign(v); }                            // SIGN: abs'

@@ -189,6 +189,17 @@ fn hessian_vector_product_through_max_pooling_and_index_select() {
     check_hvp("index_select (repeated rows), tanh", &[5, 4], &mut rng, |x| x.index_select(0, &idx)?.tanh()?.powf(2.0)?.mul(&r)?.sum_all());
 }
 
+#[test]
+fn powers_at_zero_have_their_real_second_derivative() {
+    // The second derivative of x^2 is 2 x^0, and WGSL leaves pow(0, 0) undefined; the CPU reference says 1.
+    require_gpu();
+    let x0 = [0.0, -0.0, 1.5, -2.0, 0.0];
+    let ones = Tensor::from_slice(&f32s(&x0), &[5]).unwrap().powf(0.0).unwrap().to_vec().unwrap();
+    assert_eq!(ones, vec![1.0; 5], "x^0 is 1 everywhere, 0 included");
+    let mut rng = test_rng("hvp_powers_at_zero");
+    check_hvp_at("powf 2 and 3 at zero", &[5], x0.to_vec(), &mut rng, |x| x.powf(2.0)?.add(&x.powf(3.0)?)?.sum_all());
+}
+
 /// x^3 as a custom op whose backward is written with tensor ops, so it is differentiable again.
 struct Cube;
 
