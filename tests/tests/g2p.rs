@@ -59,3 +59,33 @@ fn error_rates_follow_their_definitions_on_hand_worked_cases() {
     // Edits 0 + 1 + 2 over reference lengths 3 (the nearest variant) + 3 + 2.
     assert!((per - 3.0 / 8.0).abs() < 1e-12, "PER {per}");
 }
+
+#[test]
+fn the_transformer_ignores_padding_and_sees_no_future_phoneme() {
+    use kiln_graph::Tensor;
+    use kiln_models::g2p::{G2pTransformer, G2pVocab, G2P_TRANSFORMER};
+    kiln_tests::require_gpu();
+    let seed = kiln_tests::test_rng("g2p_transformer_padding").next_u64();
+    let mut vs = kiln_nn::VarStore::new(seed);
+    let vocab = G2pVocab { letters: ('a'..='z').collect(), phonemes: ["AA", "B", "K", "T"].map(String::from).to_vec() };
+    let model = G2pTransformer::new(&mut vs, vocab, G2P_TRANSFORMER).unwrap();
+    vs.finish().unwrap();
+    // Word 0 has 3 letters, padded to 6 by word 1; alone it is 3 long.
+    let both = Tensor::from_u32(&[5, 6, 7, 0, 0, 0, 8, 9, 10, 11, 12, 13], &[2, 6]).unwrap();
+    let alone = Tensor::from_u32(&[5, 6, 7], &[1, 3]).unwrap();
+    let input = Tensor::from_u32(&[SOS, 3, 4, SOS, 5, 6], &[2, 3]).unwrap();
+    let logits = model.decode(&model.encode(&both, &[3, 6]).unwrap(), &input).unwrap().to_vec().unwrap();
+    let single = model.decode(&model.encode(&alone, &[3]).unwrap(), &input.slice(0, 0, 1).unwrap()).unwrap().to_vec().unwrap();
+    let v = single.len() / 3;
+    let gap = logits[..3 * v].iter().zip(&single).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(gap < 1e-4, "padding changed word 0's logits by {gap}");
+    // Changing the last phoneme input leaves the earlier positions' logits as they were (causal).
+    let changed = Tensor::from_u32(&[SOS, 3, 6], &[1, 3]).unwrap();
+    let other = model.decode(&model.encode(&alone, &[3]).unwrap(), &changed).unwrap().to_vec().unwrap();
+    assert_eq!(other[..2 * v], single[..2 * v]);
+    assert_ne!(other[2 * v..], single[2 * v..]);
+    // A word longer than the positional table is an error saying so.
+    let long = Tensor::from_u32(&[5; 65], &[1, 65]).unwrap();
+    let err = model.encode(&long, &[65]).err().expect("65 letters").to_string();
+    assert!(err.contains("65") && err.contains("64"), "{err}");
+}

@@ -31,16 +31,19 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 }
 
 /// The sequence models, trained by their own loop (kiln_models::lm) on text.
-const SEQUENCE_MODELS: [(&str, &str); 4] = [
+const SEQUENCE_MODELS: [(&str, &str); 6] = [
     ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
     ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
     ("names", "character-level GRU that generates first names (--cell, --steps)"),
     ("g2p", "grapheme-to-phoneme encoder-decoder LSTM with attention on CMUdict (--steps, --no-attention)"),
+    ("captioning", "CNN encoder and LSTM decoder with attention over its grid, on synthetic scenes (--steps)"),
+    ("vqa", "CNN and question LSTM fused, answer classifier, on synthetic scenes (--steps)"),
 ];
-const TEXT_DATASETS: [(&str, &str); 3] = [
+const TEXT_DATASETS: [(&str, &str); 4] = [
     ("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"),
     ("names", "8,849 English first names (female and male), a seeded 10% held out"),
     ("cmudict", "the CMU Pronouncing Dictionary, 133,784 entries; seeded word-level train/dev/test"),
+    ("scenes", "seeded synthetic scenes: 2-4 coloured shapes, captions and questions; 1,000 held out"),
 ];
 
 fn model_list() -> String {
@@ -58,7 +61,8 @@ struct TrainArgs {
     /// Data set (see the list below).
     #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|d| d.0)))]
     dataset: String,
-    /// char-rnn, char-transformer, names, g2p: training steps [default: 2000, 600, 1500, 2500].
+    /// char-rnn, char-transformer, names, g2p, captioning, vqa: training steps [default: 2000, 600, 1500,
+    /// 2500, 1500, 1500].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].
@@ -67,6 +71,10 @@ struct TrainArgs {
     /// g2p: the encoder-decoder without attention (the baseline).
     #[arg(long)]
     no_attention: bool,
+    /// g2p: the Transformer encoder-decoder instead of the LSTMs (--hidden D sets d_model, one entry per
+    /// encoder and decoder layer).
+    #[arg(long, conflicts_with = "no_attention")]
+    transformer: bool,
     /// char-rnn: truncated backpropagation through time (the text as batch-size streams, the state carried
     /// from batch to batch; the held-out text read as one stream).
     #[arg(long)]
@@ -312,7 +320,8 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         ("char-rnn" | "char-transformer", "moby-dick") => {}
         ("names", "names") => return train_names(a),
         ("g2p", "cmudict") => return train_g2p(a),
-        (model, data) => bail!("char-rnn and char-transformer train on moby-dick, names on names and g2p on cmudict (got {model} on {data})"),
+        ("captioning" | "vqa", "scenes") => return train_scene_model(a),
+        (model, data) => bail!("char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes (got {model} on {data})"),
     }
     let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
     let shape = match d.shape {
@@ -398,10 +407,20 @@ fn train_names(a: &TrainArgs) -> Result<()> {
 
 /// `kiln train g2p --dataset cmudict`: grapheme-to-phoneme (kiln_models::g2p), attention maps as PNGs.
 fn train_g2p(a: &TrainArgs) -> Result<()> {
-    let d = kiln_models::g2p::G2pConfig::default();
-    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.shape.hidden);
+    let d = if a.transformer { kiln_models::g2p::G2pConfig::transformer() } else { kiln_models::g2p::G2pConfig::default() };
+    let hidden = a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize));
+    let transformer = a.transformer.then(|| {
+        let t = kiln_models::g2p::G2P_TRANSFORMER;
+        let d_model = hidden.unwrap_or(t.d_model);
+        kiln_models::g2p::G2pTransformerShape { d_model, layers: a.hidden.as_ref().map(|h| h.len()).unwrap_or(t.layers), feedforward: 4 * d_model, ..t }
+    });
+    if let Some(t) = transformer {
+        if !t.d_model.is_multiple_of(t.heads) {
+            bail!("--hidden {} must be a multiple of the Transformer's {} heads", t.d_model, t.heads);
+        }
+    }
     let cfg = kiln_models::g2p::G2pConfig {
-        shape: kiln_models::g2p::G2pShape { hidden, attention: !a.no_attention, ..d.shape },
+        shape: kiln_models::g2p::G2pShape { hidden: hidden.unwrap_or(d.shape.hidden), attention: !a.no_attention, transformer, ..d.shape },
         steps: a.steps.unwrap_or(d.steps),
         batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
         lr: a.lr.unwrap_or(d.lr),
@@ -409,7 +428,15 @@ fn train_g2p(a: &TrainArgs) -> Result<()> {
         data_dir: a.data_dir.clone(),
         ..d
     };
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(if a.no_attention { "runs/g2p-no-attention" } else { "runs/g2p" }));
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.transformer {
+            "runs/g2p-transformer"
+        } else if a.no_attention {
+            "runs/g2p-no-attention"
+        } else {
+            "runs/g2p"
+        })
+    });
     eprintln!("kiln: training g2p ({:?}) on cmudict with {}", cfg.shape, kiln_wgpu::gpu()?.adapter_name());
     let bar = steps_bar(cfg.steps);
     let (model, r, words) = kiln_models::g2p::train_g2p(&cfg, |p: &Progress| {
@@ -432,11 +459,63 @@ fn train_g2p(a: &TrainArgs) -> Result<()> {
         println!("  {w:<16} {p}");
     }
     let outputs: Vec<Vec<u32>> = words.iter().take(4).map(|w| model.greedy(&[w], 30).map(|mut o| o.remove(0))).collect::<Result<_, _>>()?;
-    for line in kiln_models::g2p::attention_maps(&model, &words, &outputs, 4, &out)? {
+    for line in kiln_models::g2p::attention_maps(model.as_ref(), &words, &outputs, 4, &out)? {
         println!("attention map {line}");
     }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// `kiln train captioning|vqa --dataset scenes` (kiln_models::scenes): scores on held-out scenes; captioning
+/// also writes PNGs of scenes with the attention of each generated word.
+fn train_scene_model(a: &TrainArgs) -> Result<()> {
+    use kiln_models::scenes;
+    let d = scenes::SceneConfig::default();
+    let cfg = scenes::SceneConfig {
+        hidden: a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.hidden),
+        steps: a.steps.unwrap_or(d.steps),
+        batch_size: a.batch_size.map(|b| b as usize).unwrap_or(d.batch_size),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        ..d
+    };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}", a.model)));
+    eprintln!("kiln: training {} on synthetic scenes with {}", a.model, kiln_wgpu::gpu()?.adapter_name());
+    let bar = steps_bar(cfg.steps);
+    let on_step = |p: &Progress| {
+        bar.set_position(p.step);
+        bar.set_message(format!("loss {:.3}  {:.0} scenes/s", p.loss, p.samples_per_s));
+    };
+    if a.model == "captioning" {
+        let (model, r) = scenes::train_captioning(&cfg, on_step).context("training captioning")?;
+        bar.finish();
+        println!("{} held-out scenes: BLEU-4 {:.4}, exact match {:.1}%", r.test_scenes, r.bleu4, 100.0 * r.exact_match);
+        println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+        for (truth, said) in &r.examples {
+            println!("  {:<5} {said}", if truth == said { "right" } else { "WRONG" });
+        }
+        for line in scenes::caption_pictures(&model, &scenes::scene_sets(&cfg).1, 4, &out)? {
+            println!("picture {line}");
+        }
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    } else {
+        let (_, r) = scenes::train_vqa(&cfg, on_step).context("training vqa")?;
+        bar.finish();
+        println!("{} held-out questions: accuracy {:.1}%", r.test_scenes, 100.0 * r.accuracy);
+        for (kind, n, acc) in &r.per_kind {
+            println!("  {kind:<8} {n:>5} questions  {:.1}%", 100.0 * acc);
+        }
+        println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+        for (q, truth, given) in &r.examples {
+            println!("  {q:<46} {truth:<8} {given}");
+        }
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
     }
     Ok(())
 }

@@ -344,3 +344,26 @@ fn hidden_sizes_parse_and_bad_ones_are_clear_errors() {
     assert_eq!(v["settings"]["hidden"], serde_json::json!([16, 8]));
     assert_clean_failure(&kiln(&["train", "mlp", "--dataset", "iris", "--hidden", "0"], &[]), "--hidden");
 }
+
+#[test]
+fn captioning_and_vqa_train_on_scenes_and_report() {
+    let dir = temp_dir("scenes");
+    let o = kiln(&["train", "captioning", "--dataset", "scenes", "--steps", "3", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((r["steps"].as_u64(), r["test_scenes"].as_u64()), (Some(3), Some(1000)), "{r}");
+    assert!(r["bleu4"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && r["exact_match"].as_f64().is_some(), "{r}");
+    let pictures = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count();
+    assert_eq!(pictures, 4, "four captioned scenes as PNGs");
+    let o = kiln(&["train", "vqa", "--dataset", "scenes", "--steps", "3", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let kinds: Vec<&str> = r["per_kind"].as_array().unwrap().iter().map(|k| k[0].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["colour", "shape", "count", "exists", "left-of"], "{r}");
+    assert!(r["accuracy"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{r}");
+    assert!(out.contains("how many shapes are there ?"), "{out}");
+    assert_clean_failure(&kiln(&["train", "vqa", "--dataset", "moby-dick"], &[]), "captioning and vqa on scenes");
+    assert_clean_failure(&kiln(&["train", "g2p", "--dataset", "cmudict", "--transformer", "--hidden", "30"], &[]), "multiple of");
+}

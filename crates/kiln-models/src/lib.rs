@@ -13,6 +13,7 @@ pub mod overfeat;
 pub mod plot;
 pub mod registry;
 pub mod reversal;
+pub mod scenes;
 pub mod train;
 pub mod trainer;
 pub mod transformer;

@@ -142,3 +142,37 @@ pub fn heatmap_png(path: &Path, rows: usize, cols: usize, values: &[f32], cell: 
     writer.write_image_data(&px).map_err(std::io::Error::other)?;
     Ok(())
 }
+
+/// A row of panels, each the RGB picture `image` [3, side, side] (values in [0, 1]) scaled `scale` times:
+/// `None` draws it as it is; `Some(weights)` ([grid, grid], row-major, summing to 1) keeps the brightness
+/// of the cells with the most weight and fades the rest toward black, so a panel shows where a model looked.
+pub fn attention_strip_png(path: &Path, image: &[f32], side: usize, grid: usize, panels: &[Option<&[f32]>], scale: usize) -> std::io::Result<()> {
+    const GAP: usize = 4;
+    let p = side * scale;
+    let (w, h) = (panels.len() * (p + GAP) - GAP, p);
+    let mut px = vec![255u8; 3 * w * h];
+    let cell = side / grid.max(1);
+    for (k, panel) in panels.iter().enumerate() {
+        let top = panel.map(|wts| wts.iter().cloned().fold(f32::MIN, f32::max).max(1e-6));
+        for y in 0..p {
+            for x in 0..p {
+                let (sx, sy) = (x / scale, y / scale);
+                let gain = match (panel, top) {
+                    (Some(wts), Some(top)) => 0.15 + 0.85 * wts.get((sy / cell) * grid + sx / cell).copied().unwrap_or(0.0) / top,
+                    _ => 1.0,
+                };
+                for ch in 0..3 {
+                    let v = image.get(ch * side * side + sy * side + sx).copied().unwrap_or(0.0) * gain;
+                    px[3 * (y * w + k * (p + GAP) + x) + ch] = (255.0 * v.clamp(0.0, 1.0)).round() as u8;
+                }
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&px).map_err(std::io::Error::other)?;
+    Ok(())
+}
