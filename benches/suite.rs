@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 10] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step"];
+pub const FAMILIES: [&str; 12] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step", "lm", "detection"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -54,6 +54,9 @@ pub struct Record {
     pub bind_groups_per_step: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples_per_s: Option<f64>,
+    /// Language models: tokens (predicted characters) trained per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub submits_per_step: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +93,18 @@ impl Table {
             }
         }
         let fmt = |v: Option<f64>, unit: &str| v.map(|x| format!("{x:.2} {unit}")).unwrap_or_else(|| "-".into());
+        if r.family == "lm" {
+            println!(
+                "{:<54} {:<12} {:>10.1} ms/step {:>9.0} tokens/s {:>7.2} GF/s {:>12} peak bytes",
+                r.kernel,
+                format!("{:?}", r.shape),
+                r.ms_per_step.unwrap_or(0.0),
+                r.tokens_per_s.unwrap_or(0.0),
+                r.gflops.unwrap_or(0.0),
+                r.peak_gpu_bytes.unwrap_or(0)
+            );
+            return;
+        }
         if r.family == "step" {
             println!(
                 "{:<30} {:<22} {:>10.3} {:>9.3} {:>10.0} {:>8.2} {:>8.2} {:>12} {:>12} {:>6.1}% {:>8.1}",
@@ -138,6 +153,12 @@ pub struct SuiteOptions {
     pub lstm: Vec<(usize, usize, usize)>,
     /// Attentions (batch x heads, sequence length), head size 64, causal and not, fused and composed.
     pub attention: Vec<(usize, usize)>,
+    /// Windows per language-model training step (`lm`; the models' default is 32).
+    pub lm_batch: usize,
+    /// Box counts for NMS (`detection`).
+    pub nms: Vec<usize>,
+    /// RoI-Align: (RoIs, channels, map side), 7 x 7 bins of 2 x 2 samples.
+    pub roi_align: Vec<(usize, usize, usize)>,
 }
 
 /// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
@@ -154,6 +175,9 @@ impl Default for SuiteOptions {
             // Fewer batch-heads as T grows (64 at 128 and 256, 8 at 1024, 1 at 4096): on a CPU adapter the fused
             // pass at 64 x 4096 would take many minutes (and passes lavapipe's loop cap from about T = 290).
             attention: vec![(64, 128), (64, 256), (8, 1024), (1, 4096)],
+            lm_batch: 32,
+            nms: vec![1000, 10_000, 100_000],
+            roi_align: vec![(512, 256, 64)],
         }
     }
 }
@@ -162,7 +186,16 @@ impl SuiteOptions {
     /// What `kiln bench` runs without `--full`: every family and kernel variant, on two square sizes and the
     /// MLP's and LeNet-5's step shapes, records of up to 3 s (about a minute on lavapipe).
     pub fn quick() -> SuiteOptions {
-        SuiteOptions { budget_s: 3.0, square: vec![256, 512], models: vec!["mlp".into(), "lenet".into()], lstm: vec![(32, 64, 128)], attention: vec![(8, 256)], ..SuiteOptions::default() }
+        SuiteOptions {
+            budget_s: 3.0,
+            square: vec![256, 512],
+            models: vec!["mlp".into(), "lenet".into()],
+            lstm: vec![(32, 64, 128)],
+            attention: vec![(8, 256)],
+            nms: vec![1000, 10_000],
+            roi_align: vec![(128, 64, 32)],
+            ..SuiteOptions::default()
+        }
     }
 }
 
@@ -263,7 +296,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 10] = [
+    let families: [Family; 12] = [
         ("matmul", matmul_family),
         ("conv", conv_family),
         ("pool", pool_family),
@@ -274,6 +307,8 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         ("recurrent", recurrent_family),
         ("attention", attention_family),
         ("step", step_family),
+        ("lm", lm_family),
+        ("detection", detection_family),
     ];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
@@ -967,6 +1002,162 @@ fn step_family(ctx: &mut Ctx) -> R<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+// ---- language-model training steps -------------------------------------------------------------------
+
+/// The two character language models at their default sizes (`kiln train char-rnn`: a 2 x 256 LSTM;
+/// `char-transformer`: d_model 128, 2 blocks, 4 heads), one training step each (forward, backward, Adam, the
+/// loss read back) on random windows of 64 characters over an 83-character vocabulary like Moby-Dick's:
+/// ms per step, tokens per second, and the GFLOP/s of the step's matmul work (forward, and twice it backward).
+fn lm_family(ctx: &mut Ctx) -> R<()> {
+    use kiln_models::lm::{char_transformer_defaults, CharLmConfig, LmShape, TextModel};
+    let vocab = kiln_data::CharVocab::from_text(&(0u8..83).map(|i| char::from(b'!' + i)).collect::<String>());
+    let v = vocab.len() as f64;
+    for cfg in [CharLmConfig::default(), char_transformer_defaults()] {
+        let (n, t) = (ctx.opts.lm_batch, cfg.window);
+        let g = gpu()?;
+        g.sync()?;
+        g.reset_peak();
+        let mut vs = kiln_nn::VarStore::new(1);
+        let model = TextModel::new(&mut vs, vocab.clone(), cfg.shape)?;
+        vs.finish()?;
+        let steps = ctx.opts.runs.max(3);
+        let mut opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 1e-3, 0.0, kiln_nn::schedule::Schedule::constant(), steps as u64 + 2)?;
+        let mut rng = Rng::new(5);
+        let ids: Vec<u32> = (0..n * (t + 1)).map(|_| 4 + rng.below(83) as u32).collect();
+        let tokens: Vec<u32> = (0..n).flat_map(|i| ids[i * (t + 1)..i * (t + 1) + t].to_vec()).collect();
+        let targets: Vec<u32> = (0..n).flat_map(|i| ids[i * (t + 1) + 1..(i + 1) * (t + 1)].to_vec()).collect();
+        let (x, y) = (Tensor::from_u32(&tokens, &[n, t])?, Tensor::from_u32(&targets, &[n * t])?);
+        let mut step = || -> R<f64> {
+            let start = std::time::Instant::now();
+            let l = kiln_graph::loss::cross_entropy(&model.as_window_model().logits(&x)?, &y)?;
+            opt.step(&vs, &l.backward()?)?;
+            l.to_scalar()?;
+            Ok(start.elapsed().as_secs_f64() * 1e3)
+        };
+        step()?;
+        step()?;
+        let mut times = (0..steps).map(|_| step()).collect::<R<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        // Matmul work per token, forward; a step is three times it (the backward's two products per matmul).
+        let (name, per_token) = match cfg.shape {
+            LmShape::Recurrent(r) => {
+                let h = r.hidden as f64;
+                let layers: f64 = (0..r.layers).map(|l| 2.0 * (if l == 0 { r.dim as f64 } else { h } + h) * 4.0 * h).sum();
+                (format!("char-rnn step ({} x {} {:?}; fwd, bwd, Adam)", r.layers, r.hidden, r.cell), layers + 2.0 * h * v)
+            }
+            LmShape::Transformer(s) => {
+                let (d, ff) = (s.d_model as f64, s.feedforward as f64);
+                // q, k, v and out projections, the feed-forward pair, and the scores and weighted sum (causal: half).
+                let block = 2.0 * 4.0 * d * d + 2.0 * 2.0 * d * ff + 2.0 * d * t as f64;
+                (format!("char-transformer step (d {}, {} blocks; fwd, bwd, Adam)", s.d_model, s.layers), s.layers as f64 * block + 2.0 * d * v)
+            }
+        };
+        let flops = 3.0 * per_token * (n * t) as f64;
+        let mut rec = ctx.base("lm", &name, &[n, t], "default size");
+        rec.valid = true;
+        rec.median_ms = Some(ms);
+        rec.ms_per_step = Some(ms);
+        rec.timing = Some(Timing::WallFence);
+        rec.batch = Some(n);
+        rec.samples_per_s = Some(n as f64 * 1e3 / ms);
+        rec.tokens_per_s = Some((n * t) as f64 * 1e3 / ms);
+        rec.gflops = Some(flops / ms / 1e6);
+        rec.roof_fraction = Some(flops / ms / 1e6 / ctx.roofs.fma_gflops);
+        rec.peak_gpu_bytes = Some(g.stats().peak_live_bytes);
+        rec.model = Some(cfg.shape.model_name().into());
+        ctx.push(rec);
+    }
+    Ok(())
+}
+
+// ---- detection ops -------------------------------------------------------------------------------------
+
+/// NMS (torchvision's semantics, IoU 0.5) on n random boxes with whole-pixel corners over a canvas that keeps
+/// about 20 boxes overlapping each, the kept list checked against the f64 reference and timed beside it;
+/// RoI-Align forward + backward (7 x 7 bins, 2 x 2 samples, aligned) checked against the reference's forward.
+/// On a CPU adapter NMS's ranking is quadratic in n, so 100,000 boxes are left to GPUs (noted, not timed).
+fn detection_family(ctx: &mut Ctx) -> R<()> {
+    use kiln_graph::vision::{nms_fixed, NmsOptions, RoiAlignGeom};
+    let g = gpu()?;
+    let cpu_adapter = g.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu;
+    let mut rng = Rng::new(31);
+    for n in ctx.opts.nms.clone() {
+        let mut rec = ctx.base("detection", &format!("nms {n} boxes (IoU 0.5)"), &[n, 4], "bitmask blocks");
+        if cpu_adapter && n > 20_000 {
+            rec.valid = true;
+            rec.note = Some("not timed on a CPU adapter (the ranking is quadratic in the boxes)".into());
+            ctx.push(rec);
+            continue;
+        }
+        let side = ((n as f64 / 20.0).sqrt() * 30.0).max(60.0) as usize;
+        let boxes: Vec<[f32; 4]> = (0..n)
+            .map(|_| {
+                let (x, y) = (rng.below(side) as f32, rng.below(side) as f32);
+                [x, y, x + 3.0 + rng.below(28) as f32, y + 3.0 + rng.below(28) as f32]
+            })
+            .collect();
+        let scores: Vec<f32> = (0..n).map(|_| rng.uniform() as f32).collect();
+        let b64: Vec<[f64; 4]> = boxes.iter().map(|b| b.map(|v| v as f64)).collect();
+        let s64: Vec<f64> = scores.iter().map(|&v| v as f64).collect();
+        let mut want = Vec::new();
+        let cpu_ms = cpu_time(1, || want = kiln_graph::cpu::nms(&b64, &s64, None, 0.5, f64::NEG_INFINITY, n, false));
+        let (bt, st) = (Tensor::from_slice(&boxes.concat(), &[n, 4])?, Tensor::from_slice(&scores, &[n])?);
+        let run = || -> R<(Tensor, Tensor)> { nms_fixed(&bt, &st, None, NmsOptions::torchvision(0.5)) };
+        let (keep, count) = run()?;
+        let count = count.to_vec_u32()?[0] as usize;
+        let got = keep.to_vec_u32()?[..count].to_vec();
+        rec.valid = got == want;
+        if !rec.valid {
+            rec.note = Some(format!("wrong: {} boxes kept, the reference keeps {}; not timed", got.len(), want.len()));
+            ctx.push(rec);
+            continue;
+        }
+        let mut times = Vec::new();
+        for _ in 0..ctx.opts.runs.max(3) {
+            let t = Instant::now();
+            run()?.1.to_vec_u32()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            if times.iter().sum::<f64>() > 1e3 * ctx.opts.budget_s {
+                break;
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        rec.median_ms = Some(times[times.len() / 2]);
+        rec.timing = Some(Timing::WallFence);
+        rec.note = Some(format!("{count} kept; the CPU reference (f64, one thread) takes {cpu_ms:.2} ms"));
+        ctx.push(rec);
+    }
+    for (k, c, side) in ctx.opts.roi_align.clone() {
+        let geom = RoiAlignGeom::new([7, 7], 0.25, 2, true);
+        let x = Tensor::rand_uniform(&[2, c, side, side], -1.0, 1.0, &mut rng)?.var();
+        let image = 4.0 * side as f64;
+        let rois: Vec<f32> = (0..k)
+            .flat_map(|_| {
+                let (x1, y1) = (rng.range(0.0, 0.8 * image), rng.range(0.0, 0.8 * image));
+                [rng.below(2) as f64, x1, y1, x1 + rng.range(16.0, 0.5 * image), y1 + rng.range(16.0, 0.5 * image)].map(|v| v as f32)
+            })
+            .collect();
+        let rt = Tensor::from_slice(&rois, &[k, 5])?;
+        let hx = x.to_vec()?;
+        let mut want = Vec::new();
+        let cpu_ms = cpu_time(1, || {
+            let xc = kiln_graph::cpu::CpuTensor::from_f32(&hx, &[2, c, side, side]);
+            want = kiln_graph::cpu::roi_align(&xc, &rois.iter().map(|&v| v as f64).collect::<Vec<_>>(), &geom).to_f32();
+        });
+        let r = Tensor::rand_uniform(&[k, c, 7, 7], -1.0, 1.0, &mut rng)?;
+        // 4 samples a bin, each 4 reads, 4 multiplies and 4 adds; the backward about the same again, twice.
+        let fwd_flops = (k * c * 49 * 4 * 12) as f64;
+        let rec = ctx.base("detection", &format!("roi_align {k} RoIs, [2, {c}, {side}, {side}] -> 7x7: fwd+bwd"), &[k, c, side, side], "gather backward");
+        ctx.measure(rec, 3.0 * fwd_flops, false, &want, 1e-4, Some(cpu_ms * 3.0), || {
+            let y = x.roi_align(&rt, geom)?;
+            y.mul(&r)?.sum_all()?.backward()?;
+            Ok(y.detach())
+        })?;
     }
     Ok(())
 }

@@ -65,3 +65,32 @@ fn a_wrong_kernel_is_reported_and_never_timed() {
     assert!(r.valid && r.median_ms.is_some(), "{r:?}");
     assert!(calls >= 12, "{calls} calls");
 }
+
+#[test]
+fn language_model_steps_report_tokens_per_second() {
+    require_gpu();
+    let roofs = Roofs { fma_gflops: 100.0, copy_gbps: 10.0 };
+    let opts = SuiteOptions { filter: vec!["lm".into()], lm_batch: 2, runs: 3, ..Default::default() };
+    let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
+    let models: Vec<&str> = records.iter().filter_map(|r| r.model.as_deref()).collect();
+    assert_eq!(models, ["char-rnn", "char-transformer"]);
+    for r in &records {
+        let (ms, tokens) = (r.ms_per_step.unwrap(), r.tokens_per_s.unwrap());
+        assert_eq!(r.shape, vec![2, 64]);
+        assert!((tokens - 128.0 * 1e3 / ms).abs() < 1e-6 * tokens, "{} tokens/s at {ms} ms for 2 x 64 tokens", tokens);
+        assert!(r.gflops.unwrap() > 0.0 && r.peak_gpu_bytes.unwrap() > 0, "{r:?}");
+    }
+}
+
+#[test]
+fn detection_records_are_checked_against_the_reference() {
+    require_gpu();
+    let roofs = Roofs { fma_gflops: 100.0, copy_gbps: 10.0 };
+    let opts = SuiteOptions { filter: vec!["detection".into()], nms: vec![300], roi_align: vec![(20, 8, 16)], runs: 3, ..Default::default() };
+    let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    let nms = &records[0];
+    assert!(nms.valid && nms.median_ms.unwrap() > 0.0 && nms.note.as_deref().unwrap().contains("kept"), "{nms:?}");
+    let roi = &records[1];
+    assert!(roi.valid && roi.median_ms.unwrap() > 0.0 && roi.cpu_gflops.unwrap() > 0.0, "{roi:?}");
+}

@@ -180,7 +180,8 @@ enum Command {
     /// elementwise and reduction kernels (every variant validated against a CPU reference, then timed) and whole
     /// training steps, each beside a multi-threaded CPU reference on the same machine.
     Bench {
-        /// Kernel families to run: matmul, conv, pool, softmax, elementwise, reduce, step [default: all].
+        /// Families to run: matmul, conv, pool, softmax, elementwise, reduce, embedding, recurrent, attention, step,
+        /// lm (language-model training steps, tokens/s), detection (NMS, RoI-Align) [default: all].
         #[arg(long, value_delimiter = ',', value_parser = kiln_benches::suite::FAMILIES)]
         filter: Vec<String>,
         /// Models whose training-step matmul shapes and whole steps are timed [default: mlp,lenet; --full adds
@@ -278,8 +279,7 @@ fn run() -> Result<()> {
                 square: if sizes.is_empty() { base.square } else { sizes.iter().map(|&s| s as usize).collect() },
                 models: if models.is_empty() { base.models } else { models },
                 batch: batch as usize,
-                lstm: base.lstm,
-                attention: base.attention,
+                ..base
             };
             bench(&opts, adapter, json)
         }

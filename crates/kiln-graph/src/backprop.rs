@@ -67,6 +67,11 @@ pub enum Op {
     IndexSelectGrad(Tensor, Tensor, usize, Vec<usize>),
     /// A recurrent layer's pass over its steps (rnn.rs): the states at every step boundary.
     RnnSequence(Box<crate::rnn::RnnSaved>),
+    /// x [n, c, h, w], rois [k, 5] (vision.rs).
+    RoiAlign(Tensor, Tensor, crate::vision::RoiAlignGeom),
+    /// RoI-Align's input gradient from (grad_y, rois), the input's shape: its adjoint, so its own gradient is
+    /// RoI-Align again.
+    RoiAlignGrad(Tensor, Tensor, crate::vision::RoiAlignGeom, Vec<usize>),
 }
 
 impl Op {
@@ -102,6 +107,8 @@ impl Op {
             Op::MaxPool2dGather(..) => "max_pool2d gather",
             Op::IndexSelectGrad(..) => "index_select gradient",
             Op::RnnSequence(..) => "rnn_sequence",
+            Op::RoiAlign(..) => "roi_align",
+            Op::RoiAlignGrad(..) => "roi_align gradient",
         };
         name.to_string()
     }
@@ -129,6 +136,8 @@ impl Op {
             Op::CrossEntropy(logits, ..) => vec![logits],
             Op::RnnSequence(s) => s.inputs(),
             Op::Attention(s) => vec![&s.q, &s.k, &s.v],
+            // The boxes get no gradient (as in torchvision).
+            Op::RoiAlign(x, ..) | Op::RoiAlignGrad(x, ..) => vec![x],
         }
     }
 }
@@ -418,6 +427,8 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::MaxPool2dGrad(gy, switches, geom, _) => vec![(gy, max_pool2d_gather(g, switches, geom)?)],
         Op::MaxPool2dGather(src, switches, geom) => vec![(src, max_pool2d_grad(g, switches, geom, src.shape())?)],
         Op::IndexSelectGrad(gy, idx, axis, _) => vec![(gy, g.index_select(*axis, idx)?)],
+        Op::RoiAlign(x, rois, geom) => vec![(x, crate::vision::roi_align_grad(g, rois, geom, x.shape())?)],
+        Op::RoiAlignGrad(gy, rois, geom, _) => vec![(gy, g.roi_align(rois, *geom)?)],
     })
 }
 

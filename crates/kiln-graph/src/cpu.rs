@@ -462,3 +462,131 @@ pub fn attention(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, mask: Option<&CpuT
     }
     CpuTensor::new(out, &[b, tq, dv])
 }
+
+/// torchvision's `roi_align` in f64 (the reference for vision.rs): x [n, c, h, w], `rois` k rows of (batch
+/// index, x1, y1, x2, y2) -> [k, c, ph, pw].
+pub fn roi_align(x: &CpuTensor, rois: &[f64], geom: &crate::vision::RoiAlignGeom) -> CpuTensor {
+    let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
+    let [ph, pw] = geom.output_size;
+    let k = rois.len() / 5;
+    let scale = geom.spatial_scale as f64;
+    let mut y = vec![0.0; k * c * ph * pw];
+    let bilinear = |plane: &[f64], y: f64, x: f64| -> f64 {
+        if y < -1.0 || y > h as f64 || x < -1.0 || x > w as f64 {
+            return 0.0;
+        }
+        let (mut y, mut x) = (y.max(0.0), x.max(0.0));
+        let (mut yl, mut xl) = (y as usize, x as usize);
+        let (yh, xh);
+        if yl >= h - 1 {
+            yl = h - 1;
+            yh = yl;
+            y = yl as f64;
+        } else {
+            yh = yl + 1;
+        }
+        if xl >= w - 1 {
+            xl = w - 1;
+            xh = xl;
+            x = xl as f64;
+        } else {
+            xh = xl + 1;
+        }
+        let (ly, lx) = (y - yl as f64, x - xl as f64);
+        let (hy, hx) = (1.0 - ly, 1.0 - lx);
+        hy * hx * plane[yl * w + xl] + hy * lx * plane[yl * w + xh] + ly * hx * plane[yh * w + xl] + ly * lx * plane[yh * w + xh]
+    };
+    for r in 0..k {
+        let roi = &rois[5 * r..5 * r + 5];
+        let b = roi[0];
+        if !(b >= 0.0 && b < n as f64) {
+            continue;
+        }
+        let off = if geom.aligned { 0.5 } else { 0.0 };
+        let (x0, y0) = (roi[1] * scale - off, roi[2] * scale - off);
+        let (mut rw, mut rh) = (roi[3] * scale - off - x0, roi[4] * scale - off - y0);
+        if !geom.aligned {
+            rw = rw.max(1.0);
+            rh = rh.max(1.0);
+        }
+        let (bh, bw) = (rh / ph as f64, rw / pw as f64);
+        let grid = |size: f64, out: usize| if geom.sampling_ratio > 0 { geom.sampling_ratio as usize } else { (size / out as f64).ceil().max(0.0) as usize };
+        let (gh, gw) = (grid(rh, ph), grid(rw, pw));
+        let count = (gh * gw).max(1) as f64;
+        for ch in 0..c {
+            let plane = &x.data[((b as usize) * c + ch) * h * w..][..h * w];
+            for py in 0..ph {
+                for px in 0..pw {
+                    let mut acc = 0.0;
+                    for iy in 0..gh {
+                        let yy = y0 + py as f64 * bh + (iy as f64 + 0.5) * bh / gh as f64;
+                        for ix in 0..gw {
+                            let xx = x0 + px as f64 * bw + (ix as f64 + 0.5) * bw / gw as f64;
+                            acc += bilinear(plane, yy, xx);
+                        }
+                    }
+                    y[((r * c + ch) * ph + py) * pw + px] = acc / count;
+                }
+            }
+        }
+    }
+    CpuTensor { shape: vec![k, c, ph, pw], data: y }
+}
+
+/// IoU and generalized IoU of every pair of boxes (x1, y1, x2, y2) in f64: ([n * m], [n * m]).
+pub fn box_iou_giou(a: &[[f64; 4]], b: &[[f64; 4]]) -> (Vec<f64>, Vec<f64>) {
+    let area = |r: &[f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    let (mut iou, mut giou) = (Vec::new(), Vec::new());
+    for p in a {
+        for q in b {
+            let inter = (p[2].min(q[2]) - p[0].max(q[0])).max(0.0) * (p[3].min(q[3]) - p[1].max(q[1])).max(0.0);
+            let union = area(p) + area(q) - inter;
+            let hull = (p[2].max(q[2]) - p[0].min(q[0])).max(0.0) * (p[3].max(q[3]) - p[1].min(q[1])).max(0.0);
+            iou.push(inter / union);
+            giou.push(inter / union - (hull - union) / hull);
+        }
+    }
+    (iou, giou)
+}
+
+/// torchvision's BoxCoder in f64: (encode(reference, proposals), decode(deltas, boxes)) row by row.
+pub fn box_encode(reference: &[f64; 4], proposal: &[f64; 4], weights: [f64; 4]) -> [f64; 4] {
+    let c = |b: &[f64; 4]| [b[0] + 0.5 * (b[2] - b[0]), b[1] + 0.5 * (b[3] - b[1]), b[2] - b[0], b[3] - b[1]];
+    let (g, p) = (c(reference), c(proposal));
+    [weights[0] * (g[0] - p[0]) / p[2], weights[1] * (g[1] - p[1]) / p[3], weights[2] * (g[2] / p[2]).ln(), weights[3] * (g[3] / p[3]).ln()]
+}
+
+/// The box `deltas` make of `boxes` (torchvision's `decode_single`, dw and dh clamped at `clip`).
+pub fn box_decode(delta: &[f64; 4], b: &[f64; 4], weights: [f64; 4], clip: f64) -> [f64; 4] {
+    let (w, h) = (b[2] - b[0], b[3] - b[1]);
+    let (cx, cy) = (b[0] + 0.5 * w, b[1] + 0.5 * h);
+    let (x, y) = (delta[0] / weights[0] * w + cx, delta[1] / weights[1] * h + cy);
+    let (pw, ph) = ((delta[2] / weights[2]).min(clip).exp() * w, (delta[3] / weights[3]).min(clip).exp() * h);
+    [x - 0.5 * pw, y - 0.5 * ph, x + 0.5 * pw, y + 0.5 * ph]
+}
+
+/// Greedy NMS in f64 (the reference for vision::nms_fixed): indices of the kept boxes by descending score
+/// (ties by index); candidates score above `score_threshold` (NaN never); a kept box suppresses later boxes
+/// (of its class, with `classes`) whose IoU with it is above `iou` (or equal, with `inclusive`).
+pub fn nms(boxes: &[[f64; 4]], scores: &[f64], classes: Option<&[u32]>, iou: f64, score_threshold: f64, max_keep: usize, inclusive: bool) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..boxes.len()).filter(|&i| scores[i] > score_threshold).collect();
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).expect("candidates are not NaN").then(a.cmp(&b)));
+    let mut removed = vec![false; boxes.len()];
+    let mut keep = Vec::new();
+    for (pos, &i) in order.iter().enumerate() {
+        if removed[i] || keep.len() >= max_keep {
+            continue;
+        }
+        keep.push(i as u32);
+        for &j in &order[pos + 1..] {
+            if classes.is_some_and(|c| c[i] != c[j]) {
+                continue;
+            }
+            let v = box_iou_giou(&[boxes[i]], &[boxes[j]]).0[0];
+            if v > iou || (inclusive && v == iou) {
+                removed[j] = true;
+            }
+        }
+    }
+    keep
+}

@@ -34,10 +34,13 @@ shader!(ANOMALY, "anomaly.wgsl");
 shader!(EMBEDDING, "embedding.wgsl");
 shader!(RECURRENT, "recurrent.wgsl");
 shader!(ATTENTION, "attention.wgsl");
+shader!(ROI, "roi.wgsl");
+shader!(NMS, "nms.wgsl");
 pub static NORM: Shader = unsafe { Shader::trusted("norm.wgsl", concat!(include_str!("../../../shaders/activation.wgsl"), include_str!("../../../shaders/norm.wgsl"))) };
 
 /// Every shader file, for tests that compile them all.
-pub static ALL_SHADERS: [&Shader; 16] = [&ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING, &RECURRENT, &ATTENTION];
+pub static ALL_SHADERS: [&Shader; 18] =
+    [&NMS, &ELEMENTWISE, &LAYOUT, &REDUCE, &SOFTMAX, &MATMUL, &INDEX, &OPTIM, &CONV2D, &POOL, &AUGMENT, &ROOF, &NORM, &ANOMALY, &EMBEDDING, &RECURRENT, &ATTENTION, &ROI];
 /// Shaders that need Features::SUBGROUP.
 pub static SUBGROUP_SHADERS: [&Shader; 1] = [&MATMUL_SUBGROUP];
 
@@ -1055,4 +1058,105 @@ pub fn attention_backward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, m
     let groups = g.tq.div_ceil(64) + g.tk.div_ceil(64);
     launch(&ATTENTION, "attn_backward", &g.constants(), g.params(), &[q, k, v, mask, o, d_o, lse], &[&dqkv], [groups as u32, g.batch as u32, 1])?;
     Ok(dqkv)
+}
+
+/// RoI-Align's parameters (roi.wgsl): x [n, c, h, w], k RoIs, RoIs [k_begin, k_end) for the backward.
+fn roi_params(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, k_range: (usize, usize)) -> Params {
+    let [n, c, h, w] = x;
+    Params::new()
+        .u32(n)
+        .u32(c)
+        .u32(h)
+        .u32(w)
+        .u32(k)
+        .u32(g.output_size[0])
+        .u32(g.output_size[1])
+        .u32(g.sampling_ratio.max(0) as usize)
+        .f32(g.spatial_scale)
+        .u32(g.aligned as usize)
+        .u32(k_range.0)
+        .u32(k_range.1)
+}
+
+/// y [k, c, ph, pw] of RoI-Align over x [n, c, h, w] (roi_align_forward).
+pub fn roi_align_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom) -> Result<BufView> {
+    let total = k * xs[1] * g.output_size[0] * g.output_size[1];
+    let y = out(x, total, "roi_align output")?;
+    launch(&ROI, "roi_align_forward", &[], roi_params(xs, k, g, (0, k)), &[x, rois], &[&y], grid_1d(total as u64, WG))?;
+    Ok(y)
+}
+
+/// dx [n, c, h, w] of RoI-Align from gy [k, c, ph, pw] (roi_align_backward), in dispatches of `chunk` RoIs.
+pub fn roi_align_backward(gy: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, chunk: usize) -> Result<BufView> {
+    let total = xs.iter().product::<usize>();
+    let dx = out(gy, total, "roi_align input gradient")?;
+    let mut begin = 0;
+    loop {
+        let end = (begin + chunk.max(1)).min(k);
+        launch(&ROI, "roi_align_backward", &[], roi_params(xs, k, g, (begin, end)), &[gy, rois], &[&dx], grid_1d(total as u64, WG))?;
+        begin = end;
+        if begin >= k {
+            return Ok(dx);
+        }
+    }
+}
+
+/// What `nms` suppresses and keeps (vision.rs's NmsOptions, resolved).
+#[derive(Clone, Copy, Debug)]
+pub struct NmsSpec {
+    pub n: usize,
+    pub iou: f32,
+    /// Candidates score above this (NEG_INFINITY: every box but NaN scores).
+    pub score: f32,
+    pub max_keep: usize,
+    /// Suppress at IoU equal to the threshold too.
+    pub inclusive: bool,
+}
+
+fn nms_params(s: &NmsSpec, words: usize, block: (usize, usize), j: (usize, usize), per_class: bool) -> Params {
+    Params::new().u32(s.n).u32(words).u32(block.0).u32(block.1).f32(s.iou).f32(s.score).u32(s.max_keep).u32(s.inclusive as usize).u32(j.0).u32(j.1).u32(per_class as usize).u32(0)
+}
+
+/// Greedy NMS (nms.wgsl) of boxes [n, 4] by scores [n], per class when `classes` [n] (u32) is given: (keep [n]
+/// u32, the kept boxes' indices by descending score, then n; count [1] u32). `loop_cap` bounds each
+/// invocation's loops (CPU adapters).
+pub fn nms(boxes: &BufView, scores: &BufView, classes: Option<&BufView>, s: NmsSpec, loop_cap: Option<usize>) -> Result<(BufView, BufView)> {
+    let dev = boxes.device();
+    let n = s.n;
+    let words = n.div_ceil(32).max(1);
+    let zeros = |len: usize, what: &str| -> Result<BufView> {
+        let b = out(boxes, len, what)?;
+        launch(&ELEMENTWISE, "unary", &[("OP", UnaryKind::Fill as u32 as f64)], Params::new().u32(len).u32(0).f32(0.0).f32(0.0), &[scores], &[&b], grid_1d(len as u64, WG))?;
+        Ok(b)
+    };
+    let rank = out(boxes, n, "nms ranks")?;
+    let j_chunk = loop_cap.unwrap_or(n).max(1);
+    let mut j = 0;
+    while j < n {
+        let end = (j + j_chunk).min(n);
+        launch(&NMS, "nms_rank", &[], nms_params(&s, words, (0, 0), (j, end), false), &[scores], &[&rank], grid_1d(n as u64, WG))?;
+        j = end;
+    }
+    let order = out(boxes, n, "nms order")?;
+    let keep = out(boxes, n, "nms kept indices")?;
+    launch(&NMS, "nms_order", &[], nms_params(&s, words, (0, 0), (0, 0), false), &[&rank], &[&order, &keep], grid_1d(n as u64, WG))?;
+    let removed = zeros(words, "nms removed bits")?;
+    let count = zeros(1, "nms count")?;
+    // Rows per block: a 16 M-word mask at most, and (CPU adapters) a scan within the loop cap.
+    let mut block = (16 << 20) / words;
+    if let Some(cap) = loop_cap {
+        block = block.min(cap / (words.div_ceil(256) + 2));
+    }
+    let block = block.clamp(1, n.max(1));
+    let mask = dev.alloc(4 * (block * words) as u64, "nms overlap bits")?;
+    let class_view = classes.unwrap_or(scores);
+    let mut begin = 0;
+    while begin < n {
+        let len = block.min(n - begin);
+        let p = || nms_params(&s, words, (begin, len), (0, 0), classes.is_some());
+        launch(&NMS, "nms_mask", &[], p(), &[boxes, &order, class_view], &[&mask], grid_1d((len * words) as u64, WG))?;
+        launch(&NMS, "nms_scan", &[], p(), &[scores, &order, &mask], &[&removed, &keep, &count], [1, 1, 1])?;
+        begin += len;
+    }
+    Ok((keep, count))
 }

@@ -36,6 +36,7 @@ pub mod rnn;
 pub mod shape;
 mod tensor;
 pub mod tune;
+pub mod vision;
 
 pub use augment::Augment;
 pub use backprop::{Grads, Op};

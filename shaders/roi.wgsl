@@ -1,0 +1,174 @@
+// ---- RoI-Align (torchvision.ops.roi_align): each output bin the mean of bilinear samples on a regular grid.
+//   roi_align_forward   y[k, c, py, px]                                 x: [n, c, h, w], rois: [k, 5]
+//   roi_align_backward  dx[b, c, h, w] = sum over RoIs k of image b, samples s touching (h, w):
+//                       g[k, c, py(s), px(s)] * weight(s, h, w) / count(k)   (a gather: no atomics, the same
+//                       sum in the same order every run)
+// A RoI is (batch index, x1, y1, x2, y2) in input-image coordinates, times spatial_scale. With `aligned` the
+// box is shifted by half a pixel (pixel centres at +0.5) and may be smaller than a pixel; without, it is at
+// least 1 x 1. Samples per bin: sampling_ratio each way, or (0) ceil(roi size / output size). A batch index
+// outside [0, n) gives zeros. The backward dispatch covers RoIs [k_begin, k_end) and adds to dx from an
+// earlier dispatch unless k_begin is 0, so CPU adapters can split a long RoI list (lavapipe's loop cap).
+struct RoiParams {
+    n: u32, c: u32, h: u32, w: u32,
+    k: u32, ph: u32, pw: u32, sampling: u32,
+    scale: f32, aligned: u32, k_begin: u32, k_end: u32,
+}
+
+@group(0) @binding(0) var<uniform> rp: RoiParams;
+
+struct RoiGeom {
+    b: u32, valid: bool,
+    y0: f32, x0: f32,
+    // Bin sizes, the step between samples, and samples per bin, each way.
+    bh: f32, bw: f32,
+    sy: f32, sx: f32,
+    gh: u32, gw: u32,
+    count: f32,
+}
+
+fn roi_geom(rois_k: array<f32, 5>) -> RoiGeom {
+    var g: RoiGeom;
+    let off = select(0.0, 0.5, rp.aligned != 0u);
+    g.x0 = rois_k[1] * rp.scale - off;
+    g.y0 = rois_k[2] * rp.scale - off;
+    var rw = rois_k[3] * rp.scale - off - g.x0;
+    var rh = rois_k[4] * rp.scale - off - g.y0;
+    if (rp.aligned == 0u) {
+        rw = max(rw, 1.0);
+        rh = max(rh, 1.0);
+    }
+    g.bh = rh / f32(rp.ph);
+    g.bw = rw / f32(rp.pw);
+    // A negative size (x2 < x1 with `aligned`) gives no samples: f32 -> u32 clamps at 0.
+    g.gh = select(u32(ceil(rh / f32(rp.ph))), rp.sampling, rp.sampling > 0u);
+    g.gw = select(u32(ceil(rw / f32(rp.pw))), rp.sampling, rp.sampling > 0u);
+    g.sy = g.bh / f32(max(g.gh, 1u));
+    g.sx = g.bw / f32(max(g.gw, 1u));
+    g.count = f32(max(g.gh * g.gw, 1u));
+    let bf = rois_k[0];
+    g.valid = bf >= 0.0 && bf < f32(rp.n);
+    g.b = u32(max(bf, 0.0));
+    return g;
+}
+
+// Sample `i` of an axis (bin i / per, sample i % per in it), computed as torchvision does:
+// start + bin * bin_size + (sample + 0.5) * bin_size / per.
+fn sample_at(i: u32, start: f32, bin: f32, per: u32) -> f32 {
+    return start + f32(i / per) * bin + (f32(i % per) + 0.5) * bin / f32(per);
+}
+
+// torchvision's bilinear_interpolate: the low and high rows and columns a sample reads, and its four weights
+// (low-low, low-high, high-low, high-high); all weights 0 outside [-1, size].
+struct Bilinear { yl: u32, yh: u32, xl: u32, xh: u32, w1: f32, w2: f32, w3: f32, w4: f32 }
+
+fn bilinear(y_in: f32, x_in: f32) -> Bilinear {
+    var r: Bilinear;
+    r.w1 = 0.0; r.w2 = 0.0; r.w3 = 0.0; r.w4 = 0.0;
+    r.yl = 0u; r.yh = 0u; r.xl = 0u; r.xh = 0u;
+    let hf = f32(rp.h);
+    let wf = f32(rp.w);
+    if (y_in < -1.0 || y_in > hf || x_in < -1.0 || x_in > wf) { return r; }
+    var y = max(y_in, 0.0);
+    var x = max(x_in, 0.0);
+    r.yl = u32(y);
+    r.xl = u32(x);
+    if (r.yl >= rp.h - 1u) { r.yl = rp.h - 1u; r.yh = r.yl; y = f32(r.yl); } else { r.yh = r.yl + 1u; }
+    if (r.xl >= rp.w - 1u) { r.xl = rp.w - 1u; r.xh = r.xl; x = f32(r.xl); } else { r.xh = r.xl + 1u; }
+    let ly = y - f32(r.yl);
+    let lx = x - f32(r.xl);
+    let hy = 1.0 - ly;
+    let hx = 1.0 - lx;
+    r.w1 = hy * hx; r.w2 = hy * lx; r.w3 = ly * hx; r.w4 = ly * lx;
+    return r;
+}
+
+@group(0) @binding(1) var<storage, read> rf_x: array<f32>;
+@group(0) @binding(2) var<storage, read> rf_rois: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rf_y: array<f32>;
+
+fn rf_roi(k: u32) -> array<f32, 5> {
+    return array<f32, 5>(rf_rois[5u * k], rf_rois[5u * k + 1u], rf_rois[5u * k + 2u], rf_rois[5u * k + 3u], rf_rois[5u * k + 4u]);
+}
+
+@compute @workgroup_size(256)
+fn roi_align_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    let total = rp.k * rp.c * rp.ph * rp.pw;
+    if (i >= total) { return; }
+    let px = i % rp.pw;
+    let py = (i / rp.pw) % rp.ph;
+    let ch = (i / (rp.pw * rp.ph)) % rp.c;
+    let k = i / (rp.pw * rp.ph * rp.c);
+    let g = roi_geom(rf_roi(k));
+    if (!g.valid) { rf_y[i] = 0.0; return; }
+    let base = (g.b * rp.c + ch) * rp.h * rp.w;
+    var acc = 0.0;
+    for (var iy = 0u; iy < g.gh; iy = iy + 1u) {
+        let y = sample_at(py * g.gh + iy, g.y0, g.bh, g.gh);
+        for (var ix = 0u; ix < g.gw; ix = ix + 1u) {
+            let x = sample_at(px * g.gw + ix, g.x0, g.bw, g.gw);
+            let s = bilinear(y, x);
+            acc = acc + s.w1 * rf_x[base + s.yl * rp.w + s.xl] + s.w2 * rf_x[base + s.yl * rp.w + s.xh]
+                      + s.w3 * rf_x[base + s.yh * rp.w + s.xl] + s.w4 * rf_x[base + s.yh * rp.w + s.xh];
+        }
+    }
+    rf_y[i] = acc / g.count;
+}
+
+@group(0) @binding(1) var<storage, read> rb_g: array<f32>;
+@group(0) @binding(2) var<storage, read> rb_rois: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rb_dx: array<f32>;
+
+fn rb_roi(k: u32) -> array<f32, 5> {
+    return array<f32, 5>(rb_rois[5u * k], rb_rois[5u * k + 1u], rb_rois[5u * k + 2u], rb_rois[5u * k + 3u], rb_rois[5u * k + 4u]);
+}
+
+// The samples of one axis whose bilinear reads can touch pixel `p`: their raw coordinate lies in [p - 1, p + 1]
+// (clamping moves [-1, 0) to row 0 and [size - 1, size] to the last row, both inside that range). One extra
+// index each side covers rounding; the weights decide exactly.
+fn sample_range(p: u32, start: f32, step: f32, n: u32) -> vec2<u32> {
+    if (n == 0u) { return vec2<u32>(0u, 0u); }
+    // A box of size 0 (`aligned`, fixed sampling) puts every sample at `start`.
+    if (step == 0.0) { return select(vec2<u32>(0u, 0u), vec2<u32>(0u, n), abs(start - f32(p)) <= 1.0); }
+    // A negative size (x2 < x1 with `aligned` and fixed sampling) walks backwards.
+    let a = (f32(p) - 1.0 - start) / step - 0.5;
+    let b = (f32(p) + 1.0 - start) / step - 0.5;
+    let lo = u32(clamp(floor(min(a, b)) - 1.0, 0.0, f32(n)));
+    let hi = u32(clamp(ceil(max(a, b)) + 2.0, 0.0, f32(n)));
+    return vec2<u32>(lo, max(lo, hi));
+}
+
+@compute @workgroup_size(256)
+fn roi_align_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    let total = rp.n * rp.c * rp.h * rp.w;
+    if (i >= total) { return; }
+    let xw = i % rp.w;
+    let yh = (i / rp.w) % rp.h;
+    let ch = (i / (rp.w * rp.h)) % rp.c;
+    let b = i / (rp.w * rp.h * rp.c);
+    var acc = select(rb_dx[i], 0.0, rp.k_begin == 0u);
+    for (var k = rp.k_begin; k < rp.k_end; k = k + 1u) {
+        let g = roi_geom(rb_roi(k));
+        if (!g.valid || g.b != b) { continue; }
+        let ys = sample_range(yh, g.y0, g.sy, rp.ph * g.gh);
+        let xs = sample_range(xw, g.x0, g.sx, rp.pw * g.gw);
+        let gbase = (k * rp.c + ch) * rp.ph * rp.pw;
+        for (var iy = ys.x; iy < ys.y; iy = iy + 1u) {
+            let y = sample_at(iy, g.y0, g.bh, g.gh);
+            for (var ix = xs.x; ix < xs.y; ix = ix + 1u) {
+                let x = sample_at(ix, g.x0, g.bw, g.gw);
+                let s = bilinear(y, x);
+                var wsum = 0.0;
+                if (s.yl == yh && s.xl == xw) { wsum = wsum + s.w1; }
+                if (s.yl == yh && s.xh == xw) { wsum = wsum + s.w2; }
+                if (s.yh == yh && s.xl == xw) { wsum = wsum + s.w3; }
+                if (s.yh == yh && s.xh == xw) { wsum = wsum + s.w4; }
+                if (wsum != 0.0) {
+                    acc = acc + rb_g[gbase + (iy / g.gh) * rp.pw + ix / g.gw] * wsum / g.count;
+                }
+            }
+        }
+    }
+    rb_dx[i] = acc;
+}

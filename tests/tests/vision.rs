@@ -1,0 +1,312 @@
+//! Detection ops against torchvision and the f64 reference: RoI-Align forward and backward (aligned or not,
+//! adaptive or fixed sampling, boxes partly outside the image, of negative size, of another batch image), the
+//! backward split over several dispatches, and bad arguments as clear errors.
+
+use kiln_graph::cpu::{self, CpuTensor};
+use kiln_graph::vision::RoiAlignGeom;
+use kiln_graph::Tensor;
+use kiln_tests::{assert_close, check_op, require_gpu, test_rng, Domain};
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Random boxes over an image of `w` x `h` input pixels: some inside, some hanging over an edge, one of
+/// negative size, one of a batch index past the end; (batch index, x1, y1, x2, y2) rows.
+fn random_rois(k: usize, n: usize, w: f64, h: f64, rng: &mut kiln_graph::Rng) -> Vec<f32> {
+    let mut rois = Vec::with_capacity(5 * k);
+    for i in 0..k {
+        let b = if i == k - 1 { n as f64 } else { rng.below(n) as f64 };
+        let (x1, y1) = (rng.range(-0.2 * w, 0.9 * w), rng.range(-0.2 * h, 0.9 * h));
+        let (mut x2, y2) = (x1 + rng.range(0.3, 0.8 * w), y1 + rng.range(0.3, 0.8 * h));
+        if i == 1 {
+            x2 = x1 - 1.5;
+        }
+        rois.extend([b, x1, y1, x2, y2].map(|v| v as f32));
+    }
+    rois
+}
+
+#[test]
+fn roi_align_matches_the_reference_and_finite_differences() {
+    let mut rng = test_rng("roi_align_boxes");
+    for (aligned, sampling, out) in [(false, 0, [3, 2]), (true, 0, [2, 3]), (false, 2, [1, 1]), (true, 3, [3, 3])] {
+        // Features at half the image's resolution (spatial_scale 0.5), odd sizes.
+        let rois = random_rois(6, 2, 22.0, 18.0, &mut rng);
+        let geom = RoiAlignGeom::new(out, 0.5, sampling, aligned);
+        let rois_gpu = Tensor::from_slice(&rois, &[6, 5]).unwrap();
+        let rois_cpu = f64s(&rois);
+        check_op(
+            &format!("roi_align aligned={aligned} sampling_ratio={sampling} output {out:?}"),
+            &[(&[2, 3, 9, 11], Domain::Any)],
+            |x| x[0].roi_align(&rois_gpu, geom),
+            |x| cpu::roi_align(&x[0], &rois_cpu, &geom),
+        );
+    }
+}
+
+#[test]
+fn roi_align_equals_torchvision() {
+    require_gpu();
+    // torchvision 0.29.2: x = torch.arange(40.).reshape(2, 1, 4, 5), these boxes, output (2, 3), scale 1.
+    let x: Vec<f32> = (0..40).map(|v| v as f32).collect();
+    let rois = [0.0, 0.3, 0.7, 3.6, 2.9, 1.0, -1.5, -0.5, 2.2, 5.0, 0.0, 2.0, 1.0, 1.5, 3.0];
+    let xt = Tensor::from_slice(&x, &[2, 1, 4, 5]).unwrap().var();
+    let rt = Tensor::from_slice(&rois, &[3, 5]).unwrap();
+    #[rustfmt::skip]
+    let cases: [(bool, i32, [f64; 18]); 4] = [
+        (false, 0, [7.1, 8.2, 9.3, 12.6, 13.7, 14.8, 12.222222222222223, 24.794444444444448, 26.027777777777775, 11.423611111111112, 23.080555555555552, 23.902777777777782, 9.666666666666666, 10.0, 10.333333333333332, 14.666666666666666, 15.0, 15.333333333333332]),
+        (false, 2, [7.1, 8.2, 9.3, 12.6, 13.7, 14.8, 12.1875, 24.725, 25.958333333333332, 8.671875, 17.51875, 18.135416666666664, 9.666666666666668, 10.0, 10.333333333333332, 14.666666666666666, 15.0, 15.333333333333334]),
+        (true, 0, [4.1, 5.2, 6.3, 9.6, 10.7, 11.8, 0.0, 22.85694444444444, 23.86111111111111, 0.0, 22.066666666666666, 22.736111111111114, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        (true, 2, [4.1, 5.2, 6.3, 9.6, 10.7, 11.8, 0.0, 22.735416666666666, 23.739583333333332, 0.0, 33.672916666666666, 34.67708333333333, 6.416666666666667, 6.25, 6.083333333333334, 11.416666666666666, 11.25, 11.083333333333332]),
+    ];
+    for (aligned, sampling, want) in cases {
+        let y = xt.roi_align(&rt, RoiAlignGeom::new([2, 3], 1.0, sampling, aligned)).unwrap();
+        assert_close(&format!("torchvision roi_align aligned={aligned} sampling_ratio={sampling}"), &y.to_vec().unwrap(), &want, 1e-5);
+        let reference = cpu::roi_align(&CpuTensor::new(f64s(&x), &[2, 1, 4, 5]), &f64s(&rois), &RoiAlignGeom::new([2, 3], 1.0, sampling, aligned));
+        assert_close("the f64 reference against torchvision", &reference.data.iter().map(|&v| v as f32).collect::<Vec<_>>(), &want, 1e-6);
+    }
+    // The gradient of sum(y * (arange(18) / 10 - 0.5)) with aligned=True, sampling_ratio=2 (the third box has
+    // negative width and still samples, as in torchvision).
+    let weights: Vec<f32> = (0..18).map(|v| v as f32 / 10.0 - 0.5).collect();
+    let y = xt.roi_align(&rt, RoiAlignGeom::new([2, 3], 1.0, 2, true)).unwrap();
+    let grads = y.mul(&Tensor::from_slice(&weights, &[3, 1, 2, 3]).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    #[rustfmt::skip]
+    let want = [-0.0853125, 0.125479166667, -0.011854166667, -0.0433125, 0.0, -0.26325, 1.375604166667, 0.286020833333, -0.119625, 0.0, -0.0983125, 2.014854166667, 0.628020833333, -0.0020625, 0.0, -0.008125, 0.305729166667, 0.096145833333, 0.0, 0.0, 0.108958333333, 0.111666666667, 0.029375, 0.0, 0.0, 0.1021484375, 0.1046875, 0.0275390625, 0.0, 0.0, 0.155286458333, 0.134830729167, 0.0348828125, 0.0, 0.0, 0.379440104167, 0.326731770833, 0.084453125, 0.0, 0.0];
+    assert_close("torchvision roi_align gradient", &grads.get(&xt).unwrap().to_vec().unwrap(), &want, 1e-5);
+}
+
+#[test]
+fn roi_align_backward_over_many_boxes_is_split_and_still_exact() {
+    // 150 boxes with 7 x 7 bins of 4 x 4 samples: on a CPU adapter the backward runs in several dispatches
+    // (lavapipe stops an invocation's loops after 65,535 iterations).
+    let mut rng = test_rng("roi_align_many");
+    let rois = random_rois(150, 1, 24.0, 20.0, &mut rng);
+    let geom = RoiAlignGeom::new([7, 7], 0.5, 4, false);
+    let rois_gpu = Tensor::from_slice(&rois, &[150, 5]).unwrap();
+    let rois_cpu = f64s(&rois);
+    check_op("roi_align, 150 boxes", &[(&[1, 2, 10, 12], Domain::Any)], |x| x[0].roi_align(&rois_gpu, geom), |x| cpu::roi_align(&x[0], &rois_cpu, &geom));
+}
+
+#[test]
+fn roi_align_second_derivative_is_roi_align_again() {
+    // RoI-Align is linear: the gradient of <grad_x, v> with respect to the upstream gradient is roi_align(v).
+    require_gpu();
+    let mut rng = test_rng("roi_align_adjoint");
+    let rois = random_rois(4, 2, 14.0, 12.0, &mut rng);
+    let geom = RoiAlignGeom::new([2, 2], 1.0, 0, true);
+    let rt = Tensor::from_slice(&rois, &[4, 5]).unwrap();
+    let random = |shape: &[usize], rng: &mut kiln_graph::Rng| {
+        Tensor::from_slice(&kiln_tests::random_values(shape.iter().product(), Domain::Any, rng).iter().map(|&v| v as f32).collect::<Vec<_>>(), shape).unwrap()
+    };
+    let (x, v, gy) = (random(&[2, 3, 12, 14], &mut rng), random(&[2, 3, 12, 14], &mut rng), random(&[4, 3, 2, 2], &mut rng).var());
+    let gx = kiln_graph::vision::roi_align_grad(&gy, &rt, &geom, x.shape()).unwrap();
+    let second = gx.mul(&v).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = v.roi_align(&rt, geom).unwrap().to_vec().unwrap();
+    assert_close("d<grad_x, v>/d grad_y", &second.get(&gy).unwrap().to_vec().unwrap(), &f64s(&want), 1e-5);
+    // And the adjoint identity <roi_align(x), gy> = <x, grad_x(gy)>.
+    let lhs: f64 = x.roi_align(&rt, geom).unwrap().to_vec().unwrap().iter().zip(gy.to_vec().unwrap()).map(|(a, b)| (*a as f64) * b as f64).sum();
+    let rhs: f64 = x.to_vec().unwrap().iter().zip(gx.to_vec().unwrap()).map(|(a, b)| (*a as f64) * b as f64).sum();
+    assert!((lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()), "adjoint: {lhs} against {rhs}");
+}
+
+#[test]
+fn roi_align_rejects_bad_arguments_with_clear_errors() {
+    require_gpu();
+    let x = Tensor::from_slice(&[0.0; 2 * 3 * 4 * 4], &[2, 3, 4, 4]).unwrap();
+    let four = Tensor::from_slice(&[0.0, 0.0, 2.0, 2.0], &[1, 4]).unwrap();
+    let e = x.roi_align(&four, RoiAlignGeom::new([2, 2], 1.0, 0, false)).unwrap_err().to_string();
+    assert!(e.contains("[k, 5]") && e.contains("[1, 4]"), "{e}");
+    let rois = Tensor::from_slice(&[0.0, 0.0, 0.0, 2.0, 2.0], &[1, 5]).unwrap();
+    let e = x.reshape(&[6, 4, 4]).unwrap().roi_align(&rois, RoiAlignGeom::new([2, 2], 1.0, 0, false)).unwrap_err().to_string();
+    assert!(e.contains("[n, c, h, w]"), "{e}");
+    let e = x.roi_align(&rois, RoiAlignGeom::new([0, 2], 1.0, 0, false)).unwrap_err().to_string();
+    assert!(e.contains("output_size"), "{e}");
+    // No boxes: an empty result, and a zero gradient.
+    let none = Tensor::from_slice(&[] as &[f32], &[0, 5]).unwrap();
+    assert_eq!(x.roi_align(&none, RoiAlignGeom::new([2, 2], 1.0, 0, false)).unwrap().shape(), &[0, 3, 2, 2]);
+}
+
+fn boxes(rows: &[[f32; 4]]) -> Tensor {
+    Tensor::from_slice(&rows.concat(), &[rows.len(), 4]).unwrap()
+}
+
+#[test]
+fn box_operations_equal_torchvision() {
+    use kiln_graph::vision::{box_iou, clip_boxes_to_image, generalized_box_iou, resize_boxes, BoxCoder};
+    require_gpu();
+    // Values from torchvision 0.29.2 (box_iou, generalized_box_iou, BoxCoder((10, 10, 5, 5)),
+    // clip_boxes_to_image) on the same boxes, in f64.
+    let a = boxes(&[[0., 0., 10., 10.], [5., 5., 15., 12.], [2., 3., 4., 9.]]);
+    let b = boxes(&[[0., 0., 10., 10.], [20., 20., 25., 30.], [3., 1., 8., 7.5], [9., 9., 9., 9.]]);
+    let iou = [1.0, 0.0, 0.325, 0.0, 0.1724137931034483, 0.0, 0.07894736842105263, 0.0, 0.12, 0.0, 0.1125, 0.0];
+    assert_close("box_iou", &box_iou(&a, &b).unwrap().to_vec().unwrap(), &iou, 1e-6);
+    let b3 = b.slice(0, 0, 3).unwrap();
+    let giou = [1.0, -0.8, 0.325, -0.02203065134099616, -0.76, -0.20135566188197765, 0.12, -0.9001610305958132, -0.054166666666666655];
+    assert_close("generalized_box_iou", &generalized_box_iou(&a, &b3).unwrap().to_vec().unwrap(), &giou, 1e-6);
+    let coder = BoxCoder::new([10.0, 10.0, 5.0, 5.0]);
+    let enc = [0.0, 0.0, 0.0, 0.0, 12.5, 23.571428571428573, -3.4657359027997265, 1.783374719693662, 12.5, -2.9166666666666665, 4.5814536593707755, 0.4002135383676818];
+    assert_close("BoxCoder.encode_single", &coder.encode(&b3, &a).unwrap().to_vec().unwrap(), &enc, 1e-5);
+    let deltas = boxes(&[[0.5, -0.2, 0.3, -0.1], [0., 0., 5., 5.], [-1., 2., -0.5, 0.2]]);
+    #[rustfmt::skip]
+    let dec = [0.1908172672732018, -0.10099336653377655, 10.809182732726798, 9.700993366533776, -3.591409142295225, -1.013986399606658, 23.591409142295227, 18.013986399606658, 1.8951625819640403, 4.077567677422835, 3.704837418035959, 10.322432322577164];
+    assert_close("BoxCoder.decode_single (dw, dh clamped)", &coder.decode(&deltas, &a).unwrap().to_vec().unwrap(), &dec, 1e-5);
+    let clipped = clip_boxes_to_image(&boxes(&[[-3., 2., 50., 70.], [10., -1., 20., 30.]]), [60, 40]).unwrap().to_vec().unwrap();
+    assert_eq!(clipped, vec![0., 2., 40., 60., 10., 0., 20., 30.]);
+    // The seed's example: a box on a 416 x 416 input, on the 1000 x 667 (width x height) original. The seed
+    // writes (279, 212, 579, 544); the exact y2 is 340 * 667 / 416 = 545.14, so it rounds to 545.
+    let r = resize_boxes(&boxes(&[[116., 132., 241., 340.]]), [416, 416], [667, 1000]).unwrap().to_vec().unwrap();
+    assert_eq!(r.iter().map(|v| v.round()).collect::<Vec<_>>(), vec![279., 212., 579., 545.], "{r:?}");
+    let e = box_iou(&a, &Tensor::from_slice(&[0.0; 6], &[2, 3]).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("[n, 4]") && e.contains("[2, 3]"), "{e}");
+}
+
+#[test]
+fn iou_giou_and_box_coding_match_the_reference_and_finite_differences() {
+    use kiln_graph::vision::{box_iou, generalized_box_iou, BoxCoder};
+    let mut rng = test_rng("boxes_iou");
+    // Boxes from raw values r: (x1, y1) = 4 r0, 4 r1 and the sizes exp(r2), exp(r3): always proper boxes,
+    // and the map is smooth, so finite differences see the IoUs' own gradients.
+    let to_boxes = |r: &Tensor| -> kiln_graph::Result<Tensor> {
+        let xy = r.slice(1, 0, 2)?.scale(4.0)?;
+        Tensor::concat(&[&xy, &xy.add(&r.slice(1, 2, 2)?.exp()?)?], 1)
+    };
+    let cpu_boxes = |r: &CpuTensor| -> Vec<[f64; 4]> { r.data.chunks(4).map(|c| [4.0 * c[0], 4.0 * c[1], 4.0 * c[0] + c[2].exp(), 4.0 * c[1] + c[3].exp()]).collect() };
+    for giou in [false, true] {
+        check_op(
+            if giou { "generalized_box_iou" } else { "box_iou" },
+            &[(&[5, 4], Domain::Any), (&[7, 4], Domain::Any)],
+            |x| {
+                let (a, b) = (to_boxes(&x[0])?, to_boxes(&x[1])?);
+                if giou {
+                    generalized_box_iou(&a, &b)
+                } else {
+                    box_iou(&a, &b)
+                }
+            },
+            |x| {
+                let (iou, g) = cpu::box_iou_giou(&cpu_boxes(&x[0]), &cpu_boxes(&x[1]));
+                CpuTensor::new(if giou { g } else { iou }, &[5, 7])
+            },
+        );
+    }
+    let weights = [10.0, 10.0, 5.0, 5.0];
+    let coder = BoxCoder::new(weights.map(|w| w as f32));
+    check_op(
+        "BoxCoder encode",
+        &[(&[6, 4], Domain::Any), (&[6, 4], Domain::Any)],
+        |x| coder.encode(&to_boxes(&x[0])?, &to_boxes(&x[1])?),
+        |x| {
+            let (g, p) = (cpu_boxes(&x[0]), cpu_boxes(&x[1]));
+            CpuTensor::new(g.iter().zip(&p).flat_map(|(g, p)| cpu::box_encode(g, p, weights)).collect(), &[6, 4])
+        },
+    );
+    check_op(
+        "BoxCoder decode",
+        &[(&[6, 4], Domain::Any), (&[6, 4], Domain::Any)],
+        |x| coder.decode(&x[0], &to_boxes(&x[1])?),
+        |x| {
+            let b = cpu_boxes(&x[1]);
+            CpuTensor::new(x[0].data.chunks(4).zip(&b).flat_map(|(d, b)| cpu::box_decode(&[d[0], d[1], d[2], d[3]], b, weights, (1000.0f64 / 16.0).ln())).collect(), &[6, 4])
+        },
+    );
+    // Decoding what encoding made gives the boxes back.
+    let mut rng2 = test_rng("boxes_roundtrip");
+    let raw = |rng: &mut kiln_graph::Rng| Tensor::from_slice(&kiln_tests::random_values(24, Domain::Any, rng).iter().map(|&v| v as f32).collect::<Vec<_>>(), &[6, 4]).unwrap();
+    let (gt, anchors) = (to_boxes(&raw(&mut rng2)).unwrap(), to_boxes(&raw(&mut rng)).unwrap());
+    let back = coder.decode(&coder.encode(&gt, &anchors).unwrap(), &anchors).unwrap().to_vec().unwrap();
+    assert_close("decode(encode(boxes))", &back, &f64s(&gt.to_vec().unwrap()), 1e-4);
+}
+
+#[test]
+fn nms_equals_torchvision_and_the_course_defaults() {
+    use kiln_graph::vision::{batched_nms, nms, nms_fixed, nms_with, NmsOptions};
+    require_gpu();
+    let b = boxes(&[[0., 0., 10., 10.], [1., 1., 11., 11.], [0., 0., 3., 1.], [1., 0., 4., 1.], [20., 20., 30., 30.], [21., 19., 29., 31.], [50., 50., 60., 60.], [0., 0., 10., 10.]]);
+    let s = Tensor::from_slice(&[0.9, 0.8, 0.7, 0.7, 0.95, 0.6, 0.3, 0.9], &[8]).unwrap();
+    let c = Tensor::from_u32(&[0, 0, 1, 1, 2, 2, 0, 1], &[8]).unwrap();
+    // torchvision 0.29.2 on the same boxes: boxes 2 and 3 overlap at IoU exactly 0.5 (kept: only above the
+    // threshold suppresses), box 7 repeats box 0 at its score (the stable order keeps 0).
+    assert_eq!(nms(&b, &s, 0.5).unwrap(), vec![4, 0, 2, 3, 6]);
+    assert_eq!(nms(&b, &s, 0.7).unwrap(), vec![4, 0, 1, 2, 3, 5, 6]);
+    assert_eq!(batched_nms(&b, &s, &c, 0.5).unwrap(), vec![4, 0, 7, 2, 3, 6]);
+    // The course's defaults: scores of 0.6 and below dropped, IoU of 0.5 and above suppressed.
+    assert_eq!(nms_with(&b, &s, None, NmsOptions::default()).unwrap(), vec![4, 0, 2]);
+    assert_eq!(nms_with(&b, &s, None, NmsOptions { max_keep: Some(2), ..NmsOptions::torchvision(0.5) }).unwrap(), vec![4, 0]);
+    // Fixed-size outputs: the kept indices, then n; the count.
+    let (keep, count) = nms_fixed(&b, &s, None, NmsOptions::torchvision(0.5)).unwrap();
+    assert_eq!((keep.to_vec_u32().unwrap(), count.to_vec_u32().unwrap()), (vec![4, 0, 2, 3, 6, 8, 8, 8], vec![5]));
+    // No boxes; a NaN score; mismatched shapes.
+    let none = Tensor::from_slice(&[] as &[f32], &[0, 4]).unwrap();
+    assert_eq!(nms(&none, &Tensor::from_slice(&[] as &[f32], &[0]).unwrap(), 0.5).unwrap(), Vec::<u32>::new());
+    let nan = Tensor::from_slice(&[0.9, f32::NAN, 0.7, 0.7, 0.95, 0.6, 0.3, 0.9], &[8]).unwrap();
+    assert_eq!(nms(&b, &nan, 0.5).unwrap(), vec![4, 0, 2, 3, 6], "a NaN score is never kept");
+    let e = nms(&b, &Tensor::from_slice(&[0.5; 7], &[7]).unwrap(), 0.5).unwrap_err().to_string();
+    assert!(e.contains("[8, 4]") && e.contains("[7]"), "{e}");
+}
+
+/// Random boxes on a 100 x 100 canvas (many overlaps), scores in steps of 0.05 (many ties), 4 classes. The
+/// corners are whole pixels, so every IoU is a fraction of small integers that f32 and f64 both place on the
+/// same side of a threshold (an IoU near it but not on it differs from it by far more than f32's rounding).
+fn random_detections(n: usize, rng: &mut kiln_graph::Rng) -> (Vec<[f32; 4]>, Vec<f32>, Vec<u32>) {
+    let b = (0..n)
+        .map(|_| {
+            let (x, y) = (rng.below(90) as f32, rng.below(90) as f32);
+            [x, y, x + 3.0 + rng.below(28) as f32, y + 3.0 + rng.below(28) as f32]
+        })
+        .collect();
+    let s = (0..n).map(|_| (rng.below(20) as f32) * 0.05).collect();
+    let c = (0..n).map(|_| rng.below(4) as u32).collect();
+    (b, s, c)
+}
+
+#[test]
+fn nms_matches_the_reference_on_random_boxes_with_ties() {
+    use kiln_graph::vision::{nms_with, NmsOptions};
+    require_gpu();
+    let mut rng = test_rng("nms_random");
+    for n in [1, 37, 300, 1000] {
+        let (b, s, c) = random_detections(n, &mut rng);
+        let (bt, st, ct) = (boxes(&b), Tensor::from_slice(&s, &[n]).unwrap(), Tensor::from_u32(&c, &[n]).unwrap());
+        let b64: Vec<[f64; 4]> = b.iter().map(|r| r.map(|v| v as f64)).collect();
+        let s64 = f64s(&s);
+        for (opts, per_class) in
+            [(NmsOptions::torchvision(0.5), false), (NmsOptions::torchvision(0.3), true), (NmsOptions::default(), false), (NmsOptions { max_keep: Some(10), ..NmsOptions::default() }, true)]
+        {
+            let got = nms_with(&bt, &st, per_class.then_some(&ct), opts).unwrap();
+            let want = cpu::nms(
+                &b64,
+                &s64,
+                per_class.then_some(&c[..]),
+                opts.iou_threshold as f64,
+                opts.score_threshold.map(|v| v as f64).unwrap_or(f64::NEG_INFINITY),
+                opts.max_keep.unwrap_or(n),
+                opts.suppress_equal,
+            );
+            assert_eq!(got, want, "n {n}, {opts:?}, per class {per_class}");
+        }
+    }
+}
+
+#[test]
+fn nms_split_into_many_dispatches_gives_the_same_boxes() {
+    // A loop cap of 500 iterations splits the ranking over the boxes and the scan into blocks of a few rows.
+    use kiln_graph::vision::{nms_fixed_capped, NmsOptions};
+    require_gpu();
+    let mut rng = test_rng("nms_split");
+    let n = 700;
+    let (b, s, _) = random_detections(n, &mut rng);
+    let (bt, st) = (boxes(&b), Tensor::from_slice(&s, &[n]).unwrap());
+    let opts = NmsOptions { iou_threshold: 0.4, score_threshold: Some(0.2), max_keep: None, suppress_equal: false };
+    let read = |cap: Option<usize>| -> Vec<u32> {
+        let (keep, count) = nms_fixed_capped(&bt, &st, None, opts, cap).unwrap();
+        let mut keep = keep.to_vec_u32().unwrap();
+        keep.truncate(count.to_vec_u32().unwrap()[0] as usize);
+        keep
+    };
+    let b64: Vec<[f64; 4]> = b.iter().map(|r| r.map(|v| v as f64)).collect();
+    // The thresholds as the GPU sees them (f32; a score of 4 x 0.05 equals 0.2f32 and is not above it).
+    let want = cpu::nms(&b64, &f64s(&s), None, 0.4f32 as f64, 0.2f32 as f64, n, false);
+    assert_eq!(read(Some(500)), want);
+    assert_eq!(read(None), want);
+}
