@@ -165,6 +165,40 @@ impl Tensor {
         Ok(Tensor::make(y, shape, DType::F32, Some(Op::Conv2d(self.clone(), weight.clone(), geom, saved_cols))))
     }
 
+    /// PyTorch's `conv_transpose2d`: x [n, c_in, h, w], weight [c_in, c_out / groups, kh, kw] ->
+    /// [n, c_out, (h - 1) stride - 2 padding + dilation (kh - 1) + output_padding + 1, (the same for w)]: the
+    /// adjoint of `conv2d` with that weight and geometry (it runs as conv2d's input gradient, so its
+    /// backward is conv2d for x and conv2d's weight gradient for the weight). `output_padding` must be
+    /// smaller than the stride.
+    pub fn conv_transpose2d(&self, weight: &Tensor, geom: Conv2dGeom, output_padding: [usize; 2]) -> Result<Tensor> {
+        self.expect_dtype("conv_transpose2d", DType::F32)?;
+        weight.expect_dtype("conv_transpose2d", DType::F32)?;
+        let (x, w) = (self.shape(), weight.shape());
+        if x.len() != 4 || w.len() != 4 {
+            return shape_err("conv_transpose2d", x, w, "expects input [n, c_in, h, w] and weight [c_in, c_out/groups, kh, kw]");
+        }
+        let g = geom.groups;
+        if g == 0 || w[0] != x[1] || x[1] % g != 0 {
+            return shape_err("conv_transpose2d", x, w, format!("the weight must be [c_in = {}, c_out/groups, kh, kw] and c_in divisible by {g} groups", x[1]));
+        }
+        if geom.dilation.contains(&0) || geom.stride.contains(&0) {
+            return invalid("conv_transpose2d", w, "stride and dilation must be at least 1");
+        }
+        if output_padding[0] >= geom.stride[0] || output_padding[1] >= geom.stride[1] {
+            return invalid("conv_transpose2d", x, format!("output_padding {output_padding:?} must be smaller than the stride {:?}", geom.stride));
+        }
+        let size = |i: usize, k: usize, d: usize| -> Option<usize> {
+            let full = (x[2 + d] - 1) * geom.stride[d] + geom.dilation[d] * (k - 1) + output_padding[d] + 1;
+            full.checked_sub(2 * geom.padding[d]).filter(|&v| v > 0 && i > 0)
+        };
+        let (Some(oh), Some(ow)) = (size(x[2], w[2], 0), size(x[3], w[3], 1)) else {
+            return shape_err("conv_transpose2d", x, w, format!("the output would be empty (geometry {geom:?}, output_padding {output_padding:?})"));
+        };
+        let out_shape = vec![x[0], w[1] * g, oh, ow];
+        let y = conv2d_input_grad_raw(self, weight, &geom, &out_shape)?;
+        Ok(Tensor::make(y, out_shape.clone(), DType::F32, Some(Op::Conv2dInputGrad(self.clone(), weight.clone(), geom, out_shape))))
+    }
+
     /// Max pooling; returns the pooled values and the argmax "switches" (u32 indices into each input plane).
     pub fn max_pool2d(&self, geom: Pool2dGeom) -> Result<(Tensor, Tensor)> {
         let (shape, params) = self.pool_setup("max_pool2d", &geom)?;

@@ -326,6 +326,40 @@ impl CpuTensor {
         CpuTensor::new(out, &[x[0], w[0], oh, ow])
     }
 
+    /// x [n, c_in, h, w] transposed-convolved with weight [c_in, c_out/groups, kh, kw] (PyTorch's
+    /// conv_transpose2d): each input value scattered through the kernel, at stride steps.
+    pub fn conv_transpose2d(&self, weight: &CpuTensor, g: &Conv2dGeom, output_padding: [usize; 2]) -> CpuTensor {
+        let (x, w) = (&self.shape, &weight.shape);
+        let (cig, cog) = (x[1] / g.groups, w[1]);
+        let size = |d: usize, k: usize| (x[2 + d] - 1) * g.stride[d] + g.dilation[d] * (k - 1) + output_padding[d] + 1 - 2 * g.padding[d];
+        let (oh, ow, co_all) = (size(0, w[2]), size(1, w[3]), cog * g.groups);
+        let mut out = vec![0.0; x[0] * co_all * oh * ow];
+        for b in 0..x[0] {
+            for ci in 0..x[1] {
+                let grp = ci / cig;
+                for iy in 0..x[2] {
+                    for ix in 0..x[3] {
+                        let xv = self.data[((b * x[1] + ci) * x[2] + iy) * x[3] + ix];
+                        for col in 0..cog {
+                            let co = grp * cog + col;
+                            for ky in 0..w[2] {
+                                for kx in 0..w[3] {
+                                    let oy = (iy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                                    let ox = (ix * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                                    if oy < 0 || ox < 0 || oy >= oh as isize || ox >= ow as isize {
+                                        continue;
+                                    }
+                                    out[((b * co_all + co) * oh + oy as usize) * ow + ox as usize] += xv * weight.data[((ci * cog + col) * w[2] + ky) * w[3] + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        CpuTensor::new(out, &[x[0], co_all, oh, ow])
+    }
+
     /// Max (or average, divisor kh*kw) pooling of [n, c, h, w].
     pub fn pool2d(&self, g: &Pool2dGeom, max: bool) -> CpuTensor {
         let x = &self.shape;

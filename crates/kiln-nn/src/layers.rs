@@ -122,6 +122,68 @@ impl Layer for Conv2d {
     }
 }
 
+/// PyTorch's `nn.ConvTranspose2d`: `{name}.weight` [in, out / groups, kh, kw], `{name}.bias` [out], both
+/// U(-b, b) with b = 1 / sqrt(out / groups * kh * kw) as PyTorch initialises them (kaiming_uniform with
+/// a = sqrt(5) over the weight's fan-in, which for this layout is out / groups * kh * kw).
+pub struct ConvTranspose2d {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub geom: Conv2dGeom,
+    pub output_padding: [usize; 2],
+}
+
+impl ConvTranspose2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(vs: &mut VarStore, name: &str, in_ch: usize, out_ch: usize, kernel: usize, stride: usize, padding: usize, output_padding: usize, groups: usize, bias: bool) -> Result<ConvTranspose2d> {
+        if groups == 0 || !in_ch.is_multiple_of(groups) || !out_ch.is_multiple_of(groups) || kernel == 0 || stride == 0 || output_padding >= stride {
+            return Err(KilnError::Invalid {
+                op: "ConvTranspose2d",
+                shape: vec![in_ch, out_ch, kernel, kernel],
+                message: format!("invalid configuration: stride {stride}, output_padding {output_padding} (must be under the stride), groups {groups}"),
+            });
+        }
+        let bound = 1.0 / ((out_ch / groups * kernel * kernel) as f32).sqrt();
+        let init = Init::Uniform { lo: -bound, hi: bound };
+        Ok(ConvTranspose2d {
+            weight: vs.param(&format!("{name}.weight"), &[in_ch, out_ch / groups, kernel, kernel], init, true)?,
+            bias: if bias { Some(vs.param(&format!("{name}.bias"), &[out_ch], init, false)?) } else { None },
+            geom: Conv2dGeom { stride: [stride; 2], padding: [padding; 2], dilation: [1, 1], groups },
+            output_padding: [output_padding; 2],
+        })
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn describe(&self) -> String {
+        let w = self.weight.shape();
+        format!("ConvTranspose2d({}, {}, k={}x{}, s={}, p={}, output_padding={})", w[0], w[1] * self.geom.groups, w[2], w[3], self.geom.stride[0], self.geom.padding[0], self.output_padding[0])
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref()).collect()
+    }
+    fn as_layer(&self) -> Option<&dyn Layer> {
+        Some(self)
+    }
+}
+
+impl Layer for ConvTranspose2d {
+    /// x: [n, in, h, w] -> [n, out, (h - 1) s - 2 p + k + output_padding, ...]
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        add_channel_bias(x.conv_transpose2d(self.weight.tensor()?, self.geom, self.output_padding)?, self.bias.as_ref())
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let w = self.weight.shape();
+        if input.len() != 4 || input[1] != w[0] {
+            return Err(shape_error(&self.describe(), input, "expects [n, in_channels, h, w]"));
+        }
+        let size = |i: usize, k: usize, d: usize| ((i.max(1) - 1) * self.geom.stride[d] + k + self.output_padding[d]).checked_sub(2 * self.geom.padding[d]).filter(|&v| v > 0);
+        match (size(input[2], w[2], 0), size(input[3], w[3], 1)) {
+            (Some(oh), Some(ow)) => Ok(vec![input[0], w[1] * self.geom.groups, oh, ow]),
+            _ => Err(shape_error(&self.describe(), input, "the output would be empty")),
+        }
+    }
+}
+
 fn pool_shape(layer: &dyn Module, g: &Pool2dGeom, input: &[usize]) -> Result<Vec<usize>> {
     if input.len() != 4 {
         return Err(shape_error(&layer.describe(), input, "expects [n, c, h, w]"));

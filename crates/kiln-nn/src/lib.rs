@@ -21,7 +21,7 @@ pub use attention::{
 };
 pub use init::Init;
 pub use kiln_graph::{fusion_enabled, set_fusion};
-pub use layers::{add_channel_bias, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
+pub use layers::{add_channel_bias, AdaptiveAvgPool2d, AvgPool2d, BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, Dropout, Embedding, Flatten, GlobalAvgPool, MaxPool2d, Padding, Unflatten};
 pub use module::{shape_error, Activation, Layer, Linear, Module, Sequential};
 pub use optim::{Clip, GroupOptions, Optimizer, OptimizerKind};
 pub use recurrent::{lstm_cell, rnn_forward, rnn_forward_lengths, CellKind, LstmCell, LstmState, Rnn, RnnConfig, RnnState, RnnWeights};
