@@ -4,7 +4,7 @@
 
 use kiln_graph::cpu::{self, CpuTensor};
 use kiln_graph::vision::RoiAlignGeom;
-use kiln_graph::Tensor;
+use kiln_graph::{Pool2dGeom, Tensor};
 use kiln_tests::{assert_close, check_op, require_gpu, test_rng, Domain};
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -309,4 +309,158 @@ fn nms_split_into_many_dispatches_gives_the_same_boxes() {
     let want = cpu::nms(&b64, &f64s(&s), None, 0.4f32 as f64, 0.2f32 as f64, n, false);
     assert_eq!(read(Some(500)), want);
     assert_eq!(read(None), want);
+}
+
+#[test]
+fn upsampling_and_unpooling_equal_torch() {
+    require_gpu();
+    // torch.nn.functional.interpolate (torch 2.15) of x = arange(24) ** 1.5 / 10 as [1, 2, 3, 4], to 5 x 7
+    // (nearest; bilinear with align_corners False and True) and to 2 x 3 (bilinear, False).
+    #[rustfmt::skip]
+    let nearest: [f64; 70] = [0.0, 0.0, 0.1, 0.1, 0.2828427125, 0.2828427125, 0.5196152423, 0.0, 0.0, 0.1, 0.1, 0.2828427125, 0.2828427125, 0.5196152423, 0.8, 0.8, 1.1180339887, 1.1180339887, 1.4696938457, 1.4696938457, 1.8520259177, 0.8, 0.8, 1.1180339887, 1.1180339887, 1.4696938457, 1.4696938457, 1.8520259177, 2.2627416998, 2.2627416998, 2.7, 2.7, 3.1622776602, 3.1622776602, 3.6482872694, 4.1569219382, 4.1569219382, 4.6872166581, 4.6872166581, 5.2383203415, 5.2383203415, 5.8094750193, 4.1569219382, 4.1569219382, 4.6872166581, 4.6872166581, 5.2383203415, 5.2383203415, 5.8094750193, 6.4, 6.4, 7.0092795636, 7.0092795636, 7.6367532368, 7.6367532368, 8.2819079927, 6.4, 6.4, 7.0092795636, 7.0092795636, 7.6367532368, 7.6367532368, 8.2819079927, 8.94427191, 8.94427191, 9.6234089594, 9.6234089594, 10.3189146716, 10.3189146716, 11.0304125036];
+    #[rustfmt::skip]
+    let bilinear: [f64; 70] = [0.0, 0.0357142857, 0.0928571429, 0.1914213562, 0.299755036, 0.4350536245, 0.5196152423, 0.32, 0.3868619984, 0.4938411958, 0.6323983806, 0.7786543334, 0.9472236744, 1.0525795125, 0.8, 0.9135835674, 1.0953172753, 1.2938639172, 1.4970032794, 1.7154787491, 1.8520259177, 1.6776450199, 1.816776654, 2.0393872687, 2.2762288649, 2.5169968911, 2.771018945, 2.9297827287, 2.2627416998, 2.4189053784, 2.6687672643, 2.9311388301, 3.1969926323, 3.474712409, 3.6482872694, 4.1569219382, 4.3463129096, 4.6493384638, 4.9627684998, 5.2791171042, 5.6054912058, 5.8094750193, 5.0541531629, 5.2548276834, 5.5759069162, 5.9068676599, 6.2406045503, 6.5838929554, 6.7984482087, 6.4, 6.6175998441, 6.9657595947, 7.3230164002, 7.6828357194, 8.0514955799, 8.2819079927, 7.926563146, 8.1591324514, 8.53124334, 8.9119036494, 9.2949758549, 9.686381913, 9.9310106993, 8.94427191, 9.1868208562, 9.5748991702, 9.9711618155, 10.3697359453, 10.776306135, 11.0304125036];
+    #[rustfmt::skip]
+    let corners: [f64; 70] = [0.0, 0.05, 0.1, 0.1914213562, 0.2828427125, 0.4012289774, 0.5196152423, 0.4, 0.5045084972, 0.6090169944, 0.7426426367, 0.8762682791, 1.0310444295, 1.18582058, 0.8, 0.9590169944, 1.1180339887, 1.2938639172, 1.4696938457, 1.6608598817, 1.8520259177, 1.5313708499, 1.7201939221, 1.9090169944, 2.1125013736, 2.3159857529, 2.5330711732, 2.7501565936, 2.2627416998, 2.4813708499, 2.7, 2.9311388301, 3.1622776602, 3.4052824648, 3.6482872694, 4.1569219382, 4.4220692981, 4.6872166581, 4.9627684998, 5.2383203415, 5.5238976804, 5.8094750193, 5.2784609691, 5.56335454, 5.8482481108, 6.14289245, 6.4375367891, 6.7416141476, 7.045691506, 6.4, 6.7046397818, 7.0092795636, 7.3230164002, 7.6367532368, 7.9593306148, 8.2819079927, 7.672135955, 7.9942401082, 8.3163442615, 8.6470891078, 8.9778339542, 9.3169971012, 9.6561602482, 8.94427191, 9.2838404347, 9.6234089594, 9.9711618155, 10.3189146716, 10.6746635876, 11.0304125036];
+    #[rustfmt::skip]
+    let down: [f64; 12] = [0.2257514162, 0.4670319965, 0.8071908419, 1.9649649786, 2.5218201019, 3.1225402273, 4.8093649421, 5.5528304749, 6.3293074798, 8.4184827122, 9.3091254617, 10.2274676987];
+    let xs: Vec<f32> = (0..24).map(|v| (v as f32).powf(1.5) / 10.0).collect();
+    let x = Tensor::from_slice(&xs, &[1, 2, 3, 4]).unwrap();
+    assert_close("nearest", &x.upsample_nearest2d([5, 7]).unwrap().to_vec().unwrap(), &nearest, 1e-5);
+    assert_close("bilinear", &x.upsample_bilinear2d([5, 7], false).unwrap().to_vec().unwrap(), &bilinear, 1e-5);
+    assert_close("bilinear, align_corners", &x.upsample_bilinear2d([5, 7], true).unwrap().to_vec().unwrap(), &corners, 1e-5);
+    assert_close("bilinear down", &x.upsample_bilinear2d([2, 3], false).unwrap().to_vec().unwrap(), &down, 1e-5);
+    // max_pool2d's switches unpooled: torch gives these for this 4 x 4 input pooled 2 x 2, values times 10.
+    let inp = Tensor::from_slice(&[1., 5., 2., 0., 3., 4., 8., 1., 0., 2., 6., 7., 9., 1., 3., 2.], &[1, 1, 4, 4]).unwrap();
+    let (p, idx) = inp.max_pool2d(Pool2dGeom::square(2)).unwrap();
+    assert_eq!(idx.to_vec_u32().unwrap(), vec![1, 6, 12, 11]);
+    let up = p.scale(10.0).unwrap().max_unpool2d(&idx, Pool2dGeom::square(2), [4, 4]).unwrap();
+    assert_eq!(up.to_vec().unwrap(), vec![0., 50., 0., 0., 0., 0., 80., 0., 0., 0., 0., 70., 90., 0., 0., 0.]);
+    let e = p.max_unpool2d(&idx, Pool2dGeom::square(2), [5, 6]).unwrap_err().to_string();
+    assert!(e.contains("output_size"), "{e}");
+}
+
+#[test]
+fn upsampling_and_unpooling_match_finite_differences() {
+    use kiln_graph::cpu::CpuTensor;
+    // The f64 references: each output a weighted sum of input pixels (PyTorch's source-index rules written out
+    // again here, independently of vision::linear_taps).
+    fn taps(inp: usize, out: usize, mode: u8) -> Vec<(usize, usize, f64)> {
+        (0..out)
+            .map(|d| {
+                let src = match mode {
+                    0 => return (((d as f64) * inp as f64 / out as f64).floor().min(inp as f64 - 1.0) as usize, 0, 0.0),
+                    1 => ((d as f64 + 0.5) * inp as f64 / out as f64 - 0.5).max(0.0),
+                    _ => {
+                        if out > 1 {
+                            d as f64 * (inp - 1) as f64 / (out - 1) as f64
+                        } else {
+                            0.0
+                        }
+                    }
+                };
+                let lo = (src.floor() as usize).min(inp - 1);
+                (lo, (lo + 1).min(inp - 1), src - lo as f64)
+            })
+            .collect()
+    }
+    fn resample(x: &CpuTensor, size: [usize; 2], mode: u8) -> CpuTensor {
+        let s = &x.shape;
+        let (th, tw) = (taps(s[2], size[0], mode), taps(s[3], size[1], mode));
+        let mut y = Vec::new();
+        for p in 0..s[0] * s[1] {
+            let at = |r: usize, c: usize| x.data[(p * s[2] + r) * s[3] + c];
+            for &(r0, r1, fr) in &th {
+                for &(c0, c1, fc) in &tw {
+                    let top = at(r0, c0) * (1.0 - fc) + at(r0, c1) * fc;
+                    let bottom = at(r1, c0) * (1.0 - fc) + at(r1, c1) * fc;
+                    y.push(top * (1.0 - fr) + bottom * fr);
+                }
+            }
+        }
+        CpuTensor::new(y, &[s[0], s[1], size[0], size[1]])
+    }
+    for (mode, size) in [(0u8, [7, 5]), (1, [8, 11]), (2, [8, 11]), (1, [2, 3])] {
+        check_op(
+            &format!("upsample mode {mode} to {size:?}"),
+            &[(&[2, 3, 4, 5], Domain::Any)],
+            |x| match mode {
+                0 => x[0].upsample_nearest2d(size),
+                m => x[0].upsample_bilinear2d(size, m == 2),
+            },
+            |x| resample(&x[0], size, mode),
+        );
+    }
+    // max_unpool2d at the switches of a random map pooled 3 x 3 at stride 2 (overlapping windows: a switch
+    // may repeat, and its values add up).
+    let mut rng = test_rng("unpool_switches");
+    let map = Tensor::from_slice(&kiln_tests::random_values(2 * 2 * 7 * 7, Domain::Any, &mut rng).iter().map(|&v| v as f32).collect::<Vec<_>>(), &[2, 2, 7, 7]).unwrap();
+    let geom = Pool2dGeom::new(3, 2, 0);
+    let (_, idx) = map.max_pool2d(geom).unwrap();
+    let switches = idx.to_vec_u32().unwrap();
+    check_op(
+        "max_unpool2d",
+        &[(&[2, 2, 3, 3], Domain::Any)],
+        |x| x[0].max_unpool2d(&idx, geom, [7, 7]),
+        |x| {
+            let mut y = vec![0.0; 2 * 2 * 49];
+            for (i, (&v, &s)) in x[0].data.iter().zip(&switches).enumerate() {
+                y[(i / 9) * 49 + s as usize] += v;
+            }
+            CpuTensor::new(y, &[2, 2, 7, 7])
+        },
+    );
+}
+
+#[test]
+fn detection_and_segmentation_losses_equal_torch() {
+    use kiln_graph::loss::{dice_loss, pixel_cross_entropy, sigmoid_focal_loss, smooth_l1_loss, CrossEntropyOptions};
+    require_gpu();
+    // Values and gradients from torch 2.15 / torchvision 0.29.2 on the same inputs (f64).
+    let p: Vec<f32> = (0..12).map(|v| v as f32 / 4.0 - 1.3).collect();
+    let t: Vec<f32> = (0..12).map(|v| -1.0 + 2.0 * v as f32 / 11.0).collect();
+    let tt = Tensor::from_slice(&t, &[3, 4]).unwrap();
+    #[rustfmt::skip]
+    let smooth: [(f32, f64, [f64; 12]); 2] = [
+        (0.5, 0.06102272727272728, [-0.05, -0.0386363636, -0.0272727273, -0.0159090909, -0.0045454545, 0.0068181818, 0.0181818182, 0.0295454545, 0.0409090909, 0.0522727273, 0.0636363636, 0.075]),
+        (0.0, 0.21136363636363634, [-0.0833333333, -0.0833333333, -0.0833333333, -0.0833333333, -0.0833333333, 0.0833333333, 0.0833333333, 0.0833333333, 0.0833333333, 0.0833333333, 0.0833333333, 0.0833333333]),
+    ];
+    for (beta, value, grad) in smooth {
+        let pt = Tensor::from_slice(&p, &[3, 4]).unwrap().var();
+        let l = smooth_l1_loss(&pt, &tt, beta).unwrap();
+        assert_close(&format!("smooth_l1_loss beta {beta}"), &l.to_vec().unwrap(), &[value], 1e-5);
+        assert_close("its gradient", &l.backward().unwrap().get(&pt).unwrap().to_vec().unwrap(), &grad, 1e-4);
+    }
+    // sigmoid_focal_loss(x, targets, alpha=0.25, gamma=2, reduction="mean")
+    let x = Tensor::from_slice(&(0..12).map(|v| v as f32 / 3.0 - 2.0).collect::<Vec<_>>(), &[3, 4]).unwrap().var();
+    let targets = Tensor::from_slice(&[1., 0., 0., 1., 0., 1., 1., 0., 1., 1., 0., 0.], &[3, 4]).unwrap();
+    let l = sigmoid_focal_loss(&x, &targets, 0.25, 2.0).unwrap();
+    assert_close("sigmoid_focal_loss", &l.to_vec().unwrap(), &[0.2253710318408729], 1e-5);
+    #[rustfmt::skip]
+    assert_close("its gradient", &l.backward().unwrap().get(&x).unwrap().to_vec().unwrap(), &[-0.0224315361, 0.000709722, 0.0015745737, -0.0160048901, 0.0063789353, -0.0092761542, -0.0062143082, 0.0278284627, -0.0021263118, -0.0010954402, 0.0565742702, 0.0630412662], 1e-4);
+    // cross_entropy on [2, 3, 2, 3] logits (2 sin(i)), class weights (0.5, 2, 1), ignore_index 255, smoothing 0.1.
+    let lg = Tensor::from_slice(&(0..36).map(|v| 2.0 * (v as f32).sin()).collect::<Vec<_>>(), &[2, 3, 2, 3]).unwrap().var();
+    let labels = Tensor::from_u32(&[0, 1, 2, 2, 255, 1, 1, 1, 0, 255, 2, 0], &[2, 2, 3]).unwrap();
+    let w = Tensor::from_slice(&[0.5, 2.0, 1.0], &[3]).unwrap();
+    let opts = CrossEntropyOptions { ignore_index: Some(255), label_smoothing: 0.1 };
+    let l = pixel_cross_entropy(&lg, &labels, Some(&w), opts).unwrap();
+    assert_close("pixel cross-entropy", &l.to_vec().unwrap(), &[1.057931745527161], 1e-5);
+    #[rustfmt::skip]
+    assert_close("its gradient", &l.backward().unwrap().get(&lg).unwrap().to_vec().unwrap(), &[-0.0136458345, 0.0709244136, 0.022943513, 0.0134868261, 0.0, 0.0512462148, 0.0082130072, -0.0993709308, 0.0231592753, 0.0201489982, 0.0, -0.1008996571, 0.0054328274, 0.0284465172, -0.0461027883, -0.0336358242, 0.0, 0.0496534423, 0.0637349453, 0.0794133288, -0.0169635759, 0.0, 0.0129799698, -0.027785569, -0.1015701591, -0.1034152641, 0.0097452848, 0.0, 0.0197124026, 0.008422735, 0.0378352138, 0.0240019353, 0.0072182911, 0.0, -0.0326923725, 0.019362834], 1e-4);
+    // Dice (eps 1e-3) of the softmax against one-hot labels (the ignored pixels as class 0).
+    let one_hot: Vec<f32> = {
+        let lab = [0u32, 1, 2, 2, 0, 1, 1, 1, 0, 0, 2, 0];
+        (0..36)
+            .map(|i| {
+                let (b, c, px) = (i / 18, (i / 6) % 3, i % 6);
+                (lab[b * 6 + px] == c as u32) as u8 as f32
+            })
+            .collect()
+    };
+    let d = dice_loss(&lg.softmax(1).unwrap(), &Tensor::from_slice(&one_hot, &[2, 3, 2, 3]).unwrap(), 1e-3).unwrap();
+    assert_close("dice loss", &d.to_vec().unwrap(), &[0.6430683338589281], 1e-5);
+    #[rustfmt::skip]
+    assert_close("its gradient", &d.backward().unwrap().get(&lg).unwrap().to_vec().unwrap(), &[-0.0188135609, 0.0126137676, 0.0092934125, 0.0081605812, -0.0120859628, 0.0086663317, 0.0112875709, -0.0189927547, 0.0110197855, 0.0141322543, 0.0037096716, -0.0188835153, 0.0075259899, 0.0063789871, -0.020313198, -0.0222928355, 0.0083762912, 0.0102171836, 0.0107196887, 0.012985532, -0.0186816674, -0.0151098462, 0.008063421, -0.012711369, -0.0186258234, -0.0180866248, 0.0107113761, 0.0064377774, 0.0142084773, 0.0040738749, 0.0079061348, 0.0051010928, 0.0079702913, 0.0086720688, -0.0222718983, 0.0086374941], 1e-4);
+    let e = pixel_cross_entropy(&lg, &Tensor::from_u32(&[0; 6], &[2, 3]).unwrap(), None, CrossEntropyOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("[2, 3, 2, 3]") && e.contains("[2, 3]"), "{e}");
 }

@@ -612,7 +612,7 @@ fn conv2d_weight_grad(x: &Tensor, gy: &Tensor, geom: &Conv2dGeom, w_shape: &[usi
 }
 
 /// Max pooling's input gradient, recorded (Op::MaxPool2dGrad).
-fn max_pool2d_grad(gy: &Tensor, switches: &Tensor, geom: &Pool2dGeom, x_shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn max_pool2d_grad(gy: &Tensor, switches: &Tensor, geom: &Pool2dGeom, x_shape: &[usize]) -> Result<Tensor> {
     let gx = crate::conv::pool2d_grad_raw(x_shape, Some(switches), gy, geom)?;
     Ok(Tensor::make(gx, x_shape.to_vec(), DType::F32, Some(Op::MaxPool2dGrad(gy.clone(), switches.clone(), *geom, x_shape.to_vec()))))
 }

@@ -14,14 +14,14 @@ pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     d.mul(&d)?.mean_all()
 }
 
-/// Binary cross-entropy from logits, stable for any logit size:
-/// mean(max(x, 0) - x*y + log(1 + e^-|x|)).
+/// Binary cross-entropy from logits, stable for any logit size: mean(softplus(x) - x*y), softplus computed as
+/// max(x, 0) + log(1 + e^-|x|). Its gradient is sigmoid(x) - y everywhere, x = 0 included (the same value
+/// written as relu(x) - x y + softplus(-|x|) has kinks whose subgradients do not cancel at 0).
 pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.shape() != targets.shape() {
         return shape_err("bce_with_logits", logits.shape(), targets.shape(), "logits and targets must match");
     }
-    let per = logits.relu()?.sub(&logits.mul(targets)?)?.add(&logits.abs()?.neg()?.softplus()?)?;
-    per.mean_all()
+    logits.softplus()?.sub(&logits.mul(targets)?)?.mean_all()
 }
 
 /// Softmax cross-entropy from logits [n, classes] and class indices [n] (u32), averaged over n.
@@ -82,4 +82,88 @@ pub fn cross_entropy_one_hot(logits: &Tensor, targets: &Tensor) -> Result<Tensor
     }
     let n = logits.shape()[0].max(1) as f32;
     logits.log_softmax(1)?.mul(targets)?.sum_all()?.scale(-1.0 / n)
+}
+
+/// [`cross_entropy_with`] with a weight per class [classes] (PyTorch's `weight`): the sum over rows not
+/// ignored of their weighted losses, over the sum of their labels' weights. With label smoothing each class's
+/// share of the target carries its own weight, as PyTorch computes it.
+pub fn cross_entropy_weighted(logits: &Tensor, labels: &Tensor, weight: &Tensor, opts: CrossEntropyOptions) -> Result<Tensor> {
+    labels.expect_dtype("cross_entropy", DType::U32)?;
+    logits.expect_dtype("cross_entropy", DType::F32)?;
+    if logits.rank() != 2 || labels.rank() != 1 || labels.shape()[0] != logits.shape()[0] {
+        return shape_err("cross_entropy", logits.shape(), labels.shape(), "expects logits [n, classes] and labels [n]");
+    }
+    let (rows, classes) = (logits.shape()[0], logits.shape()[1]);
+    if weight.shape() != [classes] {
+        return shape_err("cross_entropy", logits.shape(), weight.shape(), "expects one weight per class");
+    }
+    if !(0.0..=1.0).contains(&opts.label_smoothing) {
+        return Err(crate::error::KilnError::Usage(format!("cross_entropy: label_smoothing must be in [0, 1], got {}", opts.label_smoothing)));
+    }
+    let w = weight.reshape(&[1, classes])?;
+    let q = Tensor::make(kernels::ce_targets(&labels.view(), rows, classes, opts.ignore_index, opts.label_smoothing)?, vec![rows, classes], DType::F32, None);
+    let picked = Tensor::make(kernels::ce_targets(&labels.view(), rows, classes, opts.ignore_index, 0.0)?, vec![rows, classes], DType::F32, None);
+    let counted = picked.broadcast_mul(&w)?.sum_all()?;
+    logits.log_softmax(1)?.mul(&q.broadcast_mul(&w)?)?.sum_all()?.neg()?.div(&counted)
+}
+
+/// PyTorch's `cross_entropy` on images: logits [n, classes, h, w] and labels [n, h, w] (u32), every pixel a
+/// row; optional class weights, `ignore_index` (unlabelled pixels) and label smoothing.
+pub fn pixel_cross_entropy(logits: &Tensor, labels: &Tensor, weight: Option<&Tensor>, opts: CrossEntropyOptions) -> Result<Tensor> {
+    let (l, y) = (logits.shape(), labels.shape());
+    if l.len() != 4 || y.len() != 3 || l[0] != y[0] || l[2..] != y[1..] {
+        return shape_err("pixel_cross_entropy", l, y, "expects logits [n, classes, h, w] and labels [n, h, w]");
+    }
+    let rows = logits.permute(&[0, 2, 3, 1])?.reshape(&[l[0] * l[2] * l[3], l[1]])?;
+    let labels = labels.reshape(&[y.iter().product()])?;
+    match weight {
+        Some(w) => cross_entropy_weighted(&rows, &labels, w, opts),
+        None if opts.ignore_index.is_none() && opts.label_smoothing == 0.0 => cross_entropy(&rows, &labels),
+        None => cross_entropy_with(&rows, &labels, opts),
+    }
+}
+
+/// PyTorch's `smooth_l1_loss` (mean): 0.5 d^2 / beta where |d| < beta, |d| - 0.5 beta elsewhere; beta 0 is
+/// the L1 loss.
+pub fn smooth_l1_loss(pred: &Tensor, target: &Tensor, beta: f32) -> Result<Tensor> {
+    if pred.shape() != target.shape() {
+        return shape_err("smooth_l1_loss", pred.shape(), target.shape(), "prediction and target must match");
+    }
+    let a = pred.sub(target)?.abs()?;
+    if beta <= 0.0 {
+        return a.mean_all();
+    }
+    // min(|d|, beta) = m: 0.5 m^2 / beta + (|d| - m) is both branches at once.
+    let m = a.clamp(0.0, beta)?;
+    m.mul(&m)?.scale(0.5 / beta)?.add(&a.sub(&m)?)?.mean_all()
+}
+
+/// torchvision's `sigmoid_focal_loss` (Lin et al. 2017) with reduction "mean": BCE(x, t) (1 - p_t)^gamma,
+/// p_t = p t + (1 - p)(1 - t), times alpha t + (1 - alpha)(1 - t) when alpha >= 0.
+pub fn sigmoid_focal_loss(logits: &Tensor, targets: &Tensor, alpha: f32, gamma: f32) -> Result<Tensor> {
+    if logits.shape() != targets.shape() {
+        return shape_err("sigmoid_focal_loss", logits.shape(), targets.shape(), "logits and targets must match");
+    }
+    let p = logits.sigmoid()?;
+    let ce = logits.softplus()?.sub(&logits.mul(targets)?)?;
+    // 1 - p_t = p + t - 2 p t
+    let one_minus_pt = p.add(targets)?.sub(&p.mul(targets)?.scale(2.0)?)?;
+    let mut loss = ce.mul(&one_minus_pt.clamp(0.0, 1.0)?.powf(gamma)?)?;
+    if alpha >= 0.0 {
+        loss = loss.mul(&targets.affine(2.0 * alpha - 1.0, 1.0 - alpha)?)?;
+    }
+    loss.mean_all()
+}
+
+/// Soft Dice loss over classes: probabilities [n, classes, h, w] (a softmax) against one-hot targets of the
+/// same shape; per class 1 - (2 sum(p t) + eps) / (sum p + sum t + eps) over the batch and pixels, averaged
+/// over the classes (eps keeps an absent class at a loss of 0 rather than 0 / 0).
+pub fn dice_loss(probs: &Tensor, targets: &Tensor, eps: f32) -> Result<Tensor> {
+    if probs.rank() != 4 || probs.shape() != targets.shape() {
+        return shape_err("dice_loss", probs.shape(), targets.shape(), "expects probabilities and one-hot targets, both [n, classes, h, w]");
+    }
+    let axes = [0, 2, 3];
+    let inter = probs.mul(targets)?.sum(&axes, false)?;
+    let total = probs.sum(&axes, false)?.add(&targets.sum(&axes, false)?)?;
+    inter.scale(2.0)?.add_scalar(eps)?.div(&total.add_scalar(eps)?)?.affine(-1.0, 1.0)?.mean_all()
 }

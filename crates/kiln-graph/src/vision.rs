@@ -292,3 +292,85 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f32) -> Result<Vec<u3
 pub fn batched_nms(boxes: &Tensor, scores: &Tensor, classes: &Tensor, iou_threshold: f32) -> Result<Vec<u32>> {
     nms_with(boxes, scores, Some(classes), NmsOptions::torchvision(iou_threshold))
 }
+
+// ---- Resampling for segmentation decoders: unpooling and upsampling, as recorded ops.
+
+impl Tensor {
+    /// PyTorch's `max_unpool2d`: the values `self` [n, c, ph, pw] written into zeros of `output_size` (h, w)
+    /// at `indices` [n, c, ph, pw] (u32 positions in each output plane: the switches `max_pool2d` returns), as
+    /// SegNet's decoder reuses its encoder's switches. Indices that repeat (overlapping windows) add up. The
+    /// gradient reads the output's gradient back at the switches.
+    pub fn max_unpool2d(&self, indices: &Tensor, geom: crate::Pool2dGeom, output_size: [usize; 2]) -> Result<Tensor> {
+        self.expect_dtype("max_unpool2d", DType::F32)?;
+        indices.expect_dtype("max_unpool2d", DType::U32)?;
+        if self.rank() != 4 || indices.shape() != self.shape() {
+            return crate::error::shape_err("max_unpool2d", self.shape(), indices.shape(), "expects values and indices of one shape [n, c, h, w]");
+        }
+        let s = self.shape();
+        match geom.output_size(output_size[0], output_size[1]) {
+            Some((h, w)) if h == s[2] && w == s[3] => {}
+            _ => return invalid("max_unpool2d", s, format!("output_size {output_size:?} does not pool to [{}, {}] with {geom:?}", s[2], s[3])),
+        }
+        crate::backprop::max_pool2d_grad(self, indices, &geom, &[s[0], s[1], output_size[0], output_size[1]])
+    }
+
+    /// PyTorch's `interpolate(mode="nearest")` to `size` (h, w): source row floor(dst * in / out), each axis.
+    pub fn upsample_nearest2d(&self, size: [usize; 2]) -> Result<Tensor> {
+        let (h, w) = self.check_resample("upsample_nearest2d", size)?;
+        let pick = |inp: usize, out: usize| -> Vec<u32> { (0..out).map(|d| ((d as f32 * (inp as f32 / out as f32)).floor() as usize).min(inp - 1) as u32).collect() };
+        let dev = self.device();
+        let rows = Tensor::from_u32_on(dev, &pick(h, size[0]), &[size[0]])?;
+        let cols = Tensor::from_u32_on(dev, &pick(w, size[1]), &[size[1]])?;
+        self.index_select(2, &rows)?.index_select(3, &cols)
+    }
+
+    /// PyTorch's `interpolate(mode="bilinear")` to `size` (h, w), with `align_corners` either way: each axis
+    /// a linear interpolation between two source rows (index_select, so the gradient scatters back).
+    pub fn upsample_bilinear2d(&self, size: [usize; 2], align_corners: bool) -> Result<Tensor> {
+        let (h, w) = self.check_resample("upsample_bilinear2d", size)?;
+        let mut x = self.clone();
+        for (axis, inp, out) in [(2usize, h, size[0]), (3, w, size[1])] {
+            let (lo, hi, frac) = linear_taps(inp, out, align_corners);
+            let dev = self.device();
+            let mut shape = [1usize; 4];
+            shape[axis] = out;
+            let f = Tensor::from_slice_on(dev, &frac, &shape)?;
+            let a = x.index_select(axis, &Tensor::from_u32_on(dev, &lo, &[out])?)?;
+            let b = x.index_select(axis, &Tensor::from_u32_on(dev, &hi, &[out])?)?;
+            // a + (b - a) frac
+            x = a.add(&b.sub(&a)?.broadcast_mul(&f)?)?;
+        }
+        Ok(x)
+    }
+
+    fn check_resample(&self, op: &'static str, size: [usize; 2]) -> Result<(usize, usize)> {
+        self.expect_dtype(op, DType::F32)?;
+        if self.rank() != 4 || size.contains(&0) || self.shape()[2] == 0 || self.shape()[3] == 0 {
+            return invalid(op, self.shape(), format!("expects [n, c, h, w] with h, w > 0 and a positive size (got {size:?})"));
+        }
+        Ok((self.shape()[2], self.shape()[3]))
+    }
+}
+
+/// PyTorch's source taps for linear interpolation from `inp` to `out` samples: (low index, high index,
+/// weight of the high one) per output sample (area_pixel_compute_source_index).
+pub fn linear_taps(inp: usize, out: usize, align_corners: bool) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let mut taps = (Vec::with_capacity(out), Vec::with_capacity(out), Vec::with_capacity(out));
+    for d in 0..out {
+        let src = if align_corners {
+            if out > 1 {
+                d as f32 * ((inp - 1) as f32 / (out - 1) as f32)
+            } else {
+                0.0
+            }
+        } else {
+            ((d as f32 + 0.5) * (inp as f32 / out as f32) - 0.5).max(0.0)
+        };
+        let lo = (src as usize).min(inp - 1);
+        let hi = if lo < inp - 1 { lo + 1 } else { lo };
+        taps.0.push(lo as u32);
+        taps.1.push(hi as u32);
+        taps.2.push(src - lo as f32);
+    }
+    taps
+}
