@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod decode;
+pub mod detection_metrics;
 pub mod init;
 pub mod layers;
 pub mod metrics;
