@@ -172,3 +172,123 @@ fn roi_align_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     }
     rb_dx[i] = acc;
 }
+
+// ---- RoI pooling (torchvision.ops.roi_pool): each bin the max over its pixels, the argmax kept.
+//   roi_pool_forward   y[k, c, ph, pw], argmax[k, c, ph, pw] (position in the plane; 0xffffffff for an empty bin)
+//   roi_pool_backward  dx[b, c, h, w] = sum of g over the bins of image b's RoIs whose argmax is (h, w) (a gather)
+//   roi_pool_gather    y[k, c, ph, pw] = src[b, c, argmax] (the backward's adjoint, for second derivatives)
+// Box corners are rounded (half away from zero) after spatial_scale; a box is at least 1 x 1; bin ph covers
+// rows [floor(ph * bh), ceil((ph + 1) * bh)) from the box's start, clamped to the image.
+struct PoolBox { b: u32, valid: bool, y0: i32, x0: i32, bh: f32, bw: f32 }
+
+fn round_away(v: f32) -> f32 {
+    return sign(v) * floor(abs(v) + 0.5);
+}
+
+fn pool_box(r: array<f32, 5>) -> PoolBox {
+    var p: PoolBox;
+    p.x0 = i32(round_away(r[1] * rp.scale));
+    p.y0 = i32(round_away(r[2] * rp.scale));
+    let x1 = i32(round_away(r[3] * rp.scale));
+    let y1 = i32(round_away(r[4] * rp.scale));
+    p.bw = f32(max(x1 - p.x0 + 1, 1)) / f32(rp.pw);
+    p.bh = f32(max(y1 - p.y0 + 1, 1)) / f32(rp.ph);
+    p.valid = r[0] >= 0.0 && r[0] < f32(rp.n);
+    p.b = u32(max(r[0], 0.0));
+    return p;
+}
+
+// [start, end) of bin i along an axis of `size` pixels.
+fn pool_bin(i: u32, start: i32, bin: f32, size: u32) -> vec2<i32> {
+    let s = clamp(i32(floor(f32(i) * bin)) + start, 0, i32(size));
+    let e = clamp(i32(ceil(f32(i + 1u) * bin)) + start, 0, i32(size));
+    return vec2<i32>(s, e);
+}
+
+@group(0) @binding(1) var<storage, read> pf_x: array<f32>;
+@group(0) @binding(2) var<storage, read> pf_rois: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pf_y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> pf_arg: array<u32>;
+
+@compute @workgroup_size(256)
+fn roi_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= rp.k * rp.c * rp.ph * rp.pw) { return; }
+    let px = i % rp.pw;
+    let py = (i / rp.pw) % rp.ph;
+    let ch = (i / (rp.pw * rp.ph)) % rp.c;
+    let k = i / (rp.pw * rp.ph * rp.c);
+    let p = pool_box(array<f32, 5>(pf_rois[5u * k], pf_rois[5u * k + 1u], pf_rois[5u * k + 2u], pf_rois[5u * k + 3u], pf_rois[5u * k + 4u]));
+    let hs = pool_bin(py, p.y0, p.bh, rp.h);
+    let ws = pool_bin(px, p.x0, p.bw, rp.w);
+    var best = 0.0;
+    var arg = 0xffffffffu;
+    if (p.valid && hs.y > hs.x && ws.y > ws.x) {
+        best = -3.402823e38;
+        let base = (p.b * rp.c + ch) * rp.h * rp.w;
+        for (var y = hs.x; y < hs.y; y = y + 1) {
+            for (var x = ws.x; x < ws.y; x = x + 1) {
+                let at = u32(y) * rp.w + u32(x);
+                let v = pf_x[base + at];
+                if (v > best) { best = v; arg = at; }
+            }
+        }
+    }
+    pf_y[i] = best;
+    pf_arg[i] = arg;
+}
+
+@group(0) @binding(1) var<storage, read> pb_g: array<f32>;
+@group(0) @binding(2) var<storage, read> pb_rois: array<f32>;
+@group(0) @binding(3) var<storage, read> pb_arg: array<u32>;
+@group(0) @binding(4) var<storage, read_write> pb_dx: array<f32>;
+
+// The bins of an axis that can hold pixel `p` (a superset; the argmax decides).
+fn pool_bin_range(p: u32, start: i32, bin: f32, n: u32) -> vec2<u32> {
+    let rel = f32(i32(p) - start);
+    let lo = clamp(floor(rel / bin) - 1.0, 0.0, f32(n));
+    let hi = clamp(ceil((rel + 1.0) / bin) + 1.0, 0.0, f32(n));
+    return vec2<u32>(u32(lo), u32(max(lo, hi)));
+}
+
+@compute @workgroup_size(256)
+fn roi_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= rp.n * rp.c * rp.h * rp.w) { return; }
+    let xw = i % rp.w;
+    let yh = (i / rp.w) % rp.h;
+    let ch = (i / (rp.w * rp.h)) % rp.c;
+    let b = i / (rp.w * rp.h * rp.c);
+    let at = yh * rp.w + xw;
+    var acc = select(pb_dx[i], 0.0, rp.k_begin == 0u);
+    for (var k = rp.k_begin; k < rp.k_end; k = k + 1u) {
+        let p = pool_box(array<f32, 5>(pb_rois[5u * k], pb_rois[5u * k + 1u], pb_rois[5u * k + 2u], pb_rois[5u * k + 3u], pb_rois[5u * k + 4u]));
+        if (!p.valid || p.b != b) { continue; }
+        let ys = pool_bin_range(yh, p.y0, p.bh, rp.ph);
+        let xs = pool_bin_range(xw, p.x0, p.bw, rp.pw);
+        let base = (k * rp.c + ch) * rp.ph * rp.pw;
+        for (var py = ys.x; py < ys.y; py = py + 1u) {
+            for (var px = xs.x; px < xs.y; px = px + 1u) {
+                if (pb_arg[base + py * rp.pw + px] == at) { acc = acc + pb_g[base + py * rp.pw + px]; }
+            }
+        }
+    }
+    pb_dx[i] = acc;
+}
+
+@group(0) @binding(1) var<storage, read> pg_src: array<f32>;
+@group(0) @binding(2) var<storage, read> pg_rois: array<f32>;
+@group(0) @binding(3) var<storage, read> pg_arg: array<u32>;
+@group(0) @binding(4) var<storage, read_write> pg_y: array<f32>;
+
+@compute @workgroup_size(256)
+fn roi_pool_gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= rp.k * rp.c * rp.ph * rp.pw) { return; }
+    let ch = (i / (rp.pw * rp.ph)) % rp.c;
+    let k = i / (rp.pw * rp.ph * rp.c);
+    let a = pg_arg[i];
+    let bf = pg_rois[5u * k];
+    if (a == 0xffffffffu || !(bf >= 0.0 && bf < f32(rp.n))) { pg_y[i] = 0.0; return; }
+    pg_y[i] = pg_src[(u32(bf) * rp.c + ch) * rp.h * rp.w + a];
+}

@@ -464,3 +464,45 @@ fn detection_and_segmentation_losses_equal_torch() {
     let e = pixel_cross_entropy(&lg, &Tensor::from_u32(&[0; 6], &[2, 3]).unwrap(), None, CrossEntropyOptions::default()).unwrap_err().to_string();
     assert!(e.contains("[2, 3, 2, 3]") && e.contains("[2, 3]"), "{e}");
 }
+
+#[test]
+fn roi_pool_equals_torchvision_and_finite_differences() {
+    require_gpu();
+    // torchvision.ops.roi_pool(x, boxes, (2, 3), spatial_scale=0.5) with x = 3 sin(arange(120)) as
+    // [2, 2, 5, 6]; the third box has x2 < x1 (one pixel), the second and fourth hang over the image.
+    let x: Vec<f32> = (0..120).map(|v| 3.0 * (v as f32).sin()).collect();
+    let rois = [0.0, 0.6, 1.2, 4.4, 3.5, 1.0, -2.0, -1.0, 3.0, 7.0, 0.0, 3.0, 2.0, 2.0, 1.0, 1.0, 1.3, 0.2, 11.0, 9.0];
+    let xt = Tensor::from_slice(&x, &[2, 2, 5, 6]).unwrap().var();
+    let rt = Tensor::from_slice(&rois, &[4, 5]).unwrap();
+    let y = xt.roi_pool(&rt, [2, 3], 0.5).unwrap();
+    #[rustfmt::skip]
+    let want = [-0.8382464946, 1.9709597962, 2.9680747399, -1.609718754, 1.2605011105, 2.9718220671, -2.9753365603, -1.9306144001, 0.8891057361, -2.7495646437, -2.4953242279, 0.0531057753, -0.0796534621, -0.0796534621, -2.2175420899, 2.1995709602, 2.1995709602, -0.5282268598, 2.9507632363, 2.9507632363, 1.1388232171, 2.9844803741, 2.9844803741, 2.8363060021, 2.9680747399, 2.9680747399, 2.9680747399, 2.9680747399, 2.9680747399, 2.9680747399, 0.8891057361, 0.8891057361, 0.8891057361, 0.8891057361, 0.8891057361, 0.8891057361, -2.0303158707, 2.7600781146, 2.9985604757, -0.5282268598, 0.9396863473, 2.9050933833, 1.8689658943, -0.7357559564, 2.0497851442, 2.8363060021, -2.0690938228, -0.2915457177];
+    assert_close("torchvision roi_pool", &y.to_vec().unwrap(), &want, 1e-5);
+    // The gradient of sum(y * (arange(48) / 10 - 1)): each bin's weight at its maximum, summed where bins share one.
+    let w: Vec<f32> = (0..48).map(|v| v as f32 / 10.0 - 1.0).collect();
+    let grads = y.mul(&Tensor::from_slice(&w, &[4, 2, 2, 3]).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    #[rustfmt::skip]
+    let want_grad = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, -0.9, 9.1, 0.0, 0.0, 0.0, -0.7, -0.6, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.4, -0.3, 13.3, 0.0, 0.0, 0.0, -0.1, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0, 2.7, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.6, 0.0, 0.0, 0.0, 2.8, 0.0, 0.0, 0.0, 0.0, 3.0, 3.1, 1.1, 3.6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.3, 3.4, 1.7, 1.0, 0.0, 0.0, 0.0, 0.0, 2.3, 3.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.7, 0.0, 4.8, 0.0, 3.6, 0.0, 0.0];
+    assert_close("torchvision roi_pool gradient", &grads.get(&xt).unwrap().to_vec().unwrap(), &want_grad, 1e-5);
+    // Random maps (distinct values 0.01 apart, so a bump of 1e-3 moves no maximum) and boxes: finite
+    // differences of the pooled values against the gradient at probed pixels.
+    let mut rng = test_rng("roi_pool_random");
+    let rois = random_rois(9, 2, 26.0, 22.0, &mut rng);
+    let rt = Tensor::from_slice(&rois, &[9, 5]).unwrap();
+    let mut vals: Vec<f32> = (0..2 * 3 * 11 * 13).map(|i| i as f32 * 0.01).collect();
+    rng.shuffle(&mut vals);
+    let xr = Tensor::from_slice(&vals, &[2, 3, 11, 13]).unwrap().var();
+    let y = xr.roi_pool(&rt, [3, 2], 0.5).unwrap();
+    let gy = Tensor::from_slice(&kiln_tests::random_values(y.numel(), Domain::Any, &mut rng).iter().map(|&v| v as f32).collect::<Vec<_>>(), y.shape()).unwrap();
+    let gx = y.mul(&gy).unwrap().sum_all().unwrap().backward().unwrap().get(&xr).unwrap().to_vec().unwrap();
+    let base = y.to_vec().unwrap();
+    for probe in [0usize, 17, 100, 400, 701, 857] {
+        let mut bumped = vals.clone();
+        bumped[probe] += 1e-3;
+        let yb = Tensor::from_slice(&bumped, &[2, 3, 11, 13]).unwrap().roi_pool(&rt, [3, 2], 0.5).unwrap().to_vec().unwrap();
+        let fd: f64 = yb.iter().zip(&base).zip(gy.to_vec().unwrap()).map(|((a, b), g)| (*a as f64 - *b as f64) / 1e-3 * g as f64).sum();
+        assert!((fd - gx[probe] as f64).abs() < 1e-2 * (1.0 + fd.abs()), "pixel {probe}: finite difference {fd}, gradient {}", gx[probe]);
+    }
+    let e = xr.roi_pool(&Tensor::from_slice(&[0.0; 4], &[1, 4]).unwrap(), [2, 2], 1.0).unwrap_err().to_string();
+    assert!(e.contains("roi_pool") && e.contains("[k, 5]"), "{e}");
+}

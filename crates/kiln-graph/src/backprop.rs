@@ -72,6 +72,10 @@ pub enum Op {
     /// RoI-Align's input gradient from (grad_y, rois), the input's shape: its adjoint, so its own gradient is
     /// RoI-Align again.
     RoiAlignGrad(Tensor, Tensor, crate::vision::RoiAlignGeom, Vec<usize>),
+    /// x [n, c, h, w] (or a tensor read at fixed switches), rois [k, 5], the argmax [k, c, ph, pw] (vision.rs).
+    RoiPool(Tensor, Tensor, Tensor, crate::vision::RoiAlignGeom),
+    /// RoI pooling's input gradient from (grad_y, rois, argmax), the input's shape.
+    RoiPoolGrad(Tensor, Tensor, Tensor, crate::vision::RoiAlignGeom, Vec<usize>),
 }
 
 impl Op {
@@ -109,6 +113,8 @@ impl Op {
             Op::RnnSequence(..) => "rnn_sequence",
             Op::RoiAlign(..) => "roi_align",
             Op::RoiAlignGrad(..) => "roi_align gradient",
+            Op::RoiPool(..) => "roi_pool",
+            Op::RoiPoolGrad(..) => "roi_pool gradient",
         };
         name.to_string()
     }
@@ -137,7 +143,7 @@ impl Op {
             Op::RnnSequence(s) => s.inputs(),
             Op::Attention(s) => vec![&s.q, &s.k, &s.v],
             // The boxes get no gradient (as in torchvision).
-            Op::RoiAlign(x, ..) | Op::RoiAlignGrad(x, ..) => vec![x],
+            Op::RoiAlign(x, ..) | Op::RoiAlignGrad(x, ..) | Op::RoiPool(x, ..) | Op::RoiPoolGrad(x, ..) => vec![x],
         }
     }
 }
@@ -429,6 +435,8 @@ fn input_grads<'a>(op: &'a Op, out: &Tensor, g: &Tensor, create_graph: bool) -> 
         Op::IndexSelectGrad(gy, idx, axis, _) => vec![(gy, g.index_select(*axis, idx)?)],
         Op::RoiAlign(x, rois, geom) => vec![(x, crate::vision::roi_align_grad(g, rois, geom, x.shape())?)],
         Op::RoiAlignGrad(gy, rois, geom, _) => vec![(gy, g.roi_align(rois, *geom)?)],
+        Op::RoiPool(x, rois, argmax, geom) => vec![(x, crate::vision::roi_pool_grad(g, rois, argmax, geom, x.shape())?)],
+        Op::RoiPoolGrad(gy, rois, argmax, geom, _) => vec![(gy, crate::vision::roi_pool_gather(g, rois, argmax, geom)?)],
     })
 }
 

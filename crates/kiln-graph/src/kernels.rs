@@ -1160,3 +1160,36 @@ pub fn nms(boxes: &BufView, scores: &BufView, classes: Option<&BufView>, s: NmsS
     }
     Ok((keep, count))
 }
+
+/// RoI max pooling (roi.wgsl's roi_pool_forward): (y [k, c, ph, pw], argmax [k, c, ph, pw] u32).
+pub fn roi_pool_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom) -> Result<(BufView, BufView)> {
+    let total = k * xs[1] * g.output_size[0] * g.output_size[1];
+    let y = out(x, total, "roi_pool output")?;
+    let arg = out(x, total, "roi_pool argmax")?;
+    launch(&ROI, "roi_pool_forward", &[], roi_params(xs, k, g, (0, k)), &[x, rois], &[&y, &arg], grid_1d(total as u64, WG))?;
+    Ok((y, arg))
+}
+
+/// dx [n, c, h, w] of RoI max pooling from gy at the argmax (roi_pool_backward), in dispatches of `chunk` RoIs.
+#[allow(clippy::too_many_arguments)]
+pub fn roi_pool_backward(gy: &BufView, rois: &BufView, argmax: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, chunk: usize) -> Result<BufView> {
+    let total = xs.iter().product::<usize>();
+    let dx = out(gy, total, "roi_pool input gradient")?;
+    let mut begin = 0;
+    loop {
+        let end = (begin + chunk.max(1)).min(k);
+        launch(&ROI, "roi_pool_backward", &[], roi_params(xs, k, g, (begin, end)), &[gy, rois, argmax], &[&dx], grid_1d(total as u64, WG))?;
+        begin = end;
+        if begin >= k {
+            return Ok(dx);
+        }
+    }
+}
+
+/// src [n, c, h, w] read at RoI pooling's argmax -> [k, c, ph, pw] (roi_pool_gather).
+pub fn roi_pool_gather(src: &BufView, rois: &BufView, argmax: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom) -> Result<BufView> {
+    let total = k * xs[1] * g.output_size[0] * g.output_size[1];
+    let y = out(src, total, "roi_pool gather")?;
+    launch(&ROI, "roi_pool_gather", &[], roi_params(xs, k, g, (0, k)), &[src, rois, argmax], &[&y], grid_1d(total as u64, WG))?;
+    Ok(y)
+}

@@ -25,16 +25,16 @@ impl RoiAlignGeom {
     }
 }
 
-fn check(x_shape: &[usize], rois: &Tensor, geom: &RoiAlignGeom) -> Result<()> {
-    rois.expect_dtype("roi_align", DType::F32)?;
+fn check(op: &'static str, x_shape: &[usize], rois: &Tensor, geom: &RoiAlignGeom) -> Result<()> {
+    rois.expect_dtype(op, DType::F32)?;
     if x_shape.len() != 4 {
-        return invalid("roi_align", x_shape, "expects the features as [n, c, h, w]");
+        return invalid(op, x_shape, "expects the features as [n, c, h, w]");
     }
     if rois.rank() != 2 || rois.shape()[1] != 5 {
-        return invalid("roi_align", rois.shape(), "expects the boxes as [k, 5]: (batch index, x1, y1, x2, y2)");
+        return invalid(op, rois.shape(), "expects the boxes as [k, 5]: (batch index, x1, y1, x2, y2)");
     }
     if geom.output_size.contains(&0) || !(geom.spatial_scale.is_finite() && geom.spatial_scale > 0.0) {
-        return invalid("roi_align", x_shape, format!("output_size {:?} must be positive and spatial_scale {} positive", geom.output_size, geom.spatial_scale));
+        return invalid(op, x_shape, format!("output_size {:?} must be positive and spatial_scale {} positive", geom.output_size, geom.spatial_scale));
     }
     Ok(())
 }
@@ -58,7 +58,7 @@ impl Tensor {
     /// outside [0, n) gives zeros.
     pub fn roi_align(&self, rois: &Tensor, geom: RoiAlignGeom) -> Result<Tensor> {
         self.expect_dtype("roi_align", DType::F32)?;
-        check(self.shape(), rois, &geom)?;
+        check("roi_align", self.shape(), rois, &geom)?;
         let xs = [self.shape()[0], self.shape()[1], self.shape()[2], self.shape()[3]];
         let k = rois.shape()[0];
         let y = kernels::roi_align_forward(&self.view(), &rois.view(), xs, k, &geom)?;
@@ -69,7 +69,7 @@ impl Tensor {
 /// RoI-Align's input gradient [n, c, h, w] from `gy` [k, c, ph, pw], recorded (Op::RoiAlignGrad) so that a
 /// gradient of it is RoI-Align again.
 pub fn roi_align_grad(gy: &Tensor, rois: &Tensor, geom: &RoiAlignGeom, x_shape: &[usize]) -> Result<Tensor> {
-    check(x_shape, rois, geom)?;
+    check("roi_align", x_shape, rois, geom)?;
     let xs = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
     let k = rois.shape()[0];
     let want = [k, xs[1], geom.output_size[0], geom.output_size[1]];
@@ -78,6 +78,44 @@ pub fn roi_align_grad(gy: &Tensor, rois: &Tensor, geom: &RoiAlignGeom, x_shape: 
     }
     let dx = kernels::roi_align_backward(&gy.view(), &rois.view(), xs, k, geom, backward_chunk(gy, k, geom))?;
     Ok(Tensor::make(dx, x_shape.to_vec(), DType::F32, Some(Op::RoiAlignGrad(gy.clone(), rois.clone(), *geom, x_shape.to_vec()))))
+}
+
+impl Tensor {
+    /// RoI max pooling of the features `self` [n, c, h, w] over `rois` [k, 5] -> [k, c, ph, pw], exactly
+    /// `torchvision.ops.roi_pool(input, boxes, output_size, spatial_scale)`: corners scaled and rounded (half
+    /// away from zero), boxes at least 1 x 1, bin i of a box covering [floor(i b), ceil((i + 1) b)) of it;
+    /// an empty bin (a box off the image) gives 0. The gradient goes to each bin's first maximum (row-major).
+    pub fn roi_pool(&self, rois: &Tensor, output_size: [usize; 2], spatial_scale: f32) -> Result<Tensor> {
+        self.expect_dtype("roi_pool", DType::F32)?;
+        let geom = RoiAlignGeom::new(output_size, spatial_scale, 0, false);
+        check("roi_pool", self.shape(), rois, &geom)?;
+        let xs = [self.shape()[0], self.shape()[1], self.shape()[2], self.shape()[3]];
+        let k = rois.shape()[0];
+        let (y, arg) = kernels::roi_pool_forward(&self.view(), &rois.view(), xs, k, &geom)?;
+        let shape = vec![k, xs[1], output_size[0], output_size[1]];
+        let argmax = Tensor::make(arg, shape.clone(), DType::U32, None);
+        Ok(Tensor::make(y, shape, DType::F32, Some(Op::RoiPool(self.clone(), rois.clone(), argmax, geom))))
+    }
+}
+
+/// RoI pooling's input gradient [n, c, h, w]: `gy` [k, c, ph, pw] added up at each bin's argmax, recorded
+/// (Op::RoiPoolGrad).
+pub fn roi_pool_grad(gy: &Tensor, rois: &Tensor, argmax: &Tensor, geom: &RoiAlignGeom, x_shape: &[usize]) -> Result<Tensor> {
+    let xs = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+    let k = rois.shape()[0];
+    // Each RoI costs one iteration, and the bins within reach of a pixel a few more.
+    let chunk = if gy.device().info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu { (60_000 / (1 + (geom.output_size[0] + 3) * (geom.output_size[1] + 3))).max(1) } else { k.max(1) };
+    let dx = kernels::roi_pool_backward(&gy.view(), &rois.view(), &argmax.view(), xs, k, geom, chunk)?;
+    Ok(Tensor::make(dx, x_shape.to_vec(), DType::F32, Some(Op::RoiPoolGrad(gy.clone(), rois.clone(), argmax.clone(), *geom, x_shape.to_vec()))))
+}
+
+/// `src` [n, c, h, w] read at RoI pooling's argmax -> [k, c, ph, pw] (the gradient's adjoint), recorded as a
+/// RoI pooling with those switches.
+pub fn roi_pool_gather(src: &Tensor, rois: &Tensor, argmax: &Tensor, geom: &RoiAlignGeom) -> Result<Tensor> {
+    let s = src.shape();
+    let xs = [s[0], s[1], s[2], s[3]];
+    let y = kernels::roi_pool_gather(&src.view(), &rois.view(), &argmax.view(), xs, rois.shape()[0], geom)?;
+    Ok(Tensor::make(y, argmax.shape().to_vec(), DType::F32, Some(Op::RoiPool(src.clone(), rois.clone(), argmax.clone(), *geom))))
 }
 
 // ---- Boxes: (x1, y1, x2, y2) rows, torchvision's conventions, as recorded tensor ops (so differentiable:
