@@ -10,6 +10,7 @@ mod error;
 mod idx;
 mod loader;
 mod loaders;
+mod objects;
 mod prep;
 mod scenes;
 mod text;
@@ -22,6 +23,7 @@ pub use loader::{
     Target, Triplet,
 };
 pub use loaders::{load, load_breast_cancer, load_diabetes, load_digits, load_fashion_mnist, load_iris, load_mnist10k, load_split, load_wine, parse_sklearn_csv, DATASETS, FASHION_MNIST_SYSTEM_DIR};
+pub use objects::{ObjectScene, ObjectSceneConfig, ObjectScenes, ObjectSource, ObjectSplit, PastedObject};
 pub use prep::{polynomial_features, Batches, MeanNormalizer, Split, Standardizer};
 pub use scenes::{
     CollateCaptions, CollateQuestions, Question, Scene, SceneObject, SceneQuestions, SceneVocab, Scenes, COLOURS, QUESTION_KINDS, SCENE_COLUMNS, SCENE_EOS, SCENE_PAD, SCENE_SIZE, SCENE_SOS,
