@@ -17,6 +17,7 @@ pub mod scenes;
 pub mod train;
 pub mod trainer;
 pub mod transformer;
+pub mod yolo;
 pub mod zoo;
 
 pub use linear_models::{normal_equation, Task};
