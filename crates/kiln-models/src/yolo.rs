@@ -67,3 +67,283 @@ pub fn kmeans_anchors(sizes: &[(f32, f32)], k: usize, seed: u64) -> (Vec<(f32, f
     let mean_iou = sizes.iter().map(|&s| size_iou(s, anchors[nearest(s, &anchors)])).sum::<f64>() / sizes.len() as f64;
     (anchors, mean_iou)
 }
+
+/// The course's YOLO target for one image (Ng's notation, YOLOv1's grid): an S x S grid of cells, each
+/// [p_c, b_x, b_y, b_h, b_w, c_1 .. c_C] with (b_x, b_y) the object's centre within its cell (0-1) and (b_h,
+/// b_w) its size in cells; the cell holding an object's centre is responsible for it (where two centres share a
+/// cell, the larger object). Boxes (x1, y1, x2, y2) in pixels of an image `image` = (height, width).
+pub fn encode_v1(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize), s: usize, classes: usize) -> Vec<f32> {
+    let d = 5 + classes;
+    let mut y = vec![0f32; s * s * d];
+    let (ch, cw) = (image.0 as f32 / s as f32, image.1 as f32 / s as f32);
+    let mut order: Vec<usize> = (0..boxes.len()).collect();
+    // Smaller first, so a larger object sharing the cell writes last.
+    order.sort_by(|&a, &b| area(&boxes[a]).total_cmp(&area(&boxes[b])));
+    for i in order {
+        let [x1, y1, x2, y2] = boxes[i];
+        let (cx, cy) = ((x1 + x2) / 2.0 / cw, (y1 + y2) / 2.0 / ch);
+        let (col, row) = ((cx.floor() as usize).min(s - 1), (cy.floor() as usize).min(s - 1));
+        let cell = &mut y[(row * s + col) * d..(row * s + col + 1) * d];
+        cell.fill(0.0);
+        cell[..5].copy_from_slice(&[1.0, cx - col as f32, cy - row as f32, (y2 - y1) / ch, (x2 - x1) / cw]);
+        cell[5 + labels[i] as usize] = 1.0;
+    }
+    y
+}
+
+fn area(b: &[f32; 4]) -> f32 {
+    (b[2] - b[0]) * (b[3] - b[1])
+}
+
+/// Targets of the anchor form for one image, per (row, col, anchor) on an S x S grid: the anchor whose size
+/// fits an object best (IoU of sizes), in the cell of its centre, is responsible for it, with the box target
+/// (x offset in the cell, y offset, ln(w / anchor w), ln(h / anchor h)) and the class.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnchorTargets {
+    /// [S * S * A]: 1 where an anchor is responsible for an object.
+    pub object: Vec<f32>,
+    /// [S * S * A * 4]
+    pub boxes: Vec<f32>,
+    /// [S * S * A]: the class where responsible (0 elsewhere).
+    pub classes: Vec<u32>,
+}
+
+pub fn encode_anchors(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize), s: usize, anchors: &[(f32, f32)]) -> AnchorTargets {
+    let a = anchors.len();
+    let mut t = AnchorTargets { object: vec![0.0; s * s * a], boxes: vec![0.0; s * s * a * 4], classes: vec![0; s * s * a] };
+    let (ch, cw) = (image.0 as f32 / s as f32, image.1 as f32 / s as f32);
+    for (b, &label) in boxes.iter().zip(labels) {
+        let (w, h) = (b[2] - b[0], b[3] - b[1]);
+        if w <= 0.0 || h <= 0.0 {
+            continue;
+        }
+        let (cx, cy) = ((b[0] + b[2]) / 2.0 / cw, (b[1] + b[3]) / 2.0 / ch);
+        let (col, row) = ((cx.floor().max(0.0) as usize).min(s - 1), (cy.floor().max(0.0) as usize).min(s - 1));
+        let best = (0..a).max_by(|&i, &j| size_iou((w, h), anchors[i]).total_cmp(&size_iou((w, h), anchors[j]))).unwrap_or(0);
+        let at = (row * s + col) * a + best;
+        t.object[at] = 1.0;
+        t.boxes[4 * at..4 * at + 4].copy_from_slice(&[cx - col as f32, cy - row as f32, (w / anchors[best].0).ln(), (h / anchors[best].1).ln()]);
+        t.classes[at] = label;
+    }
+    t
+}
+
+use kiln_graph::{Pool2dGeom, Result, Tensor};
+use kiln_nn::{Conv2d, Conv2dConfig, Layer, Module, Padding, Param, VarStore};
+
+/// A small YOLO with anchors (YOLOv2's head on a plain backbone): 3x3 convolutions with ReLU and 2x2 max
+/// pooling down by 16 (`backbone.{i}`), one more 3x3 convolution at that resolution, and a 1x1 `head` with
+/// A (5 + C) channels: per anchor the objectness logit, (tx, ty, tw, th) and the class logits.
+pub struct Yolo {
+    pub backbone: Vec<Conv2d>,
+    pub head: Conv2d,
+    pub anchors: Vec<(f32, f32)>,
+    pub classes: usize,
+}
+
+/// The grid side for an input side: the backbone divides by 16.
+pub fn grid_for(size: usize) -> usize {
+    size / 16
+}
+
+impl Yolo {
+    pub fn new(vs: &mut VarStore, anchors: Vec<(f32, f32)>, classes: usize, width: usize) -> Result<Yolo> {
+        let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
+        let chans = [3, width, 2 * width, 4 * width, 8 * width, 8 * width];
+        let backbone = (0..5).map(|i| Conv2d::new(vs, &format!("backbone.{i}"), chans[i], chans[i + 1], 3, same)).collect::<Result<Vec<_>>>()?;
+        let head = Conv2d::new(vs, "head", chans[5], anchors.len() * (5 + classes), 1, Conv2dConfig { init: kiln_nn::Init::Normal { std: 0.01 }, ..Default::default() })?;
+        Ok(Yolo { backbone, head, anchors, classes })
+    }
+
+    /// images [n, 3, h, w] -> raw predictions [n, A (5 + C), h / 16, w / 16].
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let mut x = images.clone();
+        for (i, conv) in self.backbone.iter().enumerate() {
+            x = conv.forward(&x)?.relu()?;
+            if i < 4 {
+                x = x.max_pool2d(Pool2dGeom::square(2))?.0;
+            }
+        }
+        self.head.forward(&x)
+    }
+
+    /// Predictions [n, A (5 + C), S, S] as rows [n S S A, 5 + C] in (image, row, column, anchor) order.
+    pub fn rows(&self, pred: &Tensor) -> Result<Tensor> {
+        let (n, s) = (pred.shape()[0], pred.shape()[2]);
+        let (a, d) = (self.anchors.len(), 5 + self.classes);
+        pred.reshape(&[n, a, d, s, s])?.permute(&[0, 3, 4, 1, 2])?.reshape(&[n * s * s * a, d])
+    }
+
+    /// The loss of a batch against per-image targets: objectness binary cross-entropy on every anchor (those
+    /// without an object weighted `noobj`), and for the responsible anchors the squared errors of (sigmoid tx,
+    /// sigmoid ty, tw, th) times `coord` and the class cross-entropy; summed and divided by the images.
+    pub fn loss(&self, pred: &Tensor, targets: &[AnchorTargets], coord: f32, noobj: f32) -> Result<Tensor> {
+        let rows = self.rows(pred)?;
+        let (r, c) = (rows.shape()[0], self.classes);
+        let dev = pred.device();
+        let object: Vec<f32> = targets.iter().flat_map(|t| t.object.iter().copied()).collect();
+        if object.len() != r {
+            return Err(kiln_graph::KilnError::Usage(format!("yolo loss: {} target anchors for {r} predicted ones", object.len())));
+        }
+        let weight: Vec<f32> = object.iter().map(|&o| if o > 0.0 { 1.0 } else { noobj }).collect();
+        let n = targets.len() as f32;
+        let obj_t = Tensor::from_slice_on(dev, &object, &[r, 1])?;
+        let obj_w = Tensor::from_slice_on(dev, &weight, &[r, 1])?;
+        let logit = rows.slice(1, 0, 1)?;
+        let bce = logit.softplus()?.sub(&logit.mul(&obj_t)?)?;
+        let obj_loss = bce.mul(&obj_w)?.sum_all()?;
+        let box_t = Tensor::from_slice_on(dev, &targets.iter().flat_map(|t| t.boxes.iter().copied()).collect::<Vec<_>>(), &[r, 4])?;
+        let pred_box = Tensor::concat(&[&rows.slice(1, 1, 2)?.sigmoid()?, &rows.slice(1, 3, 2)?], 1)?;
+        let d = pred_box.sub(&box_t)?;
+        let box_loss = d.mul(&d)?.broadcast_mul(&obj_t)?.sum_all()?.scale(coord)?;
+        let one_hot: Vec<f32> =
+            targets.iter().flat_map(|t| t.object.iter().zip(&t.classes).flat_map(move |(&o, &k)| (0..c).map(move |j| if o > 0.0 && j == k as usize { 1.0 } else { 0.0 }))).collect();
+        let cls = rows.slice(1, 5, c)?.log_softmax(1)?.mul(&Tensor::from_slice_on(dev, &one_hot, &[r, c])?)?.sum_all()?.neg()?;
+        obj_loss.add(&box_loss)?.add(&cls)?.scale(1.0 / n)
+    }
+
+    /// Detections of image `i` of a prediction batch: score sigmoid(objectness) times the best class's
+    /// probability, above `min_score`, per-class NMS at `iou` (on the GPU), at most 100, best first. Boxes in
+    /// pixels of an input of side `size`.
+    pub fn detect(&self, pred: &Tensor, i: usize, size: usize, min_score: f32, iou: f32) -> Result<Vec<kiln_nn::detection_metrics::Detection>> {
+        let (s, a, d) = (pred.shape()[2], self.anchors.len(), 5 + self.classes);
+        let all = self.rows(&pred.slice(0, i, 1)?)?.to_vec()?;
+        let cell = size as f32 / s as f32;
+        let (mut boxes, mut scores, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        for row in 0..s {
+            for col in 0..s {
+                for k in 0..a {
+                    let v = &all[((row * s + col) * a + k) * d..][..d];
+                    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+                    let m = v[5..].iter().cloned().fold(f32::MIN, f32::max);
+                    let z: f32 = v[5..].iter().map(|&x| (x - m).exp()).sum();
+                    let (best, _) = v[5..].iter().enumerate().fold((0, f32::MIN), |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc });
+                    let score = sig(v[0]) / z;
+                    if score <= min_score {
+                        continue;
+                    }
+                    let (cx, cy) = ((col as f32 + sig(v[1])) * cell, (row as f32 + sig(v[2])) * cell);
+                    let (w, h) = (self.anchors[k].0 * v[3].min(4.0).exp(), self.anchors[k].1 * v[4].min(4.0).exp());
+                    boxes.push([cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0]);
+                    scores.push(score);
+                    labels.push(best as u32);
+                }
+            }
+        }
+        if boxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dev = pred.device();
+        let bt = Tensor::from_slice_on(dev, &boxes.concat(), &[boxes.len(), 4])?;
+        let st = Tensor::from_slice_on(dev, &scores, &[scores.len()])?;
+        let lt = Tensor::from_u32_on(dev, &labels, &[labels.len()])?;
+        let opts = kiln_graph::vision::NmsOptions { iou_threshold: iou, score_threshold: None, max_keep: Some(100), suppress_equal: false };
+        let keep = kiln_graph::vision::nms_with(&bt, &st, Some(&lt), opts)?;
+        Ok(keep.into_iter().map(|j| kiln_nn::detection_metrics::Detection { image: i, class: labels[j as usize], score: scores[j as usize], bbox: boxes[j as usize] }).collect())
+    }
+}
+
+impl Module for Yolo {
+    fn describe(&self) -> String {
+        format!("Yolo(anchors={}, classes={})", self.anchors.len(), self.classes)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![]
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = self.backbone.iter().enumerate().map(|(i, c)| (format!("backbone.{i}"), c as &dyn Module)).collect();
+        v.push(("head".into(), &self.head));
+        v
+    }
+}
+
+/// What a YOLO run trains on and for how long.
+#[derive(Clone, Debug)]
+pub struct YoloConfig {
+    pub scenes: kiln_data::ObjectSceneConfig,
+    pub anchors: usize,
+    pub width: usize,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub lr: f32,
+    pub seed: u64,
+    pub test_scenes: usize,
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for YoloConfig {
+    fn default() -> Self {
+        YoloConfig { scenes: Default::default(), anchors: 5, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None }
+    }
+}
+
+/// What a YOLO run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct YoloReport {
+    pub steps: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub anchors: Vec<(f32, f32)>,
+    pub anchor_mean_iou: f64,
+    pub map50: f64,
+    pub coco_map: f64,
+    pub ms_per_step: f64,
+    pub parameters: usize,
+}
+
+/// Trains on fresh training scenes (anchors from k-means over 500 training scenes' boxes) and scores VOC-style
+/// mAP@0.5 and COCO mAP on held-out scenes.
+pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Result<(Yolo, YoloReport)> {
+    use kiln_data::{ObjectScenes, ObjectSplit};
+    let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
+    let train = ObjectScenes::new(cfg.scenes, ObjectSplit::Train, cfg.seed, (cfg.steps as usize * cfg.batch_size).max(500), cfg.data_dir.as_deref()).map_err(data_err)?;
+    let test = ObjectScenes::new(cfg.scenes, ObjectSplit::Test, cfg.seed, cfg.test_scenes, cfg.data_dir.as_deref()).map_err(data_err)?;
+    let mut sizes = Vec::new();
+    for i in 0..500 {
+        sizes.extend(train.scene(i).map_err(data_err)?.objects.iter().map(|o| (o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1])));
+    }
+    let (anchors, anchor_mean_iou) = kmeans_anchors(&sizes, cfg.anchors, cfg.seed);
+    let mut vs = VarStore::new(cfg.seed);
+    let model = Yolo::new(&mut vs, anchors.clone(), train.classes(), cfg.width)?;
+    vs.finish()?;
+    let schedule = kiln_nn::schedule::Schedule { kind: kiln_nn::schedule::LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
+    let mut opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
+    opt.clip = Some(kiln_nn::Clip::GlobalNorm(10.0));
+    let (size, s) = (cfg.scenes.size, grid_for(cfg.scenes.size));
+    let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<AnchorTargets>, Vec<kiln_data::ObjectScene>)> {
+        let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
+        let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+        let targets = scenes
+            .iter()
+            .map(|sc| encode_anchors(&sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), &sc.objects.iter().map(|o| o.class).collect::<Vec<_>>(), (size, size), s, &anchors))
+            .collect();
+        Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, targets, scenes))
+    };
+    let started = std::time::Instant::now();
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    for step in 0..cfg.steps {
+        let (x, targets, _) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
+        let l = model.loss(&model.forward(&x)?, &targets, 5.0, 0.5)?;
+        opt.step(&vs, &l.backward()?)?;
+        let v = l.to_scalar()? as f64;
+        if step == 0 {
+            first = v;
+        }
+        last = v;
+        progress(step + 1, v as f32);
+    }
+    let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    let (mut dets, mut truths) = (Vec::new(), Vec::new());
+    for from in (0..test.len).step_by(cfg.batch_size) {
+        let n = cfg.batch_size.min(test.len - from);
+        let (x, _, scenes) = batch(&test, from, n)?;
+        let pred = kiln_graph::no_grad(|| model.forward(&x))?;
+        for (j, sc) in scenes.iter().enumerate() {
+            dets.extend(model.detect(&pred, j, size, 0.01, 0.5)?.into_iter().map(|d| kiln_nn::detection_metrics::Detection { image: from + j, ..d }));
+            truths.extend(sc.objects.iter().map(|o| kiln_nn::detection_metrics::GroundTruth { image: from + j, class: o.class, bbox: o.bbox }));
+        }
+    }
+    let map50 = kiln_nn::detection_metrics::voc_map(&dets, &truths, 0.5).0;
+    let coco_map = kiln_nn::detection_metrics::coco_eval(&dets, &truths).ap;
+    Ok((model, YoloReport { steps: cfg.steps, first_loss: first, last_loss: last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
+}
