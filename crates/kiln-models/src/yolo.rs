@@ -131,9 +131,9 @@ pub fn encode_anchors(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize),
 use kiln_graph::{Pool2dGeom, Result, Tensor};
 use kiln_nn::{Conv2d, Conv2dConfig, Layer, Module, Padding, Param, VarStore};
 
-/// A small YOLO with anchors (YOLOv2's head on a plain backbone): 3x3 convolutions with ReLU and 2x2 max
-/// pooling down by 16 (`backbone.{i}`), one more 3x3 convolution at that resolution, and a 1x1 `head` with
-/// A (5 + C) channels: per anchor the objectness logit, (tx, ty, tw, th) and the class logits.
+/// A small YOLO with anchors (YOLOv2's head on a plain backbone): five 3x3 convolutions with ReLU
+/// (`backbone.{i}`), the first three followed by 2x2 max pooling (a grid of one cell per 8 pixels), and a 1x1
+/// `head` with A (5 + C) channels: per anchor the objectness logit, (tx, ty, tw, th) and the class logits.
 pub struct Yolo {
     pub backbone: Vec<Conv2d>,
     pub head: Conv2d,
@@ -141,9 +141,9 @@ pub struct Yolo {
     pub classes: usize,
 }
 
-/// The grid side for an input side: the backbone divides by 16.
+/// The grid side for an input side: the backbone divides by 8.
 pub fn grid_for(size: usize) -> usize {
-    size / 16
+    size / 8
 }
 
 impl Yolo {
@@ -155,12 +155,12 @@ impl Yolo {
         Ok(Yolo { backbone, head, anchors, classes })
     }
 
-    /// images [n, 3, h, w] -> raw predictions [n, A (5 + C), h / 16, w / 16].
+    /// images [n, 3, h, w] -> raw predictions [n, A (5 + C), h / 8, w / 8].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let mut x = images.clone();
         for (i, conv) in self.backbone.iter().enumerate() {
             x = conv.forward(&x)?.relu()?;
-            if i < 4 {
+            if i < 3 {
                 x = x.max_pool2d(Pool2dGeom::square(2))?.0;
             }
         }
