@@ -64,3 +64,33 @@ fn beam_search_finds_the_sequence_greedy_misses() {
     assert_eq!(beams[1].tokens, [1, 0], "the runner-up");
     assert!(beams.windows(2).all(|w| w[0].score(0.0) >= w[1].score(0.0)));
 }
+
+#[test]
+fn greedy_batch_stops_each_sequence_at_its_end_and_feeds_back_its_tokens() {
+    use kiln_nn::decode::greedy_batch;
+    // Vocabulary of 4 (0 ends); sequence 0 writes 3, 2, then ends; sequence 1 writes 1 five times (max_len 5).
+    let mut fed: Vec<Vec<u32>> = Vec::new();
+    let out = greedy_batch(
+        2,
+        4,
+        5,
+        9,
+        |id| id == 0,
+        |input| {
+            fed.push(input.to_vec());
+            let t = fed.len();
+            let pick = |id: usize| -> Vec<f32> { (0..4).map(|j| if j == id { 1.0 } else { 0.0 }).collect() };
+            let first = match t {
+                1 => 3,
+                2 => 2,
+                _ => 0,
+            };
+            Ok([pick(first), pick(1)].concat())
+        },
+    )
+    .unwrap();
+    assert_eq!(out, vec![vec![3, 2], vec![1, 1, 1, 1, 1]]);
+    assert_eq!(fed[0], vec![9, 9], "the start token first");
+    assert_eq!(fed[1], vec![3, 1], "then each sequence's last token");
+    assert_eq!(fed.len(), 5, "until max_len, since sequence 1 never ends");
+}

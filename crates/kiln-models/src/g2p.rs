@@ -250,32 +250,20 @@ impl G2p {
         no_grad(|| {
             let (source, lengths) = source_batch(words)?;
             let enc = self.encode(&source, &lengths)?;
-            let n = words.len();
-            let v = self.vocab.phonemes.len() + SPECIALS as usize;
-            let mut out = vec![Vec::new(); n];
-            let mut done = vec![false; n];
+            let (n, v) = (words.len(), self.vocab.phonemes.len() + SPECIALS as usize);
             let mut state = enc.init.clone();
-            let mut input = vec![SOS; n];
-            for _ in 0..max_len {
-                let (logits, next_state) = self.decode(&enc, &Tensor::from_u32(&input, &[n, 1])?, &state)?;
-                state = next_state;
-                let all = logits.to_vec()?;
-                for i in 0..n {
-                    let id = kiln_nn::decode::argmax(&all[i * v..(i + 1) * v]) as u32;
-                    if !done[i] {
-                        if id == EOS || id < SPECIALS {
-                            done[i] = true;
-                        } else {
-                            out[i].push(id);
-                        }
-                    }
-                    input[i] = id;
-                }
-                if done.iter().all(|&d| d) {
-                    break;
-                }
-            }
-            Ok(out)
+            kiln_nn::decode::greedy_batch(
+                n,
+                v,
+                max_len,
+                SOS,
+                |id| id == EOS || id < SPECIALS,
+                |input| {
+                    let (logits, next_state) = self.decode(&enc, &Tensor::from_u32(input, &[n, 1])?, &state)?;
+                    state = next_state;
+                    logits.to_vec()
+                },
+            )
         })
     }
 
@@ -295,16 +283,7 @@ impl G2p {
                 let t = prefixes[0].len() + 1;
                 let input: Vec<u32> = prefixes.iter().flat_map(|p| std::iter::once(SOS).chain(p.iter().copied())).collect();
                 let (logits, _) = self.decode(enc, &Tensor::from_u32(&input, &[w, t])?, &enc.init)?;
-                let all = logits.to_vec()?;
-                Ok((0..w)
-                    .map(|i| {
-                        let mut row = all[(i * t + t - 1) * v..(i * t + t) * v].to_vec();
-                        // <pad> and <sos> are never written.
-                        row[PAD as usize] = f32::NEG_INFINITY;
-                        row[SOS as usize] = f32::NEG_INFINITY;
-                        row
-                    })
-                    .collect())
+                Ok(last_rows(&logits.to_vec()?, w, t, v))
             })?;
             Ok(hyps.first().map(|h| h.tokens.iter().copied().filter(|&t| t != EOS).collect()).unwrap_or_default())
         })
@@ -329,6 +308,19 @@ impl Module for G2p {
         v.push(("out".into(), &self.out));
         v
     }
+}
+
+/// The last position's logits of each of `w` decoded prefixes of length `t` (logits [w * t, v]), with `<pad>`
+/// and `<sos>` made impossible (never written): what beam search extends.
+fn last_rows(all: &[f32], w: usize, t: usize, v: usize) -> Vec<Vec<f32>> {
+    (0..w)
+        .map(|i| {
+            let mut row = all[(i * t + t - 1) * v..(i * t + t) * v].to_vec();
+            row[PAD as usize] = f32::NEG_INFINITY;
+            row[SOS as usize] = f32::NEG_INFINITY;
+            row
+        })
+        .collect()
 }
 
 fn lengths_of(batch: &HostBatch) -> Result<Vec<usize>> {
@@ -724,15 +716,7 @@ impl Seq2Seq for G2pTransformer {
                 let memory = &encoded.as_ref().expect("encoded just above").1;
                 let t = prefixes[0].len() + 1;
                 let input: Vec<u32> = prefixes.iter().flat_map(|p| std::iter::once(SOS).chain(p.iter().copied())).collect();
-                let all = self.decode(memory, &Tensor::from_u32(&input, &[w, t])?)?.to_vec()?;
-                Ok((0..w)
-                    .map(|i| {
-                        let mut row = all[(i * t + t - 1) * v..(i * t + t) * v].to_vec();
-                        row[PAD as usize] = f32::NEG_INFINITY;
-                        row[SOS as usize] = f32::NEG_INFINITY;
-                        row
-                    })
-                    .collect())
+                Ok(last_rows(&self.decode(memory, &Tensor::from_u32(&input, &[w, t])?)?.to_vec()?, w, t, v))
             })?;
             Ok(hyps.first().map(|h| h.tokens.iter().copied().filter(|&t| t != EOS).collect()).unwrap_or_default())
         })

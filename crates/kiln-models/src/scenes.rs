@@ -160,29 +160,19 @@ impl Captioner {
         no_grad(|| {
             let n = images.shape()[0];
             let enc = self.encode(images)?;
-            let v = words_of(&self.vocab);
-            let (mut out, mut done, mut input) = (vec![Vec::new(); n], vec![false; n], vec![SCENE_SOS; n]);
             let mut state = enc.init.clone();
-            for _ in 0..max_len {
-                let (logits, next) = self.decode(&enc, &Tensor::from_u32(&input, &[n, 1])?, &state)?;
-                state = next;
-                let all = logits.to_vec()?;
-                for i in 0..n {
-                    let id = kiln_nn::decode::argmax(&all[i * v..(i + 1) * v]) as u32;
-                    if !done[i] {
-                        if id == SCENE_EOS || id <= SCENE_UNK {
-                            done[i] = true;
-                        } else {
-                            out[i].push(id);
-                        }
-                    }
-                    input[i] = id;
-                }
-                if done.iter().all(|&d| d) {
-                    break;
-                }
-            }
-            Ok(out)
+            kiln_nn::decode::greedy_batch(
+                n,
+                words_of(&self.vocab),
+                max_len,
+                SCENE_SOS,
+                |id| id == SCENE_EOS || id <= SCENE_UNK,
+                |input| {
+                    let (logits, next) = self.decode(&enc, &Tensor::from_u32(input, &[n, 1])?, &state)?;
+                    state = next;
+                    logits.to_vec()
+                },
+            )
         })
     }
 

@@ -92,3 +92,28 @@ pub fn beam_search(width: usize, max_len: usize, eos: u32, alpha: f64, mut step:
     done.truncate(width);
     Ok(done)
 }
+
+/// Greedy decoding of `n` sequences at once: `step` gets each sequence's last token (`start` first) and
+/// returns the next-token logits [n * vocab]; a sequence ends at the first token for which `ends` is true (not
+/// kept), or after `max_len` tokens. Finished sequences keep being fed their last token until all end.
+pub fn greedy_batch(n: usize, vocab: usize, max_len: usize, start: u32, ends: impl Fn(u32) -> bool, mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Vec<Vec<u32>>> {
+    let (mut out, mut done, mut input) = (vec![Vec::new(); n], vec![false; n], vec![start; n]);
+    for _ in 0..max_len {
+        let all = step(&input)?;
+        for i in 0..n {
+            let id = argmax(&all[i * vocab..(i + 1) * vocab]) as u32;
+            if !done[i] {
+                if ends(id) {
+                    done[i] = true;
+                } else {
+                    out[i].push(id);
+                }
+            }
+            input[i] = id;
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+    }
+    Ok(out)
+}
