@@ -13,7 +13,7 @@
 struct NmsParams {
     n: u32, words: u32, block_begin: u32, block_len: u32,
     iou: f32, score: f32, max_keep: u32, inclusive: u32,
-    j_begin: u32, j_end: u32, per_class: u32, _pad: u32,
+    j_begin: u32, j_end: u32, per_class: u32, has_score: u32,
 }
 
 @group(0) @binding(0) var<uniform> np: NmsParams;
@@ -22,8 +22,8 @@ struct NmsParams {
 @group(0) @binding(2) var<storage, read_write> nr_rank: array<u32>;
 
 fn candidate(s: f32) -> bool {
-    // False for NaN.
-    return s > np.score;
+    // False for NaN (s == s); without a threshold every other score, -inf included, as torchvision.
+    return s == s && (np.has_score == 0u || s > np.score);
 }
 
 // Whether box a comes before box b in the order.

@@ -39,14 +39,18 @@ fn roi_geom(rois_k: array<f32, 5>) -> RoiGeom {
     }
     g.bh = rh / f32(rp.ph);
     g.bw = rw / f32(rp.pw);
-    // A negative size (x2 < x1 with `aligned`) gives no samples: f32 -> u32 clamps at 0.
-    g.gh = select(u32(ceil(rh / f32(rp.ph))), rp.sampling, rp.sampling > 0u);
-    g.gw = select(u32(ceil(rw / f32(rp.pw))), rp.sampling, rp.sampling > 0u);
+    // A negative size (x2 < x1 with `aligned`) gives no samples: f32 -> u32 clamps at 0. Absurd boxes are
+    // capped at 2^20 samples a bin each way, so sample indices stay within u32.
+    g.gh = min(select(u32(ceil(rh / f32(rp.ph))), rp.sampling, rp.sampling > 0u), 1048576u);
+    g.gw = min(select(u32(ceil(rw / f32(rp.pw))), rp.sampling, rp.sampling > 0u), 1048576u);
     g.sy = g.bh / f32(max(g.gh, 1u));
     g.sx = g.bw / f32(max(g.gw, 1u));
-    g.count = f32(max(g.gh * g.gw, 1u));
+    g.count = max(f32(g.gh) * f32(g.gw), 1.0);
     let bf = rois_k[0];
-    g.valid = bf >= 0.0 && bf < f32(rp.n);
+    // Infinite or NaN corners (a diverged proposal) make an empty box: zeros, no work.
+    var finite = true;
+    for (var j = 1u; j < 5u; j = j + 1u) { finite = finite && abs(rois_k[j]) < 3.0e38; }
+    g.valid = finite && bf >= 0.0 && bf < f32(rp.n);
     g.b = u32(max(bf, 0.0));
     return g;
 }
@@ -55,6 +59,20 @@ fn roi_geom(rois_k: array<f32, 5>) -> RoiGeom {
 // start + bin * bin_size + (sample + 0.5) * bin_size / per.
 fn sample_at(i: u32, start: f32, bin: f32, per: u32) -> f32 {
     return start + f32(i / per) * bin + (f32(i % per) + 0.5) * bin / f32(per);
+}
+
+// The samples [lo, hi) of bin `b` (of `per` samples, `per` at most 2^20) whose coordinate lies in [-1, size]:
+// the others read 0, so the forward loops over these only (a huge box costs no more than the image).
+fn samples_inside(b: u32, start: f32, bin: f32, per: u32, size: u32) -> vec2<u32> {
+    if (per == 0u) { return vec2<u32>(0u, 0u); }
+    let first = start + f32(b) * bin;
+    let step = bin / f32(per);
+    if (step == 0.0) { return select(vec2<u32>(0u, 0u), vec2<u32>(0u, per), first >= -1.0 && first <= f32(size)); }
+    let a = (-1.0 - first) / step - 0.5;
+    let c = (f32(size) - first) / step - 0.5;
+    let lo = u32(clamp(floor(min(a, c)) - 1.0, 0.0, f32(per)));
+    let hi = u32(clamp(ceil(max(a, c)) + 2.0, 0.0, f32(per)));
+    return vec2<u32>(lo, max(lo, hi));
 }
 
 // torchvision's bilinear_interpolate: the low and high rows and columns a sample reads, and its four weights
@@ -103,9 +121,11 @@ fn roi_align_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     if (!g.valid) { rf_y[i] = 0.0; return; }
     let base = (g.b * rp.c + ch) * rp.h * rp.w;
     var acc = 0.0;
-    for (var iy = 0u; iy < g.gh; iy = iy + 1u) {
+    let ys = samples_inside(py, g.y0, g.bh, g.gh, rp.h);
+    let xs = samples_inside(px, g.x0, g.bw, g.gw, rp.w);
+    for (var iy = ys.x; iy < ys.y; iy = iy + 1u) {
         let y = sample_at(py * g.gh + iy, g.y0, g.bh, g.gh);
-        for (var ix = 0u; ix < g.gw; ix = ix + 1u) {
+        for (var ix = xs.x; ix < xs.y; ix = ix + 1u) {
             let x = sample_at(px * g.gw + ix, g.x0, g.bw, g.gw);
             let s = bilinear(y, x);
             acc = acc + s.w1 * rf_x[base + s.yl * rp.w + s.xl] + s.w2 * rf_x[base + s.yl * rp.w + s.xh]

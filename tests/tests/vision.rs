@@ -241,6 +241,8 @@ fn nms_equals_torchvision_and_the_course_defaults() {
     assert_eq!(nms(&none, &Tensor::from_slice(&[] as &[f32], &[0]).unwrap(), 0.5).unwrap(), Vec::<u32>::new());
     let nan = Tensor::from_slice(&[0.9, f32::NAN, 0.7, 0.7, 0.95, 0.6, 0.3, 0.9], &[8]).unwrap();
     assert_eq!(nms(&b, &nan, 0.5).unwrap(), vec![4, 0, 2, 3, 6], "a NaN score is never kept");
+    let minus_inf = Tensor::from_slice(&[0.9, 0.8, 0.7, 0.7, 0.95, 0.6, f32::NEG_INFINITY, 0.9], &[8]).unwrap();
+    assert_eq!(nms(&b, &minus_inf, 0.5).unwrap(), vec![4, 0, 2, 3, 6], "a score of -inf is a candidate, as in torchvision");
     let e = nms(&b, &Tensor::from_slice(&[0.5; 7], &[7]).unwrap(), 0.5).unwrap_err().to_string();
     assert!(e.contains("[8, 4]") && e.contains("[7]"), "{e}");
 }

@@ -157,8 +157,10 @@ impl ObjectScenes {
     /// Loads the sources (MNIST-10k shipped; Fashion-MNIST from `data_dir`, KILN_DATA or the Debian package
     /// dataset-fashion-mnist) and the backgrounds.
     pub fn new(cfg: ObjectSceneConfig, split: ObjectSplit, seed: u64, len: usize, data_dir: Option<&Path>) -> Result<ObjectScenes> {
-        if cfg.size < 32 || cfg.objects.0 > cfg.objects.1 || cfg.objects.1 == 0 || !(cfg.scale.0 > 0.0 && cfg.scale.0 <= cfg.scale.1) {
-            return Err(DataError::Invalid(format!("object scenes: a canvas of at least 32 pixels, 1 or more objects and scales lo <= hi are needed (got {cfg:?})")));
+        if cfg.size < 32 || cfg.objects.0 > cfg.objects.1 || cfg.objects.1 == 0 || !(cfg.scale.0 > 0.0 && cfg.scale.0 <= cfg.scale.1) || 28.0 * cfg.scale.1 > cfg.size as f32 {
+            return Err(DataError::Invalid(format!(
+                "object scenes: a canvas of at least 32 pixels, 1 or more objects and scales 0 < lo <= hi with 28 x hi pixels within the canvas are needed (got {cfg:?})"
+            )));
         }
         let mut glyphs = Glyphs { pixels: Vec::new(), classes: Vec::new(), by_class: Vec::new() };
         let pick = |s: crate::prep::Split| match split {

@@ -184,6 +184,9 @@ impl Tensor {
         if geom.dilation.contains(&0) || geom.stride.contains(&0) {
             return invalid("conv_transpose2d", w, "stride and dilation must be at least 1");
         }
+        if x[2..].contains(&0) || w[2..].contains(&0) {
+            return shape_err("conv_transpose2d", x, w, "the input and the kernel must be at least 1 x 1");
+        }
         if output_padding[0] >= geom.stride[0] || output_padding[1] >= geom.stride[1] {
             return invalid("conv_transpose2d", x, format!("output_padding {output_padding:?} must be smaller than the stride {:?}", geom.stride));
         }

@@ -600,10 +600,11 @@ pub fn box_decode(delta: &[f64; 4], b: &[f64; 4], weights: [f64; 4], clip: f64) 
 }
 
 /// Greedy NMS in f64 (the reference for vision::nms_fixed): indices of the kept boxes by descending score
-/// (ties by index); candidates score above `score_threshold` (NaN never); a kept box suppresses later boxes
+/// (ties by index); candidates score above `score_threshold` (NaN never; NEG_INFINITY: every other score,
+/// -inf included); a kept box suppresses later boxes
 /// (of its class, with `classes`) whose IoU with it is above `iou` (or equal, with `inclusive`).
 pub fn nms(boxes: &[[f64; 4]], scores: &[f64], classes: Option<&[u32]>, iou: f64, score_threshold: f64, max_keep: usize, inclusive: bool) -> Vec<u32> {
-    let mut order: Vec<usize> = (0..boxes.len()).filter(|&i| scores[i] > score_threshold).collect();
+    let mut order: Vec<usize> = (0..boxes.len()).filter(|&i| !scores[i].is_nan() && (score_threshold == f64::NEG_INFINITY || scores[i] > score_threshold)).collect();
     order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).expect("candidates are not NaN").then(a.cmp(&b)));
     let mut removed = vec![false; boxes.len()];
     let mut keep = Vec::new();

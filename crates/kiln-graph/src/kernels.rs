@@ -1106,15 +1106,27 @@ pub fn roi_align_backward(gy: &BufView, rois: &BufView, xs: [usize; 4], k: usize
 pub struct NmsSpec {
     pub n: usize,
     pub iou: f32,
-    /// Candidates score above this (NEG_INFINITY: every box but NaN scores).
-    pub score: f32,
+    /// Candidates score above this; None: every box but those with NaN scores.
+    pub score: Option<f32>,
     pub max_keep: usize,
     /// Suppress at IoU equal to the threshold too.
     pub inclusive: bool,
 }
 
 fn nms_params(s: &NmsSpec, words: usize, block: (usize, usize), j: (usize, usize), per_class: bool) -> Params {
-    Params::new().u32(s.n).u32(words).u32(block.0).u32(block.1).f32(s.iou).f32(s.score).u32(s.max_keep).u32(s.inclusive as usize).u32(j.0).u32(j.1).u32(per_class as usize).u32(0)
+    Params::new()
+        .u32(s.n)
+        .u32(words)
+        .u32(block.0)
+        .u32(block.1)
+        .f32(s.iou)
+        .f32(s.score.unwrap_or(0.0))
+        .u32(s.max_keep)
+        .u32(s.inclusive as usize)
+        .u32(j.0)
+        .u32(j.1)
+        .u32(per_class as usize)
+        .u32(s.score.is_some() as usize)
 }
 
 /// Greedy NMS (nms.wgsl) of boxes [n, 4] by scores [n], per class when `classes` [n] (u32) is given: (keep [n]

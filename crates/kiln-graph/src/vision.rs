@@ -27,8 +27,8 @@ impl RoiAlignGeom {
 
 fn check(op: &'static str, x_shape: &[usize], rois: &Tensor, geom: &RoiAlignGeom) -> Result<()> {
     rois.expect_dtype(op, DType::F32)?;
-    if x_shape.len() != 4 {
-        return invalid(op, x_shape, "expects the features as [n, c, h, w]");
+    if x_shape.len() != 4 || x_shape[2] == 0 || x_shape[3] == 0 {
+        return invalid(op, x_shape, "expects the features as [n, c, h, w] with h and w above 0");
     }
     if rois.rank() != 2 || rois.shape()[1] != 5 {
         return invalid(op, rois.shape(), "expects the boxes as [k, 5]: (batch index, x1, y1, x2, y2)");
@@ -47,8 +47,9 @@ fn backward_chunk(x: &Tensor, k: usize, geom: &RoiAlignGeom) -> usize {
     }
     // Samples of one axis within a pixel's reach: 2 / step + 4 when sampling is adaptive (the step is at least
     // half a pixel, or the bin holds one sample), all of them (output size x sampling ratio) when it is fixed.
+    // The loops count every iteration: the outer one's too.
     let per_axis = |out: usize| if geom.sampling_ratio > 0 { out * geom.sampling_ratio as usize } else { out.max(8) };
-    (60_000 / (1 + per_axis(geom.output_size[0]) * per_axis(geom.output_size[1]))).max(1)
+    (60_000 / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1])))).max(1)
 }
 
 impl Tensor {
@@ -307,7 +308,7 @@ pub fn nms_fixed_capped(boxes: &Tensor, scores: &Tensor, classes: Option<&Tensor
         let none = Tensor::from_u32_on(boxes.device(), &[], &[0])?;
         return Ok((none, Tensor::from_u32_on(boxes.device(), &[0], &[1])?));
     }
-    let spec = kernels::NmsSpec { n, iou: opts.iou_threshold, score: opts.score_threshold.unwrap_or(f32::NEG_INFINITY), max_keep: opts.max_keep.unwrap_or(n).min(n), inclusive: opts.suppress_equal };
+    let spec = kernels::NmsSpec { n, iou: opts.iou_threshold, score: opts.score_threshold, max_keep: opts.max_keep.unwrap_or(n).min(n), inclusive: opts.suppress_equal };
     let (keep, count) = kernels::nms(&boxes.view(), &scores.view(), classes.map(|c| c.view()).as_ref(), spec, loop_cap)?;
     Ok((Tensor::make(keep, vec![n], DType::U32, None), Tensor::make(count, vec![1], DType::U32, None)))
 }

@@ -680,6 +680,9 @@ impl Seq2Seq for G2pTransformer {
         loss::cross_entropy_with(&logits, &t[3].reshape(&[t[3].numel()])?, opts)
     }
     fn greedy(&self, words: &[&G2pEntry], max_len: usize) -> Result<Vec<Vec<u32>>> {
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
         no_grad(|| {
             let (source, lengths) = source_batch(words)?;
             let memory = self.encode(&source, &lengths)?;

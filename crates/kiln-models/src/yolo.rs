@@ -14,7 +14,7 @@ pub fn size_iou(a: (f32, f32), b: (f32, f32)) -> f64 {
     }
 }
 
-/// `k` anchors (w, h) from the box sizes `sizes` by k-means with the distance 1 - IoU: the best of 10 runs
+/// Up to `k` anchors (w, h; fewer when there are fewer boxes) from the box sizes `sizes` by k-means with the distance 1 - IoU: the best of 10 runs
 /// (as scikit-learn's `n_init`; one run can settle with two anchors in one cluster), each from seeded
 /// k-means++ starts, assigning boxes to the anchor of highest IoU and moving each anchor to the median size of
 /// its boxes (robust to the odd huge box) until no assignment changes (at most 300 rounds). Sorted by area;
@@ -122,6 +122,9 @@ pub struct AnchorTargets {
 
 pub fn encode_anchors(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize), s: usize, anchors: &[(f32, f32)]) -> AnchorTargets {
     let a = anchors.len();
+    if a == 0 || s == 0 {
+        return AnchorTargets { object: Vec::new(), boxes: Vec::new(), classes: Vec::new() };
+    }
     let mut t = AnchorTargets { object: vec![0.0; s * s * a], boxes: vec![0.0; s * s * a * 4], classes: vec![0; s * s * a] };
     let (ch, cw) = (image.0 as f32 / s as f32, image.1 as f32 / s as f32);
     for (b, &label) in boxes.iter().zip(labels) {
@@ -307,6 +310,12 @@ pub struct YoloReport {
 /// mAP@0.5 and COCO mAP on held-out scenes.
 pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Result<(Yolo, YoloReport)> {
     use kiln_data::{ObjectScenes, ObjectSplit};
+    if cfg.batch_size == 0 || cfg.anchors == 0 || cfg.scenes.size < 16 {
+        return Err(kiln_graph::KilnError::Usage(format!(
+            "yolo: a batch size and anchors above 0 and scenes of at least 16 pixels are needed (got batch {}, {} anchors, size {})",
+            cfg.batch_size, cfg.anchors, cfg.scenes.size
+        )));
+    }
     let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
     let train = ObjectScenes::new(cfg.scenes, ObjectSplit::Train, cfg.seed, (cfg.steps as usize * cfg.batch_size).max(500), cfg.data_dir.as_deref()).map_err(data_err)?;
     let test = ObjectScenes::new(cfg.scenes, ObjectSplit::Test, cfg.seed, cfg.test_scenes, cfg.data_dir.as_deref()).map_err(data_err)?;

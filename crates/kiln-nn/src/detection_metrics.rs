@@ -53,10 +53,10 @@ pub fn all_point_ap(recall: &[f64], precision: &[f64]) -> f64 {
     (1..mrec.len()).filter(|&i| mrec[i] != mrec[i - 1]).map(|i| (mrec[i] - mrec[i - 1]) * mpre[i]).sum()
 }
 
-/// VOC average precision of one class at an IoU threshold: detections in descending score (ties in the
-/// order given), each matched to the unmatched ground truth of its image it overlaps most if that IoU is
-/// above the threshold (a true positive), else a false positive (also a second detection of a matched
-/// object). None when the class has no ground truth.
+/// VOC average precision of one class at an IoU threshold, as the devkit's voc_eval: detections in
+/// descending score (ties in the order given); each finds the object of its image (and class) it overlaps
+/// most (the first of ties); above the threshold and not yet matched, a true positive that takes it; else a
+/// false positive (a second detection of a matched object too). None when the class has no ground truth.
 pub fn voc_ap(detections: &[Detection], truths: &[GroundTruth], class: u32, iou_threshold: f64) -> Option<f64> {
     let gts: Vec<&GroundTruth> = truths.iter().filter(|g| g.class == class).collect();
     if gts.is_empty() {
@@ -68,7 +68,7 @@ pub fn voc_ap(detections: &[Detection], truths: &[GroundTruth], class: u32, iou_
     let (mut tp, mut fp) = (0usize, 0usize);
     let (mut recall, mut precision) = (Vec::with_capacity(dets.len()), Vec::with_capacity(dets.len()));
     for d in dets {
-        let best = gts.iter().enumerate().filter(|(_, g)| g.image == d.image).map(|(i, g)| (i, iou(&d.bbox, &g.bbox))).max_by(|a, b| a.1.total_cmp(&b.1));
+        let best = gts.iter().enumerate().filter(|(_, g)| g.image == d.image).map(|(i, g)| (i, iou(&d.bbox, &g.bbox))).max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
         match best {
             Some((i, o)) if o > iou_threshold && !matched[i] => {
                 matched[i] = true;
@@ -275,13 +275,15 @@ pub fn coco_eval_with(detections: &[Detection], truths: &[GroundTruth], overlap:
 /// (None for a class absent from both labels and predictions), mean IoU over the classes present).
 pub fn segmentation_scores(confusion: &[Vec<u64>]) -> (f64, Vec<Option<f64>>, f64) {
     let k = confusion.len();
+    // A ragged matrix reads its missing entries as 0.
+    let at = |r: usize, c: usize| confusion.get(r).and_then(|row| row.get(c)).copied().unwrap_or(0);
     let total: u64 = confusion.iter().flatten().sum();
-    let correct: u64 = (0..k).map(|i| confusion[i][i]).sum();
+    let correct: u64 = (0..k).map(|i| at(i, i)).sum();
     let ious: Vec<Option<f64>> = (0..k)
         .map(|c| {
-            let tp = confusion[c][c];
-            let fn_: u64 = confusion[c].iter().sum::<u64>() - tp;
-            let fp: u64 = (0..k).map(|r| confusion[r][c]).sum::<u64>() - tp;
+            let tp = at(c, c);
+            let fn_: u64 = (0..k).map(|j| at(c, j)).sum::<u64>() - tp;
+            let fp: u64 = (0..k).map(|r| at(r, c)).sum::<u64>() - tp;
             let union = tp + fn_ + fp;
             (union > 0).then(|| tp as f64 / union as f64)
         })
