@@ -122,6 +122,11 @@ fn roi_align_rejects_bad_arguments_with_clear_errors() {
     assert!(e.contains("[n, c, h, w]"), "{e}");
     let e = x.roi_align(&rois, RoiAlignGeom::new([0, 2], 1.0, 0, false)).unwrap_err().to_string();
     assert!(e.contains("output_size"), "{e}");
+    // A diverged proposal: infinite corners give zeros; a box of a million pixels finishes (only the samples
+    // inside the image are read) with finite values.
+    let wild = Tensor::from_slice(&[0.0, f32::NEG_INFINITY, 0.0, 2.0, f32::INFINITY, 1.0, -1e6, -1e6, 1e6, 1e6], &[2, 5]).unwrap();
+    let y = x.add_scalar(1.0).unwrap().roi_align(&wild, RoiAlignGeom::new([2, 2], 1.0, 0, false)).unwrap().to_vec().unwrap();
+    assert!(y[..12].iter().all(|&v| v == 0.0) && y[12..].iter().all(|v| v.is_finite()), "{y:?}");
     // No boxes: an empty result, and a zero gradient.
     let none = Tensor::from_slice(&[] as &[f32], &[0, 5]).unwrap();
     assert_eq!(x.roi_align(&none, RoiAlignGeom::new([2, 2], 1.0, 0, false)).unwrap().shape(), &[0, 3, 2, 2]);
