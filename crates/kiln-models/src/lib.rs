@@ -14,6 +14,7 @@ pub mod plot;
 pub mod registry;
 pub mod reversal;
 pub mod scenes;
+pub mod segment;
 pub mod train;
 pub mod trainer;
 pub mod transformer;

@@ -1,0 +1,214 @@
+//! Semantic segmentation on the object scenes (kiln_data::ObjectScenes): per-pixel classes (0 background,
+//! class + 1 for an object) with three decoders over one encoder, so they compare like for like.
+//!
+//! The encoder: `depth` stages of two 3x3 convolutions (ReLU) and a 2x2 max pooling, channels doubling from
+//! `width`. Then a 3x3 convolution at the bottom. The decoders go back up `depth` times:
+//! - **FCN** (no skips): bilinear upsampling by 2 and a 3x3 convolution each time;
+//! - **SegNet**: max-unpooling with the encoder's own pooling switches, then two 3x3 convolutions;
+//! - **U-Net**: a 2x2 transposed convolution (stride 2), the encoder stage's features concatenated (the
+//!   skip), then two 3x3 convolutions.
+//!
+//! A 1x1 convolution gives the class logits; the loss is the per-pixel cross-entropy.
+
+use kiln_graph::{Pool2dGeom, Result, Tensor};
+use kiln_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, Layer, Module, Padding, Param, VarStore};
+
+/// Which decoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Decoder {
+    Fcn,
+    SegNet,
+    UNet,
+}
+
+impl Decoder {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decoder::Fcn => "fcn",
+            Decoder::SegNet => "segnet",
+            Decoder::UNet => "unet",
+        }
+    }
+}
+
+/// The network (names `enc.{i}.{0,1}`, `bottom`, `dec.{i}.{0,1}`, `up.{i}` (U-Net), `out`).
+pub struct SegmentNet {
+    pub decoder: Decoder,
+    pub enc: Vec<[Conv2d; 2]>,
+    pub bottom: Conv2d,
+    pub up: Vec<ConvTranspose2d>,
+    pub dec: Vec<Vec<Conv2d>>,
+    pub out: Conv2d,
+}
+
+impl SegmentNet {
+    pub fn new(vs: &mut VarStore, decoder: Decoder, classes: usize, width: usize, depth: usize) -> Result<SegmentNet> {
+        let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
+        let ch = |i: usize| width << i;
+        let mut enc = Vec::new();
+        let mut c_in = 3;
+        for i in 0..depth {
+            enc.push([Conv2d::new(vs, &format!("enc.{i}.0"), c_in, ch(i), 3, same)?, Conv2d::new(vs, &format!("enc.{i}.1"), ch(i), ch(i), 3, same)?]);
+            c_in = ch(i);
+        }
+        let bottom = Conv2d::new(vs, "bottom", ch(depth - 1), ch(depth - 1), 3, same)?;
+        let (mut up, mut dec) = (Vec::new(), Vec::new());
+        // Decoder stage i (deepest first) ends with ch(i - 1) channels (width at the top).
+        for i in (0..depth).rev() {
+            let out_c = if i == 0 { width } else { ch(i - 1) };
+            let convs = match decoder {
+                Decoder::Fcn => vec![Conv2d::new(vs, &format!("dec.{i}.0"), ch(i), out_c, 3, same)?],
+                Decoder::SegNet => vec![Conv2d::new(vs, &format!("dec.{i}.0"), ch(i), ch(i), 3, same)?, Conv2d::new(vs, &format!("dec.{i}.1"), ch(i), out_c, 3, same)?],
+                Decoder::UNet => {
+                    up.push(ConvTranspose2d::new(vs, &format!("up.{i}"), ch(i), ch(i), 2, 2, 0, 0, 1, true)?);
+                    vec![Conv2d::new(vs, &format!("dec.{i}.0"), 2 * ch(i), ch(i), 3, same)?, Conv2d::new(vs, &format!("dec.{i}.1"), ch(i), out_c, 3, same)?]
+                }
+            };
+            dec.push(convs);
+        }
+        let out = Conv2d::new(vs, "out", width, classes, 1, Conv2dConfig::default())?;
+        Ok(SegmentNet { decoder, enc, bottom, up, dec, out })
+    }
+
+    /// images [n, 3, h, w] (h and w divisible by 2^depth) -> logits [n, classes, h, w].
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let mut x = images.clone();
+        let (mut skips, mut switches, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+        for [a, b] in &self.enc {
+            x = b.forward(&a.forward(&x)?.relu()?)?.relu()?;
+            skips.push(x.clone());
+            sizes.push([x.shape()[2], x.shape()[3]]);
+            let (pooled, idx) = x.max_pool2d(Pool2dGeom::square(2))?;
+            switches.push(idx);
+            x = pooled;
+        }
+        x = self.bottom.forward(&x)?.relu()?;
+        for (j, convs) in self.dec.iter().enumerate() {
+            let i = self.enc.len() - 1 - j;
+            x = match self.decoder {
+                Decoder::Fcn => x.upsample_bilinear2d(sizes[i], false)?,
+                Decoder::SegNet => x.max_unpool2d(&switches[i], Pool2dGeom::square(2), sizes[i])?,
+                Decoder::UNet => Tensor::concat(&[&self.up[j].forward(&x)?.relu()?, &skips[i]], 1)?,
+            };
+            for conv in convs {
+                x = conv.forward(&x)?.relu()?;
+            }
+        }
+        self.out.forward(&x)
+    }
+}
+
+impl Module for SegmentNet {
+    fn describe(&self) -> String {
+        format!("SegmentNet({}, depth {})", self.decoder.name(), self.enc.len())
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![]
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = Vec::new();
+        for (i, [a, b]) in self.enc.iter().enumerate() {
+            v.push((format!("enc.{i}.0"), a));
+            v.push((format!("enc.{i}.1"), b));
+        }
+        v.push(("bottom".into(), &self.bottom));
+        let depth = self.enc.len();
+        for (j, convs) in self.dec.iter().enumerate() {
+            let i = depth - 1 - j;
+            if let Some(u) = self.up.get(j) {
+                v.push((format!("up.{i}"), u));
+            }
+            for (k, c) in convs.iter().enumerate() {
+                v.push((format!("dec.{i}.{k}"), c));
+            }
+        }
+        v.push(("out".into(), &self.out));
+        v
+    }
+}
+
+/// What a segmentation run trains on.
+#[derive(Clone, Debug)]
+pub struct SegmentConfig {
+    pub decoder: Decoder,
+    pub scenes: kiln_data::ObjectSceneConfig,
+    pub width: usize,
+    pub depth: usize,
+    pub batch_size: usize,
+    pub steps: u64,
+    pub lr: f32,
+    pub seed: u64,
+    pub test_scenes: usize,
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig { decoder: Decoder::UNet, scenes: Default::default(), width: 16, depth: 3, batch_size: 8, steps: 3000, lr: 2e-3, seed: 42, test_scenes: 100, data_dir: None }
+    }
+}
+
+/// What a segmentation run measured on held-out scenes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SegmentReport {
+    pub decoder: Decoder,
+    pub steps: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub pixel_accuracy: f64,
+    pub miou: f64,
+    pub parameters: usize,
+    pub ms_per_step: f64,
+}
+
+/// Trains on fresh training scenes with the per-pixel cross-entropy and scores pixel accuracy and mIoU (over
+/// the classes present, background included) on held-out scenes.
+pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32)) -> Result<(SegmentNet, SegmentReport)> {
+    use kiln_data::{ObjectScenes, ObjectSplit};
+    let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
+    let (s, m) = (cfg.scenes.size, 1usize << cfg.depth);
+    if cfg.batch_size == 0 || cfg.depth == 0 || !s.is_multiple_of(m) {
+        return Err(kiln_graph::KilnError::Usage(format!("segmentation: a batch above 0, depth above 0 and a scene size divisible by 2^depth = {m} are needed (size {s})")));
+    }
+    let train = ObjectScenes::new(cfg.scenes, ObjectSplit::Train, cfg.seed, (cfg.steps as usize * cfg.batch_size).max(1), cfg.data_dir.as_deref()).map_err(data_err)?;
+    let test = ObjectScenes::new(cfg.scenes, ObjectSplit::Test, cfg.seed, cfg.test_scenes, cfg.data_dir.as_deref()).map_err(data_err)?;
+    let classes = train.classes() + 1;
+    let mut vs = VarStore::new(cfg.seed);
+    let net = SegmentNet::new(&mut vs, cfg.decoder, classes, cfg.width, cfg.depth)?;
+    vs.finish()?;
+    let schedule = kiln_nn::schedule::Schedule { kind: kiln_nn::schedule::LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
+    let mut opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
+    let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<u32>)> {
+        let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
+        let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+        Ok((Tensor::from_slice(&px, &[n, 3, s, s])?, scenes.iter().flat_map(|sc| sc.semantic.iter().copied()).collect()))
+    };
+    let started = std::time::Instant::now();
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    for step in 0..cfg.steps {
+        let (x, labels) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
+        let y = Tensor::from_u32(&labels, &[cfg.batch_size, s, s])?;
+        let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, None, Default::default())?;
+        opt.step(&vs, &l.backward()?)?;
+        let v = l.to_scalar()? as f64;
+        if step == 0 {
+            first = v;
+        }
+        last = v;
+        progress(step + 1, v as f32);
+    }
+    let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    for from in (0..test.len).step_by(cfg.batch_size) {
+        let n = cfg.batch_size.min(test.len - from);
+        let (x, labels) = batch(&test, from, n)?;
+        let logits = kiln_graph::no_grad(|| net.forward(&x))?.to_vec()?;
+        for (p, &truth) in labels.iter().enumerate() {
+            let (img, pix) = (p / (s * s), p % (s * s));
+            let class = (0..classes).max_by(|&a, &b| logits[(img * classes + a) * s * s + pix].total_cmp(&logits[(img * classes + b) * s * s + pix])).unwrap_or(0);
+            confusion[truth as usize][class] += 1;
+        }
+    }
+    let (pixel_accuracy, _, miou) = kiln_nn::detection_metrics::segmentation_scores(&confusion);
+    Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: first, last_loss: last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
+}
