@@ -17,8 +17,7 @@ use std::time::Instant;
 use kiln_data::{Collate, DataLoader, Dataset, HostArray, HostBatch, LoaderOptions, Pronunciations};
 use kiln_graph::backend::Device;
 use kiln_graph::{loss, no_grad, KilnError, Result, Tensor};
-use kiln_nn::schedule::{LrSchedule, Schedule};
-use kiln_nn::{key_padding_mask, CellKind, Clip, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Optimizer, OptimizerKind, Param, Rnn, RnnConfig, RnnState, VarStore};
+use kiln_nn::{key_padding_mask, CellKind, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Param, Rnn, RnnConfig, RnnState, VarStore};
 use serde::Serialize;
 
 use crate::trainer::{EpochRecord, OnProgress, Progress, StepValues, Trainer};
@@ -445,9 +444,7 @@ pub fn train_g2p(cfg: &G2pConfig, progress: impl FnMut(&Progress)) -> Result<(Bo
         None => Box::new(G2p::new(&mut vs, vocab, cfg.shape)?),
     };
     vs.finish()?;
-    let schedule = Schedule { kind: LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
-    let mut opt = Optimizer::new(&vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
-    opt.clip = Some(Clip::GlobalNorm(5.0));
+    let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, Some(5.0))?;
     let pairs = G2pPairs::new(&train);
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(pairs, PadPairs, options).map_err(data_err)?;

@@ -22,8 +22,7 @@ use kiln_data::{
 };
 use kiln_graph::backend::Device;
 use kiln_graph::{loss, no_grad, KilnError, Pool2dGeom, Result, Tensor};
-use kiln_nn::schedule::{LrSchedule, Schedule};
-use kiln_nn::{CellKind, Clip, Conv2d, Conv2dConfig, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Optimizer, OptimizerKind, Padding, Param, Rnn, RnnConfig, RnnState, VarStore};
+use kiln_nn::{CellKind, Conv2d, Conv2dConfig, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Optimizer, Padding, Param, Rnn, RnnConfig, RnnState, VarStore};
 use serde::Serialize;
 
 use crate::trainer::{EpochRecord, OnProgress, Progress, StepValues, Trainer};
@@ -275,10 +274,7 @@ pub fn scene_sets(cfg: &SceneConfig) -> (Scenes, Scenes) {
 }
 
 fn optimizer(vs: &VarStore, cfg: &SceneConfig) -> Result<Optimizer> {
-    let schedule = Schedule { kind: LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
-    let mut opt = Optimizer::new(vs, OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
-    opt.clip = Some(Clip::GlobalNorm(5.0));
-    Ok(opt)
+    crate::trainer::adam_cosine(vs, cfg.lr, cfg.steps, Some(5.0))
 }
 
 /// What a captioning run measured.

@@ -176,8 +176,7 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
     let mut vs = VarStore::new(cfg.seed);
     let net = SegmentNet::new(&mut vs, cfg.decoder, classes, cfg.width, cfg.depth)?;
     vs.finish()?;
-    let schedule = kiln_nn::schedule::Schedule { kind: kiln_nn::schedule::LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
-    let mut opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
+    let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<u32>)> {
         let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
         let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();

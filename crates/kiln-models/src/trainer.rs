@@ -413,3 +413,13 @@ impl<'a> Trainer<'a> {
         Ok(stop)
     }
 }
+
+/// Adam (0.9, 0.999, 1e-8) at `lr`, no weight decay, a warm-up of min(100, steps / 4) steps then a cosine
+/// decay to 5% of `lr` at `steps`, gradients clipped to a global norm of `clip` when given: what g2p, the
+/// scene models, YOLO and the segmentation nets train with.
+pub fn adam_cosine(vs: &kiln_nn::VarStore, lr: f32, steps: u64, clip: Option<f32>) -> Result<kiln_nn::Optimizer> {
+    let schedule = kiln_nn::schedule::Schedule { kind: kiln_nn::schedule::LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(steps / 4) };
+    let mut opt = kiln_nn::Optimizer::new(vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, lr, 0.0, schedule, steps)?;
+    opt.clip = clip.map(kiln_nn::Clip::GlobalNorm);
+    Ok(opt)
+}

@@ -327,9 +327,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     let mut vs = VarStore::new(cfg.seed);
     let model = Yolo::new(&mut vs, anchors.clone(), train.classes(), cfg.width)?;
     vs.finish()?;
-    let schedule = kiln_nn::schedule::Schedule { kind: kiln_nn::schedule::LrSchedule::Cosine { min_factor: 0.05 }, warmup: 100.min(cfg.steps / 4) };
-    let mut opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, cfg.lr, 0.0, schedule, cfg.steps)?;
-    opt.clip = Some(kiln_nn::Clip::GlobalNorm(10.0));
+    let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, Some(10.0))?;
     let (size, s) = (cfg.scenes.size, grid_for(cfg.scenes.size));
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<AnchorTargets>, Vec<kiln_data::ObjectScene>)> {
         let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
