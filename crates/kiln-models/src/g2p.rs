@@ -20,7 +20,7 @@ use kiln_graph::{loss, no_grad, KilnError, Result, Tensor};
 use kiln_nn::{key_padding_mask, CellKind, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Param, Rnn, RnnConfig, RnnState, VarStore};
 use serde::Serialize;
 
-use crate::trainer::{EpochRecord, OnProgress, Progress, StepValues, Trainer};
+use crate::trainer::Progress;
 
 pub const PAD: u32 = 0;
 pub const SOS: u32 = 1;
@@ -448,15 +448,7 @@ pub fn train_g2p(cfg: &G2pConfig, progress: impl FnMut(&Progress)) -> Result<(Bo
     let pairs = G2pPairs::new(&train);
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(pairs, PadPairs, options).map_err(data_err)?;
-    let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
-    trainer.max_steps = Some(cfg.steps);
-    let step = |batch: &HostBatch, _: u64| {
-        let l = model.batch_loss(batch)?;
-        opt.step(&vs, &l.backward()?)?;
-        Ok(StepValues { loss: l, correct: None })
-    };
-    let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
-    let fit = trainer.fit(&loader, step, evaluate)?;
+    let fit = crate::trainer::fit_steps(&loader, cfg.steps, cfg.lr, started, progress, &mut opt, &vs, |b| model.batch_loss(b))?;
     let eval: Vec<G2pEntry> = test.iter().take(cfg.eval_words).cloned().collect();
     let mut greedy = Vec::with_capacity(eval.len());
     for chunk in eval.chunks(500) {

@@ -16,7 +16,7 @@ use kiln_nn::{CellKind, Clip, Optimizer, OptimizerKind, VarStore};
 use serde::Serialize;
 
 use crate::lm::{ngram_nats, CharLm, CharLmShape};
-use crate::trainer::{EpochRecord, OnProgress, Progress, StepValues, Trainer};
+use crate::trainer::Progress;
 
 type Result<T, E = KilnError> = std::result::Result<T, E>;
 
@@ -154,15 +154,7 @@ pub fn train_names(cfg: &NamesConfig, progress: impl FnMut(&Progress)) -> Result
     let data = WordSequences::new(&train, &vocab).map_err(data_err)?;
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(data, PadSequences { pad: CharVocab::PAD }, options).map_err(data_err)?;
-    let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
-    trainer.max_steps = Some(cfg.steps);
-    let step = |batch: &kiln_data::HostBatch, _: u64| {
-        let l = model.batch_loss_unpadded(batch)?;
-        opt.step(&vs, &l.backward()?)?;
-        Ok(StepValues { loss: l, correct: None })
-    };
-    let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
-    let fit = trainer.fit(&loader, step, evaluate)?;
+    let fit = crate::trainer::fit_steps(&loader, cfg.steps, cfg.lr, started, progress, &mut opt, &vs, |b| model.batch_loss_unpadded(b))?;
     let nats = nats_per_char(model, &held)?;
     if let Some(dir) = &cfg.out_dir {
         crate::lm::save_text_model(&vs, &text_model, ("names", "names"), cfg.seed, dir)?;

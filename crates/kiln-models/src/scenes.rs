@@ -25,7 +25,7 @@ use kiln_graph::{loss, no_grad, KilnError, Pool2dGeom, Result, Tensor};
 use kiln_nn::{CellKind, Conv2d, Conv2dConfig, Embedding, Init, Layer, Linear, Module, MultiplicativeAttention, Optimizer, Padding, Param, Rnn, RnnConfig, RnnState, VarStore};
 use serde::Serialize;
 
-use crate::trainer::{EpochRecord, OnProgress, Progress, StepValues, Trainer};
+use crate::trainer::Progress;
 
 fn data_err(e: kiln_data::DataError) -> KilnError {
     KilnError::Data(e.to_string())
@@ -328,15 +328,7 @@ pub fn train_captioning(cfg: &SceneConfig, progress: impl FnMut(&Progress)) -> R
     let mut opt = optimizer(&vs, cfg)?;
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(train.clone(), CollateCaptions, options).map_err(data_err)?;
-    let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
-    trainer.max_steps = Some(cfg.steps);
-    let step = |batch: &HostBatch, _: u64| {
-        let l = model.batch_loss(batch)?;
-        opt.step(&vs, &l.backward()?)?;
-        Ok(StepValues { loss: l, correct: None })
-    };
-    let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
-    let fit = trainer.fit(&loader, step, evaluate)?;
+    let fit = crate::trainer::fit_steps(&loader, cfg.steps, cfg.lr, started, progress, &mut opt, &vs, |b| model.batch_loss(b))?;
     let (outputs, bleu4, exact_match) = evaluate_captions(&model, &test)?;
     let examples = (0..10.min(test.len)).map(|i| Ok((test.scene(i).map_err(data_err)?.caption(), model.vocab.decode(&outputs[i])))).collect::<Result<_>>()?;
     let report = CaptionReport {
@@ -537,16 +529,10 @@ pub fn train_vqa(cfg: &SceneConfig, progress: impl FnMut(&Progress)) -> Result<(
     let mut opt = optimizer(&vs, cfg)?;
     let options = LoaderOptions { batch_size: cfg.batch_size, shuffle: Some(cfg.seed), drop_last: true, ..Default::default() };
     let loader = DataLoader::new(SceneQuestions(train), CollateQuestions, options).map_err(data_err)?;
-    let mut trainer = Trainer::new((cfg.steps as usize).div_ceil(loader.len().max(1)), cfg.steps).callback(OnProgress(progress));
-    trainer.max_steps = Some(cfg.steps);
-    let step = |batch: &HostBatch, _: u64| {
-        let (logits, answers) = model.batch_logits(batch)?;
-        let l = loss::cross_entropy(&logits, &answers)?;
-        opt.step(&vs, &l.backward()?)?;
-        Ok(StepValues { loss: l, correct: None })
-    };
-    let evaluate = |t: crate::trainer::EpochTally| Ok(EpochRecord::from_training_loss(&t, cfg.lr, started.elapsed().as_secs_f64()));
-    let fit = trainer.fit(&loader, step, evaluate)?;
+    let fit = crate::trainer::fit_steps(&loader, cfg.steps, cfg.lr, started, progress, &mut opt, &vs, |b| {
+        let (logits, answers) = model.batch_logits(b)?;
+        loss::cross_entropy(&logits, &answers)
+    })?;
     let test = SceneQuestions(test);
     let (accuracy, per_kind, given) = evaluate_vqa(&model, &test)?;
     let examples = (0..10.min(test.0.len))

@@ -423,3 +423,27 @@ pub fn adam_cosine(vs: &kiln_nn::VarStore, lr: f32, steps: u64, clip: Option<f32
     opt.clip = clip.map(kiln_nn::Clip::GlobalNorm);
     Ok(opt)
 }
+
+/// Trains `steps` steps over `loader` (as many epochs as that takes): each step `loss_of(batch)` backward and
+/// through `opt`, each epoch's record its mean training loss (the models without a dev split: g2p, names, the
+/// scene models). `started` is when the run began, for the records' times.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_steps<D: Dataset, C: Collate<D::Sample>>(
+    loader: &DataLoader<D, C>,
+    steps: u64,
+    lr: f32,
+    started: Instant,
+    progress: impl FnMut(&Progress),
+    opt: &mut kiln_nn::Optimizer,
+    vs: &kiln_nn::VarStore,
+    mut loss_of: impl FnMut(&HostBatch) -> Result<Tensor>,
+) -> Result<FitReport> {
+    let mut trainer = Trainer::new((steps as usize).div_ceil(loader.len().max(1)), steps).callback(OnProgress(progress));
+    trainer.max_steps = Some(steps);
+    let step = |batch: &HostBatch, _: u64| {
+        let l = loss_of(batch)?;
+        opt.step(vs, &l.backward()?)?;
+        Ok(StepValues { loss: l, correct: None })
+    };
+    trainer.fit(loader, step, |t| Ok(EpochRecord::from_training_loss(&t, lr, started.elapsed().as_secs_f64())))
+}
