@@ -99,3 +99,19 @@ fn gradients_match_reference_after_reuse_across_steps() {
     let want = ones.matmul_t(&xc, false, true).binary(BinaryKind::Add, &xc.matmul_t(&ones, true, false));
     assert_close("d/dX sum(XX)", &a, &want.data, 1e-5);
 }
+
+/// The gradient check excuses points that sit on a kink (relu at an exact zero has no derivative to compare)
+/// and still fails a rule that is wrong where the function is smooth.
+#[test]
+fn gradcheck_excuses_kinks_and_catches_wrong_rules() {
+    require_gpu();
+    let mut rng = test_rng("gradcheck kinks");
+    let tol = kiln_graph::gradcheck::Tolerance::default();
+    // 80 quarter steps in [-2, 2]: about one in 17 is an exact zero.
+    let relu = kiln_graph::gradcheck::gradcheck("relu on a grid", &[(&[80], Domain::Grid)], &mut rng, tol, |t| t[0].relu(), |t| t[0].unary(UnaryKind::Relu, 0.0, 0.0));
+    assert!(relu.is_ok(), "{relu:?}");
+    // x * detach(x) has the forward of x^2 and half its gradient.
+    let wrong = kiln_graph::gradcheck::gradcheck("half a square", &[(&[40], Domain::Grid)], &mut rng, tol, |t| t[0].mul(&t[0].detach()), |t| t[0].binary(BinaryKind::Mul, &t[0]));
+    let e = wrong.expect_err("a wrong rule passed").to_string();
+    assert!(e.contains("finite differences"), "{e}");
+}

@@ -2,7 +2,9 @@
 //! reference, and its GPU backward against central finite differences of that reference in f64.
 //!
 //! The scalar differentiated is `sum(op(x) * r)` with `r` random, so every output element weighs in. Each
-//! input element's derivative is checked (a random sample of 48 for inputs over 256 elements).
+//! input element's derivative is checked (a random sample of 48 for inputs over 256 elements). A point that
+//! misses and whose objective is demonstrably not smooth there (one-sided slopes that differ) is excused, as
+//! long as no more than a quarter of the points are.
 
 use crate::cpu::CpuTensor;
 use crate::error::{KilnError, Result};
@@ -18,6 +20,8 @@ pub enum Domain {
     Positive,
     /// |x| in [0.1, 2): away from the kink of relu/abs and from ties.
     AwayFromZero,
+    /// Quarter steps in [-2, 2]: exact zeros and ties, to exercise the kink handling of [`gradcheck`].
+    Grid,
 }
 
 /// `n` values from `domain`.
@@ -26,6 +30,7 @@ pub fn random_values(n: usize, domain: Domain, rng: &mut Rng) -> Vec<f64> {
         .map(|_| match domain {
             Domain::Any => rng.range(-2.0, 2.0),
             Domain::Positive => rng.range(0.2, 2.0),
+            Domain::Grid => (rng.below(17) as f64 - 8.0) * 0.25,
             Domain::AwayFromZero => {
                 let v = rng.range(0.1, 2.0);
                 if rng.uniform() < 0.5 {
@@ -119,6 +124,7 @@ pub fn gradcheck(
     let loss = y.mul(&Tensor::from_slice(&r.to_f32(), &r.shape)?)?.sum_all()?;
     let grads = loss.backward()?;
     let objective = |xs: &[CpuTensor]| -> f64 { cpu_op(xs).data.iter().zip(&r.data).map(|(a, b)| a * b).sum() };
+    let at_inputs = objective(&cpu_inputs);
 
     let mut gradient_errors = Vec::with_capacity(vars.len());
     for (i, var) in vars.iter().enumerate() {
@@ -134,7 +140,31 @@ pub fn gradcheck(
             let down = objective(&xs);
             fd.push((up - down) / (2.0 * tol.eps));
         }
-        let got: Vec<f32> = picks.iter().map(|&j| g[j]).collect();
+        let mut got: Vec<f32> = picks.iter().map(|&j| g[j]).collect();
+        // A point whose objective has a kink within the step (some output of a relu, max or abs crossing its
+        // switch) has no derivative to compare. Such a point is excused when it fails and its one-sided slopes
+        // ten steps out differ by at least half the miss; a wrong rule at a smooth point is never excused.
+        let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+        let mut excused = 0;
+        for (k, &j) in picks.iter().enumerate() {
+            let miss = (got[k] as f64 - fd[k]).abs();
+            if miss / (fd[k].abs() + 0.01 * scale + 1e-6) <= tol.gradient {
+                continue;
+            }
+            let h = 10.0 * tol.eps;
+            let mut xs = cpu_inputs.clone();
+            xs[i].data[j] += h;
+            let right = (objective(&xs) - at_inputs) / h;
+            xs[i].data[j] -= 2.0 * h;
+            let left = (at_inputs - objective(&xs)) / h;
+            if (right - left).abs() >= 0.5 * miss {
+                got[k] = fd[k] as f32;
+                excused += 1;
+            }
+        }
+        if excused * 4 > picks.len() {
+            return Err(KilnError::Gradcheck(format!("{name} d/d(input {i}): {excused} of {} points sit on kinks; draw inputs away from them", picks.len())));
+        }
         gradient_errors.push(check_close(&format!("{name} d/d(input {i}) vs finite differences"), &got, &fd, tol.gradient)?);
     }
     Ok(GradcheckReport { forward_error, gradient_errors })
