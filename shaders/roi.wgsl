@@ -158,39 +158,64 @@ fn sample_range(p: u32, start: f32, step: f32, n: u32) -> vec2<u32> {
     return vec2<u32>(lo, max(lo, hi));
 }
 
+// One axis of torchvision's bilinear weights: how much a sample at `v` reads pixel `p` of an axis of `size`
+// (0 outside [-1, size]; the clamped last pixel takes the whole weight). The 2-D weight is the product of the
+// two axes', which is what lets the backward sum rows and columns separately.
+fn axis_weight(v_in: f32, p: u32, size: u32) -> f32 {
+    if (v_in < -1.0 || v_in > f32(size)) { return 0.0; }
+    var v = max(v_in, 0.0);
+    var lo = u32(v);
+    var hi = lo + 1u;
+    if (lo >= size - 1u) { lo = size - 1u; hi = lo; v = f32(lo); }
+    let l = v - f32(lo);
+    return select(0.0, 1.0 - l, lo == p) + select(0.0, l, hi == p);
+}
+
+// Each invocation sums ROI_CB channels of one pixel, so the geometry and weights of every (RoI, sample) are
+// worked out once for all of them.
+const ROI_CB: u32 = 8u;
+
 @compute @workgroup_size(256)
 fn roi_align_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 256u;
-    let total = rp.n * rp.c * rp.h * rp.w;
-    if (i >= total) { return; }
+    let blocks = (rp.c + ROI_CB - 1u) / ROI_CB;
+    if (i >= rp.n * blocks * rp.h * rp.w) { return; }
     let xw = i % rp.w;
     let yh = (i / rp.w) % rp.h;
-    let ch = (i / (rp.w * rp.h)) % rp.c;
-    let b = i / (rp.w * rp.h * rp.c);
-    var acc = select(rb_dx[i], 0.0, rp.k_begin == 0u);
+    let c0 = ((i / (rp.w * rp.h)) % blocks) * ROI_CB;
+    let b = i / (rp.w * rp.h * blocks);
+    let cn = min(ROI_CB, rp.c - c0);
+    let plane = rp.h * rp.w;
+    let out0 = (b * rp.c + c0) * plane + yh * rp.w + xw;
+    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    if (rp.k_begin != 0u) {
+        for (var q = 0u; q < cn; q = q + 1u) { acc[q] = rb_dx[out0 + q * plane]; }
+    }
+    let bins = rp.ph * rp.pw;
     for (var k = rp.k_begin; k < rp.k_end; k = k + 1u) {
+        // Other images' RoIs first, on the batch index alone (the same test as g.valid && g.b == b, NaN
+        // included): most of the list in a batch, skipped before the geometry's divisions.
+        let bf = rb_rois[5u * k];
+        if (!(bf >= f32(b) && bf < f32(b + 1u))) { continue; }
         let g = roi_geom(rb_roi(k));
         if (!g.valid || g.b != b) { continue; }
         let ys = sample_range(yh, g.y0, g.sy, rp.ph * g.gh);
         let xs = sample_range(xw, g.x0, g.sx, rp.pw * g.gw);
-        let gbase = (k * rp.c + ch) * rp.ph * rp.pw;
+        let gbase = (k * rp.c + c0) * bins;
         for (var iy = ys.x; iy < ys.y; iy = iy + 1u) {
-            let y = sample_at(iy, g.y0, g.bh, g.gh);
+            let wy = axis_weight(sample_at(iy, g.y0, g.bh, g.gh), yh, rp.h);
+            if (wy == 0.0) { continue; }
+            let grow = gbase + (iy / g.gh) * rp.pw;
             for (var ix = xs.x; ix < xs.y; ix = ix + 1u) {
-                let x = sample_at(ix, g.x0, g.bw, g.gw);
-                let s = bilinear(y, x);
-                var wsum = 0.0;
-                if (s.yl == yh && s.xl == xw) { wsum = wsum + s.w1; }
-                if (s.yl == yh && s.xh == xw) { wsum = wsum + s.w2; }
-                if (s.yh == yh && s.xl == xw) { wsum = wsum + s.w3; }
-                if (s.yh == yh && s.xh == xw) { wsum = wsum + s.w4; }
-                if (wsum != 0.0) {
-                    acc = acc + rb_g[gbase + (iy / g.gh) * rp.pw + ix / g.gw] * wsum / g.count;
-                }
+                let wx = axis_weight(sample_at(ix, g.x0, g.bw, g.gw), xw, rp.w);
+                if (wx == 0.0) { continue; }
+                let wgt = (wy * wx) / g.count;
+                let at = grow + ix / g.gw;
+                for (var q = 0u; q < cn; q = q + 1u) { acc[q] = acc[q] + rb_g[at + q * bins] * wgt; }
             }
         }
     }
-    rb_dx[i] = acc;
+    for (var q = 0u; q < cn; q = q + 1u) { rb_dx[out0 + q * plane] = acc[q]; }
 }
 
 // ---- RoI pooling (torchvision.ops.roi_pool): each bin the max over its pixels, the argmax kept.

@@ -30,25 +30,31 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
-/// The sequence models, trained by their own loop (kiln_models::lm) on text.
-const SEQUENCE_MODELS: [(&str, &str); 6] = [
+/// The models trained by their own step loop (kiln_models::lm, scenes, yolo, segment, rcnn), not the epoch
+/// trainer: sequence models on text and scenes, detectors and segmenters on object scenes.
+const OWN_LOOP_MODELS: [(&str, &str); 10] = [
     ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
     ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
     ("names", "character-level GRU that generates first names (--cell, --steps)"),
     ("g2p", "grapheme-to-phoneme encoder-decoder LSTM with attention on CMUdict (--steps, --no-attention)"),
     ("captioning", "CNN encoder and LSTM decoder with attention over its grid, on synthetic scenes (--steps)"),
     ("vqa", "CNN and question LSTM fused, answer classifier, on synthetic scenes (--steps)"),
+    ("yolo", "YOLO with k-means anchors and GPU NMS on object scenes (--steps, --image-size, --objects)"),
+    ("segment", "FCN, SegNet or U-Net semantic segmentation on object scenes (--decoder, --steps)"),
+    ("rcnn", "two-stage detector: RPN, RoI-Align box head and mask head, on object scenes (--steps)"),
+    ("siamese", "embedding net, triplet or contrastive loss, verified on unseen Fashion-MNIST classes (--mining)"),
 ];
-const TEXT_DATASETS: [(&str, &str); 4] = [
+const OWN_LOOP_DATASETS: [(&str, &str); 5] = [
     ("moby-dick", "Herman Melville's Moby-Dick, 1.19 M characters, the last 5% held out"),
     ("names", "8,849 English first names (female and male), a seeded 10% held out"),
     ("cmudict", "the CMU Pronouncing Dictionary, 133,784 entries; seeded word-level train/dev/test"),
     ("scenes", "seeded synthetic scenes: 2-4 coloured shapes, captions and questions; 1,000 held out"),
+    ("object-scenes", "MNIST-10k digits / Fashion-MNIST pasted on photos, boxes and masks; test glyphs held out"),
 ];
 
 fn model_list() -> String {
-    let models: String = kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
-    let data: String = kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|(n, d)| format!("  {n:<14} {d}\n")).collect();
+    let models: String = kiln_models::MODELS.iter().chain(&OWN_LOOP_MODELS).map(|(n, d)| format!("  {n:<10} {d}\n")).collect();
+    let data: String = kiln_data::DATASETS.iter().chain(&OWN_LOOP_DATASETS).map(|(n, d)| format!("  {n:<14} {d}\n")).collect();
     format!("Models:\n{models}\nData sets (bundled, real):\n{data}")
 }
 
@@ -56,13 +62,13 @@ fn model_list() -> String {
 #[command(after_help = model_list())]
 struct TrainArgs {
     /// Model to train (see the list below).
-    #[arg(value_parser = clap::builder::PossibleValuesParser::new(kiln_models::MODELS.iter().chain(&SEQUENCE_MODELS).map(|m| m.0)))]
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(kiln_models::MODELS.iter().chain(&OWN_LOOP_MODELS).map(|m| m.0)))]
     model: String,
     /// Data set (see the list below).
-    #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&TEXT_DATASETS).map(|d| d.0)))]
+    #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&OWN_LOOP_DATASETS).map(|d| d.0)))]
     dataset: String,
-    /// char-rnn, char-transformer, names, g2p, captioning, vqa: training steps [default: 2000, 600, 1500,
-    /// 2500, 1500, 1500].
+    /// char-rnn, char-transformer, names, g2p, captioning, vqa, yolo, segment, rcnn: training steps
+    /// [default: 2000, 600, 1500, 2500, 1500, 1500, 1500, 1000, 1500].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].
@@ -146,6 +152,24 @@ struct TrainArgs {
     /// GPU augmentation of training batches: flip, shift[:PX], rotate[:DEG], scale[:FRAC], jitter[:AMOUNT], noise[:STD].
     #[arg(long)]
     augment: Option<String>,
+    /// yolo, segment, rcnn: the scenes' side in pixels [default: 64].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..=1024))]
+    image_size: Option<u64>,
+    /// yolo, segment, rcnn: the objects pasted: digits (10 classes), fashion (10) or both (20) [default: digits].
+    #[arg(long, value_parser = ["digits", "fashion", "both"])]
+    objects: Option<String>,
+    /// segment: the decoder, fcn, segnet or unet [default: unet].
+    #[arg(long, value_parser = ["fcn", "segnet", "unet"])]
+    decoder: Option<String>,
+    /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet].
+    #[arg(long, value_parser = ["triplet", "contrastive"])]
+    loss: Option<String>,
+    /// siamese: triplet mining in each batch, semi-hard, hard or all [default: semi-hard].
+    #[arg(long, value_parser = ["semi-hard", "hard", "all"])]
+    mining: Option<String>,
+    /// siamese: the margin [default: 0.5 for triplet, 1.0 for contrastive].
+    #[arg(long, value_parser = positive_f32)]
+    margin: Option<f32>,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
@@ -321,7 +345,11 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         ("names", "names") => return train_names(a),
         ("g2p", "cmudict") => return train_g2p(a),
         ("captioning" | "vqa", "scenes") => return train_scene_model(a),
-        (model, data) => bail!("char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes (got {model} on {data})"),
+        ("yolo" | "segment" | "rcnn", "object-scenes") => return train_object_model(a),
+        ("siamese", "fashion-mnist") => return train_siamese_model(a),
+        (model, data) => bail!(
+            "char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes, yolo, segment and rcnn on object-scenes, siamese on fashion-mnist (got {model} on {data})"
+        ),
     }
     let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
     let shape = match d.shape {
@@ -520,6 +548,133 @@ fn train_scene_model(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `kiln train yolo|segment|rcnn --dataset object-scenes`: the detectors and segmenters of kiln_models on
+/// seeded object scenes (the settings of examples/yolo, segment and rcnn unless flags say otherwise), scored on
+/// held-out scenes, with a PNG of four of them: truth, then prediction.
+fn train_object_model(a: &TrainArgs) -> Result<()> {
+    use kiln_data::{ObjectSceneConfig, ObjectSource};
+    let size = a.image_size.unwrap_or(64) as usize;
+    let source = match a.objects.as_deref() {
+        Some("fashion") => ObjectSource::Fashion,
+        Some("both") => ObjectSource::Both,
+        _ => ObjectSource::Digits,
+    };
+    let scenes = ObjectSceneConfig { size, objects: (1, 3), scale: (0.7, 1.4), source, ..Default::default() };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-object-scenes", a.model)));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let picture = out.join("scenes.png");
+    eprintln!("kiln: training {} on {size} x {size} object scenes with {}", a.model, kiln_wgpu::gpu()?.adapter_name());
+    let defaults: u64 = match a.model.as_str() {
+        "segment" => 1000,
+        _ => 1500,
+    };
+    let steps = a.steps.unwrap_or(defaults);
+    let bar = steps_bar(steps);
+    let started = std::time::Instant::now();
+    let on_step = |step: u64, loss: f32| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.3}  {:.1} steps/s", step as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+    };
+    let data_dir = a.data_dir.clone();
+    let json = match a.model.as_str() {
+        "yolo" => {
+            use kiln_models::yolo::{train_yolo, yolo_pictures, YoloConfig};
+            let cfg = YoloConfig { scenes, anchors: 3, width: 16, steps, lr: a.lr.unwrap_or(2e-3), batch_size: a.batch_size.unwrap_or(16) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let (model, r) = train_yolo(&cfg, on_step).context("training yolo")?;
+            bar.finish();
+            println!("{} held-out scenes: mAP@0.5 {:.3}, COCO mAP@[.5:.95] {:.3}", cfg.test_scenes, r.map50, r.coco_map);
+            println!("{} steps, {:.1} ms/step, {} parameters; anchors {:?}", r.steps, r.ms_per_step, r.parameters, r.anchors);
+            yolo_pictures(&model, &cfg, 4, &picture)?;
+            serde_json::to_string(&r)?
+        }
+        "segment" => {
+            use kiln_models::segment::{segment_pictures, train_segmentation, Decoder, SegmentConfig};
+            let decoder = match a.decoder.as_deref() {
+                Some("fcn") => Decoder::Fcn,
+                Some("segnet") => Decoder::SegNet,
+                _ => Decoder::UNet,
+            };
+            let cfg = SegmentConfig { decoder, scenes, steps, lr: a.lr.unwrap_or(2e-3), batch_size: a.batch_size.unwrap_or(8) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let (net, r) = train_segmentation(&cfg, on_step).context("training segmentation")?;
+            bar.finish();
+            println!("{} held-out scenes ({}): pixel accuracy {:.3}, mIoU {:.3}", cfg.test_scenes, decoder.name(), r.pixel_accuracy, r.miou);
+            println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+            segment_pictures(&net, &cfg, 4, &picture)?;
+            serde_json::to_string(&r)?
+        }
+        _ => {
+            use kiln_models::rcnn::{train_two_stage, two_stage_pictures, TwoStageConfig, TwoStageRun};
+            let model = TwoStageConfig { anchor_sizes: vec![12.0 * size as f32 / 64.0, 20.0 * size as f32 / 64.0, 32.0 * size as f32 / 64.0], representation: 128, ..Default::default() };
+            let run = TwoStageRun { model, scenes, steps, lr: a.lr.unwrap_or(1e-3), batch_size: a.batch_size.unwrap_or(8) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let (model, r) = train_two_stage(&run, on_step).context("training the two-stage detector")?;
+            bar.finish();
+            println!("{} held-out scenes: box mAP@0.5 {:.3}, COCO box mAP {:.3}; mask AP@0.5 {:.3}, COCO mask mAP {:.3}", run.test_scenes, r.box_map50, r.box_coco_map, r.mask_map50, r.mask_coco_map);
+            println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+            two_stage_pictures(&model, &run, 4, &picture)?;
+            serde_json::to_string(&r)?
+        }
+    };
+    println!("picture {}", picture.display());
+    if a.json {
+        println!("{json}");
+    }
+    Ok(())
+}
+
+/// `kiln train siamese --dataset fashion-mnist` (kiln_models::siamese): an embedding net trained on seven
+/// classes, verification and one-shot scores on the other three beside the untrained net, and a PNG of the
+/// unseen classes' embeddings (PCA).
+fn train_siamese_model(a: &TrainArgs) -> Result<()> {
+    use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, SiameseConfig};
+    use kiln_nn::metric_learning::Mining;
+    let mining = match a.mining.as_deref() {
+        Some("hard") => Mining::Hard,
+        Some("all") => Mining::All,
+        _ => Mining::SemiHard,
+    };
+    let (loss, default_margin) = match a.loss.as_deref() {
+        Some("contrastive") => (MetricLoss::Contrastive, 1.0),
+        _ => (MetricLoss::Triplet(mining), 0.5),
+    };
+    let d = SiameseConfig::default();
+    let cfg = SiameseConfig {
+        loss,
+        margin: a.margin.unwrap_or(default_margin),
+        steps: a.steps.unwrap_or(d.steps),
+        dim: a.hidden.as_ref().and_then(|h| h.first().map(|&v| v as usize)).unwrap_or(d.dim),
+        per_class: a.batch_size.map(|b| b as usize).unwrap_or(d.per_class),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        data_dir: a.data_dir.clone(),
+        ..d
+    };
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs/siamese-fashion-mnist"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!("kiln: training siamese ({}) on Fashion-MNIST classes other than {:?} with {}", cfg.loss.name(), cfg.held_out, kiln_wgpu::gpu()?.adapter_name());
+    let bar = steps_bar(cfg.steps);
+    let started = std::time::Instant::now();
+    let (_, r, held) = train_siamese(&cfg, |step, loss| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4}  {:.0} images/s", (step as usize * cfg.per_class * (10 - cfg.held_out.len())) as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+    })
+    .context("training siamese")?;
+    bar.finish();
+    for (name, s) in [("trained", &r.trained), ("untrained", &r.untrained)] {
+        println!(
+            "{name:<9} unseen classes {:?}: ROC AUC {:.3}; threshold {:.3} (dev accuracy {:.3}), test accuracy {:.3}; {}-way one-shot {:.3}",
+            r.held_out, s.auc, s.threshold, s.dev_accuracy, s.test_accuracy, r.ways, s.one_shot
+        );
+    }
+    println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+    let picture = out.join("embeddings.png");
+    kiln_models::plot::scatter_png(&picture, &pca_2d(&held.embeddings, held.dim), &held.labels).with_context(|| format!("writing {}", picture.display()))?;
+    println!("picture {}", picture.display());
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
 /// `kiln sample`: text from a char-rnn checkpoint (and the vocab.json beside it).
 fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature: f32, top_k: Option<usize>, seed: u64, count: usize) -> Result<()> {
     let (kind, model) = kiln_models::lm::load_text_model(checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
@@ -569,7 +724,7 @@ fn info(adapter: Option<String>) -> Result<()> {
 
 fn train(a: TrainArgs) -> Result<()> {
     kiln_wgpu::select_adapter(a.adapter.as_deref())?;
-    if SEQUENCE_MODELS.iter().any(|m| m.0 == a.model) || TEXT_DATASETS.iter().any(|d| d.0 == a.dataset) {
+    if OWN_LOOP_MODELS.iter().any(|m| m.0 == a.model) || OWN_LOOP_DATASETS.iter().any(|d| d.0 == a.dataset) {
         return train_language_model(&a);
     }
     if let Some(dir) = &a.data_dir {

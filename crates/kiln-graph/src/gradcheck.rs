@@ -4,7 +4,7 @@
 //! The scalar differentiated is `sum(op(x) * r)` with `r` random, so every output element weighs in. Each
 //! input element's derivative is checked (a random sample of 48 for inputs over 256 elements). A point that
 //! misses and whose objective is demonstrably not smooth there (one-sided slopes that differ) is excused, as
-//! long as no more than a quarter of the points are.
+//! long as no more than a quarter of the points (or one) are.
 
 use crate::cpu::CpuTensor;
 use crate::error::{KilnError, Result};
@@ -162,7 +162,8 @@ pub fn gradcheck(
                 excused += 1;
             }
         }
-        if excused * 4 > picks.len() {
+        // One point is always allowed: an input of two or three elements may have its one on a kink.
+        if excused > (picks.len() / 4).max(1) {
             return Err(KilnError::Gradcheck(format!("{name} d/d(input {i}): {excused} of {} points sit on kinks; draw inputs away from them", picks.len())));
         }
         gradient_errors.push(check_close(&format!("{name} d/d(input {i}) vs finite differences"), &got, &fd, tol.gradient)?);

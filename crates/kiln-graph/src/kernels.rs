@@ -1086,6 +1086,9 @@ pub fn roi_align_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, 
     Ok(y)
 }
 
+/// Channels summed by one invocation of roi_align_backward (ROI_CB in roi.wgsl).
+pub const ROI_CB: usize = 8;
+
 /// dx [n, c, h, w] of RoI-Align from gy [k, c, ph, pw] (roi_align_backward), in dispatches of `chunk` RoIs.
 pub fn roi_align_backward(gy: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, chunk: usize) -> Result<BufView> {
     let total = xs.iter().product::<usize>();
@@ -1093,7 +1096,9 @@ pub fn roi_align_backward(gy: &BufView, rois: &BufView, xs: [usize; 4], k: usize
     let mut begin = 0;
     loop {
         let end = (begin + chunk.max(1)).min(k);
-        launch(&ROI, "roi_align_backward", &[], roi_params(xs, k, g, (begin, end)), &[gy, rois], &[&dx], grid_1d(total as u64, WG))?;
+        // One invocation per pixel and block of ROI_CB channels.
+        let threads = xs[0] * xs[1].div_ceil(ROI_CB) * xs[2] * xs[3];
+        launch(&ROI, "roi_align_backward", &[], roi_params(xs, k, g, (begin, end)), &[gy, rois], &[&dx], grid_1d(threads as u64, WG))?;
         begin = end;
         if begin >= k {
             return Ok(dx);

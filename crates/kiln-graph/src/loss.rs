@@ -167,3 +167,59 @@ pub fn dice_loss(probs: &Tensor, targets: &Tensor, eps: f32) -> Result<Tensor> {
     let total = probs.sum(&axes, false)?.add(&targets.sum(&axes, false)?)?;
     inter.scale(2.0)?.add_scalar(eps)?.div(&total.add_scalar(eps)?)?.affine(-1.0, 1.0)?.mean_all()
 }
+
+// ---- Metric learning: distances between embeddings and the losses that pull and push them.
+
+/// PyTorch's `pairwise_distance(x1, x2, p=2, eps)`: the Euclidean norm of `x1 - x2 + eps` per row, [n, d] and
+/// [n, d] -> [n] (the eps inside keeps the gradient finite when two rows coincide).
+pub fn pairwise_distance(x1: &Tensor, x2: &Tensor, eps: f32) -> Result<Tensor> {
+    if x1.rank() != 2 || x1.shape() != x2.shape() {
+        return shape_err("pairwise_distance", x1.shape(), x2.shape(), "expects two [n, d] tensors");
+    }
+    let d = x1.sub(x2)?.add_scalar(eps)?;
+    d.mul(&d)?.sum(&[1], false)?.sqrt()
+}
+
+/// PyTorch's `triplet_margin_loss(anchor, positive, negative, margin, p=2, eps=1e-6, swap, reduction="mean")`:
+/// mean of max(d(a, p) - d(a, n) + margin, 0) with [`pairwise_distance`]; `swap` (Balntas et al. 2016) uses
+/// min(d(a, n), d(p, n)) as the negative's distance.
+pub fn triplet_margin_loss(anchor: &Tensor, positive: &Tensor, negative: &Tensor, margin: f32, swap: bool) -> Result<Tensor> {
+    for (name, t) in [("positive", positive), ("negative", negative)] {
+        if t.shape() != anchor.shape() || anchor.rank() != 2 {
+            return shape_err("triplet_margin_loss", anchor.shape(), t.shape(), format!("anchor and {name} must both be [n, d]"));
+        }
+    }
+    let d_ap = pairwise_distance(anchor, positive, 1e-6)?;
+    let mut d_an = pairwise_distance(anchor, negative, 1e-6)?;
+    if swap {
+        d_an = d_an.broadcast_minimum(&pairwise_distance(positive, negative, 1e-6)?)?;
+    }
+    d_ap.sub(&d_an)?.add_scalar(margin)?.relu()?.mean_all()
+}
+
+/// The contrastive loss of Hadsell, Chopra & LeCun (2006) over pairs: with d = [`pairwise_distance`]
+/// (eps 1e-6) and `same` [n] 1 for a pair of one class, 0 otherwise, the mean over pairs of
+/// 0.5 (same d^2 + (1 - same) max(margin - d, 0)^2).
+pub fn contrastive_loss(x1: &Tensor, x2: &Tensor, same: &Tensor, margin: f32) -> Result<Tensor> {
+    let d = pairwise_distance(x1, x2, 1e-6)?;
+    if same.shape() != d.shape() {
+        return shape_err("contrastive_loss", x1.shape(), same.shape(), "expects one 0/1 label per pair: [n, d] embeddings and [n] labels");
+    }
+    let pull = d.mul(&d)?.mul(same)?;
+    let hinge = d.affine(-1.0, margin)?.relu()?;
+    let push = hinge.mul(&hinge)?.mul(&same.affine(-1.0, 1.0)?)?;
+    pull.add(&push)?.scale(0.5)?.mean_all()
+}
+
+/// Euclidean distances between every pair of rows of `x` [n, d] -> [n, n], from |a|^2 + |b|^2 - 2 a.b on
+/// the GPU's matrix product. Squared distances are floored at 1e-12 before the root, so the diagonal (and
+/// duplicates) give 1e-6 with a zero gradient rather than the root's infinite one.
+pub fn distance_matrix(x: &Tensor) -> Result<Tensor> {
+    if x.rank() != 2 {
+        return shape_err("distance_matrix", x.shape(), &[0, 0], "expects embeddings [n, d]");
+    }
+    let n = x.shape()[0];
+    let sq = x.mul(x)?.sum(&[1], true)?;
+    let gram = x.matmul_t(x, false, true)?;
+    sq.broadcast_add(&sq.reshape(&[1, n])?)?.sub(&gram.scale(2.0)?)?.clamp(1e-12, f32::MAX)?.sqrt()
+}

@@ -49,7 +49,8 @@ fn backward_chunk(x: &Tensor, k: usize, geom: &RoiAlignGeom) -> usize {
     // half a pixel, or the bin holds one sample), all of them (output size x sampling ratio) when it is fixed.
     // The loops count every iteration: the outer one's too.
     let per_axis = |out: usize| if geom.sampling_ratio > 0 { out * geom.sampling_ratio as usize } else { out.max(8) };
-    (60_000 / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1])))).max(1)
+    // The innermost loop runs over a block of channels.
+    (60_000 / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1]) * (1 + kernels::ROI_CB)))).max(1)
 }
 
 impl Tensor {

@@ -11,13 +11,16 @@ pub mod lm;
 pub mod names;
 pub mod overfeat;
 pub mod plot;
+pub mod rcnn;
 pub mod registry;
 pub mod reversal;
 pub mod scenes;
 pub mod segment;
+pub mod siamese;
 pub mod train;
 pub mod trainer;
 pub mod transformer;
+pub mod vae;
 pub mod yolo;
 pub mod zoo;
 

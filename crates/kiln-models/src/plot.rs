@@ -176,3 +176,174 @@ pub fn attention_strip_png(path: &Path, image: &[f32], side: usize, grid: usize,
     writer.write_image_data(&px).map_err(std::io::Error::other)?;
     Ok(())
 }
+
+/// One thing drawn on a picture by [`scenes_png`]: an optional box outline labelled with the class number,
+/// an optional mask tinted over the picture ([side * side], 0 or 1), in the colour of its class.
+pub struct Overlay<'a> {
+    pub bbox: Option<[f32; 4]>,
+    pub class: u32,
+    pub mask: Option<&'a [u8]>,
+}
+
+/// A distinct colour per class (a fixed palette, repeating after 20).
+pub fn class_colour(class: u32) -> [u8; 3] {
+    const PALETTE: [[u8; 3]; 20] = [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+        [170, 110, 40],
+        [255, 250, 200],
+        [128, 0, 0],
+        [170, 255, 195],
+        [128, 128, 0],
+        [255, 215, 180],
+        [0, 0, 128],
+        [128, 128, 128],
+    ];
+    PALETTE[class as usize % 20]
+}
+
+/// A row of panels, each an RGB picture [3, side, side] (values in [0, 1]) scaled `scale` times with its
+/// overlays: masks tinted at 45%, boxes outlined, class numbers above the boxes' corners. Detections drawn
+/// next to the truth, or a predicted map next to the true one, make the picture a person checks a detector or
+/// a segmenter by.
+pub fn scenes_png(path: &Path, side: usize, scale: usize, panels: &[(&[f32], Vec<Overlay>)]) -> std::io::Result<()> {
+    const GAP: usize = 4;
+    let p = side * scale;
+    let (w, h) = ((panels.len().max(1)) * (p + GAP) - GAP, p);
+    let mut px = vec![255u8; 3 * w * h];
+    for (k, (image, overlays)) in panels.iter().enumerate() {
+        let x0 = k * (p + GAP);
+        let mut put = |x: usize, y: usize, rgb: [u8; 3], alpha: f32| {
+            if x < p && y < p {
+                let at = 3 * (y * w + x0 + x);
+                for ch in 0..3 {
+                    px[at + ch] = ((1.0 - alpha) * px[at + ch] as f32 + alpha * rgb[ch] as f32).round() as u8;
+                }
+            }
+        };
+        for y in 0..p {
+            for x in 0..p {
+                let (sx, sy) = (x / scale, y / scale);
+                let rgb = std::array::from_fn(|ch| (255.0 * image.get(ch * side * side + sy * side + sx).copied().unwrap_or(0.0).clamp(0.0, 1.0)).round() as u8);
+                put(x, y, rgb, 1.0);
+            }
+        }
+        for o in overlays {
+            let colour = class_colour(o.class);
+            if let Some(mask) = o.mask {
+                for y in 0..p {
+                    for x in 0..p {
+                        if mask.get((y / scale) * side + x / scale) == Some(&1) {
+                            put(x, y, colour, 0.45);
+                        }
+                    }
+                }
+            }
+            let Some(bbox) = o.bbox else { continue };
+            let to_px = |v: f32| ((v * scale as f32).round().max(0.0) as usize).min(p.saturating_sub(1));
+            let (bx0, by0, bx1, by1) = (to_px(bbox[0]), to_px(bbox[1]), to_px(bbox[2]), to_px(bbox[3]));
+            for x in bx0..=bx1 {
+                put(x, by0, colour, 1.0);
+                put(x, by1, colour, 1.0);
+            }
+            for y in by0..=by1 {
+                put(bx0, y, colour, 1.0);
+                put(bx1, y, colour, 1.0);
+            }
+            // The class number in the 3x5 font at twice its size, just inside the box's top-left corner.
+            for (i, c) in o.class.to_string().chars().enumerate() {
+                for (row, bits) in glyph(c).iter().enumerate() {
+                    for col in 0..3 {
+                        if bits & (4 >> col) != 0 {
+                            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                                put(bx0 + 2 + i * 8 + col * 2 + dx, by0 + 2 + row * 2 + dy, colour, 1.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&px).map_err(std::io::Error::other)?;
+    Ok(())
+}
+
+/// A scatter plot of 2-D points (a PCA of embeddings, say), one dot per point in its class's colour
+/// ([`class_colour`]), scaled to fill a 480 x 480 picture with a margin.
+pub fn scatter_png(path: &Path, points: &[(f32, f32)], classes: &[u32]) -> std::io::Result<()> {
+    const SIDE: usize = 480;
+    const MARGIN: f32 = 16.0;
+    let mut px = vec![255u8; 3 * SIDE * SIDE];
+    let (mut lo, mut hi) = ((f32::MAX, f32::MAX), (f32::MIN, f32::MIN));
+    for &(x, y) in points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
+        lo = (lo.0.min(x), lo.1.min(y));
+        hi = (hi.0.max(x), hi.1.max(y));
+    }
+    let span = (hi.0 - lo.0).max(hi.1 - lo.1).max(1e-9);
+    let usable = SIDE as f32 - 2.0 * MARGIN;
+    for (&(x, y), &c) in points.iter().zip(classes) {
+        if !(x.is_finite() && y.is_finite()) {
+            continue;
+        }
+        let (cx, cy) = (MARGIN + (x - lo.0) / span * usable, SIDE as f32 - MARGIN - (y - lo.1) / span * usable);
+        let colour = class_colour(c);
+        for dy in -1i32..=1 {
+            for dx in -1i32..=1 {
+                let (px_x, px_y) = (cx as i32 + dx, cy as i32 + dy);
+                if (0..SIDE as i32).contains(&px_x) && (0..SIDE as i32).contains(&px_y) {
+                    let at = 3 * (px_y as usize * SIDE + px_x as usize);
+                    px[at..at + 3].copy_from_slice(&colour);
+                }
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), SIDE as u32, SIDE as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&px).map_err(std::io::Error::other)?;
+    Ok(())
+}
+
+/// A grid of grey images (`images`: [n, side * side] in [0, 1], row-major), `cols` to a row, each scaled
+/// `scale` times with a one-pixel white gap: samples, reconstructions, interpolations.
+pub fn image_grid_png(path: &Path, images: &[f32], side: usize, cols: usize, scale: usize) -> std::io::Result<()> {
+    let n = images.len() / (side * side).max(1);
+    let cols = cols.clamp(1, n.max(1));
+    let rows = n.div_ceil(cols).max(1);
+    let cell = side * scale + 1;
+    let (w, h) = (cols * cell + 1, rows * cell + 1);
+    let mut px = vec![255u8; w * h];
+    for k in 0..n {
+        let (x0, y0) = (1 + (k % cols) * cell, 1 + (k / cols) * cell);
+        for y in 0..side * scale {
+            for x in 0..side * scale {
+                let v = images[k * side * side + (y / scale) * side + x / scale];
+                px[(y0 + y) * w + x0 + x] = (255.0 * v.clamp(0.0, 1.0)).round() as u8;
+            }
+        }
+    }
+    let file = std::fs::File::create(path)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+    writer.write_image_data(&px).map_err(std::io::Error::other)?;
+    Ok(())
+}

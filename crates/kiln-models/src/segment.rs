@@ -211,3 +211,30 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
     let (pixel_accuracy, _, miou) = kiln_nn::detection_metrics::segmentation_scores(&confusion);
     Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: first, last_loss: last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
 }
+
+/// A PNG of the first `count` held-out scenes of a run, each twice: the true class map, then the predicted
+/// one, each class tinted in its colour (class numbers as in `ObjectSource::class_names`).
+pub fn segment_pictures(net: &SegmentNet, cfg: &SegmentConfig, count: usize, path: &std::path::Path) -> Result<()> {
+    let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
+    let test = kiln_data::ObjectScenes::new(cfg.scenes, kiln_data::ObjectSplit::Test, cfg.seed, count, cfg.data_dir.as_deref()).map_err(data_err)?;
+    let s = cfg.scenes.size;
+    let scenes = (0..count).map(|i| test.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
+    let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+    let logits = kiln_graph::no_grad(|| net.forward(&Tensor::from_slice(&px, &[count, 3, s, s])?))?;
+    let classes = logits.shape()[1];
+    let logits = logits.to_vec()?;
+    // Per scene and class: the pixels of that class (0/1), truth then prediction.
+    let maps = |labels: &dyn Fn(usize) -> usize| -> Vec<(u32, Vec<u8>)> {
+        (1..classes).map(|c| (c as u32 - 1, (0..s * s).map(|p| (labels(p) == c) as u8).collect::<Vec<u8>>())).filter(|(_, m)| m.contains(&1)).collect()
+    };
+    let mut layers = Vec::new();
+    for (i, sc) in scenes.iter().enumerate() {
+        let truth = maps(&|p| sc.semantic[p] as usize);
+        let pred = maps(&|p| (0..classes).max_by(|&a, &b| logits[(i * classes + a) * s * s + p].total_cmp(&logits[(i * classes + b) * s * s + p])).unwrap_or(0));
+        layers.push((i, truth));
+        layers.push((i, pred));
+    }
+    let panels: Vec<(&[f32], Vec<crate::plot::Overlay>)> =
+        layers.iter().map(|(i, ms)| (&scenes[*i].image[..], ms.iter().map(|(c, m)| crate::plot::Overlay { bbox: None, class: *c, mask: Some(&m[..]) }).collect())).collect();
+    crate::plot::scenes_png(path, s, (256 / s).max(1), &panels).map_err(|e| kiln_graph::KilnError::Data(format!("writing {}: {e}", path.display())))
+}

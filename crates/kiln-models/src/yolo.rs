@@ -366,3 +366,21 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     let coco_map = kiln_nn::detection_metrics::coco_eval(&dets, &truths).ap;
     Ok((model, YoloReport { steps: cfg.steps, first_loss: first, last_loss: last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
 }
+
+/// A PNG of the first `count` held-out scenes of a run, each twice: the true boxes, then the detections that
+/// score above 0.3 (class numbers as in `ObjectSource::class_names`).
+pub fn yolo_pictures(model: &Yolo, cfg: &YoloConfig, count: usize, path: &std::path::Path) -> Result<()> {
+    let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
+    let test = kiln_data::ObjectScenes::new(cfg.scenes, kiln_data::ObjectSplit::Test, cfg.seed, count, cfg.data_dir.as_deref()).map_err(data_err)?;
+    let size = cfg.scenes.size;
+    let scenes = (0..count).map(|i| test.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
+    let px: Vec<f32> = scenes.iter().flat_map(|s| s.image.iter().copied()).collect();
+    let pred = kiln_graph::no_grad(|| model.forward(&Tensor::from_slice(&px, &[count, 3, size, size])?))?;
+    let mut panels = Vec::new();
+    for (i, sc) in scenes.iter().enumerate() {
+        panels.push((&sc.image[..], sc.objects.iter().map(|o| crate::plot::Overlay { bbox: Some(o.bbox), class: o.class, mask: None }).collect()));
+        let found = model.detect(&pred, i, size, 0.3, 0.5)?;
+        panels.push((&sc.image[..], found.iter().map(|d| crate::plot::Overlay { bbox: Some(d.bbox), class: d.class, mask: None }).collect()));
+    }
+    crate::plot::scenes_png(path, size, (256 / size).max(1), &panels).map_err(|e| kiln_graph::KilnError::Data(format!("writing {}: {e}", path.display())))
+}

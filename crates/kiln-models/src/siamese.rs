@@ -1,0 +1,360 @@
+//! Face verification's recipe (siamese networks, the triplet loss) on Fashion-MNIST, scored on classes the
+//! network never saw: train on seven classes, then tell "same or different" and do one-shot recognition on
+//! the other three.
+//!
+//! One network with shared weights embeds every image (a siamese net is this network applied twice); the
+//! embedding is L2-normalised, so distances lie in [0, 2]. Training batches hold K images of each of P
+//! classes (Hermans et al. 2017's PK batches) and the loss is the triplet loss with batch-all, batch-hard or
+//! semi-hard mining ([`kiln_nn::metric_learning`]), or the contrastive loss on each image paired with one
+//! positive and one negative.
+//!
+//! Held-out scoring: the unseen classes' test images are split in half (seeded). On each half, seeded pairs,
+//! half of one class, half of two: the ROC AUC of -distance; the threshold with the best accuracy on the dev
+//! half, and its accuracy on the test half; and N-way one-shot accuracy on the test half (a query, one
+//! support image of its class and one of each of N - 1 other classes; right when the nearest support is its
+//! class). The same scores for the untrained network say how much training did.
+
+use kiln_graph::{KilnError, Pool2dGeom, Result, Rng, Tensor};
+use kiln_nn::metric_learning::{batch_triplet_loss, best_threshold, roc_auc, Mining};
+use kiln_nn::{Conv2d, Conv2dConfig, Init, Layer, Linear, Module, Padding, Param, VarStore};
+
+/// The embedding network: three 3x3 convolutions (32, 64, 64 channels, ReLU, 2x2 max pooling after each),
+/// a linear layer to `dim`, L2 normalisation. Input [n, 1, 28, 28].
+pub struct EmbeddingNet {
+    pub convs: Vec<Conv2d>,
+    pub fc: Linear,
+    pub dim: usize,
+}
+
+impl EmbeddingNet {
+    pub fn new(vs: &mut VarStore, dim: usize) -> Result<EmbeddingNet> {
+        if dim == 0 {
+            return Err(KilnError::Usage("embedding net: the embedding size must be above 0".into()));
+        }
+        let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
+        let chans = [1, 32, 64, 64];
+        let convs = (0..3).map(|i| Conv2d::new(vs, &format!("features.{i}"), chans[i], chans[i + 1], 3, same)).collect::<Result<Vec<_>>>()?;
+        let fc = Linear::new(vs, "embedding", 64 * 3 * 3, dim, Init::XavierUniform)?;
+        Ok(EmbeddingNet { convs, fc, dim })
+    }
+
+    /// images [n, 1, 28, 28] -> unit embeddings [n, dim].
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        let mut x = images.clone();
+        for conv in &self.convs {
+            x = conv.forward(&x)?.relu()?.max_pool2d(Pool2dGeom::square(2))?.0;
+        }
+        let n = x.shape()[0];
+        let e = self.fc.forward(&x.reshape(&[n, 64 * 3 * 3])?)?;
+        let norm = e.mul(&e)?.sum(&[1], true)?.add_scalar(1e-12)?.sqrt()?;
+        e.broadcast_div(&norm)
+    }
+}
+
+impl Module for EmbeddingNet {
+    fn describe(&self) -> String {
+        format!("EmbeddingNet(dim={})", self.dim)
+    }
+    fn own_params(&self) -> Vec<&Param> {
+        vec![]
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = self.convs.iter().enumerate().map(|(i, c)| (format!("features.{i}"), c as &dyn Module)).collect();
+        v.push(("embedding".into(), &self.fc));
+        v
+    }
+}
+
+/// The loss a siamese run trains with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MetricLoss {
+    Triplet(Mining),
+    Contrastive,
+}
+
+impl MetricLoss {
+    pub fn name(&self) -> String {
+        match self {
+            MetricLoss::Triplet(m) => format!("triplet ({})", m.name()),
+            MetricLoss::Contrastive => "contrastive".into(),
+        }
+    }
+}
+
+/// What a siamese run trains on and how it is scored.
+#[derive(Clone, Debug)]
+pub struct SiameseConfig {
+    /// Fashion-MNIST classes kept out of training, scored at the end.
+    pub held_out: Vec<u32>,
+    pub dim: usize,
+    pub loss: MetricLoss,
+    pub margin: f32,
+    pub steps: u64,
+    /// K images of each training class per batch (all P = 10 - held-out classes are in every batch).
+    pub per_class: usize,
+    pub lr: f32,
+    pub seed: u64,
+    /// Pairs drawn on each half of the held-out images, and one-shot trials.
+    pub pairs: usize,
+    pub ways: usize,
+    pub trials: usize,
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for SiameseConfig {
+    fn default() -> Self {
+        SiameseConfig {
+            held_out: vec![7, 8, 9],
+            dim: 32,
+            loss: MetricLoss::Triplet(Mining::SemiHard),
+            margin: 0.5,
+            steps: 1000,
+            per_class: 8,
+            lr: 1e-3,
+            seed: 42,
+            pairs: 3000,
+            ways: 3,
+            trials: 2000,
+            data_dir: None,
+        }
+    }
+}
+
+/// Verification and one-shot scores of one network on the held-out classes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerificationScores {
+    pub auc: f64,
+    /// The distance below which a pair is called "same", chosen on the dev half.
+    pub threshold: f64,
+    pub dev_accuracy: f64,
+    pub test_accuracy: f64,
+    pub one_shot: f64,
+}
+
+/// What a siamese run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SiameseReport {
+    pub loss: String,
+    pub steps: u64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub trained: VerificationScores,
+    pub untrained: VerificationScores,
+    pub held_out: Vec<u32>,
+    pub ways: usize,
+    pub ms_per_step: f64,
+    pub parameters: usize,
+}
+
+/// Images [n, 784] in [0, 1] and labels of the Fashion-MNIST classes `keep`.
+fn select(set: &kiln_data::ArrayDataset, keep: &[u32]) -> Result<(Vec<f32>, Vec<u32>)> {
+    let labels = match &set.targets {
+        kiln_data::Targets::Classes { labels, .. } => labels,
+        _ => return Err(KilnError::Data("fashion-mnist: expected class labels".into())),
+    };
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for (i, &l) in labels.iter().enumerate() {
+        if keep.contains(&l) {
+            x.extend_from_slice(&set.x[i * 784..(i + 1) * 784]);
+            y.push(l);
+        }
+    }
+    Ok((x, y))
+}
+
+/// Embeddings [n, dim] of images [n, 784], in batches, without the tape.
+pub fn embed(net: &EmbeddingNet, images: &[f32]) -> Result<Vec<f32>> {
+    let n = images.len() / 784;
+    let mut out = Vec::with_capacity(n * net.dim);
+    for from in (0..n).step_by(256) {
+        let m = 256.min(n - from);
+        let x = Tensor::from_slice(&images[from * 784..(from + m) * 784], &[m, 1, 28, 28])?;
+        out.extend(kiln_graph::no_grad(|| net.forward(&x))?.to_vec()?);
+    }
+    Ok(out)
+}
+
+fn distance(e: &[f32], dim: usize, a: usize, b: usize) -> f64 {
+    e[a * dim..(a + 1) * dim].iter().zip(&e[b * dim..(b + 1) * dim]).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Seeded pairs among `members` (indices into the labels): `count / 2` of one class, the rest of two.
+fn pairs(members: &[usize], labels: &[u32], count: usize, rng: &mut Rng) -> Vec<(usize, usize, bool)> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let want_same = out.len() < count / 2;
+        let a = members[rng.below(members.len())];
+        let b = members[rng.below(members.len())];
+        if a != b && (labels[a] == labels[b]) == want_same {
+            out.push((a, b, want_same));
+        }
+    }
+    out
+}
+
+/// The verification and one-shot scores of embeddings `e` [n, dim] of images with `labels`, split by `dev`
+/// (true: the dev half).
+pub fn verification_scores(e: &[f32], dim: usize, labels: &[u32], dev: &[bool], cfg: &SiameseConfig) -> Result<VerificationScores> {
+    let mut rng = Rng::new(cfg.seed ^ 0x0ea1);
+    let dev_members: Vec<usize> = (0..labels.len()).filter(|&i| dev[i]).collect();
+    let test_members: Vec<usize> = (0..labels.len()).filter(|&i| !dev[i]).collect();
+    let score = |ps: &[(usize, usize, bool)]| -> (Vec<f64>, Vec<bool>) { (ps.iter().map(|&(a, b, _)| -distance(e, dim, a, b)).collect(), ps.iter().map(|p| p.2).collect()) };
+    let (dev_s, dev_y) = score(&pairs(&dev_members, labels, cfg.pairs, &mut rng));
+    let (test_s, test_y) = score(&pairs(&test_members, labels, cfg.pairs, &mut rng));
+    let (t, dev_accuracy) = best_threshold(&dev_s, &dev_y);
+    let test_accuracy = test_s.iter().zip(&test_y).filter(|(s, y)| (**s >= t) == **y).count() as f64 / test_s.len().max(1) as f64;
+    let auc = roc_auc(&test_s, &test_y).ok_or_else(|| KilnError::Usage("verification: the pairs need both same and different ones".into()))?;
+    // N-way one-shot on the test half.
+    let mut classes: Vec<u32> = cfg.held_out.clone();
+    classes.sort();
+    let by_class: Vec<Vec<usize>> = classes.iter().map(|c| test_members.iter().copied().filter(|&i| labels[i] == *c).collect()).collect();
+    if cfg.ways < 2 || cfg.ways > classes.len() || by_class.iter().any(|m| m.len() < 2) {
+        return Err(KilnError::Usage(format!("one-shot: {} ways need that many held-out classes (there are {}) with two test images each", cfg.ways, classes.len())));
+    }
+    let mut right = 0;
+    for _ in 0..cfg.trials {
+        let mut order: Vec<usize> = (0..classes.len()).collect();
+        rng.shuffle(&mut order);
+        let ways = &order[..cfg.ways];
+        let truth = ways[0];
+        let query = by_class[truth][rng.below(by_class[truth].len())];
+        let supports: Vec<(usize, usize)> = ways
+            .iter()
+            .map(|&c| loop {
+                let s = by_class[c][rng.below(by_class[c].len())];
+                if s != query {
+                    break (c, s);
+                }
+            })
+            .collect();
+        let best = supports.iter().min_by(|a, b| distance(e, dim, query, a.1).total_cmp(&distance(e, dim, query, b.1))).map(|s| s.0);
+        right += (best == Some(truth)) as usize;
+    }
+    Ok(VerificationScores { auc, threshold: -t, dev_accuracy, test_accuracy, one_shot: right as f64 / cfg.trials.max(1) as f64 })
+}
+
+/// What a siamese run leaves for pictures: the held-out test images' embeddings and labels.
+pub struct HeldOut {
+    pub embeddings: Vec<f32>,
+    pub labels: Vec<u32>,
+    pub dim: usize,
+}
+
+/// Trains on the seven (10 - held-out) classes of Fashion-MNIST's training set with PK batches and scores the
+/// held-out classes of its test set, before and after.
+pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) -> Result<(EmbeddingNet, SiameseReport, HeldOut)> {
+    let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
+    let train_classes: Vec<u32> = (0..10).filter(|c| !cfg.held_out.contains(c)).collect();
+    if train_classes.len() < 2 || cfg.per_class < 2 || cfg.held_out.iter().any(|&c| c >= 10) {
+        return Err(KilnError::Usage(format!(
+            "siamese: needs held-out classes below 10 leaving at least two to train on, and at least 2 images per class in a batch (held out {:?}, {} per class)",
+            cfg.held_out, cfg.per_class
+        )));
+    }
+    let (train_set, test_set) = kiln_data::load_fashion_mnist(cfg.data_dir.as_deref()).map_err(data_err)?;
+    let (train_x, train_y) = select(&train_set, &train_classes)?;
+    let (test_x, test_y) = select(&test_set, &cfg.held_out)?;
+    let mut split_rng = Rng::new(cfg.seed ^ 0x5917);
+    let dev: Vec<bool> = (0..test_y.len()).map(|_| split_rng.uniform() < 0.5).collect();
+
+    let mut vs = VarStore::new(cfg.seed);
+    let net = EmbeddingNet::new(&mut vs, cfg.dim)?;
+    vs.finish()?;
+    let untrained = verification_scores(&embed(&net, &test_x)?, cfg.dim, &test_y, &dev, cfg)?;
+    let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
+    let by_class: Vec<Vec<usize>> = train_classes.iter().map(|c| (0..train_y.len()).filter(|&i| train_y[i] == *c).collect()).collect();
+    let mut rng = Rng::new(cfg.seed);
+    let started = std::time::Instant::now();
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    for step in 0..cfg.steps {
+        let mut idx = Vec::with_capacity(by_class.len() * cfg.per_class);
+        for members in &by_class {
+            idx.extend((0..cfg.per_class).map(|_| members[rng.below(members.len())]));
+        }
+        let px: Vec<f32> = idx.iter().flat_map(|&i| train_x[i * 784..(i + 1) * 784].iter().copied()).collect();
+        let labels: Vec<u32> = idx.iter().map(|&i| train_y[i]).collect();
+        let e = net.forward(&Tensor::from_slice(&px, &[idx.len(), 1, 28, 28])?)?;
+        let l = match cfg.loss {
+            MetricLoss::Triplet(mining) => batch_triplet_loss(&e, &labels, cfg.margin, mining)?,
+            MetricLoss::Contrastive => {
+                // Each image with one random image of its class and one of another.
+                let n = labels.len();
+                let (mut left, mut right, mut same) = (Vec::new(), Vec::new(), Vec::new());
+                for a in 0..n {
+                    for want_same in [true, false] {
+                        let b = loop {
+                            let b = rng.below(n);
+                            if b != a && (labels[a] == labels[b]) == want_same {
+                                break b;
+                            }
+                        };
+                        left.push(a as u32);
+                        right.push(b as u32);
+                        same.push(want_same as u8 as f32);
+                    }
+                }
+                let pick = |v: &[u32]| -> Result<Tensor> { e.index_select(0, &Tensor::from_u32(v, &[v.len()])?) };
+                kiln_graph::loss::contrastive_loss(&pick(&left)?, &pick(&right)?, &Tensor::from_slice(&same, &[same.len()])?, cfg.margin)?
+            }
+        };
+        opt.step(&vs, &l.backward()?)?;
+        let v = l.to_scalar()? as f64;
+        if step == 0 {
+            first = v;
+        }
+        last = v;
+        progress(step + 1, v as f32);
+    }
+    let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    let embeddings = embed(&net, &test_x)?;
+    let trained = verification_scores(&embeddings, cfg.dim, &test_y, &dev, cfg)?;
+    let report = SiameseReport {
+        loss: cfg.loss.name(),
+        steps: cfg.steps,
+        first_loss: first,
+        last_loss: last,
+        trained,
+        untrained,
+        held_out: cfg.held_out.clone(),
+        ways: cfg.ways,
+        ms_per_step,
+        parameters: vs.num_values(),
+    };
+    Ok((net, report, HeldOut { embeddings, labels: test_y, dim: cfg.dim }))
+}
+
+/// The first two principal components of rows [n, dim] (power iteration on the covariance, deflated): the
+/// rows projected to 2-D.
+pub fn pca_2d(rows: &[f32], dim: usize) -> Vec<(f32, f32)> {
+    let n = rows.len() / dim.max(1);
+    let mean: Vec<f64> = (0..dim).map(|j| (0..n).map(|i| rows[i * dim + j] as f64).sum::<f64>() / n.max(1) as f64).collect();
+    let mut cov = vec![0.0f64; dim * dim];
+    for i in 0..n {
+        for a in 0..dim {
+            let da = rows[i * dim + a] as f64 - mean[a];
+            for b in 0..dim {
+                cov[a * dim + b] += da * (rows[i * dim + b] as f64 - mean[b]);
+            }
+        }
+    }
+    let mut components: Vec<Vec<f64>> = Vec::new();
+    for k in 0..2 {
+        let mut v: Vec<f64> = (0..dim).map(|j| 1.0 + ((j * 7 + k * 3) % 5) as f64).collect();
+        for _ in 0..200 {
+            let mut w: Vec<f64> = (0..dim).map(|a| (0..dim).map(|b| cov[a * dim + b] * v[b]).sum()).collect();
+            for c in &components {
+                let dot: f64 = w.iter().zip(c).map(|(x, y)| x * y).sum();
+                w.iter_mut().zip(c).for_each(|(x, y)| *x -= dot * y);
+            }
+            let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-300);
+            v = w.into_iter().map(|x| x / norm).collect();
+        }
+        components.push(v);
+    }
+    (0..n)
+        .map(|i| {
+            let p = |c: &Vec<f64>| (0..dim).map(|j| (rows[i * dim + j] as f64 - mean[j]) * c[j]).sum::<f64>() as f32;
+            (p(&components[0]), p(&components[1]))
+        })
+        .collect()
+}
