@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 12] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step", "lm", "detection"];
+pub const FAMILIES: [&str; 13] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step", "lm", "detection", "generative"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -161,6 +161,8 @@ pub struct SuiteOptions {
     pub nms: Vec<usize>,
     /// RoI-Align: (RoIs, channels, map side), 7 x 7 bins of 2 x 2 samples.
     pub roi_align: Vec<(usize, usize, usize)>,
+    /// The side of the style-transfer iteration's image (`generative`).
+    pub style_side: usize,
 }
 
 /// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
@@ -180,6 +182,7 @@ impl Default for SuiteOptions {
             lm_batch: 32,
             nms: vec![1000, 10_000, 100_000],
             roi_align: vec![(512, 256, 64)],
+            style_side: 512,
         }
     }
 }
@@ -196,6 +199,7 @@ impl SuiteOptions {
             attention: vec![(8, 256)],
             nms: vec![1000, 10_000],
             roi_align: vec![(64, 32, 32)],
+            style_side: 128,
             ..SuiteOptions::default()
         }
     }
@@ -298,7 +302,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 12] = [
+    let families: [Family; 13] = [
         ("matmul", matmul_family),
         ("conv", conv_family),
         ("pool", pool_family),
@@ -311,6 +315,7 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         ("step", step_family),
         ("lm", lm_family),
         ("detection", detection_family),
+        ("generative", generative_family),
     ];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
@@ -1160,6 +1165,152 @@ fn detection_family(ctx: &mut Ctx) -> R<()> {
             y.mul(&r)?.sum_all()?.backward()?;
             Ok(y.detach())
         })?;
+    }
+    // A two-stage detector's training step (RPN, RoI-Align box and mask heads, both samplers, Adam) on eight
+    // 64 x 64 object scenes, the example's settings.
+    {
+        use kiln_models::rcnn::{scene_targets, TwoStage, TwoStageConfig};
+        let scenes = kiln_data::ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: kiln_data::ObjectSource::Digits, ..Default::default() };
+        let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
+        let set = kiln_data::ObjectScenes::new(scenes, kiln_data::ObjectSplit::Train, 1, 8, None).map_err(data_err)?;
+        let batch = (0..8).map(|i| set.scene(i)).collect::<Result<Vec<_>, _>>().map_err(data_err)?;
+        let px: Vec<f32> = batch.iter().flat_map(|s| s.image.iter().copied()).collect();
+        let targets: Vec<_> = batch.iter().map(scene_targets).collect();
+        let mut vs = kiln_nn::VarStore::new(1);
+        let model = TwoStage::new(&mut vs, TwoStageConfig { classes: 10, anchor_sizes: vec![12.0, 20.0, 32.0], representation: 128, ..Default::default() })?;
+        vs.finish()?;
+        let mut opt = adam(&vs)?;
+        let x = Tensor::from_slice(&px, &[8, 3, 64, 64])?;
+        let ms = median_step(ctx, || {
+            let l = model.losses(&x, &targets, &mut rng)?.total()?;
+            opt.step(&vs, &l.backward()?)?;
+            l.to_scalar()?;
+            Ok(())
+        })?;
+        push_step(ctx, "detection", "two-stage detector step (RPN, box and mask heads; fwd, bwd, Adam)", &[8, 3, 64, 64], 8, ms, vs.num_values());
+    }
+    Ok(())
+}
+
+// ---- generative models -------------------------------------------------------------------------------
+
+fn adam(vs: &kiln_nn::VarStore) -> R<kiln_nn::Optimizer> {
+    kiln_nn::Optimizer::new(vs, kiln_nn::OptimizerKind::Adam { beta1: 0.5, beta2: 0.999, eps: 1e-8 }, 1e-4, 0.0, kiln_nn::schedule::Schedule::constant(), 1_000_000)
+}
+
+/// The median wall time of `step` (which waits for its result) over the suite's runs, after two warm-ups.
+fn median_step(ctx: &Ctx, mut step: impl FnMut() -> R<()>) -> R<f64> {
+    step()?;
+    step()?;
+    let mut times = Vec::new();
+    for _ in 0..ctx.opts.runs.max(3) {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if times.iter().sum::<f64>() > 1e3 * ctx.opts.budget_s {
+            break;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn push_step(ctx: &mut Ctx, family: &str, name: &str, shape: &[usize], batch: usize, ms: f64, parameters: usize) {
+    let mut rec = ctx.base(family, name, shape, "training step");
+    rec.valid = true;
+    rec.median_ms = Some(ms);
+    rec.ms_per_step = Some(ms);
+    rec.timing = Some(Timing::WallFence);
+    rec.batch = Some(batch);
+    rec.samples_per_s = Some(batch as f64 * 1e3 / ms);
+    rec.peak_gpu_bytes = gpu().ok().map(|g| g.stats().peak_live_bytes);
+    rec.note = Some(format!("{parameters} parameters; the model's own tests check its values"));
+    ctx.push(rec);
+}
+
+/// What issue 14 times: transposed convolution forward + backward (DCGAN's generator layer, checked against
+/// the f64 reference), a DCGAN step (discriminator and generator, batch 64), a VAE step (batch 64), and one
+/// style-transfer iteration (a random VGG-19 at a quarter of its channels, `style_side` pixels square).
+fn generative_family(ctx: &mut Ctx) -> R<()> {
+    let mut rng = Rng::new(41);
+    let geom = kiln_graph::Conv2dGeom { stride: [2, 2], padding: [1, 1], ..Default::default() };
+    let x = Tensor::rand_uniform(&[64, 64, 7, 7], -1.0, 1.0, &mut rng)?.var();
+    let w = Tensor::rand_uniform(&[64, 32, 4, 4], -0.1, 0.1, &mut rng)?.var();
+    let (hx, hw) = (x.to_vec()?, w.to_vec()?);
+    let mut want = Vec::new();
+    let cpu_ms = cpu_time(1, || {
+        let xc = kiln_graph::cpu::CpuTensor::from_f32(&hx, &[64, 64, 7, 7]);
+        want = xc.conv_transpose2d(&kiln_graph::cpu::CpuTensor::from_f32(&hw, &[64, 32, 4, 4]), &geom, [0, 0]).to_f32();
+    });
+    let r = Tensor::rand_uniform(&[64, 32, 14, 14], -1.0, 1.0, &mut rng)?;
+    // Forward: every input pixel meets 32 x 16 weights; backward twice that.
+    let flops = 3.0 * 2.0 * (64 * 64 * 49 * 32 * 16) as f64;
+    let rec = ctx.base("generative", "conv_transpose2d 4x4 s2 [64, 64, 7, 7] -> [64, 32, 14, 14]: fwd+bwd", &[64, 64, 7, 7], "conv input gradient");
+    ctx.measure(rec, flops, false, &want, 1e-4, Some(cpu_ms * 3.0), || {
+        let y = x.conv_transpose2d(&w, geom, [0, 0])?;
+        y.mul(&r)?.sum_all()?.backward()?;
+        Ok(y.detach())
+    })?;
+
+    {
+        use kiln_models::gan::{discriminator_loss, generator_loss, Discriminator, Generator, GeneratorLoss};
+        let (mut gvs, mut dvs) = (kiln_nn::VarStore::new(1), kiln_nn::VarStore::new(2));
+        let generator = Generator::new(&mut gvs, 64, 32)?;
+        gvs.finish()?;
+        let discriminator = Discriminator::new(&mut dvs, 32, true)?;
+        dvs.finish()?;
+        let (mut gopt, mut dopt) = (adam(&gvs)?, adam(&dvs)?);
+        let real = Tensor::rand_uniform(&[64, 1, 28, 28], -1.0, 1.0, &mut rng)?;
+        let z = Tensor::randn(&[64, 64], 1.0, &mut rng)?;
+        let ms = median_step(ctx, || {
+            let fake = generator.forward(&z)?;
+            let d = discriminator_loss(&discriminator.forward(&real)?, &discriminator.forward(&fake.detach())?)?;
+            dopt.step(&dvs, &d.backward()?)?;
+            let g = generator_loss(&discriminator.forward(&fake)?, GeneratorLoss::NonSaturating)?;
+            gopt.step(&gvs, &g.backward()?)?;
+            g.to_scalar()?;
+            Ok(())
+        })?;
+        push_step(ctx, "generative", "DCGAN step (D then G; latent 64, width 32, Fashion-MNIST size)", &[64, 1, 28, 28], 64, ms, gvs.num_values() + dvs.num_values());
+    }
+    {
+        use kiln_models::vae::{Likelihood, Vae};
+        let mut vs = kiln_nn::VarStore::new(3);
+        let vae = Vae::new(&mut vs, 20, 400, Likelihood::Bernoulli)?;
+        vs.finish()?;
+        let mut opt = adam(&vs)?;
+        let x = Tensor::from_slice(&(0..64 * 784).map(|_| rng.below(2) as f32).collect::<Vec<_>>(), &[64, 784])?;
+        let eps = Tensor::randn(&[64, 20], 1.0, &mut rng)?;
+        let ms = median_step(ctx, || {
+            let l = vae.loss(&x, &eps, 1.0)?;
+            opt.step(&vs, &l.backward()?)?;
+            l.to_scalar()?;
+            Ok(())
+        })?;
+        push_step(ctx, "generative", "VAE step (784-400-20, Bernoulli; fwd, bwd, Adam)", &[64, 784], 64, ms, vs.num_values());
+    }
+    {
+        use kiln_models::style::{gram_matrix, style_layer_loss, VggFeatures};
+        let side = ctx.opts.style_side;
+        let net = VggFeatures::random(4, 1)?;
+        let layers = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"];
+        let style = Tensor::rand_uniform(&[1, 3, side, side], 0.0, 1.0, &mut rng)?;
+        let targets = kiln_graph::no_grad(|| -> R<Vec<Tensor>> {
+            let f = net.features(&style, &layers)?;
+            layers.iter().map(|l| gram_matrix(&f[*l])).collect::<Result<Vec<_>, _>>()
+        })?;
+        let image = Tensor::rand_uniform(&[1, 3, side, side], 0.0, 1.0, &mut rng)?.var();
+        let ms = median_step(ctx, || {
+            let f = net.features(&image, &layers)?;
+            let mut loss = style_layer_loss(&f[layers[0]], &targets[0])?;
+            for (l, t) in layers.iter().zip(&targets).skip(1) {
+                loss = loss.add(&style_layer_loss(&f[*l], t)?)?;
+            }
+            let g = loss.backward()?;
+            g.get(&image).map(|t| t.to_vec()).transpose()?;
+            Ok(())
+        })?;
+        push_step(ctx, "generative", &format!("style-transfer iteration at {side} x {side} (VGG-19 / 4, random; fwd, bwd)"), &[1, 3, side, side], 1, ms, net.parameters());
     }
     Ok(())
 }

@@ -164,15 +164,59 @@ struct TrainArgs {
     /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet].
     #[arg(long, value_parser = ["triplet", "contrastive"])]
     loss: Option<String>,
-    /// siamese: triplet mining in each batch, semi-hard, hard or all [default: semi-hard].
+    /// siamese: triplet mining in each batch, hard, semi-hard or all [default: hard].
     #[arg(long, value_parser = ["semi-hard", "hard", "all"])]
     mining: Option<String>,
-    /// siamese: the margin [default: 0.5 for triplet, 1.0 for contrastive].
+    /// siamese: the margin [default: 0.2 for triplet, 1.0 for contrastive].
     #[arg(long, value_parser = positive_f32)]
     margin: Option<f32>,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct StyleArgs {
+    /// The content picture.
+    #[arg(long, default_value = "astronaut.png")]
+    content: PathBuf,
+    /// The style picture.
+    #[arg(long, default_value = "starry_night.jpg")]
+    style: PathBuf,
+    /// Where to write the result (PNG).
+    #[arg(long, default_value = "style.png")]
+    out: PathBuf,
+    /// The longer side of the result in pixels (the content is resized to it, the style to the same size).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..=2048))]
+    size: u64,
+    /// Adam steps on the pixels.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// A torchvision VGG-16/19 converted to safetensors (features.N.weight names); without it, VGG-19's layout
+    /// with random weights (random-feature style transfer).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// With random weights: VGG-19's channels divided by this.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    divisor: u64,
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f32)]
+    content_weight: f32,
+    #[arg(long, default_value_t = 1e6, value_parser = non_negative_f32)]
+    style_weight: f32,
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f32)]
+    tv_weight: f32,
+    #[arg(long, default_value_t = 0.02, value_parser = positive_f32)]
+    lr: f32,
+    /// Start from uniform noise instead of the content picture.
+    #[arg(long)]
+    from_noise: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -181,6 +225,9 @@ struct TrainArgs {
 enum Command {
     /// Train a model on a real data set and report test metrics.
     Train(TrainArgs),
+    /// Neural style transfer: an image with the content of one picture and the style of another (PNG or JPEG;
+    /// astronaut.png and starry_night.jpg are shipped and found by name).
+    Style(StyleArgs),
     /// Evaluate a checkpoint written by `kiln train` on a data set's test split.
     Eval {
         #[arg(long)]
@@ -315,6 +362,7 @@ fn run() -> Result<()> {
             }
         }
         Command::Eval { checkpoint, dataset, data_dir, adapter, json, predictions } => eval(checkpoint, dataset, data_dir, adapter, json, predictions),
+        Command::Style(args) => style(&args),
     }
 }
 
@@ -628,13 +676,13 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
     use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, SiameseConfig};
     use kiln_nn::metric_learning::Mining;
     let mining = match a.mining.as_deref() {
-        Some("hard") => Mining::Hard,
+        Some("semi-hard") => Mining::SemiHard,
         Some("all") => Mining::All,
-        _ => Mining::SemiHard,
+        _ => Mining::Hard,
     };
     let (loss, default_margin) = match a.loss.as_deref() {
         Some("contrastive") => (MetricLoss::Contrastive, 1.0),
-        _ => (MetricLoss::Triplet(mining), 0.5),
+        _ => (MetricLoss::Triplet(mining), 0.2),
     };
     let d = SiameseConfig::default();
     let cfg = SiameseConfig {
@@ -665,10 +713,52 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
             r.held_out, s.auc, s.threshold, s.dev_accuracy, s.test_accuracy, r.ways, s.one_shot
         );
     }
-    println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+    println!("{} steps, {:.1} ms/step, {} parameters; weights kept from step {} (dev-half AUC {:.3})", r.steps, r.ms_per_step, r.parameters, r.best_step, r.best_dev_auc);
     let picture = out.join("embeddings.png");
     kiln_models::plot::scatter_png(&picture, &pca_2d(&held.embeddings, held.dim), &held.labels).with_context(|| format!("writing {}", picture.display()))?;
     println!("picture {}", picture.display());
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// `kiln style`: neural style transfer (kiln_models::style) with a progress bar of the loss terms.
+fn style(a: &StyleArgs) -> Result<()> {
+    use kiln_data::picture::load_picture_or_bundled;
+    use kiln_models::style::{transfer, StyleConfig, VggFeatures};
+    kiln_wgpu::select_adapter(a.adapter.as_deref())?;
+    let content = load_picture_or_bundled(&a.content).context("reading the content picture")?;
+    let style_picture = load_picture_or_bundled(&a.style).context("reading the style picture")?;
+    let longer = content.h.max(content.w) as f64;
+    let scale = a.size as f64 / longer;
+    let (h, w) = (((content.h as f64 * scale).round() as usize).max(1), ((content.w as f64 * scale).round() as usize).max(1));
+    let (content, style_picture) = (content.resized(h, w), style_picture.resized(h, w));
+    let net = match &a.weights {
+        Some(path) => VggFeatures::from_checkpoint(path)?,
+        None => VggFeatures::random(a.divisor as usize, a.seed)?,
+    };
+    eprintln!("kiln: style transfer at {w} x {h} on {}; features: {}", kiln_wgpu::gpu()?.adapter_name(), net.source);
+    let cfg = StyleConfig {
+        content_weight: a.content_weight,
+        style_weight: a.style_weight,
+        tv_weight: a.tv_weight,
+        steps: a.steps,
+        lr: a.lr,
+        from_content: !a.from_noise,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let bar = steps_bar(a.steps);
+    let (out, r) = transfer(&net, &content, &style_picture, &cfg, |step, t| {
+        bar.set_position(step);
+        bar.set_message(format!("content {:.3e}  style {:.3e}  tv {:.3e}", t.content, t.style, t.tv));
+    })?;
+    bar.finish();
+    out.save_png(&a.out)?;
+    println!("content {:.4e} -> {:.4e}, style {:.4e} -> {:.4e}, tv {:.4e} -> {:.4e}", r.first.content, r.last.content, r.first.style, r.last.style, r.first.tv, r.last.tv);
+    println!("{} steps, {:.1} ms/step; features: {}", r.steps, r.ms_per_step, r.features);
+    println!("picture {}", a.out.display());
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }

@@ -367,3 +367,25 @@ fn captioning_and_vqa_train_on_scenes_and_report() {
     assert_clean_failure(&kiln(&["train", "vqa", "--dataset", "moby-dick"], &[]), "captioning and vqa on scenes");
     assert_clean_failure(&kiln(&["train", "g2p", "--dataset", "cmudict", "--transformer", "--hidden", "30"], &[]), "multiple of");
 }
+
+/// `kiln train segment` (the object-scene models' command) and `kiln style` run end to end with their
+/// pictures, and bad input is a clear error. (The two-stage detector's run is tests/rcnn.rs's: untrained, its
+/// evaluation of 200 scenes takes minutes on lavapipe.)
+#[test]
+fn object_scene_training_and_style_transfer_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-objects-{}", std::process::id()));
+    let o = kiln(&["train", "segment", "--dataset", "object-scenes", "--steps", "2", "--decoder", "fcn", "--image-size", "48", "--out", dir.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["pixel_accuracy"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && r["decoder"] == "Fcn", "{r}");
+    assert!(dir.join("scenes.png").exists(), "{out}");
+    assert_clean_failure(&kiln(&["train", "rcnn", "--dataset", "iris"], &[]), "rcnn on object-scenes");
+    let picture = dir.join("style.png");
+    let o = kiln(&["style", "--steps", "2", "--size", "32", "--divisor", "16", "--out", picture.to_str().unwrap()], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("random He-normal weights") && picture.exists(), "{out}");
+    assert_clean_failure(&kiln(&["style", "--content", "/nonexistent/photo.png", "--steps", "1"], &[]), "/nonexistent/photo.png");
+    std::fs::remove_dir_all(&dir).ok();
+}

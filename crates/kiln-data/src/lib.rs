@@ -11,6 +11,7 @@ mod idx;
 mod loader;
 mod loaders;
 mod objects;
+pub mod picture;
 mod prep;
 mod scenes;
 mod text;

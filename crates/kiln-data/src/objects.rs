@@ -13,6 +13,7 @@ use kiln_graph::Rng;
 use crate::dataset::{ArrayDataset, Targets};
 use crate::error::{DataError, Result};
 use crate::loader::{Dataset, Detection};
+use crate::picture::Picture;
 
 const BACKGROUNDS: [(&str, &[u8]); 3] = [
     ("brick.png", include_bytes!("../../../data/images/brick.png")),
@@ -109,39 +110,6 @@ impl Glyphs {
     }
 }
 
-/// An RGB picture [3, h, w].
-struct Picture {
-    pixels: Vec<f32>,
-    h: usize,
-    w: usize,
-}
-
-fn decode_png(name: &str, bytes: &[u8]) -> Result<Picture> {
-    let bad = |e: String| DataError::Invalid(format!("{name}: not a readable PNG ({e})"));
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().map_err(|e| bad(e.to_string()))?;
-    let mut buf = vec![0u8; reader.output_buffer_size().ok_or_else(|| bad("size unknown".into()))?];
-    let info = reader.next_frame(&mut buf).map_err(|e| bad(e.to_string()))?;
-    if info.bit_depth != png::BitDepth::Eight {
-        return Err(bad(format!("{:?} bits per channel; 8 expected", info.bit_depth)));
-    }
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        other => return Err(bad(format!("colour type {other:?}"))),
-    };
-    let (w, h) = (info.width as usize, info.height as usize);
-    let mut pixels = vec![0f32; 3 * h * w];
-    for i in 0..h * w {
-        for c in 0..3 {
-            let src = if channels < 3 { 0 } else { c };
-            pixels[c * h * w + i] = buf[i * channels + src] as f32 / 255.0;
-        }
-    }
-    Ok(Picture { pixels, h, w })
-}
-
 /// A set of `len` scenes.
 #[derive(Clone)]
 pub struct ObjectScenes {
@@ -183,7 +151,7 @@ impl ObjectScenes {
         if let Some(c) = glyphs.by_class.iter().position(|v| v.is_empty()) {
             return Err(DataError::Invalid(format!("object scenes: no image of class {c} ({}) in the {split:?} split", cfg.source.class_names()[c])));
         }
-        let backgrounds = BACKGROUNDS.iter().map(|(name, bytes)| decode_png(name, bytes)).collect::<Result<Vec<_>>>()?;
+        let backgrounds = BACKGROUNDS.iter().map(|(name, bytes)| crate::picture::decode_picture(name, bytes)).collect::<Result<Vec<_>>>()?;
         if backgrounds.iter().any(|b| b.h < cfg.size || b.w < cfg.size) {
             return Err(DataError::Invalid(format!("object scenes: a canvas of {} pixels is larger than a background picture (300 x 451 at least)", cfg.size)));
         }

@@ -5,7 +5,9 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 pub mod cnn;
+pub mod frechet;
 pub mod g2p;
+pub mod gan;
 pub mod linear_models;
 pub mod lm;
 pub mod names;
@@ -17,6 +19,7 @@ pub mod reversal;
 pub mod scenes;
 pub mod segment;
 pub mod siamese;
+pub mod style;
 pub mod train;
 pub mod trainer;
 pub mod transformer;

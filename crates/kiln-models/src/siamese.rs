@@ -12,7 +12,8 @@
 //! half of one class, half of two: the ROC AUC of -distance; the threshold with the best accuracy on the dev
 //! half, and its accuracy on the test half; and N-way one-shot accuracy on the test half (a query, one
 //! support image of its class and one of each of N - 1 other classes; right when the nearest support is its
-//! class). The same scores for the untrained network say how much training did.
+//! class). The same scores for the untrained network say how much training did. Training keeps the weights
+//! with the best dev-half AUC: on unseen classes, longer training on seven classes can make matters worse.
 
 use kiln_graph::{KilnError, Pool2dGeom, Result, Rng, Tensor};
 use kiln_nn::metric_learning::{batch_triplet_loss, best_threshold, roc_auc, Mining};
@@ -98,6 +99,9 @@ pub struct SiameseConfig {
     pub pairs: usize,
     pub ways: usize,
     pub trials: usize,
+    /// Every this many steps the dev half's ROC AUC is measured and the best weights kept (early stopping on
+    /// the unseen classes' dev half; the test half is never looked at). 0: keep the last weights.
+    pub eval_every: u64,
     pub data_dir: Option<std::path::PathBuf>,
 }
 
@@ -105,16 +109,17 @@ impl Default for SiameseConfig {
     fn default() -> Self {
         SiameseConfig {
             held_out: vec![7, 8, 9],
-            dim: 32,
-            loss: MetricLoss::Triplet(Mining::SemiHard),
-            margin: 0.5,
-            steps: 1000,
+            dim: 128,
+            loss: MetricLoss::Triplet(Mining::Hard),
+            margin: 0.2,
+            steps: 300,
             per_class: 8,
             lr: 1e-3,
             seed: 42,
             pairs: 3000,
             ways: 3,
             trials: 2000,
+            eval_every: 25,
             data_dir: None,
         }
     }
@@ -142,6 +147,9 @@ pub struct SiameseReport {
     pub untrained: VerificationScores,
     pub held_out: Vec<u32>,
     pub ways: usize,
+    /// The step whose weights were kept (the best dev AUC), and that AUC.
+    pub best_step: u64,
+    pub best_dev_auc: f64,
     pub ms_per_step: f64,
     pub parameters: usize,
 }
@@ -233,6 +241,14 @@ pub fn verification_scores(e: &[f32], dim: usize, labels: &[u32], dev: &[bool], 
     Ok(VerificationScores { auc, threshold: -t, dev_accuracy, test_accuracy, one_shot: right as f64 / cfg.trials.max(1) as f64 })
 }
 
+/// The ROC AUC of -distance on seeded pairs of the dev half (what early stopping watches).
+fn dev_auc(e: &[f32], dim: usize, labels: &[u32], members: &[usize], pairs_count: usize, seed: u64) -> f64 {
+    let ps = pairs(members, labels, pairs_count, &mut Rng::new(seed ^ 0xde7));
+    let scores: Vec<f64> = ps.iter().map(|&(a, b, _)| -distance(e, dim, a, b)).collect();
+    let same: Vec<bool> = ps.iter().map(|p| p.2).collect();
+    roc_auc(&scores, &same).unwrap_or(0.5)
+}
+
 /// What a siamese run leaves for pictures: the held-out test images' embeddings and labels.
 pub struct HeldOut {
     pub embeddings: Vec<f32>,
@@ -240,8 +256,9 @@ pub struct HeldOut {
     pub dim: usize,
 }
 
-/// Trains on the seven (10 - held-out) classes of Fashion-MNIST's training set with PK batches and scores the
-/// held-out classes of its test set, before and after.
+/// Trains on the seven (10 - held-out) classes of Fashion-MNIST's training set with PK batches, keeping the
+/// weights with the best ROC AUC on the unseen classes' dev half (measured every `eval_every` steps, the
+/// untrained weights included), and scores the test half before and after.
 pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) -> Result<(EmbeddingNet, SiameseReport, HeldOut)> {
     let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
     let train_classes: Vec<u32> = (0..10).filter(|c| !cfg.held_out.contains(c)).collect();
@@ -264,6 +281,13 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
     let by_class: Vec<Vec<usize>> = train_classes.iter().map(|c| (0..train_y.len()).filter(|&i| train_y[i] == *c).collect()).collect();
     let mut rng = Rng::new(cfg.seed);
+    // Early stopping: the dev half's images (in order) and the best weights so far.
+    let dev_idx: Vec<usize> = (0..test_y.len()).filter(|&i| dev[i]).collect();
+    let dev_x: Vec<f32> = dev_idx.iter().flat_map(|&i| test_x[i * 784..(i + 1) * 784].iter().copied()).collect();
+    let dev_y: Vec<u32> = dev_idx.iter().map(|&i| test_y[i]).collect();
+    let dev_members: Vec<usize> = (0..dev_y.len()).collect();
+    let snapshot = |vs: &VarStore| -> Result<Vec<Vec<f32>>> { vs.params().map(|p| p.tensor()?.to_vec()).collect() };
+    let mut best = (0u64, dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed), snapshot(&vs)?);
     let started = std::time::Instant::now();
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     for step in 0..cfg.steps {
@@ -304,8 +328,22 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         }
         last = v;
         progress(step + 1, v as f32);
+        if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps) {
+            let auc = dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed);
+            if auc > best.1 {
+                best = (step + 1, auc, snapshot(&vs)?);
+            }
+        }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    if cfg.eval_every > 0 {
+        for (p, values) in vs.params().zip(&best.2) {
+            let t = p.tensor()?;
+            t.device().write(t.storage(), bytemuck::cast_slice(values))?;
+        }
+    } else {
+        best = (cfg.steps, f64::NAN, Vec::new());
+    }
     let embeddings = embed(&net, &test_x)?;
     let trained = verification_scores(&embeddings, cfg.dim, &test_y, &dev, cfg)?;
     let report = SiameseReport {
@@ -317,6 +355,8 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         untrained,
         held_out: cfg.held_out.clone(),
         ways: cfg.ways,
+        best_step: best.0,
+        best_dev_auc: best.1,
         ms_per_step,
         parameters: vs.num_values(),
     };
