@@ -89,3 +89,21 @@ fn a_short_run_learns_the_digits() {
     assert!(r.test_elbo > -200.0, "test ELBO {}", r.test_elbo);
     assert!(r.test_log_px >= r.test_elbo - 0.5, "log p(x) {} vs ELBO {}", r.test_log_px, r.test_elbo);
 }
+
+#[test]
+fn pictures_include_the_manifold_for_a_2d_latent() {
+    require_gpu();
+    let mut vs = VarStore::new(4);
+    let model = Vae::new(&mut vs, 2, 16, Likelihood::Bernoulli).unwrap();
+    vs.finish().unwrap();
+    let test: Vec<f32> = (0..16 * 784).map(|i| ((i * 31) % 7 == 0) as u8 as f32).collect();
+    let dir = std::env::temp_dir().join(format!("kiln-vae-{}", std::process::id()));
+    let files = kiln_models::vae::vae_pictures(&model, &test, 1, &dir).unwrap();
+    let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["samples.png", "interpolations.png", "manifold.png"]);
+    // 20 x 20 digits of 56 pixels with one-pixel gaps.
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&files[2]).unwrap()));
+    let info = decoder.read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (20 * 57 + 1, 20 * 57 + 1));
+    std::fs::remove_dir_all(&dir).ok();
+}

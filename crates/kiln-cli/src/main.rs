@@ -190,7 +190,7 @@ struct StyleArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..=2048))]
     size: u64,
     /// Adam steps on the pixels.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// A torchvision VGG-16/19 converted to safetensors (features.N.weight names); without it, VGG-19's layout
     /// with random weights (random-feature style transfer).
@@ -201,11 +201,11 @@ struct StyleArgs {
     divisor: u64,
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f32)]
     content_weight: f32,
-    #[arg(long, default_value_t = 1e6, value_parser = non_negative_f32)]
+    #[arg(long, default_value_t = 1e7, value_parser = non_negative_f32)]
     style_weight: f32,
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f32)]
     tv_weight: f32,
-    #[arg(long, default_value_t = 0.02, value_parser = positive_f32)]
+    #[arg(long, default_value_t = 0.03, value_parser = positive_f32)]
     lr: f32,
     /// Start from uniform noise instead of the content picture.
     #[arg(long)]

@@ -363,38 +363,20 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     Ok((net, report, HeldOut { embeddings, labels: test_y, dim: cfg.dim }))
 }
 
-/// The first two principal components of rows [n, dim] (power iteration on the covariance, deflated): the
-/// rows projected to 2-D.
+/// Rows [n, dim] projected on their first two principal components (the covariance's top eigenvectors, from
+/// `frechet::symmetric_eigen`).
 pub fn pca_2d(rows: &[f32], dim: usize) -> Vec<(f32, f32)> {
     let n = rows.len() / dim.max(1);
-    let mean: Vec<f64> = (0..dim).map(|j| (0..n).map(|i| rows[i * dim + j] as f64).sum::<f64>() / n.max(1) as f64).collect();
-    let mut cov = vec![0.0f64; dim * dim];
-    for i in 0..n {
-        for a in 0..dim {
-            let da = rows[i * dim + a] as f64 - mean[a];
-            for b in 0..dim {
-                cov[a * dim + b] += da * (rows[i * dim + b] as f64 - mean[b]);
-            }
-        }
-    }
-    let mut components: Vec<Vec<f64>> = Vec::new();
-    for k in 0..2 {
-        let mut v: Vec<f64> = (0..dim).map(|j| 1.0 + ((j * 7 + k * 3) % 5) as f64).collect();
-        for _ in 0..200 {
-            let mut w: Vec<f64> = (0..dim).map(|a| (0..dim).map(|b| cov[a * dim + b] * v[b]).sum()).collect();
-            for c in &components {
-                let dot: f64 = w.iter().zip(c).map(|(x, y)| x * y).sum();
-                w.iter_mut().zip(c).for_each(|(x, y)| *x -= dot * y);
-            }
-            let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-300);
-            v = w.into_iter().map(|x| x / norm).collect();
-        }
-        components.push(v);
-    }
+    let (mean, cov) = crate::frechet::mean_and_covariance(rows, dim);
+    let (values, vectors) = crate::frechet::symmetric_eigen(&cov, dim);
+    let mut order: Vec<usize> = (0..dim).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let axis = |k: usize| -> Vec<f64> { order.get(k).map(|&c| (0..dim).map(|j| vectors[j * dim + c]).collect()).unwrap_or_else(|| vec![0.0; dim]) };
+    let (first, second) = (axis(0), axis(1));
     (0..n)
         .map(|i| {
-            let p = |c: &Vec<f64>| (0..dim).map(|j| (rows[i * dim + j] as f64 - mean[j]) * c[j]).sum::<f64>() as f32;
-            (p(&components[0]), p(&components[1]))
+            let p = |c: &[f64]| (0..dim).map(|j| (rows[i * dim + j] as f64 - mean[j]) * c[j]).sum::<f64>() as f32;
+            (p(&first), p(&second))
         })
         .collect()
 }

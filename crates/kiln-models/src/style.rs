@@ -241,10 +241,10 @@ impl Default for StyleConfig {
             content_layer: "relu4_2".into(),
             style_layers: ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"].map(String::from).to_vec(),
             content_weight: 1.0,
-            style_weight: 1e6,
+            style_weight: 1e7,
             tv_weight: 1.0,
-            steps: 300,
-            lr: 0.02,
+            steps: 200,
+            lr: 0.03,
             from_content: true,
             seed: 42,
         }
