@@ -88,9 +88,25 @@ fn detection_records_are_checked_against_the_reference() {
     let roofs = Roofs { fma_gflops: 100.0, copy_gbps: 10.0 };
     let opts = SuiteOptions { filter: vec!["detection".into()], nms: vec![300], roi_align: vec![(20, 8, 16)], runs: 3, ..Default::default() };
     let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
-    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records.len(), 3, "{records:?}");
     let nms = &records[0];
     assert!(nms.valid && nms.median_ms.unwrap() > 0.0 && nms.note.as_deref().unwrap().contains("kept"), "{nms:?}");
     let roi = &records[1];
     assert!(roi.valid && roi.median_ms.unwrap() > 0.0 && roi.cpu_gflops.unwrap() > 0.0, "{roi:?}");
+    let step = &records[2];
+    assert!(step.kernel.starts_with("two-stage detector step") && step.ms_per_step.unwrap() > 0.0 && step.batch == Some(8), "{step:?}");
+}
+
+#[test]
+fn generative_records_check_the_transposed_convolution_and_time_the_steps() {
+    require_gpu();
+    let roofs = Roofs { fma_gflops: 100.0, copy_gbps: 10.0 };
+    let opts = SuiteOptions { filter: vec!["generative".into()], style_side: 32, runs: 3, ..Default::default() };
+    let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
+    let kernels: Vec<&str> = records.iter().map(|r| r.kernel.as_str()).collect();
+    assert_eq!(records.len(), 4, "{kernels:?}");
+    assert!(records[0].kernel.starts_with("conv_transpose2d") && records[0].valid && records[0].cpu_gflops.unwrap() > 0.0, "{:?}", records[0]);
+    for (r, name) in records[1..].iter().zip(["DCGAN step", "VAE step", "style-transfer iteration at 32 x 32"]) {
+        assert!(r.kernel.starts_with(name) && r.valid && r.ms_per_step.unwrap() > 0.0, "{r:?}");
+    }
 }

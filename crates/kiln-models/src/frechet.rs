@@ -84,6 +84,8 @@ pub fn train_feature_net(train: (&[f32], &[u32]), test: (&[f32], &[u32]), steps:
         let (_, logits) = net.forward(&Tensor::from_slice(&px, &[64, 1, 28, 28])?)?;
         let l = kiln_graph::loss::cross_entropy(&logits, &Tensor::from_u32(&y, &[64])?)?;
         opt.step(&vs, &l.backward()?)?;
+        // Reading the loss ends the step's recording; a loop that never reads keeps every step's buffers alive.
+        l.to_scalar()?;
     }
     let (_, predicted) = net.describe_images(test.0)?;
     Ok((net, kiln_nn::metrics::accuracy(&predicted, test.1)))

@@ -96,6 +96,8 @@ pub fn train_gan_1d(mean: f32, std: f32, steps: u64, kind: GeneratorLoss, seed: 
         dopt.step(&dvs, &d_loss.backward()?)?;
         let g_loss = generator_loss(&discriminator.forward(&fake)?, kind)?;
         gopt.step(&gvs, &g_loss.backward()?)?;
+        // Reading a value ends the step's recording (a loop that never reads keeps every step's buffers).
+        g_loss.to_scalar()?;
     }
     let samples = kiln_graph::no_grad(|| generator.forward(&Tensor::randn(&[10_000, 4], 1.0, &mut rng)?))?.to_vec()?;
     let m = samples.iter().map(|&v| v as f64).sum::<f64>() / samples.len() as f64;

@@ -4,6 +4,7 @@
 // Shapes are written in brackets ([n, c, h, w]) throughout the docs; they are not links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+pub mod autoencoder;
 pub mod cnn;
 pub mod frechet;
 pub mod g2p;
