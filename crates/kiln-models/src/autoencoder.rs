@@ -176,7 +176,7 @@ pub fn train_autoencoder(cfg: &AeConfig, mut progress: impl FnMut(u64, f32)) -> 
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
     let mut rng = Rng::new(cfg.seed ^ 0xae);
     let started = std::time::Instant::now();
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
         let clean: Vec<f32> = (0..cfg.batch_size)
             .flat_map(|_| {
@@ -187,12 +187,7 @@ pub fn train_autoencoder(cfg: &AeConfig, mut progress: impl FnMut(u64, f32)) -> 
         let input = if cfg.noise > 0.0 { corrupt(&clean, cfg.noise, &mut rng) } else { clean.clone() };
         let l = model.loss(&Tensor::from_slice(&input, &[cfg.batch_size, 784])?, &Tensor::from_slice(&clean, &[cfg.batch_size, 784])?)?;
         opt.step(&vs, &l.backward()?)?;
-        let v = l.to_scalar()? as f64;
-        if step == 0 {
-            first = v;
-        }
-        last = v;
-        progress(step + 1, v as f32);
+        trace.record(step, &l, &mut progress)?;
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     // The test images, corrupted once with a fixed seed for a denoising model.
@@ -223,8 +218,8 @@ pub fn train_autoencoder(cfg: &AeConfig, mut progress: impl FnMut(u64, f32)) -> 
         kind: cfg.kind,
         noise: cfg.noise,
         steps: cfg.steps,
-        first_loss: first,
-        last_loss: last,
+        first_loss: trace.first,
+        last_loss: trace.last,
         test_bce: bce / m.max(1) as f64,
         test_mse: mse / pixels,
         input_mse: input_mse / pixels,

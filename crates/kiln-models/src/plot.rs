@@ -111,13 +111,7 @@ pub fn loss_png(path: &Path, train: &[f64], dev: &[f64]) -> std::io::Result<()> 
     c.text(W - 200, 8, "train", BLUE);
     c.text(W - 120, 8, "dev", ORANGE);
     c.text(LEFT + 10, 8, "loss", GREY);
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&c.0).map_err(std::io::Error::other)?;
-    Ok(())
+    write_png(path, W as u32, H as u32, png::ColorType::Rgb, &c.0)
 }
 
 /// A grey-scale heat map of `values` [rows, cols] in [0, 1] (white 0, black 1), `cell` pixels a value, with a
@@ -134,13 +128,7 @@ pub fn heatmap_png(path: &Path, rows: usize, cols: usize, values: &[f32], cell: 
             }
         }
     }
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-    enc.set_color(png::ColorType::Grayscale);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&px).map_err(std::io::Error::other)?;
-    Ok(())
+    write_png(path, w as u32, h as u32, png::ColorType::Grayscale, &px)
 }
 
 /// A row of panels, each the RGB picture `image` [3, side, side] (values in [0, 1]) scaled `scale` times:
@@ -168,13 +156,7 @@ pub fn attention_strip_png(path: &Path, image: &[f32], side: usize, grid: usize,
             }
         }
     }
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&px).map_err(std::io::Error::other)?;
-    Ok(())
+    write_png(path, w as u32, h as u32, png::ColorType::Rgb, &px)
 }
 
 /// One thing drawn on a picture by [`scenes_png`]: an optional box outline labelled with the class number,
@@ -274,13 +256,7 @@ pub fn scenes_png(path: &Path, side: usize, scale: usize, panels: &[(&[f32], Vec
             }
         }
     }
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&px).map_err(std::io::Error::other)?;
-    Ok(())
+    write_png(path, w as u32, h as u32, png::ColorType::Rgb, &px)
 }
 
 /// A scatter plot of 2-D points (a PCA of embeddings, say), one dot per point in its class's colour
@@ -312,13 +288,7 @@ pub fn scatter_png(path: &Path, points: &[(f32, f32)], classes: &[u32]) -> std::
             }
         }
     }
-    let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), SIDE as u32, SIDE as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&px).map_err(std::io::Error::other)?;
-    Ok(())
+    write_png(path, SIDE as u32, SIDE as u32, png::ColorType::Rgb, &px)
 }
 
 /// A grid of grey images (`images`: [n, side * side] in [0, 1], row-major), `cols` to a row, each scaled
@@ -339,11 +309,15 @@ pub fn image_grid_png(path: &Path, images: &[f32], side: usize, cols: usize, sca
             }
         }
     }
+    write_png(path, w as u32, h as u32, png::ColorType::Grayscale, &px)
+}
+
+/// Writes 8-bit pixels (`color`'s channels, row-major) as a PNG.
+fn write_png(path: &Path, w: u32, h: u32, color: png::ColorType, px: &[u8]) -> std::io::Result<()> {
     let file = std::fs::File::create(path)?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-    enc.set_color(png::ColorType::Grayscale);
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(color);
     enc.set_depth(png::BitDepth::Eight);
     let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-    writer.write_image_data(&px).map_err(std::io::Error::other)?;
-    Ok(())
+    writer.write_image_data(px).map_err(std::io::Error::other)
 }

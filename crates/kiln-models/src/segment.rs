@@ -183,18 +183,13 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
         Ok((Tensor::from_slice(&px, &[n, 3, s, s])?, scenes.iter().flat_map(|sc| sc.semantic.iter().copied()).collect()))
     };
     let started = std::time::Instant::now();
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
         let (x, labels) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
         let y = Tensor::from_u32(&labels, &[cfg.batch_size, s, s])?;
         let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, None, Default::default())?;
         opt.step(&vs, &l.backward()?)?;
-        let v = l.to_scalar()? as f64;
-        if step == 0 {
-            first = v;
-        }
-        last = v;
-        progress(step + 1, v as f32);
+        trace.record(step, &l, &mut progress)?;
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     let mut confusion = vec![vec![0u64; classes]; classes];
@@ -209,7 +204,7 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
         }
     }
     let (pixel_accuracy, _, miou) = kiln_nn::detection_metrics::segmentation_scores(&confusion);
-    Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: first, last_loss: last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
+    Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
 }
 
 /// A PNG of the first `count` held-out scenes of a run, each twice: the true class map, then the predicted

@@ -289,7 +289,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let snapshot = |vs: &VarStore| -> Result<Vec<Vec<f32>>> { vs.params().map(|p| p.tensor()?.to_vec()).collect() };
     let mut best = (0u64, dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed), snapshot(&vs)?);
     let started = std::time::Instant::now();
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
         let mut idx = Vec::with_capacity(by_class.len() * cfg.per_class);
         for members in &by_class {
@@ -322,12 +322,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
             }
         };
         opt.step(&vs, &l.backward()?)?;
-        let v = l.to_scalar()? as f64;
-        if step == 0 {
-            first = v;
-        }
-        last = v;
-        progress(step + 1, v as f32);
+        trace.record(step, &l, &mut progress)?;
         if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps) {
             let auc = dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed);
             if auc > best.1 {
@@ -349,8 +344,8 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let report = SiameseReport {
         loss: cfg.loss.name(),
         steps: cfg.steps,
-        first_loss: first,
-        last_loss: last,
+        first_loss: trace.first,
+        last_loss: trace.last,
         trained,
         untrained,
         held_out: cfg.held_out.clone(),

@@ -447,3 +447,31 @@ pub fn fit_steps<D: Dataset, C: Collate<D::Sample>>(
     };
     trainer.fit(loader, step, |t| Ok(EpochRecord::from_training_loss(&t, lr, started.elapsed().as_secs_f64())))
 }
+
+/// The first and last losses of a model's own step loop, read each step (which also ends the step's
+/// recording) and passed to its progress callback: what YOLO, segmentation, the siamese net, the VAE and the
+/// autoencoders report.
+#[derive(Clone, Copy, Debug)]
+pub struct LossTrace {
+    pub first: f64,
+    pub last: f64,
+}
+
+impl Default for LossTrace {
+    fn default() -> Self {
+        LossTrace { first: f64::NAN, last: f64::NAN }
+    }
+}
+
+impl LossTrace {
+    /// Reads step `step`'s (0-based) loss, keeps it, and calls `progress(step + 1, loss)`.
+    pub fn record(&mut self, step: u64, loss: &kiln_graph::Tensor, progress: &mut impl FnMut(u64, f32)) -> Result<f64> {
+        let v = loss.to_scalar()? as f64;
+        if step == 0 {
+            self.first = v;
+        }
+        self.last = v;
+        progress(step + 1, v as f32);
+        Ok(v)
+    }
+}

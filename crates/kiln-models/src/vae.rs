@@ -275,7 +275,7 @@ pub fn train_vae(cfg: &VaeConfig, mut progress: impl FnMut(u64, f32)) -> Result<
     let mut rng = Rng::new(cfg.seed ^ 0x7ae);
     let mut order: Vec<usize> = (0..n).collect();
     let started = std::time::Instant::now();
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut trace = crate::trainer::LossTrace::default();
     let mut at = n;
     for step in 0..cfg.steps {
         let mut batch = Vec::with_capacity(cfg.batch_size * PIXELS);
@@ -295,12 +295,7 @@ pub fn train_vae(cfg: &VaeConfig, mut progress: impl FnMut(u64, f32)) -> Result<
         let eps = Tensor::randn(&[cfg.batch_size, cfg.latent], 1.0, &mut rng)?;
         let l = model.loss(&x, &eps, cfg.beta)?;
         opt.step(&vs, &l.backward()?)?;
-        let v = l.to_scalar()? as f64;
-        if step == 0 {
-            first = v;
-        }
-        last = v;
-        progress(step + 1, v as f32);
+        trace.record(step, &l, &mut progress)?;
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     let mut eval_rng = Rng::new(cfg.seed ^ 0xe7a1);
@@ -313,8 +308,8 @@ pub fn train_vae(cfg: &VaeConfig, mut progress: impl FnMut(u64, f32)) -> Result<
     };
     let report = VaeReport {
         steps: cfg.steps,
-        first_loss: first,
-        last_loss: last,
+        first_loss: trace.first,
+        last_loss: trace.last,
         test_elbo,
         test_log_likelihood,
         test_kl,

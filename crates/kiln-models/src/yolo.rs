@@ -339,17 +339,12 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
         Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, targets, scenes))
     };
     let started = std::time::Instant::now();
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
         let (x, targets, _) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
         let l = model.loss(&model.forward(&x)?, &targets, 5.0, 0.5)?;
         opt.step(&vs, &l.backward()?)?;
-        let v = l.to_scalar()? as f64;
-        if step == 0 {
-            first = v;
-        }
-        last = v;
-        progress(step + 1, v as f32);
+        trace.record(step, &l, &mut progress)?;
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     let (mut dets, mut truths) = (Vec::new(), Vec::new());
@@ -364,7 +359,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     }
     let map50 = kiln_nn::detection_metrics::voc_map(&dets, &truths, 0.5).0;
     let coco_map = kiln_nn::detection_metrics::coco_eval(&dets, &truths).ap;
-    Ok((model, YoloReport { steps: cfg.steps, first_loss: first, last_loss: last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
+    Ok((model, YoloReport { steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
 }
 
 /// A PNG of the first `count` held-out scenes of a run, each twice: the true boxes, then the detections that
