@@ -27,8 +27,12 @@ fn scores_of_embeddings_with_a_known_answer() {
     // The PCA of points on a line is that line.
     let p = pca_2d(&[0.0, 0.0, 1.0, 2.0, 2.0, 4.0, 3.0, 6.0], 2);
     assert!(p.iter().all(|q| q.1.abs() < 1e-5) && (p[3].0 - p[0].0).abs() > 6.0, "{p:?}");
-    let bad = SiameseConfig { ways: 4, ..cfg };
+    let bad = SiameseConfig { ways: 4, ..cfg.clone() };
     assert!(verification_scores(&e, 2, &labels, &dev, &bad).unwrap_err().to_string().contains("4 ways"));
+    // One class only: no different pairs exist, an error rather than an endless search.
+    let one: Vec<u32> = vec![7; 300];
+    let e = verification_scores(&flat, 2, &one, &dev, &cfg).unwrap_err().to_string();
+    assert!(e.contains("two classes") && e.contains("1 classes"), "{e}");
 }
 
 #[test]
@@ -37,6 +41,9 @@ fn bad_settings_are_errors_and_a_short_run_lowers_the_loss() {
     let all = SiameseConfig { held_out: (0..9).collect(), steps: 1, ..Default::default() };
     let e = train_siamese(&all, |_, _| {}).err().expect("one class left to train on").to_string();
     assert!(e.contains("at least two"), "{e}");
+    let one = SiameseConfig { held_out: vec![3], steps: 1, ..Default::default() };
+    let e = train_siamese(&one, |_, _| {}).err().expect("one held-out class").to_string();
+    assert!(e.contains("two held-out classes"), "{e}");
     let cfg = SiameseConfig { steps: 40, pairs: 400, trials: 200, ..Default::default() };
     let (_, r, held) = train_siamese(&cfg, |_, _| {}).unwrap();
     eprintln!("{r:?}");

@@ -206,6 +206,20 @@ pub fn verification_scores(e: &[f32], dim: usize, labels: &[u32], dev: &[bool], 
     let mut rng = Rng::new(cfg.seed ^ 0x0ea1);
     let dev_members: Vec<usize> = (0..labels.len()).filter(|&i| dev[i]).collect();
     let test_members: Vec<usize> = (0..labels.len()).filter(|&i| !dev[i]).collect();
+    // Same and different pairs both need two classes, one of them twice, in each half (else no pair exists).
+    for (half, members) in [("dev", &dev_members), ("test", &test_members)] {
+        let mut classes: Vec<u32> = members.iter().map(|&i| labels[i]).collect();
+        classes.sort();
+        let twice = classes.windows(2).any(|w| w[0] == w[1]);
+        classes.dedup();
+        if classes.len() < 2 || !twice {
+            return Err(KilnError::Usage(format!(
+                "verification: the {half} half needs two classes and a class seen twice to draw pairs from (it has {} images of {} classes)",
+                members.len(),
+                classes.len()
+            )));
+        }
+    }
     let score = |ps: &[(usize, usize, bool)]| -> (Vec<f64>, Vec<bool>) { (ps.iter().map(|&(a, b, _)| -distance(e, dim, a, b)).collect(), ps.iter().map(|p| p.2).collect()) };
     let (dev_s, dev_y) = score(&pairs(&dev_members, labels, cfg.pairs, &mut rng));
     let (test_s, test_y) = score(&pairs(&test_members, labels, cfg.pairs, &mut rng));
@@ -262,9 +276,9 @@ pub struct HeldOut {
 pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) -> Result<(EmbeddingNet, SiameseReport, HeldOut)> {
     let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
     let train_classes: Vec<u32> = (0..10).filter(|c| !cfg.held_out.contains(c)).collect();
-    if train_classes.len() < 2 || cfg.per_class < 2 || cfg.held_out.iter().any(|&c| c >= 10) {
+    if train_classes.len() < 2 || cfg.held_out.len() < 2 || cfg.per_class < 2 || cfg.held_out.iter().any(|&c| c >= 10) {
         return Err(KilnError::Usage(format!(
-            "siamese: needs held-out classes below 10 leaving at least two to train on, and at least 2 images per class in a batch (held out {:?}, {} per class)",
+            "siamese: needs at least two held-out classes below 10, leaving at least two to train on, and at least 2 images per class in a batch (held out {:?}, {} per class)",
             cfg.held_out, cfg.per_class
         )));
     }
