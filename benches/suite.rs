@@ -1173,8 +1173,7 @@ fn detection_family(ctx: &mut Ctx) -> R<()> {
         let scenes = kiln_data::ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: kiln_data::ObjectSource::Digits, ..Default::default() };
         let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
         let set = kiln_data::ObjectScenes::new(scenes, kiln_data::ObjectSplit::Train, 1, 8, None).map_err(data_err)?;
-        let batch = (0..8).map(|i| set.scene(i)).collect::<Result<Vec<_>, _>>().map_err(data_err)?;
-        let px: Vec<f32> = batch.iter().flat_map(|s| s.image.iter().copied()).collect();
+        let (px, batch) = set.batch(0, 8).map_err(data_err)?;
         let targets: Vec<_> = batch.iter().map(scene_targets).collect();
         let mut vs = kiln_nn::VarStore::new(1);
         let model = TwoStage::new(&mut vs, TwoStageConfig { classes: 10, anchor_sizes: vec![12.0, 20.0, 32.0], representation: 128, ..Default::default() })?;

@@ -173,6 +173,12 @@ impl ObjectScenes {
         Rng::new(z ^ (z >> 31))
     }
 
+    /// Scenes `from..from + n` and their pictures stacked as [n, 3, size, size] values: a batch.
+    pub fn batch(&self, from: usize, n: usize) -> Result<(Vec<f32>, Vec<ObjectScene>)> {
+        let scenes = (from..from + n).map(|i| self.scene(i)).collect::<Result<Vec<_>>>()?;
+        Ok((scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect(), scenes))
+    }
+
     /// Scene `index`.
     pub fn scene(&self, index: usize) -> Result<ObjectScene> {
         if index >= self.len {

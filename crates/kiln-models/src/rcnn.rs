@@ -689,8 +689,7 @@ pub fn train_two_stage(run: &TwoStageRun, mut progress: impl FnMut(u64, f32)) ->
     let mut opt = crate::trainer::adam_cosine(&vs, run.lr, run.steps, Some(10.0))?;
     let mut rng = Rng::new(run.seed ^ 0x5a5a);
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<kiln_data::ObjectScene>)> {
-        let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-        let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+        let (px, scenes) = set.batch(from, n).map_err(data_err)?;
         Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, scenes))
     };
     let started = std::time::Instant::now();
@@ -755,8 +754,7 @@ pub fn two_stage_pictures(model: &TwoStage, run: &TwoStageRun, count: usize, pat
     let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
     let test = kiln_data::ObjectScenes::new(run.scenes, kiln_data::ObjectSplit::Test, run.seed, count, run.data_dir.as_deref()).map_err(data_err)?;
     let size = run.scenes.size;
-    let scenes = (0..count).map(|i| test.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-    let px: Vec<f32> = scenes.iter().flat_map(|s| s.image.iter().copied()).collect();
+    let (px, scenes) = test.batch(0, count).map_err(data_err)?;
     let found = model.detect(&Tensor::from_slice(&px, &[count, 3, size, size])?)?;
     let mut panels = Vec::new();
     for (sc, dets) in scenes.iter().zip(&found) {

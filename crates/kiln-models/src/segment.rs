@@ -178,8 +178,7 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
     vs.finish()?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<u32>)> {
-        let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-        let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+        let (px, scenes) = set.batch(from, n).map_err(data_err)?;
         Ok((Tensor::from_slice(&px, &[n, 3, s, s])?, scenes.iter().flat_map(|sc| sc.semantic.iter().copied()).collect()))
     };
     let started = std::time::Instant::now();
@@ -213,8 +212,7 @@ pub fn segment_pictures(net: &SegmentNet, cfg: &SegmentConfig, count: usize, pat
     let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
     let test = kiln_data::ObjectScenes::new(cfg.scenes, kiln_data::ObjectSplit::Test, cfg.seed, count, cfg.data_dir.as_deref()).map_err(data_err)?;
     let s = cfg.scenes.size;
-    let scenes = (0..count).map(|i| test.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-    let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+    let (px, scenes) = test.batch(0, count).map_err(data_err)?;
     let logits = kiln_graph::no_grad(|| net.forward(&Tensor::from_slice(&px, &[count, 3, s, s])?))?;
     let classes = logits.shape()[1];
     let logits = logits.to_vec()?;

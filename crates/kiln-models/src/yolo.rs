@@ -330,8 +330,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, Some(10.0))?;
     let (size, s) = (cfg.scenes.size, grid_for(cfg.scenes.size));
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<AnchorTargets>, Vec<kiln_data::ObjectScene>)> {
-        let scenes = (from..from + n).map(|i| set.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-        let px: Vec<f32> = scenes.iter().flat_map(|sc| sc.image.iter().copied()).collect();
+        let (px, scenes) = set.batch(from, n).map_err(data_err)?;
         let targets = scenes
             .iter()
             .map(|sc| encode_anchors(&sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), &sc.objects.iter().map(|o| o.class).collect::<Vec<_>>(), (size, size), s, &anchors))
@@ -368,8 +367,7 @@ pub fn yolo_pictures(model: &Yolo, cfg: &YoloConfig, count: usize, path: &std::p
     let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
     let test = kiln_data::ObjectScenes::new(cfg.scenes, kiln_data::ObjectSplit::Test, cfg.seed, count, cfg.data_dir.as_deref()).map_err(data_err)?;
     let size = cfg.scenes.size;
-    let scenes = (0..count).map(|i| test.scene(i)).collect::<kiln_data::Result<Vec<_>>>().map_err(data_err)?;
-    let px: Vec<f32> = scenes.iter().flat_map(|s| s.image.iter().copied()).collect();
+    let (px, scenes) = test.batch(0, count).map_err(data_err)?;
     let pred = kiln_graph::no_grad(|| model.forward(&Tensor::from_slice(&px, &[count, 3, size, size])?))?;
     let mut panels = Vec::new();
     for (i, sc) in scenes.iter().enumerate() {
