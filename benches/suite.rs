@@ -14,7 +14,7 @@ use kiln_graph::tune::{time_ms, time_ms_with, Timing};
 use kiln_graph::{Conv2dGeom, KilnError, Pool2dGeom, Rng, Tensor};
 use serde::Serialize;
 
-pub const FAMILIES: [&str; 13] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step", "lm", "detection", "generative"];
+pub const FAMILIES: [&str; 14] = ["matmul", "conv", "pool", "softmax", "elementwise", "reduce", "embedding", "recurrent", "attention", "step", "lm", "detection", "generative", "allreduce"];
 
 /// One row of the benchmark, as `--json` writes it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -163,6 +163,14 @@ pub struct SuiteOptions {
     pub roi_align: Vec<(usize, usize, usize)>,
     /// The side of the style-transfer iteration's image (`generative`).
     pub style_side: usize,
+    /// All-reduce (`allreduce`): logical devices, and message sizes in bytes.
+    pub allreduce_devices: Vec<usize>,
+    pub allreduce_bytes: Vec<usize>,
+    /// Data-parallel training steps over two devices (`allreduce`): (model, per-device batch).
+    pub parallel_steps: Vec<(String, usize)>,
+    /// One rank of a distributed benchmark (`kiln bench --filter allreduce --distributed mpi` under `mpirun`):
+    /// `allreduce` then times the all-reduce between the ranks, one device each, instead of devices in one process.
+    pub across: Option<kiln_nn::parallel::Distributed>,
 }
 
 /// The full suite (`kiln bench --full`): every size and model, records of up to 20 s.
@@ -183,6 +191,11 @@ impl Default for SuiteOptions {
             nms: vec![1000, 10_000, 100_000],
             roi_align: vec![(512, 256, 64)],
             style_side: 512,
+            allreduce_devices: vec![2, 4],
+            // 4 KiB to 256 MiB, by fours.
+            allreduce_bytes: (0..10).map(|i| 4096usize << (2 * i)).collect(),
+            parallel_steps: vec![("resnet20".into(), 64), ("resnet50".into(), 2)],
+            across: None,
         }
     }
 }
@@ -200,6 +213,9 @@ impl SuiteOptions {
             nms: vec![1000, 10_000],
             roi_align: vec![(64, 32, 32)],
             style_side: 128,
+            allreduce_devices: vec![2],
+            allreduce_bytes: (0..6).map(|i| 4096usize << (2 * i)).collect(),
+            parallel_steps: vec![("resnet20".into(), 32)],
             ..SuiteOptions::default()
         }
     }
@@ -302,7 +318,7 @@ pub fn validate_and_time(mut rec: Record, work: Work, want: &[f32], tol: f32, cp
 pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record)) -> R<Vec<Record>> {
     let g = gpu()?;
     let mut ctx = Ctx { opts, roofs, adapter: g.adapter_name(), emit, out: Vec::new() };
-    let families: [Family; 13] = [
+    let families: [Family; 14] = [
         ("matmul", matmul_family),
         ("conv", conv_family),
         ("pool", pool_family),
@@ -316,6 +332,7 @@ pub fn run_suite(opts: &SuiteOptions, roofs: Roofs, emit: &mut dyn FnMut(&Record
         ("lm", lm_family),
         ("detection", detection_family),
         ("generative", generative_family),
+        ("allreduce", allreduce_family),
     ];
     for (name, run) in families {
         if opts.filter.is_empty() || opts.filter.iter().any(|f| f == name) {
@@ -1310,6 +1327,176 @@ fn generative_family(ctx: &mut Ctx) -> R<()> {
             Ok(())
         })?;
         push_step(ctx, "generative", &format!("style-transfer iteration at {side} x {side} (VGG-19 / 4, random; fwd, bwd)"), &[1, 3, side, side], 1, ms, net.parameters());
+    }
+    Ok(())
+}
+
+// ---- data parallelism ------------------------------------------------------------------------------------
+
+/// The all-reduce of data-parallel training (`kiln_nn::parallel::all_reduce`: host-staged, 4 MiB buckets) over
+/// N logical devices on the adapter, against the message size: device i holds i + 1 everywhere, so the mean
+/// is checked exactly, then timed (median). The rate is the bus bandwidth as NCCL's tests define it (the
+/// algorithm bandwidth, bytes / time, times 2 (N - 1) / N), so figures compare with a ring all-reduce's.
+/// Then a data-parallel training step over two devices per model in `parallel_steps`: its time and the share
+/// spent in the all-reduce.
+fn allreduce_family(ctx: &mut Ctx) -> R<()> {
+    use kiln_graph::backend::{Device, DeviceOptions};
+    if let Some(d) = ctx.opts.across.clone() {
+        return allreduce_across_ranks(ctx, &*d.0);
+    }
+    let adapter = gpu()?.info.name.clone();
+    let open = |n: usize| -> R<Vec<Device>> { (0..n).map(|_| Ok(Device::open(&DeviceOptions { adapter: Some(adapter.clone()), ..Default::default() })?)).collect() };
+    for n in ctx.opts.allreduce_devices.clone() {
+        let devices = open(n)?;
+        for bytes in ctx.opts.allreduce_bytes.clone() {
+            let len = bytes / 4;
+            let mut rec = ctx.base("allreduce", &format!("all-reduce over {n} devices (host-staged)"), &[bytes], "4 MiB buckets");
+            let buffers = devices.iter().enumerate().map(|(i, d)| Ok(d.upload(bytemuck::cast_slice(&vec![(i + 1) as f32; len]), "all-reduce bench")?)).collect::<R<Vec<_>>>()?;
+            let weights = vec![1.0 / n as f64; n];
+            let run = || kiln_nn::parallel::all_reduce(&buffers, len, &weights, kiln_nn::parallel::DEFAULT_BUCKET_BYTES);
+            let first = run()?;
+            let want = (n + 1) as f32 / 2.0;
+            let last = &buffers[n - 1];
+            let got: Vec<f32> = bytemuck::pod_collect_to_vec(&last.device().read(&last.sub(0, 4 * len as u64))?);
+            rec.valid = got.iter().all(|&v| v == want);
+            if !rec.valid {
+                rec.note = Some(format!("wrong: the mean should be {want} everywhere; not timed"));
+                ctx.push(rec);
+                continue;
+            }
+            let runs = ctx.opts.runs.max(10);
+            if first.total_ms * runs as f64 > 1e3 * ctx.opts.budget_s {
+                rec.note = Some(format!("not timed: one run takes {:.2} s, {runs} runs exceed the budget (raise --budget-s)", first.total_ms / 1e3));
+                ctx.push(rec);
+                continue;
+            }
+            // The mean of equal values is the same values: every run sees the same data.
+            let mut times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
+            times.sort_by(f64::total_cmp);
+            let ms = times[times.len() / 2];
+            let algbw = bytes as f64 / ms / 1e6;
+            let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+            rec.median_ms = Some(ms);
+            rec.timing = Some(Timing::WallFence);
+            rec.gbps = Some(busbw);
+            rec.roof_fraction = Some(busbw / ctx.roofs.copy_gbps);
+            rec.note = Some(format!("bus bandwidth {busbw:.2} GB/s (algorithm bandwidth {algbw:.2} GB/s)"));
+            ctx.push(rec);
+        }
+    }
+    for (model, batch) in ctx.opts.parallel_steps.clone() {
+        let rec = parallel_step(ctx, &open(2)?, &model, batch)?;
+        ctx.push(rec);
+    }
+    Ok(())
+}
+
+/// One data-parallel training step of a zoo model over `devices` at `batch` images per device (random inputs
+/// of the model's own size, cross-entropy, Adam): forward and backward on every device, the gradients'
+/// all-reduce, every update, the losses read back. The median of a few steps after a warm-up, with the share
+/// the all-reduce took.
+fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str, batch: usize) -> R<Record> {
+    let input = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1).ok_or_else(|| KilnError::Usage(format!("{model} is not a zoo model")))?;
+    let classes = 10;
+    let mut replicas = Vec::new();
+    let mut rng = Rng::new(8);
+    for d in devices {
+        replicas.push(d.scope(|| -> R<_> {
+            let mut vs = kiln_nn::VarStore::new(1);
+            let net = kiln_models::zoo::build_named(&mut vs, model, input, classes, 1)?;
+            vs.finish()?;
+            let opt = kiln_nn::Optimizer::new(&vs, kiln_nn::OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 1e-4, 0.0, kiln_nn::schedule::Schedule::constant(), 100)?;
+            let x: Vec<f32> = (0..batch * input.iter().product::<usize>()).map(|_| rng.normal() as f32).collect();
+            let y: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+            Ok((vs, net, opt, Tensor::from_slice(&x, &[batch, input[0], input[1], input[2]])?, Tensor::from_u32(&y, &[batch])?))
+        })?);
+    }
+    let mut step = || -> R<(f64, f64)> {
+        let started = Instant::now();
+        let mut losses = Vec::new();
+        for ((_, net, opt, x, y), d) in replicas.iter_mut().zip(devices) {
+            d.scope(|| -> R<()> {
+                let loss = kiln_graph::loss::cross_entropy(&kiln_nn::Layer::forward(net, x)?, y)?;
+                opt.accumulate(&loss.backward()?)?;
+                losses.push(loss.read_start()?);
+                Ok(())
+            })?;
+        }
+        for d in devices {
+            d.sync()?;
+        }
+        let mut opts: Vec<&mut kiln_nn::Optimizer> = replicas.iter_mut().map(|r| &mut r.2).collect();
+        let t = kiln_nn::parallel::all_reduce_gradients(&mut opts, &vec![batch; devices.len()], kiln_nn::parallel::DEFAULT_BUCKET_BYTES)?;
+        for ((vs, _, opt, _, _), d) in replicas.iter_mut().zip(devices) {
+            d.scope(|| opt.apply(vs))?;
+        }
+        for l in losses {
+            l.wait()?;
+        }
+        Ok((started.elapsed().as_secs_f64() * 1e3, t.total_ms))
+    };
+    let warm = step()?;
+    let runs = if warm.0 * 3.0 > 1e3 * ctx.opts.budget_s { 1 } else { 3 };
+    let mut times = (0..runs).map(|_| step()).collect::<R<Vec<(f64, f64)>>>()?;
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ms, comm) = times[times.len() / 2];
+    let bytes = replicas[0].2.gradient_buffer().1 * 4;
+    let mut rec = ctx.base("allreduce", &format!("{model} data-parallel step (fwd, bwd, all-reduce, Adam)"), &[devices.len(), batch, input[0], input[1], input[2]], "2 devices");
+    rec.valid = true;
+    rec.median_ms = Some(ms);
+    rec.ms_per_step = Some(ms);
+    rec.timing = Some(Timing::WallFence);
+    rec.model = Some(model.into());
+    rec.batch = Some(batch * devices.len());
+    rec.samples_per_s = Some((batch * devices.len()) as f64 * 1e3 / ms);
+    rec.note = Some(format!("all-reduce of {:.1} MiB of gradients: {comm:.1} ms, {:.1}% of the step", bytes as f64 / (1 << 20) as f64, 100.0 * comm / ms));
+    Ok(rec)
+}
+
+/// The all-reduce between the ranks of a distributed job (one device each, rank r's buffer holding r + 1):
+/// each rank's buffer read back, the sums between ranks (MPI), the result written back. The timing decision
+/// and the runs are the same on every rank (a rank that skipped a run would leave the others waiting).
+fn allreduce_across_ranks(ctx: &mut Ctx, c: &dyn kiln_nn::parallel::Collective) -> R<()> {
+    let (rank, n) = (c.rank(), c.size());
+    let g = kiln_graph::backend::Device::current()?;
+    for bytes in ctx.opts.allreduce_bytes.clone() {
+        let len = bytes / 4;
+        let mut rec = ctx.base("allreduce", &format!("all-reduce over {n} MPI ranks (host-staged)"), &[bytes], &c.describe());
+        let buffer = g.upload(bytemuck::cast_slice(&vec![(rank + 1) as f32; len]), "all-reduce bench")?;
+        let weights = [1.0 / n as f64];
+        let run = || kiln_nn::parallel::all_reduce_across(std::slice::from_ref(&buffer), len, &weights, kiln_nn::parallel::DEFAULT_BUCKET_BYTES, Some(c));
+        // The first call also waits for the slowest rank to arrive (rank 0 measured the roofs first).
+        run()?;
+        let first = run()?;
+        let want = (n + 1) as f32 / 2.0;
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&g.read(&buffer.sub(0, 4 * len as u64))?);
+        // The mean of equal values is the same values: every run sees the same data.
+        let mut agree = [f64::from(u8::from(got.iter().all(|&v| v == want))), first.total_ms];
+        c.sum_f64(&mut agree)?;
+        rec.valid = agree[0] == n as f64;
+        if !rec.valid {
+            rec.note = Some(format!("wrong: the mean should be {want} everywhere; not timed"));
+            ctx.push(rec);
+            continue;
+        }
+        let runs = ctx.opts.runs.max(10);
+        // The slowest rank's first run at most the sum of them: every rank makes the same decision from it.
+        if agree[1] * runs as f64 > 1e3 * ctx.opts.budget_s {
+            rec.note = Some(format!("not timed: one run takes up to {:.2} s, {runs} runs exceed the budget (raise --budget-s)", agree[1] / 1e3));
+            ctx.push(rec);
+            continue;
+        }
+        let mut times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        let algbw = bytes as f64 / ms / 1e6;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        rec.median_ms = Some(ms);
+        rec.timing = Some(Timing::WallFence);
+        rec.gbps = Some(busbw);
+        rec.roof_fraction = Some(busbw / ctx.roofs.copy_gbps);
+        rec.note = Some(format!("rank {rank}: bus bandwidth {busbw:.2} GB/s (algorithm bandwidth {algbw:.2} GB/s)"));
+        ctx.push(rec);
     }
     Ok(())
 }

@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_models::{Progress, TrainConfig, TrainReport};
 
+#[cfg(feature = "mpi")]
+mod distributed;
+
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Kiln: a deep-learning training engine on any GPU (wgpu: Vulkan, Metal, DX12)")]
 struct Cli {
@@ -146,6 +149,15 @@ struct TrainArgs {
     /// Check every op's output for NaN and infinity and stop at the first, naming the op (slower: a debug mode).
     #[arg(long)]
     anomaly: bool,
+    /// Data-parallel training over several devices: adapter indices from `kiln info` or names, comma-separated
+    /// (`0,1`; `0,0` opens two devices on adapter 0), or `all`. --batch-size is the whole batch, split between them.
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// Run as one rank of a distributed job: `mpi` under `mpirun -np N kiln train ...` (a Kiln built with
+    /// `--features mpi`). Each rank takes its rows of every batch on its own adapter (local rank modulo the
+    /// adapters, unless --devices says); rank 0 alone prints and writes the run directory.
+    #[arg(long, value_name = "BACKEND")]
+    distributed: Option<String>,
     /// Stop when the dev metric has not improved for this many epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     patience: Option<u64>,
@@ -252,7 +264,8 @@ enum Command {
     /// training steps, each beside a multi-threaded CPU reference on the same machine.
     Bench {
         /// Families to run: matmul, conv, pool, softmax, elementwise, reduce, embedding, recurrent, attention, step,
-        /// lm (language-model training steps, tokens/s), detection (NMS, RoI-Align) [default: all].
+        /// lm (language-model training steps, tokens/s), detection (NMS, RoI-Align), generative (transposed conv, DCGAN,
+        /// VAE, style), allreduce (data-parallel all-reduce and steps) [default: all].
         #[arg(long, value_delimiter = ',', value_parser = kiln_benches::suite::FAMILIES)]
         filter: Vec<String>,
         /// Models whose training-step matmul shapes and whole steps are timed [default: mlp,lenet; --full adds
@@ -280,6 +293,10 @@ enum Command {
         /// Also write the records as one JSON array to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// `mpi`: one rank of `mpirun -np N kiln bench --filter allreduce --distributed mpi`, timing the all-reduce
+        /// between the ranks (a kiln built with `--features mpi`); rank 0 prints.
+        #[arg(long, value_name = "BACKEND")]
+        distributed: Option<String>,
     },
     /// Text from a char-rnn checkpoint: the prefix, then `--length` characters drawn at `--temperature`; from
     /// a names checkpoint, `--count` names.
@@ -341,7 +358,7 @@ fn run() -> Result<()> {
         Command::Train(args) => train(args),
         Command::Sample { checkpoint, prefix, length, temperature, top_k, seed, count } => sample(&checkpoint, &prefix, length, temperature, top_k, seed, count),
         Command::Info { adapter } => info(adapter),
-        Command::Bench { filter, models, sizes, batch, runs, budget_s, full, adapter, json } => {
+        Command::Bench { filter, models, sizes, batch, runs, budget_s, full, adapter, json, distributed } => {
             let base = if full { kiln_benches::suite::SuiteOptions::default() } else { kiln_benches::suite::SuiteOptions::quick() };
             let opts = kiln_benches::suite::SuiteOptions {
                 filter,
@@ -352,7 +369,12 @@ fn run() -> Result<()> {
                 batch: batch as usize,
                 ..base
             };
-            bench(&opts, adapter, json)
+            match distributed.as_deref() {
+                None => bench(&opts, adapter, json),
+                Some("mpi") if opts.filter == ["allreduce"] => bench_mpi(opts, adapter, json),
+                Some("mpi") => bail!("--distributed mpi times the all-reduce between ranks: give --filter allreduce"),
+                Some(other) => bail!("--distributed {other:?}: the backend is mpi (under mpirun)"),
+            }
         }
         Command::Summary { model, classes, input, json, params, save, seed } => {
             summary(&model, classes as usize, input.as_deref(), json, params)?;
@@ -813,9 +835,60 @@ fn info(adapter: Option<String>) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    match a.distributed.as_deref() {
+        None => train_on(a, None),
+        Some("mpi") => train_mpi(a),
+        Some(other) => bail!("--distributed {other:?}: the backend is mpi (under mpirun)"),
+    }
+}
+
+/// One rank of `--distributed mpi`: its adapter, then the run. A rank's error ends every rank (MPI_Abort), so
+/// none waits for it in a collective.
+#[cfg(feature = "mpi")]
+fn train_mpi(mut a: TrainArgs) -> Result<()> {
+    use kiln_nn::parallel::Collective;
+    let world = std::rc::Rc::new(distributed::MpiWorld::init()?);
+    let (rank, size) = (world.rank(), world.size());
+    let result = (|| {
+        if a.devices.is_none() {
+            let adapters = kiln_wgpu::list_adapters().len();
+            if adapters == 0 {
+                bail!("rank {rank} sees no adapter");
+            }
+            a.devices = Some((world.local_rank() % adapters).to_string());
+        }
+        train_on(a, Some(kiln_nn::parallel::Distributed(world.clone())))
+    })();
+    if let (Err(e), true) = (&result, size > 1) {
+        eprintln!("error (rank {rank} of {size}; ending every rank): {e:#}");
+        world.abort();
+    }
+    result
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_a: TrainArgs) -> Result<()> {
+    bail!("--distributed mpi needs a kiln built with the mpi feature: install OpenMPI and libclang (apt-get install libopenmpi-dev openmpi-bin libclang-dev), then cargo build --release -p kiln-cli --features mpi")
+}
+
+fn train_on(a: TrainArgs, distributed: Option<kiln_nn::parallel::Distributed>) -> Result<()> {
     kiln_wgpu::select_adapter(a.adapter.as_deref())?;
+    let rank0 = distributed.as_ref().is_none_or(|d| d.0.rank() == 0);
     if OWN_LOOP_MODELS.iter().any(|m| m.0 == a.model) || OWN_LOOP_DATASETS.iter().any(|d| d.0 == a.dataset) {
+        if distributed.is_some() {
+            bail!("--distributed: distributed training covers the models of `kiln train`'s reusable loop; {} has a loop of its own", a.model);
+        }
+        if a.devices.is_some() {
+            bail!(
+                "--devices: data-parallel training covers the models of `kiln train`'s reusable loop ({}); {} has a loop of its own",
+                kiln_models::MODELS.iter().map(|m| m.0).collect::<Vec<_>>().join(", "),
+                a.model
+            );
+        }
         return train_language_model(&a);
+    }
+    if a.devices.is_some() && a.adapter.is_some() {
+        bail!("--devices names the adapters itself; leave out --adapter");
     }
     if let Some(dir) = &a.data_dir {
         if !dir.is_dir() {
@@ -847,6 +920,11 @@ fn train(a: TrainArgs) -> Result<()> {
         depth: a.depth.map(|d| d as usize),
         checkpoint_every_s: a.checkpoint_every,
         interrupt: Some(ctrl_c_flag()?),
+        devices: match &a.devices {
+            Some(list) => kiln_nn::parallel::open_devices(list)?,
+            None => Vec::new(),
+        },
+        distributed,
         ..TrainConfig::new(&a.model, &a.dataset)
     };
     if a.checkpoint_every.is_some_and(|s| s.is_nan() || s < 0.0) {
@@ -856,8 +934,14 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.anomaly {
         kiln_graph::anomaly::set_enabled(gpu, true);
     }
-    eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, gpu.adapter_name());
-    let bar = ProgressBar::new(1);
+    match (cfg.devices.len(), &cfg.distributed) {
+        (_, Some(d)) if rank0 => eprintln!("kiln: training {} on {}, {:?}, on {}", a.model, a.dataset, d, cfg.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")),
+        (_, Some(_)) => {}
+        (0 | 1, None) => eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, cfg.devices.first().map(|d| d.adapter_name()).unwrap_or_else(|| gpu.adapter_name())),
+        (n, None) => eprintln!("kiln: training {} on {} data-parallel over {n} devices: {}", a.model, a.dataset, cfg.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")),
+    }
+    // Rank 0 alone shows progress and the summary (every rank prints its own errors).
+    let bar = if rank0 { ProgressBar::new(1) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}").expect("static template").progress_chars("=> "));
     let report = kiln_models::run(&cfg, |p: &Progress| {
         bar.set_length(p.total_steps);
@@ -876,11 +960,43 @@ fn train(a: TrainArgs) -> Result<()> {
         e => anyhow::Error::new(e).context(format!("training {} on {}", a.model, a.dataset)),
     })?;
     bar.finish();
+    if !rank0 {
+        return Ok(());
+    }
     print_summary(&report, &out);
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// `kiln bench --filter allreduce --distributed mpi`: every rank runs the family; rank 0 prints and writes.
+#[cfg(feature = "mpi")]
+fn bench_mpi(opts: kiln_benches::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
+    use kiln_nn::parallel::Collective;
+    let world = std::rc::Rc::new(distributed::MpiWorld::init()?);
+    let (rank, size) = (world.rank(), world.size());
+    let opts = kiln_benches::suite::SuiteOptions { across: Some(kiln_nn::parallel::Distributed(world.clone())), ..opts };
+    let result = if rank == 0 {
+        bench(&opts, adapter, json)
+    } else {
+        (|| -> Result<()> {
+            kiln_wgpu::select_adapter(adapter.as_deref())?;
+            let roofs = kiln_benches::suite::Roofs { fma_gflops: 1.0, copy_gbps: 1.0 };
+            kiln_benches::suite::run_suite(&opts, roofs, &mut |_| {})?;
+            Ok(())
+        })()
+    };
+    if let (Err(e), true) = (&result, size > 1) {
+        eprintln!("error (rank {rank} of {size}; ending every rank): {e:#}");
+        world.abort();
+    }
+    result
+}
+
+#[cfg(not(feature = "mpi"))]
+fn bench_mpi(_opts: kiln_benches::suite::SuiteOptions, _adapter: Option<String>, _json: Option<PathBuf>) -> Result<()> {
+    bail!("--distributed mpi needs a kiln built with the mpi feature: install OpenMPI and libclang (apt-get install libopenmpi-dev openmpi-bin libclang-dev), then cargo build --release -p kiln-cli --features mpi")
 }
 
 fn bench(opts: &kiln_benches::suite::SuiteOptions, adapter: Option<String>, json: Option<PathBuf>) -> Result<()> {
@@ -1067,6 +1183,22 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
     }
     if !r.frozen.is_empty() {
         println!("frozen: {}", r.frozen.join(", "));
+    }
+    if let Some(p) = &r.data_parallel {
+        let ranks = match &p.communicator {
+            Some(c) => format!("{c}, "),
+            None => String::new(),
+        };
+        println!(
+            "data-parallel over {}{} devices ({}): all-reduce of {:.1} KiB of gradients {:.2} ms/step ({:.1}% of the step), replicas equal (checksum {})",
+            ranks,
+            p.devices.len(),
+            p.devices.join(", "),
+            p.gradient_bytes as f64 / 1024.0,
+            p.all_reduce_ms_per_step,
+            100.0 * p.communication_share,
+            p.checksum
+        );
     }
     println!("run directory {}: metrics.csv, loss.png, last.safetensors, best.safetensors (epoch {}, dev {:.4})", out.display(), r.best_epoch, r.best_dev_metric);
 }

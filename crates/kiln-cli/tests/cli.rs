@@ -389,3 +389,22 @@ fn object_scene_training_and_style_transfer_from_the_command_line() {
     assert_clean_failure(&kiln(&["style", "--content", "/nonexistent/photo.png", "--steps", "1"], &[]), "/nonexistent/photo.png");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn data_parallel_training_over_two_devices_and_its_errors() {
+    let dir = temp_dir("devices");
+    let o = kiln(&["train", "mlp", "--dataset", "digits", "--epochs", "1", "--train-limit", "200", "--devices", "0,0", "--json", "--out", dir.to_str().unwrap()], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("data-parallel over 2 devices"), "{err}");
+    assert!(out.contains("data-parallel over 2 devices") && out.contains("replicas equal (checksum"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["data_parallel"]["devices"].as_array().map(|d| d.len()), Some(2), "{v}");
+    assert!(dir.join("last.safetensors").exists());
+    let o = kiln(&["train", "mlp", "--dataset", "digits", "--epochs", "1", "--devices", "9"], &[]);
+    assert_clean_failure(&o, "there is no adapter \"9\"");
+    let o = kiln(&["train", "char-rnn", "--dataset", "moby-dick", "--devices", "0,0"], &[]);
+    assert_clean_failure(&o, "has a loop of its own");
+    let o = kiln(&["train", "mlp", "--dataset", "digits", "--devices", "0,0,0", "--train-limit", "2"], &[]);
+    assert_clean_failure(&o, "cannot be shared between 3 devices");
+}

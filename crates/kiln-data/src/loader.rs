@@ -134,6 +134,27 @@ impl HostBatch {
     pub fn array(&self, name: &str) -> Option<&HostArray> {
         self.arrays.iter().find(|a| a.name == name)
     }
+    /// Samples `rows` of the batch (every array cut along its first axis): a data-parallel replica's shard.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> HostBatch {
+        let n = self.len().max(1);
+        let arrays = self
+            .arrays
+            .iter()
+            .map(|a| {
+                let mut shape = a.shape.clone();
+                let per = |len: usize| len / n;
+                let data = match &a.data {
+                    HostData::F32(v) => HostData::F32(v[rows.start * per(v.len())..rows.end * per(v.len())].to_vec()),
+                    HostData::U32(v) => HostData::U32(v[rows.start * per(v.len())..rows.end * per(v.len())].to_vec()),
+                };
+                if let Some(first) = shape.first_mut() {
+                    *first = rows.len();
+                }
+                HostArray { name: a.name, shape, data }
+            })
+            .collect();
+        HostBatch { indices: self.indices[rows].to_vec(), arrays }
+    }
     /// Every array as a tensor on the thread's current device, in order, with one allocation and one write.
     pub fn upload(&self) -> std::result::Result<Vec<Tensor>, KilnError> {
         self.upload_on(&kiln_graph::backend::Device::current()?)

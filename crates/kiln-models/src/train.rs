@@ -58,6 +58,15 @@ pub struct TrainConfig {
     /// Set from outside (a Ctrl-C handler) to stop after the current step; the run saves where it is first
     /// (with `out_dir`) and returns `KilnError::Interrupted`.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Train data-parallel over these devices (`kiln train --devices`; `kiln_nn::parallel::open_devices`
+    /// opens them from such a list): a replica of the model on each, every batch (`batch_size` is the whole
+    /// batch) split between them, the gradients averaged before each update. The first device is the main
+    /// one: it evaluates and writes the checkpoints. Empty: the thread's current device; one: that device.
+    pub devices: Vec<Device>,
+    /// One rank of a distributed run (`kiln train --distributed mpi` under `mpirun`): every rank runs this
+    /// same configuration, takes its own rows of each batch (`batch_size` is the whole batch of all ranks),
+    /// and the gradients are summed across the ranks too. Rank 0 alone writes metrics and checkpoints.
+    pub distributed: Option<kiln_nn::parallel::Distributed>,
 }
 
 impl TrainConfig {
@@ -86,6 +95,8 @@ impl TrainConfig {
             depth: None,
             checkpoint_every_s: None,
             interrupt: None,
+            devices: Vec::new(),
+            distributed: None,
         }
     }
 }
@@ -184,6 +195,29 @@ pub struct TrainReport {
     pub frozen: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub loaded_from_checkpoint: Vec<String>,
+    /// A data-parallel run's devices and what averaging the gradients cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallelReport>,
+}
+
+/// What a data-parallel run (`--devices`) measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataParallelReport {
+    /// Each replica's device in this process, in order (the first is the main one).
+    pub devices: Vec<String>,
+    /// Processes (MPI ranks) of the run; 1 without `--distributed`.
+    pub ranks: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub communicator: Option<String>,
+    /// Bytes of gradients averaged per step (one replica's).
+    pub gradient_bytes: u64,
+    /// The all-reduce's mean wall time per step (host-staged: copies back, reduction, writes).
+    pub all_reduce_ms_per_step: f64,
+    /// The all-reduce's share of the mean step time.
+    pub communication_share: f64,
+    /// The replicas' parameter checksum, equal on every replica at every epoch end (a difference stops the
+    /// run with an error).
+    pub checksum: String,
 }
 
 /// Seconds between checkpoint writes at epoch ends (the last epoch is always written).
@@ -540,10 +574,25 @@ pub fn run(cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainRe
 /// [`evaluate_checkpoint_with`].
 pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Progress)) -> Result<TrainReport, KilnError> {
     let cfg = &TrainConfig { model: entry.name.to_string(), ..cfg.clone() };
+    // A run on named devices runs in the first one's scope: the main replica's model and data go there.
+    if let Some(main) = cfg.devices.first() {
+        if Device::current()? != *main {
+            return main.scope(|| run_with(entry, cfg, progress));
+        }
+    }
     let started = Instant::now();
     // The thread's current device: the default one, or the device of an enclosing `Device::scope`.
     let g = Device::current()?;
     let mut r = setup(cfg, entry)?;
+    let replicas = replicas(cfg, entry, &r)?;
+    let across = cfg.distributed.as_ref().map(|d| &*d.0);
+    if let Some(c) = across {
+        agree_across_ranks(c, cfg, &r, replicas.len() + 1)?;
+    }
+    let parallel = !replicas.is_empty() || across.is_some();
+    let rank0 = across.is_none_or(|c| c.rank() == 0);
+    let all_reduce_ms = std::cell::Cell::new(0.0f64);
+    let mut checksum = String::new();
     let classifier = r.split.train.num_classes().is_some();
     let steps_per_epoch = r.split.train.len().div_ceil(r.s.batch_size) as u64;
     let (opt, model) = (&r.opt, &r.model);
@@ -556,7 +605,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     if let Some(p) = cfg.patience {
         trainer = trainer.callback(EarlyStopping { patience: p });
     }
-    if let Some(dir) = &cfg.out_dir {
+    if let (Some(dir), true) = (&cfg.out_dir, rank0) {
         std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: format!("cannot create the directory: {e}") })?;
         let metric = if classifier { "dev_accuracy" } else { "dev_r2" };
         trainer = trainer.callback(MetricsCsv::open(dir.join("metrics.csv"), classifier, metric, cfg.resume.then_some(r.start_epoch))?);
@@ -568,6 +617,10 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     let train_loader = DataLoader::shared(std::sync::Arc::new(r.split.train.clone()), StackRows::default(), train_options).map_err(data_err)?;
     let (augment, image) = (r.augment, r.split.train.image);
     let step = |batch: &HostBatch, step: u64| -> Result<StepValues, KilnError> {
+        if parallel {
+            let augment = augment.as_ref().zip(image).map(|(a, i)| (a, i, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step)));
+            return data_parallel_step(&r, &replicas, across, batch, augment, &all_reduce_ms);
+        }
         let (mut x, y) = features_and_targets(batch)?;
         if let (Some(a), Some([c, h, w])) = (&augment, image) {
             x = x.reshape(&[batch.len(), c, h, w])?.augment(a, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step))?;
@@ -580,7 +633,10 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
         drop(grads);
         Ok(StepValues { correct: model.task.correct(&out, &y)?, loss })
     };
-    let evaluate = |t: EpochTally| -> Result<EpochRecord, KilnError> {
+    let mut evaluate = |t: EpochTally| -> Result<EpochRecord, KilnError> {
+        if parallel {
+            checksum = check_replicas(&r.vs, &replicas, across, t.epoch)?;
+        }
         let mut m = model.borrow_mut();
         m.set_training(false);
         let (dev_loss, dev_out) = evaluate(&m, &r.split.dev, r.target_scale)?;
@@ -597,10 +653,202 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
         })
     };
     model.borrow_mut().set_training(true);
-    let fit = trainer.fit(&train_loader, step, evaluate)?;
+    let fit = trainer.fit(&train_loader, step, &mut evaluate)?;
     drop(trainer);
     r.model.get_mut().set_training(false);
-    final_report(cfg, entry, &g, r, fit, started)
+    let data_parallel = parallel.then(|| {
+        let per_step = all_reduce_ms.get() / fit.steps.max(1) as f64;
+        let step_ms = 1000.0 * fit.step_seconds / fit.steps.max(1) as f64;
+        DataParallelReport {
+            devices: std::iter::once(g.describe()).chain(replicas.iter().map(|p| p.device.describe())).collect(),
+            ranks: across.map(|c| c.size()).unwrap_or(1),
+            communicator: across.map(|c| c.describe()),
+            gradient_bytes: r.opt.borrow().gradient_buffer().1 as u64 * 4,
+            all_reduce_ms_per_step: per_step,
+            communication_share: per_step / step_ms.max(1e-9),
+            checksum: checksum.clone(),
+        }
+    });
+    let mut report = final_report(cfg, entry, &g, r, fit, started)?;
+    report.data_parallel = data_parallel;
+    Ok(report)
+}
+
+/// A replica of the run's model on another device (data parallelism; the main replica is the run's own).
+struct Replica {
+    device: Device,
+    vs: VarStore,
+    model: std::cell::RefCell<Model>,
+    opt: std::cell::RefCell<Optimizer>,
+}
+
+/// The replicas on `cfg.devices[1..]`: each model built as the main one was, then given the main replica's
+/// parameters, buffers and optimizer state (what `--from` or `--resume` loaded into it included).
+fn replicas(cfg: &TrainConfig, entry: &ModelEntry, r: &RunSetup) -> Result<Vec<Replica>, KilnError> {
+    let ranks = cfg.distributed.as_ref().map(|d| d.0.size()).unwrap_or(1);
+    let replicas = cfg.devices.len().max(1) * ranks;
+    if r.split.train.len() < replicas {
+        let what = if ranks > 1 { format!("{ranks} ranks x {} devices", cfg.devices.len().max(1)) } else { format!("{} devices", cfg.devices.len()) };
+        return Err(KilnError::Config(format!("{} training samples cannot be shared between {what}", r.split.train.len())));
+    }
+    if cfg.devices.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let main = r.opt.borrow();
+    let mut out = Vec::new();
+    for device in &cfg.devices[1..] {
+        let replica = device.scope(|| -> Result<Replica, KilnError> {
+            let mut vs = VarStore::new(cfg.seed);
+            let arch = linear_models::Arch { hidden: &r.s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
+            let mut model = (entry.build)(&mut vs, &r.split.train, &arch)?;
+            vs.finish()?;
+            let mut opt = Optimizer::new(&vs, main.kind, main.base_lr, main.weight_decay, main.schedule, main.total_steps)?;
+            opt.clip = main.clip;
+            if !cfg.freeze.is_empty() {
+                opt.freeze(&vs, |name| cfg.freeze.iter().any(|p| name == p || name.starts_with(&format!("{p}."))));
+            }
+            model.net.set_rng_position(main.steps_taken());
+            model.set_training(true);
+            Ok(Replica { device: device.clone(), vs, model: std::cell::RefCell::new(model), opt: std::cell::RefCell::new(opt) })
+        })?;
+        out.push(replica);
+    }
+    drop(main);
+    let mut guards: Vec<_> = out.iter().map(|p| p.opt.borrow_mut()).collect();
+    let mut to: Vec<(&VarStore, &mut Optimizer)> = out.iter().zip(guards.iter_mut()).map(|(p, g)| (&p.vs, &mut **g)).collect();
+    kiln_nn::parallel::broadcast((&r.vs, &r.opt.borrow()), &mut to, true)?;
+    drop(to);
+    drop(guards);
+    Ok(out)
+}
+
+/// One data-parallel step: each replica's forward and backward on its shard of the batch, on its own device;
+/// the gradients averaged across the replicas, weighted by their shares; every replica's update. The step's
+/// loss (the mean over the whole batch) and correct count are read back with the gradients.
+fn data_parallel_step(
+    r: &RunSetup,
+    replicas: &[Replica],
+    across: Option<&dyn kiln_nn::parallel::Collective>,
+    batch: &HostBatch,
+    augment: Option<(&kiln_graph::Augment, [usize; 3], u64)>,
+    all_reduce_ms: &std::cell::Cell<f64>,
+) -> Result<StepValues, KilnError> {
+    let main = Device::current()?;
+    // This rank's replicas take their rows of the whole batch (each rank loads the same seeded batches: rank
+    // r's rows are the r-th block of them, so no two ranks share a sample).
+    let local = replicas.len() + 1;
+    let (rank, ranks) = across.map(|c| (c.rank(), c.size())).unwrap_or((0, 1));
+    let shards = kiln_nn::parallel::shard_ranges(batch.len(), local * ranks)[rank * local..(rank + 1) * local].to_vec();
+    let parts: Vec<(&Device, &std::cell::RefCell<Model>, &std::cell::RefCell<Optimizer>)> =
+        std::iter::once((&main, &r.model, &r.opt)).chain(replicas.iter().map(|p| (&p.device, &p.model, &p.opt))).collect();
+    let mut reads = Vec::new();
+    for ((device, model, opt), rows) in parts.iter().zip(&shards) {
+        if rows.is_empty() {
+            continue;
+        }
+        let shard = batch.rows(rows.clone());
+        let read = device.scope(|| -> Result<_, KilnError> {
+            let (mut x, y) = features_and_targets(&shard)?;
+            if let Some((a, [c, h, w], seed)) = augment {
+                // Seeded by the step and the shard's first row, so no two shards share their draws.
+                x = x.reshape(&[shard.len(), c, h, w])?.augment(a, seed.wrapping_add((rows.start as u64) << 40))?;
+            }
+            let m = model.borrow();
+            let out = m.forward(&x)?;
+            let loss = m.task.loss(&out, &y)?;
+            let grads = loss.backward()?;
+            opt.borrow_mut().accumulate(&grads)?;
+            drop(grads);
+            let correct = m.task.correct(&out, &y)?;
+            let values = match &correct {
+                Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
+                None => loss.reshape(&[1])?,
+            };
+            Ok((values.read_start()?, rows.len()))
+        })?;
+        reads.push(read);
+    }
+    let mut guards: Vec<_> = parts.iter().map(|(_, _, opt)| opt.borrow_mut()).collect();
+    let mut opts: Vec<&mut Optimizer> = guards.iter_mut().map(|g| &mut **g).collect();
+    let shares: Vec<usize> = shards.iter().map(|s| s.len()).collect();
+    // Every backward done first, so the timing is the all-reduce's own (its copies would wait for them anyway).
+    for (device, _, _) in &parts {
+        device.sync()?;
+    }
+    let timing = kiln_nn::parallel::all_reduce_gradients_across(&mut opts, &shares, batch.len(), kiln_nn::parallel::DEFAULT_BUCKET_BYTES, across)?;
+    all_reduce_ms.set(all_reduce_ms.get() + timing.total_ms);
+    let stores: Vec<&VarStore> = std::iter::once(&r.vs).chain(replicas.iter().map(|p| &p.vs)).collect();
+    for ((opt, vs), (device, _, _)) in opts.iter_mut().zip(stores).zip(&parts) {
+        device.scope(|| opt.apply(vs))?;
+    }
+    let (mut loss_sum, mut correct, with_correct) = (0.0f64, 0.0f64, r.split.train.num_classes().is_some());
+    for (read, n) in reads {
+        let v = read.wait()?;
+        loss_sum += v[0] as f64 * n as f64;
+        correct += v.get(1).copied().unwrap_or(0.0) as f64;
+    }
+    if let Some(c) = across {
+        let mut sums = [loss_sum, correct];
+        c.sum_f64(&mut sums)?;
+        [loss_sum, correct] = sums;
+    }
+    let loss = Tensor::from_slice(&[(loss_sum / batch.len().max(1) as f64) as f32], &[1])?;
+    let correct = if with_correct { Some(Tensor::from_slice(&[correct as f32], &[1])?) } else { None };
+    Ok(StepValues { loss, correct })
+}
+
+/// At an epoch end: the main replica's buffers (batch norm's running statistics, which each replica updates
+/// from its own shards) copied to the others, then every replica's checksum compared. Replicas that differ are
+/// an error (they cannot, unless a kernel is not deterministic). Returns the checksum.
+fn check_replicas(main: &VarStore, replicas: &[Replica], across: Option<&dyn kiln_nn::parallel::Collective>, epoch: usize) -> Result<String, KilnError> {
+    let others: Vec<&VarStore> = replicas.iter().map(|p| &p.vs).collect();
+    kiln_nn::parallel::broadcast_buffers(main, &others)?;
+    let want = kiln_nn::parallel::checksum(main)?;
+    for (i, p) in replicas.iter().enumerate() {
+        let got = kiln_nn::parallel::checksum(&p.vs)?;
+        if got != want {
+            return Err(KilnError::Training(format!("epoch {epoch}: replica {} ({}) drifted from replica 0: parameter checksums {got:016x} and {want:016x}", i + 1, p.device.describe())));
+        }
+    }
+    if let Some(c) = across {
+        // Batch norm's buffers differ between ranks (each updates them from its own rows): the parameters
+        // alone are compared across ranks, and rank 0's buffers are the ones its checkpoints keep.
+        let params = kiln_nn::parallel::checksum_parameters(main)?;
+        let all = c.all_gather_u64(params)?;
+        if let Some(bad) = all.iter().position(|&v| v != all[0]) {
+            return Err(KilnError::Training(format!("epoch {epoch}: rank {bad}'s parameters drifted from rank 0's (checksums {:016x} and {:016x})", all[bad], all[0])));
+        }
+    }
+    Ok(format!("{want:016x}"))
+}
+
+/// Before the first step of a distributed run: every rank must run the same Kiln, model, data and settings
+/// from the same parameters. A hash of them is exchanged; a rank that differs is an error on every rank,
+/// naming it (instead of a hang or a silent mix).
+fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, r: &RunSetup, local_devices: usize) -> Result<(), KilnError> {
+    let summary = format!(
+        "{} {} {} {:?} {} {} {} {:016x}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.model,
+        cfg.dataset,
+        r.s,
+        r.split.train.len(),
+        r.vs.flat_len(),
+        local_devices,
+        kiln_nn::parallel::checksum_parameters(&r.vs)?
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in summary.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let all = c.all_gather_u64(h)?;
+    if let Some(bad) = all.iter().position(|&v| v != all[0]) {
+        return Err(KilnError::Config(format!(
+            "rank {bad} runs another Kiln version, model, data set, settings, device count or starting point than rank 0 (hashes {:016x} and {:016x}); every rank must run the same command",
+            all[bad], all[0]
+        )));
+    }
+    Ok(())
 }
 
 /// Everything a run sets up before its first epoch: data, settings, model, optimizer, and what a resumed
@@ -858,6 +1106,7 @@ fn final_report(cfg: &TrainConfig, entry: &ModelEntry, g: &Device, r: RunSetup, 
         stopped_early: fit.stopped_early,
         frozen: r.frozen,
         loaded_from_checkpoint: r.loaded_from_checkpoint,
+        data_parallel: None,
     };
     if entry.normal_equation {
         let train_y = r.raw_split.train.values().unwrap_or(&[]);

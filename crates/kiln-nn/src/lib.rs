@@ -13,6 +13,7 @@ pub mod metric_learning;
 pub mod metrics;
 pub mod module;
 pub mod optim;
+pub mod parallel;
 pub mod recurrent;
 pub mod schedule;
 pub mod varstore;

@@ -318,6 +318,25 @@ impl Optimizer {
         (start..end).step_by(most).map(|p0| (p0, (p0 + most).min(end))).collect()
     }
 
+    /// The flat gradient buffer the updates read (gathered by [`accumulate`](Optimizer::accumulate)), and the
+    /// elements of it in use: what a data-parallel all-reduce averages between replicas (`crate::parallel`).
+    pub fn gradient_buffer(&self) -> (&BufView, usize) {
+        (&self.grads, self.slots.iter().map(|s| s.offset + s.len).max().unwrap_or(0))
+    }
+
+    /// Which parameters got a gradient since the last update, in the flat buffer's order.
+    pub(crate) fn gradient_flags(&self) -> Vec<bool> {
+        self.slots.iter().map(|s| s.has_grad).collect()
+    }
+
+    /// Marks the parameters whose gradients an all-reduce wrote (a replica that saw no sample this step
+    /// updates exactly as the others do).
+    pub(crate) fn set_gradient_flags(&mut self, flags: &[bool]) {
+        for (s, &f) in self.slots.iter_mut().zip(flags) {
+            s.has_grad = f;
+        }
+    }
+
     /// Clips the gathered gradients on the GPU, piece by piece (no host round trip).
     fn clip_gradients(&mut self, clip: Clip) -> Result<()> {
         let g = self.grads.device().clone();
