@@ -35,7 +35,7 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 
 /// The models trained by their own step loop (kiln_models::lm, scenes, yolo, segment, rcnn), not the epoch
 /// trainer: sequence models on text and scenes, detectors and segmenters on object scenes.
-const OWN_LOOP_MODELS: [(&str, &str); 10] = [
+const OWN_LOOP_MODELS: [(&str, &str); 11] = [
     ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
     ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
     ("names", "character-level GRU that generates first names (--cell, --steps)"),
@@ -45,6 +45,7 @@ const OWN_LOOP_MODELS: [(&str, &str); 10] = [
     ("yolo", "YOLO with k-means anchors and GPU NMS on object scenes (--steps, --image-size, --objects)"),
     ("segment", "FCN, SegNet or U-Net semantic segmentation on object scenes (--decoder, --steps)"),
     ("rcnn", "two-stage detector: RPN, RoI-Align box head and mask head, on object scenes (--steps)"),
+    ("localize", "classification with localisation: one object or none, class and box (--loss mixed|squared)"),
     ("siamese", "embedding net, triplet or contrastive loss, verified on unseen Fashion-MNIST classes (--mining)"),
 ];
 const OWN_LOOP_DATASETS: [(&str, &str); 5] = [
@@ -173,8 +174,9 @@ struct TrainArgs {
     /// segment: the decoder, fcn, segnet or unet [default: unet].
     #[arg(long, value_parser = ["fcn", "segnet", "unet"])]
     decoder: Option<String>,
-    /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet].
-    #[arg(long, value_parser = ["triplet", "contrastive"])]
+    /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet]; localize: mixed or squared
+    /// (the course's sum of squares) [default: mixed].
+    #[arg(long, value_parser = ["triplet", "contrastive", "mixed", "squared"])]
     loss: Option<String>,
     /// siamese: triplet mining in each batch, hard, semi-hard or all [default: hard].
     #[arg(long, value_parser = ["semi-hard", "hard", "all"])]
@@ -240,6 +242,25 @@ enum Command {
     /// Neural style transfer: an image with the content of one picture and the style of another (PNG or JPEG;
     /// astronaut.png and starry_night.jpg are shipped and found by name).
     Style(StyleArgs),
+    /// Objects in a picture of your own (PNG or JPEG) with a YOLO checkpoint from `kiln train yolo`: a PNG with
+    /// the boxes, class names and scores drawn, and the detections listed (JSON with --json).
+    Detect {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The picture (resized to the size the model was trained at; boxes are reported in its own pixels).
+        image: PathBuf,
+        /// Where the PNG goes [default: the picture's name with .detections.png].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Detections scoring at most this are dropped (the course's p_c threshold).
+        #[arg(long, default_value_t = 0.6)]
+        min_score: f32,
+        /// Non-max suppression: a box overlapping a better one of its class by at least this IoU is dropped.
+        #[arg(long, default_value_t = 0.5)]
+        iou: f32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a checkpoint written by `kiln train` on a data set's test split.
     Eval {
         #[arg(long)]
@@ -385,6 +406,7 @@ fn run() -> Result<()> {
         }
         Command::Eval { checkpoint, dataset, data_dir, adapter, json, predictions } => eval(checkpoint, dataset, data_dir, adapter, json, predictions),
         Command::Style(args) => style(&args),
+        Command::Detect { checkpoint, image, out, min_score, iou, json } => detect(&checkpoint, &image, out, min_score, iou, json),
     }
 }
 
@@ -415,10 +437,10 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         ("names", "names") => return train_names(a),
         ("g2p", "cmudict") => return train_g2p(a),
         ("captioning" | "vqa", "scenes") => return train_scene_model(a),
-        ("yolo" | "segment" | "rcnn", "object-scenes") => return train_object_model(a),
+        ("yolo" | "segment" | "rcnn" | "localize", "object-scenes") => return train_object_model(a),
         ("siamese", "fashion-mnist") => return train_siamese_model(a),
         (model, data) => bail!(
-            "char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes, yolo, segment and rcnn on object-scenes, siamese on fashion-mnist (got {model} on {data})"
+            "char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes, yolo, segment, rcnn and localize on object-scenes, siamese on fashion-mnist (got {model} on {data})"
         ),
     }
     let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
@@ -629,7 +651,10 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
         Some("both") => ObjectSource::Both,
         _ => ObjectSource::Digits,
     };
-    let scenes = ObjectSceneConfig { size, objects: (1, 3), scale: (0.7, 1.4), source, ..Default::default() };
+    let scenes = match a.model.as_str() {
+        "localize" => ObjectSceneConfig { size, objects: (0, 1), scale: (0.75, (size as f32 / 28.0).min(2.0)), source, ..Default::default() },
+        _ => ObjectSceneConfig { size, objects: (1, 3), scale: (0.7, 1.4), source, ..Default::default() },
+    };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-object-scenes", a.model)));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let picture = out.join("scenes.png");
@@ -649,9 +674,21 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
     let json = match a.model.as_str() {
         "yolo" => {
             use kiln_models::yolo::{train_yolo, yolo_pictures, YoloConfig};
-            let cfg = YoloConfig { scenes, anchors: 3, width: 16, steps, lr: a.lr.unwrap_or(2e-3), batch_size: a.batch_size.unwrap_or(16) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let cfg = YoloConfig {
+                scenes,
+                anchors: 3,
+                width: 16,
+                steps,
+                lr: a.lr.unwrap_or(2e-3),
+                batch_size: a.batch_size.unwrap_or(16) as usize,
+                seed: a.seed,
+                data_dir,
+                out_dir: Some(out.clone()),
+                ..Default::default()
+            };
             let (model, r) = train_yolo(&cfg, on_step).context("training yolo")?;
             bar.finish();
+            println!("checkpoint {} (kiln detect --checkpoint ... PICTURE)", out.join("yolo.safetensors").display());
             println!("{} held-out scenes: mAP@0.5 {:.3}, COCO mAP@[.5:.95] {:.3}", cfg.test_scenes, r.map50, r.coco_map);
             println!("{} steps, {:.1} ms/step, {} parameters; anchors {:?}", r.steps, r.ms_per_step, r.parameters, r.anchors);
             yolo_pictures(&model, &cfg, 4, &picture)?;
@@ -670,6 +707,20 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
             println!("{} held-out scenes ({}): pixel accuracy {:.3}, mIoU {:.3}", cfg.test_scenes, decoder.name(), r.pixel_accuracy, r.miou);
             println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
             segment_pictures(&net, &cfg, 4, &picture)?;
+            serde_json::to_string(&r)?
+        }
+        "localize" => {
+            use kiln_models::localize::{localize_pictures, train_localizer, LocalizeConfig};
+            let loss = a.loss.as_deref().unwrap_or("mixed").parse().map_err(anyhow::Error::msg)?;
+            let cfg = LocalizeConfig { scenes, steps, loss, lr: a.lr.unwrap_or(1e-3), batch_size: a.batch_size.unwrap_or(32) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let (model, r) = train_localizer(&cfg, on_step).context("training the localiser")?;
+            bar.finish();
+            println!(
+                "{} held-out scenes ({:?} loss): presence {:.3}; on those with an object: class {:.3}, mean IoU {:.3}, class right and IoU >= 0.5 {:.3}",
+                r.test_scenes, r.loss, r.presence_accuracy, r.class_accuracy, r.mean_iou, r.correct_localization
+            );
+            println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+            localize_pictures(&model, &cfg, 4, &picture)?;
             serde_json::to_string(&r)?
         }
         _ => {
@@ -704,7 +755,8 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
     };
     let (loss, default_margin) = match a.loss.as_deref() {
         Some("contrastive") => (MetricLoss::Contrastive, 1.0),
-        _ => (MetricLoss::Triplet(mining), 0.2),
+        None | Some("triplet") => (MetricLoss::Triplet(mining), 0.2),
+        Some(other) => bail!("--loss {other}: siamese trains with triplet or contrastive"),
     };
     let d = SiameseConfig::default();
     let cfg = SiameseConfig {
@@ -1025,6 +1077,40 @@ fn bench(opts: &kiln_benches::suite::SuiteOptions, adapter: Option<String>, json
         records.insert(0, roof("fma", Some(roofs.fma_gflops), None));
         std::fs::write(&path, serde_json::to_string_pretty(&records)?).with_context(|| format!("writing {}", path.display()))?;
         println!("\nwrote {} records to {}", records.len(), path.display());
+    }
+    Ok(())
+}
+
+/// `kiln detect`: a YOLO checkpoint on a picture of one's own.
+fn detect(checkpoint: &std::path::Path, image: &std::path::Path, out: Option<PathBuf>, min_score: f32, iou: f32, json: bool) -> Result<()> {
+    if !(0.0..1.0).contains(&min_score) || !(0.0..=1.0).contains(&iou) {
+        bail!("--min-score must be in [0, 1) and --iou in [0, 1] (got {min_score} and {iou})");
+    }
+    let (model, info) = kiln_models::yolo::load_yolo(checkpoint)?;
+    let picture = kiln_data::picture::load_picture(image)?;
+    let size = info.size;
+    let small = picture.resized(size, size);
+    let x = kiln_graph::Tensor::from_slice(&small.pixels, &[1, 3, size, size])?;
+    let pred = kiln_graph::no_grad(|| model.forward(&x))?;
+    let found = model.detect(&pred, 0, size, min_score, iou)?;
+    // Boxes back in the picture's own pixels.
+    let (sx, sy) = (picture.w as f32 / size as f32, picture.h as f32 / size as f32);
+    let out = out.unwrap_or_else(|| image.with_extension("detections.png"));
+    let overlays = found.iter().map(|d| kiln_models::plot::Overlay { bbox: Some(d.bbox), class: d.class, mask: None }).collect();
+    kiln_models::plot::scenes_png(&out, size, (512 / size).max(1), &[(&small.pixels[..], overlays)]).with_context(|| format!("writing {}", out.display()))?;
+    let listed: Vec<serde_json::Value> = found
+        .iter()
+        .map(|d| {
+            let b = [d.bbox[0] * sx, d.bbox[1] * sy, d.bbox[2] * sx, d.bbox[3] * sy];
+            serde_json::json!({ "class": d.class, "name": info.class_names[d.class as usize], "score": d.score, "bbox": b })
+        })
+        .collect();
+    println!("{}: {} objects above {min_score} ({} x {} pixels, read at {size} x {size}); picture {}", image.display(), found.len(), picture.w, picture.h, out.display());
+    for v in &listed {
+        println!("  {:<14} score {:.3}  box {}", v["name"].as_str().unwrap_or(""), v["score"].as_f64().unwrap_or(0.0), v["bbox"]);
+    }
+    if json {
+        println!("{}", serde_json::json!({ "image": image.display().to_string(), "detections": listed }));
     }
     Ok(())
 }

@@ -408,3 +408,39 @@ fn data_parallel_training_over_two_devices_and_its_errors() {
     let o = kiln(&["train", "mlp", "--dataset", "digits", "--devices", "0,0,0", "--train-limit", "2"], &[]);
     assert_clean_failure(&o, "cannot be shared between 3 devices");
 }
+
+#[test]
+fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
+    let dir = temp_dir("detect");
+    let d = dir.to_str().unwrap();
+    let o = kiln(&["train", "yolo", "--dataset", "object-scenes", "--steps", "3", "--image-size", "48", "--out", d], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ck = dir.join("yolo.safetensors");
+    assert!(ck.exists() && text(&o).0.contains("kiln detect"), "{}", text(&o).0);
+    // A picture of another size: boxes come back in its own pixels.
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/images/astronaut.png");
+    let png = dir.join("found.png");
+    let o = kiln(&["detect", "--checkpoint", ck.to_str().unwrap(), photo, "--min-score", "0", "--out", png.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(png.exists(), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let found = v["detections"].as_array().expect("a list of detections");
+    for det in found {
+        assert!(det["name"].as_str().is_some_and(|n| n.starts_with("digit")) && det["bbox"].as_array().map(|b| b.len()) == Some(4), "{det}");
+    }
+    // Bad input: a checkpoint of another model, a missing picture, a threshold out of range.
+    let mlp = dir.join("mlp");
+    assert!(kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", mlp.to_str().unwrap()], &[]).status.success());
+    assert_clean_failure(&kiln(&["detect", "--checkpoint", mlp.join("last.safetensors").to_str().unwrap(), photo], &[]), "not a YOLO checkpoint");
+    assert_clean_failure(&kiln(&["detect", "--checkpoint", ck.to_str().unwrap(), "/nonexistent/picture.png"], &[]), "/nonexistent/picture.png");
+    assert_clean_failure(&kiln(&["detect", "--checkpoint", ck.to_str().unwrap(), photo, "--min-score", "1.5"], &[]), "--min-score");
+    // Classification with localisation from the command line, and a loss it does not know.
+    let o = kiln(&["train", "localize", "--dataset", "object-scenes", "--steps", "2", "--image-size", "48", "--out", d, "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["presence_accuracy"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && r["loss"] == "Mixed", "{r}");
+    assert_clean_failure(&kiln(&["train", "localize", "--dataset", "object-scenes", "--loss", "triplet"], &[]), "unknown localisation loss");
+    std::fs::remove_dir_all(&dir).ok();
+}

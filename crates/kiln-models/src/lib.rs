@@ -11,6 +11,7 @@ pub mod g2p;
 pub mod gan;
 pub mod linear_models;
 pub mod lm;
+pub mod localize;
 pub mod names;
 pub mod overfeat;
 pub mod plot;

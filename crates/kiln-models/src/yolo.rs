@@ -284,12 +284,72 @@ pub struct YoloConfig {
     pub seed: u64,
     pub test_scenes: usize,
     pub data_dir: Option<std::path::PathBuf>,
+    /// Where to write `yolo.safetensors` (the weights, anchors, sizes and class names) after training, for
+    /// `kiln detect` and [`load_yolo`].
+    pub out_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for YoloConfig {
     fn default() -> Self {
-        YoloConfig { scenes: Default::default(), anchors: 5, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None }
+        YoloConfig { scenes: Default::default(), anchors: 5, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
     }
+}
+
+/// What a YOLO checkpoint says besides its weights.
+#[derive(Clone, Debug)]
+pub struct YoloInfo {
+    /// The side of the square scenes it was trained on (pictures are resized to it).
+    pub size: usize,
+    pub class_names: Vec<String>,
+}
+
+/// Writes a trained model's weights with what rebuilds it (anchors, classes, width, image side, class names)
+/// in the metadata, atomically.
+pub fn save_yolo(path: &std::path::Path, vs: &VarStore, model: &Yolo, width: usize, info: &YoloInfo) -> Result<()> {
+    let mut ck = vs.to_checkpoint()?;
+    let anchors: Vec<String> = model.anchors.iter().map(|(w, h)| format!("{w:?}x{h:?}")).collect();
+    for (k, v) in [
+        ("kiln.model", "yolo".to_string()),
+        ("kiln.anchors", anchors.join(",")),
+        ("kiln.classes", model.classes.to_string()),
+        ("kiln.width", width.to_string()),
+        ("kiln.size", info.size.to_string()),
+        ("kiln.class_names", info.class_names.join("|")),
+    ] {
+        ck.metadata.insert(k.into(), v);
+    }
+    kiln_nn::checkpoint::save(path, &ck).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))
+}
+
+/// A model written by [`save_yolo`] (`kiln train yolo` writes one), on the current device. A file that is not
+/// such a checkpoint names the file and what is missing.
+pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
+    let file = path.display().to_string();
+    let ck = kiln_nn::checkpoint::load(path).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
+    let bad = |what: &str| kiln_graph::KilnError::Checkpoint(format!("{file}: not a YOLO checkpoint of `kiln train yolo` ({what})"));
+    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
+    if meta("kiln.model")? != "yolo" {
+        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
+    }
+    let number = |k: &str| -> Result<usize> { meta(k)?.parse().map_err(|_| bad(&format!("{k} is not a number"))) };
+    let anchors = meta("kiln.anchors")?
+        .split(',')
+        .map(|a| {
+            let (w, h) = a.split_once('x').ok_or_else(|| bad("an anchor is not WxH"))?;
+            Ok((w.parse().map_err(|_| bad("an anchor is not WxH"))?, h.parse().map_err(|_| bad("an anchor is not WxH"))?))
+        })
+        .collect::<Result<Vec<(f32, f32)>>>()?;
+    let (classes, width, size) = (number("kiln.classes")?, number("kiln.width")?, number("kiln.size")?);
+    let class_names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    if class_names.len() != classes || anchors.is_empty() {
+        return Err(bad(&format!("{} class names for {classes} classes, {} anchors", class_names.len(), anchors.len())));
+    }
+    let mut vs = VarStore::new(0);
+    let model = Yolo::new(&mut vs, anchors, classes, width)?;
+    vs.finish()?;
+    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
+    // The parameters live in the store's buffer, which the model's tensors share: the store may go.
+    Ok((model, YoloInfo { size, class_names }))
 }
 
 /// What a YOLO run measured.
@@ -358,6 +418,10 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     }
     let map50 = kiln_nn::detection_metrics::voc_map(&dets, &truths, 0.5).0;
     let coco_map = kiln_nn::detection_metrics::coco_eval(&dets, &truths).ap;
+    if let Some(dir) = &cfg.out_dir {
+        std::fs::create_dir_all(dir).map_err(|e| kiln_graph::KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+        save_yolo(&dir.join("yolo.safetensors"), &vs, &model, cfg.width, &YoloInfo { size, class_names: cfg.scenes.source.class_names() })?;
+    }
     Ok((model, YoloReport { steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
 }
 
