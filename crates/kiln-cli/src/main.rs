@@ -261,6 +261,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per-pixel classes of a picture of your own with a checkpoint from `kiln train segment`: a PNG with each
+    /// class's pixels tinted, and the share of the picture each class covers (JSON with --json).
+    Segment {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The picture (resized to the size the net was trained at).
+        image: PathBuf,
+        /// Where the PNG goes [default: the picture's name with .segments.png].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a checkpoint written by `kiln train` on a data set's test split.
     Eval {
         #[arg(long)]
@@ -407,6 +420,7 @@ fn run() -> Result<()> {
         Command::Eval { checkpoint, dataset, data_dir, adapter, json, predictions } => eval(checkpoint, dataset, data_dir, adapter, json, predictions),
         Command::Style(args) => style(&args),
         Command::Detect { checkpoint, image, out, min_score, iou, json } => detect(&checkpoint, &image, out, min_score, iou, json),
+        Command::Segment { checkpoint, image, out, json } => segment(&checkpoint, &image, out, json),
     }
 }
 
@@ -701,9 +715,20 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 Some("segnet") => Decoder::SegNet,
                 _ => Decoder::UNet,
             };
-            let cfg = SegmentConfig { decoder, scenes, steps, lr: a.lr.unwrap_or(2e-3), batch_size: a.batch_size.unwrap_or(8) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let cfg = SegmentConfig {
+                decoder,
+                scenes,
+                steps,
+                lr: a.lr.unwrap_or(2e-3),
+                batch_size: a.batch_size.unwrap_or(8) as usize,
+                seed: a.seed,
+                data_dir,
+                out_dir: Some(out.clone()),
+                ..Default::default()
+            };
             let (net, r) = train_segmentation(&cfg, on_step).context("training segmentation")?;
             bar.finish();
+            println!("checkpoint {} (kiln segment --checkpoint ... PICTURE)", out.join("segment.safetensors").display());
             println!("{} held-out scenes ({}): pixel accuracy {:.3}, mIoU {:.3}", cfg.test_scenes, decoder.name(), r.pixel_accuracy, r.miou);
             println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
             segment_pictures(&net, &cfg, 4, &picture)?;
@@ -1111,6 +1136,32 @@ fn detect(checkpoint: &std::path::Path, image: &std::path::Path, out: Option<Pat
     }
     if json {
         println!("{}", serde_json::json!({ "image": image.display().to_string(), "detections": listed }));
+    }
+    Ok(())
+}
+
+/// `kiln segment`: a segmentation checkpoint on a picture of one's own.
+fn segment(checkpoint: &std::path::Path, image: &std::path::Path, out: Option<PathBuf>, json: bool) -> Result<()> {
+    let (net, info) = kiln_models::segment::load_segmentation(checkpoint)?;
+    let picture = kiln_data::picture::load_picture(image)?;
+    let s = info.size;
+    let small = picture.resized(s, s);
+    let logits = kiln_graph::no_grad(|| net.forward(&kiln_graph::Tensor::from_slice(&small.pixels, &[1, 3, s, s])?))?;
+    let classes = logits.shape()[1];
+    let logits = logits.to_vec()?;
+    let labels: Vec<usize> = (0..s * s).map(|p| (0..classes).max_by(|&a, &b| logits[a * s * s + p].total_cmp(&logits[b * s * s + p])).unwrap_or(0)).collect();
+    let masks: Vec<(u32, Vec<u8>)> = (1..classes).map(|c| (c as u32 - 1, labels.iter().map(|&l| u8::from(l == c)).collect::<Vec<u8>>())).filter(|(_, m)| m.contains(&1)).collect();
+    let out = out.unwrap_or_else(|| image.with_extension("segments.png"));
+    let overlays = masks.iter().map(|(c, m)| kiln_models::plot::Overlay { bbox: None, class: *c, mask: Some(&m[..]) }).collect();
+    kiln_models::plot::scenes_png(&out, s, (512 / s).max(1), &[(&small.pixels[..], overlays)]).with_context(|| format!("writing {}", out.display()))?;
+    let covered: Vec<serde_json::Value> =
+        masks.iter().map(|(c, m)| serde_json::json!({ "class": c, "name": info.class_names[*c as usize], "share": m.iter().filter(|&&v| v == 1).count() as f64 / (s * s) as f64 })).collect();
+    println!("{}: {} classes found ({} x {} pixels, read at {s} x {s}); picture {}", image.display(), covered.len(), picture.w, picture.h, out.display());
+    for v in &covered {
+        println!("  {:<14} {:.1}% of the picture", v["name"].as_str().unwrap_or(""), 100.0 * v["share"].as_f64().unwrap_or(0.0));
+    }
+    if json {
+        println!("{}", serde_json::json!({ "image": image.display().to_string(), "classes": covered }));
     }
     Ok(())
 }

@@ -380,7 +380,18 @@ fn object_scene_training_and_style_transfer_from_the_command_line() {
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["pixel_accuracy"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)) && r["decoder"] == "Fcn", "{r}");
     assert!(dir.join("scenes.png").exists(), "{out}");
-    assert_clean_failure(&kiln(&["train", "rcnn", "--dataset", "iris"], &[]), "rcnn on object-scenes");
+    // Its checkpoint on a picture of one's own.
+    let ck = dir.join("segment.safetensors");
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/images/astronaut.png");
+    let png = dir.join("segments.png");
+    let o = kiln(&["segment", "--checkpoint", ck.to_str().unwrap(), photo, "--out", png.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let shares: f64 = v["classes"].as_array().expect("classes").iter().map(|c| c["share"].as_f64().unwrap()).sum();
+    assert!(png.exists() && shares <= 1.0 + 1e-9, "{v}");
+    assert_clean_failure(&kiln(&["segment", "--checkpoint", photo, photo], &[]), "astronaut.png");
+    assert_clean_failure(&kiln(&["train", "rcnn", "--dataset", "iris"], &[]), "rcnn and localize on object-scenes");
     let picture = dir.join("style.png");
     let o = kiln(&["style", "--steps", "2", "--size", "32", "--divisor", "16", "--out", picture.to_str().unwrap()], &[]);
     let (out, err) = text(&o);
@@ -435,6 +446,7 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
     assert_clean_failure(&kiln(&["detect", "--checkpoint", mlp.join("last.safetensors").to_str().unwrap(), photo], &[]), "not a YOLO checkpoint");
     assert_clean_failure(&kiln(&["detect", "--checkpoint", ck.to_str().unwrap(), "/nonexistent/picture.png"], &[]), "/nonexistent/picture.png");
     assert_clean_failure(&kiln(&["detect", "--checkpoint", ck.to_str().unwrap(), photo, "--min-score", "1.5"], &[]), "--min-score");
+    assert_clean_failure(&kiln(&["segment", "--checkpoint", ck.to_str().unwrap(), photo], &[]), "not a segmentation checkpoint");
     // Classification with localisation from the command line, and a loss it does not know.
     let o = kiln(&["train", "localize", "--dataset", "object-scenes", "--steps", "2", "--image-size", "48", "--out", d, "--json"], &[]);
     let (out, err) = text(&o);

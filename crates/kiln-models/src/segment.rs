@@ -140,12 +140,65 @@ pub struct SegmentConfig {
     pub seed: u64,
     pub test_scenes: usize,
     pub data_dir: Option<std::path::PathBuf>,
+    /// Where to write `segment.safetensors` (weights, decoder, sizes and class names) after training, for
+    /// `kiln segment` and [`load_segmentation`].
+    pub out_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SegmentConfig {
     fn default() -> Self {
-        SegmentConfig { decoder: Decoder::UNet, scenes: Default::default(), width: 16, depth: 3, batch_size: 8, steps: 3000, lr: 2e-3, seed: 42, test_scenes: 100, data_dir: None }
+        SegmentConfig { decoder: Decoder::UNet, scenes: Default::default(), width: 16, depth: 3, batch_size: 8, steps: 3000, lr: 2e-3, seed: 42, test_scenes: 100, data_dir: None, out_dir: None }
     }
+}
+
+/// What a segmentation checkpoint says besides its weights.
+#[derive(Clone, Debug)]
+pub struct SegmentInfo {
+    /// The side of the square scenes it was trained on (pictures are resized to it).
+    pub size: usize,
+    /// The object classes (class c of the net's output is object class c - 1; 0 is the background).
+    pub class_names: Vec<String>,
+}
+
+/// Writes a trained net's weights with what rebuilds it in the metadata, atomically.
+pub fn save_segmentation(path: &std::path::Path, vs: &VarStore, cfg: &SegmentConfig, info: &SegmentInfo) -> Result<()> {
+    let mut ck = vs.to_checkpoint()?;
+    for (k, v) in [
+        ("kiln.model", "segment".to_string()),
+        ("kiln.decoder", cfg.decoder.name().to_string()),
+        ("kiln.width", cfg.width.to_string()),
+        ("kiln.depth", cfg.depth.to_string()),
+        ("kiln.size", info.size.to_string()),
+        ("kiln.class_names", info.class_names.join("|")),
+    ] {
+        ck.metadata.insert(k.into(), v);
+    }
+    kiln_nn::checkpoint::save(path, &ck).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))
+}
+
+/// A net written by [`save_segmentation`] (`kiln train segment` writes one), on the current device. A file
+/// that is not such a checkpoint names the file and what is missing.
+pub fn load_segmentation(path: &std::path::Path) -> Result<(SegmentNet, SegmentInfo)> {
+    let file = path.display().to_string();
+    let ck = kiln_nn::checkpoint::load(path).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
+    let bad = |what: &str| kiln_graph::KilnError::Checkpoint(format!("{file}: not a segmentation checkpoint of `kiln train segment` ({what})"));
+    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
+    if meta("kiln.model")? != "segment" {
+        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
+    }
+    let number = |k: &str| -> Result<usize> { meta(k)?.parse().map_err(|_| bad(&format!("{k} is not a number"))) };
+    let decoder = match meta("kiln.decoder")?.as_str() {
+        "fcn" => Decoder::Fcn,
+        "segnet" => Decoder::SegNet,
+        "unet" => Decoder::UNet,
+        other => return Err(bad(&format!("unknown decoder {other:?}"))),
+    };
+    let class_names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    let mut vs = VarStore::new(0);
+    let net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, number("kiln.width")?, number("kiln.depth")?)?;
+    vs.finish()?;
+    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
+    Ok((net, SegmentInfo { size: number("kiln.size")?, class_names }))
 }
 
 /// What a segmentation run measured on held-out scenes.
@@ -203,6 +256,10 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
         }
     }
     let (pixel_accuracy, _, miou) = kiln_nn::detection_metrics::segmentation_scores(&confusion);
+    if let Some(dir) = &cfg.out_dir {
+        std::fs::create_dir_all(dir).map_err(|e| kiln_graph::KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+        save_segmentation(&dir.join("segment.safetensors"), &vs, cfg, &SegmentInfo { size: s, class_names: cfg.scenes.source.class_names() })?;
+    }
     Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
 }
 
