@@ -126,4 +126,9 @@ fn the_style_loss_falls_tenfold() {
     assert!(r.last.style * 10.0 <= r.first.style, "style loss {} -> {}", r.first.style, r.last.style);
     assert_eq!((out.h, out.w), (32, 32));
     assert!(out.pixels.iter().all(|v| (0.0..=1.0).contains(v)));
+    // L-BFGS, as the paper: the same evaluations, a lower loss than Adam's.
+    let lbfgs = StyleConfig { optimizer: kiln_models::style::StyleOptimizer::Lbfgs, lr: 1.0, ..cfg };
+    let (_, l) = transfer(&net, &content, &style, &lbfgs, |_, _| {}).unwrap();
+    eprintln!("L-BFGS: {l:?}");
+    assert!(l.last.style * 10.0 <= l.first.style && l.last.style < r.last.style, "L-BFGS: style loss {} -> {} (Adam {})", l.first.style, l.last.style, r.last.style);
 }

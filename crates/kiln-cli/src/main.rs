@@ -203,9 +203,12 @@ struct StyleArgs {
     /// The longer side of the result in pixels (the content is resized to it, the style to the same size).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(32..=2048))]
     size: u64,
-    /// Adam steps on the pixels.
+    /// Steps on the pixels (each one forward and backward of the feature network).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
+    /// adam, or lbfgs (the paper's optimiser; PyTorch's L-BFGS rules, history 100).
+    #[arg(long, default_value = "adam", value_parser = ["adam", "lbfgs"])]
+    optimizer: String,
     /// A torchvision VGG-16/19 converted to safetensors (features.N.weight names); without it, VGG-19's layout
     /// with random weights (random-feature style transfer).
     #[arg(long)]
@@ -219,8 +222,9 @@ struct StyleArgs {
     style_weight: f32,
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f32)]
     tv_weight: f32,
-    #[arg(long, default_value_t = 0.03, value_parser = positive_f32)]
-    lr: f32,
+    /// Learning rate (Adam) or step size (L-BFGS) [default: 0.03 for adam, 1 for lbfgs].
+    #[arg(long, value_parser = positive_f32)]
+    lr: Option<f32>,
     /// Start from uniform noise instead of the content picture.
     #[arg(long)]
     from_noise: bool,
@@ -838,12 +842,14 @@ fn style(a: &StyleArgs) -> Result<()> {
         None => VggFeatures::random(a.divisor as usize, a.seed)?,
     };
     eprintln!("kiln: style transfer at {w} x {h} on {}; features: {}", kiln_wgpu::gpu()?.adapter_name(), net.source);
+    let optimizer: kiln_models::style::StyleOptimizer = a.optimizer.parse().map_err(anyhow::Error::msg)?;
     let cfg = StyleConfig {
         content_weight: a.content_weight,
         style_weight: a.style_weight,
         tv_weight: a.tv_weight,
         steps: a.steps,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(if optimizer == kiln_models::style::StyleOptimizer::Lbfgs { 1.0 } else { 0.03 }),
+        optimizer,
         from_content: !a.from_noise,
         seed: a.seed,
         ..Default::default()

@@ -13,7 +13,7 @@
 //! - **Losses** (the paper's): J_content = 1/2 sum (F - P)^2 at the content layer; per style layer
 //!   E_l = sum (G - A)^2 / (4 N_l^2 M_l^2), G = F F^T the Gram matrix of its N_l maps of M_l pixels;
 //!   J = alpha J_content + beta sum_l E_l / L + tv TV, TV the mean squared difference of neighbouring pixels.
-//! - **Optimiser**: Adam on the pixels (the paper used L-BFGS, not built here), from the content image or
+//! - **Optimiser**: Adam on the pixels, or L-BFGS as the paper used (`kiln_nn::lbfgs`), from the content image or
 //!   from uniform noise.
 
 use std::collections::HashMap;
@@ -233,6 +233,28 @@ pub struct StyleConfig {
     /// Start from the content image (else from uniform noise).
     pub from_content: bool,
     pub seed: u64,
+    /// Adam (each step one forward and backward), or L-BFGS as the paper used (`kiln_nn::lbfgs`, PyTorch's
+    /// rules, a history of 100; each step one evaluation of the loss and its gradient, `lr` its step size:
+    /// 1 is usual).
+    pub optimizer: StyleOptimizer,
+}
+
+/// How the pixels are optimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum StyleOptimizer {
+    Adam,
+    Lbfgs,
+}
+
+impl std::str::FromStr for StyleOptimizer {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "adam" => Ok(StyleOptimizer::Adam),
+            "lbfgs" => Ok(StyleOptimizer::Lbfgs),
+            _ => Err(format!("unknown style optimizer {s:?} (adam, lbfgs)")),
+        }
+    }
 }
 
 impl Default for StyleConfig {
@@ -247,6 +269,7 @@ impl Default for StyleConfig {
             lr: 0.03,
             from_content: true,
             seed: 42,
+            optimizer: StyleOptimizer::Adam,
         }
     }
 }
@@ -314,8 +337,8 @@ pub fn transfer(
     wanted.dedup();
     let started = std::time::Instant::now();
     let (mut first, mut last) = (StyleTerms::default(), StyleTerms::default());
-    for step in 0..cfg.steps {
-        let x = image.tensor()?;
+    // J at the image's current pixels: (the total, its terms).
+    let objective = |x: &Tensor| -> Result<(Tensor, StyleTerms)> {
         let feats = net.features(x, &wanted)?;
         let d = feats[&cfg.content_layer].sub(&target_content)?;
         let content_loss = d.mul(&d)?.sum_all()?.scale(0.5 * cfg.content_weight)?;
@@ -326,13 +349,42 @@ pub fn transfer(
         let style_loss = style_loss.scale(cfg.style_weight / style_names.len() as f32)?;
         let tv = total_variation(x)?.scale(cfg.tv_weight)?;
         let total = content_loss.add(&style_loss)?.add(&tv)?;
-        opt.step(&vs, &total.backward()?)?;
         let terms = StyleTerms { content: content_loss.to_scalar()? as f64, style: style_loss.to_scalar()? as f64, tv: tv.to_scalar()? as f64 };
-        if step == 0 {
-            first = terms;
+        Ok((total, terms))
+    };
+    match cfg.optimizer {
+        StyleOptimizer::Adam => {
+            for step in 0..cfg.steps {
+                let (total, terms) = objective(image.tensor()?)?;
+                opt.step(&vs, &total.backward()?)?;
+                if step == 0 {
+                    first = terms;
+                }
+                last = terms;
+                progress(step + 1, terms);
+            }
         }
-        last = terms;
-        progress(step + 1, terms);
+        StyleOptimizer::Lbfgs => {
+            // One iteration a call: each step evaluates J and its gradient once, as an Adam step does.
+            let mut lbfgs = kiln_nn::lbfgs::Lbfgs::with(cfg.lr, 1, 100);
+            let mut pixels = start.clone();
+            let x = image.tensor()?;
+            for step in 0..cfg.steps {
+                lbfgs.step(&mut pixels, |p| {
+                    x.device().write(x.storage(), bytemuck::cast_slice(p))?;
+                    let (total, terms) = objective(x)?;
+                    let grads = total.backward()?;
+                    let g = grads.get(x).ok_or_else(|| KilnError::Usage("style: the image got no gradient".into()))?.to_vec()?;
+                    if step == 0 {
+                        first = terms;
+                    }
+                    last = terms;
+                    Ok((total.to_scalar()?, g))
+                })?;
+                progress(step + 1, last);
+            }
+            x.device().write(x.storage(), bytemuck::cast_slice(&pixels))?;
+        }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     let pixels = image.tensor()?.to_vec()?.into_iter().map(|v| v.clamp(0.0, 1.0)).collect();

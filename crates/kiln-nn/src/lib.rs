@@ -9,6 +9,7 @@ pub mod decode;
 pub mod detection_metrics;
 pub mod init;
 pub mod layers;
+pub mod lbfgs;
 pub mod metric_learning;
 pub mod metrics;
 pub mod module;
