@@ -35,7 +35,7 @@ fn non_negative_f32(s: &str) -> Result<f32, String> {
 
 /// The models trained by their own step loop (kiln_models::lm, scenes, yolo, segment, rcnn), not the epoch
 /// trainer: sequence models on text and scenes, detectors and segmenters on object scenes.
-const OWN_LOOP_MODELS: [(&str, &str); 11] = [
+const OWN_LOOP_MODELS: [(&str, &str); 14] = [
     ("char-rnn", "character-level LSTM/GRU language model on Moby-Dick (--cell, --steps; kiln sample)"),
     ("char-transformer", "character-level decoder-only Transformer on Moby-Dick (--steps; kiln sample)"),
     ("names", "character-level GRU that generates first names (--cell, --steps)"),
@@ -46,6 +46,9 @@ const OWN_LOOP_MODELS: [(&str, &str); 11] = [
     ("segment", "FCN, SegNet or U-Net semantic segmentation on object scenes (--decoder, --steps)"),
     ("rcnn", "two-stage detector: RPN, RoI-Align box head and mask head, on object scenes (--steps)"),
     ("localize", "classification with localisation: one object or none, class and box (--loss mixed|squared)"),
+    ("autoencoder", "convolutional (--mlp) or denoising (--noise) autoencoder on mnist or fashion-mnist (--steps)"),
+    ("vae", "variational autoencoder on binarised MNIST-10k: test ELBO, log p(x), samples (--latent, --steps)"),
+    ("dcgan", "DCGAN on fashion-mnist or mnist: a sample grid per epoch, a Frechet distance (--epochs, --loss)"),
     ("siamese", "embedding net, triplet or contrastive loss, verified on unseen Fashion-MNIST classes (--mining)"),
 ];
 const OWN_LOOP_DATASETS: [(&str, &str); 5] = [
@@ -175,9 +178,19 @@ struct TrainArgs {
     #[arg(long, value_parser = ["fcn", "segnet", "unet"])]
     decoder: Option<String>,
     /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet]; localize: mixed or squared
-    /// (the course's sum of squares) [default: mixed].
-    #[arg(long, value_parser = ["triplet", "contrastive", "mixed", "squared"])]
+    /// (the course's sum of squares) [default: mixed]; dcgan: nonsaturating, minimax or wgan-gp
+    /// [default: nonsaturating].
+    #[arg(long, value_parser = ["triplet", "contrastive", "mixed", "squared", "nonsaturating", "minimax", "wgan-gp"])]
     loss: Option<String>,
+    /// vae: the latent size [default: 20].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    latent: Option<u64>,
+    /// autoencoder: the inputs' noise for a denoising autoencoder, in [0, 1] [default: 0].
+    #[arg(long)]
+    noise: Option<f32>,
+    /// autoencoder: the MLP instead of the convolutional one.
+    #[arg(long)]
+    mlp: bool,
     /// siamese: triplet mining in each batch, hard, semi-hard or all [default: hard].
     #[arg(long, value_parser = ["semi-hard", "hard", "all"])]
     mining: Option<String>,
@@ -457,8 +470,9 @@ fn train_language_model(a: &TrainArgs) -> Result<()> {
         ("captioning" | "vqa", "scenes") => return train_scene_model(a),
         ("yolo" | "segment" | "rcnn" | "localize", "object-scenes") => return train_object_model(a),
         ("siamese", "fashion-mnist") => return train_siamese_model(a),
+        ("autoencoder" | "dcgan", "mnist" | "fashion-mnist") | ("vae", "mnist") => return train_generative_model(a),
         (model, data) => bail!(
-            "char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes, yolo, segment, rcnn and localize on object-scenes, siamese on fashion-mnist (got {model} on {data})"
+            "char-rnn and char-transformer train on moby-dick, names on names, g2p on cmudict, captioning and vqa on scenes, yolo, segment, rcnn and localize on object-scenes, siamese on fashion-mnist, autoencoder and dcgan on mnist or fashion-mnist, vae on mnist (got {model} on {data})"
         ),
     }
     let d = if a.model == "char-transformer" { kiln_models::lm::char_transformer_defaults() } else { kiln_models::lm::CharLmConfig::default() };
@@ -774,6 +788,113 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
 /// `kiln train siamese --dataset fashion-mnist` (kiln_models::siamese): an embedding net trained on seven
 /// classes, verification and one-shot scores on the other three beside the untrained net, and a PNG of the
 /// unseen classes' embeddings (PCA).
+/// `kiln train autoencoder|vae|dcgan`: the generative models' own loops (kiln_models::autoencoder, vae, gan),
+/// pictures in the run directory.
+fn train_generative_model(a: &TrainArgs) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, a.dataset)));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, kiln_wgpu::gpu()?.adapter_name());
+    let started = std::time::Instant::now();
+    let json = match a.model.as_str() {
+        "autoencoder" => {
+            use kiln_models::autoencoder::{train_autoencoder, AeConfig, AeKind};
+            let d = AeConfig::default();
+            let noise = a.noise.unwrap_or(0.0);
+            let kind = if a.mlp { AeKind::Mlp } else { AeKind::Conv };
+            let cfg = AeConfig { dataset: a.dataset.clone(), kind, noise, steps: a.steps.unwrap_or(d.steps), lr: a.lr.unwrap_or(d.lr), seed: a.seed, data_dir: a.data_dir.clone(), ..d };
+            let bar = steps_bar(cfg.steps);
+            let (_, r, [input, output, clean]) = train_autoencoder(&cfg, |step, loss| {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.4}  {:.1} steps/s", step as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+            })?;
+            bar.finish();
+            println!("{kind:?} autoencoder (noise {noise}): test BCE {:.4}, MSE {:.4} (the inputs' own MSE {:.4})", r.test_bce, r.test_mse, r.input_mse);
+            println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+            // Rows of 8: the inputs, the reconstructions, and for a denoiser the clean images.
+            let mut grid = input;
+            grid.extend(&output);
+            if noise > 0.0 {
+                grid.extend(&clean);
+            }
+            let path = out.join("reconstructions.png");
+            kiln_models::plot::image_grid_png(&path, &grid, 28, 8, 2)?;
+            println!("picture {}", path.display());
+            serde_json::to_string(&r)?
+        }
+        "vae" => {
+            use kiln_models::vae::{train_vae, vae_data, vae_pictures, VaeConfig};
+            let d = VaeConfig::default();
+            let cfg =
+                VaeConfig { steps: a.steps.unwrap_or(d.steps), latent: a.latent.map(|l| l as usize).unwrap_or(d.latent), lr: a.lr.unwrap_or(d.lr), seed: a.seed, data_dir: a.data_dir.clone(), ..d };
+            let bar = steps_bar(cfg.steps);
+            let (model, r) = train_vae(&cfg, |step, loss| {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.2}  {:.1} steps/s", step as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+            })?;
+            bar.finish();
+            println!(
+                "{} binarised test digits: ELBO {:.2} nats/image (log-likelihood {:.2}, KL {:.2}); log p(x) >= {:.2} (k = {})",
+                r.test_images, r.test_elbo, r.test_log_likelihood, r.test_kl, r.test_log_px, r.iw_samples
+            );
+            println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
+            let test = vae_data(cfg.seed, cfg.data_dir.as_deref())?.1;
+            for p in vae_pictures(&model, &test, cfg.seed, &out)? {
+                println!("picture {}", p.display());
+            }
+            serde_json::to_string(&r)?
+        }
+        _ => {
+            use kiln_models::frechet::{score_samples, train_feature_net};
+            use kiln_models::gan::{generate, train_dcgan, DcganConfig, GanObjective, GeneratorLoss};
+            let objective = match a.loss.as_deref() {
+                None | Some("nonsaturating") => GanObjective::Standard(GeneratorLoss::NonSaturating),
+                Some("minimax") => GanObjective::Standard(GeneratorLoss::Minimax),
+                Some("wgan-gp") => GanObjective::WganGp { lambda: 10.0, n_critic: 5 },
+                Some(other) => bail!("--loss {other}: dcgan trains with nonsaturating, minimax or wgan-gp"),
+            };
+            let d = DcganConfig::default();
+            let lr = a.lr.unwrap_or(if matches!(objective, GanObjective::WganGp { .. }) { 1e-4 } else { d.lr });
+            let cfg = DcganConfig { dataset: a.dataset.clone(), objective, epochs: a.epochs.map(|e| e as usize).unwrap_or(d.epochs), lr, seed: a.seed, data_dir: a.data_dir.clone(), ..d };
+            // The classifier whose features the distance uses, trained on the same data set first.
+            let split = kiln_data::load_split(&cfg.dataset, cfg.data_dir.as_deref(), cfg.seed)?;
+            let labels = |s: &kiln_data::ArrayDataset| match &s.targets {
+                kiln_data::Targets::Classes { labels, .. } => labels.clone(),
+                _ => Vec::new(),
+            };
+            let (classifier, accuracy) = train_feature_net((&split.train.x, &labels(&split.train)), (&split.test.x, &labels(&split.test)), 1500, cfg.seed)?;
+            let (real_features, _) = classifier.describe_images(&split.test.x)?;
+            println!("feature classifier (for the Frechet distance; not Inception): {:.1}% test accuracy", 100.0 * accuracy);
+            let bar = ProgressBar::new_spinner();
+            let mut distances = Vec::new();
+            let (_, _, epochs) = train_dcgan(
+                &cfg,
+                |step, dl, gl| {
+                    bar.set_message(format!("step {step}  D loss {dl:.3}  G loss {gl:.3}"));
+                    bar.tick();
+                },
+                |epoch, g| {
+                    let grid = generate(g, 64, 7)?;
+                    kiln_models::plot::image_grid_png(&out.join(format!("epoch-{epoch}.png")), &grid, 28, 8, 2).map_err(|e| kiln_graph::KilnError::Data(e.to_string()))?;
+                    let s = score_samples(&classifier, &generate(g, 10_000, 11)?, &real_features)?;
+                    bar.println(format!("epoch {epoch}: Frechet distance {:.2} on the classifier's features", s.frechet));
+                    distances.push(s.frechet);
+                    Ok(())
+                },
+            )?;
+            bar.finish_and_clear();
+            for (e, fd) in epochs.iter().zip(&distances) {
+                println!("epoch {}: D loss {:.3}, G loss {:.3}, {:.0} s; Frechet distance {fd:.2}", e.epoch, e.d_loss, e.g_loss, e.seconds);
+            }
+            println!("pictures {}/epoch-N.png (fixed noise)", out.display());
+            serde_json::json!({ "model": "dcgan", "dataset": cfg.dataset, "epochs": epochs.len(), "frechet": distances, "classifier_accuracy": accuracy }).to_string()
+        }
+    };
+    if a.json {
+        println!("{json}");
+    }
+    Ok(())
+}
+
 fn train_siamese_model(a: &TrainArgs) -> Result<()> {
     use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, SiameseConfig};
     use kiln_nn::metric_learning::Mining;

@@ -456,3 +456,24 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
     assert_clean_failure(&kiln(&["train", "localize", "--dataset", "object-scenes", "--loss", "triplet"], &[]), "unknown localisation loss");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn autoencoder_and_vae_train_from_the_command_line() {
+    let dir = temp_dir("generative");
+    let d = dir.to_str().unwrap();
+    let o = kiln(&["train", "autoencoder", "--dataset", "mnist", "--steps", "3", "--mlp", "--noise", "0.3", "--out", d, "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["kind"] == "Mlp" && r["test_mse"].as_f64().is_some_and(|v| v.is_finite()), "{r}");
+    assert!(dir.join("reconstructions.png").exists());
+    let o = kiln(&["train", "vae", "--dataset", "mnist", "--steps", "3", "--latent", "2", "--out", d, "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["test_elbo"].as_f64().is_some_and(|v| v < 0.0), "{r}");
+    assert!(out.contains("picture"), "{out}");
+    assert_clean_failure(&kiln(&["train", "dcgan", "--dataset", "mnist", "--loss", "triplet"], &[]), "dcgan trains with nonsaturating");
+    assert_clean_failure(&kiln(&["train", "vae", "--dataset", "fashion-mnist"], &[]), "vae on mnist");
+    std::fs::remove_dir_all(&dir).ok();
+}
