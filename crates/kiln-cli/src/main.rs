@@ -1006,9 +1006,13 @@ fn sample(checkpoint: &std::path::Path, prefix: &str, length: usize, temperature
 
 /// Set by the first Ctrl-C (the run saves where it is and stops after the current step); a second one exits
 /// at once.
+/// Set once Ctrl-C has asked a run to stop (see [`ctrl_c_flag`]).
+static STOP_REQUESTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
 fn ctrl_c_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let flag = std::sync::Arc::new(AtomicBool::new(false));
+    let _ = STOP_REQUESTED.set(flag.clone());
     let handler_flag = flag.clone();
     ctrlc::set_handler(move || {
         if handler_flag.swap(true, Ordering::SeqCst) {
@@ -1054,20 +1058,31 @@ fn train_mpi(mut a: TrainArgs) -> Result<()> {
     let world = std::rc::Rc::new(distributed::MpiWorld::init()?);
     let (rank, size) = (world.rank(), world.size());
     let result = (|| {
-        if a.devices.is_none() {
-            let adapters = kiln_wgpu::list_adapters().len();
-            if adapters == 0 {
-                bail!("rank {rank} sees no adapter");
-            }
-            a.devices = Some((world.local_rank() % adapters).to_string());
-        }
+        a.devices = Some(rank_adapter(&world, a.adapter.take(), a.devices.take())?);
         train_on(a, Some(kiln_nn::parallel::Distributed(world.clone())))
     })();
-    if let (Err(e), true) = (&result, size > 1) {
+    // A Ctrl-C is agreed between the ranks: every rank stops after the same step, rank 0 saves, none waits.
+    let interrupted = STOP_REQUESTED.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+    if let (Err(e), true, false) = (&result, size > 1, interrupted) {
         eprintln!("error (rank {rank} of {size}; ending every rank): {e:#}");
         world.abort();
     }
     result
+}
+
+/// A rank's `--devices`: what it was given (`--devices`, or `--adapter` for one), else its rank among the ranks
+/// of its machine modulo the adapters of one kind there.
+#[cfg(feature = "mpi")]
+fn rank_adapter(world: &distributed::MpiWorld, adapter: Option<String>, devices: Option<String>) -> Result<String> {
+    use kiln_nn::parallel::Collective;
+    if let Some(d) = devices.or(adapter) {
+        return Ok(d);
+    }
+    let adapters = kiln_nn::parallel::distinct_adapters();
+    if adapters.is_empty() {
+        bail!("rank {} sees no adapter", world.rank());
+    }
+    Ok(adapters[world.local_rank() % adapters.len()].to_string())
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -1134,14 +1149,20 @@ fn train_on(a: TrainArgs, distributed: Option<kiln_nn::parallel::Distributed>) -
     if a.checkpoint_every.is_some_and(|s| s.is_nan() || s < 0.0) {
         bail!("--checkpoint-every must be a number of seconds >= 0");
     }
-    let gpu = kiln_wgpu::gpu()?;
+    // The run's devices (or the default one): the anomaly setting is per device.
+    let main_device = match cfg.devices.first() {
+        Some(d) => d.clone(),
+        None => kiln_graph::backend::Device::default_device()?,
+    };
     if a.anomaly {
-        kiln_graph::anomaly::set_enabled(gpu, true);
+        for d in cfg.devices.iter().chain(std::iter::once(&main_device)) {
+            kiln_graph::anomaly::set_enabled(d, true);
+        }
     }
     match (cfg.devices.len(), &cfg.distributed) {
         (_, Some(d)) if rank0 => eprintln!("kiln: training {} on {}, {:?}, on {}", a.model, a.dataset, d, cfg.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")),
         (_, Some(_)) => {}
-        (0 | 1, None) => eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, cfg.devices.first().map(|d| d.adapter_name()).unwrap_or_else(|| gpu.adapter_name())),
+        (0 | 1, None) => eprintln!("kiln: training {} on {} with {}", a.model, a.dataset, main_device.adapter_name()),
         (n, None) => eprintln!("kiln: training {} on {} data-parallel over {n} devices: {}", a.model, a.dataset, cfg.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")),
     }
     // Rank 0 alone shows progress and the summary (every rank prints its own errors).
@@ -1181,16 +1202,16 @@ fn bench_mpi(opts: kiln_benches::suite::SuiteOptions, adapter: Option<String>, j
     let world = std::rc::Rc::new(distributed::MpiWorld::init()?);
     let (rank, size) = (world.rank(), world.size());
     let opts = kiln_benches::suite::SuiteOptions { across: Some(kiln_nn::parallel::Distributed(world.clone())), ..opts };
-    let result = if rank == 0 {
-        bench(&opts, adapter, json)
-    } else {
-        (|| -> Result<()> {
-            kiln_wgpu::select_adapter(adapter.as_deref())?;
-            let roofs = kiln_benches::suite::Roofs { fma_gflops: 1.0, copy_gbps: 1.0 };
-            kiln_benches::suite::run_suite(&opts, roofs, &mut |_| {})?;
-            Ok(())
-        })()
-    };
+    let result = (|| -> Result<()> {
+        let adapter = rank_adapter(&world, adapter, None)?;
+        if rank == 0 {
+            return bench(&opts, Some(adapter), json);
+        }
+        kiln_wgpu::select_adapter(Some(&adapter))?;
+        let roofs = kiln_benches::suite::Roofs { fma_gflops: 1.0, copy_gbps: 1.0 };
+        kiln_benches::suite::run_suite(&opts, roofs, &mut |_| {})?;
+        Ok(())
+    })();
     if let (Err(e), true) = (&result, size > 1) {
         eprintln!("error (rank {rank} of {size}; ending every rank): {e:#}");
         world.abort();

@@ -619,7 +619,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     let step = |batch: &HostBatch, step: u64| -> Result<StepValues, KilnError> {
         if parallel {
             let augment = augment.as_ref().zip(image).map(|(a, i)| (a, i, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step)));
-            return data_parallel_step(&r, &replicas, across, batch, augment, &all_reduce_ms);
+            return data_parallel_step(&r, &replicas, across, batch, augment, &all_reduce_ms, cfg.interrupt.as_deref());
         }
         let (mut x, y) = features_and_targets(batch)?;
         if let (Some(a), Some([c, h, w])) = (&augment, image) {
@@ -641,12 +641,22 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
         m.set_training(false);
         let (dev_loss, dev_out) = evaluate(&m, &r.split.dev, r.target_scale)?;
         m.set_training(true);
+        let mut dev = [dev_loss, quality(m.task, &dev_out, m.outputs, &r.raw_split.dev)];
+        if let Some(c) = across {
+            // Rank 0's figures for every rank (its batch-norm statistics are its own): early stopping and the
+            // best epoch then decide alike everywhere, and no rank stops while others wait for it.
+            if c.rank() != 0 {
+                dev = [0.0, 0.0];
+            }
+            c.sum_f64(&mut dev)?;
+        }
+        let [dev_loss, dev_metric] = dev;
         Ok(EpochRecord {
             epoch: t.epoch,
             train_loss: TargetScale::loss(r.target_scale, t.loss_sum / t.samples.max(1) as f64),
             train_accuracy: if classifier { t.correct_sum / t.samples.max(1) as f64 } else { f64::NAN },
             dev_loss,
-            dev_metric: quality(m.task, &dev_out, m.outputs, &r.raw_split.dev),
+            dev_metric,
             lr: opt.borrow().current_lr(),
             seconds: started.elapsed().as_secs_f64(),
             samples_per_s: t.samples as f64 / t.seconds.max(1e-9),
@@ -687,9 +697,10 @@ struct Replica {
 fn replicas(cfg: &TrainConfig, entry: &ModelEntry, r: &RunSetup) -> Result<Vec<Replica>, KilnError> {
     let ranks = cfg.distributed.as_ref().map(|d| d.0.size()).unwrap_or(1);
     let replicas = cfg.devices.len().max(1) * ranks;
-    if r.split.train.len() < replicas {
+    // The batch is what is shared (it is at most the training set): a smaller one leaves replicas idle.
+    if r.s.batch_size < replicas {
         let what = if ranks > 1 { format!("{ranks} ranks x {} devices", cfg.devices.len().max(1)) } else { format!("{} devices", cfg.devices.len()) };
-        return Err(KilnError::Config(format!("{} training samples cannot be shared between {what}", r.split.train.len())));
+        return Err(KilnError::Config(format!("a batch of {} ({} training samples) cannot be shared between {what}: give a --batch-size of at least {replicas}", r.s.batch_size, r.split.train.len())));
     }
     if cfg.devices.len() < 2 {
         return Ok(Vec::new());
@@ -732,6 +743,7 @@ fn data_parallel_step(
     batch: &HostBatch,
     augment: Option<(&kiln_graph::Augment, [usize; 3], u64)>,
     all_reduce_ms: &std::cell::Cell<f64>,
+    interrupt: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<StepValues, KilnError> {
     let main = Device::current()?;
     // This rank's replicas take their rows of the whole batch (each rank loads the same seeded batches: rank
@@ -788,9 +800,14 @@ fn data_parallel_step(
         correct += v.get(1).copied().unwrap_or(0.0) as f64;
     }
     if let Some(c) = across {
-        let mut sums = [loss_sum, correct];
+        // A Ctrl-C seen by any rank stops every rank after the same step (rank 0 saves where they are).
+        let stop = interrupt.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let mut sums = [loss_sum, correct, f64::from(u8::from(stop))];
         c.sum_f64(&mut sums)?;
-        [loss_sum, correct] = sums;
+        [loss_sum, correct] = [sums[0], sums[1]];
+        if let (true, Some(f)) = (sums[2] > 0.0, interrupt) {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     let loss = Tensor::from_slice(&[(loss_sum / batch.len().max(1) as f64) as f32], &[1])?;
     let correct = if with_correct { Some(Tensor::from_slice(&[correct as f32], &[1])?) } else { None };
@@ -826,8 +843,9 @@ fn check_replicas(main: &VarStore, replicas: &[Replica], across: Option<&dyn kil
 /// from the same parameters. A hash of them is exchanged; a rank that differs is an error on every rank,
 /// naming it (instead of a hang or a silent mix).
 fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, r: &RunSetup, local_devices: usize) -> Result<(), KilnError> {
+    // Everything that steers the loop, and the adapter's kind (replicas must round alike).
     let summary = format!(
-        "{} {} {} {:?} {} {} {} {:016x}",
+        "{} {} {} {:?} {} {} {} {:016x} {:?} {:?} {:?} {:?} {:?} {:?} {}",
         env!("CARGO_PKG_VERSION"),
         cfg.model,
         cfg.dataset,
@@ -835,7 +853,14 @@ fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, 
         r.split.train.len(),
         r.vs.flat_len(),
         local_devices,
-        kiln_nn::parallel::checksum_parameters(&r.vs)?
+        kiln_nn::parallel::checksum_parameters(&r.vs)?,
+        cfg.patience,
+        cfg.freeze,
+        cfg.resume,
+        cfg.from,
+        cfg.depth,
+        r.opt.borrow().clip,
+        Device::current()?.adapter_name()
     );
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in summary.bytes() {
@@ -844,7 +869,7 @@ fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, 
     let all = c.all_gather_u64(h)?;
     if let Some(bad) = all.iter().position(|&v| v != all[0]) {
         return Err(KilnError::Config(format!(
-            "rank {bad} runs another Kiln version, model, data set, settings, device count or starting point than rank 0 (hashes {:016x} and {:016x}); every rank must run the same command",
+            "rank {bad} runs another Kiln version, model, data set, settings, device count, adapter kind or starting point than rank 0 (hashes {:016x} and {:016x}); every rank must run the same command on adapters of one kind",
             all[bad], all[0]
         )));
     }

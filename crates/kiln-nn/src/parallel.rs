@@ -258,11 +258,11 @@ pub fn shard_ranges(n: usize, replicas: usize) -> Vec<std::ops::Range<usize>> {
 pub fn open_devices(list: &str) -> Result<Vec<Device>> {
     let adapters = kiln_graph::backend::list_adapters();
     let described = || adapters.iter().enumerate().map(|(i, a)| format!("{i}: {} ({})", a.name, a.backend)).collect::<Vec<_>>().join("; ");
-    let entries: Vec<String> = if list.trim() == "all" { (0..adapters.len()).map(|i| i.to_string()).collect() } else { list.split(',').map(|s| s.trim().to_string()).collect() };
+    let entries: Vec<String> = if list.trim() == "all" { distinct_adapters().iter().map(|i| i.to_string()).collect() } else { list.split(',').map(|s| s.trim().to_string()).collect() };
     if entries.is_empty() || entries.iter().any(|e| e.is_empty()) {
         return Err(KilnError::Usage(format!("--devices {list:?}: give adapter indices or names separated by commas (adapters: {})", described())));
     }
-    entries
+    let devices = entries
         .iter()
         .map(|e| {
             let exists = match e.parse::<usize>() {
@@ -274,5 +274,25 @@ pub fn open_devices(list: &str) -> Result<Vec<Device>> {
             }
             Ok(Device::open(&kiln_graph::backend::DeviceOptions { adapter: Some(e.clone()), ..Default::default() })?)
         })
-        .collect()
+        .collect::<Result<Vec<Device>>>()?;
+    // Replicas must round alike to stay equal bit for bit: kernels such as Adam's square root are not exactly
+    // rounded, and adapters of two kinds round them differently.
+    if let Some(other) = devices.iter().find(|d| d.adapter_name() != devices[0].adapter_name()) {
+        return Err(KilnError::Usage(format!(
+            "--devices {list}: data-parallel replicas must run on adapters of one kind (their kernels round alike only then); got {} and {}",
+            devices[0].adapter_name(),
+            other.adapter_name()
+        )));
+    }
+    Ok(devices)
+}
+
+/// The adapters a data-parallel run spreads over by default (`--devices all`, an MPI rank's choice): those of
+/// the first adapter's kind (name) on its backend, so a GPU that several backends list counts once and two
+/// identical GPUs count twice; software renderers only when there is nothing else.
+pub fn distinct_adapters() -> Vec<usize> {
+    let adapters = kiln_graph::backend::list_adapters();
+    let hardware = adapters.iter().any(|a| a.device_type != "Cpu");
+    let Some(first) = adapters.iter().find(|a| !hardware || a.device_type != "Cpu") else { return Vec::new() };
+    adapters.iter().enumerate().filter(|(_, a)| a.name == first.name && a.backend == first.backend).map(|(i, _)| i).collect()
 }
