@@ -67,7 +67,7 @@ impl Lbfgs {
     /// One call of PyTorch's `step(closure)`: up to `max_iter` iterations from `x`, updated in place.
     /// `closure(x)` returns the loss and its gradient at x. Returns the loss at the call's starting point.
     pub fn step(&mut self, x: &mut [f32], mut closure: impl FnMut(&[f32]) -> Result<(f32, Vec<f32>)>) -> Result<f32> {
-        if !(self.lr > 0.0) || self.max_iter == 0 || self.history_size == 0 {
+        if self.lr.is_nan() || self.lr <= 0.0 || self.max_iter == 0 || self.history_size == 0 {
             return Err(KilnError::Usage(format!("L-BFGS: lr {} must be above 0, max_iter {} and history_size {} at least 1", self.lr, self.max_iter, self.history_size)));
         }
         let n = x.len();
@@ -124,10 +124,10 @@ impl Lbfgs {
                 for v in q.iter_mut() {
                     *v *= self.h_diag;
                 }
-                for i in 0..k {
+                for (i, a) in al.iter().enumerate() {
                     let be = dot(&self.old_dirs[i], &q) * self.ro[i];
                     for (rj, sj) in q.iter_mut().zip(&self.old_steps[i]) {
-                        *rj += (al[i] - be) * sj;
+                        *rj += (a - be) * sj;
                     }
                 }
                 self.d = q;
