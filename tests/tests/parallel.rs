@@ -149,7 +149,13 @@ fn bad_device_lists_and_too_few_samples_are_clear_errors() {
     let e = open_devices("0,,0").unwrap_err().to_string();
     assert!(e.contains("separated by commas"), "{e}");
     assert_eq!(open_devices("0,0").unwrap().len(), 2);
+    // `all`: the adapters of one kind, each physical one once.
+    let all = kiln_nn::parallel::distinct_adapters();
+    assert!(!all.is_empty());
+    let devices = open_devices("all").unwrap();
+    assert_eq!(devices.len(), all.len());
+    assert!(devices.iter().all(|d| d.adapter_name() == devices[0].adapter_name()));
     let cfg = TrainConfig { epochs: Some(1), train_limit: Some(2), devices: vec![device(), device(), device()], ..TrainConfig::new("mlp", "digits") };
     let e = train::run(&cfg, |_| {}).unwrap_err().to_string();
-    assert!(e.contains("cannot be shared between 3 devices"), "{e}");
+    assert!(e.contains("cannot be shared between 3 devices") && e.contains("--batch-size of at least 3"), "{e}");
 }
