@@ -75,7 +75,7 @@ struct TrainArgs {
     #[arg(long, short, default_value = "digits", value_parser = clap::builder::PossibleValuesParser::new(kiln_data::DATASETS.iter().chain(&OWN_LOOP_DATASETS).map(|d| d.0)))]
     dataset: String,
     /// char-rnn, char-transformer, names, g2p, captioning, vqa, yolo, segment, rcnn: training steps
-    /// [default: 2000, 600, 1500, 2500, 1500, 1500, 1500, 1000, 1500].
+    /// [default: 2000, 3000, 1500, 2500, 1500, 1500, 1500, 1000, 1500].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// char-rnn and names: the recurrent cell, lstm or gru [default: lstm for char-rnn, gru for names].
