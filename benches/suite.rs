@@ -1371,17 +1371,8 @@ fn allreduce_family(ctx: &mut Ctx) -> R<()> {
                 continue;
             }
             // The mean of equal values is the same values: every run sees the same data.
-            let mut times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
-            times.sort_by(f64::total_cmp);
-            let ms = times[times.len() / 2];
-            let algbw = bytes as f64 / ms / 1e6;
-            let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
-            rec.median_ms = Some(ms);
-            rec.timing = Some(Timing::WallFence);
-            rec.gbps = Some(busbw);
-            rec.roof_fraction = Some(busbw / ctx.roofs.copy_gbps);
-            rec.note = Some(format!("bus bandwidth {busbw:.2} GB/s (algorithm bandwidth {algbw:.2} GB/s)"));
-            ctx.push(rec);
+            let times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
+            ctx.push(all_reduce_record(rec, times, bytes, n, ctx.roofs.copy_gbps, ""));
         }
     }
     for (model, batch) in ctx.opts.parallel_steps.clone() {
@@ -1486,17 +1477,23 @@ fn allreduce_across_ranks(ctx: &mut Ctx, c: &dyn kiln_nn::parallel::Collective) 
             ctx.push(rec);
             continue;
         }
-        let mut times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
-        times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2];
-        let algbw = bytes as f64 / ms / 1e6;
-        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
-        rec.median_ms = Some(ms);
-        rec.timing = Some(Timing::WallFence);
-        rec.gbps = Some(busbw);
-        rec.roof_fraction = Some(busbw / ctx.roofs.copy_gbps);
-        rec.note = Some(format!("rank {rank}: bus bandwidth {busbw:.2} GB/s (algorithm bandwidth {algbw:.2} GB/s)"));
-        ctx.push(rec);
+        let times = (0..runs).map(|_| run().map(|t| t.total_ms)).collect::<R<Vec<f64>>>()?;
+        ctx.push(all_reduce_record(rec, times, bytes, n, ctx.roofs.copy_gbps, &format!("rank {rank}: ")));
     }
     Ok(())
+}
+
+/// An all-reduce record from its runs' times (ms): the median, and the bus bandwidth as NCCL's tests define it
+/// (bytes / time x 2 (N - 1) / N) beside the copy roof.
+fn all_reduce_record(mut rec: Record, mut times: Vec<f64>, bytes: usize, n: usize, copy_roof: f64, who: &str) -> Record {
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let algbw = bytes as f64 / ms / 1e6;
+    let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+    rec.median_ms = Some(ms);
+    rec.timing = Some(Timing::WallFence);
+    rec.gbps = Some(busbw);
+    rec.roof_fraction = Some(busbw / copy_roof);
+    rec.note = Some(format!("{who}bus bandwidth {busbw:.2} GB/s (algorithm bandwidth {algbw:.2} GB/s)"));
+    rec
 }
