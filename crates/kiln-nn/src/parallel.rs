@@ -202,7 +202,7 @@ pub fn broadcast(from: (&VarStore, &Optimizer), to: &mut [(&VarStore, &mut Optim
 /// Only the buffers (running statistics) of replica 0, to the others: a cheap [`broadcast`] for epoch ends.
 pub fn broadcast_buffers(from: &VarStore, to: &[&VarStore]) -> Result<()> {
     let names: Vec<String> = from.params().filter(|p| from.is_buffer(p.name())).map(|p| p.name().to_string()).collect();
-    if names.is_empty() {
+    if names.is_empty() || to.is_empty() {
         return Ok(());
     }
     let ck = from.to_checkpoint()?;
