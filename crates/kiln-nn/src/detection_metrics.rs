@@ -146,6 +146,16 @@ pub fn coco_eval_with(detections: &[Detection], truths: &[GroundTruth], overlap:
     let (nt, nr, nk) = (thresholds.len(), 101, classes.len());
     let mut precision = vec![-1.0; nt * nr * nk * 4 * 3];
     let mut recall = vec![-1.0; nt * nk * 4 * 3];
+    // Each (image, class)'s objects and detections, in index order, found once: the loops below visit every
+    // image for every class and area range, and filtering the whole data set there was quadratic in it.
+    let mut groups: std::collections::HashMap<(usize, u32), (Vec<usize>, Vec<usize>)> = std::collections::HashMap::new();
+    for (g, t) in truths.iter().enumerate() {
+        groups.entry((t.image, t.class)).or_default().0.push(g);
+    }
+    for (d, det) in detections.iter().enumerate() {
+        groups.entry((det.image, det.class)).or_default().1.push(d);
+    }
+    let no_group = (Vec::new(), Vec::new());
     let p_at = |t: usize, r: usize, k: usize, a: usize, m: usize| (((t * nr + r) * nk + k) * 4 + a) * 3 + m;
     let r_at = |t: usize, k: usize, a: usize, m: usize| ((t * nk + k) * 4 + a) * 3 + m;
     for (k, &class) in classes.iter().enumerate() {
@@ -154,7 +164,8 @@ pub fn coco_eval_with(detections: &[Detection], truths: &[GroundTruth], overlap:
             let mut per_image = Vec::new();
             let mut positives = 0usize;
             for &img in &images {
-                let mut gts: Vec<usize> = (0..truths.len()).filter(|&g| truths[g].image == img && truths[g].class == class).collect();
+                let (group_gts, group_dts) = groups.get(&(img, class)).unwrap_or(&no_group);
+                let mut gts: Vec<usize> = group_gts.clone();
                 let ignored = |g: usize| {
                     let ar = gt_area(g);
                     ar < lo || ar > hi
@@ -163,7 +174,7 @@ pub fn coco_eval_with(detections: &[Detection], truths: &[GroundTruth], overlap:
                 gts.sort_by_key(|&g| ignored(g));
                 let gt_ignored: Vec<bool> = gts.iter().map(|&g| ignored(g)).collect();
                 positives += gt_ignored.iter().filter(|&&i| !i).count();
-                let mut dts: Vec<usize> = (0..detections.len()).filter(|&d| detections[d].image == img && detections[d].class == class).collect();
+                let mut dts: Vec<usize> = group_dts.clone();
                 dts.sort_by(|&x, &y| detections[y].score.total_cmp(&detections[x].score));
                 dts.truncate(MAX_DETS[2]);
                 let mut matched = vec![vec![false; dts.len()]; nt];
