@@ -145,6 +145,21 @@ fn every_parameter_gets_a_gradient_and_bad_input_is_an_error() {
     let e = model.detect(&Tensor::zeros(&[1, 3, 30, 30]).unwrap()).expect_err("30 pixels").to_string();
     assert!(e.contains("[1, 3, 30, 30]"), "{e}");
     assert!(TwoStage::new(&mut VarStore::new(1), TwoStageConfig { classes: 0, ..Default::default() }).is_err());
+
+    // Saved and loaded (what `kiln train rcnn` writes and `kiln detect` reads): the same detections.
+    let dir = std::env::temp_dir().join(format!("kiln-rcnn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rcnn.safetensors");
+    let names: Vec<String> = (0..10).map(|d| format!("digit {d}")).collect();
+    kiln_models::rcnn::save_two_stage(&path, &vs, &model, 32, &names).unwrap();
+    let (loaded, size, loaded_names) = kiln_models::rcnn::load_two_stage(&path).unwrap();
+    assert_eq!((size, &loaded_names, &loaded.cfg), (32, &names, &model.cfg));
+    let summary =
+        |m: &TwoStage| -> Vec<(u32, u32, [u32; 4])> { m.detect(&x).unwrap().iter().flatten().map(|d| (d.detection.class, d.detection.score.to_bits(), d.detection.bbox.map(f32::to_bits))).collect() };
+    assert_eq!(summary(&loaded), summary(&model));
+    let e = kiln_models::yolo::load_yolo(&path).err().expect("not a YOLO checkpoint").to_string();
+    assert!(e.contains("rcnn.safetensors") && e.contains("not a YOLO checkpoint"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

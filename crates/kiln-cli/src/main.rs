@@ -259,8 +259,8 @@ enum Command {
     /// Neural style transfer: an image with the content of one picture and the style of another (PNG or JPEG;
     /// astronaut.png and starry_night.jpg are shipped and found by name).
     Style(StyleArgs),
-    /// Objects in a picture of your own (PNG or JPEG) with a YOLO checkpoint from `kiln train yolo`: a PNG with
-    /// the boxes, class names and scores drawn, and the detections listed (JSON with --json).
+    /// Objects in a picture of your own (PNG or JPEG) with a checkpoint from `kiln train yolo` or `kiln train rcnn`
+    /// (its masks too): a PNG with the boxes drawn, and the detections listed (JSON with --json).
     Detect {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -272,7 +272,8 @@ enum Command {
         /// Detections scoring at most this are dropped (the course's p_c threshold).
         #[arg(long, default_value_t = 0.6)]
         min_score: f32,
-        /// Non-max suppression: a box overlapping a better one of its class by at least this IoU is dropped.
+        /// Non-max suppression (YOLO): a box overlapping a better one of its class by at least this IoU is dropped;
+        /// the two-stage detector uses the NMS it was trained with.
         #[arg(long, default_value_t = 0.5)]
         iou: f32,
         #[arg(long)]
@@ -769,9 +770,20 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
         _ => {
             use kiln_models::rcnn::{train_two_stage, two_stage_pictures, TwoStageConfig, TwoStageRun};
             let model = TwoStageConfig { anchor_sizes: vec![12.0 * size as f32 / 64.0, 20.0 * size as f32 / 64.0, 32.0 * size as f32 / 64.0], representation: 128, ..Default::default() };
-            let run = TwoStageRun { model, scenes, steps, lr: a.lr.unwrap_or(1e-3), batch_size: a.batch_size.unwrap_or(8) as usize, seed: a.seed, data_dir, ..Default::default() };
+            let run = TwoStageRun {
+                model,
+                scenes,
+                steps,
+                lr: a.lr.unwrap_or(1e-3),
+                batch_size: a.batch_size.unwrap_or(8) as usize,
+                seed: a.seed,
+                data_dir,
+                out_dir: Some(out.clone()),
+                ..Default::default()
+            };
             let (model, r) = train_two_stage(&run, on_step).context("training the two-stage detector")?;
             bar.finish();
+            println!("checkpoint {} (kiln detect --checkpoint ... PICTURE)", out.join("rcnn.safetensors").display());
             println!("{} held-out scenes: box mAP@0.5 {:.3}, COCO box mAP {:.3}; mask AP@0.5 {:.3}, COCO mask mAP {:.3}", run.test_scenes, r.box_map50, r.box_coco_map, r.mask_map50, r.mask_coco_map);
             println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
             two_stage_pictures(&model, &run, 4, &picture)?;
@@ -1259,17 +1271,29 @@ fn detect(checkpoint: &std::path::Path, image: &std::path::Path, out: Option<Pat
     if !(0.0..1.0).contains(&min_score) || !(0.0..=1.0).contains(&iou) {
         bail!("--min-score must be in [0, 1) and --iou in [0, 1] (got {min_score} and {iou})");
     }
-    let (model, info) = kiln_models::yolo::load_yolo(checkpoint)?;
+    // A YOLO or a two-stage checkpoint: its metadata says which.
+    let kind = kiln_nn::checkpoint::load(checkpoint).ok().and_then(|ck| ck.metadata.get("kiln.model").cloned()).unwrap_or_default();
     let picture = kiln_data::picture::load_picture(image)?;
-    let size = info.size;
+    let (found, masks, size, class_names) = if kind == "rcnn" {
+        let (model, size, names) = kiln_models::rcnn::load_two_stage(checkpoint)?;
+        let small = picture.resized(size, size);
+        let mut found = model.detect(&kiln_graph::Tensor::from_slice(&small.pixels, &[1, 3, size, size])?)?.remove(0);
+        found.retain(|d| d.detection.score > min_score);
+        let masks: Vec<Vec<u8>> = found.iter().map(|d| d.mask.clone()).collect();
+        (found.into_iter().map(|d| d.detection).collect::<Vec<_>>(), masks, size, names)
+    } else {
+        let (model, info) = kiln_models::yolo::load_yolo(checkpoint)?;
+        let size = info.size;
+        let small = picture.resized(size, size);
+        let pred = kiln_graph::no_grad(|| model.forward(&kiln_graph::Tensor::from_slice(&small.pixels, &[1, 3, size, size])?))?;
+        (model.detect(&pred, 0, size, min_score, iou)?, Vec::new(), size, info.class_names)
+    };
+    let info = kiln_models::yolo::YoloInfo { size, class_names };
     let small = picture.resized(size, size);
-    let x = kiln_graph::Tensor::from_slice(&small.pixels, &[1, 3, size, size])?;
-    let pred = kiln_graph::no_grad(|| model.forward(&x))?;
-    let found = model.detect(&pred, 0, size, min_score, iou)?;
     // Boxes back in the picture's own pixels.
     let (sx, sy) = (picture.w as f32 / size as f32, picture.h as f32 / size as f32);
     let out = out.unwrap_or_else(|| image.with_extension("detections.png"));
-    let overlays = found.iter().map(|d| kiln_models::plot::Overlay { bbox: Some(d.bbox), class: d.class, mask: None }).collect();
+    let overlays = found.iter().enumerate().map(|(i, d)| kiln_models::plot::Overlay { bbox: Some(d.bbox), class: d.class, mask: masks.get(i).map(|m| &m[..]) }).collect();
     kiln_models::plot::scenes_png(&out, size, (512 / size).max(1), &[(&small.pixels[..], overlays)]).with_context(|| format!("writing {}", out.display()))?;
     let listed: Vec<serde_json::Value> = found
         .iter()

@@ -154,7 +154,7 @@ const BOX_WEIGHTS: [f32; 4] = [10.0, 10.0, 5.0, 5.0];
 const MASK_SIDE: usize = 28;
 
 /// The sizes and counts of a [`TwoStage`] detector.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TwoStageConfig {
     /// Object classes, background not counted.
     pub classes: usize,
@@ -642,11 +642,14 @@ pub struct TwoStageRun {
     pub seed: u64,
     pub test_scenes: usize,
     pub data_dir: Option<std::path::PathBuf>,
+    /// Where to write `rcnn.safetensors` (the weights, the model's configuration as JSON, the image side and
+    /// the class names) after training, for `kiln detect` and [`load_two_stage`].
+    pub out_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TwoStageRun {
     fn default() -> Self {
-        TwoStageRun { model: Default::default(), scenes: Default::default(), batch_size: 8, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None }
+        TwoStageRun { model: Default::default(), scenes: Default::default(), batch_size: 8, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
     }
 }
 
@@ -733,6 +736,10 @@ pub fn train_two_stage(run: &TwoStageRun, mut progress: impl FnMut(u64, f32)) ->
     let box_coco_map = kiln_nn::detection_metrics::coco_eval(&dets, &truths).ap;
     let area = |m: &Vec<u8>| m.iter().map(|&v| v as f64).sum::<f64>();
     let masks = kiln_nn::detection_metrics::coco_eval_with(&dets, &truths, |d, g| mask_iou(&det_masks[d], &truth_masks[g]), |d| area(&det_masks[d]), |g| area(&truth_masks[g]));
+    if let Some(dir) = &run.out_dir {
+        std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+        save_two_stage(&dir.join("rcnn.safetensors"), &vs, &model, size, &run.scenes.source.class_names())?;
+    }
     let report = TwoStageReport {
         steps: run.steps,
         first_loss: first,
@@ -763,4 +770,39 @@ pub fn two_stage_pictures(model: &TwoStage, run: &TwoStageRun, count: usize, pat
         panels.push((&sc.image[..], shown.map(|d| crate::plot::Overlay { bbox: Some(d.detection.bbox), class: d.detection.class, mask: Some(&d.mask[..]) }).collect()));
     }
     crate::plot::scenes_png(path, size, (256 / size).max(1), &panels).map_err(|e| KilnError::Data(format!("writing {}: {e}", path.display())))
+}
+
+/// Writes a detector's weights with its configuration (JSON), image side and class names in the metadata,
+/// atomically: what [`load_two_stage`] and `kiln detect` read.
+pub fn save_two_stage(path: &std::path::Path, vs: &VarStore, model: &TwoStage, size: usize, class_names: &[String]) -> Result<()> {
+    let mut ck = vs.to_checkpoint()?;
+    let config = serde_json::to_string(&model.cfg).map_err(|e| KilnError::Usage(e.to_string()))?;
+    for (k, v) in [("kiln.model", "rcnn".to_string()), ("kiln.config", config), ("kiln.size", size.to_string()), ("kiln.class_names", class_names.join("|"))] {
+        ck.metadata.insert(k.into(), v);
+    }
+    kiln_nn::checkpoint::save(path, &ck).map_err(|e| KilnError::Checkpoint(e.to_string()))
+}
+
+/// A detector written by `train_two_stage` with an `out_dir` (`kiln train rcnn` writes one), on the current
+/// device, with its image side and class names. A file that is not such a checkpoint names the file and what
+/// is missing.
+pub fn load_two_stage(path: &std::path::Path) -> Result<(TwoStage, usize, Vec<String>)> {
+    let file = path.display().to_string();
+    let ck = kiln_nn::checkpoint::load(path).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
+    let bad = |what: &str| KilnError::Checkpoint(format!("{file}: not a two-stage detector checkpoint of `kiln train rcnn` ({what})"));
+    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
+    if meta("kiln.model")? != "rcnn" {
+        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
+    }
+    let cfg: TwoStageConfig = serde_json::from_str(&meta("kiln.config")?).map_err(|e| bad(&format!("its kiln.config does not read: {e}")))?;
+    let size: usize = meta("kiln.size")?.parse().map_err(|_| bad("kiln.size is not a number"))?;
+    let names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    if names.len() != cfg.classes {
+        return Err(bad(&format!("{} class names for {} classes", names.len(), cfg.classes)));
+    }
+    let mut vs = VarStore::new(0);
+    let model = TwoStage::new(&mut vs, cfg)?;
+    vs.finish()?;
+    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
+    Ok((model, size, names))
 }
