@@ -18,6 +18,7 @@ pub mod plot;
 pub mod rcnn;
 pub mod registry;
 pub mod reversal;
+pub mod saved;
 pub mod scenes;
 pub mod segment;
 pub mod siamese;

@@ -787,22 +787,16 @@ pub fn save_two_stage(path: &std::path::Path, vs: &VarStore, model: &TwoStage, s
 /// device, with its image side and class names. A file that is not such a checkpoint names the file and what
 /// is missing.
 pub fn load_two_stage(path: &std::path::Path) -> Result<(TwoStage, usize, Vec<String>)> {
-    let file = path.display().to_string();
-    let ck = kiln_nn::checkpoint::load(path).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
-    let bad = |what: &str| KilnError::Checkpoint(format!("{file}: not a two-stage detector checkpoint of `kiln train rcnn` ({what})"));
-    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
-    if meta("kiln.model")? != "rcnn" {
-        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
-    }
-    let cfg: TwoStageConfig = serde_json::from_str(&meta("kiln.config")?).map_err(|e| bad(&format!("its kiln.config does not read: {e}")))?;
-    let size: usize = meta("kiln.size")?.parse().map_err(|_| bad("kiln.size is not a number"))?;
-    let names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    let saved = crate::saved::SavedModel::open(path, "rcnn", "a two-stage detector checkpoint of `kiln train rcnn`")?;
+    let cfg: TwoStageConfig = serde_json::from_str(&saved.meta("kiln.config")?).map_err(|e| saved.bad(&format!("its kiln.config does not read: {e}")))?;
+    let size = saved.number("kiln.size")?;
+    let names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
     if names.len() != cfg.classes {
-        return Err(bad(&format!("{} class names for {} classes", names.len(), cfg.classes)));
+        return Err(saved.bad(&format!("{} class names for {} classes", names.len(), cfg.classes)));
     }
     let mut vs = VarStore::new(0);
     let model = TwoStage::new(&mut vs, cfg)?;
     vs.finish()?;
-    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| KilnError::Checkpoint(e.to_string()))?;
+    saved.load_into(&vs)?;
     Ok((model, size, names))
 }

@@ -179,26 +179,19 @@ pub fn save_segmentation(path: &std::path::Path, vs: &VarStore, cfg: &SegmentCon
 /// A net written by [`save_segmentation`] (`kiln train segment` writes one), on the current device. A file
 /// that is not such a checkpoint names the file and what is missing.
 pub fn load_segmentation(path: &std::path::Path) -> Result<(SegmentNet, SegmentInfo)> {
-    let file = path.display().to_string();
-    let ck = kiln_nn::checkpoint::load(path).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
-    let bad = |what: &str| kiln_graph::KilnError::Checkpoint(format!("{file}: not a segmentation checkpoint of `kiln train segment` ({what})"));
-    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
-    if meta("kiln.model")? != "segment" {
-        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
-    }
-    let number = |k: &str| -> Result<usize> { meta(k)?.parse().map_err(|_| bad(&format!("{k} is not a number"))) };
-    let decoder = match meta("kiln.decoder")?.as_str() {
+    let saved = crate::saved::SavedModel::open(path, "segment", "a segmentation checkpoint of `kiln train segment`")?;
+    let decoder = match saved.meta("kiln.decoder")?.as_str() {
         "fcn" => Decoder::Fcn,
         "segnet" => Decoder::SegNet,
         "unet" => Decoder::UNet,
-        other => return Err(bad(&format!("unknown decoder {other:?}"))),
+        other => return Err(saved.bad(&format!("unknown decoder {other:?}"))),
     };
-    let class_names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    let class_names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
     let mut vs = VarStore::new(0);
-    let net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, number("kiln.width")?, number("kiln.depth")?)?;
+    let net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, saved.number("kiln.width")?, saved.number("kiln.depth")?)?;
     vs.finish()?;
-    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
-    Ok((net, SegmentInfo { size: number("kiln.size")?, class_names }))
+    saved.load_into(&vs)?;
+    Ok((net, SegmentInfo { size: saved.number("kiln.size")?, class_names }))
 }
 
 /// What a segmentation run measured on held-out scenes.

@@ -324,30 +324,25 @@ pub fn save_yolo(path: &std::path::Path, vs: &VarStore, model: &Yolo, width: usi
 /// A model written by [`save_yolo`] (`kiln train yolo` writes one), on the current device. A file that is not
 /// such a checkpoint names the file and what is missing.
 pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
-    let file = path.display().to_string();
-    let ck = kiln_nn::checkpoint::load(path).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
-    let bad = |what: &str| kiln_graph::KilnError::Checkpoint(format!("{file}: not a YOLO checkpoint of `kiln train yolo` ({what})"));
-    let meta = |k: &str| ck.metadata.get(k).cloned().ok_or_else(|| bad(&format!("no {k} in its metadata")));
-    if meta("kiln.model")? != "yolo" {
-        return Err(bad(&format!("it holds a {:?}", meta("kiln.model")?)));
-    }
-    let number = |k: &str| -> Result<usize> { meta(k)?.parse().map_err(|_| bad(&format!("{k} is not a number"))) };
-    let anchors = meta("kiln.anchors")?
+    let saved = crate::saved::SavedModel::open(path, "yolo", "a YOLO checkpoint of `kiln train yolo`")?;
+    let bad = |problem: &str| saved.bad(problem);
+    let anchors = saved
+        .meta("kiln.anchors")?
         .split(',')
         .map(|a| {
             let (w, h) = a.split_once('x').ok_or_else(|| bad("an anchor is not WxH"))?;
             Ok((w.parse().map_err(|_| bad("an anchor is not WxH"))?, h.parse().map_err(|_| bad("an anchor is not WxH"))?))
         })
         .collect::<Result<Vec<(f32, f32)>>>()?;
-    let (classes, width, size) = (number("kiln.classes")?, number("kiln.width")?, number("kiln.size")?);
-    let class_names: Vec<String> = meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    let (classes, width, size) = (saved.number("kiln.classes")?, saved.number("kiln.width")?, saved.number("kiln.size")?);
+    let class_names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
     if class_names.len() != classes || anchors.is_empty() {
         return Err(bad(&format!("{} class names for {classes} classes, {} anchors", class_names.len(), anchors.len())));
     }
     let mut vs = VarStore::new(0);
     let model = Yolo::new(&mut vs, anchors, classes, width)?;
     vs.finish()?;
-    vs.load_checkpoint(&file, &ck, true, |_| true).map_err(|e| kiln_graph::KilnError::Checkpoint(e.to_string()))?;
+    saved.load_into(&vs)?;
     // The parameters live in the store's buffer, which the model's tensors share: the store may go.
     Ok((model, YoloInfo { size, class_names }))
 }
