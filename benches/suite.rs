@@ -1376,8 +1376,10 @@ fn allreduce_family(ctx: &mut Ctx) -> R<()> {
         }
     }
     for (model, batch) in ctx.opts.parallel_steps.clone() {
-        let rec = parallel_step(ctx, &open(2)?, &model, batch)?;
-        ctx.push(rec);
+        for overlapped in [false, true] {
+            let rec = parallel_step(ctx, &open(2)?, &model, batch, overlapped)?;
+            ctx.push(rec);
+        }
     }
     Ok(())
 }
@@ -1385,8 +1387,10 @@ fn allreduce_family(ctx: &mut Ctx) -> R<()> {
 /// One data-parallel training step of a zoo model over `devices` at `batch` images per device (random inputs
 /// of the model's own size, cross-entropy, Adam): forward and backward on every device, the gradients'
 /// all-reduce, every update, the losses read back. The median of a few steps after a warm-up, with the share
-/// the all-reduce took.
-fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str, batch: usize) -> R<Record> {
+/// the all-reduce took after the backward. `overlapped`: each bucket's copy starts during the backward, as
+/// soon as its gradients are final (`kiln_nn::parallel::OverlappedAllReduce`, what `kiln train` does);
+/// otherwise the whole all-reduce follows the backward.
+fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str, batch: usize, overlapped: bool) -> R<Record> {
     let input = kiln_models::zoo::ZOO.iter().find(|z| z.0 == model).map(|z| z.1).ok_or_else(|| KilnError::Usage(format!("{model} is not a zoo model")))?;
     let classes = 10;
     let mut replicas = Vec::new();
@@ -1405,10 +1409,23 @@ fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str
     let mut step = || -> R<(f64, f64)> {
         let started = Instant::now();
         let mut losses = Vec::new();
-        for ((_, net, opt, x, y), d) in replicas.iter_mut().zip(devices) {
+        let bucket = kiln_nn::parallel::DEFAULT_BUCKET_BYTES;
+        let mut stream = kiln_nn::parallel::OverlappedAllReduce::new(&replicas.iter().map(|r| &r.2).collect::<Vec<_>>(), bucket)?;
+        for (i, ((_, net, opt, x, y), d)) in replicas.iter_mut().zip(devices).enumerate() {
             d.scope(|| -> R<()> {
                 let loss = kiln_graph::loss::cross_entropy(&kiln_nn::Layer::forward(net, x)?, y)?;
-                opt.accumulate(&loss.backward()?)?;
+                if overlapped {
+                    opt.begin_accumulate()?;
+                    loss.backward_with(&mut |leaf, g| {
+                        if let Some(slot) = opt.accumulate_param(leaf, g)? {
+                            stream.gradient_ready(i, opt, slot, None)?;
+                        }
+                        Ok(())
+                    })?;
+                    stream.backward_done(i, opt)?;
+                } else {
+                    opt.accumulate(&loss.backward()?)?;
+                }
                 losses.push(loss.read_start()?);
                 Ok(())
             })?;
@@ -1417,7 +1434,8 @@ fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str
             d.sync()?;
         }
         let mut opts: Vec<&mut kiln_nn::Optimizer> = replicas.iter_mut().map(|r| &mut r.2).collect();
-        let t = kiln_nn::parallel::all_reduce_gradients(&mut opts, &vec![batch; devices.len()], kiln_nn::parallel::DEFAULT_BUCKET_BYTES)?;
+        let shares = vec![batch; devices.len()];
+        let t = if overlapped { stream.finish(&mut opts, &shares, batch * devices.len(), None)? } else { kiln_nn::parallel::all_reduce_gradients(&mut opts, &shares, bucket)? };
         for ((vs, _, opt, _, _), d) in replicas.iter_mut().zip(devices) {
             d.scope(|| opt.apply(vs))?;
         }
@@ -1432,7 +1450,8 @@ fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (ms, comm) = times[times.len() / 2];
     let bytes = replicas[0].2.gradient_buffer().1 * 4;
-    let mut rec = ctx.base("allreduce", &format!("{model} data-parallel step (fwd, bwd, all-reduce, Adam)"), &[devices.len(), batch, input[0], input[1], input[2]], "2 devices");
+    let how = if overlapped { "copies started during the backward" } else { "all-reduce after the backward" };
+    let mut rec = ctx.base("allreduce", &format!("{model} data-parallel step (fwd, bwd, all-reduce, Adam)"), &[devices.len(), batch, input[0], input[1], input[2]], &format!("2 devices, {how}"));
     rec.valid = true;
     rec.median_ms = Some(ms);
     rec.ms_per_step = Some(ms);
@@ -1440,7 +1459,7 @@ fn parallel_step(ctx: &Ctx, devices: &[kiln_graph::backend::Device], model: &str
     rec.model = Some(model.into());
     rec.batch = Some(batch * devices.len());
     rec.samples_per_s = Some((batch * devices.len()) as f64 * 1e3 / ms);
-    rec.note = Some(format!("all-reduce of {:.1} MiB of gradients: {comm:.1} ms, {:.1}% of the step", bytes as f64 / (1 << 20) as f64, 100.0 * comm / ms));
+    rec.note = Some(format!("all-reduce of {:.1} MiB of gradients: {comm:.1} ms after the backward, {:.1}% of the step", bytes as f64 / (1 << 20) as f64, 100.0 * comm / ms));
     Ok(rec)
 }
 

@@ -162,6 +162,10 @@ struct TrainArgs {
     /// adapters, unless --devices says); rank 0 alone prints and writes the run directory.
     #[arg(long, value_name = "BACKEND")]
     distributed: Option<String>,
+    /// With --devices or --distributed: synchronised batch norm (PyTorch's SyncBatchNorm): batch norm uses the
+    /// whole batch's statistics, every device's and rank's rows, instead of each device's own shard's.
+    #[arg(long)]
+    sync_bn: bool,
     /// Stop when the dev metric has not improved for this many epochs.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     patience: Option<u64>,
@@ -929,6 +933,8 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
         per_class: a.batch_size.map(|b| b as usize).unwrap_or(d.per_class),
         lr: a.lr.unwrap_or(d.lr),
         seed: a.seed,
+        augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?.unwrap_or(d.augment),
+        weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
         data_dir: a.data_dir.clone(),
         ..d
     };
@@ -1121,6 +1127,9 @@ fn train_on(a: TrainArgs, distributed: Option<kiln_nn::parallel::Distributed>) -
     if a.devices.is_some() && a.adapter.is_some() {
         bail!("--devices names the adapters itself; leave out --adapter");
     }
+    if a.sync_bn && a.devices.is_none() && distributed.is_none() {
+        bail!("--sync-bn synchronises batch norm across data-parallel replicas: give --devices or --distributed too");
+    }
     if let Some(dir) = &a.data_dir {
         if !dir.is_dir() {
             bail!("--data-dir {} is not a directory", dir.display());
@@ -1156,6 +1165,7 @@ fn train_on(a: TrainArgs, distributed: Option<kiln_nn::parallel::Distributed>) -
             None => Vec::new(),
         },
         distributed,
+        sync_batch_norm: a.sync_bn,
         ..TrainConfig::new(&a.model, &a.dataset)
     };
     if a.checkpoint_every.is_some_and(|s| s.is_nan() || s < 0.0) {
@@ -1499,13 +1509,14 @@ fn print_summary(r: &TrainReport, out: &std::path::Path) {
             None => String::new(),
         };
         println!(
-            "data-parallel over {}{} devices ({}): all-reduce of {:.1} KiB of gradients {:.2} ms/step ({:.1}% of the step), replicas equal (checksum {})",
+            "data-parallel over {}{} devices ({}): all-reduce of {:.1} KiB of gradients {:.2} ms/step ({:.1}% of the step; {:.0}% of its copies started during the backward), replicas equal (checksum {})",
             ranks,
             p.devices.len(),
             p.devices.join(", "),
             p.gradient_bytes as f64 / 1024.0,
             p.all_reduce_ms_per_step,
             100.0 * p.communication_share,
+            100.0 * p.copies_started_in_backward,
             p.checksum
         );
     }

@@ -418,6 +418,10 @@ fn data_parallel_training_over_two_devices_and_its_errors() {
     assert_clean_failure(&o, "has a loop of its own");
     let o = kiln(&["train", "mlp", "--dataset", "digits", "--devices", "0,0,0", "--train-limit", "2"], &[]);
     assert_clean_failure(&o, "cannot be shared between 3 devices");
+    let o = kiln(&["train", "resnet", "--dataset", "digits", "--sync-bn"], &[]);
+    assert_clean_failure(&o, "give --devices or --distributed too");
+    let o = kiln(&["train", "resnet", "--dataset", "digits", "--devices", "0,0", "--sync-bn", "--train-limit", "65", "--batch-size", "32"], &[]);
+    assert_clean_failure(&o, "each epoch ends with a batch of 1 rows");
 }
 
 #[test]

@@ -206,10 +206,13 @@ fn topo_order(root: &Tensor, stop: &HashSet<TensorId>) -> Vec<Tensor> {
             continue;
         }
         if let Some(op) = t.op() {
-            for i in op.inputs() {
-                if i.requires_grad() && !seen.contains(&i.id()) {
-                    stack.push((i.clone(), false));
-                }
+            // Leaves are pushed first, so they are walked last among the inputs: in reverse order each then
+            // comes right after the op that reads it, and its gradient is final (and handed to
+            // `backward_with`) before the backward of the ops below. The ops' own order is unchanged.
+            let inputs: Vec<&Tensor> = op.inputs().into_iter().filter(|i| i.requires_grad() && !seen.contains(&i.id())).collect();
+            let is_leaf = |i: &Tensor| i.op().is_none() || stop.contains(&i.id());
+            for i in inputs.iter().filter(|i| is_leaf(i)).chain(inputs.iter().filter(|i| !is_leaf(i))) {
+                stack.push(((*i).clone(), false));
             }
         }
     }
@@ -242,6 +245,21 @@ impl Tensor {
         self.backward_seeded(grad.clone(), false)
     }
 
+    /// [`Tensor::backward`] that hands each leaf's gradient to `on_leaf` as soon as it is final (every op that
+    /// reads the leaf has been differentiated), while the backward of the ops before it is still to come: the
+    /// last layers' parameters first. Data parallelism starts copying those gradients off the device then.
+    pub fn backward_with(&self, on_leaf: &mut OnLeaf) -> Result<Grads> {
+        if self.numel() != 1 {
+            return Err(KilnError::Backward(format!("{self:?} is not a scalar: backward needs dLoss/dSelf for it (Tensor::backward_from), or reduce it to a scalar first")));
+        }
+        if !self.requires_grad() {
+            return Err(KilnError::Backward(format!("{self:?} does not depend on any tensor that requires a gradient")));
+        }
+        let seed = self.ones_like()?;
+        let map = no_grad(|| backprop(self, seed, &HashSet::new(), false, Some(on_leaf)))?;
+        Ok(Grads { map })
+    }
+
     fn backward_impl(&self, create_graph: bool) -> Result<Grads> {
         if self.numel() != 1 {
             return Err(KilnError::Backward(format!("{self:?} is not a scalar: backward needs dLoss/dSelf for it (Tensor::backward_from), or reduce it to a scalar first")));
@@ -253,15 +271,18 @@ impl Tensor {
         if !self.requires_grad() {
             return Err(KilnError::Backward(format!("{self:?} does not depend on any tensor that requires a gradient")));
         }
-        let run = || -> Result<HashMap<TensorId, Tensor>> { backprop(self, seed, &HashSet::new(), create_graph) };
+        let run = || -> Result<HashMap<TensorId, Tensor>> { backprop(self, seed, &HashSet::new(), create_graph, None) };
         let map = if create_graph { run()? } else { no_grad(run)? };
         Ok(Grads { map })
     }
 }
 
+/// What [`Tensor::backward_with`] calls with each leaf and its final gradient.
+pub type OnLeaf<'a> = dyn FnMut(&Tensor, &Tensor) -> Result<()> + 'a;
+
 /// Walks the graph of `root` backwards from `seed` (dLoss/dRoot) and returns the gradients that reach the
-/// leaves and the tensors in `stop` (which are not walked past).
-fn backprop(root: &Tensor, seed: Tensor, stop: &HashSet<TensorId>, create_graph: bool) -> Result<HashMap<TensorId, Tensor>> {
+/// leaves and the tensors in `stop` (which are not walked past), each also to `on_leaf` when it is final.
+fn backprop(root: &Tensor, seed: Tensor, stop: &HashSet<TensorId>, create_graph: bool, mut on_leaf: Option<&mut OnLeaf>) -> Result<HashMap<TensorId, Tensor>> {
     let order = topo_order(root, stop);
     let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
     pending.insert(root.id(), seed);
@@ -278,6 +299,9 @@ fn backprop(root: &Tensor, seed: Tensor, stop: &HashSet<TensorId>, create_graph:
                 }
             }
             _ => {
+                if let Some(f) = on_leaf.as_mut() {
+                    f(node, &g)?;
+                }
                 reached.insert(node.id(), g);
             }
         }
@@ -295,7 +319,7 @@ fn through_composite<'a>(inputs: &[&'a Tensor], g: &Tensor, composite: impl FnOn
     if !y.requires_grad() {
         return Ok(vec![]);
     }
-    let mut reached = backprop(&y, g.clone(), &stop, true)?;
+    let mut reached = backprop(&y, g.clone(), &stop, true, None)?;
     Ok(inputs.iter().filter_map(|t| reached.remove(&t.id()).map(|gi| (*t, gi))).collect())
 }
 

@@ -39,7 +39,7 @@ pub mod tune;
 pub mod vision;
 
 pub use augment::Augment;
-pub use backprop::{Grads, Op};
+pub use backprop::{Grads, OnLeaf, Op};
 pub use conv::{conv2d_grads, pool2d_grad, Conv2dGeom, Pool2dGeom};
 pub use custom::CustomOp;
 pub use error::{KilnError, Result};

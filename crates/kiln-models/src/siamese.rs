@@ -102,6 +102,10 @@ pub struct SiameseConfig {
     /// Every this many steps the dev half's ROC AUC is measured and the best weights kept (early stopping on
     /// the unseen classes' dev half; the test half is never looked at). 0: keep the last weights.
     pub eval_every: u64,
+    /// GPU augmentation of each training batch (a fresh draw per step).
+    pub augment: kiln_graph::Augment,
+    /// Adam's L2 penalty on the weights (biases are not decayed).
+    pub weight_decay: f32,
     pub data_dir: Option<std::path::PathBuf>,
 }
 
@@ -120,6 +124,8 @@ impl Default for SiameseConfig {
             ways: 3,
             trials: 2000,
             eval_every: 25,
+            augment: kiln_graph::Augment::default(),
+            weight_decay: 0.0,
             data_dir: None,
         }
     }
@@ -293,6 +299,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     vs.finish()?;
     let untrained = verification_scores(&embed(&net, &test_x)?, cfg.dim, &test_y, &dev, cfg)?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
+    opt.weight_decay = cfg.weight_decay;
     let by_class: Vec<Vec<usize>> = train_classes.iter().map(|c| (0..train_y.len()).filter(|&i| train_y[i] == *c).collect()).collect();
     let mut rng = Rng::new(cfg.seed);
     // Early stopping: the dev half's images (in order) and the best weights so far.
@@ -311,7 +318,8 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         }
         let px: Vec<f32> = idx.iter().flat_map(|&i| train_x[i * 784..(i + 1) * 784].iter().copied()).collect();
         let labels: Vec<u32> = idx.iter().map(|&i| train_y[i]).collect();
-        let e = net.forward(&Tensor::from_slice(&px, &[idx.len(), 1, 28, 28])?)?;
+        let images = Tensor::from_slice(&px, &[idx.len(), 1, 28, 28])?.augment(&cfg.augment, cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))?;
+        let e = net.forward(&images)?;
         let l = match cfg.loss {
             MetricLoss::Triplet(mining) => batch_triplet_loss(&e, &labels, cfg.margin, mining)?,
             MetricLoss::Contrastive => {

@@ -67,6 +67,11 @@ pub struct TrainConfig {
     /// same configuration, takes its own rows of each batch (`batch_size` is the whole batch of all ranks),
     /// and the gradients are summed across the ranks too. Rank 0 alone writes metrics and checkpoints.
     pub distributed: Option<kiln_nn::parallel::Distributed>,
+    /// Synchronised batch norm in data-parallel training (`kiln train --sync-bn`, PyTorch's `SyncBatchNorm`):
+    /// every batch-norm layer normalises each shard with the whole batch's statistics (all devices, all ranks),
+    /// so the run trains as one device with the whole batch does. The replicas' forward passes then run in
+    /// lock step, one thread per device. Off: each device uses its own shard's statistics (PyTorch DDP's default).
+    pub sync_batch_norm: bool,
 }
 
 impl TrainConfig {
@@ -97,6 +102,7 @@ impl TrainConfig {
             interrupt: None,
             devices: Vec::new(),
             distributed: None,
+            sync_batch_norm: false,
         }
     }
 }
@@ -211,10 +217,15 @@ pub struct DataParallelReport {
     pub communicator: Option<String>,
     /// Bytes of gradients averaged per step (one replica's).
     pub gradient_bytes: u64,
-    /// The all-reduce's mean wall time per step (host-staged: copies back, reduction, writes).
+    /// The all-reduce's mean wall time per step (host-staged: copies back, reduction, writes), counting the
+    /// sums that ran during the backward as well as those after it.
     pub all_reduce_ms_per_step: f64,
     /// The all-reduce's share of the mean step time.
     pub communication_share: f64,
+    /// Of the gradient buckets' copies to the host, the share that started while their replica's backward was
+    /// still running (`kiln_nn::parallel::OverlappedAllReduce`): the last layers' buckets, all but the first
+    /// layers' one.
+    pub copies_started_in_backward: f64,
     /// The replicas' parameter checksum, equal on every replica at every epoch end (a difference stops the
     /// run with an error).
     pub checksum: String,
@@ -592,6 +603,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     let parallel = !replicas.is_empty() || across.is_some();
     let rank0 = across.is_none_or(|c| c.rank() == 0);
     let all_reduce_ms = std::cell::Cell::new(0.0f64);
+    let overlap = std::cell::Cell::new((0usize, 0usize));
     let mut checksum = String::new();
     let classifier = r.split.train.num_classes().is_some();
     let steps_per_epoch = r.split.train.len().div_ceil(r.s.batch_size) as u64;
@@ -619,7 +631,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
     let step = |batch: &HostBatch, step: u64| -> Result<StepValues, KilnError> {
         if parallel {
             let augment = augment.as_ref().zip(image).map(|(a, i)| (a, i, cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step)));
-            return data_parallel_step(&r, &replicas, across, batch, augment, &all_reduce_ms, cfg.interrupt.as_deref());
+            return data_parallel_step(&r, &replicas, cfg.distributed.as_ref(), batch, augment, &all_reduce_ms, &overlap, cfg.interrupt.as_deref(), cfg.sync_batch_norm);
         }
         let (mut x, y) = features_and_targets(batch)?;
         if let (Some(a), Some([c, h, w])) = (&augment, image) {
@@ -676,6 +688,7 @@ pub fn run_with(entry: &ModelEntry, cfg: &TrainConfig, progress: impl FnMut(&Pro
             gradient_bytes: r.opt.borrow().gradient_buffer().1 as u64 * 4,
             all_reduce_ms_per_step: per_step,
             communication_share: per_step / step_ms.max(1e-9),
+            copies_started_in_backward: overlap.get().0 as f64 / overlap.get().1.max(1) as f64,
             checksum: checksum.clone(),
         }
     });
@@ -702,6 +715,16 @@ fn replicas(cfg: &TrainConfig, entry: &ModelEntry, r: &RunSetup) -> Result<Vec<R
         let what = if ranks > 1 { format!("{ranks} ranks x {} devices", cfg.devices.len().max(1)) } else { format!("{} devices", cfg.devices.len()) };
         return Err(KilnError::Config(format!("a batch of {} ({} training samples) cannot be shared between {what}: give a --batch-size of at least {replicas}", r.s.batch_size, r.split.train.len())));
     }
+    // Synchronised batch norm needs rows on every replica at every step (a replica without any would miss
+    // the collectives): an epoch's last, short batch must still reach them all.
+    let last = r.split.train.len() % r.s.batch_size;
+    if cfg.sync_batch_norm && last > 0 && last < replicas {
+        return Err(KilnError::Config(format!(
+            "synchronised batch norm: each epoch ends with a batch of {last} rows ({} training samples, batches of {}), too few for {replicas} replicas; choose a --batch-size that leaves none or at least {replicas} (or --train-limit)",
+            r.split.train.len(),
+            r.s.batch_size
+        )));
+    }
     if cfg.devices.len() < 2 {
         return Ok(Vec::new());
     }
@@ -713,6 +736,7 @@ fn replicas(cfg: &TrainConfig, entry: &ModelEntry, r: &RunSetup) -> Result<Vec<R
             let arch = linear_models::Arch { hidden: &r.s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
             let mut model = (entry.build)(&mut vs, &r.split.train, &arch)?;
             vs.finish()?;
+            model.net.set_sync_batch_norm(cfg.sync_batch_norm);
             let mut opt = Optimizer::new(&vs, main.kind, main.base_lr, main.weight_decay, main.schedule, main.total_steps)?;
             opt.clip = main.clip;
             if !cfg.freeze.is_empty() {
@@ -736,66 +760,118 @@ fn replicas(cfg: &TrainConfig, entry: &ModelEntry, r: &RunSetup) -> Result<Vec<R
 /// One data-parallel step: each replica's forward and backward on its shard of the batch, on its own device;
 /// the gradients averaged across the replicas, weighted by their shares; every replica's update. The step's
 /// loss (the mean over the whole batch) and correct count are read back with the gradients.
+#[allow(clippy::too_many_arguments)]
 fn data_parallel_step(
     r: &RunSetup,
     replicas: &[Replica],
-    across: Option<&dyn kiln_nn::parallel::Collective>,
+    across: Option<&kiln_nn::parallel::Distributed>,
     batch: &HostBatch,
     augment: Option<(&kiln_graph::Augment, [usize; 3], u64)>,
     all_reduce_ms: &std::cell::Cell<f64>,
+    overlap: &std::cell::Cell<(usize, usize)>,
     interrupt: Option<&std::sync::atomic::AtomicBool>,
+    sync_batch_norm: bool,
 ) -> Result<StepValues, KilnError> {
+    use kiln_nn::parallel::{in_shard, GroupMember, OverlappedAllReduce, ShardContext, ThreadGroup};
     let main = Device::current()?;
     // This rank's replicas take their rows of the whole batch (each rank loads the same seeded batches: rank
     // r's rows are the r-th block of them, so no two ranks share a sample).
     let local = replicas.len() + 1;
-    let (rank, ranks) = across.map(|c| (c.rank(), c.size())).unwrap_or((0, 1));
+    let (rank, ranks) = across.map(|c| (c.0.rank(), c.0.size())).unwrap_or((0, 1));
     let shards = kiln_nn::parallel::shard_ranges(batch.len(), local * ranks)[rank * local..(rank + 1) * local].to_vec();
     let parts: Vec<(&Device, &std::cell::RefCell<Model>, &std::cell::RefCell<Optimizer>)> =
         std::iter::once((&main, &r.model, &r.opt)).chain(replicas.iter().map(|p| (&p.device, &p.model, &p.opt))).collect();
     let mut reads = Vec::new();
-    for ((device, model, opt), rows) in parts.iter().zip(&shards) {
-        if rows.is_empty() {
-            continue;
+    // The all-reduce starts inside the backward passes: each bucket's copy as soon as its gradients are final.
+    // Replicas that run one after the other, all with rows (on every rank), also sum the buckets during it.
+    let stream = {
+        let opts: Vec<_> = parts.iter().map(|(_, _, o)| o.borrow()).collect();
+        let opts: Vec<&Optimizer> = opts.iter().map(|o| &**o).collect();
+        let mut stream = OverlappedAllReduce::new(&opts, kiln_nn::parallel::DEFAULT_BUCKET_BYTES)?;
+        if !sync_batch_norm && batch.len() >= local * ranks {
+            stream.reduce_eagerly(&opts, shards.iter().map(|rows| rows.len() as f64 / batch.len() as f64).collect());
         }
-        let shard = batch.rows(rows.clone());
-        let read = device.scope(|| -> Result<_, KilnError> {
-            let (mut x, y) = features_and_targets(&shard)?;
-            if let Some((a, [c, h, w], seed)) = augment {
-                // Seeded by the step and the shard's first row, so no two shards share their draws.
-                x = x.reshape(&[shard.len(), c, h, w])?.augment(a, seed.wrapping_add((rows.start as u64) << 40))?;
+        std::sync::Mutex::new(stream)
+    };
+    if sync_batch_norm {
+        // Batch norm's statistics are summed over the replicas layer by layer, so their passes run at once, one
+        // thread each; the first replica stays on this thread (it also sums across the ranks).
+        if shards.iter().any(|s| s.is_empty()) {
+            return Err(KilnError::Config(format!("synchronised batch norm: a batch of {} rows leaves a replica without rows ({} replicas)", batch.len(), local * ranks)));
+        }
+        let group = ThreadGroup::new(local);
+        let member = |index: usize, rows: &std::ops::Range<usize>, across: Option<kiln_nn::parallel::Distributed>| {
+            let m = GroupMember { group: group.clone(), index, weight: rows.len() as f64 / batch.len() as f64, across };
+            ShardContext { first_row: rows.start, stats: Some(std::rc::Rc::new(m) as std::rc::Rc<dyn kiln_nn::parallel::StatsReducer>) }
+        };
+        // One replica's pass, the group ended if it fails (so no other replica waits for it).
+        let pass = |index: usize, device: &Device, model: &Model, opt: &mut Optimizer, ctx: ShardContext| -> Result<(Vec<f32>, usize), KilnError> {
+            let rows = shards[index].clone();
+            let shard = batch.rows(rows.clone());
+            let out = device.scope(|| in_shard(ctx, || -> Result<Vec<f32>, KilnError> { shard_pass(model, opt, (&stream, index, None), &shard, &rows, augment)?.to_vec() }));
+            if let Err(e) = &out {
+                group.fail(&format!("replica {index} failed: {e}"));
             }
-            let m = model.borrow();
-            let out = m.forward(&x)?;
-            let loss = m.task.loss(&out, &y)?;
-            let grads = loss.backward()?;
-            opt.borrow_mut().accumulate(&grads)?;
-            drop(grads);
-            let correct = m.task.correct(&out, &y)?;
-            let values = match &correct {
-                Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
-                None => loss.reshape(&[1])?,
-            };
-            Ok((values.read_start()?, rows.len()))
-        })?;
-        reads.push(read);
+            out.map(|v| (v, rows.len()))
+        };
+        let models: Vec<_> = parts.iter().map(|(_, m, _)| m.borrow()).collect();
+        let mut opts: Vec<_> = parts.iter().map(|(_, _, o)| o.borrow_mut()).collect();
+        let (first_opt, other_opts) = opts.split_first_mut().expect("one replica at least");
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = other_opts
+                .iter_mut()
+                .enumerate()
+                .map(|(i, opt)| {
+                    let (index, device, model, opt, pass, member, rows) = (i + 1, parts[i + 1].0, &*models[i + 1], &mut **opt, &pass, &member, shards[i + 1].clone());
+                    scope.spawn(move || pass(index, device, model, opt, member(index, &rows, None)))
+                })
+                .collect();
+            let mut results = vec![pass(0, &main, &models[0], first_opt, member(0, &shards[0], across.cloned()))];
+            results.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Usage("a data-parallel replica's thread panicked".into())))));
+            results
+        });
+        drop((models, opts));
+        // The cause, rather than another replica's report of it.
+        let consequence = |e: &KilnError| e.to_string().starts_with("synchronised batch norm: replica");
+        if results.iter().any(Result::is_err) {
+            let mut errors: Vec<KilnError> = results.into_iter().filter_map(Result::err).collect();
+            let cause = errors.iter().position(|e| !consequence(e)).unwrap_or(0);
+            return Err(errors.swap_remove(cause));
+        }
+        reads.extend(results.into_iter().map(|r| r.map(|(v, n)| StepRead::Done(v, n))).collect::<Result<Vec<_>, KilnError>>()?);
+    } else {
+        for (index, ((device, model, opt), rows)) in parts.iter().zip(&shards).enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let shard = batch.rows(rows.clone());
+            let ctx = ShardContext { first_row: rows.start, stats: None };
+            let values = device.scope(|| in_shard(ctx, || shard_pass(&model.borrow(), &mut opt.borrow_mut(), (&stream, index, across.map(|c| &*c.0)), &shard, rows, augment)))?;
+            reads.push(StepRead::Pending(device.scope(|| values.read_start())?, rows.len()));
+        }
     }
     let mut guards: Vec<_> = parts.iter().map(|(_, _, opt)| opt.borrow_mut()).collect();
     let mut opts: Vec<&mut Optimizer> = guards.iter_mut().map(|g| &mut **g).collect();
     let shares: Vec<usize> = shards.iter().map(|s| s.len()).collect();
-    // Every backward done first, so the timing is the all-reduce's own (its copies would wait for them anyway).
+    // Every backward done first, so the timing is what the all-reduce adds to the step (the copies of the last
+    // layers' buckets have run during the backward; the first layers' wait for all of it in any case).
     for (device, _, _) in &parts {
         device.sync()?;
     }
-    let timing = kiln_nn::parallel::all_reduce_gradients_across(&mut opts, &shares, batch.len(), kiln_nn::parallel::DEFAULT_BUCKET_BYTES, across)?;
+    let stream = stream.into_inner().unwrap_or_else(|e| e.into_inner());
+    let timing = stream.finish(&mut opts, &shares, batch.len(), across.map(|c| &*c.0))?;
     all_reduce_ms.set(all_reduce_ms.get() + timing.total_ms);
+    overlap.set((overlap.get().0 + timing.overlapped_buckets, overlap.get().1 + timing.bucket_copies));
     let stores: Vec<&VarStore> = std::iter::once(&r.vs).chain(replicas.iter().map(|p| &p.vs)).collect();
     for ((opt, vs), (device, _, _)) in opts.iter_mut().zip(stores).zip(&parts) {
         device.scope(|| opt.apply(vs))?;
     }
     let (mut loss_sum, mut correct, with_correct) = (0.0f64, 0.0f64, r.split.train.num_classes().is_some());
-    for (read, n) in reads {
-        let v = read.wait()?;
+    for read in reads {
+        let (v, n) = match read {
+            StepRead::Pending(read, n) => (read.wait()?, n),
+            StepRead::Done(v, n) => (v, n),
+        };
         loss_sum += v[0] as f64 * n as f64;
         correct += v.get(1).copied().unwrap_or(0.0) as f64;
     }
@@ -803,7 +879,7 @@ fn data_parallel_step(
         // A Ctrl-C seen by any rank stops every rank after the same step (rank 0 saves where they are).
         let stop = interrupt.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
         let mut sums = [loss_sum, correct, f64::from(u8::from(stop))];
-        c.sum_f64(&mut sums)?;
+        c.0.sum_f64(&mut sums)?;
         [loss_sum, correct] = [sums[0], sums[1]];
         if let (true, Some(f)) = (sums[2] > 0.0, interrupt) {
             f.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -812,6 +888,47 @@ fn data_parallel_step(
     let loss = Tensor::from_slice(&[(loss_sum / batch.len().max(1) as f64) as f32], &[1])?;
     let correct = if with_correct { Some(Tensor::from_slice(&[correct as f32], &[1])?) } else { None };
     Ok(StepValues { loss, correct })
+}
+
+/// A replica's share of a step's readings: its loss (and correct count) and its rows.
+enum StepRead {
+    Pending(kiln_graph::PendingValues, usize),
+    Done(Vec<f32>, usize),
+}
+
+/// One replica's forward and backward on its shard (rows `rows` of the step's batch), each gradient gathered
+/// into its optimizer's flat buffer as soon as it is final and handed to the step's all-reduce (`stream`, this
+/// replica's index in it). Returns [loss] or [loss, correct] as a tensor.
+fn shard_pass(
+    model: &Model,
+    opt: &mut Optimizer,
+    (stream, index, across): (&std::sync::Mutex<kiln_nn::parallel::OverlappedAllReduce>, usize, Option<&dyn kiln_nn::parallel::Collective>),
+    shard: &HostBatch,
+    rows: &std::ops::Range<usize>,
+    augment: Option<(&kiln_graph::Augment, [usize; 3], u64)>,
+) -> Result<Tensor, KilnError> {
+    let (mut x, y) = features_and_targets(shard)?;
+    if let Some((a, [c, h, w], seed)) = augment {
+        // Seeded by the step and the shard's first row, so no two shards share their draws.
+        x = x.reshape(&[shard.len(), c, h, w])?.augment(a, seed.wrapping_add((rows.start as u64) << 40))?;
+    }
+    let out = model.forward(&x)?;
+    let loss = model.task.loss(&out, &y)?;
+    let lock = || stream.lock().unwrap_or_else(|e| e.into_inner());
+    opt.begin_accumulate()?;
+    let grads = loss.backward_with(&mut |leaf, g| {
+        if let Some(slot) = opt.accumulate_param(leaf, g)? {
+            lock().gradient_ready(index, opt, slot, across)?;
+        }
+        Ok(())
+    })?;
+    drop(grads);
+    lock().backward_done(index, opt)?;
+    let correct = model.task.correct(&out, &y)?;
+    Ok(match &correct {
+        Some(c) => no_grad(|| Tensor::concat(&[&loss.reshape(&[1])?, &c.reshape(&[1])?], 0))?,
+        None => loss.reshape(&[1])?,
+    })
 }
 
 /// At an epoch end: the main replica's buffers (batch norm's running statistics, which each replica updates
@@ -845,7 +962,7 @@ fn check_replicas(main: &VarStore, replicas: &[Replica], across: Option<&dyn kil
 fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, r: &RunSetup, local_devices: usize) -> Result<(), KilnError> {
     // Everything that steers the loop, and the adapter's kind (replicas must round alike).
     let summary = format!(
-        "{} {} {} {:?} {} {} {} {:016x} {:?} {:?} {:?} {:?} {:?} {:?} {}",
+        "{} {} {} {:?} {} {} {} {:016x} {:?} {:?} {:?} {:?} {:?} {:?} {} {}",
         env!("CARGO_PKG_VERSION"),
         cfg.model,
         cfg.dataset,
@@ -860,7 +977,8 @@ fn agree_across_ranks(c: &dyn kiln_nn::parallel::Collective, cfg: &TrainConfig, 
         cfg.from,
         cfg.depth,
         r.opt.borrow().clip,
-        Device::current()?.adapter_name()
+        Device::current()?.adapter_name(),
+        cfg.sync_batch_norm
     );
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in summary.bytes() {
@@ -911,8 +1029,9 @@ fn setup(cfg: &TrainConfig, entry: &ModelEntry) -> Result<RunSetup, KilnError> {
     }
     let mut vs = VarStore::new(cfg.seed);
     let arch = linear_models::Arch { hidden: &s.hidden, depth: cfg.depth.unwrap_or(20), seed: cfg.seed };
-    let model = (entry.build)(&mut vs, &split.train, &arch)?;
+    let mut model = (entry.build)(&mut vs, &split.train, &arch)?;
     vs.finish()?;
+    model.net.set_sync_batch_norm(cfg.sync_batch_norm);
     let augment = cfg.augment.or((entry.defaults)(&cfg.dataset).augment);
     s.augment = augment.map(|a| format!("{a:?}")).unwrap_or_default();
     if augment.is_some_and(|a| !a.is_identity()) && !(entry.input == Input::Image && split.train.image.is_some()) {

@@ -170,6 +170,14 @@ macro_rules! residual_module {
                     s.set_training(training);
                 }
             }
+            fn set_sync_batch_norm(&mut self, sync: bool) {
+                for (_, bn) in &mut self.convs {
+                    bn.set_sync_batch_norm(sync);
+                }
+                if let Some(s) = &mut self.shortcut {
+                    s.set_sync_batch_norm(sync);
+                }
+            }
             fn describe(&self) -> String {
                 let w = self.convs[0].0.weight.shape();
                 format!("{}({} -> {})", $name, w[1], self.convs.last().map(|c| c.0.weight.shape()[0]).unwrap_or(0))
@@ -272,6 +280,9 @@ impl Inception {
 impl Module for Inception {
     fn set_training(&mut self, training: bool) {
         self.branches.iter_mut().for_each(|b| b.set_training(training));
+    }
+    fn set_sync_batch_norm(&mut self, sync: bool) {
+        self.branches.iter_mut().for_each(|b| b.set_sync_batch_norm(sync));
     }
     fn describe(&self) -> String {
         "Inception".into()

@@ -348,6 +348,10 @@ pub struct BatchNorm {
     pub eps: f32,
     pub momentum: f32,
     pub training: bool,
+    /// Synchronised batch norm (PyTorch's `SyncBatchNorm`): inside a data-parallel step that sums statistics
+    /// ([`crate::parallel::stats_reducer`]), training normalises with the whole batch's statistics, every
+    /// replica's rows on every rank, instead of this replica's shard's. Elsewhere it changes nothing.
+    pub sync: bool,
 }
 
 impl BatchNorm {
@@ -361,6 +365,7 @@ impl BatchNorm {
             eps: 1e-5,
             momentum: 0.1,
             training: true,
+            sync: false,
         })
     }
 
@@ -385,6 +390,9 @@ impl BatchNorm {
     /// on, for channels the kernels take; None otherwise.
     pub fn forward_fused(&self, x: &Tensor, act: BiasAct) -> Result<Option<Tensor>> {
         Self::channel_shape(x)?;
+        if self.synchronised().is_some() {
+            return Ok(None);
+        }
         let per_channel = x.numel() / x.shape()[1].max(1);
         if !self.training || !kiln_graph::fusion_enabled(x.device()) || per_channel > kiln_graph::kernels::BN_FUSED_MAX_COUNT || per_channel == 0 {
             return Ok(None);
@@ -394,20 +402,44 @@ impl BatchNorm {
         x.batch_norm(self.weight.tensor()?, self.bias.tensor()?, self.eps, act, running).map(Some)
     }
 
-    /// The formula as composite ops: evaluation mode, fusion off, or channels too large for the fused kernels.
+    /// The step's statistics collective, when this layer synchronises and is training inside such a step.
+    fn synchronised(&self) -> Option<std::rc::Rc<dyn crate::parallel::StatsReducer>> {
+        (self.sync && self.training).then(crate::parallel::stats_reducer).flatten()
+    }
+
+    /// The formula as composite ops: evaluation mode, fusion off, channels too large for the fused kernels, or
+    /// synchronised statistics. Synchronised, the mean and then the variance about it are sums over every
+    /// replica (`parallel::all_reduce_sum`, differentiable) divided by the whole batch's count: the two passes
+    /// one device makes, so N replicas train as one device with their whole batch.
     fn forward_composite(&self, x: &Tensor) -> Result<Tensor> {
         let cs = Self::channel_shape(x)?;
         let axes: Vec<usize> = (0..x.rank()).filter(|&a| a != 1).collect();
         let gamma = self.weight.tensor()?.reshape(&cs)?;
         let beta = self.bias.tensor()?.reshape(&cs)?;
+        let sync = self.synchronised();
         let (mean, var) = if self.training {
-            let mean = x.mean(&axes, true)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.mul(&centered)?.mean(&axes, true)?;
+            let mut count = (x.numel() / cs[1]) as f64;
+            let (mean, var) = match &sync {
+                None => {
+                    let mean = x.mean(&axes, true)?;
+                    let centered = x.broadcast_sub(&mean)?;
+                    (mean, centered.mul(&centered)?.mean(&axes, true)?)
+                }
+                Some(reducer) => {
+                    let tag = self.weight.name();
+                    let mut n = [count];
+                    reducer.sum(&format!("{tag} count"), &mut n)?;
+                    count = n[0];
+                    let mean = crate::parallel::all_reduce_sum(&x.sum(&axes, true)?, &format!("{tag} sum"))?.scale(1.0 / count as f32)?;
+                    let centered = x.broadcast_sub(&mean)?;
+                    let squares = crate::parallel::all_reduce_sum(&centered.mul(&centered)?.sum(&axes, true)?, &format!("{tag} squares"))?;
+                    (mean, squares.scale(1.0 / count as f32)?)
+                }
+            };
             // Running statistics: outside the graph, written in place into the buffers.
             self.num_batches_tracked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             no_grad(|| -> Result<()> {
-                let count = (x.numel() / cs[1]) as f32;
+                let count = count as f32;
                 let unbiased = var.scale(count / (count - 1.0).max(1.0))?;
                 let m = self.momentum;
                 for (buf, batch) in [(&self.running_mean, &mean), (&self.running_var, &unbiased)] {
@@ -429,6 +461,9 @@ impl BatchNorm {
 impl Module for BatchNorm {
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+    fn set_sync_batch_norm(&mut self, sync: bool) {
+        self.sync = sync;
     }
     fn describe(&self) -> String {
         format!("BatchNorm({})", self.weight.shape()[0])
@@ -503,7 +538,11 @@ impl Layer for Dropout {
         let keep = 1.0 - self.p;
         // Each call draws a fresh stream: the call count picks the seed's sub-stream.
         let call = self.calls.fetch_add(1, Ordering::Relaxed) as u64;
-        let u = Tensor::rand_gpu_on(x.device(), x.shape(), self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 0)?;
+        // In a data-parallel step, a shard starting at row r reads the stream from r's first value on: the masks
+        // one device would draw for those rows of the whole batch.
+        let per_row = x.numel() / x.shape().first().copied().unwrap_or(1).max(1);
+        let offset = (crate::parallel::shard_first_row() as u64).wrapping_mul(per_row as u64) as u32;
+        let u = Tensor::rand_gpu_on(x.device(), x.shape(), self.seed.wrapping_add(call.wrapping_mul(0x9E37_79B9_7F4A_7C15)), offset)?;
         let threshold = Tensor::full_on(x.device(), &[1], keep)?;
         let mask = threshold.gt_mask(&u)?.scale(1.0 / keep)?;
         if let Ok(mut m) = self.last_mask.lock() {

@@ -32,6 +32,11 @@ pub trait Module {
     fn set_training(&mut self, training: bool) {
         self.children_mut().into_iter().for_each(|c| c.set_training(training));
     }
+    /// Synchronised batch norm on or off for every `BatchNorm` under this module (see `BatchNorm::sync`): by
+    /// default, passed to every child.
+    fn set_sync_batch_norm(&mut self, sync: bool) {
+        self.children_mut().into_iter().for_each(|c| c.set_sync_batch_norm(sync));
+    }
     /// Moves random streams (dropout masks) to where they stand after `steps` training steps, so a resumed
     /// run draws the masks the uninterrupted run would have: by default, passed to every child.
     fn set_rng_position(&mut self, steps: u64) {
@@ -245,6 +250,11 @@ impl Module for Sequential {
     fn set_rng_position(&mut self, steps: u64) {
         for l in &mut self.layers {
             l.set_rng_position(steps);
+        }
+    }
+    fn set_sync_batch_norm(&mut self, sync: bool) {
+        for l in &mut self.layers {
+            l.set_sync_batch_norm(sync);
         }
     }
     fn describe(&self) -> String {

@@ -212,37 +212,69 @@ impl Optimizer {
     /// scale the loss by 1 / micro-batches for a mean). A gradient whose shape is not its parameter's is an
     /// error naming both.
     pub fn accumulate(&mut self, grads: &Grads) -> Result<()> {
-        let g = self.grads.device().clone();
-        if !self.slots.iter().any(|s| s.has_grad) {
-            g.zero(&self.grads)?;
-        }
+        self.begin_accumulate()?;
         for i in 0..self.slots.len() {
-            let s = &self.slots[i];
-            let t = s.param.tensor()?;
-            let Some(gt) = grads.get(t) else { continue };
-            if gt.shape() != s.param.shape() {
-                return Err(KilnError::Shape {
-                    op: "Optimizer::accumulate",
-                    lhs: s.param.shape().to_vec(),
-                    rhs: gt.shape().to_vec(),
-                    detail: format!(": the gradient of {} has the wrong shape", s.param.name()),
-                });
+            let t = self.slots[i].param.tensor()?;
+            if let Some(gt) = grads.get(t) {
+                self.accumulate_slot(i, gt)?;
             }
-            if s.has_grad {
-                // Added in bindable pieces (a parameter may exceed the binding limit).
-                for (p0, p1) in self.pieces(s.offset, s.offset + s.len) {
-                    let bytes = 4 * (p1 - p0) as u64;
-                    let dst = self.grads.sub(4 * p0 as u64, bytes);
-                    let part = gt.storage().sub(4 * (p0 - s.offset) as u64, bytes);
-                    let sum = no_grad(|| Tensor::from_storage(dst.clone(), &[p1 - p0], DType::F32)?.add(&Tensor::from_storage(part, &[p1 - p0], DType::F32)?))?;
-                    g.copy(sum.storage(), &dst, bytes)?;
-                }
-            } else {
-                let bytes = 4 * s.len as u64;
-                g.copy(gt.storage(), &self.grads.sub(4 * s.offset as u64, bytes), bytes)?;
-            }
-            self.slots[i].has_grad = true;
         }
+        Ok(())
+    }
+
+    /// Before a step's gradients are gathered one by one ([`Optimizer::accumulate_param`]): clears the flat
+    /// buffer when nothing is gathered yet, so parameters that get no gradient hold zeros.
+    pub fn begin_accumulate(&mut self) -> Result<()> {
+        if !self.slots.iter().any(|s| s.has_grad) {
+            self.grads.device().zero(&self.grads)?;
+        }
+        Ok(())
+    }
+
+    /// Gathers the gradient `grad` of one parameter, the one whose tensor is `param` (what
+    /// `Tensor::backward_with` hands over as soon as it is final). Returns its slot (the index
+    /// [`Optimizer::gradient_slot`] takes), or `None` for a tensor that is none of this optimizer's parameters.
+    /// Call [`Optimizer::begin_accumulate`] first.
+    pub fn accumulate_param(&mut self, param: &Tensor, grad: &Tensor) -> Result<Option<usize>> {
+        for i in 0..self.slots.len() {
+            if self.slots[i].param.tensor()?.id() == param.id() {
+                self.accumulate_slot(i, grad)?;
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The elements of the flat gradient buffer that slot `i` fills: (offset, length).
+    pub fn gradient_slot(&self, i: usize) -> (usize, usize) {
+        (self.slots[i].offset, self.slots[i].len)
+    }
+
+    fn accumulate_slot(&mut self, i: usize, gt: &Tensor) -> Result<()> {
+        let g = self.grads.device().clone();
+        let s = &self.slots[i];
+        if gt.shape() != s.param.shape() {
+            return Err(KilnError::Shape {
+                op: "Optimizer::accumulate",
+                lhs: s.param.shape().to_vec(),
+                rhs: gt.shape().to_vec(),
+                detail: format!(": the gradient of {} has the wrong shape", s.param.name()),
+            });
+        }
+        if s.has_grad {
+            // Added in bindable pieces (a parameter may exceed the binding limit).
+            for (p0, p1) in self.pieces(s.offset, s.offset + s.len) {
+                let bytes = 4 * (p1 - p0) as u64;
+                let dst = self.grads.sub(4 * p0 as u64, bytes);
+                let part = gt.storage().sub(4 * (p0 - s.offset) as u64, bytes);
+                let sum = no_grad(|| Tensor::from_storage(dst.clone(), &[p1 - p0], DType::F32)?.add(&Tensor::from_storage(part, &[p1 - p0], DType::F32)?))?;
+                g.copy(sum.storage(), &dst, bytes)?;
+            }
+        } else {
+            let bytes = 4 * s.len as u64;
+            g.copy(gt.storage(), &self.grads.sub(4 * s.offset as u64, bytes), bytes)?;
+        }
+        self.slots[i].has_grad = true;
         Ok(())
     }
 
