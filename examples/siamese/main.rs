@@ -2,7 +2,7 @@
 //! classes, scored on the three it never saw (verification ROC AUC, a threshold chosen on a dev half, 3-way
 //! one-shot accuracy), beside the untrained network; a PCA of the unseen classes' embeddings in
 //! runs/siamese-example/embeddings.png.
-//! `cargo run --release --example siamese [-- STEPS [hard|semi-hard|all|contrastive [HELD,OUT,CLASSES [DIM [MARGIN]]]]]`
+//! `cargo run --release --example siamese [-- STEPS [all|hard|semi-hard|contrastive [HELD,OUT,CLASSES [DIM [MARGIN]]]]]`
 use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, SiameseConfig};
 use kiln_nn::metric_learning::Mining;
 
@@ -11,9 +11,9 @@ fn main() -> anyhow::Result<()> {
     let steps: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(300);
     let (loss, margin) = match args.next().as_deref() {
         Some("semi-hard") => (MetricLoss::Triplet(Mining::SemiHard), 0.2),
-        Some("all") => (MetricLoss::Triplet(Mining::All), 0.2),
+        Some("hard") => (MetricLoss::Triplet(Mining::Hard), 0.2),
         Some("contrastive") => (MetricLoss::Contrastive, 1.0),
-        _ => (MetricLoss::Triplet(Mining::Hard), 0.2),
+        _ => (MetricLoss::Triplet(Mining::All), 0.2),
     };
     let d = SiameseConfig::default();
     let held_out = args.next().map(|s| s.split(',').filter_map(|c| c.parse().ok()).collect()).unwrap_or(d.held_out);

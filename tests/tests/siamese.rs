@@ -1,7 +1,8 @@
 //! The siamese embedding net (kiln_models::siamese): the verification and one-shot scoring on embeddings
 //! whose answer is known, bad settings, and a short run on Fashion-MNIST whose loss falls.
 
-use kiln_models::siamese::{pca_2d, train_siamese, verification_scores, SiameseConfig};
+use kiln_models::siamese::{pca_2d, train_siamese, verification_scores, EmbeddingNet, MetricLoss, Representation, SiameseConfig};
+use kiln_nn::metric_learning::Mining;
 use kiln_tests::require_gpu;
 
 #[test]
@@ -44,10 +45,21 @@ fn bad_settings_are_errors_and_a_short_run_lowers_the_loss() {
     let one = SiameseConfig { held_out: vec![3], steps: 1, ..Default::default() };
     let e = train_siamese(&one, |_, _| {}).err().expect("one held-out class").to_string();
     assert!(e.contains("two held-out classes"), "{e}");
-    let cfg = SiameseConfig { steps: 40, pairs: 400, trials: 200, ..Default::default() };
+    // Batch-hard's loss is the mean over every anchor, so it falls as the net learns (batch-all's averages over
+    // the triplets still active, which need not).
+    let cfg = SiameseConfig { steps: 40, pairs: 400, trials: 200, loss: MetricLoss::Triplet(Mining::Hard), ..Default::default() };
     let (_, r, held) = train_siamese(&cfg, |_, _| {}).unwrap();
     eprintln!("{r:?}");
     assert!(r.last_loss < r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
     assert_eq!(held.labels.len(), 3000, "the unseen classes' 3,000 test images");
+    assert_eq!((r.representation, held.dim), ("embedding", cfg.dim));
     assert!((0.0..=1.0).contains(&r.trained.auc) && (0.0..=1.0).contains(&r.untrained.one_shot));
+    // Scored on the trunk's features before the projection: 576 values per image, each row of unit length.
+    let features = SiameseConfig { steps: 2, eval_every: 1, representation: Representation::Features, ..cfg };
+    let (_, r, held) = train_siamese(&features, |_, _| {}).unwrap();
+    assert_eq!((r.representation, held.dim), ("features", EmbeddingNet::FEATURES));
+    for row in held.embeddings.chunks(held.dim).take(50) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "a feature row of norm {norm}");
+    }
 }

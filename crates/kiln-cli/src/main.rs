@@ -195,12 +195,16 @@ struct TrainArgs {
     /// autoencoder: the MLP instead of the convolutional one.
     #[arg(long)]
     mlp: bool,
-    /// siamese: triplet mining in each batch, hard, semi-hard or all [default: hard].
+    /// siamese: triplet mining in each batch, all, hard or semi-hard [default: all].
     #[arg(long, value_parser = ["semi-hard", "hard", "all"])]
     mining: Option<String>,
     /// siamese: the margin [default: 0.2 for triplet, 1.0 for contrastive].
     #[arg(long, value_parser = positive_f32)]
     margin: Option<f32>,
+    /// siamese: what the unseen classes are scored on, the trained embedding or the convolutional features
+    /// before its projection [default: embedding].
+    #[arg(long, value_parser = ["embedding", "features"])]
+    score_on: Option<String>,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
@@ -912,12 +916,12 @@ fn train_generative_model(a: &TrainArgs) -> Result<()> {
 }
 
 fn train_siamese_model(a: &TrainArgs) -> Result<()> {
-    use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, SiameseConfig};
+    use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, Representation, SiameseConfig};
     use kiln_nn::metric_learning::Mining;
     let mining = match a.mining.as_deref() {
         Some("semi-hard") => Mining::SemiHard,
-        Some("all") => Mining::All,
-        _ => Mining::Hard,
+        Some("hard") => Mining::Hard,
+        _ => Mining::All,
     };
     let (loss, default_margin) = match a.loss.as_deref() {
         Some("contrastive") => (MetricLoss::Contrastive, 1.0),
@@ -935,6 +939,11 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?.unwrap_or(d.augment),
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+        representation: match a.score_on.as_deref() {
+            Some("features") => Representation::Features,
+            Some(_) => Representation::Embedding,
+            None => d.representation,
+        },
         data_dir: a.data_dir.clone(),
         ..d
     };
@@ -951,8 +960,8 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
     bar.finish();
     for (name, s) in [("trained", &r.trained), ("untrained", &r.untrained)] {
         println!(
-            "{name:<9} unseen classes {:?}: ROC AUC {:.3}; threshold {:.3} (dev accuracy {:.3}), test accuracy {:.3}; {}-way one-shot {:.3}",
-            r.held_out, s.auc, s.threshold, s.dev_accuracy, s.test_accuracy, r.ways, s.one_shot
+            "{name:<9} unseen classes {:?} ({}): ROC AUC {:.3}; threshold {:.3} (dev accuracy {:.3}), test accuracy {:.3}; {}-way one-shot {:.3}",
+            r.held_out, r.representation, s.auc, s.threshold, s.dev_accuracy, s.test_accuracy, r.ways, s.one_shot
         );
     }
     println!("{} steps, {:.1} ms/step, {} parameters; weights kept from step {} (dev-half AUC {:.3})", r.steps, r.ms_per_step, r.parameters, r.best_step, r.best_dev_auc);

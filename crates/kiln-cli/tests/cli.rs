@@ -462,7 +462,7 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
 }
 
 #[test]
-fn autoencoder_and_vae_train_from_the_command_line() {
+fn autoencoder_vae_and_siamese_train_from_the_command_line() {
     let dir = temp_dir("generative");
     let d = dir.to_str().unwrap();
     let o = kiln(&["train", "autoencoder", "--dataset", "mnist", "--steps", "3", "--mlp", "--noise", "0.3", "--out", d, "--json"], &[]);
@@ -477,6 +477,14 @@ fn autoencoder_and_vae_train_from_the_command_line() {
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["test_elbo"].as_f64().is_some_and(|v| v < 0.0), "{r}");
     assert!(out.contains("picture"), "{out}");
+    // Siamese: batch-all mining by default, scored on the features before the projection when asked.
+    let o = kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--steps", "2", "--score-on", "features", "--out", d, "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["loss"] == "triplet (batch-all)" && r["representation"] == "features" && r["trained"]["auc"].as_f64().is_some(), "{r}");
+    assert!(dir.join("embeddings.png").exists());
+    assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--loss", "minimax"], &[]), "siamese trains with triplet or contrastive");
     assert_clean_failure(&kiln(&["train", "dcgan", "--dataset", "mnist", "--loss", "triplet"], &[]), "dcgan trains with nonsaturating");
     assert_clean_failure(&kiln(&["train", "vae", "--dataset", "fashion-mnist"], &[]), "vae on mnist");
     std::fs::remove_dir_all(&dir).ok();

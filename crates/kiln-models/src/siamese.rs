@@ -39,16 +39,61 @@ impl EmbeddingNet {
         Ok(EmbeddingNet { convs, fc, dim })
     }
 
-    /// images [n, 1, 28, 28] -> unit embeddings [n, dim].
-    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+    /// The convolutional trunk: images [n, 1, 28, 28] -> features [n, 576] (64 x 3 x 3, after the last pooling).
+    fn trunk(&self, images: &Tensor) -> Result<Tensor> {
         let mut x = images.clone();
         for conv in &self.convs {
             x = conv.forward(&x)?.relu()?.max_pool2d(Pool2dGeom::square(2))?.0;
         }
         let n = x.shape()[0];
-        let e = self.fc.forward(&x.reshape(&[n, 64 * 3 * 3])?)?;
-        let norm = e.mul(&e)?.sum(&[1], true)?.add_scalar(1e-12)?.sqrt()?;
-        e.broadcast_div(&norm)
+        x.reshape(&[n, Self::FEATURES])
+    }
+
+    /// Values per image of the trunk's features.
+    pub const FEATURES: usize = 64 * 3 * 3;
+
+    /// images [n, 1, 28, 28] -> unit embeddings [n, dim].
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        unit_rows(&self.fc.forward(&self.trunk(images)?)?)
+    }
+
+    /// images [n, 1, 28, 28] -> the trunk's features before the projection, L2-normalised [n, 576].
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        unit_rows(&self.trunk(images)?)
+    }
+
+    /// Values per image of `representation`.
+    pub fn width(&self, representation: Representation) -> usize {
+        match representation {
+            Representation::Embedding => self.dim,
+            Representation::Features => Self::FEATURES,
+        }
+    }
+}
+
+/// Rows [n, d] divided by their L2 norms.
+fn unit_rows(e: &Tensor) -> Result<Tensor> {
+    let norm = e.mul(e)?.sum(&[1], true)?.add_scalar(1e-12)?.sqrt()?;
+    e.broadcast_div(&norm)
+}
+
+/// What verification measures its distances on.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum Representation {
+    /// The normalised embedding the loss trains (the projection's output).
+    Embedding,
+    /// The trunk's features before the projection, normalised. The layer below a projection head trained with a
+    /// metric loss transfers better to what the loss never saw (SimCLR, Chen et al. 2020): here the unseen
+    /// classes.
+    Features,
+}
+
+impl Representation {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Representation::Embedding => "embedding",
+            Representation::Features => "features",
+        }
     }
 }
 
@@ -106,6 +151,8 @@ pub struct SiameseConfig {
     pub augment: kiln_graph::Augment,
     /// Adam's L2 penalty on the weights (biases are not decayed).
     pub weight_decay: f32,
+    /// What the unseen classes are scored on, early stopping included.
+    pub representation: Representation,
     pub data_dir: Option<std::path::PathBuf>,
 }
 
@@ -114,7 +161,7 @@ impl Default for SiameseConfig {
         SiameseConfig {
             held_out: vec![7, 8, 9],
             dim: 128,
-            loss: MetricLoss::Triplet(Mining::Hard),
+            loss: MetricLoss::Triplet(Mining::All),
             margin: 0.2,
             steps: 300,
             per_class: 8,
@@ -126,6 +173,7 @@ impl Default for SiameseConfig {
             eval_every: 25,
             augment: kiln_graph::Augment::default(),
             weight_decay: 0.0,
+            representation: Representation::Embedding,
             data_dir: None,
         }
     }
@@ -149,6 +197,8 @@ pub struct SiameseReport {
     pub steps: u64,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// What the scores were measured on: "embedding" or "features".
+    pub representation: &'static str,
     pub trained: VerificationScores,
     pub untrained: VerificationScores,
     pub held_out: Vec<u32>,
@@ -176,14 +226,18 @@ fn select(set: &kiln_data::ArrayDataset, keep: &[u32]) -> Result<(Vec<f32>, Vec<
     Ok((x, y))
 }
 
-/// Embeddings [n, dim] of images [n, 784], in batches, without the tape.
-pub fn embed(net: &EmbeddingNet, images: &[f32]) -> Result<Vec<f32>> {
+/// `representation` [n, net.width(representation)] of images [n, 784], in batches, without the tape.
+pub fn embed(net: &EmbeddingNet, images: &[f32], representation: Representation) -> Result<Vec<f32>> {
     let n = images.len() / 784;
-    let mut out = Vec::with_capacity(n * net.dim);
+    let mut out = Vec::with_capacity(n * net.width(representation));
     for from in (0..n).step_by(256) {
         let m = 256.min(n - from);
         let x = Tensor::from_slice(&images[from * 784..(from + m) * 784], &[m, 1, 28, 28])?;
-        out.extend(kiln_graph::no_grad(|| net.forward(&x))?.to_vec()?);
+        let rows = kiln_graph::no_grad(|| match representation {
+            Representation::Embedding => net.forward(&x),
+            Representation::Features => net.features(&x),
+        })?;
+        out.extend(rows.to_vec()?);
     }
     Ok(out)
 }
@@ -297,7 +351,8 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let mut vs = VarStore::new(cfg.seed);
     let net = EmbeddingNet::new(&mut vs, cfg.dim)?;
     vs.finish()?;
-    let untrained = verification_scores(&embed(&net, &test_x)?, cfg.dim, &test_y, &dev, cfg)?;
+    let (repr, width) = (cfg.representation, net.width(cfg.representation));
+    let untrained = verification_scores(&embed(&net, &test_x, repr)?, width, &test_y, &dev, cfg)?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
     opt.weight_decay = cfg.weight_decay;
     let by_class: Vec<Vec<usize>> = train_classes.iter().map(|c| (0..train_y.len()).filter(|&i| train_y[i] == *c).collect()).collect();
@@ -308,7 +363,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let dev_y: Vec<u32> = dev_idx.iter().map(|&i| test_y[i]).collect();
     let dev_members: Vec<usize> = (0..dev_y.len()).collect();
     let snapshot = |vs: &VarStore| -> Result<Vec<Vec<f32>>> { vs.params().map(|p| p.tensor()?.to_vec()).collect() };
-    let mut best = (0u64, dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed), snapshot(&vs)?);
+    let mut best = (0u64, dev_auc(&embed(&net, &dev_x, repr)?, width, &dev_y, &dev_members, cfg.pairs, cfg.seed), snapshot(&vs)?);
     let started = std::time::Instant::now();
     let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
@@ -346,7 +401,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
         if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps) {
-            let auc = dev_auc(&embed(&net, &dev_x)?, cfg.dim, &dev_y, &dev_members, cfg.pairs, cfg.seed);
+            let auc = dev_auc(&embed(&net, &dev_x, repr)?, width, &dev_y, &dev_members, cfg.pairs, cfg.seed);
             if auc > best.1 {
                 best = (step + 1, auc, snapshot(&vs)?);
             }
@@ -361,13 +416,14 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     } else {
         best = (cfg.steps, f64::NAN, Vec::new());
     }
-    let embeddings = embed(&net, &test_x)?;
-    let trained = verification_scores(&embeddings, cfg.dim, &test_y, &dev, cfg)?;
+    let embeddings = embed(&net, &test_x, repr)?;
+    let trained = verification_scores(&embeddings, width, &test_y, &dev, cfg)?;
     let report = SiameseReport {
         loss: cfg.loss.name(),
         steps: cfg.steps,
         first_loss: trace.first,
         last_loss: trace.last,
+        representation: repr.name(),
         trained,
         untrained,
         held_out: cfg.held_out.clone(),
@@ -377,7 +433,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         ms_per_step,
         parameters: vs.num_values(),
     };
-    Ok((net, report, HeldOut { embeddings, labels: test_y, dim: cfg.dim }))
+    Ok((net, report, HeldOut { embeddings, labels: test_y, dim: width }))
 }
 
 /// Rows [n, dim] projected on their first two principal components (the covariance's top eigenvectors, from
