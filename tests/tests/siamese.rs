@@ -1,7 +1,7 @@
 //! The siamese embedding net (kiln_models::siamese): the verification and one-shot scoring on embeddings
 //! whose answer is known, bad settings, and a short run on Fashion-MNIST whose loss falls.
 
-use kiln_models::siamese::{pca_2d, train_siamese, verification_scores, EmbeddingNet, MetricLoss, Representation, SiameseConfig};
+use kiln_models::siamese::{pca_2d, train_siamese, verification_scores, MetricLoss, Representation, SiameseConfig};
 use kiln_nn::metric_learning::Mining;
 use kiln_tests::require_gpu;
 
@@ -54,10 +54,11 @@ fn bad_settings_are_errors_and_a_short_run_lowers_the_loss() {
     assert_eq!(held.labels.len(), 3000, "the unseen classes' 3,000 test images");
     assert_eq!((r.representation, held.dim), ("embedding", cfg.dim));
     assert!((0.0..=1.0).contains(&r.trained.auc) && (0.0..=1.0).contains(&r.untrained.one_shot));
-    // Scored on the trunk's features before the projection: 576 values per image, each row of unit length.
-    let features = SiameseConfig { steps: 2, eval_every: 1, representation: Representation::Features, ..cfg };
-    let (_, r, held) = train_siamese(&features, |_, _| {}).unwrap();
-    assert_eq!((r.representation, held.dim), ("features", EmbeddingNet::FEATURES));
+    // Scored on the trunk's features before the projection (a narrower trunk: 16 x 3 x 3 values per image),
+    // each row of unit length.
+    let features = SiameseConfig { steps: 2, eval_every: 1, representation: Representation::Features, channels: [8, 8, 16], ..cfg };
+    let (net, r, held) = train_siamese(&features, |_, _| {}).unwrap();
+    assert_eq!((r.representation, held.dim, net.feature_width()), ("features", 144, 144));
     for row in held.embeddings.chunks(held.dim).take(50) {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "a feature row of norm {norm}");

@@ -205,6 +205,9 @@ struct TrainArgs {
     /// before its projection [default: embedding].
     #[arg(long, value_parser = ["embedding", "features"])]
     score_on: Option<String>,
+    /// siamese: the embedding net's three convolutions' channels [default: 32,64,64].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=1024))]
+    channels: Option<Vec<u64>>,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
@@ -939,6 +942,11 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?.unwrap_or(d.augment),
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
+        channels: match a.channels.as_deref() {
+            None => d.channels,
+            Some(&[a, b, c]) => [a as usize, b as usize, c as usize],
+            Some(other) => bail!("--channels takes the three convolutions' channels, as 32,64,64 (got {} values)", other.len()),
+        },
         representation: match a.score_on.as_deref() {
             Some("features") => Representation::Features,
             Some(_) => Representation::Embedding,

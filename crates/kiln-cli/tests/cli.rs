@@ -478,13 +478,20 @@ fn autoencoder_vae_and_siamese_train_from_the_command_line() {
     assert!(r["test_elbo"].as_f64().is_some_and(|v| v < 0.0), "{r}");
     assert!(out.contains("picture"), "{out}");
     // Siamese: batch-all mining by default, scored on the features before the projection when asked.
-    let o = kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--steps", "2", "--score-on", "features", "--out", d, "--json"], &[]);
+    let o = kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--steps", "2", "--score-on", "features", "--channels", "8,8,16", "--out", d, "--json"], &[]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert!(r["loss"] == "triplet (batch-all)" && r["representation"] == "features" && r["trained"]["auc"].as_f64().is_some(), "{r}");
+    assert!(
+        r["loss"] == "triplet (batch-all)"
+            && r["representation"] == "features"
+            && r["parameters"].as_u64() == Some(8 * 9 + 8 + 8 * 8 * 9 + 8 + 16 * 8 * 9 + 16 + 144 * 128 + 128)
+            && r["trained"]["auc"].as_f64().is_some(),
+        "{r}"
+    );
     assert!(dir.join("embeddings.png").exists());
     assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--loss", "minimax"], &[]), "siamese trains with triplet or contrastive");
+    assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--channels", "8,8"], &[]), "three convolutions' channels");
     assert_clean_failure(&kiln(&["train", "dcgan", "--dataset", "mnist", "--loss", "triplet"], &[]), "dcgan trains with nonsaturating");
     assert_clean_failure(&kiln(&["train", "vae", "--dataset", "fashion-mnist"], &[]), "vae on mnist");
     std::fs::remove_dir_all(&dir).ok();

@@ -19,8 +19,8 @@ use kiln_graph::{KilnError, Pool2dGeom, Result, Rng, Tensor};
 use kiln_nn::metric_learning::{batch_triplet_loss, best_threshold, roc_auc, Mining};
 use kiln_nn::{Conv2d, Conv2dConfig, Init, Layer, Linear, Module, Padding, Param, VarStore};
 
-/// The embedding network: three 3x3 convolutions (32, 64, 64 channels, ReLU, 2x2 max pooling after each),
-/// a linear layer to `dim`, L2 normalisation. Input [n, 1, 28, 28].
+/// The embedding network: three 3x3 convolutions (32, 64, 64 channels by default, ReLU, 2x2 max pooling after
+/// each), a linear layer to `dim`, L2 normalisation. Input [n, 1, 28, 28].
 pub struct EmbeddingNet {
     pub convs: Vec<Conv2d>,
     pub fc: Linear,
@@ -28,36 +28,46 @@ pub struct EmbeddingNet {
 }
 
 impl EmbeddingNet {
+    /// The default trunk's channels.
+    pub const CHANNELS: [usize; 3] = [32, 64, 64];
+
     pub fn new(vs: &mut VarStore, dim: usize) -> Result<EmbeddingNet> {
-        if dim == 0 {
-            return Err(KilnError::Usage("embedding net: the embedding size must be above 0".into()));
+        Self::with_channels(vs, Self::CHANNELS, dim)
+    }
+
+    /// The net with `channels` in its three convolutions.
+    pub fn with_channels(vs: &mut VarStore, channels: [usize; 3], dim: usize) -> Result<EmbeddingNet> {
+        if dim == 0 || channels.contains(&0) {
+            return Err(KilnError::Usage(format!("embedding net: the embedding size and the channels must be above 0 (got {dim} and {channels:?})")));
         }
         let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
-        let chans = [1, 32, 64, 64];
+        let chans = [1, channels[0], channels[1], channels[2]];
         let convs = (0..3).map(|i| Conv2d::new(vs, &format!("features.{i}"), chans[i], chans[i + 1], 3, same)).collect::<Result<Vec<_>>>()?;
-        let fc = Linear::new(vs, "embedding", 64 * 3 * 3, dim, Init::XavierUniform)?;
+        let fc = Linear::new(vs, "embedding", channels[2] * 3 * 3, dim, Init::XavierUniform)?;
         Ok(EmbeddingNet { convs, fc, dim })
     }
 
-    /// The convolutional trunk: images [n, 1, 28, 28] -> features [n, 576] (64 x 3 x 3, after the last pooling).
+    /// Values per image of the trunk's features (the last convolution's channels x 3 x 3).
+    pub fn feature_width(&self) -> usize {
+        self.fc.in_features
+    }
+
+    /// The convolutional trunk: images [n, 1, 28, 28] -> features [n, channels x 3 x 3] (after the last pooling).
     fn trunk(&self, images: &Tensor) -> Result<Tensor> {
         let mut x = images.clone();
         for conv in &self.convs {
             x = conv.forward(&x)?.relu()?.max_pool2d(Pool2dGeom::square(2))?.0;
         }
         let n = x.shape()[0];
-        x.reshape(&[n, Self::FEATURES])
+        x.reshape(&[n, self.feature_width()])
     }
-
-    /// Values per image of the trunk's features.
-    pub const FEATURES: usize = 64 * 3 * 3;
 
     /// images [n, 1, 28, 28] -> unit embeddings [n, dim].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         unit_rows(&self.fc.forward(&self.trunk(images)?)?)
     }
 
-    /// images [n, 1, 28, 28] -> the trunk's features before the projection, L2-normalised [n, 576].
+    /// images [n, 1, 28, 28] -> the trunk's features before the projection, L2-normalised [n, feature_width].
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         unit_rows(&self.trunk(images)?)
     }
@@ -66,7 +76,7 @@ impl EmbeddingNet {
     pub fn width(&self, representation: Representation) -> usize {
         match representation {
             Representation::Embedding => self.dim,
-            Representation::Features => Self::FEATURES,
+            Representation::Features => self.feature_width(),
         }
     }
 }
@@ -133,6 +143,8 @@ pub struct SiameseConfig {
     /// Fashion-MNIST classes kept out of training, scored at the end.
     pub held_out: Vec<u32>,
     pub dim: usize,
+    /// The trunk's three convolutions' channels.
+    pub channels: [usize; 3],
     pub loss: MetricLoss,
     pub margin: f32,
     pub steps: u64,
@@ -161,6 +173,7 @@ impl Default for SiameseConfig {
         SiameseConfig {
             held_out: vec![7, 8, 9],
             dim: 128,
+            channels: EmbeddingNet::CHANNELS,
             loss: MetricLoss::Triplet(Mining::All),
             margin: 0.2,
             steps: 300,
@@ -349,7 +362,7 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
     let dev: Vec<bool> = (0..test_y.len()).map(|_| split_rng.uniform() < 0.5).collect();
 
     let mut vs = VarStore::new(cfg.seed);
-    let net = EmbeddingNet::new(&mut vs, cfg.dim)?;
+    let net = EmbeddingNet::with_channels(&mut vs, cfg.channels, cfg.dim)?;
     vs.finish()?;
     let (repr, width) = (cfg.representation, net.width(cfg.representation));
     let untrained = verification_scores(&embed(&net, &test_x, repr)?, width, &test_y, &dev, cfg)?;
