@@ -192,7 +192,7 @@ impl Default for SuiteOptions {
             roi_align: vec![(512, 256, 64)],
             style_side: 512,
             allreduce_devices: vec![2, 4],
-            // 4 KiB to 256 MiB, by fours.
+            // 4 KiB to 1 GiB, by fours.
             allreduce_bytes: (0..10).map(|i| 4096usize << (2 * i)).collect(),
             parallel_steps: vec![("resnet20".into(), 64), ("resnet50".into(), 2)],
             across: None,

@@ -55,8 +55,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!("DCGAN ({objective:?}) on {dataset}, {} epochs of batch {}:", cfg.epochs, cfg.batch_size);
     for (e, s) in epochs_run.iter().zip(&per_epoch) {
-        let top = s.class_shares.iter().cloned().fold(0.0, f64::max);
-        let classes = s.class_shares.iter().filter(|&&v| v > 0.0).count();
+        let (classes, top) = s.spread();
         println!(
             "  epoch {}: D loss {:.3}, G loss {:.3}, {:.0} s; Frechet distance {:.2}; samples in {classes} classes, the largest {:.1}%",
             e.epoch,

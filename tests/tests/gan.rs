@@ -4,7 +4,7 @@
 
 use kiln_graph::cpu::CpuTensor;
 use kiln_graph::{Rng, Tensor};
-use kiln_models::frechet::{frechet_distance, mean_and_covariance, symmetric_eigen};
+use kiln_models::frechet::{frechet_distance, mean_and_covariance, symmetric_eigen, SampleScores};
 use kiln_models::gan::{discriminator_loss, generator_loss, gradient_penalty, train_gan_1d, Discriminator, Generator, GeneratorLoss};
 use kiln_nn::VarStore;
 use kiln_tests::{assert_close, check_op, require_gpu, test_rng, Domain};
@@ -81,6 +81,13 @@ fn dcgan_networks_have_their_shapes_and_reject_bad_sizes() {
     assert_eq!(d.forward(&images).unwrap().shape(), &[3, 1]);
     let e = Generator::new(&mut VarStore::new(1), 0, 8).err().expect("latent 0").to_string();
     assert!(e.contains("latent size"), "{e}");
+}
+
+#[test]
+fn the_collapse_check_counts_the_classes_and_the_largest_share() {
+    let scores = SampleScores { frechet: 1.0, class_shares: vec![0.0, 0.25, 0.0, 0.6, 0.15, 0.0, 0.0, 0.0, 0.0, 0.0] };
+    assert_eq!(scores.spread(), (3, 0.6));
+    assert_eq!(SampleScores { frechet: 0.0, class_shares: vec![0.0; 10] }.spread(), (0, 0.0));
 }
 
 #[test]

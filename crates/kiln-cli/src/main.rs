@@ -888,7 +888,7 @@ fn train_generative_model(a: &TrainArgs) -> Result<()> {
             let (real_features, _) = classifier.describe_images(&split.test.x)?;
             println!("feature classifier (for the Frechet distance; not Inception): {:.1}% test accuracy", 100.0 * accuracy);
             let bar = ProgressBar::new_spinner();
-            let (mut distances, mut shares) = (Vec::new(), Vec::new());
+            let mut scores = Vec::new();
             let (_, _, epochs) = train_dcgan(
                 &cfg,
                 |step, dl, gl| {
@@ -899,21 +899,28 @@ fn train_generative_model(a: &TrainArgs) -> Result<()> {
                     let grid = generate(g, 64, 7)?;
                     kiln_models::plot::image_grid_png(&out.join(format!("epoch-{epoch}.png")), &grid, 28, 8, 2).map_err(|e| kiln_graph::KilnError::Data(e.to_string()))?;
                     let s = score_samples(&classifier, &generate(g, 10_000, 11)?, &real_features)?;
-                    let (classes, largest) = (s.class_shares.iter().filter(|&&v| v > 0.0).count(), s.class_shares.iter().cloned().fold(0.0, f64::max));
+                    let (classes, largest) = s.spread();
                     // Through the bar so that it stays on screen, and to a log as it happens.
                     bar.suspend(|| eprintln!("epoch {epoch}: Frechet distance {:.2} on the classifier's features; samples in {classes} classes, the largest {:.1}%", s.frechet, 100.0 * largest));
-                    distances.push(s.frechet);
-                    shares.push(s.class_shares);
+                    scores.push(s);
                     Ok(())
                 },
             )?;
             bar.finish_and_clear();
-            for ((e, fd), share) in epochs.iter().zip(&distances).zip(&shares) {
-                let largest = share.iter().cloned().fold(0.0, f64::max);
-                println!("epoch {}: D loss {:.3}, G loss {:.3}, {:.0} s; Frechet distance {fd:.2}; the largest class {:.1}% of the samples", e.epoch, e.d_loss, e.g_loss, e.seconds, 100.0 * largest);
+            for (e, s) in epochs.iter().zip(&scores) {
+                let (classes, largest) = s.spread();
+                println!(
+                    "epoch {}: D loss {:.3}, G loss {:.3}, {:.0} s; Frechet distance {:.2}; samples in {classes} classes, the largest {:.1}%",
+                    e.epoch,
+                    e.d_loss,
+                    e.g_loss,
+                    e.seconds,
+                    s.frechet,
+                    100.0 * largest
+                );
             }
             println!("pictures {}/epoch-N.png (fixed noise)", out.display());
-            serde_json::json!({ "model": "dcgan", "dataset": cfg.dataset, "epochs": epochs.len(), "frechet": distances, "class_shares": shares, "classifier_accuracy": accuracy }).to_string()
+            serde_json::json!({ "model": "dcgan", "dataset": cfg.dataset, "epochs": epochs.len(), "frechet": scores.iter().map(|s| s.frechet).collect::<Vec<_>>(), "class_shares": scores.iter().map(|s| &s.class_shares).collect::<Vec<_>>(), "classifier_accuracy": accuracy }).to_string()
         }
     };
     if a.json {
@@ -948,7 +955,7 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
         channels: match a.channels.as_deref() {
             None => d.channels,
-            Some(&[a, b, c]) => [a as usize, b as usize, c as usize],
+            Some(&[first, second, third]) => [first as usize, second as usize, third as usize],
             Some(other) => bail!("--channels takes the three convolutions' channels, as 32,64,64 (got {} values)", other.len()),
         },
         representation: match a.score_on.as_deref() {

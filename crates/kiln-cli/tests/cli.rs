@@ -486,7 +486,7 @@ fn autoencoder_vae_and_siamese_train_from_the_command_line() {
         r["loss"] == "triplet (batch-all)"
             && r["representation"] == "features"
             && r["parameters"].as_u64() == Some(8 * 9 + 8 + 8 * 8 * 9 + 8 + 16 * 8 * 9 + 16 + 144 * 128 + 128)
-            && r["trained"]["auc"].as_f64().is_some(),
+            && r["trained"]["auc"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)),
         "{r}"
     );
     assert!(dir.join("embeddings.png").exists());

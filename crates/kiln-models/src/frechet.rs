@@ -203,6 +203,13 @@ pub struct SampleScores {
     pub class_shares: Vec<f64>,
 }
 
+impl SampleScores {
+    /// How many classes the samples fall in, and the largest class's share (the mode-collapse check).
+    pub fn spread(&self) -> (usize, f64) {
+        (self.class_shares.iter().filter(|&&v| v > 0.0).count(), self.class_shares.iter().cloned().fold(0.0, f64::max))
+    }
+}
+
 /// Scores samples [n, 784] in [0, 1] against the real images' features [m, 128].
 pub fn score_samples(net: &FeatureNet, samples: &[f32], real_features: &[f32]) -> Result<SampleScores> {
     let (feats, classes) = net.describe_images(samples)?;

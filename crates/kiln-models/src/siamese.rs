@@ -109,7 +109,7 @@ impl Representation {
 
 impl Module for EmbeddingNet {
     fn describe(&self) -> String {
-        format!("EmbeddingNet(dim={})", self.dim)
+        format!("EmbeddingNet(channels={:?}, dim={})", self.convs.iter().map(|c| c.weight.shape()[0]).collect::<Vec<_>>(), self.dim)
     }
     fn own_params(&self) -> Vec<&Param> {
         vec![]
