@@ -5,7 +5,7 @@
 use kiln_graph::cpu::{self, CpuTensor};
 use kiln_graph::vision::RoiAlignGeom;
 use kiln_graph::{Pool2dGeom, Tensor};
-use kiln_tests::{assert_close, check_op, require_gpu, test_rng, Domain};
+use kiln_tests::{assert_close, check_op, check_op_with, require_gpu, test_rng, Domain};
 
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -27,6 +27,13 @@ fn random_rois(k: usize, n: usize, w: f64, h: f64, rng: &mut kiln_graph::Rng) ->
     rois
 }
 
+/// The GPU places RoI-Align's samples in f32: at coordinates up to 12 a position is off by up to 1e-6 px,
+/// which moves an average of samples by a few 1e-6, about 1e-4 of the smallest outputs the check weighs (a CI
+/// run of the 150-box case measured 1.01e-4). The forward gets 5e-4; the gradients keep the default.
+fn roi_align_tolerance() -> kiln_graph::gradcheck::Tolerance {
+    kiln_graph::gradcheck::Tolerance { forward: 5e-4, ..Default::default() }
+}
+
 #[test]
 fn roi_align_matches_the_reference_and_finite_differences() {
     let mut rng = test_rng("roi_align_boxes");
@@ -38,9 +45,10 @@ fn roi_align_matches_the_reference_and_finite_differences() {
         let geom = RoiAlignGeom::new(out, 0.5, sampling, aligned);
         let rois_gpu = Tensor::from_slice(&rois, &[6, 5]).unwrap();
         let rois_cpu = f64s(&rois);
-        check_op(
+        check_op_with(
             &format!("roi_align aligned={aligned} sampling_ratio={sampling} output {out:?}"),
             &[(&[2, c, 9, 11], Domain::Any)],
+            roi_align_tolerance(),
             |x| x[0].roi_align(&rois_gpu, geom),
             |x| cpu::roi_align(&x[0], &rois_cpu, &geom),
         );
@@ -87,7 +95,7 @@ fn roi_align_backward_over_many_boxes_is_split_and_still_exact() {
     let geom = RoiAlignGeom::new([7, 7], 0.5, 4, false);
     let rois_gpu = Tensor::from_slice(&rois, &[150, 5]).unwrap();
     let rois_cpu = f64s(&rois);
-    check_op("roi_align, 150 boxes", &[(&[1, 2, 10, 12], Domain::Any)], |x| x[0].roi_align(&rois_gpu, geom), |x| cpu::roi_align(&x[0], &rois_cpu, &geom));
+    check_op_with("roi_align, 150 boxes", &[(&[1, 2, 10, 12], Domain::Any)], roi_align_tolerance(), |x| x[0].roi_align(&rois_gpu, geom), |x| cpu::roi_align(&x[0], &rois_cpu, &geom));
 }
 
 #[test]
