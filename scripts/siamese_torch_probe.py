@@ -1,6 +1,7 @@
 """PyTorch probe of the siamese set-up in kiln_models::siamese (Fashion-MNIST, classes 7, 8, 9 held out,
 PK batches of 7 x 8, Adam 1e-3 with cosine decay, 300 steps, best dev-half AUC every 25 steps), used to
 find which trunk reaches ROC AUC 0.90 on the unseen classes before building it in Kiln.
+Needs: pip install torch numpy scikit-learn, and the dataset-fashion-mnist package (scripts/setup installs it).
 Usage: SEED=42 python3 scripts/siamese_torch_probe.py VARIANT [held,out,classes] [steps]
 VARIANT: words joined by _: bn (batch norm), deep (two convs a stage), hard (batch-hard; else batch-all),
 feat (score the trunk features), ms, flip, ce (cosine-softmax head), oracle (train on all 10 classes)."""

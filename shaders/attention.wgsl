@@ -12,6 +12,10 @@
 //                  dq_i = scale sum_j ds_ij k_j, dk_j = scale sum_i ds_ij q_i, dv_j = sum_i p~_ij do_i
 // Dropout (p_drop > 0) keeps p_ij with probability 1 - p_drop, scaled by 1 / (1 - p_drop), by a hash of
 // (seed, batch row, query, key): the same in both passes, whatever the tiling. d and dv are at most MAXD.
+// Chunks: one dispatch may cover only keys [k_lo, k_hi) (forward and dq) and queries [q_lo, q_hi) (dk, dv);
+// a chunk after the first resumes from what the earlier ones wrote (forward: m = lse, l = 1, acc = o, the
+// same running state; backward: gradients added). CPU adapters need this: lavapipe ends an invocation's
+// loops after 65535 iterations in all, so a long row runs as several dispatches.
 struct AttnParams {
     batch: u32,
     tq: u32,
@@ -25,6 +29,10 @@ struct AttnParams {
     p_drop: f32,
     seed_lo: u32,
     seed_hi: u32,
+    k_lo: u32,
+    k_hi: u32,
+    q_lo: u32,
+    q_hi: u32,
 }
 
 const MAXD: u32 = 128u;
@@ -69,6 +77,13 @@ fn mask_at(b: u32, i: u32, j: u32) -> f32 {
 @group(0) @binding(6) var<storage, read_write> f_lse: array<f32>;
 
 var<workgroup> k_tile: array<f32, 2048>;
+
+// A later chunk's start: the running state (m, l, acc) that gives the stored o and lse.
+fn resume(row: u32, m: ptr<function, f32>, l: ptr<function, f32>, acc: ptr<function, array<f32, 128>>) {
+    *m = f_lse[row];
+    *l = 1.0;
+    for (var c = 0u; c < DV; c = c + 1u) { (*acc)[c] = f_o[row * ap.dv + c]; }
+}
 var<workgroup> v_tile: array<f32, 2048>;
 
 @compute @workgroup_size(64)
@@ -85,25 +100,26 @@ fn attn_forward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
     for (var c = 0u; c < DV; c = c + 1u) { acc[c] = 0.0; }
     var m = NEG;
     var l = 0.0;
-    var kend = ap.tk;
-    if (ap.causal != 0u) { kend = min(ap.tk, i0 + 64u); }
-    let tiles = (kend + FT - 1u) / FT;
+    if (live && ap.k_lo > 0u) { resume(b * ap.tq + i, &m, &l, &acc); }
+    var kend = min(ap.tk, ap.k_hi);
+    if (ap.causal != 0u) { kend = min(kend, i0 + 64u); }
+    let tiles = (max(kend, ap.k_lo) - ap.k_lo + FT - 1u) / FT;
     for (var t = 0u; t < tiles; t = t + 1u) {
-        let j0 = t * FT;
-        // Only the tile's d (and dv) columns are loaded; rows past tk are never read.
+        let j0 = ap.k_lo + t * FT;
+        // Only the tile's d (and dv) columns are loaded; rows past the chunk are never read.
         for (var e = lid.x; e < FT * ap.d; e = e + 64u) {
             let j = j0 + e / ap.d;
-            if (j < ap.tk) { k_tile[(e / ap.d) * MAXD + e % ap.d] = f_k[(b * ap.tk + j) * ap.d + e % ap.d]; }
+            if (j < kend) { k_tile[(e / ap.d) * MAXD + e % ap.d] = f_k[(b * ap.tk + j) * ap.d + e % ap.d]; }
         }
         for (var e = lid.x; e < FT * ap.dv; e = e + 64u) {
             let j = j0 + e / ap.dv;
-            if (j < ap.tk) { v_tile[(e / ap.dv) * MAXD + e % ap.dv] = f_v[(b * ap.tk + j) * ap.dv + e % ap.dv]; }
+            if (j < kend) { v_tile[(e / ap.dv) * MAXD + e % ap.dv] = f_v[(b * ap.tk + j) * ap.dv + e % ap.dv]; }
         }
         workgroupBarrier();
         if (live) {
             for (var r = 0u; r < FT; r = r + 1u) {
                 let j = j0 + r;
-                if (j >= ap.tk || (ap.causal != 0u && j > i)) { break; }
+                if (j >= kend || (ap.causal != 0u && j > i)) { break; }
                 var s = 0.0;
                 for (var c = 0u; c < DQ; c = c + 1u) { s = s + q[c] * k_tile[r * MAXD + c]; }
                 s = s * ap.scale + mask_at(b, i, j);
@@ -166,24 +182,24 @@ fn attn_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
             }
             lse = g_lse[b * ap.tq + i];
         }
-        var kend = ap.tk;
-        if (ap.causal != 0u) { kend = min(ap.tk, i0 + 64u); }
-        let tiles = (kend + BT - 1u) / BT;
+        var kend = min(ap.tk, ap.k_hi);
+        if (ap.causal != 0u) { kend = min(kend, i0 + 64u); }
+        let tiles = (max(kend, ap.k_lo) - ap.k_lo + BT - 1u) / BT;
         for (var t = 0u; t < tiles; t = t + 1u) {
-            let j0 = t * BT;
+            let j0 = ap.k_lo + t * BT;
             for (var e = lid.x; e < BT * ap.d; e = e + 64u) {
                 let j = j0 + e / ap.d;
-                if (j < ap.tk) { a_tile[(e / ap.d) * MAXD + e % ap.d] = g_k[(b * ap.tk + j) * ap.d + e % ap.d]; }
+                if (j < kend) { a_tile[(e / ap.d) * MAXD + e % ap.d] = g_k[(b * ap.tk + j) * ap.d + e % ap.d]; }
             }
             for (var e = lid.x; e < BT * ap.dv; e = e + 64u) {
                 let j = j0 + e / ap.dv;
-                if (j < ap.tk) { c_tile[(e / ap.dv) * MAXD + e % ap.dv] = g_v[(b * ap.tk + j) * ap.dv + e % ap.dv]; }
+                if (j < kend) { c_tile[(e / ap.dv) * MAXD + e % ap.dv] = g_v[(b * ap.tk + j) * ap.dv + e % ap.dv]; }
             }
             workgroupBarrier();
             if (live) {
                 for (var r = 0u; r < BT; r = r + 1u) {
                     let j = j0 + r;
-                    if (j >= ap.tk || (ap.causal != 0u && j > i)) { break; }
+                    if (j >= kend || (ap.causal != 0u && j > i)) { break; }
                     var s = 0.0;
                     for (var c = 0u; c < DQ; c = c + 1u) { s = s + x[c] * a_tile[r * MAXD + c]; }
                     let p = exp(s * ap.scale + gmask_at(b, i, j) - lse);
@@ -196,7 +212,12 @@ fn attn_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
             workgroupBarrier();
         }
         if (live) {
-            for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[(b * ap.tq + i) * ap.d + c] = gx[c] * ap.scale; }
+            let at = (b * ap.tq + i) * ap.d;
+            if (ap.k_lo > 0u) {
+                for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[at + c] = g_dqkv[at + c] + gx[c] * ap.scale; }
+            } else {
+                for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[at + c] = gx[c] * ap.scale; }
+            }
         }
         return;
     }
@@ -209,24 +230,25 @@ fn attn_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
         for (var c = 0u; c < DV; c = c + 1u) { y[c] = g_v[(b * ap.tk + j) * ap.dv + c]; gy[c] = 0.0; }
     }
     // Causal: key j gets gradient from queries i >= j only.
-    var first = 0u;
-    if (ap.causal != 0u) { first = j0k / BT; }
-    let tiles = (ap.tq + BT - 1u) / BT;
-    for (var t = first; t < tiles; t = t + 1u) {
-        let i0 = t * BT;
+    var qstart = ap.q_lo;
+    if (ap.causal != 0u) { qstart = max(qstart, j0k); }
+    let qend = min(ap.tq, ap.q_hi);
+    let tiles = (max(qend, qstart) - qstart + BT - 1u) / BT;
+    for (var t = 0u; t < tiles; t = t + 1u) {
+        let i0 = qstart + t * BT;
         for (var e = lid.x; e < BT * ap.d; e = e + 64u) {
             let i = i0 + e / ap.d;
-            if (i < ap.tq) { a_tile[(e / ap.d) * MAXD + e % ap.d] = g_q[(b * ap.tq + i) * ap.d + e % ap.d]; }
+            if (i < qend) { a_tile[(e / ap.d) * MAXD + e % ap.d] = g_q[(b * ap.tq + i) * ap.d + e % ap.d]; }
         }
         for (var e = lid.x; e < BT * ap.dv; e = e + 64u) {
             let i = i0 + e / ap.dv;
-            if (i < ap.tq) { c_tile[(e / ap.dv) * MAXD + e % ap.dv] = g_do[(b * ap.tq + i) * ap.dv + e % ap.dv]; }
+            if (i < qend) { c_tile[(e / ap.dv) * MAXD + e % ap.dv] = g_do[(b * ap.tq + i) * ap.dv + e % ap.dv]; }
         }
         if (lid.x < BT) {
             let i = i0 + lid.x;
             var dd = 0.0;
             var lse = 0.0;
-            if (i < ap.tq) {
+            if (i < qend) {
                 for (var c = 0u; c < DV; c = c + 1u) { dd = dd + g_do[(b * ap.tq + i) * ap.dv + c] * g_o[(b * ap.tq + i) * ap.dv + c]; }
                 lse = g_lse[b * ap.tq + i];
             }
@@ -237,7 +259,7 @@ fn attn_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
         if (live) {
             for (var r = 0u; r < BT; r = r + 1u) {
                 let i = i0 + r;
-                if (i >= ap.tq) { break; }
+                if (i >= qend) { break; }
                 if (ap.causal != 0u && j > i) { continue; }
                 var s = 0.0;
                 for (var c = 0u; c < DQ; c = c + 1u) { s = s + a_tile[r * MAXD + c] * x[c]; }
@@ -257,8 +279,15 @@ fn attn_backward(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
     if (live) {
         let dk0 = ap.batch * ap.tq * ap.d;
         let dv0 = dk0 + ap.batch * ap.tk * ap.d;
-        for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[dk0 + (b * ap.tk + j) * ap.d + c] = gx[c] * ap.scale; }
-        for (var c = 0u; c < DV; c = c + 1u) { g_dqkv[dv0 + (b * ap.tk + j) * ap.dv + c] = gy[c]; }
+        let at_k = dk0 + (b * ap.tk + j) * ap.d;
+        let at_v = dv0 + (b * ap.tk + j) * ap.dv;
+        if (ap.q_lo > 0u) {
+            for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[at_k + c] = g_dqkv[at_k + c] + gx[c] * ap.scale; }
+            for (var c = 0u; c < DV; c = c + 1u) { g_dqkv[at_v + c] = g_dqkv[at_v + c] + gy[c]; }
+        } else {
+            for (var c = 0u; c < DQ; c = c + 1u) { g_dqkv[at_k + c] = gx[c] * ap.scale; }
+            for (var c = 0u; c < DV; c = c + 1u) { g_dqkv[at_v + c] = gy[c]; }
+        }
     }
 }
 
@@ -276,9 +305,10 @@ fn attn_forward_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     for (var c = 0u; c < DV; c = c + 1u) { acc[c] = 0.0; }
     var m = NEG;
     var l = 0.0;
-    var kend = ap.tk;
-    if (ap.causal != 0u) { kend = i + 1u; }
-    for (var j = 0u; j < kend; j = j + 1u) {
+    if (ap.k_lo > 0u) { resume(row, &m, &l, &acc); }
+    var kend = min(ap.tk, ap.k_hi);
+    if (ap.causal != 0u) { kend = min(kend, i + 1u); }
+    for (var j = ap.k_lo; j < kend; j = j + 1u) {
         var s = 0.0;
         let k0 = (b * ap.tk + j) * ap.d;
         for (var c = 0u; c < DQ; c = c + 1u) { s = s + q[c] * f_k[k0 + c]; }

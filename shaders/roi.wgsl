@@ -12,6 +12,9 @@ struct RoiParams {
     n: u32, c: u32, h: u32, w: u32,
     k: u32, ph: u32, pw: u32, sampling: u32,
     scale: f32, aligned: u32, k_begin: u32, k_end: u32,
+    // RoI pooling's forward scans image rows [row_begin, row_end) only, resuming from the earlier bands'
+    // max and argmax unless row_begin is 0 (CPU adapters split a bin that spans a large map).
+    row_begin: u32, row_end: u32, pad0: u32, pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> rp: RoiParams;
@@ -268,10 +271,13 @@ fn roi_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let ws = pool_bin(px, p.x0, p.bw, rp.w);
     var best = 0.0;
     var arg = 0xffffffffu;
-    if (p.valid && hs.y > hs.x && ws.y > ws.x) {
+    let full = p.valid && hs.y > hs.x && ws.y > ws.x;
+    if (full) {
         best = -3.402823e38;
+        // Rows scanned in increasing order, a strict > : the first maximum in row-major order, as in one pass.
+        if (rp.row_begin > 0u) { best = pf_y[i]; arg = pf_arg[i]; }
         let base = (p.b * rp.c + ch) * rp.h * rp.w;
-        for (var y = hs.x; y < hs.y; y = y + 1) {
+        for (var y = max(hs.x, i32(rp.row_begin)); y < min(hs.y, i32(rp.row_end)); y = y + 1) {
             for (var x = ws.x; x < ws.y; x = x + 1) {
                 let at = u32(y) * rp.w + u32(x);
                 let v = pf_x[base + at];
@@ -279,8 +285,10 @@ fn roi_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
             }
         }
     }
-    pf_y[i] = best;
-    pf_arg[i] = arg;
+    if (full || rp.row_begin == 0u) {
+        pf_y[i] = best;
+        pf_arg[i] = arg;
+    }
 }
 
 @group(0) @binding(1) var<storage, read> pb_g: array<f32>;

@@ -189,6 +189,7 @@ fn fused_attention_matches_the_reference_across_tiles_with_masks_and_dropout() {
     }
     let self_shapes: [&[usize]; 3] = [&[3, 67, 6], &[3, 67, 6], &[3, 67, 6]];
     let inputs: Vec<(&[usize], Domain)> = self_shapes.iter().map(|s| (*s, Domain::Any)).collect();
+    let self_inputs = inputs.clone();
     // Both forward kernels: key tiles in workgroup memory (GPUs) and keys read per row (CPU adapters).
     for tiles in [true, false] {
         kiln_tests::with_settings_device(|dev| {
@@ -207,8 +208,26 @@ fn fused_attention_matches_the_reference_across_tiles_with_masks_and_dropout() {
                 |x| kiln_graph::attention::attention_fused(&x[0], &x[1], &x[2], Some(&gm), false, Some(scale), None),
                 |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], Some(&mask_cpu), false, scale as f64, None),
             );
+            // Rows split over dispatches (what CPU adapters do past their loop cap), chunks that cut the
+            // tiles: every dispatch after the first resumes from the last one's output and log-sum-exp.
+            for chunk in [13, 32] {
+                let inputs: Vec<(&[usize], Domain)> = cross.iter().map(|s| (*s, Domain::Any)).collect();
+                check_op(
+                    &format!("fused attention in chunks of {chunk}, mask and dropout, tiles {tiles}"),
+                    &inputs,
+                    |x| kiln_graph::attention::attention_fused_chunked(&x[0], &x[1], &x[2], Some(&gm), false, Some(scale), Some((0.3, 77)), chunk),
+                    |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], Some(&mask_cpu), false, scale as f64, Some((0.3, 77))),
+                );
+                check_op(
+                    &format!("fused causal attention in chunks of {chunk}, tiles {tiles}"),
+                    &self_inputs,
+                    |x| kiln_graph::attention::attention_fused_chunked(&x[0], &x[1], &x[2], None, true, None, Some((0.1, 5)), chunk),
+                    |x| kiln_graph::cpu::attention(&x[0], &x[1], &x[2], None, true, 1.0 / 6f64.sqrt(), Some((0.1, 5))),
+                );
+            }
         });
     }
+    assert!(kiln_graph::attention::attention_fused_chunked(&gm, &gm, &gm, None, false, None, None, 0).is_err(), "a chunk of no keys");
 }
 
 /// Fused and composed attention agree (outputs and gradients), and the fused op differentiates twice (through
@@ -349,25 +368,38 @@ fn decoder_layer_has_pytorchs_names_and_composes_its_parts() {
     assert!(dec.forward(&x, &Tensor::zeros(&[2, 6, 5]).unwrap(), true, None).is_err(), "a memory of another width");
 }
 
-/// On a CPU adapter (lavapipe ends an invocation's loops after 65535 iterations in all) the fused kernels
-/// refuse sequences whose per-row loops would pass the cap, and `attention` takes the composed form there, so a
-/// long sequence is never silently wrong.
+/// A row longer than a CPU adapter's loop cap (lavapipe ends an invocation's loops after 65535 iterations in
+/// all; 600 keys of head size 64 pass it) runs fused in chunks of keys (`attention_chunk`: 272 there, one
+/// dispatch on GPUs), never cut short: the output against the f64 reference and the gradients of q, k and v
+/// against the composed form, causal and not.
 #[test]
-fn long_attention_on_a_cpu_adapter_is_composed_not_cut_short() {
+fn long_attention_runs_fused_in_chunks_past_the_loop_cap() {
     let gpu = require_gpu();
     let mut rng = kiln_tests::test_rng("long attention");
     let (t, d) = (600, 64);
-    let q = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
-    let k = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
-    let v = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
-    let cpu = gpu.info.device_type == kiln_graph::backend::wgpu::DeviceType::Cpu;
-    let fused = kiln_graph::attention::attention_fused(&q, &k, &v, None, false, None, None);
-    if cpu {
-        let err = fused.expect_err("past the loop cap");
-        assert!(err.to_string().contains("loop"), "{err}");
+    let chunk = kiln_graph::attention::attention_chunk(gpu, d, d);
+    if gpu.info.device_type == kiln_graph::backend::wgpu::DeviceType::Cpu {
+        assert!(chunk < t, "600 keys pass the loop cap: {chunk} keys per dispatch");
     }
-    let got = kiln_graph::attention::attention(&q, &k, &v, None, false, None, None).unwrap().to_vec().unwrap();
+    let q = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap().var();
+    let k = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap().var();
+    let v = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap().var();
+    let r = Tensor::randn(&[1, t, d], 1.0, &mut rng).unwrap();
     let one = |x: &Tensor| CpuTensor::from_f32(&x.to_vec().unwrap(), &[1, t, d]);
-    let want = kiln_graph::cpu::attention(&one(&q), &one(&k), &one(&v), None, false, 1.0 / 8.0, None);
-    assert_close("attention over 600 keys", &got, &want.data, 1e-4);
+    for causal in [false, true] {
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let f = if fused { kiln_graph::attention::attention_fused } else { kiln_graph::attention::attention_composed };
+            let o = f(&q, &k, &v, None, causal, None, None).unwrap();
+            let g = o.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut out = vec![o.to_vec().unwrap()];
+            out.extend([&q, &k, &v].iter().map(|t| g.get(t).unwrap().to_vec().unwrap()));
+            out
+        };
+        let (fused, composed) = (run(true), run(false));
+        let want = kiln_graph::cpu::attention(&one(&q), &one(&k), &one(&v), None, causal, 1.0 / 8.0, None);
+        assert_close(&format!("attention over 600 keys, causal {causal}"), &fused[0], &want.data, 1e-4);
+        for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(fused.iter().zip(&composed).skip(1)) {
+            assert_close(&format!("{name} over 600 keys, causal {causal}"), a, &c.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-4);
+        }
+    }
 }

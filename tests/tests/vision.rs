@@ -523,3 +523,38 @@ fn roi_pool_equals_torchvision_and_finite_differences() {
     let e = xr.roi_pool(&Tensor::from_slice(&[0.0; 4], &[1, 4]).unwrap(), [2, 2], 1.0).unwrap_err().to_string();
     assert!(e.contains("roi_pool") && e.contains("[k, 5]"), "{e}");
 }
+
+/// A bin that spans a 300 x 301 map (90,300 pixels: past lavapipe's 65,535-iteration loop cap, so CPU adapters
+/// scan it in bands of rows) and one that lies in the last band only: the maximum by brute force, and ties
+/// going to the first maximum in row-major order (torchvision's strict >), seen through the gradient.
+#[test]
+fn roi_pool_over_a_bin_larger_than_the_loop_cap_is_exact() {
+    require_gpu();
+    let (h, w) = (300, 301);
+    let mut rng = test_rng("roi_pool_huge_bin");
+    let mut x: Vec<f32> = (0..2 * h * w).map(|i| i as f32 * 1e-3).collect();
+    rng.shuffle(&mut x);
+    // Ties: channel 0 at (10, 7) and (250, 5), in different bands; channel 1 at (220, 3) and (260, 1).
+    for (c, y, xx) in [(0, 10, 7), (0, 250, 5), (1, 220, 3), (1, 260, 1)] {
+        x[(c * h + y) * w + xx] = 1000.0;
+    }
+    // The second box (rows 250.., columns 10..=200) misses the ties; its channel-0 maximum is planted.
+    x[(270) * w + 100] = 500.0;
+    let rois = [0.0, 0.0, 0.0, 300.0, 299.0, 0.0, 10.0, 250.0, 200.0, 299.0];
+    let xt = Tensor::from_slice(&x, &[1, 2, h, w]).unwrap().var();
+    let rt = Tensor::from_slice(&rois, &[2, 5]).unwrap();
+    let y = xt.roi_pool(&rt, [1, 1], 1.0).unwrap();
+    let brute = |c: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> f64 {
+        rows.flat_map(|r| cols.clone().map(move |q| (r, q))).map(|(r, q)| x[(c * h + r) * w + q] as f64).fold(f64::MIN, f64::max)
+    };
+    let want = [brute(0, 0..h, 0..w), brute(1, 0..h, 0..w), brute(0, 250..h, 10..201), brute(1, 250..h, 10..201)];
+    assert_eq!(want[..3], [1000.0, 1000.0, 500.0]);
+    assert_close("roi_pool over huge bins", &y.to_vec().unwrap(), &want, 0.0);
+    let gx = y.sum_all().unwrap().backward().unwrap().get(&xt).unwrap().to_vec().unwrap();
+    let at = |c: usize, r: usize, q: usize| gx[(c * h + r) * w + q];
+    // The second box's bin, in the last band only, found its maximum there.
+    assert_eq!(at(0, 270, 100), 1.0);
+    assert_eq!((at(0, 10, 7), at(0, 250, 5)), (1.0, 0.0), "channel 0's tie goes to the first row");
+    assert_eq!((at(1, 220, 3), at(1, 260, 1)), (1.0, 0.0), "channel 1's tie goes to the first row");
+    assert_eq!(gx.iter().sum::<f32>(), 4.0, "one pixel per bin");
+}

@@ -25,6 +25,8 @@ pub struct AttnSaved {
     pub dropout: Option<(f32, u64)>,
     /// log-sum-exp of each query row's scores [b, tq].
     pub lse: Tensor,
+    /// Keys (queries for dk, dv) per dispatch ([`attention_chunk`]).
+    pub chunk: usize,
 }
 
 /// Dropout's factor for probability (b, i, j) of an attention with `tq` queries: 0 or 1 / (1 - p), from a hash
@@ -60,7 +62,7 @@ pub fn dropout_factor(p: f32, seed: u64, b: usize, tq: usize, i: usize, j: usize
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: Option<f32>, dropout: Option<(f32, u64)>) -> Result<Tensor> {
     check(q, k, v, mask, causal, dropout)?;
     if fusable(q, k, v, mask) && prefer_fused(q.device(), q.shape()[0] * q.shape()[1] * k.shape()[1]) {
-        fused(q, k, v, mask, causal, scale_or(scale, q), dropout)
+        fused(q, k, v, mask, causal, scale_or(scale, q), dropout, attention_chunk(q.device(), q.shape()[2], v.shape()[2]))
     } else {
         attention_composed(q, k, v, mask, causal, scale, dropout)
     }
@@ -69,34 +71,48 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, caus
 /// [`attention`] by the fused kernels whatever the adapter (tests and benchmarks); an error where they do not
 /// apply (a head size above [`ATTN_MAX_DIM`], a mask that needs a gradient, fusion off).
 pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: Option<f32>, dropout: Option<(f32, u64)>) -> Result<Tensor> {
+    attention_fused_chunked(q, k, v, mask, causal, scale, dropout, attention_chunk(q.device(), q.shape().get(2).copied().unwrap_or(0), v.shape().get(2).copied().unwrap_or(0)))
+}
+
+/// [`attention_fused`] with each dispatch covering at most `chunk` keys (and, in the backward pass's dk and dv,
+/// queries), the later dispatches resuming from the earlier ones' running state: what CPU adapters need for
+/// long rows ([`attention_chunk`]), here to be chosen (tests of the merge on any adapter).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fused_chunked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: Option<f32>, dropout: Option<(f32, u64)>, chunk: usize) -> Result<Tensor> {
     check(q, k, v, mask, causal, dropout)?;
     if !fusable(q, k, v, mask) {
         return Err(KilnError::Usage(format!(
-            "fused attention takes head sizes up to {ATTN_MAX_DIM} (q {:?}, v {:?}), a mask without a gradient, at least one key, at most 65535 batch rows, fusion on, and on a CPU adapter rows short enough for its 65535-iteration loop cap",
+            "fused attention takes head sizes up to {ATTN_MAX_DIM} (q {:?}, v {:?}), a mask without a gradient, at least one key, at most 65535 batch rows, and fusion on",
             q.shape(),
             v.shape()
         )));
     }
-    fused(q, k, v, mask, causal, scale_or(scale, q), dropout)
+    if chunk == 0 {
+        return Err(KilnError::Usage("fused attention's chunk must hold at least one key".into()));
+    }
+    fused(q, k, v, mask, causal, scale_or(scale, q), dropout, chunk)
 }
 
 fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
-    crate::fusion_enabled(q.device())
-        && q.shape()[2] <= ATTN_MAX_DIM
-        && v.shape()[2] <= ATTN_MAX_DIM
-        && !mask.is_some_and(|m| m.requires_grad())
-        && k.shape()[1] > 0
-        && q.shape()[0] <= 65535
-        && within_loop_cap(q.device(), q.shape()[1].max(k.shape()[1]), q.shape()[2], v.shape()[2])
+    crate::fusion_enabled(q.device()) && q.shape()[2] <= ATTN_MAX_DIM && v.shape()[2] <= ATTN_MAX_DIM && !mask.is_some_and(|m| m.requires_grad()) && k.shape()[1] > 0 && q.shape()[0] <= 65535
 }
 
-/// Lavapipe (Mesa's gallivm: CPU adapters) silently ends an invocation's loops after 65535 iterations in all.
-/// A fused attention row loops over every key (or query) with about 2 d + dv steps each, plus the tile loads:
-/// past the cap it would be cut short, so there the composed form runs instead. (Splitting the keys over
-/// several dispatches and merging the partial sums would lift this; not built.) GPUs have no such cap.
-pub fn within_loop_cap(dev: &kiln_wgpu::Gpu, t: usize, d: usize, dv: usize) -> bool {
-    let loops = t * (2 * d + dv) + (t / 8 + 1) * (d + dv) + 4 * (d + dv);
-    dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu || loops <= 60_000
+/// Keys per dispatch of the fused kernels on `dev` for head sizes d (q, k) and dv (v). Lavapipe (Mesa's
+/// gallivm: CPU adapters) silently ends an invocation's loops after 65535 iterations in all; a fused row loops
+/// over its keys (or queries) with about 2 d + dv steps each, plus the tile loads. There each dispatch covers
+/// as many keys as stay under 60,000 iterations (a multiple of 16, the forward's key tile: 272 at head size
+/// 64), and a longer row runs as several dispatches, each resuming from the last one's running max, sum and
+/// output (the backward's gradients added). GPUs have no such cap: one dispatch.
+pub fn attention_chunk(dev: &kiln_wgpu::Gpu, d: usize, dv: usize) -> usize {
+    if dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
+        return usize::MAX;
+    }
+    let loops = |t: usize| t * (2 * d + dv) + (t / 8 + 1) * (d + dv) + 4 * (d + dv);
+    let mut t = 16;
+    while loops(t + 16) <= 60_000 {
+        t += 16;
+    }
+    t
 }
 
 static PREFER_FUSED_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
@@ -105,8 +121,8 @@ static PREFER_FUSED_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock
 pub const CPU_FUSED_ABOVE_BYTES: usize = 256 << 20;
 
 /// Whether [`attention`] runs fused for `scores` = b * tq * tk values: on GPUs always; on CPU adapters only when
-/// the composed form's scores would pass [`CPU_FUSED_ABOVE_BYTES`] (and the rows fit the loop cap:
-/// [`within_loop_cap`]), since there the flash kernels, one scalar row per invocation, run several times
+/// the composed form's scores would pass [`CPU_FUSED_ABOVE_BYTES`] (long rows run in chunks there:
+/// [`attention_chunk`]), since there the flash kernels, one scalar row per invocation, run several times
 /// slower than the vectorised matmuls (measured in docs/sequence.md). The device setting "attention_fused",
 /// else `KILN_ATTN_FUSED=on|off`, overrides.
 pub fn prefer_fused(dev: &kiln_wgpu::Gpu, scores: usize) -> bool {
@@ -121,16 +137,17 @@ pub fn prefer_fused(dev: &kiln_wgpu::Gpu, scores: usize) -> bool {
     forced.unwrap_or(dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu || 4 * scores > CPU_FUSED_ABOVE_BYTES)
 }
 
-fn fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f32, dropout: Option<(f32, u64)>) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f32, dropout: Option<(f32, u64)>, chunk: usize) -> Result<Tensor> {
     let (b, tq, tk, d, dv) = (q.shape()[0], q.shape()[1], k.shape()[1], q.shape()[2], v.shape()[2]);
     let mask_view = match mask {
         Some(m) => m.view(),
         None => q.device().upload(bytemuck::cast_slice(&[0f32]), "attention mask placeholder")?,
     };
     let mask_bstride = if mask.is_some_and(|m| m.rank() == 3) { tq * tk } else { 0 };
-    let g = kernels::AttnGeom { batch: b, tq, tk, d, dv, causal, has_mask: mask.is_some(), mask_bstride, scale, dropout };
+    let g = kernels::AttnGeom { batch: b, tq, tk, d, dv, causal, has_mask: mask.is_some(), mask_bstride, scale, dropout, chunk };
     let (o, lse) = kernels::attention_forward(&g, &q.view(), &k.view(), &v.view(), &mask_view)?;
-    let saved = AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), mask: mask.cloned(), causal, scale, dropout, lse: Tensor::make(lse, vec![b, tq], DType::F32, None) };
+    let saved = AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), mask: mask.cloned(), causal, scale, dropout, lse: Tensor::make(lse, vec![b, tq], DType::F32, None), chunk };
     Ok(Tensor::make(o, vec![b, tq, dv], DType::F32, Some(Op::Attention(Box::new(saved)))))
 }
 
@@ -194,7 +211,7 @@ pub(crate) fn fused_grads<'a>(s: &'a AttnSaved, out: &Tensor, g: &Tensor) -> Res
         None => dev.upload(bytemuck::cast_slice(&[0f32]), "attention mask placeholder")?,
     };
     let mask_bstride = if s.mask.as_ref().is_some_and(|m| m.rank() == 3) { tq * tk } else { 0 };
-    let geom = kernels::AttnGeom { batch: b, tq, tk, d, dv, causal: s.causal, has_mask: s.mask.is_some(), mask_bstride, scale: s.scale, dropout: s.dropout };
+    let geom = kernels::AttnGeom { batch: b, tq, tk, d, dv, causal: s.causal, has_mask: s.mask.is_some(), mask_bstride, scale: s.scale, dropout: s.dropout, chunk: s.chunk };
     let dqkv = kernels::attention_backward(&geom, &s.q.view(), &s.k.view(), &s.v.view(), &mask_view, &out.view(), &g.view(), &s.lse.view())?;
     let part = |offset: usize, len: usize, shape: &[usize]| -> Result<Tensor> {
         let dst = kernels::out_buffer(&dqkv, len, "attention gradient")?;

@@ -1015,14 +1015,25 @@ pub struct AttnGeom {
     pub mask_bstride: usize,
     pub scale: f32,
     pub dropout: Option<(f32, u64)>,
+    /// Keys (and, for dk and dv, queries) per dispatch: a row longer than this runs as several dispatches,
+    /// each resuming from the last (CPU adapters' loop cap; [`crate::attention::attention_chunk`]).
+    pub chunk: usize,
 }
 
 impl AttnGeom {
+    /// How many dispatches cover the longer of the two sequences.
+    fn chunks(&self) -> usize {
+        self.tq.max(self.tk).div_ceil(self.chunk.max(1)).max(1)
+    }
     fn constants(&self) -> [(&'static str, f64); 2] {
         [("DQ", self.d as f64), ("DV", self.dv as f64)]
     }
-    fn params(&self) -> Params {
+    /// The parameters of dispatch `c`: keys and queries [c * chunk, (c + 1) * chunk), clipped.
+    fn params(&self, c: usize) -> Params {
         let (p, seed) = self.dropout.unwrap_or((0.0, 0));
+        let step = self.chunk.max(1);
+        let (k_lo, k_hi) = ((c * step).min(self.tk), (c * step).saturating_add(step).min(self.tk));
+        let (q_lo, q_hi) = ((c * step).min(self.tq), (c * step).saturating_add(step).min(self.tq));
         Params::new()
             .u32(self.batch)
             .u32(self.tq)
@@ -1036,6 +1047,10 @@ impl AttnGeom {
             .f32(p)
             .u32((seed & 0xffff_ffff) as usize)
             .u32((seed >> 32) as usize)
+            .u32(k_lo)
+            .u32(k_hi)
+            .u32(q_lo)
+            .u32(q_hi)
     }
 }
 
@@ -1043,10 +1058,13 @@ impl AttnGeom {
 pub fn attention_forward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, mask: &BufView) -> Result<(BufView, BufView)> {
     let o = out(q, g.batch * g.tq * g.dv, "attention output")?;
     let lse = out(q, g.batch * g.tq, "attention log-sum-exp")?;
-    if attention_tiles(q.device()) {
-        launch(&ATTENTION, "attn_forward", &g.constants(), g.params(), &[q, k, v, mask], &[&o, &lse], [g.tq.div_ceil(64) as u32, g.batch as u32, 1])?;
-    } else {
-        launch(&ATTENTION, "attn_forward_rows", &g.constants(), g.params(), &[q, k, v, mask], &[&o, &lse], grid_1d((g.batch * g.tq) as u64, 64))?;
+    // Chunks past the keys (tq > tk) would change nothing.
+    for c in 0..g.tk.div_ceil(g.chunk.max(1)).max(1) {
+        if attention_tiles(q.device()) {
+            launch(&ATTENTION, "attn_forward", &g.constants(), g.params(c), &[q, k, v, mask], &[&o, &lse], [g.tq.div_ceil(64) as u32, g.batch as u32, 1])?;
+        } else {
+            launch(&ATTENTION, "attn_forward_rows", &g.constants(), g.params(c), &[q, k, v, mask], &[&o, &lse], grid_1d((g.batch * g.tq) as u64, 64))?;
+        }
     }
     Ok((o, lse))
 }
@@ -1056,7 +1074,9 @@ pub fn attention_forward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, ma
 pub fn attention_backward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, mask: &BufView, o: &BufView, d_o: &BufView, lse: &BufView) -> Result<BufView> {
     let dqkv = out(q, g.batch * (g.tq * g.d + g.tk * g.d + g.tk * g.dv), "attention gradients")?;
     let groups = g.tq.div_ceil(64) + g.tk.div_ceil(64);
-    launch(&ATTENTION, "attn_backward", &g.constants(), g.params(), &[q, k, v, mask, o, d_o, lse], &[&dqkv], [groups as u32, g.batch as u32, 1])?;
+    for c in 0..g.chunks() {
+        launch(&ATTENTION, "attn_backward", &g.constants(), g.params(c), &[q, k, v, mask, o, d_o, lse], &[&dqkv], [groups as u32, g.batch as u32, 1])?;
+    }
     Ok(dqkv)
 }
 
@@ -1076,6 +1096,20 @@ fn roi_params(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, k_range:
         .u32(g.aligned as usize)
         .u32(k_range.0)
         .u32(k_range.1)
+        // Image rows [begin, end) for RoI pooling's forward bands (all rows elsewhere), and padding.
+        .u32(0)
+        .u32(h)
+        .u32(0)
+        .u32(0)
+}
+
+/// `roi_params` for the image rows [begin, end) only.
+fn roi_params_rows(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, rows: (usize, usize)) -> Params {
+    let mut p = roi_params(x, k, g, (0, k));
+    let at = p.0.len() - 16;
+    p.0[at..at + 4].copy_from_slice(&(rows.0 as u32).to_le_bytes());
+    p.0[at + 4..at + 8].copy_from_slice(&(rows.1 as u32).to_le_bytes());
+    p
 }
 
 /// y [k, c, ph, pw] of RoI-Align over x [n, c, h, w] (roi_align_forward).
@@ -1178,13 +1212,21 @@ pub fn nms(boxes: &BufView, scores: &BufView, classes: Option<&BufView>, s: NmsS
     Ok((keep, count))
 }
 
-/// RoI max pooling (roi.wgsl's roi_pool_forward): (y [k, c, ph, pw], argmax [k, c, ph, pw] u32).
-pub fn roi_pool_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom) -> Result<(BufView, BufView)> {
+/// RoI max pooling (roi.wgsl's roi_pool_forward): (y [k, c, ph, pw], argmax [k, c, ph, pw] u32), in
+/// dispatches of `band` image rows (each resuming from the last one's max and argmax).
+pub fn roi_pool_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, band: usize) -> Result<(BufView, BufView)> {
     let total = k * xs[1] * g.output_size[0] * g.output_size[1];
     let y = out(x, total, "roi_pool output")?;
     let arg = out(x, total, "roi_pool argmax")?;
-    launch(&ROI, "roi_pool_forward", &[], roi_params(xs, k, g, (0, k)), &[x, rois], &[&y, &arg], grid_1d(total as u64, WG))?;
-    Ok((y, arg))
+    let mut begin = 0;
+    loop {
+        let end = (begin + band.max(1)).min(xs[2]);
+        launch(&ROI, "roi_pool_forward", &[], roi_params_rows(xs, k, g, (begin, end)), &[x, rois], &[&y, &arg], grid_1d(total as u64, WG))?;
+        begin = end;
+        if begin >= xs[2] {
+            return Ok((y, arg));
+        }
+    }
 }
 
 /// dx [n, c, h, w] of RoI max pooling from gy at the argmax (roi_pool_backward), in dispatches of `chunk` RoIs.

@@ -93,7 +93,10 @@ impl Tensor {
         check("roi_pool", self.shape(), rois, &geom)?;
         let xs = [self.shape()[0], self.shape()[1], self.shape()[2], self.shape()[3]];
         let k = rois.shape()[0];
-        let (y, arg) = kernels::roi_pool_forward(&self.view(), &rois.view(), xs, k, &geom)?;
+        // A bin can span the whole map: on CPU adapters (lavapipe's loop cap) each dispatch scans a band of
+        // rows whose pixels stay under 60,000 per bin.
+        let band = if self.device().info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu { (60_000 / xs[3].max(1)).max(1) } else { xs[2].max(1) };
+        let (y, arg) = kernels::roi_pool_forward(&self.view(), &rois.view(), xs, k, &geom, band)?;
         let shape = vec![k, xs[1], output_size[0], output_size[1]];
         let argmax = Tensor::make(arg, shape.clone(), DType::U32, None);
         Ok(Tensor::make(y, shape, DType::F32, Some(Op::RoiPool(self.clone(), rois.clone(), argmax, geom))))
