@@ -12,8 +12,9 @@ struct RoiParams {
     n: u32, c: u32, h: u32, w: u32,
     k: u32, ph: u32, pw: u32, sampling: u32,
     scale: f32, aligned: u32, k_begin: u32, k_end: u32,
-    // RoI pooling's forward scans image rows [row_begin, row_end) only, resuming from the earlier bands'
-    // max and argmax unless row_begin is 0 (CPU adapters split a bin that spans a large map).
+    // The forward passes scan a band only, resuming from the earlier bands unless row_begin is 0 (CPU
+    // adapters split a bin that spans a large map): RoI pooling the image rows [row_begin, row_end), RoI-Align
+    // its bin's sample rows [row_begin, row_end) counted from the first one inside the map (sums added).
     row_begin: u32, row_end: u32, pad0: u32, pad1: u32,
 }
 
@@ -126,7 +127,8 @@ fn roi_align_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     var acc = 0.0;
     let ys = samples_inside(py, g.y0, g.bh, g.gh, rp.h);
     let xs = samples_inside(px, g.x0, g.bw, g.gw, rp.w);
-    for (var iy = ys.x; iy < ys.y; iy = iy + 1u) {
+    let y_end = min(ys.y, ys.x + min(rp.row_end, ys.y - ys.x));
+    for (var iy = ys.x + min(rp.row_begin, ys.y - ys.x); iy < y_end; iy = iy + 1u) {
         let y = sample_at(py * g.gh + iy, g.y0, g.bh, g.gh);
         for (var ix = xs.x; ix < xs.y; ix = ix + 1u) {
             let x = sample_at(px * g.gw + ix, g.x0, g.bw, g.gw);
@@ -135,7 +137,7 @@ fn roi_align_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
                       + s.w3 * rf_x[base + s.yh * rp.w + s.xl] + s.w4 * rf_x[base + s.yh * rp.w + s.xh];
         }
     }
-    rf_y[i] = acc / g.count;
+    if (rp.row_begin > 0u) { rf_y[i] = rf_y[i] + acc / g.count; } else { rf_y[i] = acc / g.count; }
 }
 
 @group(0) @binding(1) var<storage, read> rb_g: array<f32>;

@@ -124,6 +124,45 @@ fn fused_batch_norm_layer_matches_the_composite_formula() {
     })
 }
 
+/// Every parameter starts at its own initial values whatever buffers (batch norm's running statistics) are
+/// declared around it: buffers live outside the flat parameter buffer, and their initial values once landed
+/// at its offset 0, over the first convolution's weights.
+#[test]
+fn parameters_keep_their_initial_values_beside_buffers() {
+    require_gpu();
+    let mut rng = test_rng("varstore init");
+    let seed = rng.below(1000) as u64;
+    let declare = |vs: &mut VarStore| -> Vec<kiln_nn::Param> {
+        let conv = kiln_nn::Conv2d::new(vs, "conv", 1, 8, 3, Default::default()).unwrap();
+        let bn = BatchNorm::new(vs, "bn", 8).unwrap();
+        let lin = kiln_nn::Linear::new(vs, "fc", 5, 3, kiln_nn::Init::XavierUniform).unwrap();
+        vec![conv.weight.clone(), conv.bias.clone().unwrap(), bn.weight.clone(), bn.bias.clone(), bn.running_mean.clone(), bn.running_var.clone(), lin.weight.clone()]
+    };
+    let mut vs = VarStore::new(seed);
+    let params = declare(&mut vs);
+    // The same declarations draw the same values from the same seed: what each parameter must hold.
+    let mut again = VarStore::new(seed);
+    declare(&mut again);
+    let mut draw = kiln_graph::Rng::new(seed);
+    let want: Vec<Vec<f32>> = [
+        (kiln_nn::Init::HeNormal, vec![8, 1, 3, 3]),
+        (kiln_nn::Init::Zeros, vec![8]),
+        (kiln_nn::Init::Constant(1.0), vec![8]),
+        (kiln_nn::Init::Zeros, vec![8]),
+        (kiln_nn::Init::Zeros, vec![8]),
+        (kiln_nn::Init::Constant(1.0), vec![8]),
+        (kiln_nn::Init::XavierUniform, vec![3, 5]),
+    ]
+    .into_iter()
+    .map(|(init, shape)| init.values(&shape, &mut draw))
+    .collect();
+    vs.finish().unwrap();
+    for (p, want) in params.iter().zip(&want) {
+        assert_eq!(&p.tensor().unwrap().to_vec().unwrap(), want, "{} lost its initial values", p.name());
+    }
+    assert!(want[0].iter().any(|&v| v != 1.0 && v != 0.0));
+}
+
 #[test]
 fn batch_norm_running_statistics_and_eval() {
     require_gpu();

@@ -1,7 +1,7 @@
 //! The siamese embedding net (kiln_models::siamese): the verification and one-shot scoring on embeddings
 //! whose answer is known, bad settings, and a short run on Fashion-MNIST whose loss falls.
 
-use kiln_models::siamese::{pca_2d, train_siamese, verification_scores, MetricLoss, Representation, SiameseConfig};
+use kiln_models::siamese::{embed, pca_2d, train_siamese, verification_scores, EmbeddingNet, MetricLoss, Representation, SiameseConfig, Trunk};
 use kiln_nn::metric_learning::Mining;
 use kiln_tests::require_gpu;
 
@@ -56,11 +56,59 @@ fn bad_settings_are_errors_and_a_short_run_lowers_the_loss() {
     assert!((0.0..=1.0).contains(&r.trained.auc) && (0.0..=1.0).contains(&r.untrained.one_shot));
     // Scored on the trunk's features before the projection (a narrower trunk: 16 x 3 x 3 values per image),
     // each row of unit length.
-    let features = SiameseConfig { steps: 2, eval_every: 1, representation: Representation::Features, channels: [8, 8, 16], ..cfg };
+    let features = SiameseConfig { steps: 2, eval_every: 1, representation: Representation::Features, trunk: Trunk { channels: [8, 8, 16], ..Trunk::SMALL }, ..cfg };
     let (net, r, held) = train_siamese(&features, |_, _| {}).unwrap();
     assert_eq!((r.representation, held.dim, net.feature_width()), ("features", 144, 144));
     for row in held.embeddings.chunks(held.dim).take(50) {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "a feature row of norm {norm}");
     }
+}
+
+/// The deeper trunk with batch norm: PyTorch-style names, running statistics moved by training steps, and
+/// embeddings (evaluation mode, the running statistics) that do not depend on the other images of the batch;
+/// in training mode they do (the batch's statistics).
+#[test]
+fn the_batch_norm_trunk_trains_with_batch_statistics_and_embeds_with_running_ones() {
+    require_gpu();
+    let mut vs = kiln_nn::VarStore::new(3);
+    let trunk = Trunk { channels: [4, 8, 8], ..Trunk::DEEP_BN };
+    let net = EmbeddingNet::with_trunk(&mut vs, trunk, 16).unwrap();
+    vs.finish().unwrap();
+    let names: Vec<&str> = vs.params().map(|p| p.name()).collect();
+    for want in ["features.5.weight", "norms.0.running_mean", "norms.5.weight", "embedding.weight"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert!(EmbeddingNet::with_trunk(&mut kiln_nn::VarStore::new(1), Trunk { convs_per_stage: 0, ..trunk }, 16).is_err());
+    let cfg = SiameseConfig { steps: 3, eval_every: 0, pairs: 200, trials: 100, trunk, dim: 16, adapt_batch_norm: true, ..Default::default() };
+    let (mut net_trained, r, held) = train_siamese(&cfg, |_, _| {}).unwrap();
+    assert!(r.trained.auc.is_finite() && held.dim == 16);
+    let mean = net_trained.norms[0].running_mean.tensor().unwrap().to_vec().unwrap();
+    assert!(mean.iter().any(|v| v.abs() > 1e-4), "three steps moved the running mean: {mean:?}");
+    // Evaluation mode (what train_siamese hands back): one image alone embeds as it does among others.
+    let mut rng = kiln_graph::Rng::new(9);
+    let images: Vec<f32> = (0..5 * 784).map(|_| rng.uniform() as f32).collect();
+    let batch = embed(&net_trained, &images, Representation::Embedding).unwrap();
+    let alone = embed(&net_trained, &images[..784], Representation::Embedding).unwrap();
+    kiln_tests::assert_close("an image alone and in a batch", &alone, &batch[..16].iter().map(|&v| v as f64).collect::<Vec<_>>(), 1e-5);
+    use kiln_nn::Module;
+    net_trained.set_training(true);
+    let batch = kiln_graph::no_grad(|| net_trained.forward(&kiln_graph::Tensor::from_slice(&images, &[5, 1, 28, 28])?)).unwrap().to_vec().unwrap();
+    let pair = kiln_graph::no_grad(|| net_trained.forward(&kiln_graph::Tensor::from_slice(&images[..2 * 784], &[2, 1, 28, 28])?)).unwrap().to_vec().unwrap();
+    assert!(batch[..16].iter().zip(&pair[..16]).any(|(a, b)| (a - b).abs() > 1e-4), "training mode normalises with the batch's statistics");
+    drop(net);
+    // AdaBN on 300 images (batches of 256 and 44): the first norm's running mean becomes the mean of the two
+    // batches' channel means weighted equally, and the net is left in evaluation mode.
+    let images: Vec<f32> = (0..300 * 784).map(|_| rng.uniform() as f32).collect();
+    kiln_models::siamese::adapt_batch_norm(&mut net_trained, &images).unwrap();
+    assert!(!net_trained.norms[0].training);
+    use kiln_nn::Layer;
+    let channel_means = |from: usize, to: usize| -> Vec<f64> {
+        let x = kiln_graph::Tensor::from_slice(&images[from * 784..to * 784], &[to - from, 1, 28, 28]).unwrap();
+        let y = net_trained.convs[0].forward(&x).unwrap().to_vec().unwrap();
+        (0..4).map(|c| (0..to - from).flat_map(|i| y[(i * 4 + c) * 784..(i * 4 + c + 1) * 784].iter()).map(|&v| v as f64).sum::<f64>() / ((to - from) * 784) as f64).collect()
+    };
+    let (first, second) = (channel_means(0, 256), channel_means(256, 300));
+    let want: Vec<f64> = first.iter().zip(&second).map(|(a, b)| (a + b) / 2.0).collect();
+    kiln_tests::assert_close("AdaBN's running mean", &net_trained.norms[0].running_mean.tensor().unwrap().to_vec().unwrap(), &want, 1e-4);
 }

@@ -98,6 +98,27 @@ fn roi_align_backward_over_many_boxes_is_split_and_still_exact() {
     check_op_with("roi_align, 150 boxes", &[(&[1, 2, 10, 12], Domain::Any)], roi_align_tolerance(), |x| x[0].roi_align(&rois_gpu, geom), |x| cpu::roi_align(&x[0], &rois_cpu, &geom));
 }
 
+/// Bins of more than 65,535 samples inside the map (a 1 x 1 output over 256 x 250, adaptive sampling: 256 x
+/// 250 samples), which CPU adapters scan in bands of sample rows, and a box hanging over the edges, against the
+/// f64 reference; fixed sampling too.
+#[test]
+fn roi_align_over_bins_larger_than_the_loop_cap_is_exact() {
+    require_gpu();
+    let mut rng = test_rng("roi_align_huge_bin");
+    let (h, w) = (256, 250);
+    // Values about 2 (a mean of 64,000 values near 0 would be all rounding), with a ramp so bands differ.
+    let x: Vec<f32> = kiln_tests::random_values(2 * h * w, Domain::Any, &mut rng).iter().enumerate().map(|(i, &v)| (2.0 + v + (i / w % h) as f64 / 64.0) as f32).collect();
+    let rois = [0.0, 0.0, 0.0, 249.0, 255.0, 0.0, -50.0, 100.0, 400.0, 300.0, 0.0, 3.5, 7.25, 240.0, 250.0];
+    let xt = Tensor::from_slice(&x, &[1, 2, h, w]).unwrap();
+    let rt = Tensor::from_slice(&rois, &[3, 5]).unwrap();
+    for (out, sampling, aligned) in [([1, 1], 0, false), ([2, 1], 0, true), ([1, 1], 300, false)] {
+        let geom = RoiAlignGeom::new(out, 1.0, sampling, aligned);
+        let got = xt.roi_align(&rt, geom).unwrap().to_vec().unwrap();
+        let want = cpu::roi_align(&CpuTensor::new(f64s(&x), &[1, 2, h, w]), &f64s(&rois), &geom);
+        assert_close(&format!("roi_align {out:?}, sampling {sampling}, aligned {aligned}"), &got, &want.data, 1e-4);
+    }
+}
+
 #[test]
 fn roi_align_second_derivative_is_roi_align_again() {
     // RoI-Align is linear: the gradient of <grad_x, v> with respect to the upstream gradient is roi_align(v).

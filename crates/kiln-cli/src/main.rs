@@ -205,9 +205,17 @@ struct TrainArgs {
     /// before its projection [default: embedding].
     #[arg(long, value_parser = ["embedding", "features"])]
     score_on: Option<String>,
-    /// siamese: the embedding net's three convolutions' channels [default: 32,64,64].
+    /// siamese: the embedding net's three stages' channels [default: 32,64,64].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=1024))]
     channels: Option<Vec<u64>>,
+    /// siamese: the embedding net's trunk, `small` (one convolution a stage) or `deep-bn` (two a stage, each
+    /// with batch norm) [default: small].
+    #[arg(long, value_parser = ["small", "deep-bn"])]
+    trunk: Option<String>,
+    /// siamese with a batch-norm trunk: score with batch norm's statistics recomputed on the unseen classes'
+    /// dev-half images (AdaBN; their labels unused) [default: off].
+    #[arg(long)]
+    adapt_bn: bool,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
@@ -930,7 +938,7 @@ fn train_generative_model(a: &TrainArgs) -> Result<()> {
 }
 
 fn train_siamese_model(a: &TrainArgs) -> Result<()> {
-    use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, Representation, SiameseConfig};
+    use kiln_models::siamese::{pca_2d, train_siamese, MetricLoss, Representation, SiameseConfig, Trunk};
     use kiln_nn::metric_learning::Mining;
     let mining = match a.mining.as_deref() {
         Some("semi-hard") => Mining::SemiHard,
@@ -953,11 +961,20 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         augment: a.augment.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?.unwrap_or(d.augment),
         weight_decay: a.weight_decay.unwrap_or(d.weight_decay),
-        channels: match a.channels.as_deref() {
-            None => d.channels,
-            Some(&[first, second, third]) => [first as usize, second as usize, third as usize],
-            Some(other) => bail!("--channels takes the three convolutions' channels, as 32,64,64 (got {} values)", other.len()),
+        trunk: {
+            let trunk = match a.trunk.as_deref() {
+                Some("deep-bn") => Trunk::DEEP_BN,
+                Some(_) => Trunk::SMALL,
+                None => d.trunk,
+            };
+            let channels = match a.channels.as_deref() {
+                None => trunk.channels,
+                Some(&[first, second, third]) => [first as usize, second as usize, third as usize],
+                Some(other) => bail!("--channels takes the three stages' channels, as 32,64,64 (got {} values)", other.len()),
+            };
+            Trunk { channels, ..trunk }
         },
+        adapt_batch_norm: a.adapt_bn || d.adapt_batch_norm,
         representation: match a.score_on.as_deref() {
             Some("features") => Representation::Features,
             Some(_) => Representation::Embedding,

@@ -1112,12 +1112,21 @@ fn roi_params_rows(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, row
     p
 }
 
-/// y [k, c, ph, pw] of RoI-Align over x [n, c, h, w] (roi_align_forward).
-pub fn roi_align_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom) -> Result<BufView> {
+/// y [k, c, ph, pw] of RoI-Align over x [n, c, h, w] (roi_align_forward), in dispatches of `band` sample
+/// rows a bin until `rows` (the most a bin can have inside the map), each adding to the last.
+#[allow(clippy::too_many_arguments)]
+pub fn roi_align_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, band: usize, rows: usize) -> Result<BufView> {
     let total = k * xs[1] * g.output_size[0] * g.output_size[1];
     let y = out(x, total, "roi_align output")?;
-    launch(&ROI, "roi_align_forward", &[], roi_params(xs, k, g, (0, k)), &[x, rois], &[&y], grid_1d(total as u64, WG))?;
-    Ok(y)
+    let mut begin = 0;
+    loop {
+        let end = begin + band.max(1);
+        launch(&ROI, "roi_align_forward", &[], roi_params_rows(xs, k, g, (begin, end)), &[x, rois], &[&y], grid_1d(total as u64, WG))?;
+        begin = end;
+        if begin >= rows {
+            return Ok(y);
+        }
+    }
 }
 
 /// Channels summed by one invocation of roi_align_backward (ROI_CB in roi.wgsl).

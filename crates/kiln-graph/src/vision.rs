@@ -53,6 +53,18 @@ fn backward_chunk(x: &Tensor, k: usize, geom: &RoiAlignGeom) -> usize {
     (60_000 / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1]) * (1 + kernels::ROI_CB)))).max(1)
 }
 
+/// RoI-Align's forward on a CPU adapter (lavapipe's loop cap): (sample rows of a bin per dispatch, the most
+/// sample rows a bin can have inside the map). Adaptive sampling puts samples at least half a pixel apart,
+/// so at most 2 (size + 2) + 4 of an axis lie inside; fixed sampling, the ratio. GPUs: one dispatch.
+fn forward_band(x: &Tensor, xs: [usize; 4], geom: &RoiAlignGeom) -> (usize, usize) {
+    let inside = |size: usize| if geom.sampling_ratio > 0 { geom.sampling_ratio as usize } else { 2 * (size + 2) + 4 };
+    let rows = inside(xs[2]);
+    if x.device().info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
+        return (rows, rows);
+    }
+    ((60_000 / (1 + inside(xs[3]))).max(1), rows)
+}
+
 impl Tensor {
     /// RoI-Align of the features `self` [n, c, h, w] over `rois` [k, 5] (batch index, x1, y1, x2, y2 in the
     /// input image's coordinates) -> [k, c, ph, pw]: each bin the mean of bilinear samples, exactly as
@@ -63,7 +75,8 @@ impl Tensor {
         check("roi_align", self.shape(), rois, &geom)?;
         let xs = [self.shape()[0], self.shape()[1], self.shape()[2], self.shape()[3]];
         let k = rois.shape()[0];
-        let y = kernels::roi_align_forward(&self.view(), &rois.view(), xs, k, &geom)?;
+        let (band, rows) = forward_band(self, xs, &geom);
+        let y = kernels::roi_align_forward(&self.view(), &rois.view(), xs, k, &geom, band, rows)?;
         Ok(Tensor::make(y, vec![k, xs[1], geom.output_size[0], geom.output_size[1]], DType::F32, Some(Op::RoiAlign(self.clone(), rois.clone(), geom))))
     }
 }

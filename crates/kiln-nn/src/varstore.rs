@@ -161,7 +161,8 @@ impl VarStore {
         }
         self.len = at.max(1);
         let mut host = vec![0f32; self.len];
-        for e in &self.entries {
+        // Buffers live outside the flat buffer (their offset means nothing).
+        for e in self.entries.iter().filter(|e| !e.buffer) {
             host[e.offset..e.offset + e.init.len()].copy_from_slice(&e.init);
         }
         let flat = g.upload(bytemuck::cast_slice(&host), "parameters")?;
