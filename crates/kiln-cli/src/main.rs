@@ -209,13 +209,14 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=1024))]
     channels: Option<Vec<u64>>,
     /// siamese: the embedding net's trunk, `small` (one convolution a stage) or `deep-bn` (two a stage, each
-    /// with batch norm) [default: small].
+    /// with batch norm) [default: deep-bn].
     #[arg(long, value_parser = ["small", "deep-bn"])]
     trunk: Option<String>,
-    /// siamese with a batch-norm trunk: score with batch norm's statistics recomputed on the unseen classes'
-    /// dev-half images (AdaBN; their labels unused) [default: off].
+    /// siamese with a batch-norm trunk: score with the seen classes' running statistics instead of batch
+    /// norm's statistics recomputed on the unseen classes' dev-half images (AdaBN, the default; their labels
+    /// unused).
     #[arg(long)]
-    adapt_bn: bool,
+    no_adapt_bn: bool,
     /// ResNet depth (6n+2: 20, 32, 56).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=200))]
     depth: Option<u64>,
@@ -974,7 +975,7 @@ fn train_siamese_model(a: &TrainArgs) -> Result<()> {
             };
             Trunk { channels, ..trunk }
         },
-        adapt_batch_norm: a.adapt_bn || d.adapt_batch_norm,
+        adapt_batch_norm: d.adapt_batch_norm && !a.no_adapt_bn,
         representation: match a.score_on.as_deref() {
             Some("features") => Representation::Features,
             Some(_) => Representation::Embedding,

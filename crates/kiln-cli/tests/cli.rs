@@ -477,8 +477,9 @@ fn autoencoder_vae_and_siamese_train_from_the_command_line() {
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["test_elbo"].as_f64().is_some_and(|v| v < 0.0), "{r}");
     assert!(out.contains("picture"), "{out}");
-    // Siamese: batch-all mining by default, scored on the features before the projection when asked.
-    let o = kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--steps", "2", "--score-on", "features", "--channels", "8,8,16", "--out", d, "--json"], &[]);
+    // Siamese: batch-all mining by default, scored on the features before the projection when asked; the
+    // small trunk (one convolution a stage, no batch norm) on request.
+    let o = kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--steps", "2", "--score-on", "features", "--trunk", "small", "--channels", "8,8,16", "--out", d, "--json"], &[]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
@@ -491,7 +492,7 @@ fn autoencoder_vae_and_siamese_train_from_the_command_line() {
     );
     assert!(dir.join("embeddings.png").exists());
     assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--loss", "minimax"], &[]), "siamese trains with triplet or contrastive");
-    assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--channels", "8,8"], &[]), "three convolutions' channels");
+    assert_clean_failure(&kiln(&["train", "siamese", "--dataset", "fashion-mnist", "--channels", "8,8"], &[]), "three stages' channels");
     assert_clean_failure(&kiln(&["train", "dcgan", "--dataset", "mnist", "--loss", "triplet"], &[]), "dcgan trains with nonsaturating");
     assert_clean_failure(&kiln(&["train", "vae", "--dataset", "fashion-mnist"], &[]), "vae on mnist");
     std::fs::remove_dir_all(&dir).ok();

@@ -36,15 +36,15 @@ fn weights(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
 }
 
 /// The largest difference between two runs' last weights (`out/last.safetensors`), relative to each tensor's
-/// largest magnitude (at least `floor`), asserted below 1e-5 tensor by tensor.
-fn worst_relative_difference(run: &std::path::Path, reference: &std::path::Path, floor: f64, what: &str) -> f64 {
+/// largest magnitude (at least `floor`), asserted below `tolerance` tensor by tensor.
+fn worst_relative_difference(run: &std::path::Path, reference: &std::path::Path, floor: f64, tolerance: f64, what: &str) -> f64 {
     let (a, b) = (weights(&run.join("last.safetensors")), weights(&reference.join("last.safetensors")));
     assert_eq!(a.len(), b.len());
     let mut worst = 0f64;
     for ((name, x), (_, y)) in a.iter().zip(&b) {
         let scale = y.iter().fold(floor, |m, v| m.max(v.abs() as f64));
         let d = x.iter().zip(y).fold(0f64, |m, (p, q)| m.max((*p as f64 - *q as f64).abs())) / scale;
-        assert!(d < 1e-5, "{name}: {what} differ by {d:.3e} (relative)");
+        assert!(d < tolerance, "{name}: {what} differ by {d:.3e} (relative)");
         worst = worst.max(d);
     }
     worst
@@ -75,7 +75,7 @@ fn two_ranks_train_as_one_process_with_the_whole_batch() {
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["data_parallel"]["ranks"], 2, "{v}");
     assert_eq!(v["steps"], 20);
-    let worst = worst_relative_difference(&two, &one, 1e-12, "two ranks and one process");
+    let worst = worst_relative_difference(&two, &one, 1e-12, 1e-5, "two ranks and one process");
     eprintln!("max relative difference after 20 steps, 2 ranks against 1 process: {worst:.3e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -100,7 +100,10 @@ fn synchronised_batch_norm_over_two_ranks_of_two_devices_trains_as_one_process()
     let rank: Vec<&str> = rank.iter().map(String::as_str).collect();
     let o = mpirun(&[&rank, &rank]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o).1);
-    let worst = worst_relative_difference(&two, &one, 1e-2, "2 ranks x 2 devices with synchronised batch norm and one process");
+    // Batch norm's statistics sum 2,048 values a channel in another order on each side (f32: a few 1e-6
+    // relative a step), and its 1/sigma amplifies them through 20 steps: measured 3.8e-5 at worst, on a bias
+    // of magnitude 0.025. Without synchronisation (each replica's own 8 rows) the first weights differ by 7e-2.
+    let worst = worst_relative_difference(&two, &one, 1e-2, 1e-4, "2 ranks x 2 devices with synchronised batch norm and one process");
     eprintln!("synchronised batch norm, 2 ranks x 2 devices against 1 process, 20 steps: {worst:.3e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -235,7 +235,9 @@ pub struct SiameseConfig {
     /// What the unseen classes are scored on, early stopping included.
     pub representation: Representation,
     /// With batch norm in the trunk: score with statistics recomputed on the unseen classes' dev-half images
-    /// ([`adapt_batch_norm`]; their labels unused), instead of the seen classes' running statistics.
+    /// ([`adapt_batch_norm`]; their labels unused), instead of the seen classes' running statistics. The
+    /// default: with the seen classes' statistics, training never beat the untrained trunk on the dev half
+    /// (docs/generative.md).
     pub adapt_batch_norm: bool,
     pub data_dir: Option<std::path::PathBuf>,
 }
@@ -245,7 +247,7 @@ impl Default for SiameseConfig {
         SiameseConfig {
             held_out: vec![7, 8, 9],
             dim: 128,
-            trunk: Trunk::SMALL,
+            trunk: Trunk::DEEP_BN,
             loss: MetricLoss::Triplet(Mining::All),
             margin: 0.2,
             steps: 300,
@@ -259,7 +261,7 @@ impl Default for SiameseConfig {
             augment: kiln_graph::Augment::default(),
             weight_decay: 0.0,
             representation: Representation::Embedding,
-            adapt_batch_norm: false,
+            adapt_batch_norm: true,
             data_dir: None,
         }
     }
