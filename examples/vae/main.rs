@@ -20,8 +20,8 @@ fn main() -> anyhow::Result<()> {
     println!("VAE, {latent}-d latent, {likelihood:?} decoder, beta {beta}: {} steps of {} ({:.1} ms/step), {} parameters", r.steps, cfg.batch_size, r.ms_per_step, r.parameters);
     println!("  loss {:.2} -> {:.2}", r.first_loss, r.last_loss);
     println!(
-        "  {} binarised test digits: ELBO {:.2} nats/image (log-likelihood {:.2}, KL {:.2}); log p(x) >= {:.2} (k = {})",
-        r.test_images, r.test_elbo, r.test_log_likelihood, r.test_kl, r.test_log_px, r.iw_samples
+        "  {} test digits ({}): ELBO {:.2} nats/image (log-likelihood {:.2}, KL {:.2}); log p(x) >= {:.2} (k = {})",
+        r.test_images, r.test_data, r.test_elbo, r.test_log_likelihood, r.test_kl, r.test_log_px, r.iw_samples
     );
     let test = vae_data(cfg.seed, None)?.1;
     for p in vae_pictures(&model, &test, cfg.seed, std::path::Path::new("runs/vae-example"))? {

@@ -865,8 +865,8 @@ fn train_generative_model(a: &TrainArgs) -> Result<()> {
             })?;
             bar.finish();
             println!(
-                "{} binarised test digits: ELBO {:.2} nats/image (log-likelihood {:.2}, KL {:.2}); log p(x) >= {:.2} (k = {})",
-                r.test_images, r.test_elbo, r.test_log_likelihood, r.test_kl, r.test_log_px, r.iw_samples
+                "{} test digits ({}): ELBO {:.2} nats/image (log-likelihood {:.2}, KL {:.2}); log p(x) >= {:.2} (k = {})",
+                r.test_images, r.test_data, r.test_elbo, r.test_log_likelihood, r.test_kl, r.test_log_px, r.iw_samples
             );
             println!("{} steps, {:.1} ms/step, {} parameters", r.steps, r.ms_per_step, r.parameters);
             let test = vae_data(cfg.seed, cfg.data_dir.as_deref())?.1;
