@@ -1082,6 +1082,12 @@ pub fn attention_backward(g: &AttnGeom, q: &BufView, k: &BufView, v: &BufView, m
 
 /// RoI-Align's parameters (roi.wgsl): x [n, c, h, w], k RoIs, RoIs [k_begin, k_end) for the backward.
 fn roi_params(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, k_range: (usize, usize)) -> Params {
+    roi_params_rows(x, k, g, k_range, (0, x[2]))
+}
+
+/// `roi_params` with the forward passes' band of rows [begin, end) (RoI pooling: image rows; RoI-Align: a
+/// bin's sample rows), and padding.
+fn roi_params_rows(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, k_range: (usize, usize), rows: (usize, usize)) -> Params {
     let [n, c, h, w] = x;
     Params::new()
         .u32(n)
@@ -1096,20 +1102,10 @@ fn roi_params(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, k_range:
         .u32(g.aligned as usize)
         .u32(k_range.0)
         .u32(k_range.1)
-        // Image rows [begin, end) for RoI pooling's forward bands (all rows elsewhere), and padding.
+        .u32(rows.0)
+        .u32(rows.1)
         .u32(0)
-        .u32(h)
         .u32(0)
-        .u32(0)
-}
-
-/// `roi_params` for the image rows [begin, end) only.
-fn roi_params_rows(x: [usize; 4], k: usize, g: &crate::vision::RoiAlignGeom, rows: (usize, usize)) -> Params {
-    let mut p = roi_params(x, k, g, (0, k));
-    let at = p.0.len() - 16;
-    p.0[at..at + 4].copy_from_slice(&(rows.0 as u32).to_le_bytes());
-    p.0[at + 4..at + 8].copy_from_slice(&(rows.1 as u32).to_le_bytes());
-    p
 }
 
 /// y [k, c, ph, pw] of RoI-Align over x [n, c, h, w] (roi_align_forward), in dispatches of `band` sample
@@ -1121,7 +1117,7 @@ pub fn roi_align_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, 
     let mut begin = 0;
     loop {
         let end = begin + band.max(1);
-        launch(&ROI, "roi_align_forward", &[], roi_params_rows(xs, k, g, (begin, end)), &[x, rois], &[&y], grid_1d(total as u64, WG))?;
+        launch(&ROI, "roi_align_forward", &[], roi_params_rows(xs, k, g, (0, k), (begin, end)), &[x, rois], &[&y], grid_1d(total as u64, WG))?;
         begin = end;
         if begin >= rows {
             return Ok(y);
@@ -1230,7 +1226,7 @@ pub fn roi_pool_forward(x: &BufView, rois: &BufView, xs: [usize; 4], k: usize, g
     let mut begin = 0;
     loop {
         let end = (begin + band.max(1)).min(xs[2]);
-        launch(&ROI, "roi_pool_forward", &[], roi_params_rows(xs, k, g, (begin, end)), &[x, rois], &[&y, &arg], grid_1d(total as u64, WG))?;
+        launch(&ROI, "roi_pool_forward", &[], roi_params_rows(xs, k, g, (0, k), (begin, end)), &[x, rois], &[&y, &arg], grid_1d(total as u64, WG))?;
         begin = end;
         if begin >= xs[2] {
             return Ok((y, arg));
