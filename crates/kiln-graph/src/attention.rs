@@ -104,12 +104,10 @@ fn fusable(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
 /// 64), and a longer row runs as several dispatches, each resuming from the last one's running max, sum and
 /// output (the backward's gradients added). GPUs have no such cap: one dispatch.
 pub fn attention_chunk(dev: &kiln_wgpu::Gpu, d: usize, dv: usize) -> usize {
-    if dev.info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
-        return usize::MAX;
-    }
+    let Some(cap) = kernels::loop_cap(dev) else { return usize::MAX };
     let loops = |t: usize| t * (2 * d + dv) + (t / 8 + 1) * (d + dv) + 4 * (d + dv);
     let mut t = 16;
-    while loops(t + 16) <= 60_000 {
+    while loops(t + 16) <= cap {
         t += 16;
     }
     t

@@ -992,6 +992,13 @@ pub fn rnn_step_backward(
     launch(&RECURRENT, "rnn_backward", &[("KIND", g.kind.code() as f64)], p, &[acts, states, g_states, dh_rec, lens], &[dxg, dhg, carry], grid_1d((g.n * g.hidden) as u64, WG))
 }
 
+/// Iterations one invocation's loops may run in all on `dev`: lavapipe (Mesa's gallivm, CPU adapters) silently
+/// ends them after 65,535, so kernels with long loops split their work over dispatches there (60,000 leaves
+/// room for the loops outside the counted ones). None on GPUs: no cap.
+pub fn loop_cap(dev: &Gpu) -> Option<usize> {
+    (dev.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu).then_some(60_000)
+}
+
 static ATTENTION_TILES_ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
 /// Whether the fused attention forward shares key tiles through workgroup memory (GPUs) or reads them per

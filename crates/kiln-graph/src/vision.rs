@@ -42,15 +42,13 @@ fn check(op: &'static str, x_shape: &[usize], rois: &Tensor, geom: &RoiAlignGeom
 /// Backward dispatches cover this many RoIs at most on a CPU adapter, whose loops stop after 65,535
 /// iterations an invocation (each RoI costs one, plus the samples that can touch a pixel).
 fn backward_chunk(x: &Tensor, k: usize, geom: &RoiAlignGeom) -> usize {
-    if x.device().info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
-        return k.max(1);
-    }
+    let Some(cap) = kernels::loop_cap(x.device()) else { return k.max(1) };
     // Samples of one axis within a pixel's reach: 2 / step + 4 when sampling is adaptive (the step is at least
     // half a pixel, or the bin holds one sample), all of them (output size x sampling ratio) when it is fixed.
     // The loops count every iteration: the outer one's too.
     let per_axis = |out: usize| if geom.sampling_ratio > 0 { out * geom.sampling_ratio as usize } else { out.max(8) };
     // The innermost loop runs over a block of channels.
-    (60_000 / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1]) * (1 + kernels::ROI_CB)))).max(1)
+    (cap / (1 + per_axis(geom.output_size[0]) * (1 + per_axis(geom.output_size[1]) * (1 + kernels::ROI_CB)))).max(1)
 }
 
 /// RoI-Align's forward on a CPU adapter (lavapipe's loop cap): (sample rows of a bin per dispatch, the most
@@ -59,10 +57,10 @@ fn backward_chunk(x: &Tensor, k: usize, geom: &RoiAlignGeom) -> usize {
 fn forward_band(x: &Tensor, xs: [usize; 4], geom: &RoiAlignGeom) -> (usize, usize) {
     let inside = |size: usize| if geom.sampling_ratio > 0 { geom.sampling_ratio as usize } else { 2 * (size + 2) + 4 };
     let rows = inside(xs[2]);
-    if x.device().info.device_type != kiln_wgpu::wgpu::DeviceType::Cpu {
-        return (rows, rows);
+    match kernels::loop_cap(x.device()) {
+        Some(cap) => ((cap / (1 + inside(xs[3]))).max(1), rows),
+        None => (rows, rows),
     }
-    ((60_000 / (1 + inside(xs[3]))).max(1), rows)
 }
 
 impl Tensor {
@@ -108,7 +106,7 @@ impl Tensor {
         let k = rois.shape()[0];
         // A bin can span the whole map: on CPU adapters (lavapipe's loop cap) each dispatch scans a band of
         // rows whose pixels stay under 60,000 per bin.
-        let band = if self.device().info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu { (60_000 / xs[3].max(1)).max(1) } else { xs[2].max(1) };
+        let band = kernels::loop_cap(self.device()).map_or(xs[2].max(1), |cap| (cap / xs[3].max(1)).max(1));
         let (y, arg) = kernels::roi_pool_forward(&self.view(), &rois.view(), xs, k, &geom, band)?;
         let shape = vec![k, xs[1], output_size[0], output_size[1]];
         let argmax = Tensor::make(arg, shape.clone(), DType::U32, None);
@@ -122,7 +120,7 @@ pub fn roi_pool_grad(gy: &Tensor, rois: &Tensor, argmax: &Tensor, geom: &RoiAlig
     let xs = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
     let k = rois.shape()[0];
     // Each RoI costs one iteration, and the bins within reach of a pixel a few more.
-    let chunk = if gy.device().info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu { (60_000 / (1 + (geom.output_size[0] + 3) * (geom.output_size[1] + 3))).max(1) } else { k.max(1) };
+    let chunk = kernels::loop_cap(gy.device()).map_or(k.max(1), |cap| (cap / (1 + (geom.output_size[0] + 3) * (geom.output_size[1] + 3))).max(1));
     let dx = kernels::roi_pool_backward(&gy.view(), &rois.view(), &argmax.view(), xs, k, geom, chunk)?;
     Ok(Tensor::make(dx, x_shape.to_vec(), DType::F32, Some(Op::RoiPoolGrad(gy.clone(), rois.clone(), argmax.clone(), *geom, x_shape.to_vec()))))
 }
@@ -299,8 +297,7 @@ impl NmsOptions {
 /// their own class (torchvision's `batched_nms`). NaN scores are never kept; boxes with NaN coordinates
 /// suppress nothing.
 pub fn nms_fixed(boxes: &Tensor, scores: &Tensor, classes: Option<&Tensor>, opts: NmsOptions) -> Result<(Tensor, Tensor)> {
-    let cpu = boxes.device().info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu;
-    nms_fixed_capped(boxes, scores, classes, opts, cpu.then_some(60_000))
+    nms_fixed_capped(boxes, scores, classes, opts, kernels::loop_cap(boxes.device()))
 }
 
 /// [`nms_fixed`] with each GPU invocation's loops kept under `loop_cap` iterations (more, smaller

@@ -538,10 +538,14 @@ pub fn train_siamese(cfg: &SiameseConfig, mut progress: impl FnMut(u64, f32)) ->
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
         if cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps) {
-            let kept = if adapt { Some(read_params(&net.running_stats())?) } else { None };
-            if adapt {
+            // The training statistics, kept while the dev half's stand in for the score.
+            let kept = if adapt {
+                let stats = read_params(&net.running_stats())?;
                 adapt_batch_norm(&mut net, &dev_x)?;
-            }
+                Some(stats)
+            } else {
+                None
+            };
             let auc = dev_auc(&embed(&net, &dev_x, repr)?, width, &dev_y, &dev_members, cfg.pairs, cfg.seed);
             if auc > best.1 {
                 best = (step + 1, auc, snapshot(&vs)?);
