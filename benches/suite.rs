@@ -1098,20 +1098,11 @@ fn lm_family(ctx: &mut Ctx) -> R<()> {
 /// NMS (torchvision's semantics, IoU 0.5) on n random boxes of 3-30 pixels with whole-pixel corners, about 20
 /// per 30 x 30 area, the kept list checked against the f64 reference and timed beside it;
 /// RoI-Align forward + backward (7 x 7 bins, 2 x 2 samples, aligned) checked against the reference's forward.
-/// On a CPU adapter NMS's ranking is quadratic in n, so 100,000 boxes are left to GPUs (noted, not timed).
 fn detection_family(ctx: &mut Ctx) -> R<()> {
     use kiln_graph::vision::{nms_fixed, NmsOptions, RoiAlignGeom};
-    let g = gpu()?;
-    let cpu_adapter = g.info.device_type == kiln_wgpu::wgpu::DeviceType::Cpu;
     let mut rng = Rng::new(31);
     for n in ctx.opts.nms.clone() {
         let mut rec = ctx.base("detection", &format!("nms {n} boxes (IoU 0.5)"), &[n, 4], "bitmask blocks");
-        if cpu_adapter && n > 20_000 {
-            rec.valid = true;
-            rec.note = Some("not timed on a CPU adapter (the ranking is quadratic in the boxes)".into());
-            ctx.push(rec);
-            continue;
-        }
         let side = ((n as f64 / 20.0).sqrt() * 30.0).max(60.0) as usize;
         let boxes: Vec<[f32; 4]> = (0..n)
             .map(|_| {

@@ -303,8 +303,16 @@ fn nms_matches_the_reference_on_random_boxes_with_ties() {
     use kiln_graph::vision::{nms_with, NmsOptions};
     require_gpu();
     let mut rng = test_rng("nms_random");
-    for n in [1, 37, 300, 1000] {
-        let (b, s, c) = random_detections(n, &mut rng);
+    // Sizes on both sides of powers of two (the ranking is a bitonic sort over n rounded up to one).
+    for (n, signed) in [(1, false), (2, true), (37, false), (64, true), (300, false), (1000, false), (1024, true), (1025, true)] {
+        let (b, mut s, c) = random_detections(n, &mut rng);
+        if signed {
+            // Negative scores, both zeros (equal: a tie broken by index), infinities and NaN (never kept).
+            let special = [-0.0, 0.0, f32::NEG_INFINITY, f32::INFINITY, f32::NAN, -1e-30, 1e-30];
+            for (i, v) in s.iter_mut().enumerate() {
+                *v = if rng.below(4) == 0 { special[i % special.len()] } else { *v - 0.5 };
+            }
+        }
         let (bt, st, ct) = (boxes(&b), Tensor::from_slice(&s, &[n]).unwrap(), Tensor::from_u32(&c, &[n]).unwrap());
         let b64: Vec<[f64; 4]> = b.iter().map(|r| r.map(|v| v as f64)).collect();
         let s64 = f64s(&s);
@@ -328,7 +336,7 @@ fn nms_matches_the_reference_on_random_boxes_with_ties() {
 
 #[test]
 fn nms_split_into_many_dispatches_gives_the_same_boxes() {
-    // A loop cap of 500 iterations splits the ranking over the boxes and the scan into blocks of a few rows.
+    // A loop cap of 500 iterations splits the scan into blocks of a few rows.
     use kiln_graph::vision::{nms_fixed_capped, NmsOptions};
     require_gpu();
     let mut rng = test_rng("nms_split");

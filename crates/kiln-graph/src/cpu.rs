@@ -569,18 +569,23 @@ pub fn roi_align(x: &CpuTensor, rois: &[f64], geom: &crate::vision::RoiAlignGeom
 
 /// IoU and generalized IoU of every pair of boxes (x1, y1, x2, y2) in f64: ([n * m], [n * m]).
 pub fn box_iou_giou(a: &[[f64; 4]], b: &[[f64; 4]]) -> (Vec<f64>, Vec<f64>) {
-    let area = |r: &[f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
     let (mut iou, mut giou) = (Vec::new(), Vec::new());
     for p in a {
         for q in b {
-            let inter = (p[2].min(q[2]) - p[0].max(q[0])).max(0.0) * (p[3].min(q[3]) - p[1].max(q[1])).max(0.0);
-            let union = area(p) + area(q) - inter;
+            let (inter, union) = intersection_union(p, q);
             let hull = (p[2].max(q[2]) - p[0].min(q[0])).max(0.0) * (p[3].max(q[3]) - p[1].min(q[1])).max(0.0);
             iou.push(inter / union);
             giou.push(inter / union - (hull - union) / hull);
         }
     }
     (iou, giou)
+}
+
+/// Two boxes' (intersection, union) areas.
+fn intersection_union(p: &[f64; 4], q: &[f64; 4]) -> (f64, f64) {
+    let area = |r: &[f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    let inter = (p[2].min(q[2]) - p[0].max(q[0])).max(0.0) * (p[3].min(q[3]) - p[1].max(q[1])).max(0.0);
+    (inter, area(p) + area(q) - inter)
 }
 
 /// torchvision's BoxCoder in f64: (encode(reference, proposals), decode(deltas, boxes)) row by row.
@@ -614,10 +619,11 @@ pub fn nms(boxes: &[[f64; 4]], scores: &[f64], classes: Option<&[u32]>, iou: f64
         }
         keep.push(i as u32);
         for &j in &order[pos + 1..] {
-            if classes.is_some_and(|c| c[i] != c[j]) {
+            if removed[j] || classes.is_some_and(|c| c[i] != c[j]) {
                 continue;
             }
-            let v = box_iou_giou(&[boxes[i]], &[boxes[j]]).0[0];
+            let (inter, union) = intersection_union(&boxes[i], &boxes[j]);
+            let v = inter / union;
             if v > iou || (inclusive && v == iou) {
                 removed[j] = true;
             }
