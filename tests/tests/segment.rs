@@ -8,7 +8,8 @@ fn each_decoder_trains_on_small_scenes() {
     kiln_tests::require_gpu();
     let scenes = ObjectSceneConfig { size: 32, objects: (1, 2), scale: (0.6, 1.1), source: ObjectSource::Digits, ..Default::default() };
     for decoder in [Decoder::Fcn, Decoder::SegNet, Decoder::UNet] {
-        let cfg = SegmentConfig { decoder, scenes, width: 8, depth: 2, batch_size: 4, steps: 40, lr: 3e-3, test_scenes: 8, ..Default::default() };
+        // Plain convolutions and an unweighted loss: in 40 steps batch norm's running statistics lag behind.
+        let cfg = SegmentConfig { decoder, scenes, width: 8, depth: 2, batch_norm: false, median_frequency: false, batch_size: 4, steps: 40, lr: 3e-3, test_scenes: 8, ..Default::default() };
         let (_, r) = train_segmentation(&cfg, |_, _| {}).expect("training");
         eprintln!("{}: loss {:.3} -> {:.3}, pixel accuracy {:.3}, mIoU {:.3}", decoder.name(), r.first_loss, r.last_loss, r.pixel_accuracy, r.miou);
         // From ln(11) at the start; the background alone is most pixels.
@@ -16,4 +17,46 @@ fn each_decoder_trains_on_small_scenes() {
     }
     let bad = SegmentConfig { scenes: ObjectSceneConfig { size: 36, ..scenes }, depth: 3, ..Default::default() };
     assert!(train_segmentation(&bad, |_, _| {}).is_err(), "36 is not divisible by 8");
+}
+
+#[test]
+fn median_frequency_balancing_as_worked_out() {
+    use kiln_models::segment::median_frequency_weights;
+    // Two 4-pixel maps: [0, 0, 0, 1] and [0, 0, 2, 2]; class 3 appears nowhere. Frequencies (pixels over the
+    // pixels of the images holding the class): 0: 5 / 8, 1: 1 / 4, 2: 2 / 4. Their median is 1/2, so the
+    // weights are 0.5 / 0.625 = 0.8, 2 and 1; class 3 gets 1.
+    let maps: [&[u32]; 2] = [&[0, 0, 0, 1], &[0, 0, 2, 2]];
+    let w = median_frequency_weights(maps, 4);
+    for (got, want) in w.iter().zip([0.8f32, 2.0, 1.0, 1.0]) {
+        assert!((got - want).abs() < 1e-6, "{w:?}");
+    }
+    // An even count of classes seen takes the mean of the middle two: frequencies 1/2 and 1/2 -> 1 and 1.
+    assert_eq!(median_frequency_weights([&[0u32, 1][..]], 2), vec![1.0, 1.0]);
+    assert_eq!(median_frequency_weights(std::iter::empty::<&[u32]>(), 3), vec![1.0; 3]);
+}
+
+#[test]
+fn a_batch_norm_net_saves_and_loads_in_evaluation_mode() {
+    use kiln_models::segment::load_segmentation;
+    kiln_tests::require_gpu();
+    let dir = std::env::temp_dir().join(format!("kiln-segment-bn-{}", std::process::id()));
+    let scenes = ObjectSceneConfig { size: 32, objects: (1, 2), scale: (0.6, 1.1), source: ObjectSource::Digits, ..Default::default() };
+    let cfg = SegmentConfig { scenes, width: 8, depth: 2, batch_size: 4, steps: 5, test_scenes: 4, out_dir: Some(dir.clone()), ..Default::default() };
+    assert!(cfg.batch_norm && cfg.median_frequency, "the defaults");
+    let (net, r) = train_segmentation(&cfg, |_, _| {}).expect("training");
+    assert_eq!(r.class_weights.len(), 11, "background and ten digits");
+    assert!(r.class_weights[0] < 0.2 && r.class_weights[1..].iter().all(|&w| w > 0.5), "the background weighs least: {:?}", r.class_weights);
+    let (loaded, info) = load_segmentation(&dir.join("segment.safetensors")).expect("loading");
+    assert!(loaded.batch_norm() && info.size == 32);
+    // Both in evaluation mode (running statistics), so one picture gives the same logits, whatever else is in
+    // the batch.
+    let mut rng = kiln_tests::test_rng("segment_bn_eval");
+    let px: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.uniform() as f32).collect();
+    let x = kiln_graph::Tensor::from_slice(&px, &[2, 3, 32, 32]).unwrap();
+    let first = kiln_graph::Tensor::from_slice(&px[..3 * 32 * 32], &[1, 3, 32, 32]).unwrap();
+    let a = kiln_graph::no_grad(|| net.forward(&x)).unwrap().to_vec().unwrap();
+    let b = kiln_graph::no_grad(|| loaded.forward(&first)).unwrap().to_vec().unwrap();
+    let want: Vec<f64> = a[..b.len()].iter().map(|&v| v as f64).collect();
+    kiln_tests::assert_close("the loaded net's logits", &b, &want, 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -72,3 +72,152 @@ fn a_short_yolo_run_learns_to_find_objects() {
     eprintln!("yolo, 120 steps: loss {:.3} -> {:.3}, mAP@0.5 {:.3}, COCO mAP {:.3}, {:.0} ms/step, anchors {:?}", r.first_loss, r.last_loss, r.map50, r.coco_map, r.ms_per_step, r.anchors);
     assert!(r.last_loss < 0.5 * r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
 }
+
+/// YOLOv1's loss (Redmon et al. 2016, eq. 3) in f64, with the responsible boxes and their IoU targets given.
+fn v1_loss_reference(raw: &[f64], targets: &[Vec<f32>], (n, s, b, c): (usize, usize, usize, usize), resp: &[(usize, f64)]) -> f64 {
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let width = 5 * b + c;
+    // raw is [n, width, s, s]: channel k of cell (i, row, col).
+    let at = |i: usize, k: usize, cell: usize| raw[(i * width + k) * s * s + cell];
+    let mut total = 0.0;
+    for i in 0..n {
+        for cell in 0..s * s {
+            let t = &targets[i][cell * (5 + c)..(cell + 1) * (5 + c)];
+            let responsible = (t[0] > 0.0).then(|| resp[i * s * s + cell]);
+            for j in 0..b {
+                let conf = sig(at(i, 5 * j + 4, cell));
+                match responsible {
+                    Some((r, iou)) if r == j => {
+                        let (tx, ty, tw, th) = (t[1] as f64, t[2] as f64, t[4] as f64, t[3] as f64);
+                        total += 5.0
+                            * ((sig(at(i, 5 * j, cell)) - tx).powi(2)
+                                + (sig(at(i, 5 * j + 1, cell)) - ty).powi(2)
+                                + (at(i, 5 * j + 2, cell) - tw.sqrt()).powi(2)
+                                + (at(i, 5 * j + 3, cell) - th.sqrt()).powi(2));
+                        total += (conf - iou).powi(2);
+                    }
+                    _ => total += 0.5 * conf * conf,
+                }
+            }
+            if t[0] > 0.0 {
+                let z: f64 = (0..c).map(|k| at(i, 5 * b + k, cell).exp()).sum();
+                total += (0..c).map(|k| (at(i, 5 * b + k, cell).exp() / z - t[5 + k] as f64).powi(2)).sum::<f64>();
+            }
+        }
+    }
+    total / n as f64
+}
+
+#[test]
+fn yolo_v1_loss_equals_the_papers_formula_and_its_gradient() {
+    use kiln_graph::Tensor;
+    use kiln_models::yolo::{encode_v1, v1_iou, Yolo, YoloLayout};
+    kiln_tests::require_gpu();
+    let mut rng = test_rng("yolo_v1_loss");
+    let (n, s, b, c, side) = (2, 3, 2, 4, 48);
+    let width = 5 * b + c;
+    let mut vs = kiln_nn::VarStore::new(1);
+    let model = Yolo::new(&mut vs, YoloLayout::V1 { boxes: b }, c, 4).unwrap();
+    vs.finish().unwrap();
+    let mut raw: Vec<f32> = (0..n * width * s * s).map(|_| rng.range(-1.5, 1.5) as f32).collect();
+    // Two or three objects an image (image 1 has two in one cell: the larger is the target).
+    let targets: Vec<Vec<f32>> = (0..n)
+        .map(|i| {
+            let mut boxes: Vec<[f32; 4]> = (0..2 + i)
+                .map(|_| {
+                    let (x, y) = (rng.range(0.0, 36.0) as f32, rng.range(0.0, 36.0) as f32);
+                    [x, y, x + rng.range(4.0, 12.0) as f32, y + rng.range(4.0, 12.0) as f32]
+                })
+                .collect();
+            if i == 1 {
+                boxes.push([boxes[0][0] + 1.0, boxes[0][1] + 1.0, boxes[0][2] - 1.0, boxes[0][3] - 1.0]);
+            }
+            let labels: Vec<u32> = boxes.iter().map(|_| rng.below(c) as u32).collect();
+            encode_v1(&boxes, &labels, (side, side), s, c)
+        })
+        .collect();
+    // In image 0's first object cell, box 1 predicts the object exactly: it must be the responsible one.
+    let first = (0..s * s).find(|&cell| targets[0][cell * (5 + c)] > 0.0).unwrap();
+    let t = &targets[0][first * (5 + c)..];
+    let logit = |p: f32| (p.clamp(0.01, 0.99) / (1.0 - p.clamp(0.01, 0.99))).ln();
+    for (k, v) in [(5, logit(t[1])), (6, logit(t[2])), (7, t[4].sqrt()), (8, t[3].sqrt())] {
+        raw[k * s * s + first] = v;
+    }
+    // The responsible box of each object cell, by IoU of the decoded predictions (cell units), as the paper.
+    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let at = |i: usize, k: usize, cell: usize| raw[(i * width + k) * s * s + cell];
+    let resp: Vec<(usize, f64)> = (0..n * s * s)
+        .map(|ic| {
+            let (i, cell) = (ic / (s * s), ic % (s * s));
+            let t = &targets[i][cell * (5 + c)..(cell + 1) * (5 + c)];
+            let truth = [t[1], t[2], t[4], t[3]];
+            let ious: Vec<f32> =
+                (0..b).map(|j| v1_iou(&[sig(at(i, 5 * j, cell)), sig(at(i, 5 * j + 1, cell)), at(i, 5 * j + 2, cell).max(0.0).powi(2), at(i, 5 * j + 3, cell).max(0.0).powi(2)], &truth)).collect();
+            let best = if ious[1] > ious[0] { 1 } else { 0 };
+            (best, ious[best] as f64)
+        })
+        .collect();
+    assert!(resp[first].0 == 1 && resp[first].1 > 0.9, "{:?}", resp[first]);
+    let pt = Tensor::from_slice(&raw, &[n, width, s, s]).unwrap().var();
+    let l = model.loss_v1(&pt, &targets, 5.0, 0.5).unwrap();
+    let raw64: Vec<f64> = raw.iter().map(|&v| v as f64).collect();
+    let dims = (n, s, b, c);
+    let want = v1_loss_reference(&raw64, &targets, dims, &resp);
+    kiln_tests::assert_close("YOLOv1 loss", &l.to_vec().unwrap(), &[want], 1e-5);
+    // The gradient against central differences of the reference (responsibilities and IoU targets held).
+    let eps = 1e-5;
+    let grad: Vec<f64> = (0..raw64.len())
+        .map(|k| {
+            let (mut up, mut down) = (raw64.clone(), raw64.clone());
+            up[k] += eps;
+            down[k] -= eps;
+            (v1_loss_reference(&up, &targets, dims, &resp) - v1_loss_reference(&down, &targets, dims, &resp)) / (2.0 * eps)
+        })
+        .collect();
+    kiln_tests::assert_close("YOLOv1 loss gradient", &l.backward().unwrap().get(&pt).unwrap().to_vec().unwrap(), &grad, 1e-3);
+    // Targets of the wrong size, and the anchor form's loss on this head, are errors.
+    assert!(model.loss_v1(&pt, &targets[..1], 5.0, 0.5).is_err());
+    assert!(model.loss(&pt, &[], 5.0, 0.5).is_err());
+}
+
+#[test]
+fn yolo_v1_decodes_a_box_as_placed() {
+    use kiln_graph::Tensor;
+    use kiln_models::yolo::{Yolo, YoloLayout};
+    kiln_tests::require_gpu();
+    let (s, b, c) = (3, 2, 3);
+    let width = 5 * b + c;
+    let mut vs = kiln_nn::VarStore::new(1);
+    let model = Yolo::new(&mut vs, YoloLayout::V1 { boxes: b }, c, 4).unwrap();
+    vs.finish().unwrap();
+    // Every confidence low but box 1 of cell (row 1, column 2): centre at (0.5, 0.25) of the cell, 1.5 x 1
+    // cells, class 2. On a 48-pixel image (16-pixel cells) that is the box (28, 12)-(52, 28).
+    let mut raw = vec![-10f32; width * s * s];
+    let cell = s + 2;
+    let logit = |p: f32| (p / (1.0 - p)).ln();
+    for (k, v) in [(5, 0.0), (6, logit(0.25)), (7, 1.5f32.sqrt()), (8, 1.0), (9, 3.0), (12, 4.0)] {
+        raw[k * s * s + cell] = v;
+    }
+    let pred = Tensor::from_slice(&raw, &[1, width, s, s]).unwrap();
+    let found = model.detect(&pred, 0, 48, 0.3, 0.5).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let p2 = (4f32.exp() / (4f32.exp() + 2.0 * (-10f32).exp())) / (1.0 + (-3f32).exp());
+    assert_eq!(found[0].class, 2);
+    assert!((found[0].score - p2).abs() < 1e-5, "score {} against {p2}", found[0].score);
+    for (got, want) in found[0].bbox.iter().zip([28.0, 12.0, 52.0, 28.0]) {
+        assert!((got - want).abs() < 1e-4, "{:?}", found[0].bbox);
+    }
+}
+
+#[test]
+fn a_short_yolo_v1_run_learns_to_find_objects() {
+    use kiln_data::{ObjectSceneConfig, ObjectSource};
+    use kiln_models::yolo::{train_yolo, YoloConfig};
+    kiln_tests::require_gpu();
+    let scenes = ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: ObjectSource::Digits, ..Default::default() };
+    let cfg = YoloConfig { scenes, v1_boxes: Some(2), width: 8, batch_size: 16, steps: 120, lr: 3e-3, test_scenes: 64, ..Default::default() };
+    let (model, r) = train_yolo(&cfg, |_, _| {}).expect("training");
+    eprintln!("yolo v1, 120 steps: loss {:.3} -> {:.3}, mAP@0.5 {:.3}, COCO mAP {:.3}, {:.0} ms/step", r.first_loss, r.last_loss, r.map50, r.coco_map, r.ms_per_step);
+    assert_eq!((r.layout.as_str(), model.anchors().len()), ("v1 (2 boxes a cell)", 0));
+    assert!(r.last_loss < 0.5 * r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
+}

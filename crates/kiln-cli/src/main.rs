@@ -181,6 +181,16 @@ struct TrainArgs {
     /// segment: the decoder, fcn, segnet or unet [default: unet].
     #[arg(long, value_parser = ["fcn", "segnet", "unet"])]
     decoder: Option<String>,
+    /// yolo: the head's layout, anchors (YOLOv2's, from k-means) or v1 (YOLOv1's S x S x (B * 5 + C), 2 boxes a
+    /// cell) [default: anchors].
+    #[arg(long, value_parser = ["anchors", "v1"])]
+    layout: Option<String>,
+    /// segment: plain convolutions, without the batch norm that follows each 3x3 convolution by default.
+    #[arg(long)]
+    no_batch_norm: bool,
+    /// segment: an unweighted loss, without the default median frequency balancing of the classes.
+    #[arg(long)]
+    no_class_weights: bool,
     /// siamese: the loss, triplet (with --mining) or contrastive [default: triplet]; localize: mixed or squared
     /// (the course's sum of squares) [default: mixed]; dcgan: nonsaturating, minimax or wgan-gp
     /// [default: nonsaturating].
@@ -730,6 +740,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
             let cfg = YoloConfig {
                 scenes,
                 anchors: 3,
+                v1_boxes: (a.layout.as_deref() == Some("v1")).then_some(2),
                 width: 16,
                 steps,
                 lr: a.lr.unwrap_or(2e-3),
@@ -743,7 +754,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
             bar.finish();
             println!("checkpoint {} (kiln detect --checkpoint ... PICTURE)", out.join("yolo.safetensors").display());
             println!("{} held-out scenes: mAP@0.5 {:.3}, COCO mAP@[.5:.95] {:.3}", cfg.test_scenes, r.map50, r.coco_map);
-            println!("{} steps, {:.1} ms/step, {} parameters; anchors {:?}", r.steps, r.ms_per_step, r.parameters, r.anchors);
+            println!("{} steps, {:.1} ms/step, {} parameters; {}{}", r.steps, r.ms_per_step, r.parameters, r.layout, if r.anchors.is_empty() { String::new() } else { format!(" {:?}", r.anchors) });
             yolo_pictures(&model, &cfg, 4, &picture)?;
             serde_json::to_string(&r)?
         }
@@ -760,6 +771,8 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 steps,
                 lr: a.lr.unwrap_or(2e-3),
                 batch_size: a.batch_size.unwrap_or(8) as usize,
+                batch_norm: !a.no_batch_norm,
+                median_frequency: !a.no_class_weights,
                 seed: a.seed,
                 data_dir,
                 out_dir: Some(out.clone()),

@@ -444,6 +444,15 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
     for det in found {
         assert!(det["name"].as_str().is_some_and(|n| n.starts_with("digit")) && det["bbox"].as_array().map(|b| b.len()) == Some(4), "{det}");
     }
+    // YOLOv1's layout: saved with its boxes a cell, and read back by `kiln detect`.
+    let v1 = dir.join("v1");
+    let o = kiln(&["train", "yolo", "--dataset", "object-scenes", "--layout", "v1", "--steps", "3", "--image-size", "48", "--out", v1.to_str().unwrap(), "--json"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(r["layout"] == "v1 (2 boxes a cell)" && r["parameters"].as_u64().is_some(), "{r}");
+    let o = kiln(&["detect", "--checkpoint", v1.join("yolo.safetensors").to_str().unwrap(), photo, "--min-score", "0", "--out", png.to_str().unwrap(), "--json"], &[]);
+    assert!(o.status.success(), "{}", text(&o).1);
     // Bad input: a checkpoint of another model, a missing picture, a threshold out of range.
     let mlp = dir.join("mlp");
     assert!(kiln(&["train", "logreg", "--dataset", "iris", "--epochs", "1", "--out", mlp.to_str().unwrap()], &[]).status.success());

@@ -8,10 +8,13 @@
 //! - **U-Net**: a 2x2 transposed convolution (stride 2), the encoder stage's features concatenated (the
 //!   skip), then two 3x3 convolutions.
 //!
-//! A 1x1 convolution gives the class logits; the loss is the per-pixel cross-entropy.
+//! With `batch_norm` (the default), every 3x3 convolution is followed by batch norm (U-Net's and SegNet's
+//! papers' form; `{name}.bn`) and has no bias of its own. A 1x1 convolution gives the class logits; the loss
+//! is the per-pixel cross-entropy.
 
+use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Pool2dGeom, Result, Tensor};
-use kiln_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, Layer, Module, Padding, Param, VarStore};
+use kiln_nn::{BatchNorm, Conv2d, Conv2dConfig, ConvTranspose2d, Layer, Module, Padding, Param, VarStore};
 
 /// Which decoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -31,37 +34,85 @@ impl Decoder {
     }
 }
 
-/// The network (names `enc.{i}.{0,1}`, `bottom`, `dec.{i}.{0,1}`, `up.{i}` (U-Net), `out`).
+/// A 3x3 convolution ("same" padding) and ReLU, with batch norm between them when built with it.
+pub struct ConvBlock {
+    pub conv: Conv2d,
+    pub bn: Option<BatchNorm>,
+}
+
+impl ConvBlock {
+    fn new(vs: &mut VarStore, name: &str, c_in: usize, c_out: usize, batch_norm: bool) -> Result<ConvBlock> {
+        let cfg = Conv2dConfig { padding: Padding::Same, bias: !batch_norm, ..Default::default() };
+        let conv = Conv2d::new(vs, name, c_in, c_out, 3, cfg)?;
+        let bn = if batch_norm { Some(BatchNorm::new(vs, &format!("{name}.bn"), c_out)?) } else { None };
+        Ok(ConvBlock { conv, bn })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let pre = self.conv.forward(x)?;
+        match &self.bn {
+            // Batch norm and ReLU in one kernel where the fused kernels apply (training).
+            Some(bn) => match bn.forward_fused(&pre, BiasAct::Relu)? {
+                Some(y) => Ok(y),
+                None => bn.forward(&pre)?.relu(),
+            },
+            None => pre.relu(),
+        }
+    }
+}
+
+impl Module for ConvBlock {
+    fn describe(&self) -> String {
+        format!("{}{}", self.conv.describe(), if self.bn.is_some() { " + BatchNorm" } else { "" })
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = vec![("conv".into(), &self.conv)];
+        if let Some(bn) = &self.bn {
+            v.push(("bn".into(), bn));
+        }
+        v
+    }
+    fn children_mut(&mut self) -> Vec<&mut dyn Module> {
+        let mut v: Vec<&mut dyn Module> = vec![&mut self.conv];
+        if let Some(bn) = &mut self.bn {
+            v.push(bn);
+        }
+        v
+    }
+}
+
+/// The network (names `enc.{i}.{0,1}`, `bottom`, `dec.{i}.{0,1}`, `up.{i}` (U-Net), `out`; batch norms
+/// `{conv}.bn`).
 pub struct SegmentNet {
     pub decoder: Decoder,
-    pub enc: Vec<[Conv2d; 2]>,
-    pub bottom: Conv2d,
+    pub enc: Vec<[ConvBlock; 2]>,
+    pub bottom: ConvBlock,
     pub up: Vec<ConvTranspose2d>,
-    pub dec: Vec<Vec<Conv2d>>,
+    pub dec: Vec<Vec<ConvBlock>>,
     pub out: Conv2d,
 }
 
 impl SegmentNet {
-    pub fn new(vs: &mut VarStore, decoder: Decoder, classes: usize, width: usize, depth: usize) -> Result<SegmentNet> {
-        let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
+    pub fn new(vs: &mut VarStore, decoder: Decoder, classes: usize, width: usize, depth: usize, batch_norm: bool) -> Result<SegmentNet> {
         let ch = |i: usize| width << i;
+        let block = |vs: &mut VarStore, name: String, c_in: usize, c_out: usize| ConvBlock::new(vs, &name, c_in, c_out, batch_norm);
         let mut enc = Vec::new();
         let mut c_in = 3;
         for i in 0..depth {
-            enc.push([Conv2d::new(vs, &format!("enc.{i}.0"), c_in, ch(i), 3, same)?, Conv2d::new(vs, &format!("enc.{i}.1"), ch(i), ch(i), 3, same)?]);
+            enc.push([block(vs, format!("enc.{i}.0"), c_in, ch(i))?, block(vs, format!("enc.{i}.1"), ch(i), ch(i))?]);
             c_in = ch(i);
         }
-        let bottom = Conv2d::new(vs, "bottom", ch(depth - 1), ch(depth - 1), 3, same)?;
+        let bottom = block(vs, "bottom".into(), ch(depth - 1), ch(depth - 1))?;
         let (mut up, mut dec) = (Vec::new(), Vec::new());
         // Decoder stage i (deepest first) ends with ch(i - 1) channels (width at the top).
         for i in (0..depth).rev() {
             let out_c = if i == 0 { width } else { ch(i - 1) };
             let convs = match decoder {
-                Decoder::Fcn => vec![Conv2d::new(vs, &format!("dec.{i}.0"), ch(i), out_c, 3, same)?],
-                Decoder::SegNet => vec![Conv2d::new(vs, &format!("dec.{i}.0"), ch(i), ch(i), 3, same)?, Conv2d::new(vs, &format!("dec.{i}.1"), ch(i), out_c, 3, same)?],
+                Decoder::Fcn => vec![block(vs, format!("dec.{i}.0"), ch(i), out_c)?],
+                Decoder::SegNet => vec![block(vs, format!("dec.{i}.0"), ch(i), ch(i))?, block(vs, format!("dec.{i}.1"), ch(i), out_c)?],
                 Decoder::UNet => {
                     up.push(ConvTranspose2d::new(vs, &format!("up.{i}"), ch(i), ch(i), 2, 2, 0, 0, 1, true)?);
-                    vec![Conv2d::new(vs, &format!("dec.{i}.0"), 2 * ch(i), ch(i), 3, same)?, Conv2d::new(vs, &format!("dec.{i}.1"), ch(i), out_c, 3, same)?]
+                    vec![block(vs, format!("dec.{i}.0"), 2 * ch(i), ch(i))?, block(vs, format!("dec.{i}.1"), ch(i), out_c)?]
                 }
             };
             dec.push(convs);
@@ -70,19 +121,24 @@ impl SegmentNet {
         Ok(SegmentNet { decoder, enc, bottom, up, dec, out })
     }
 
+    /// Whether its convolutions have batch norm.
+    pub fn batch_norm(&self) -> bool {
+        self.bottom.bn.is_some()
+    }
+
     /// images [n, 3, h, w] (h and w divisible by 2^depth) -> logits [n, classes, h, w].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let mut x = images.clone();
         let (mut skips, mut switches, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for [a, b] in &self.enc {
-            x = b.forward(&a.forward(&x)?.relu()?)?.relu()?;
+            x = b.forward(&a.forward(&x)?)?;
             skips.push(x.clone());
             sizes.push([x.shape()[2], x.shape()[3]]);
             let (pooled, idx) = x.max_pool2d(Pool2dGeom::square(2))?;
             switches.push(idx);
             x = pooled;
         }
-        x = self.bottom.forward(&x)?.relu()?;
+        x = self.bottom.forward(&x)?;
         for (j, convs) in self.dec.iter().enumerate() {
             let i = self.enc.len() - 1 - j;
             x = match self.decoder {
@@ -91,7 +147,7 @@ impl SegmentNet {
                 Decoder::UNet => Tensor::concat(&[&self.up[j].forward(&x)?.relu()?, &skips[i]], 1)?,
             };
             for conv in convs {
-                x = conv.forward(&x)?.relu()?;
+                x = conv.forward(&x)?;
             }
         }
         self.out.forward(&x)
@@ -125,6 +181,24 @@ impl Module for SegmentNet {
         v.push(("out".into(), &self.out));
         v
     }
+    fn children_mut(&mut self) -> Vec<&mut dyn Module> {
+        // The order of `children`.
+        let mut v: Vec<&mut dyn Module> = Vec::new();
+        for [a, b] in &mut self.enc {
+            v.push(a);
+            v.push(b);
+        }
+        v.push(&mut self.bottom);
+        let mut up = self.up.iter_mut();
+        for convs in &mut self.dec {
+            if let Some(u) = up.next() {
+                v.push(u);
+            }
+            v.extend(convs.iter_mut().map(|c| c as &mut dyn Module));
+        }
+        v.push(&mut self.out);
+        v
+    }
 }
 
 /// What a segmentation run trains on.
@@ -134,6 +208,11 @@ pub struct SegmentConfig {
     pub scenes: kiln_data::ObjectSceneConfig,
     pub width: usize,
     pub depth: usize,
+    /// Batch norm after every 3x3 convolution.
+    pub batch_norm: bool,
+    /// Weight the loss's classes by median frequency balancing (SegNet's, Eigen & Fergus 2015), counted on
+    /// the first 500 training scenes: an object class's pixels then count as much as the background's.
+    pub median_frequency: bool,
     pub batch_size: usize,
     pub steps: u64,
     pub lr: f32,
@@ -147,7 +226,21 @@ pub struct SegmentConfig {
 
 impl Default for SegmentConfig {
     fn default() -> Self {
-        SegmentConfig { decoder: Decoder::UNet, scenes: Default::default(), width: 16, depth: 3, batch_size: 8, steps: 3000, lr: 2e-3, seed: 42, test_scenes: 100, data_dir: None, out_dir: None }
+        SegmentConfig {
+            decoder: Decoder::UNet,
+            scenes: Default::default(),
+            width: 16,
+            depth: 3,
+            batch_norm: true,
+            median_frequency: true,
+            batch_size: 8,
+            steps: 3000,
+            lr: 2e-3,
+            seed: 42,
+            test_scenes: 100,
+            data_dir: None,
+            out_dir: None,
+        }
     }
 }
 
@@ -168,6 +261,7 @@ pub fn save_segmentation(path: &std::path::Path, vs: &VarStore, cfg: &SegmentCon
         ("kiln.decoder", cfg.decoder.name().to_string()),
         ("kiln.width", cfg.width.to_string()),
         ("kiln.depth", cfg.depth.to_string()),
+        ("kiln.batch_norm", cfg.batch_norm.to_string()),
         ("kiln.size", info.size.to_string()),
         ("kiln.class_names", info.class_names.join("|")),
     ] {
@@ -187,10 +281,17 @@ pub fn load_segmentation(path: &std::path::Path) -> Result<(SegmentNet, SegmentI
         other => return Err(saved.bad(&format!("unknown decoder {other:?}"))),
     };
     let class_names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
+    // Checkpoints from before batch norm was an option have none.
+    let batch_norm = match saved.ck.metadata.get("kiln.batch_norm").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(saved.bad(&format!("kiln.batch_norm is {other:?}, not true or false"))),
+    };
     let mut vs = VarStore::new(0);
-    let net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, saved.number("kiln.width")?, saved.number("kiln.depth")?)?;
+    let mut net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, saved.number("kiln.width")?, saved.number("kiln.depth")?, batch_norm)?;
     vs.finish()?;
     saved.load_into(&vs)?;
+    net.set_training(false);
     Ok((net, SegmentInfo { size: saved.number("kiln.size")?, class_names }))
 }
 
@@ -205,6 +306,36 @@ pub struct SegmentReport {
     pub miou: f64,
     pub parameters: usize,
     pub ms_per_step: f64,
+    /// The loss's class weights (background first; empty without median frequency balancing).
+    pub class_weights: Vec<f32>,
+}
+
+/// Median frequency balancing (Eigen & Fergus 2015, SegNet's loss): a class's frequency is its pixels over the
+/// pixels of the images it appears in, and its weight the median of those frequencies over this one's.
+/// Classes in none of the maps get weight 1. `maps`: per-pixel labels of whole images, each below `classes`.
+pub fn median_frequency_weights<'a>(maps: impl IntoIterator<Item = &'a [u32]>, classes: usize) -> Vec<f32> {
+    let (mut pixels, mut present_in) = (vec![0f64; classes], vec![0f64; classes]);
+    for map in maps {
+        let mut here = vec![0f64; classes];
+        for &c in map {
+            here[c as usize] += 1.0;
+        }
+        for c in 0..classes {
+            if here[c] > 0.0 {
+                pixels[c] += here[c];
+                present_in[c] += map.len() as f64;
+            }
+        }
+    }
+    let freq: Vec<Option<f64>> = (0..classes).map(|c| (present_in[c] > 0.0).then(|| pixels[c] / present_in[c])).collect();
+    let mut seen: Vec<f64> = freq.iter().flatten().copied().collect();
+    seen.sort_by(f64::total_cmp);
+    let median = match seen.len() {
+        0 => return vec![1.0; classes],
+        n if n % 2 == 1 => seen[n / 2],
+        n => (seen[n / 2 - 1] + seen[n / 2]) / 2.0,
+    };
+    freq.iter().map(|f| f.map_or(1.0, |f| (median / f) as f32)).collect()
 }
 
 /// Trains on fresh training scenes with the per-pixel cross-entropy and scores pixel accuracy and mIoU (over
@@ -220,9 +351,16 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
     let test = ObjectScenes::new(cfg.scenes, ObjectSplit::Test, cfg.seed, cfg.test_scenes, cfg.data_dir.as_deref()).map_err(data_err)?;
     let classes = train.classes() + 1;
     let mut vs = VarStore::new(cfg.seed);
-    let net = SegmentNet::new(&mut vs, cfg.decoder, classes, cfg.width, cfg.depth)?;
+    let mut net = SegmentNet::new(&mut vs, cfg.decoder, classes, cfg.width, cfg.depth, cfg.batch_norm)?;
     vs.finish()?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, None)?;
+    let class_weights = if cfg.median_frequency {
+        let maps = (0..train.len.min(500)).map(|i| train.scene(i).map(|sc| sc.semantic)).collect::<std::result::Result<Vec<_>, _>>().map_err(data_err)?;
+        median_frequency_weights(maps.iter().map(Vec::as_slice), classes)
+    } else {
+        Vec::new()
+    };
+    let weight = if class_weights.is_empty() { None } else { Some(Tensor::from_slice(&class_weights, &[classes])?) };
     let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<u32>)> {
         let (px, scenes) = set.batch(from, n).map_err(data_err)?;
         Ok((Tensor::from_slice(&px, &[n, 3, s, s])?, scenes.iter().flat_map(|sc| sc.semantic.iter().copied()).collect()))
@@ -232,11 +370,13 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
     for step in 0..cfg.steps {
         let (x, labels) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
         let y = Tensor::from_u32(&labels, &[cfg.batch_size, s, s])?;
-        let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, None, Default::default())?;
+        let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, weight.as_ref(), Default::default())?;
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    // Scored, saved and drawn with batch norm's running statistics.
+    net.set_training(false);
     let mut confusion = vec![vec![0u64; classes]; classes];
     for from in (0..test.len).step_by(cfg.batch_size) {
         let n = cfg.batch_size.min(test.len - from);
@@ -253,7 +393,7 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
         std::fs::create_dir_all(dir).map_err(|e| kiln_graph::KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
         save_segmentation(&dir.join("segment.safetensors"), &vs, cfg, &SegmentInfo { size: s, class_names: cfg.scenes.source.class_names() })?;
     }
-    Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step }))
+    Ok((net, SegmentReport { decoder: cfg.decoder, steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, pixel_accuracy, miou, parameters: vs.num_values(), ms_per_step, class_weights }))
 }
 
 /// A PNG of the first `count` held-out scenes of a run, each twice: the true class map, then the predicted

@@ -146,13 +146,42 @@ pub fn encode_anchors(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize),
 use kiln_graph::{Pool2dGeom, Result, Tensor};
 use kiln_nn::{Conv2d, Conv2dConfig, Layer, Module, Padding, Param, VarStore};
 
-/// A small YOLO with anchors (YOLOv2's head on a plain backbone): five 3x3 convolutions with ReLU
-/// (`backbone.{i}`), the first three followed by 2x2 max pooling (a grid of one cell per 8 pixels), and a 1x1
-/// `head` with A (5 + C) channels: per anchor the objectness logit, (tx, ty, tw, th) and the class logits.
+/// How a YOLO head lays out its predictions in each cell of the S x S grid.
+#[derive(Clone, Debug, PartialEq)]
+pub enum YoloLayout {
+    /// YOLOv2's anchor form: per anchor (its w, h in pixels) the objectness logit, (tx, ty, tw, th) and C class
+    /// logits: A (5 + C) channels.
+    Anchors(Vec<(f32, f32)>),
+    /// YOLOv1's layout (Redmon et al. 2016), S x S x (B * 5 + C): B boxes, each (x, y, sqrt w, sqrt h,
+    /// confidence), then C class scores shared by the cell. x and y are the centre's offset in the cell
+    /// (through a sigmoid), w and h the size in cells (the square of the output, as the paper regresses
+    /// square roots), the confidence a sigmoid, the classes a softmax.
+    V1 { boxes: usize },
+}
+
+impl YoloLayout {
+    /// Output channels for `classes` classes.
+    pub fn channels(&self, classes: usize) -> usize {
+        match self {
+            YoloLayout::Anchors(a) => a.len() * (5 + classes),
+            YoloLayout::V1 { boxes } => boxes * 5 + classes,
+        }
+    }
+    pub fn name(&self) -> String {
+        match self {
+            YoloLayout::Anchors(a) => format!("anchors ({})", a.len()),
+            YoloLayout::V1 { boxes } => format!("v1 ({boxes} boxes a cell)"),
+        }
+    }
+}
+
+/// A small YOLO on a plain backbone: five 3x3 convolutions with ReLU (`backbone.{i}`), the first three
+/// followed by 2x2 max pooling (a grid of one cell per 8 pixels), and a 1x1 `head` laid out as `layout`
+/// says (YOLOv2's anchors, or YOLOv1's boxes per cell).
 pub struct Yolo {
     pub backbone: Vec<Conv2d>,
     pub head: Conv2d,
-    pub anchors: Vec<(f32, f32)>,
+    pub layout: YoloLayout,
     pub classes: usize,
 }
 
@@ -162,12 +191,20 @@ pub fn grid_for(size: usize) -> usize {
 }
 
 impl Yolo {
-    pub fn new(vs: &mut VarStore, anchors: Vec<(f32, f32)>, classes: usize, width: usize) -> Result<Yolo> {
+    pub fn new(vs: &mut VarStore, layout: YoloLayout, classes: usize, width: usize) -> Result<Yolo> {
         let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
         let chans = [3, width, 2 * width, 4 * width, 8 * width, 8 * width];
         let backbone = (0..5).map(|i| Conv2d::new(vs, &format!("backbone.{i}"), chans[i], chans[i + 1], 3, same)).collect::<Result<Vec<_>>>()?;
-        let head = Conv2d::new(vs, "head", chans[5], anchors.len() * (5 + classes), 1, Conv2dConfig { init: kiln_nn::Init::Normal { std: 0.01 }, ..Default::default() })?;
-        Ok(Yolo { backbone, head, anchors, classes })
+        let head = Conv2d::new(vs, "head", chans[5], layout.channels(classes), 1, Conv2dConfig { init: kiln_nn::Init::Normal { std: 0.01 }, ..Default::default() })?;
+        Ok(Yolo { backbone, head, layout, classes })
+    }
+
+    /// The anchors (none in YOLOv1's layout).
+    pub fn anchors(&self) -> &[(f32, f32)] {
+        match &self.layout {
+            YoloLayout::Anchors(a) => a,
+            YoloLayout::V1 { .. } => &[],
+        }
     }
 
     /// images [n, 3, h, w] -> raw predictions [n, A (5 + C), h / 8, w / 8].
@@ -182,17 +219,27 @@ impl Yolo {
         self.head.forward(&x)
     }
 
-    /// Predictions [n, A (5 + C), S, S] as rows [n S S A, 5 + C] in (image, row, column, anchor) order.
+    /// Anchor-form predictions [n, A (5 + C), S, S] as rows [n S S A, 5 + C] in (image, row, column, anchor)
+    /// order; YOLOv1's [n, B * 5 + C, S, S] as rows [n S S, B * 5 + C] in (image, row, column) order.
     pub fn rows(&self, pred: &Tensor) -> Result<Tensor> {
         let (n, s) = (pred.shape()[0], pred.shape()[2]);
-        let (a, d) = (self.anchors.len(), 5 + self.classes);
-        pred.reshape(&[n, a, d, s, s])?.permute(&[0, 3, 4, 1, 2])?.reshape(&[n * s * s * a, d])
+        match &self.layout {
+            YoloLayout::Anchors(anchors) => {
+                let (a, d) = (anchors.len(), 5 + self.classes);
+                pred.reshape(&[n, a, d, s, s])?.permute(&[0, 3, 4, 1, 2])?.reshape(&[n * s * s * a, d])
+            }
+            YoloLayout::V1 { boxes } => pred.permute(&[0, 2, 3, 1])?.reshape(&[n * s * s, boxes * 5 + self.classes]),
+        }
     }
 
-    /// The loss of a batch against per-image targets: objectness binary cross-entropy on every anchor (those
-    /// without an object weighted `noobj`), and for the responsible anchors the squared errors of (sigmoid tx,
-    /// sigmoid ty, tw, th) times `coord` and the class cross-entropy; summed and divided by the images.
+    /// The anchor form's loss of a batch against per-image targets: objectness binary cross-entropy on every
+    /// anchor (those without an object weighted `noobj`), and for the responsible anchors the squared errors of
+    /// (sigmoid tx, sigmoid ty, tw, th) times `coord` and the class cross-entropy; summed and divided by the
+    /// images.
     pub fn loss(&self, pred: &Tensor, targets: &[AnchorTargets], coord: f32, noobj: f32) -> Result<Tensor> {
+        if !matches!(self.layout, YoloLayout::Anchors(_)) {
+            return Err(kiln_graph::KilnError::Usage("yolo loss: the anchor form's loss on a YOLOv1 head (use loss_v1)".into()));
+        }
         let rows = self.rows(pred)?;
         let (r, c) = (rows.shape()[0], self.classes);
         let dev = pred.device();
@@ -217,31 +264,111 @@ impl Yolo {
         obj_loss.add(&box_loss)?.add(&cls)?.scale(1.0 / n)
     }
 
-    /// Detections of image `i` of a prediction batch: score sigmoid(objectness) times the best class's
-    /// probability, above `min_score`, per-class NMS at `iou` (on the GPU), at most 100, best first. Boxes in
-    /// pixels of an input of side `size`.
+    /// YOLOv1's loss (Redmon et al. 2016, eq. 3) of a batch against per-image [`encode_v1`] targets (S x S x
+    /// (5 + C)). In a cell holding an object, the one of its B boxes whose prediction has the highest IoU with
+    /// the object is responsible (the first on ties). The loss sums, divided by the images:
+    /// - `coord` x ((x - x^)^2 + (y - y^)^2 + (sqrt w - sqrt w^)^2 + (sqrt h - sqrt h^)^2) over responsible boxes;
+    /// - (C - IoU)^2 over responsible boxes (the confidence's target is the prediction's IoU with the object,
+    ///   held constant), and `noobj` x C^2 over every other box;
+    /// - the squared errors of the class probabilities against the one-hot class, over cells with an object.
+    pub fn loss_v1(&self, pred: &Tensor, targets: &[Vec<f32>], coord: f32, noobj: f32) -> Result<Tensor> {
+        let YoloLayout::V1 { boxes: b } = self.layout else {
+            return Err(kiln_graph::KilnError::Usage("yolo loss_v1: YOLOv1's loss on an anchor-form head (use loss)".into()));
+        };
+        let (n, s, c) = (pred.shape()[0], pred.shape()[2], self.classes);
+        let cells = n * s * s;
+        let t_width = 5 + c;
+        if targets.len() != n || targets.iter().any(|t| t.len() != s * s * t_width) {
+            return Err(kiln_graph::KilnError::Usage(format!(
+                "yolo loss_v1: targets of {} images, sizes {:?}, for {n} images of {s} x {s} x {t_width}",
+                targets.len(),
+                targets.iter().map(Vec::len).collect::<Vec<_>>()
+            )));
+        }
+        let rows = self.rows(pred)?;
+        let values = rows.to_vec()?;
+        let width = b * 5 + c;
+        // The responsible boxes and their targets, chosen on the host from the current predictions.
+        let (mut resp, mut t_xy, mut t_wh, mut t_conf) = (vec![0f32; cells * b], vec![0f32; cells * b * 2], vec![0f32; cells * b * 2], vec![0f32; cells * b]);
+        let (mut obj_cell, mut one_hot) = (vec![0f32; cells], vec![0f32; cells * c]);
+        for (cell, t) in targets.iter().flat_map(|t| t.chunks(t_width)).enumerate() {
+            if t[0] <= 0.0 {
+                continue;
+            }
+            obj_cell[cell] = 1.0;
+            one_hot[cell * c..(cell + 1) * c].copy_from_slice(&t[5..]);
+            // In cell units about the cell's corner: the object (x, y, w, h) = (b_x, b_y, b_w, b_h).
+            let truth = [t[1], t[2], t[4], t[3]];
+            let v = &values[cell * width..(cell + 1) * width];
+            let ious: Vec<f32> = (0..b).map(|j| v1_iou(&v1_box(&v[5 * j..5 * j + 4]), &truth)).collect();
+            let best = (0..b).fold(0, |best, j| if ious[j] > ious[best] { j } else { best });
+            let r = cell * b + best;
+            resp[r] = 1.0;
+            t_xy[2 * r..2 * r + 2].copy_from_slice(&[truth[0], truth[1]]);
+            t_wh[2 * r..2 * r + 2].copy_from_slice(&[truth[2].sqrt(), truth[3].sqrt()]);
+            t_conf[r] = ious[best];
+        }
+        let dev = pred.device();
+        let on = |v: &[f32], shape: &[usize]| Tensor::from_slice_on(dev, v, shape);
+        let resp_t = on(&resp, &[cells * b, 1])?;
+        let noobj_w: Vec<f32> = resp.iter().map(|&r| noobj * (1.0 - r)).collect();
+        let boxes = rows.slice(1, 0, 5 * b)?.reshape(&[cells * b, 5])?;
+        let sq = |x: Tensor| -> Result<Tensor> { x.mul(&x) };
+        let d_xy = boxes.slice(1, 0, 2)?.sigmoid()?.sub(&on(&t_xy, &[cells * b, 2])?)?;
+        let d_wh = boxes.slice(1, 2, 2)?.sub(&on(&t_wh, &[cells * b, 2])?)?;
+        let coord_loss = sq(d_xy)?.add(&sq(d_wh)?)?.broadcast_mul(&resp_t)?.sum_all()?.scale(coord)?;
+        let conf = boxes.slice(1, 4, 1)?.sigmoid()?;
+        let obj_loss = sq(conf.sub(&on(&t_conf, &[cells * b, 1])?)?)?.mul(&resp_t)?.sum_all()?;
+        let noobj_loss = sq(conf)?.mul(&on(&noobj_w, &[cells * b, 1])?)?.sum_all()?;
+        let d_cls = rows.slice(1, 5 * b, c)?.softmax(1)?.sub(&on(&one_hot, &[cells, c])?)?;
+        let cls_loss = sq(d_cls)?.broadcast_mul(&on(&obj_cell, &[cells, 1])?)?.sum_all()?;
+        coord_loss.add(&obj_loss)?.add(&noobj_loss)?.add(&cls_loss)?.scale(1.0 / n as f32)
+    }
+
+    /// Detections of image `i` of a prediction batch, above `min_score`, per-class NMS at `iou` (on the GPU), at
+    /// most 100, best first. Boxes in pixels of an input of side `size`. The score: in the anchor form
+    /// sigmoid(objectness) times the best class's probability; in YOLOv1's, each box's confidence times the
+    /// cell's best class probability (the paper's class-specific confidence).
     pub fn detect(&self, pred: &Tensor, i: usize, size: usize, min_score: f32, iou: f32) -> Result<Vec<kiln_nn::detection_metrics::Detection>> {
-        let (s, a, d) = (pred.shape()[2], self.anchors.len(), 5 + self.classes);
+        let s = pred.shape()[2];
         let all = self.rows(&pred.slice(0, i, 1)?)?.to_vec()?;
         let cell = size as f32 / s as f32;
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        // The best class and its softmax probability.
+        let best_class = |logits: &[f32]| -> (usize, f32) {
+            let m = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let z: f32 = logits.iter().map(|&x| (x - m).exp()).sum();
+            let (best, _) = logits.iter().enumerate().fold((0, f32::MIN), |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc });
+            (best, 1.0 / z)
+        };
         let (mut boxes, mut scores, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        let mut push = |score: f32, class: usize, (cx, cy, w, h): (f32, f32, f32, f32)| {
+            if score > min_score {
+                boxes.push([cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0]);
+                scores.push(score);
+                labels.push(class as u32);
+            }
+        };
         for row in 0..s {
             for col in 0..s {
-                for k in 0..a {
-                    let v = &all[((row * s + col) * a + k) * d..][..d];
-                    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-                    let m = v[5..].iter().cloned().fold(f32::MIN, f32::max);
-                    let z: f32 = v[5..].iter().map(|&x| (x - m).exp()).sum();
-                    let (best, _) = v[5..].iter().enumerate().fold((0, f32::MIN), |acc, (j, &x)| if x > acc.1 { (j, x) } else { acc });
-                    let score = sig(v[0]) / z;
-                    if score <= min_score {
-                        continue;
+                match &self.layout {
+                    YoloLayout::Anchors(anchors) => {
+                        let (a, d) = (anchors.len(), 5 + self.classes);
+                        for (k, anchor) in anchors.iter().enumerate() {
+                            let v = &all[((row * s + col) * a + k) * d..][..d];
+                            let (class, p) = best_class(&v[5..]);
+                            let (cx, cy) = ((col as f32 + sig(v[1])) * cell, (row as f32 + sig(v[2])) * cell);
+                            push(sig(v[0]) * p, class, (cx, cy, anchor.0 * v[3].min(4.0).exp(), anchor.1 * v[4].min(4.0).exp()));
+                        }
                     }
-                    let (cx, cy) = ((col as f32 + sig(v[1])) * cell, (row as f32 + sig(v[2])) * cell);
-                    let (w, h) = (self.anchors[k].0 * v[3].min(4.0).exp(), self.anchors[k].1 * v[4].min(4.0).exp());
-                    boxes.push([cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0]);
-                    scores.push(score);
-                    labels.push(best as u32);
+                    YoloLayout::V1 { boxes: b } => {
+                        let v = &all[(row * s + col) * (5 * b + self.classes)..][..5 * b + self.classes];
+                        let (class, p) = best_class(&v[5 * b..]);
+                        for j in 0..*b {
+                            let [x, y, w, h] = v1_box(&v[5 * j..5 * j + 4]);
+                            push(sig(v[5 * j + 4]) * p, class, ((col as f32 + x) * cell, (row as f32 + y) * cell, w * cell, h * cell));
+                        }
+                    }
                 }
             }
         }
@@ -258,9 +385,28 @@ impl Yolo {
     }
 }
 
+/// A YOLOv1 box's raw outputs (x, y, sqrt w, sqrt h) as (x, y, w, h) in cells: the centre's offset from its
+/// cell's corner, and the size.
+fn v1_box(raw: &[f32]) -> [f32; 4] {
+    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+    [sig(raw[0]), sig(raw[1]), raw[2].max(0.0).powi(2), raw[3].max(0.0).powi(2)]
+}
+
+/// IoU of two boxes given as (centre x, centre y, w, h); 0 when either is empty.
+pub fn v1_iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let overlap = |c0: f32, s0: f32, c1: f32, s1: f32| ((c0 + s0 / 2.0).min(c1 + s1 / 2.0) - (c0 - s0 / 2.0).max(c1 - s1 / 2.0)).max(0.0);
+    let inter = overlap(a[0], a[2], b[0], b[2]) * overlap(a[1], a[3], b[1], b[3]);
+    let union = a[2] * a[3] + b[2] * b[3] - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
 impl Module for Yolo {
     fn describe(&self) -> String {
-        format!("Yolo(anchors={}, classes={})", self.anchors.len(), self.classes)
+        format!("Yolo({}, classes={})", self.layout.name(), self.classes)
     }
     fn own_params(&self) -> Vec<&Param> {
         vec![]
@@ -276,7 +422,10 @@ impl Module for Yolo {
 #[derive(Clone, Debug)]
 pub struct YoloConfig {
     pub scenes: kiln_data::ObjectSceneConfig,
+    /// Anchors found by k-means (the anchor form).
     pub anchors: usize,
+    /// YOLOv1's layout with this many boxes a cell instead of anchors (the paper has 2).
+    pub v1_boxes: Option<usize>,
     pub width: usize,
     pub batch_size: usize,
     pub steps: u64,
@@ -291,7 +440,7 @@ pub struct YoloConfig {
 
 impl Default for YoloConfig {
     fn default() -> Self {
-        YoloConfig { scenes: Default::default(), anchors: 5, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
+        YoloConfig { scenes: Default::default(), anchors: 5, v1_boxes: None, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
     }
 }
 
@@ -303,14 +452,21 @@ pub struct YoloInfo {
     pub class_names: Vec<String>,
 }
 
-/// Writes a trained model's weights with what rebuilds it (anchors, classes, width, image side, class names)
-/// in the metadata, atomically.
+/// Writes a trained model's weights with what rebuilds it (layout: anchors or YOLOv1's boxes a cell; classes,
+/// width, image side, class names) in the metadata, atomically.
 pub fn save_yolo(path: &std::path::Path, vs: &VarStore, model: &Yolo, width: usize, info: &YoloInfo) -> Result<()> {
     let mut ck = vs.to_checkpoint()?;
-    let anchors: Vec<String> = model.anchors.iter().map(|(w, h)| format!("{w:?}x{h:?}")).collect();
+    match &model.layout {
+        YoloLayout::Anchors(anchors) => {
+            let anchors: Vec<String> = anchors.iter().map(|(w, h)| format!("{w:?}x{h:?}")).collect();
+            ck.metadata.insert("kiln.anchors".into(), anchors.join(","));
+        }
+        YoloLayout::V1 { boxes } => {
+            ck.metadata.insert("kiln.v1_boxes".into(), boxes.to_string());
+        }
+    }
     for (k, v) in [
         ("kiln.model", "yolo".to_string()),
-        ("kiln.anchors", anchors.join(",")),
         ("kiln.classes", model.classes.to_string()),
         ("kiln.width", width.to_string()),
         ("kiln.size", info.size.to_string()),
@@ -326,21 +482,32 @@ pub fn save_yolo(path: &std::path::Path, vs: &VarStore, model: &Yolo, width: usi
 pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
     let saved = crate::saved::SavedModel::open(path, "yolo", "a YOLO checkpoint of `kiln train yolo`")?;
     let bad = |problem: &str| saved.bad(problem);
-    let anchors = saved
-        .meta("kiln.anchors")?
-        .split(',')
-        .map(|a| {
-            let (w, h) = a.split_once('x').ok_or_else(|| bad("an anchor is not WxH"))?;
-            Ok((w.parse().map_err(|_| bad("an anchor is not WxH"))?, h.parse().map_err(|_| bad("an anchor is not WxH"))?))
-        })
-        .collect::<Result<Vec<(f32, f32)>>>()?;
+    let layout = if saved.ck.metadata.contains_key("kiln.v1_boxes") {
+        match saved.number("kiln.v1_boxes")? {
+            0 => return Err(bad("kiln.v1_boxes is 0")),
+            boxes => YoloLayout::V1 { boxes },
+        }
+    } else {
+        let anchors = saved
+            .meta("kiln.anchors")?
+            .split(',')
+            .map(|a| {
+                let (w, h) = a.split_once('x').ok_or_else(|| bad("an anchor is not WxH"))?;
+                Ok((w.parse().map_err(|_| bad("an anchor is not WxH"))?, h.parse().map_err(|_| bad("an anchor is not WxH"))?))
+            })
+            .collect::<Result<Vec<(f32, f32)>>>()?;
+        if anchors.is_empty() {
+            return Err(bad("no anchors"));
+        }
+        YoloLayout::Anchors(anchors)
+    };
     let (classes, width, size) = (saved.number("kiln.classes")?, saved.number("kiln.width")?, saved.number("kiln.size")?);
     let class_names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
-    if class_names.len() != classes || anchors.is_empty() {
-        return Err(bad(&format!("{} class names for {classes} classes, {} anchors", class_names.len(), anchors.len())));
+    if class_names.len() != classes {
+        return Err(bad(&format!("{} class names for {classes} classes", class_names.len())));
     }
     let mut vs = VarStore::new(0);
-    let model = Yolo::new(&mut vs, anchors, classes, width)?;
+    let model = Yolo::new(&mut vs, layout, classes, width)?;
     vs.finish()?;
     saved.load_into(&vs)?;
     // The parameters live in the store's buffer, which the model's tensors share: the store may go.
@@ -350,6 +517,8 @@ pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
 /// What a YOLO run measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct YoloReport {
+    /// "anchors (A)" or "v1 (B boxes a cell)".
+    pub layout: String,
     pub steps: u64,
     pub first_loss: f64,
     pub last_loss: f64,
@@ -365,10 +534,10 @@ pub struct YoloReport {
 /// mAP@0.5 and COCO mAP on held-out scenes.
 pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Result<(Yolo, YoloReport)> {
     use kiln_data::{ObjectScenes, ObjectSplit};
-    if cfg.batch_size == 0 || cfg.anchors == 0 || cfg.scenes.size < 16 {
+    if cfg.batch_size == 0 || cfg.anchors == 0 || cfg.v1_boxes == Some(0) || cfg.scenes.size < 16 {
         return Err(kiln_graph::KilnError::Usage(format!(
-            "yolo: a batch size and anchors above 0 and scenes of at least 16 pixels are needed (got batch {}, {} anchors, size {})",
-            cfg.batch_size, cfg.anchors, cfg.scenes.size
+            "yolo: a batch size, anchors and YOLOv1 boxes a cell above 0 and scenes of at least 16 pixels are needed (got batch {}, {} anchors, {:?} boxes a cell, size {})",
+            cfg.batch_size, cfg.anchors, cfg.v1_boxes, cfg.scenes.size
         )));
     }
     let data_err = |e: kiln_data::DataError| kiln_graph::KilnError::Data(e.to_string());
@@ -378,25 +547,41 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     for i in 0..500 {
         sizes.extend(train.scene(i).map_err(data_err)?.objects.iter().map(|o| (o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1])));
     }
-    let (anchors, anchor_mean_iou) = kmeans_anchors(&sizes, cfg.anchors, cfg.seed);
+    let (layout, anchors, anchor_mean_iou) = match cfg.v1_boxes {
+        Some(boxes) => (YoloLayout::V1 { boxes }, Vec::new(), 0.0),
+        None => {
+            let (anchors, mean_iou) = kmeans_anchors(&sizes, cfg.anchors, cfg.seed);
+            (YoloLayout::Anchors(anchors.clone()), anchors, mean_iou)
+        }
+    };
     let mut vs = VarStore::new(cfg.seed);
-    let model = Yolo::new(&mut vs, anchors.clone(), train.classes(), cfg.width)?;
+    let model = Yolo::new(&mut vs, layout, train.classes(), cfg.width)?;
     vs.finish()?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, Some(10.0))?;
     let (size, s) = (cfg.scenes.size, grid_for(cfg.scenes.size));
-    let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<AnchorTargets>, Vec<kiln_data::ObjectScene>)> {
+    let batch = |set: &ObjectScenes, from: usize, n: usize| -> Result<(Tensor, Vec<kiln_data::ObjectScene>)> {
         let (px, scenes) = set.batch(from, n).map_err(data_err)?;
-        let targets = scenes
-            .iter()
-            .map(|sc| encode_anchors(&sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), &sc.objects.iter().map(|o| o.class).collect::<Vec<_>>(), (size, size), s, &anchors))
-            .collect();
-        Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, targets, scenes))
+        Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, scenes))
+    };
+    // The layout's loss, with the paper's weights: coord 5, noobj 0.5 (YOLOv1's, kept by the anchor form here).
+    let loss = |pred: &Tensor, scenes: &[kiln_data::ObjectScene]| -> Result<Tensor> {
+        let objects = |sc: &kiln_data::ObjectScene| (sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), sc.objects.iter().map(|o| o.class).collect::<Vec<_>>());
+        match &model.layout {
+            YoloLayout::Anchors(anchors) => {
+                let targets: Vec<AnchorTargets> = scenes.iter().map(objects).map(|(b, l)| encode_anchors(&b, &l, (size, size), s, anchors)).collect();
+                model.loss(pred, &targets, 5.0, 0.5)
+            }
+            YoloLayout::V1 { .. } => {
+                let targets: Vec<Vec<f32>> = scenes.iter().map(objects).map(|(b, l)| encode_v1(&b, &l, (size, size), s, model.classes)).collect();
+                model.loss_v1(pred, &targets, 5.0, 0.5)
+            }
+        }
     };
     let started = std::time::Instant::now();
     let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
-        let (x, targets, _) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
-        let l = model.loss(&model.forward(&x)?, &targets, 5.0, 0.5)?;
+        let (x, scenes) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
+        let l = loss(&model.forward(&x)?, &scenes)?;
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
     }
@@ -404,7 +589,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     let (mut dets, mut truths) = (Vec::new(), Vec::new());
     for from in (0..test.len).step_by(cfg.batch_size) {
         let n = cfg.batch_size.min(test.len - from);
-        let (x, _, scenes) = batch(&test, from, n)?;
+        let (x, scenes) = batch(&test, from, n)?;
         let pred = kiln_graph::no_grad(|| model.forward(&x))?;
         for (j, sc) in scenes.iter().enumerate() {
             dets.extend(model.detect(&pred, j, size, 0.01, 0.5)?.into_iter().map(|d| kiln_nn::detection_metrics::Detection { image: from + j, ..d }));
@@ -417,7 +602,8 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
         std::fs::create_dir_all(dir).map_err(|e| kiln_graph::KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
         save_yolo(&dir.join("yolo.safetensors"), &vs, &model, cfg.width, &YoloInfo { size, class_names: cfg.scenes.source.class_names() })?;
     }
-    Ok((model, YoloReport { steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
+    let layout = model.layout.name();
+    Ok((model, YoloReport { layout, steps: cfg.steps, first_loss: trace.first, last_loss: trace.last, anchors, anchor_mean_iou, map50, coco_map, ms_per_step, parameters: vs.num_values() }))
 }
 
 /// A PNG of the first `count` held-out scenes of a run, each twice: the true boxes, then the detections that
