@@ -33,6 +33,9 @@ fn median_frequency_balancing_as_worked_out() {
     // An even count of classes seen takes the mean of the middle two: frequencies 1/2 and 1/2 -> 1 and 1.
     assert_eq!(median_frequency_weights([&[0u32, 1][..]], 2), vec![1.0, 1.0]);
     assert_eq!(median_frequency_weights(std::iter::empty::<&[u32]>(), 3), vec![1.0; 3]);
+    // A label past the classes (an ignore index) is not counted: the same weights as without it.
+    let ignored: [&[u32]; 2] = [&[0, 0, 0, 1, 255], &[0, 0, 2, 2]];
+    assert_eq!(median_frequency_weights(ignored, 4), w);
 }
 
 #[test]

@@ -311,19 +311,23 @@ pub struct SegmentReport {
 }
 
 /// Median frequency balancing (Eigen & Fergus 2015, SegNet's loss): a class's frequency is its pixels over the
-/// pixels of the images it appears in, and its weight the median of those frequencies over this one's.
-/// Classes in none of the maps get weight 1. `maps`: per-pixel labels of whole images, each below `classes`.
+/// labelled pixels of the images it appears in, and its weight the median of those frequencies over this one's.
+/// Classes in none of the maps get weight 1. `maps`: per-pixel labels of whole images; labels at or above
+/// `classes` (an `ignore_index`, say) are not counted.
 pub fn median_frequency_weights<'a>(maps: impl IntoIterator<Item = &'a [u32]>, classes: usize) -> Vec<f32> {
     let (mut pixels, mut present_in) = (vec![0f64; classes], vec![0f64; classes]);
     for map in maps {
         let mut here = vec![0f64; classes];
         for &c in map {
-            here[c as usize] += 1.0;
+            if let Some(n) = here.get_mut(c as usize) {
+                *n += 1.0;
+            }
         }
+        let labelled: f64 = here.iter().sum();
         for c in 0..classes {
             if here[c] > 0.0 {
                 pixels[c] += here[c];
-                present_in[c] += map.len() as f64;
+                present_in[c] += labelled;
             }
         }
     }
