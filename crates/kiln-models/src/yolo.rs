@@ -333,7 +333,6 @@ impl Yolo {
         let s = pred.shape()[2];
         let all = self.rows(&pred.slice(0, i, 1)?)?.to_vec()?;
         let cell = size as f32 / s as f32;
-        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
         // The best class and its softmax probability.
         let best_class = |logits: &[f32]| -> (usize, f32) {
             let m = logits.iter().cloned().fold(f32::MIN, f32::max);
@@ -385,10 +384,14 @@ impl Yolo {
     }
 }
 
+/// The logistic function, on the host (decoding predictions read back).
+fn sig(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// A YOLOv1 box's raw outputs (x, y, sqrt w, sqrt h) as (x, y, w, h) in cells: the centre's offset from its
 /// cell's corner, and the size.
 fn v1_box(raw: &[f32]) -> [f32; 4] {
-    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
     [sig(raw[0]), sig(raw[1]), raw[2].max(0.0).powi(2), raw[3].max(0.0).powi(2)]
 }
 
