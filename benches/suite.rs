@@ -161,6 +161,11 @@ pub struct SuiteOptions {
     pub nms: Vec<usize>,
     /// RoI-Align: (RoIs, channels, map side), 7 x 7 bins of 2 x 2 samples.
     pub roi_align: Vec<(usize, usize, usize)>,
+    /// Scene sides whose detector and segmenter training steps are timed (`detection`, batch 16): 64 is the
+    /// examples' scenes of 1-3 digits, 128 the data set's defaults (2-6 objects, 20 classes).
+    pub scene_sides: Vec<usize>,
+    /// Their batch (the 16).
+    pub scene_batch: usize,
     /// The side of the style-transfer iteration's image (`generative`).
     pub style_side: usize,
     /// All-reduce (`allreduce`): logical devices, and message sizes in bytes.
@@ -190,6 +195,8 @@ impl Default for SuiteOptions {
             lm_batch: 32,
             nms: vec![1000, 10_000, 100_000],
             roi_align: vec![(512, 256, 64)],
+            scene_sides: vec![64, 128],
+            scene_batch: 16,
             style_side: 512,
             allreduce_devices: vec![2, 4],
             // 4 KiB to 1 GiB, by fours.
@@ -212,6 +219,7 @@ impl SuiteOptions {
             attention: vec![(8, 256)],
             nms: vec![1000, 10_000],
             roi_align: vec![(64, 32, 32)],
+            scene_sides: vec![64],
             style_side: 128,
             allreduce_devices: vec![2],
             allreduce_bytes: (0..6).map(|i| 4096usize << (2 * i)).collect(),
@@ -1168,27 +1176,127 @@ fn detection_family(ctx: &mut Ctx) -> R<()> {
             Ok(y.detach())
         })?;
     }
-    // A two-stage detector's training step (RPN, RoI-Align box and mask heads, both samplers, Adam) on eight
-    // 64 x 64 object scenes, the example's settings.
+    // Transposed convolutions beside the convolutions they are the adjoints of (the same products, the same
+    // FLOPs): U-Net's 2x2 stride-2 up-convolution and the 4x4 stride-2 one of DCGAN-style decoders.
+    for (k, pad) in [(2usize, 0usize), (4, 1)] {
+        let geom = kiln_graph::Conv2dGeom { stride: [2, 2], padding: [pad, pad], ..Default::default() };
+        let (n, c_small, c_big, side) = (16usize, 64usize, 32usize, 16usize);
+        let small = Tensor::rand_uniform(&[n, c_small, side, side], -1.0, 1.0, &mut rng)?.var();
+        let big = Tensor::rand_uniform(&[n, c_big, 2 * side, 2 * side], -1.0, 1.0, &mut rng)?.var();
+        // One weight [64, 32, k, k]: conv2d reads it as [out 64, in 32], conv_transpose2d as [in 64, out 32].
+        let w = Tensor::rand_uniform(&[c_small, c_big, k, k], -0.1, 0.1, &mut rng)?.var();
+        let (hs, hb, hw) = (small.to_vec()?, big.to_vec()?, w.to_vec()?);
+        let flops = 3.0 * 2.0 * (n * c_small * side * side * c_big * k * k) as f64;
+        let shape = [n, c_small, side, side, c_big, k];
+        let cw = kiln_graph::cpu::CpuTensor::from_f32(&hw, &[c_small, c_big, k, k]);
+        let mut want = Vec::new();
+        let cpu_ms = cpu_time(1, || want = kiln_graph::cpu::CpuTensor::from_f32(&hs, &[n, c_small, side, side]).conv_transpose2d(&cw, &geom, [0, 0]).to_f32());
+        let r = Tensor::rand_uniform(&[n, c_big, 2 * side, 2 * side], -1.0, 1.0, &mut rng)?;
+        let name = format!("conv_transpose2d {k}x{k} s2 [{n}, {c_small}, {side}, {side}] -> [{n}, {c_big}, {}, {}]: fwd+bwd", 2 * side, 2 * side);
+        let rec = ctx.base("detection", &name, &shape, "conv input gradient");
+        ctx.measure(rec, flops, false, &want, 1e-4, Some(cpu_ms * 3.0), || {
+            let y = small.conv_transpose2d(&w, geom, [0, 0])?;
+            y.mul(&r)?.sum_all()?.backward()?;
+            Ok(y.detach())
+        })?;
+        let cpu_ms = cpu_time(1, || want = kiln_graph::cpu::CpuTensor::from_f32(&hb, &[n, c_big, 2 * side, 2 * side]).conv2d(&cw, &geom).to_f32());
+        let r = Tensor::rand_uniform(&[n, c_small, side, side], -1.0, 1.0, &mut rng)?;
+        let name = format!("conv2d {k}x{k} s2 [{n}, {c_big}, {}, {}] -> [{n}, {c_small}, {side}, {side}] (its adjoint): fwd+bwd", 2 * side, 2 * side);
+        let rec = ctx.base("detection", &name, &shape, "conv");
+        ctx.measure(rec, flops, false, &want, 1e-4, Some(cpu_ms * 3.0), || {
+            let y = big.conv2d(&w, geom)?;
+            y.mul(&r)?.sum_all()?.backward()?;
+            Ok(y.detach())
+        })?;
+    }
+    for side in ctx.opts.scene_sides.clone() {
+        detector_steps(ctx, side, &mut rng)?;
+    }
+    Ok(())
+}
+
+/// One training step (forward, backward, Adam) at batch `scene_batch` (16) of each detector and segmenter on object scenes of
+/// `side` pixels: at 64 the examples' scenes (1-3 digits), at any other side the data set's defaults (2-6
+/// objects, digits and Fashion-MNIST, 20 classes), with the `kiln train` settings for each model.
+fn detector_steps(ctx: &mut Ctx, side: usize, rng: &mut Rng) -> R<()> {
+    use kiln_data::{ObjectSceneConfig, ObjectScenes, ObjectSource, ObjectSplit};
+    let batch_size = ctx.opts.scene_batch;
+    let scenes = if side == 64 {
+        ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: ObjectSource::Digits, ..Default::default() }
+    } else {
+        ObjectSceneConfig { size: side, ..Default::default() }
+    };
+    let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
+    let set = ObjectScenes::new(scenes, ObjectSplit::Train, 1, batch_size, None).map_err(data_err)?;
+    let classes = set.classes();
+    let (px, batch) = set.batch(0, batch_size).map_err(data_err)?;
+    let x = Tensor::from_slice(&px, &[batch_size, 3, side, side])?;
+    let what = if side == 64 { "1-3 digits".to_string() } else { format!("2-6 objects, {classes} classes") };
+    let shape = [batch_size, 3, side, side];
+    // The two-stage detector: RPN, RoI-Align box and mask heads, both samplers.
     {
         use kiln_models::rcnn::{scene_targets, TwoStage, TwoStageConfig};
-        let scenes = kiln_data::ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: kiln_data::ObjectSource::Digits, ..Default::default() };
-        let data_err = |e: kiln_data::DataError| KilnError::Data(e.to_string());
-        let set = kiln_data::ObjectScenes::new(scenes, kiln_data::ObjectSplit::Train, 1, 8, None).map_err(data_err)?;
-        let (px, batch) = set.batch(0, 8).map_err(data_err)?;
         let targets: Vec<_> = batch.iter().map(scene_targets).collect();
+        let anchors = if side == 64 { vec![12.0, 20.0, 32.0] } else { [12.0, 24.0, 48.0].map(|a| a * side as f32 / 128.0).to_vec() };
         let mut vs = kiln_nn::VarStore::new(1);
-        let model = TwoStage::new(&mut vs, TwoStageConfig { classes: 10, anchor_sizes: vec![12.0, 20.0, 32.0], representation: 128, ..Default::default() })?;
+        let model = TwoStage::new(&mut vs, TwoStageConfig { classes, anchor_sizes: anchors, representation: 128, ..Default::default() })?;
         vs.finish()?;
         let mut opt = adam(&vs)?;
-        let x = Tensor::from_slice(&px, &[8, 3, 64, 64])?;
         let ms = median_step(ctx, || {
-            let l = model.losses(&x, &targets, &mut rng)?.total()?;
+            let l = model.losses(&x, &targets, rng)?.total()?;
             opt.step(&vs, &l.backward()?)?;
             l.to_scalar()?;
             Ok(())
         })?;
-        push_step(ctx, "detection", "two-stage detector step (RPN, box and mask heads; fwd, bwd, Adam)", &[8, 3, 64, 64], 8, ms, vs.num_values());
+        push_step(ctx, "detection", &format!("two-stage detector step, {side} x {side} scenes of {what} (RPN, box and mask heads)"), &shape, batch_size, ms, vs.num_values());
+    }
+    // YOLO, both layouts (3 anchors from k-means on the batch's boxes; YOLOv1's 2 boxes a cell).
+    {
+        use kiln_models::yolo::{encode_anchors, encode_v1, grid_for, kmeans_anchors, Yolo, YoloLayout};
+        let sizes: Vec<(f32, f32)> = batch.iter().flat_map(|sc| sc.objects.iter().map(|o| (o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]))).collect();
+        let anchors = kmeans_anchors(&sizes, 3, 1).0;
+        let s = grid_for(side);
+        for layout in [YoloLayout::Anchors(anchors.clone()), YoloLayout::V1 { boxes: 2 }] {
+            let mut vs = kiln_nn::VarStore::new(1);
+            let model = Yolo::new(&mut vs, layout.clone(), classes, 16)?;
+            vs.finish()?;
+            let mut opt = adam(&vs)?;
+            let objects = |sc: &kiln_data::ObjectScene| (sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), sc.objects.iter().map(|o| o.class).collect::<Vec<_>>());
+            let anchor_targets: Vec<_> = batch.iter().map(objects).map(|(b, l)| encode_anchors(&b, &l, (side, side), s, &anchors)).collect();
+            let v1_targets: Vec<_> = batch.iter().map(objects).map(|(b, l)| encode_v1(&b, &l, (side, side), s, classes)).collect();
+            let ms = median_step(ctx, || {
+                let pred = model.forward(&x)?;
+                let l = match layout {
+                    YoloLayout::Anchors(_) => model.loss(&pred, &anchor_targets, 5.0, 0.5)?,
+                    YoloLayout::V1 { .. } => model.loss_v1(&pred, &v1_targets, 5.0, 0.5)?,
+                };
+                opt.step(&vs, &l.backward()?)?;
+                l.to_scalar()?;
+                Ok(())
+            })?;
+            push_step(ctx, "detection", &format!("YOLO step ({}), {side} x {side} scenes of {what}", layout.name()), &shape, batch_size, ms, vs.num_values());
+        }
+    }
+    // The three segmenters (width 16, depth 3, batch norm, median-frequency-weighted cross-entropy).
+    {
+        use kiln_models::segment::{median_frequency_weights, Decoder, SegmentNet};
+        let labels: Vec<u32> = batch.iter().flat_map(|sc| sc.semantic.iter().copied()).collect();
+        let y = Tensor::from_u32(&labels, &[batch_size, side, side])?;
+        let weights = median_frequency_weights(batch.iter().map(|sc| sc.semantic.as_slice()), classes + 1);
+        let weights = Tensor::from_slice(&weights, &[classes + 1])?;
+        for decoder in [Decoder::Fcn, Decoder::SegNet, Decoder::UNet] {
+            let mut vs = kiln_nn::VarStore::new(1);
+            let net = SegmentNet::new(&mut vs, decoder, classes + 1, 16, 3, true)?;
+            vs.finish()?;
+            let mut opt = adam(&vs)?;
+            let ms = median_step(ctx, || {
+                let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, Some(&weights), Default::default())?;
+                opt.step(&vs, &l.backward()?)?;
+                l.to_scalar()?;
+                Ok(())
+            })?;
+            push_step(ctx, "detection", &format!("{} segmentation step, {side} x {side} scenes of {what}", decoder.name()), &shape, batch_size, ms, vs.num_values());
+        }
     }
     Ok(())
 }

@@ -86,15 +86,21 @@ fn language_model_steps_report_tokens_per_second() {
 fn detection_records_are_checked_against_the_reference() {
     require_gpu();
     let roofs = Roofs { fma_gflops: 100.0, copy_gbps: 10.0 };
-    let opts = SuiteOptions { filter: vec!["detection".into()], nms: vec![300], roi_align: vec![(20, 8, 16)], runs: 3, ..Default::default() };
+    let opts = SuiteOptions { filter: vec!["detection".into()], nms: vec![300], roi_align: vec![(20, 8, 16)], scene_sides: vec![64], scene_batch: 2, runs: 3, ..Default::default() };
     let records = suite::run_suite(&opts, roofs, &mut |_| {}).unwrap();
-    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records.len(), 12, "{records:?}");
     let nms = &records[0];
     assert!(nms.valid && nms.median_ms.unwrap() > 0.0 && nms.note.as_deref().unwrap().contains("kept"), "{nms:?}");
     let roi = &records[1];
     assert!(roi.valid && roi.median_ms.unwrap() > 0.0 && roi.cpu_gflops.unwrap() > 0.0, "{roi:?}");
-    let step = &records[2];
-    assert!(step.kernel.starts_with("two-stage detector step") && step.ms_per_step.unwrap() > 0.0 && step.batch == Some(8), "{step:?}");
+    // Transposed convolutions and their adjoint convolutions, 2x2 then 4x4, each checked against the reference.
+    for (r, name) in records[2..6].iter().zip(["conv_transpose2d 2x2", "conv2d 2x2", "conv_transpose2d 4x4", "conv2d 4x4"]) {
+        assert!(r.kernel.starts_with(name) && r.valid && r.median_ms.unwrap() > 0.0 && r.cpu_gflops.unwrap() > 0.0, "{r:?}");
+    }
+    let steps = ["two-stage detector step", "YOLO step (anchors", "YOLO step (v1", "fcn segmentation step", "segnet segmentation step", "unet segmentation step"];
+    for (step, name) in records[6..].iter().zip(steps) {
+        assert!(step.kernel.starts_with(name) && step.kernel.contains("64 x 64") && step.ms_per_step.unwrap() > 0.0 && step.batch == Some(2), "{step:?}");
+    }
 }
 
 #[test]

@@ -172,12 +172,22 @@ struct TrainArgs {
     /// GPU augmentation of training batches: flip, shift[:PX], rotate[:DEG], scale[:FRAC], jitter[:AMOUNT], noise[:STD].
     #[arg(long)]
     augment: Option<String>,
-    /// yolo, segment, rcnn: the scenes' side in pixels [default: 64].
+    /// yolo, segment, rcnn, localize: the scenes, `small` (the examples': 64 x 64, 1-3 digits at 0.7-1.4x their
+    /// size) or `full` (the data set's defaults: 128 x 128, 2-6 digits and Fashion-MNIST items at 0.5-2x, 20
+    /// classes) [default: small]; --image-size and --objects change either.
+    #[arg(long, value_parser = ["small", "full"])]
+    scenes: Option<String>,
+    /// yolo, segment, rcnn, localize: the scenes' side in pixels [default: 64, or 128 with --scenes full].
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..=1024))]
     image_size: Option<u64>,
-    /// yolo, segment, rcnn: the objects pasted: digits (10 classes), fashion (10) or both (20) [default: digits].
+    /// yolo, segment, rcnn, localize: the objects pasted: digits (10 classes), fashion (10) or both (20)
+    /// [default: digits, or both with --scenes full].
     #[arg(long, value_parser = ["digits", "fashion", "both"])]
     objects: Option<String>,
+    /// yolo, segment, rcnn: write four held-out scenes with the model's predictions to the run directory every
+    /// this many steps (scenes-step-NNNNNN.png); 0 for none [default: a fifth of the steps].
+    #[arg(long, value_name = "STEPS")]
+    sample_every: Option<u64>,
     /// segment: the decoder, fcn, segnet or unet [default: unet].
     #[arg(long, value_parser = ["fcn", "segnet", "unet"])]
     decoder: Option<String>,
@@ -708,25 +718,44 @@ fn train_scene_model(a: &TrainArgs) -> Result<()> {
 /// held-out scenes, with a PNG of four of them: truth, then prediction.
 fn train_object_model(a: &TrainArgs) -> Result<()> {
     use kiln_data::{ObjectSceneConfig, ObjectSource};
-    let size = a.image_size.unwrap_or(64) as usize;
+    let full = a.scenes.as_deref() == Some("full");
+    let size = a.image_size.unwrap_or(if full { 128 } else { 64 }) as usize;
     let source = match a.objects.as_deref() {
         Some("fashion") => ObjectSource::Fashion,
         Some("both") => ObjectSource::Both,
-        _ => ObjectSource::Digits,
+        Some(_) => ObjectSource::Digits,
+        None if full => ObjectSource::Both,
+        None => ObjectSource::Digits,
     };
     let scenes = match a.model.as_str() {
         "localize" => ObjectSceneConfig { size, objects: (0, 1), scale: (0.75, (size as f32 / 28.0).min(2.0)), source, ..Default::default() },
+        _ if full => ObjectSceneConfig { size, source, ..Default::default() },
         _ => ObjectSceneConfig { size, objects: (1, 3), scale: (0.7, 1.4), source, ..Default::default() },
     };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-object-scenes", a.model)));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let picture = out.join("scenes.png");
-    eprintln!("kiln: training {} on {size} x {size} object scenes with {}", a.model, kiln_wgpu::gpu()?.adapter_name());
+    let what = match source {
+        ObjectSource::Digits => "digits",
+        ObjectSource::Fashion => "Fashion-MNIST items",
+        ObjectSource::Both => "digits and Fashion-MNIST items",
+    };
+    eprintln!(
+        "kiln: training {} on {size} x {size} object scenes of {}-{} {what} at {}-{}x ({} classes) with {}",
+        a.model,
+        scenes.objects.0,
+        scenes.objects.1,
+        scenes.scale.0,
+        scenes.scale.1,
+        source.class_names().len(),
+        kiln_wgpu::gpu()?.adapter_name()
+    );
     let defaults: u64 = match a.model.as_str() {
         "segment" => 1000,
         _ => 1500,
     };
     let steps = a.steps.unwrap_or(defaults);
+    let sample_every = a.sample_every.unwrap_or((steps / 5).max(1));
     let bar = steps_bar(steps);
     let started = std::time::Instant::now();
     let on_step = |step: u64, loss: f32| {
@@ -748,6 +777,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 seed: a.seed,
                 data_dir,
                 out_dir: Some(out.clone()),
+                sample_every,
                 ..Default::default()
             };
             let (model, r) = train_yolo(&cfg, on_step).context("training yolo")?;
@@ -776,6 +806,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 seed: a.seed,
                 data_dir,
                 out_dir: Some(out.clone()),
+                sample_every,
                 ..Default::default()
             };
             let (net, r) = train_segmentation(&cfg, on_step).context("training segmentation")?;
@@ -802,7 +833,9 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
         }
         _ => {
             use kiln_models::rcnn::{train_two_stage, two_stage_pictures, TwoStageConfig, TwoStageRun};
-            let model = TwoStageConfig { anchor_sizes: vec![12.0 * size as f32 / 64.0, 20.0 * size as f32 / 64.0, 32.0 * size as f32 / 64.0], representation: 128, ..Default::default() };
+            // The small scenes' objects are 20-39 pixels (their tight boxes smaller); the full scenes' 14-56.
+            let anchor_sizes = if full { vec![12.0, 24.0, 48.0] } else { vec![12.0, 20.0, 32.0] };
+            let model = TwoStageConfig { anchor_sizes: anchor_sizes.into_iter().map(|a| a * size as f32 / if full { 128.0 } else { 64.0 }).collect(), representation: 128, ..Default::default() };
             let run = TwoStageRun {
                 model,
                 scenes,
@@ -812,6 +845,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 seed: a.seed,
                 data_dir,
                 out_dir: Some(out.clone()),
+                sample_every,
                 ..Default::default()
             };
             let (model, r) = train_two_stage(&run, on_step).context("training the two-stage detector")?;

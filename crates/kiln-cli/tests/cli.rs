@@ -432,6 +432,10 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
     assert!(o.status.success(), "{}", text(&o).1);
     let ck = dir.join("yolo.safetensors");
     assert!(ck.exists() && text(&o).0.contains("kiln detect"), "{}", text(&o).0);
+    // Pictures of held-out scenes every fifth of the run (3 steps: every step).
+    for step in 1..=3 {
+        assert!(dir.join(format!("scenes-step-{step:06}.png")).exists(), "the picture after step {step}");
+    }
     // A picture of another size: boxes come back in its own pixels.
     let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/images/astronaut.png");
     let png = dir.join("found.png");
@@ -446,9 +450,16 @@ fn yolo_saves_a_checkpoint_that_detect_and_localize_train_and_errors() {
     }
     // YOLOv1's layout: saved with its boxes a cell, and read back by `kiln detect`.
     let v1 = dir.join("v1");
-    let o = kiln(&["train", "yolo", "--dataset", "object-scenes", "--layout", "v1", "--steps", "3", "--image-size", "48", "--out", v1.to_str().unwrap(), "--json"], &[]);
+    // The data set's own scenes (--scenes full: 2-6 objects of both sources, 20 classes), here at 64 pixels, with
+    // no pictures on the way.
+    let o = kiln(
+        &["train", "yolo", "--dataset", "object-scenes", "--layout", "v1", "--scenes", "full", "--image-size", "64", "--sample-every", "0", "--steps", "3", "--out", v1.to_str().unwrap(), "--json"],
+        &[],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
+    assert!(err.contains("64 x 64 object scenes of 2-6 digits and Fashion-MNIST items at 0.5-2x (20 classes)"), "{err}");
+    assert!(!v1.join("scenes-step-000003.png").exists() && v1.join("scenes.png").exists());
     let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert!(r["layout"] == "v1 (2 boxes a cell)" && r["parameters"].as_u64().is_some(), "{r}");
     let o = kiln(&["detect", "--checkpoint", v1.join("yolo.safetensors").to_str().unwrap(), photo, "--min-score", "0", "--out", png.to_str().unwrap(), "--json"], &[]);

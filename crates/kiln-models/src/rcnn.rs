@@ -645,11 +645,14 @@ pub struct TwoStageRun {
     /// Where to write `rcnn.safetensors` (the weights, the model's configuration as JSON, the image side and
     /// the class names) after training, for `kiln detect` and [`load_two_stage`].
     pub out_dir: Option<std::path::PathBuf>,
+    /// Every this many steps (0: never), [`two_stage_pictures`] of four held-out scenes into `out_dir` as
+    /// `scenes-step-NNNNNN.png`.
+    pub sample_every: u64,
 }
 
 impl Default for TwoStageRun {
     fn default() -> Self {
-        TwoStageRun { model: Default::default(), scenes: Default::default(), batch_size: 8, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
+        TwoStageRun { model: Default::default(), scenes: Default::default(), batch_size: 8, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None, sample_every: 0 }
     }
 }
 
@@ -715,6 +718,9 @@ pub fn train_two_stage(run: &TwoStageRun, mut progress: impl FnMut(u64, f32)) ->
         }
         last = v;
         progress(step + 1, v as f32);
+        if let Some(path) = crate::trainer::sample_picture_path(run.out_dir.as_deref(), run.sample_every, step + 1)? {
+            two_stage_pictures(&model, run, 4, &path)?;
+        }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / run.steps.max(1) as f64;
     let (mut dets, mut det_masks, mut truths, mut truth_masks) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

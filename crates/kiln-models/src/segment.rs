@@ -2,15 +2,18 @@
 //! class + 1 for an object) with three decoders over one encoder, so they compare like for like.
 //!
 //! The encoder: `depth` stages of two 3x3 convolutions (ReLU) and a 2x2 max pooling, channels doubling from
-//! `width`. Then a 3x3 convolution at the bottom. The decoders go back up `depth` times:
-//! - **FCN** (no skips): bilinear upsampling by 2 and a 3x3 convolution each time;
-//! - **SegNet**: max-unpooling with the encoder's own pooling switches, then two 3x3 convolutions;
-//! - **U-Net**: a 2x2 transposed convolution (stride 2), the encoder stage's features concatenated (the
-//!   skip), then two 3x3 convolutions.
+//! `width`. Then a 3x3 convolution at the bottom. Then:
+//! - **FCN** without skips (Long et al.'s FCN-32s; FCN-16s and -8s add the skips): a 1x1 convolution scores
+//!   the classes at the bottom, at 1 / 2^depth of the image's side, and fixed bilinear upsampling by 2^depth
+//!   brings the scores to the image's size, as the paper's last upsampling layer;
+//! - **SegNet**: `depth` times, max-unpooling with the encoder's own pooling switches, then two 3x3
+//!   convolutions;
+//! - **U-Net**: `depth` times, a 2x2 transposed convolution (stride 2), the encoder stage's features
+//!   concatenated (the skip), then two 3x3 convolutions.
 //!
 //! With `batch_norm` (the default), every 3x3 convolution is followed by batch norm (U-Net's and SegNet's
-//! papers' form; `{name}.bn`) and has no bias of its own. A 1x1 convolution gives the class logits; the loss
-//! is the per-pixel cross-entropy.
+//! papers' form; `{name}.bn`) and has no bias of its own. A 1x1 convolution gives the class logits (SegNet's
+//! and U-Net's at full size); the loss is the per-pixel cross-entropy.
 
 use kiln_graph::kernels::BiasAct;
 use kiln_graph::{Pool2dGeom, Result, Tensor};
@@ -104,12 +107,12 @@ impl SegmentNet {
         }
         let bottom = block(vs, "bottom".into(), ch(depth - 1), ch(depth - 1))?;
         let (mut up, mut dec) = (Vec::new(), Vec::new());
-        // Decoder stage i (deepest first) ends with ch(i - 1) channels (width at the top).
-        for i in (0..depth).rev() {
+        // Decoder stage i (deepest first) ends with ch(i - 1) channels (width at the top). The FCN has none.
+        for i in (0..depth).rev().filter(|_| decoder != Decoder::Fcn) {
             let out_c = if i == 0 { width } else { ch(i - 1) };
             let convs = match decoder {
-                Decoder::Fcn => vec![block(vs, format!("dec.{i}.0"), ch(i), out_c)?],
-                Decoder::SegNet => vec![block(vs, format!("dec.{i}.0"), ch(i), ch(i))?, block(vs, format!("dec.{i}.1"), ch(i), out_c)?],
+                // (The FCN is filtered out above.)
+                Decoder::Fcn | Decoder::SegNet => vec![block(vs, format!("dec.{i}.0"), ch(i), ch(i))?, block(vs, format!("dec.{i}.1"), ch(i), out_c)?],
                 Decoder::UNet => {
                     up.push(ConvTranspose2d::new(vs, &format!("up.{i}"), ch(i), ch(i), 2, 2, 0, 0, 1, true)?);
                     vec![block(vs, format!("dec.{i}.0"), 2 * ch(i), ch(i))?, block(vs, format!("dec.{i}.1"), ch(i), out_c)?]
@@ -117,7 +120,8 @@ impl SegmentNet {
             };
             dec.push(convs);
         }
-        let out = Conv2d::new(vs, "out", width, classes, 1, Conv2dConfig::default())?;
+        let scored = if decoder == Decoder::Fcn { ch(depth - 1) } else { width };
+        let out = Conv2d::new(vs, "out", scored, classes, 1, Conv2dConfig::default())?;
         Ok(SegmentNet { decoder, enc, bottom, up, dec, out })
     }
 
@@ -139,11 +143,15 @@ impl SegmentNet {
             x = pooled;
         }
         x = self.bottom.forward(&x)?;
+        if self.decoder == Decoder::Fcn {
+            let full = [images.shape()[2], images.shape()[3]];
+            return self.out.forward(&x)?.upsample_bilinear2d(full, false);
+        }
         for (j, convs) in self.dec.iter().enumerate() {
             let i = self.enc.len() - 1 - j;
             x = match self.decoder {
-                Decoder::Fcn => x.upsample_bilinear2d(sizes[i], false)?,
-                Decoder::SegNet => x.max_unpool2d(&switches[i], Pool2dGeom::square(2), sizes[i])?,
+                // (The FCN returned above.)
+                Decoder::Fcn | Decoder::SegNet => x.max_unpool2d(&switches[i], Pool2dGeom::square(2), sizes[i])?,
                 Decoder::UNet => Tensor::concat(&[&self.up[j].forward(&x)?.relu()?, &skips[i]], 1)?,
             };
             for conv in convs {
@@ -222,6 +230,9 @@ pub struct SegmentConfig {
     /// Where to write `segment.safetensors` (weights, decoder, sizes and class names) after training, for
     /// `kiln segment` and [`load_segmentation`].
     pub out_dir: Option<std::path::PathBuf>,
+    /// Every this many steps (0: never), [`segment_pictures`] of four held-out scenes into `out_dir` as
+    /// `scenes-step-NNNNNN.png`, drawn with batch norm's running statistics.
+    pub sample_every: u64,
 }
 
 impl Default for SegmentConfig {
@@ -240,6 +251,7 @@ impl Default for SegmentConfig {
             test_scenes: 100,
             data_dir: None,
             out_dir: None,
+            sample_every: 0,
         }
     }
 }
@@ -377,6 +389,11 @@ pub fn train_segmentation(cfg: &SegmentConfig, mut progress: impl FnMut(u64, f32
         let l = kiln_graph::loss::pixel_cross_entropy(&net.forward(&x)?, &y, weight.as_ref(), Default::default())?;
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
+        if let Some(path) = crate::trainer::sample_picture_path(cfg.out_dir.as_deref(), cfg.sample_every, step + 1)? {
+            net.set_training(false);
+            segment_pictures(&net, cfg, 4, &path)?;
+            net.set_training(true);
+        }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     // Scored, saved and drawn with batch norm's running statistics.

@@ -463,6 +463,19 @@ impl Default for LossTrace {
     }
 }
 
+/// Where a scene model's run writes its picture after `steps_done` steps, when pictures are due every `every`
+/// steps (0: never) and the run has a directory (created here): `scenes-step-000300.png`, so a run's
+/// pictures sort by step.
+pub fn sample_picture_path(out_dir: Option<&std::path::Path>, every: u64, steps_done: u64) -> Result<Option<std::path::PathBuf>> {
+    match out_dir {
+        Some(dir) if every > 0 && steps_done.is_multiple_of(every) => {
+            std::fs::create_dir_all(dir).map_err(|e| KilnError::Io { path: dir.display().to_string(), message: e.to_string() })?;
+            Ok(Some(dir.join(format!("scenes-step-{steps_done:06}.png"))))
+        }
+        _ => Ok(None),
+    }
+}
+
 impl LossTrace {
     /// Reads step `step`'s (0-based) loss, keeps it, and calls `progress(step + 1, loss)`.
     pub fn record(&mut self, step: u64, loss: &kiln_graph::Tensor, progress: &mut impl FnMut(u64, f32)) -> Result<f64> {

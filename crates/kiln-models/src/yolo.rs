@@ -439,11 +439,27 @@ pub struct YoloConfig {
     /// Where to write `yolo.safetensors` (the weights, anchors, sizes and class names) after training, for
     /// `kiln detect` and [`load_yolo`].
     pub out_dir: Option<std::path::PathBuf>,
+    /// Every this many steps (0: never), [`yolo_pictures`] of four held-out scenes into `out_dir` as
+    /// `scenes-step-NNNNNN.png`: the run's progress as a person sees it.
+    pub sample_every: u64,
 }
 
 impl Default for YoloConfig {
     fn default() -> Self {
-        YoloConfig { scenes: Default::default(), anchors: 5, v1_boxes: None, width: 16, batch_size: 16, steps: 3000, lr: 1e-3, seed: 42, test_scenes: 200, data_dir: None, out_dir: None }
+        YoloConfig {
+            scenes: Default::default(),
+            anchors: 5,
+            v1_boxes: None,
+            width: 16,
+            batch_size: 16,
+            steps: 3000,
+            lr: 1e-3,
+            seed: 42,
+            test_scenes: 200,
+            data_dir: None,
+            out_dir: None,
+            sample_every: 0,
+        }
     }
 }
 
@@ -587,6 +603,9 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
         let l = loss(&model.forward(&x)?, &scenes)?;
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
+        if let Some(path) = crate::trainer::sample_picture_path(cfg.out_dir.as_deref(), cfg.sample_every, step + 1)? {
+            yolo_pictures(&model, cfg, 4, &path)?;
+        }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
     let (mut dets, mut truths) = (Vec::new(), Vec::new());
