@@ -221,3 +221,40 @@ fn a_short_yolo_v1_run_learns_to_find_objects() {
     assert_eq!((r.layout.as_str(), model.anchors().len()), ("v1 (2 boxes a cell)", 0));
     assert!(r.last_loss < 0.5 * r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
 }
+
+#[test]
+fn a_batch_norm_yolo_trains_saves_and_loads_in_evaluation_mode() {
+    use kiln_data::ObjectSource;
+    use kiln_models::yolo::{load_yolo, train_yolo, Yolo, YoloConfig, YoloLayout};
+    kiln_tests::require_gpu();
+    // Built with batch norm: a norm after every backbone convolution, which then has no bias; without it, the
+    // names and shapes of the plain backbone.
+    let (mut with, mut without) = (kiln_nn::VarStore::new(1), kiln_nn::VarStore::new(1));
+    let bn = Yolo::with_batch_norm(&mut with, YoloLayout::Anchors(vec![(10.0, 10.0)]), 3, 4, true).unwrap();
+    let plain = Yolo::new(&mut without, YoloLayout::Anchors(vec![(10.0, 10.0)]), 3, 4).unwrap();
+    assert!(bn.batch_norm() && !plain.batch_norm());
+    let names = |vs: &kiln_nn::VarStore| vs.params().map(|p| p.name().to_string()).collect::<Vec<_>>();
+    let (bn_names, plain_names) = (names(&with), names(&without));
+    for i in 0..5 {
+        assert!(bn_names.contains(&format!("backbone.{i}.bn.weight")) && !bn_names.contains(&format!("backbone.{i}.bias")), "{bn_names:?}");
+        assert!(plain_names.contains(&format!("backbone.{i}.bias")) && !plain_names.iter().any(|n| n.contains(".bn.")), "{plain_names:?}");
+    }
+    // A short run: the loss falls; the checkpoint says batch norm and loads in evaluation mode, so one picture
+    // gives the trained net's outputs whatever else is in its batch.
+    let dir = std::env::temp_dir().join(format!("kiln-yolo-bn-{}", std::process::id()));
+    let scenes = ObjectSceneConfig { size: 64, objects: (1, 3), scale: (0.7, 1.4), source: ObjectSource::Digits, ..Default::default() };
+    let cfg = YoloConfig { scenes, anchors: 3, width: 8, batch_norm: true, batch_size: 16, steps: 60, lr: 3e-3, test_scenes: 16, out_dir: Some(dir.clone()), ..Default::default() };
+    let (model, r) = train_yolo(&cfg, |_, _| {}).expect("training");
+    assert!(r.last_loss < 0.5 * r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
+    let (loaded, info) = load_yolo(&dir.join("yolo.safetensors")).expect("loading");
+    assert!(loaded.batch_norm() && info.size == 64);
+    let mut rng = kiln_tests::test_rng("yolo_bn_eval");
+    let px: Vec<f32> = (0..2 * 3 * 64 * 64).map(|_| rng.uniform() as f32).collect();
+    let both = kiln_graph::Tensor::from_slice(&px, &[2, 3, 64, 64]).unwrap();
+    let first = kiln_graph::Tensor::from_slice(&px[..3 * 64 * 64], &[1, 3, 64, 64]).unwrap();
+    let a = kiln_graph::no_grad(|| model.forward(&both)).unwrap().to_vec().unwrap();
+    let b = kiln_graph::no_grad(|| loaded.forward(&first)).unwrap().to_vec().unwrap();
+    let want: Vec<f64> = a[..b.len()].iter().map(|&v| v as f64).collect();
+    kiln_tests::assert_close("the loaded YOLO's outputs", &b, &want, 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
+}

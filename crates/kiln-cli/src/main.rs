@@ -198,6 +198,9 @@ struct TrainArgs {
     /// segment: plain convolutions, without the batch norm that follows each 3x3 convolution by default.
     #[arg(long)]
     no_batch_norm: bool,
+    /// yolo: batch norm after every backbone convolution (YOLOv2's; plain convolutions by default).
+    #[arg(long)]
+    batch_norm: bool,
     /// segment: an unweighted loss, without the default median frequency balancing of the classes.
     #[arg(long)]
     no_class_weights: bool,
@@ -771,6 +774,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 anchors: 3,
                 v1_boxes: (a.layout.as_deref() == Some("v1")).then_some(2),
                 width: 16,
+                batch_norm: a.batch_norm,
                 steps,
                 lr: a.lr.unwrap_or(2e-3),
                 batch_size: a.batch_size.unwrap_or(16) as usize,

@@ -37,21 +37,24 @@ impl Decoder {
     }
 }
 
-/// A 3x3 convolution ("same" padding) and ReLU, with batch norm between them when built with it.
+/// A 3x3 convolution ("same" padding) and ReLU, with batch norm between them when built with it (the
+/// segmenters' and YOLO's backbone layer).
 pub struct ConvBlock {
     pub conv: Conv2d,
     pub bn: Option<BatchNorm>,
 }
 
 impl ConvBlock {
-    fn new(vs: &mut VarStore, name: &str, c_in: usize, c_out: usize, batch_norm: bool) -> Result<ConvBlock> {
+    /// The convolution's parameters are `{name}.weight` (and `{name}.bias` without batch norm), batch norm's
+    /// `{name}.bn.*`.
+    pub fn new(vs: &mut VarStore, name: &str, c_in: usize, c_out: usize, batch_norm: bool) -> Result<ConvBlock> {
         let cfg = Conv2dConfig { padding: Padding::Same, bias: !batch_norm, ..Default::default() };
         let conv = Conv2d::new(vs, name, c_in, c_out, 3, cfg)?;
         let bn = if batch_norm { Some(BatchNorm::new(vs, &format!("{name}.bn"), c_out)?) } else { None };
         Ok(ConvBlock { conv, bn })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let pre = self.conv.forward(x)?;
         match &self.bn {
             // Batch norm and ReLU in one kernel where the fused kernels apply (training).

@@ -144,7 +144,7 @@ pub fn encode_anchors(boxes: &[[f32; 4]], labels: &[u32], image: (usize, usize),
 }
 
 use kiln_graph::{Pool2dGeom, Result, Tensor};
-use kiln_nn::{Conv2d, Conv2dConfig, Layer, Module, Padding, Param, VarStore};
+use kiln_nn::{Conv2d, Conv2dConfig, Layer, Module, Param, VarStore};
 
 /// How a YOLO head lays out its predictions in each cell of the S x S grid.
 #[derive(Clone, Debug, PartialEq)]
@@ -175,11 +175,11 @@ impl YoloLayout {
     }
 }
 
-/// A small YOLO on a plain backbone: five 3x3 convolutions with ReLU (`backbone.{i}`), the first three
-/// followed by 2x2 max pooling (a grid of one cell per 8 pixels), and a 1x1 `head` laid out as `layout`
-/// says (YOLOv2's anchors, or YOLOv1's boxes per cell).
+/// A small YOLO on a plain backbone: five 3x3 convolutions with ReLU (`backbone.{i}`), batch norm between
+/// them when built with it (YOLOv2's), the first three followed by 2x2 max pooling (a grid of one cell per 8
+/// pixels), and a 1x1 `head` laid out as `layout` says (YOLOv2's anchors, or YOLOv1's boxes per cell).
 pub struct Yolo {
-    pub backbone: Vec<Conv2d>,
+    pub backbone: Vec<crate::segment::ConvBlock>,
     pub head: Conv2d,
     pub layout: YoloLayout,
     pub classes: usize,
@@ -191,12 +191,23 @@ pub fn grid_for(size: usize) -> usize {
 }
 
 impl Yolo {
+    /// Plain convolutions (with biases).
     pub fn new(vs: &mut VarStore, layout: YoloLayout, classes: usize, width: usize) -> Result<Yolo> {
-        let same = Conv2dConfig { padding: Padding::Same, ..Default::default() };
+        Yolo::with_batch_norm(vs, layout, classes, width, false)
+    }
+
+    /// With `batch_norm`, every backbone convolution is followed by batch norm (`backbone.{i}.bn`) and has no
+    /// bias of its own, as YOLOv2.
+    pub fn with_batch_norm(vs: &mut VarStore, layout: YoloLayout, classes: usize, width: usize, batch_norm: bool) -> Result<Yolo> {
         let chans = [3, width, 2 * width, 4 * width, 8 * width, 8 * width];
-        let backbone = (0..5).map(|i| Conv2d::new(vs, &format!("backbone.{i}"), chans[i], chans[i + 1], 3, same)).collect::<Result<Vec<_>>>()?;
+        let backbone = (0..5).map(|i| crate::segment::ConvBlock::new(vs, &format!("backbone.{i}"), chans[i], chans[i + 1], batch_norm)).collect::<Result<Vec<_>>>()?;
         let head = Conv2d::new(vs, "head", chans[5], layout.channels(classes), 1, Conv2dConfig { init: kiln_nn::Init::Normal { std: 0.01 }, ..Default::default() })?;
         Ok(Yolo { backbone, head, layout, classes })
+    }
+
+    /// Whether its backbone has batch norm.
+    pub fn batch_norm(&self) -> bool {
+        self.backbone.iter().any(|b| b.bn.is_some())
     }
 
     /// The anchors (none in YOLOv1's layout).
@@ -210,8 +221,8 @@ impl Yolo {
     /// images [n, 3, h, w] -> raw predictions [n, A (5 + C), h / 8, w / 8].
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let mut x = images.clone();
-        for (i, conv) in self.backbone.iter().enumerate() {
-            x = conv.forward(&x)?.relu()?;
+        for (i, block) in self.backbone.iter().enumerate() {
+            x = block.forward(&x)?;
             if i < 3 {
                 x = x.max_pool2d(Pool2dGeom::square(2))?.0;
             }
@@ -419,6 +430,12 @@ impl Module for Yolo {
         v.push(("head".into(), &self.head));
         v
     }
+    fn children_mut(&mut self) -> Vec<&mut dyn Module> {
+        // The order of `children`.
+        let mut v: Vec<&mut dyn Module> = self.backbone.iter_mut().map(|c| c as &mut dyn Module).collect();
+        v.push(&mut self.head);
+        v
+    }
 }
 
 /// What a YOLO run trains on and for how long.
@@ -430,6 +447,9 @@ pub struct YoloConfig {
     /// YOLOv1's layout with this many boxes a cell instead of anchors (the paper has 2).
     pub v1_boxes: Option<usize>,
     pub width: usize,
+    /// Batch norm after every backbone convolution (YOLOv2's); scored, drawn and saved with its running
+    /// statistics.
+    pub batch_norm: bool,
     pub batch_size: usize,
     pub steps: u64,
     pub lr: f32,
@@ -451,6 +471,7 @@ impl Default for YoloConfig {
             anchors: 5,
             v1_boxes: None,
             width: 16,
+            batch_norm: false,
             batch_size: 16,
             steps: 3000,
             lr: 1e-3,
@@ -488,6 +509,7 @@ pub fn save_yolo(path: &std::path::Path, vs: &VarStore, model: &Yolo, width: usi
         ("kiln.model", "yolo".to_string()),
         ("kiln.classes", model.classes.to_string()),
         ("kiln.width", width.to_string()),
+        ("kiln.batch_norm", model.batch_norm().to_string()),
         ("kiln.size", info.size.to_string()),
         ("kiln.class_names", info.class_names.join("|")),
     ] {
@@ -525,10 +547,17 @@ pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
     if class_names.len() != classes {
         return Err(bad(&format!("{} class names for {classes} classes", class_names.len())));
     }
+    // Older checkpoints, without the key, have plain convolutions.
+    let batch_norm = match saved.ck.metadata.get("kiln.batch_norm").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(bad("kiln.batch_norm is neither true nor false")),
+    };
     let mut vs = VarStore::new(0);
-    let model = Yolo::new(&mut vs, layout, classes, width)?;
+    let mut model = Yolo::with_batch_norm(&mut vs, layout, classes, width, batch_norm)?;
     vs.finish()?;
     saved.load_into(&vs)?;
+    model.set_training(false);
     // The parameters live in the store's buffer, which the model's tensors share: the store may go.
     Ok((model, YoloInfo { size, class_names }))
 }
@@ -574,7 +603,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
         }
     };
     let mut vs = VarStore::new(cfg.seed);
-    let model = Yolo::new(&mut vs, layout, train.classes(), cfg.width)?;
+    let mut model = Yolo::with_batch_norm(&mut vs, layout, train.classes(), cfg.width, cfg.batch_norm)?;
     vs.finish()?;
     let mut opt = crate::trainer::adam_cosine(&vs, cfg.lr, cfg.steps, Some(10.0))?;
     let (size, s) = (cfg.scenes.size, grid_for(cfg.scenes.size));
@@ -583,7 +612,7 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
         Ok((Tensor::from_slice(&px, &[n, 3, size, size])?, scenes))
     };
     // The layout's loss, with the paper's weights: coord 5, noobj 0.5 (YOLOv1's, kept by the anchor form here).
-    let loss = |pred: &Tensor, scenes: &[kiln_data::ObjectScene]| -> Result<Tensor> {
+    let loss = |model: &Yolo, pred: &Tensor, scenes: &[kiln_data::ObjectScene]| -> Result<Tensor> {
         let objects = |sc: &kiln_data::ObjectScene| (sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), sc.objects.iter().map(|o| o.class).collect::<Vec<_>>());
         match &model.layout {
             YoloLayout::Anchors(anchors) => {
@@ -600,14 +629,18 @@ pub fn train_yolo(cfg: &YoloConfig, mut progress: impl FnMut(u64, f32)) -> Resul
     let mut trace = crate::trainer::LossTrace::default();
     for step in 0..cfg.steps {
         let (x, scenes) = batch(&train, step as usize * cfg.batch_size, cfg.batch_size)?;
-        let l = loss(&model.forward(&x)?, &scenes)?;
+        let l = loss(&model, &model.forward(&x)?, &scenes)?;
         opt.step(&vs, &l.backward()?)?;
         trace.record(step, &l, &mut progress)?;
         if let Some(path) = crate::trainer::sample_picture_path(cfg.out_dir.as_deref(), cfg.sample_every, step + 1)? {
+            model.set_training(false);
             yolo_pictures(&model, cfg, 4, &path)?;
+            model.set_training(true);
         }
     }
     let ms_per_step = 1000.0 * started.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    // Scored, saved and drawn with batch norm's running statistics.
+    model.set_training(false);
     let (mut dets, mut truths) = (Vec::new(), Vec::new());
     for from in (0..test.len).step_by(cfg.batch_size) {
         let n = cfg.batch_size.min(test.len - from);
