@@ -1105,7 +1105,8 @@ fn lm_family(ctx: &mut Ctx) -> R<()> {
 
 /// NMS (torchvision's semantics, IoU 0.5) on n random boxes of 3-30 pixels with whole-pixel corners, about 20
 /// per 30 x 30 area, the kept list checked against the f64 reference and timed beside it;
-/// RoI-Align forward + backward (7 x 7 bins, 2 x 2 samples, aligned) checked against the reference's forward.
+/// RoI-Align forward + backward (7 x 7 bins, 2 x 2 samples, aligned) checked against the reference's forward;
+/// transposed convolutions beside their adjoint convolutions; a training step of each detector and segmenter.
 fn detection_family(ctx: &mut Ctx) -> R<()> {
     use kiln_graph::vision::{nms_fixed, NmsOptions, RoiAlignGeom};
     let mut rng = Rng::new(31);
@@ -1215,8 +1216,8 @@ fn detection_family(ctx: &mut Ctx) -> R<()> {
     Ok(())
 }
 
-/// One training step (forward, backward, Adam) at batch `scene_batch` (16) of each detector and segmenter on object scenes of
-/// `side` pixels: at 64 the examples' scenes (1-3 digits), at any other side the data set's defaults (2-6
+/// One training step (forward, backward, Adam) at batch `scene_batch` (16) of each detector and segmenter on
+/// object scenes of `side` pixels: at 64 the examples' scenes (1-3 digits), at any other side the data set's defaults (2-6
 /// objects, digits and Fashion-MNIST, 20 classes), with the `kiln train` settings for each model.
 fn detector_steps(ctx: &mut Ctx, side: usize, rng: &mut Rng) -> R<()> {
     use kiln_data::{ObjectSceneConfig, ObjectScenes, ObjectSource, ObjectSplit};
@@ -1250,7 +1251,7 @@ fn detector_steps(ctx: &mut Ctx, side: usize, rng: &mut Rng) -> R<()> {
         })?;
         push_step(ctx, "detection", &format!("two-stage detector step, {side} x {side} scenes of {what} (RPN, box and mask heads)"), &shape, batch_size, ms, vs.num_values());
     }
-    // YOLO, both layouts (3 anchors from k-means on the batch's boxes; YOLOv1's 2 boxes a cell).
+    // YOLO, both layouts (3 anchors from k-means on the batch's boxes; YOLOv1's 2 boxes a cell), with batch norm.
     {
         use kiln_models::yolo::{encode_anchors, encode_v1, grid_for, kmeans_anchors, Yolo, YoloLayout};
         let sizes: Vec<(f32, f32)> = batch.iter().flat_map(|sc| sc.objects.iter().map(|o| (o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]))).collect();
@@ -1258,7 +1259,7 @@ fn detector_steps(ctx: &mut Ctx, side: usize, rng: &mut Rng) -> R<()> {
         let s = grid_for(side);
         for layout in [YoloLayout::Anchors(anchors.clone()), YoloLayout::V1 { boxes: 2 }] {
             let mut vs = kiln_nn::VarStore::new(1);
-            let model = Yolo::new(&mut vs, layout.clone(), classes, 16)?;
+            let model = Yolo::with_batch_norm(&mut vs, layout.clone(), classes, 16, true)?;
             vs.finish()?;
             let mut opt = adam(&vs)?;
             let objects = |sc: &kiln_data::ObjectScene| (sc.objects.iter().map(|o| o.bbox).collect::<Vec<_>>(), sc.objects.iter().map(|o| o.class).collect::<Vec<_>>());

@@ -195,12 +195,10 @@ struct TrainArgs {
     /// cell) [default: anchors].
     #[arg(long, value_parser = ["anchors", "v1"])]
     layout: Option<String>,
-    /// segment: plain convolutions, without the batch norm that follows each 3x3 convolution by default.
+    /// segment, yolo: plain convolutions, without the batch norm that follows each 3x3 convolution by default
+    /// (YOLOv2's backbone, and the segmenters').
     #[arg(long)]
     no_batch_norm: bool,
-    /// yolo: batch norm after every backbone convolution (YOLOv2's; plain convolutions by default).
-    #[arg(long)]
-    batch_norm: bool,
     /// segment: an unweighted loss, without the default median frequency balancing of the classes.
     #[arg(long)]
     no_class_weights: bool,
@@ -774,7 +772,7 @@ fn train_object_model(a: &TrainArgs) -> Result<()> {
                 anchors: 3,
                 v1_boxes: (a.layout.as_deref() == Some("v1")).then_some(2),
                 width: 16,
-                batch_norm: a.batch_norm,
+                batch_norm: !a.no_batch_norm,
                 steps,
                 lr: a.lr.unwrap_or(2e-3),
                 batch_size: a.batch_size.unwrap_or(16) as usize,

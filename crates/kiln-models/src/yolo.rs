@@ -447,8 +447,8 @@ pub struct YoloConfig {
     /// YOLOv1's layout with this many boxes a cell instead of anchors (the paper has 2).
     pub v1_boxes: Option<usize>,
     pub width: usize,
-    /// Batch norm after every backbone convolution (YOLOv2's); scored, drawn and saved with its running
-    /// statistics.
+    /// Batch norm after every backbone convolution (YOLOv2's; the default); scored, drawn and saved with its
+    /// running statistics.
     pub batch_norm: bool,
     pub batch_size: usize,
     pub steps: u64,
@@ -471,7 +471,7 @@ impl Default for YoloConfig {
             anchors: 5,
             v1_boxes: None,
             width: 16,
-            batch_norm: false,
+            batch_norm: true,
             batch_size: 16,
             steps: 3000,
             lr: 1e-3,
