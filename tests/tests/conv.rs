@@ -135,8 +135,11 @@ fn grouped_weight_gradient_on_a_map_past_the_loop_cap() {
         let y = x.slice(1, c, 1).unwrap().conv2d(&wc, alone).unwrap();
         let g = y.mul(&probe.slice(1, c, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         let want = g.get(&wc).unwrap().to_vec().unwrap();
+        // Each value sums 67,600 products in f32, in another order on each path: the rounding follows the size
+        // of the sums, so a tap whose sum cancels to near zero is held to the group's largest, not its own.
+        let largest = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (a, b) in got[9 * c..9 * c + 9].iter().zip(&want) {
-            assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "group {c}: {:?} vs {want:?}", &got[9 * c..9 * c + 9]);
+            assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()) + 2e-5 * largest, "group {c}: {:?} vs {want:?}", &got[9 * c..9 * c + 9]);
         }
     }
 }
