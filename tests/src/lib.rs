@@ -88,3 +88,16 @@ pub fn check_op_with(name: &str, inputs: &[(&[usize], Domain)], tol: kiln_graph:
         panic!("{e}");
     }
 }
+
+/// A net loaded from its checkpoint, in evaluation mode (batch norm's running statistics), gives the trained
+/// net's outputs for one random picture [3, side, side], whether that picture comes alone or first of two.
+pub fn assert_loaded_matches_trained(what: &str, side: usize, trained: impl Fn(&Tensor) -> Result<Tensor>, loaded: impl Fn(&Tensor) -> Result<Tensor>) {
+    let mut rng = test_rng(what);
+    let px: Vec<f32> = (0..2 * 3 * side * side).map(|_| rng.uniform() as f32).collect();
+    let both = Tensor::from_slice(&px, &[2, 3, side, side]).unwrap();
+    let first = Tensor::from_slice(&px[..3 * side * side], &[1, 3, side, side]).unwrap();
+    let a = kiln_graph::no_grad(|| trained(&both)).unwrap().to_vec().unwrap();
+    let b = kiln_graph::no_grad(|| loaded(&first)).unwrap().to_vec().unwrap();
+    let want: Vec<f64> = a[..b.len()].iter().map(|&v| v as f64).collect();
+    assert_close(what, &b, &want, 1e-5);
+}

@@ -64,14 +64,7 @@ fn a_batch_norm_net_saves_and_loads_in_evaluation_mode() {
     assert!(loaded.batch_norm() && info.size == 32);
     // Both in evaluation mode (running statistics), so one picture gives the same logits, whatever else is in
     // the batch.
-    let mut rng = kiln_tests::test_rng("segment_bn_eval");
-    let px: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.uniform() as f32).collect();
-    let x = kiln_graph::Tensor::from_slice(&px, &[2, 3, 32, 32]).unwrap();
-    let first = kiln_graph::Tensor::from_slice(&px[..3 * 32 * 32], &[1, 3, 32, 32]).unwrap();
-    let a = kiln_graph::no_grad(|| net.forward(&x)).unwrap().to_vec().unwrap();
-    let b = kiln_graph::no_grad(|| loaded.forward(&first)).unwrap().to_vec().unwrap();
-    let want: Vec<f64> = a[..b.len()].iter().map(|&v| v as f64).collect();
-    kiln_tests::assert_close("the loaded net's logits", &b, &want, 1e-5);
+    kiln_tests::assert_loaded_matches_trained("the loaded net's logits", 32, |x| net.forward(x), |x| loaded.forward(x));
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -249,13 +249,6 @@ fn a_batch_norm_yolo_trains_saves_and_loads_in_evaluation_mode() {
     assert!(r.last_loss < 0.5 * r.first_loss, "loss {} -> {}", r.first_loss, r.last_loss);
     let (loaded, info) = load_yolo(&dir.join("yolo.safetensors")).expect("loading");
     assert!(loaded.batch_norm() && info.size == 64);
-    let mut rng = kiln_tests::test_rng("yolo_bn_eval");
-    let px: Vec<f32> = (0..2 * 3 * 64 * 64).map(|_| rng.uniform() as f32).collect();
-    let both = kiln_graph::Tensor::from_slice(&px, &[2, 3, 64, 64]).unwrap();
-    let first = kiln_graph::Tensor::from_slice(&px[..3 * 64 * 64], &[1, 3, 64, 64]).unwrap();
-    let a = kiln_graph::no_grad(|| model.forward(&both)).unwrap().to_vec().unwrap();
-    let b = kiln_graph::no_grad(|| loaded.forward(&first)).unwrap().to_vec().unwrap();
-    let want: Vec<f64> = a[..b.len()].iter().map(|&v| v as f64).collect();
-    kiln_tests::assert_close("the loaded YOLO's outputs", &b, &want, 1e-5);
+    kiln_tests::assert_loaded_matches_trained("the loaded YOLO's outputs", 64, |x| model.forward(x), |x| loaded.forward(x));
     std::fs::remove_dir_all(&dir).ok();
 }

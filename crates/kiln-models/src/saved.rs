@@ -38,6 +38,15 @@ impl SavedModel {
         self.meta(key)?.parse().map_err(|_| self.bad(&format!("{key} is not a number")))
     }
 
+    /// A true/false setting; false when the key is absent (checkpoints from before the setting existed).
+    pub fn flag(&self, key: &str) -> Result<bool> {
+        match self.ck.metadata.get(key).map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(self.bad(&format!("{key} is {other:?}, not true or false"))),
+        }
+    }
+
     /// The weights into a finished store built for them (every name and shape must match).
     pub fn load_into(&self, vs: &VarStore) -> Result<()> {
         vs.load_checkpoint(&self.file, &self.ck, true, |_| true).map(drop).map_err(|e| KilnError::Checkpoint(e.to_string()))

@@ -297,11 +297,7 @@ pub fn load_segmentation(path: &std::path::Path) -> Result<(SegmentNet, SegmentI
     };
     let class_names: Vec<String> = saved.meta("kiln.class_names")?.split('|').map(str::to_string).collect();
     // Checkpoints from before batch norm was an option have none.
-    let batch_norm = match saved.ck.metadata.get("kiln.batch_norm").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return Err(saved.bad(&format!("kiln.batch_norm is {other:?}, not true or false"))),
-    };
+    let batch_norm = saved.flag("kiln.batch_norm")?;
     let mut vs = VarStore::new(0);
     let mut net = SegmentNet::new(&mut vs, decoder, class_names.len() + 1, saved.number("kiln.width")?, saved.number("kiln.depth")?, batch_norm)?;
     vs.finish()?;

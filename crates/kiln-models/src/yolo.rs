@@ -548,11 +548,7 @@ pub fn load_yolo(path: &std::path::Path) -> Result<(Yolo, YoloInfo)> {
         return Err(bad(&format!("{} class names for {classes} classes", class_names.len())));
     }
     // Older checkpoints, without the key, have plain convolutions.
-    let batch_norm = match saved.ck.metadata.get("kiln.batch_norm").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return Err(bad("kiln.batch_norm is neither true nor false")),
-    };
+    let batch_norm = saved.flag("kiln.batch_norm")?;
     let mut vs = VarStore::new(0);
     let mut model = Yolo::with_batch_norm(&mut vs, layout, classes, width, batch_norm)?;
     vs.finish()?;
